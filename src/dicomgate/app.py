@@ -1,0 +1,44 @@
+"""The HTTP application: health now; DICOMweb, metrics and the admin API join later."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from dicomgate import __version__
+from dicomgate.errors import IndexUnavailable
+
+if TYPE_CHECKING:
+    from dicomgate.service import Gateway
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    """Build the ASGI app bound to a running :class:`Gateway`."""
+    app = FastAPI(title="dicomgate", version=__version__, docs_url="/api/docs",
+                  openapi_url="/api/openapi.json", redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Alive: the process answers."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Ready: the index answers, the store is writable and DIMSE is listening."""
+        checks: dict[str, str] = {}
+        try:
+            gateway.index.ping()
+            checks["database"] = "ok"
+        except IndexUnavailable as exc:
+            checks["database"] = f"failed: {exc}"
+        checks["store"] = "ok" if gateway.store.writable() else "failed: not writable"
+        checks["dimse"] = "ok" if gateway.dimse.listening else "failed: not listening"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    return app

@@ -1,0 +1,1 @@
+"""dicomweb package."""

@@ -1,0 +1,263 @@
+"""Upper-layer PDUs (PS3.8 section 9.3): parsing and encoding, no I/O.
+
+Only what an association acceptor needs: A-ASSOCIATE-RQ is parsed; A-ASSOCIATE-AC/-RJ,
+P-DATA-TF, A-RELEASE-RP and A-ABORT are encoded. P-DATA-TF bodies are not parsed here:
+the server streams their PDV items straight to disk (see ``server.py``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1 DICOM Application Context Name
+
+
+class PduType(IntEnum):
+    ASSOCIATE_RQ = 0x01
+    ASSOCIATE_AC = 0x02
+    ASSOCIATE_RJ = 0x03
+    P_DATA_TF = 0x04
+    RELEASE_RQ = 0x05
+    RELEASE_RP = 0x06
+    ABORT = 0x07
+
+
+class ContextResult(IntEnum):
+    """Presentation context result (PS3.8 9.3.3.2)."""
+
+    ACCEPTANCE = 0
+    USER_REJECTION = 1
+    NO_REASON = 2
+    ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+    TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
+
+
+class AbortReason(IntEnum):
+    """A-ABORT reasons when the source is the service provider (PS3.8 Table 9-26)."""
+
+    NOT_SPECIFIED = 0
+    UNRECOGNIZED_PDU = 1
+    UNEXPECTED_PDU = 2
+    UNRECOGNIZED_PDU_PARAMETER = 4
+    UNEXPECTED_PDU_PARAMETER = 5
+    INVALID_PDU_PARAMETER_VALUE = 6
+
+
+class PduError(ValueError):
+    """A PDU that violates PS3.8; the association is aborted with ``reason``."""
+
+    def __init__(self, message: str, reason: AbortReason = AbortReason.INVALID_PDU_PARAMETER_VALUE):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class PresentationContextRQ:
+    context_id: int
+    abstract_syntax: str
+    transfer_syntaxes: list[str]
+
+
+@dataclass
+class RoleSelection:
+    sop_class_uid: str
+    scu_role: bool
+    scp_role: bool
+
+
+@dataclass
+class AssociateRQ:
+    """A parsed A-ASSOCIATE-RQ (PS3.8 9.3.2)."""
+
+    called_ae: str
+    calling_ae: str
+    application_context: str = ""
+    contexts: list[PresentationContextRQ] = field(default_factory=list)
+    max_pdu_length: int = 0  # 0 = no limit (PS3.8 D.1)
+    implementation_class_uid: str = ""
+    implementation_version_name: str = ""
+    async_ops: tuple[int, int] | None = None
+    roles: list[RoleSelection] = field(default_factory=list)
+    protocol_version: int = 1
+    raw_called_ae: bytes = b""
+    raw_calling_ae: bytes = b""
+
+
+def _uid(raw: bytes) -> str:
+    return raw.decode("ascii", "replace").rstrip("\x00 ").strip()
+
+
+def _items(body: bytes, where: str) -> list[tuple[int, bytes]]:
+    """Split a run of variable items ``type(1) reserved(1) length(2) value``."""
+    out = []
+    pos = 0
+    while pos < len(body):
+        if pos + 4 > len(body):
+            raise PduError(f"{where}: truncated item header")
+        item_type = body[pos]
+        (length,) = struct.unpack_from(">H", body, pos + 2)
+        end = pos + 4 + length
+        if end > len(body):
+            raise PduError(f"{where}: item 0x{item_type:02X} length {length} runs past the PDU")
+        out.append((item_type, body[pos + 4 : end]))
+        pos = end
+    return out
+
+
+def parse_associate_rq(body: bytes) -> AssociateRQ:
+    """Parse the body (after the 6-byte PDU header) of an A-ASSOCIATE-RQ."""
+    if len(body) < 68:
+        raise PduError("A-ASSOCIATE-RQ shorter than its fixed fields")
+    (version,) = struct.unpack_from(">H", body, 0)
+    raw_called, raw_calling = body[4:20], body[20:36]
+    rq = AssociateRQ(
+        called_ae=raw_called.decode("ascii", "replace").strip(),
+        calling_ae=raw_calling.decode("ascii", "replace").strip(),
+        protocol_version=version,
+        raw_called_ae=raw_called,
+        raw_calling_ae=raw_calling,
+    )
+    for item_type, value in _items(body[68:], "A-ASSOCIATE-RQ"):
+        if item_type == 0x10:
+            rq.application_context = _uid(value)
+        elif item_type == 0x20:
+            if len(value) < 4:
+                raise PduError("presentation context item too short")
+            ctx = PresentationContextRQ(context_id=value[0], abstract_syntax="", transfer_syntaxes=[])
+            for sub_type, sub in _items(value[4:], "presentation context"):
+                if sub_type == 0x30:
+                    ctx.abstract_syntax = _uid(sub)
+                elif sub_type == 0x40:
+                    ctx.transfer_syntaxes.append(_uid(sub))
+            rq.contexts.append(ctx)
+        elif item_type == 0x50:
+            _parse_user_info(value, rq)
+        # Unknown item types are ignored (PS3.8 9.3.1: "shall be ignored").
+    if not rq.application_context:
+        raise PduError("A-ASSOCIATE-RQ has no application context item")
+    return rq
+
+
+def _parse_user_info(value: bytes, rq: AssociateRQ) -> None:
+    for sub_type, sub in _items(value, "user information"):
+        if sub_type == 0x51 and len(sub) == 4:
+            (rq.max_pdu_length,) = struct.unpack(">I", sub)
+        elif sub_type == 0x52:
+            rq.implementation_class_uid = _uid(sub)
+        elif sub_type == 0x55:
+            rq.implementation_version_name = sub.decode("ascii", "replace").strip()
+        elif sub_type == 0x53 and len(sub) == 4:
+            rq.async_ops = struct.unpack(">HH", sub)
+        elif sub_type == 0x54 and len(sub) >= 4:
+            (uid_len,) = struct.unpack_from(">H", sub, 0)
+            if 2 + uid_len + 2 <= len(sub):
+                uid = _uid(sub[2 : 2 + uid_len])
+                rq.roles.append(RoleSelection(uid, bool(sub[2 + uid_len]), bool(sub[3 + uid_len])))
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
+
+
+def _uid_bytes(uid: str) -> bytes:
+    # UIDs in PDUs are not padded (PS3.8 9.3.2.2: "shall not be padded"), but tolerate peers.
+    return uid.encode("ascii")
+
+
+@dataclass
+class PresentationContextAC:
+    context_id: int
+    result: ContextResult
+    transfer_syntax: str
+
+
+def encode_associate_ac(
+    rq: AssociateRQ,
+    contexts: list[PresentationContextAC],
+    *,
+    max_pdu_length: int,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+    roles: list[RoleSelection] | None = None,
+) -> bytes:
+    """Encode an A-ASSOCIATE-AC answering ``rq`` (PS3.8 9.3.3)."""
+    fixed = struct.pack(">HH", 1, 0) + rq.raw_called_ae + rq.raw_calling_ae + bytes(32)
+    items = [_item(0x10, _uid_bytes(APPLICATION_CONTEXT))]
+    for ctx in contexts:
+        sub = _item(0x40, _uid_bytes(ctx.transfer_syntax)) if ctx.transfer_syntax else b""
+        items.append(_item(0x21, bytes([ctx.context_id, 0, int(ctx.result), 0]) + sub))
+    user = [
+        _item(0x51, struct.pack(">I", max_pdu_length)),
+        _item(0x52, _uid_bytes(implementation_class_uid)),
+    ]
+    for role in roles or []:
+        uid = _uid_bytes(role.sop_class_uid)
+        user.append(
+            _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([role.scu_role, role.scp_role]))
+        )
+    user.append(_item(0x55, implementation_version_name.encode("ascii")))
+    items.append(_item(0x50, b"".join(user)))
+    return _pdu(PduType.ASSOCIATE_AC, fixed + b"".join(items))
+
+
+class RejectResult(IntEnum):
+    PERMANENT = 1
+    TRANSIENT = 2
+
+
+class RejectSource(IntEnum):
+    SERVICE_USER = 1
+    SERVICE_PROVIDER_ACSE = 2
+    SERVICE_PROVIDER_PRESENTATION = 3
+
+
+class RejectReason(IntEnum):
+    """Reasons, meaning depends on the source (PS3.8 Table 9-21)."""
+
+    NO_REASON = 1
+    # source SERVICE_USER
+    APPLICATION_CONTEXT_NOT_SUPPORTED = 2
+    CALLING_AE_NOT_RECOGNIZED = 3
+    CALLED_AE_NOT_RECOGNIZED = 7
+    # source SERVICE_PROVIDER_ACSE: 2 = protocol version not supported
+    # source SERVICE_PROVIDER_PRESENTATION: 1 = temporary congestion, 2 = local limit exceeded
+    LOCAL_LIMIT_EXCEEDED = 2
+    TEMPORARY_CONGESTION = 1
+
+
+def encode_associate_rj(result: RejectResult, source: RejectSource, reason: int) -> bytes:
+    return _pdu(PduType.ASSOCIATE_RJ, bytes([0, int(result), int(source), int(reason)]))
+
+
+def encode_release_rp() -> bytes:
+    return _pdu(PduType.RELEASE_RP, bytes(4))
+
+
+def encode_abort(reason: AbortReason = AbortReason.NOT_SPECIFIED, source: int = 2) -> bytes:
+    """A-ABORT; ``source`` 0 = service user, 2 = service provider (PS3.8 9.3.8)."""
+    return _pdu(PduType.ABORT, bytes([0, 0, source, int(reason)]))
+
+
+def encode_p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_length: int) -> bytes:
+    """P-DATA-TF PDUs carrying ``payload`` as fragments no larger than the peer accepts."""
+    # Each PDV item costs 4 (length) + 2 (context id, control header) bytes; the PDU header 6.
+    limit = (max_pdu_length - 6) if max_pdu_length else 0
+    if limit <= 0 or limit > 1 << 20:
+        limit = 1 << 20
+    out = []
+    pos = 0
+    while True:
+        chunk = payload[pos : pos + limit]
+        pos += len(chunk)
+        last = pos >= len(payload)
+        control = (1 if command else 0) | (2 if last else 0)
+        pdv = struct.pack(">IBB", len(chunk) + 2, context_id, control) + chunk
+        out.append(_pdu(PduType.P_DATA_TF, pdv))
+        if last:
+            return b"".join(out)

@@ -1,0 +1,58 @@
+"""Typed errors of dicomgate.
+
+The tree::
+
+    DicomgateError
+    ├── ConfigError            a configuration file or value is wrong (exit code 2)
+    ├── StoreError             the content store cannot take or give bytes
+    │   └── StoreFullError     no space left (DIMSE 0xA700, HTTP 507)
+    ├── IndexError_            the index database refused or failed
+    │   ├── IndexUnavailable   cannot connect / locked for too long (DIMSE 0xA700, HTTP 503)
+    │   └── DuplicateRejected  duplicate SOP Instance UID under policy "reject" (DIMSE 0xA900)
+    └── InvalidInstance        bytes are not a usable DICOM instance (DIMSE 0xC000-range, HTTP 400)
+
+Errors are mapped to DIMSE statuses in ``dimse/`` and to HTTP codes in ``dicomweb/`` only.
+"""
+
+from __future__ import annotations
+
+
+class DicomgateError(Exception):
+    """Root of every error raised on purpose by dicomgate."""
+
+
+class ConfigError(DicomgateError):
+    """A configuration key or value is wrong; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+class StoreError(DicomgateError):
+    """The content store failed to write or read."""
+
+
+class StoreFullError(StoreError):
+    """The store's file system has no space left."""
+
+
+class IndexError_(DicomgateError):
+    """The index database failed."""
+
+
+class IndexUnavailable(IndexError_):
+    """The index database is unreachable or locked."""
+
+
+class DuplicateRejected(IndexError_):
+    """An instance with this SOP Instance UID exists and the policy is ``reject``."""
+
+
+class InvalidInstance(DicomgateError):
+    """The received bytes are not a DICOM instance we can index."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

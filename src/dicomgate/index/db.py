@@ -1,0 +1,554 @@
+"""The index database: open (and migrate), record received instances, look them up.
+
+SQLAlchemy Core on SQLite (embedded default) or PostgreSQL via psycopg 3. ``record`` is on
+the C-STORE hot path: its statements are built once per :class:`Index` and every batch is
+one transaction (group commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    false,
+    func,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from dicomgate.config import DuplicatePolicy
+from dicomgate.errors import IndexError_, IndexUnavailable
+from dicomgate.index.extract import InstanceRecord
+from dicomgate.index.schema import instance, metadata, patient, series, study
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 5000
+_RETRIES = 3  # attempts of a batch that hit a unique or foreign-key conflict
+LAST_RECEIVED_GRANULARITY = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance whose bytes are durable in the store, ready to be indexed."""
+
+    record: InstanceRecord
+    relpath: str  # path in the store, relative to its root
+    size: int  # bytes
+    sha256: str  # hex digest of the stored file
+    transfer_syntax_uid: str
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+    received_via: str  # 'dimse' | 'stow' | 'folder' ...
+    received_at: datetime  # UTC aware
+
+
+class Outcome(Enum):
+    """What :meth:`Index.record` did with one instance."""
+
+    STORED = "stored"  # new row (policy keep_both also lands here for a duplicate)
+    REPLACED = "replaced"  # policy overwrite: the previous row was deleted
+    REJECTED = "rejected"  # policy reject: a current row exists; nothing written
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """The outcome of one item of a :meth:`Index.record` batch."""
+
+    outcome: Outcome
+    obsolete_relpath: str | None  # overwrite: the old file, to delete AFTER the commit
+
+
+def normalize_url(url: str) -> URL:
+    """Parse ``url``; plain ``postgresql://`` (or ``postgres://``) selects psycopg 3."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def migrate(connection: Connection) -> None:
+    """Upgrade the schema on ``connection`` to the newest revision (idempotent)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _set_sqlite_pragmas(durable: bool) -> Callable[[Any, ConnectionPoolEntry], None]:
+    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Autocommit at the driver level: SQLAlchemy's "begin" event below issues BEGIN itself,
+        # so PRAGMAs run outside a transaction and writers can take the lock up front.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # A writer takes the write lock at BEGIN: a deferred transaction that reads first and
+    # writes later fails at once with SQLITE_BUSY when another writer got in between.
+    mode = "IMMEDIATE" if connection.get_execution_options().get("sqlite_immediate") else ""
+    connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def _one_line(error: BaseException) -> str:
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
+def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
+    return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or bool(
+        error.connection_invalidated
+    )
+
+
+class Index:
+    """The index database of one gateway node (thread-safe: one writer, many readers)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._write_lock = threading.Lock()
+        self._statements = _Statements(engine.dialect)
+        self._dbapi: Any = engine.dialect.loaded_dbapi
+        self._levels = _LevelCache()
+
+    @classmethod
+    def open(cls, url: str, *, durable: bool = True) -> Index:
+        """Connect to ``url``, migrate the schema to head and return the index."""
+        try:
+            parsed = normalize_url(url)
+        except sa_exc.ArgumentError as error:
+            raise IndexUnavailable(f"bad database url: {_one_line(error)}") from error
+        shown = parsed.render_as_string(hide_password=True)
+        try:
+            engine = _create_engine(parsed, durable=durable)
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, OSError) as error:
+            raise IndexUnavailable(f"cannot use database {shown}: {_one_line(error)}") from error
+        try:
+            with engine.connect() as connection:
+                migrate(connection)
+                connection.commit()
+        except sa_exc.DBAPIError as error:
+            engine.dispose()
+            raise IndexUnavailable(f"cannot open database {shown}: {_one_line(error)}") from error
+        except CommandError as error:  # e.g. a revision newer than this version knows
+            engine.dispose()
+            raise IndexUnavailable(
+                f"cannot migrate database {shown}: {_one_line(error)}"
+            ) from error
+        return cls(engine)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for the query side and the job queue)."""
+        return self._engine
+
+    def ping(self) -> None:
+        """Check that the database answers; IndexUnavailable if not."""
+        try:
+            with self._engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except sa_exc.DBAPIError as error:
+            raise IndexUnavailable(_one_line(error)) from error
+
+    def record(
+        self, items: Sequence[StoredInstance], policy: DuplicatePolicy
+    ) -> list[RecordResult]:
+        """Index ``items`` in one transaction; one result per item, in order.
+
+        A duplicate SOP Instance UID (a current row exists, possibly written earlier in the
+        same batch) follows ``policy``. Nothing is committed if any item fails:
+        IndexUnavailable for a locked or lost database, IndexError_ for a refused row.
+        """
+        if not items:
+            return []
+        dbapi = self._dbapi
+        with self._write_lock:
+            for attempt in range(1, _RETRIES + 1):
+                try:
+                    results = self._record_batch(items, policy)
+                except (dbapi.IntegrityError, sa_exc.IntegrityError) as error:
+                    # A row this process remembers may have been deleted since (the retry
+                    # reads it again), or, on PostgreSQL, another node stored the same SOP
+                    # Instance UID concurrently (the retry sees its row and applies the policy).
+                    self._levels.clear()
+                    if attempt < _RETRIES:
+                        log.info("index conflict, retrying", extra={"action": "record_retry"})
+                        continue
+                    raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
+                except (dbapi.OperationalError, dbapi.InterfaceError) as error:
+                    self._levels.discard()
+                    raise IndexUnavailable(_one_line(error)) from error
+                except dbapi.Error as error:
+                    self._levels.discard()
+                    raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
+                except sa_exc.DBAPIError as error:
+                    self._levels.discard()
+                    if _is_unavailable(error):
+                        raise IndexUnavailable(_one_line(error)) from error
+                    raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
+                except BaseException:
+                    self._levels.discard()
+                    raise
+                self._levels.commit()
+                return results
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        """The current row of ``sop_instance_uid`` with its series, study and patient columns."""
+        rows = self._read(self._statements.current_instance, sop_instance_uid)
+        return rows[0] if rows else None
+
+    def instances(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        """Every row of ``sop_instance_uid``, current or not, oldest first."""
+        return self._read(self._statements.all_instances, sop_instance_uid)
+
+    def count_instances(self, current_only: bool = True) -> int:
+        """How many instance rows (by default only current ones) the index holds."""
+        query = select(func.count()).select_from(instance)
+        if current_only:
+            query = query.where(instance.c.is_current == true())
+        try:
+            with self._engine.connect() as connection:
+                return int(connection.execute(query).scalar_one())
+        except sa_exc.DBAPIError as error:
+            raise IndexUnavailable(_one_line(error)) from error
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _record_batch(
+        self, items: Sequence[StoredInstance], policy: DuplicatePolicy
+    ) -> list[RecordResult]:
+        with self._transaction(write=True) as connection:
+            cursor = connection.connection.cursor()
+            try:
+                return [self._record_one(cursor, item, policy) for item in items]
+            except self._dbapi.Error as error:
+                if self._engine.dialect.is_disconnect(
+                    error, connection.connection.dbapi_connection, cursor
+                ):
+                    connection.invalidate(error)
+                raise
+            finally:
+                cursor.close()
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        with self._engine.connect() as connection:
+            if write and self._engine.dialect.name == "sqlite":
+                connection = connection.execution_options(sqlite_immediate=True)
+            with connection.begin():
+                yield connection
+
+    def _read(self, query: Any, sop_instance_uid: str) -> list[dict[str, Any]]:
+        try:
+            with self._engine.connect() as connection:
+                result = connection.execute(query, {"sop_instance_uid": sop_instance_uid})
+                return [dict(row) for row in result.mappings()]
+        except sa_exc.DBAPIError as error:
+            raise IndexUnavailable(_one_line(error)) from error
+
+    def _record_one(
+        self, cursor: Any, item: StoredInstance, policy: DuplicatePolicy
+    ) -> RecordResult:
+        stmts = self._statements
+        record = item.record
+        existing = stmts.find_current.execute(
+            cursor, {"sop_instance_uid": record.sop_instance_uid}
+        ).fetchone()
+        if existing is not None and policy is DuplicatePolicy.REJECT:
+            return RecordResult(Outcome.REJECTED, None)
+
+        patient_pk = self._upsert_level(
+            stmts.upsert_patient,
+            ("patient", record.patient["patient_id"], record.patient["issuer_of_patient_id"]),
+            record.patient,
+            None,
+            cursor,
+        )
+        study_pk = self._upsert_level(
+            stmts.upsert_study,
+            ("study", record.study_uid),
+            {**record.study, "patient_pk": patient_pk},
+            item.received_at,
+            cursor,
+        )
+        series_pk = self._upsert_level(
+            stmts.upsert_series,
+            ("series", record.series_uid),
+            {**record.series, "study_pk": study_pk},
+            item.received_at,
+            cursor,
+        )
+
+        outcome, obsolete = Outcome.STORED, None
+        if existing is not None:
+            existing_id, existing_relpath = existing
+            if policy is DuplicatePolicy.OVERWRITE:
+                stmts.delete_instance.execute(cursor, {"row_id": existing_id})
+                outcome = Outcome.REPLACED
+                # Never ask the caller to delete the file this very row now points to.
+                obsolete = existing_relpath if existing_relpath != item.relpath else None
+            else:
+                stmts.retire_instance.execute(cursor, {"row_id": existing_id})
+
+        stmts.insert_instance.execute(
+            cursor,
+            {
+                **record.instance,
+                "series_pk": series_pk,
+                "transfer_syntax_uid": item.transfer_syntax_uid,
+                "relpath": item.relpath,
+                "size": item.size,
+                "sha256": item.sha256,
+                "calling_ae": item.calling_ae,
+                "called_ae": item.called_ae,
+                "source_ip": item.source_ip,
+                "received_via": item.received_via,
+                "received_at": item.received_at,
+                "is_current": True,
+            },
+        )
+        return RecordResult(outcome, obsolete)
+
+    def _upsert_level(
+        self,
+        stmt: _Prepared,
+        key: tuple[str, ...],
+        row: dict[str, Any],
+        received_at: datetime | None,
+        cursor: Any,
+    ) -> int:
+        """Upsert a patient, study or series row and return its key; skipped if unchanged."""
+        values = tuple(row.values())
+        known = self._levels.get(key, values, received_at)
+        if known is not None:
+            return known
+        params = row if received_at is None else {**row, "last_received_at": received_at}
+        pk = int(stmt.execute(cursor, params).fetchone()[0])
+        self._levels.put(key, pk, values, received_at)
+        return pk
+
+
+class _LevelCache:
+    """Patient, study and series rows this process wrote lately: key -> (pk, values, time).
+
+    Most instances of a series carry the same patient, study and series attributes; when
+    they equal what this process last wrote, the three upserts are skipped (the hot path
+    then runs two statements). ``last_received_at`` is refreshed at most every
+    ``LAST_RECEIVED_GRANULARITY``. Entries of an open transaction stay pending until commit.
+    Primary keys are never reused (SQLite AUTOINCREMENT, PostgreSQL identity), so a row
+    deleted behind our back shows up as a foreign-key error; :meth:`Index.record` then
+    clears the cache and retries.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._committed: OrderedDict[tuple[str, ...], _LevelEntry] = OrderedDict()
+        self._pending: dict[tuple[str, ...], _LevelEntry] = {}
+
+    def get(
+        self, key: tuple[str, ...], values: tuple[Any, ...], received_at: datetime | None
+    ) -> int | None:
+        entry = self._pending.get(key) or self._committed.get(key)
+        if entry is None or entry[1] != values:
+            return None
+        written_at = entry[2]
+        if received_at is not None and (
+            written_at is None or received_at - written_at > LAST_RECEIVED_GRANULARITY
+        ):
+            return None
+        return entry[0]
+
+    def put(
+        self, key: tuple[str, ...], pk: int, values: tuple[Any, ...], at: datetime | None
+    ) -> None:
+        self._pending[key] = (pk, values, at)
+
+    def commit(self) -> None:
+        for key, entry in self._pending.items():
+            self._committed[key] = entry
+            self._committed.move_to_end(key)
+        self._pending.clear()
+        while len(self._committed) > self._size:
+            self._committed.popitem(last=False)
+
+    def discard(self) -> None:
+        self._pending.clear()
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._committed.clear()
+
+
+_LevelEntry = tuple[int, tuple[Any, ...], datetime | None]
+
+
+def _create_engine(url: URL, *, durable: bool) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        database = url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        event.listen(engine, "connect", _set_sqlite_pragmas(durable))
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if url.get_backend_name() == "postgresql":
+        # Durability on PostgreSQL is the server's synchronous_commit; durable=False relaxes
+        # it for this client only (a crash may lose the last commits, never corrupt).
+        options = {} if durable else {"options": "-c synchronous_commit=off"}
+        return create_engine(url, pool_pre_ping=True, connect_args=options)
+    raise sa_exc.ArgumentError(f"unsupported database backend {url.get_backend_name()!r}")
+
+
+def _upsert(table: Any, key: list[str], dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (key) DO UPDATE, keeping the old value where the new is NULL."""
+    insert_fn = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    stmt: Any = insert_fn(table)
+    updates = {
+        column.name: func.coalesce(stmt.excluded[column.name], column)
+        for column in table.columns
+        if column.name != "id" and column.name not in key
+    }
+    return stmt.on_conflict_do_update(index_elements=key, set_=updates).returning(table.c.id)
+
+
+class _Prepared:
+    """One statement compiled once for a dialect and run straight on the DBAPI cursor.
+
+    The hot path skips SQLAlchemy's per-execution work (cache key, compiled-cache lookup,
+    result wrapping), which costs more than the SQLite statements themselves.
+    """
+
+    __slots__ = ("_binds", "_positional", "sql")
+
+    def __init__(self, stmt: Any, dialect: Dialect, column_keys: list[str] | None = None) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = compiled.string
+        self._positional = bool(dialect.positional)
+        by_name = {name: bind for bind, name in compiled.bind_names.items()}
+        names = list(compiled.positiontup or []) if self._positional else list(by_name)
+        self._binds = [(name, by_name[name].type.bind_processor(dialect)) for name in names]
+
+    def execute(self, cursor: Any, params: dict[str, Any]) -> Any:
+        """Run with ``params`` (missing names bind NULL); return the cursor."""
+        if self._positional:
+            args: Any = tuple(
+                processor(params.get(name)) if processor else params.get(name)
+                for name, processor in self._binds
+            )
+        else:
+            args = {
+                name: processor(params.get(name)) if processor else params.get(name)
+                for name, processor in self._binds
+            }
+        cursor.execute(self.sql, args)
+        return cursor
+
+
+class _Statements:
+    """The statements of the index, built and compiled once per dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        if dialect.name not in ("sqlite", "postgresql"):
+            raise IndexUnavailable(f"unsupported database backend {dialect.name!r}")
+
+        def columns(table: Any) -> list[str]:
+            return [column.name for column in table.columns if column.name != "id"]
+
+        def prepare(stmt: Any, keys: list[str] | None = None) -> _Prepared:
+            return _Prepared(stmt, dialect, keys)
+
+        self.upsert_patient = prepare(
+            _upsert(patient, ["patient_id", "issuer_of_patient_id"], dialect.name),
+            columns(patient),
+        )
+        self.upsert_study = prepare(
+            _upsert(study, ["study_instance_uid"], dialect.name), columns(study)
+        )
+        self.upsert_series = prepare(
+            _upsert(series, ["series_instance_uid"], dialect.name), columns(series)
+        )
+        self.insert_instance = prepare(instance.insert().inline(), columns(instance))
+        self.find_current = prepare(
+            select(instance.c.id, instance.c.relpath).where(
+                instance.c.sop_instance_uid == bindparam("sop_instance_uid"),
+                instance.c.is_current == true(),
+            )
+        )
+        self.delete_instance = prepare(delete(instance).where(instance.c.id == bindparam("row_id")))
+        self.retire_instance = prepare(
+            update(instance).where(instance.c.id == bindparam("row_id")).values(is_current=false())
+        )
+        joined = (
+            instance.join(series, instance.c.series_pk == series.c.id)
+            .join(study, series.c.study_pk == study.c.id)
+            .join(patient, study.c.patient_pk == patient.c.id)
+        )
+        hidden = {"id", "series_pk", "study_pk", "patient_pk", "last_received_at"}
+        selected = [instance.c.id.label("instance_pk")] + [
+            column
+            for table in (instance, series, study, patient)
+            for column in table.columns
+            if column.name not in hidden
+        ]
+        by_uid = (
+            select(*selected)
+            .select_from(joined)
+            .where(instance.c.sop_instance_uid == bindparam("sop_instance_uid"))
+        )
+        self.current_instance = by_uid.where(instance.c.is_current == true())
+        self.all_instances = by_uid.order_by(instance.c.id)
+
+
+__all__ = [
+    "Index",
+    "Outcome",
+    "RecordResult",
+    "StoredInstance",
+    "metadata",
+    "migrate",
+    "normalize_url",
+]

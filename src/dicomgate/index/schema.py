@@ -1,0 +1,194 @@
+"""Index schema: patient -> study -> series -> instance (SQLAlchemy Core).
+
+The columns hold the attributes QIDO-RS (PS3.18 Table 10.6.1-5) and C-FIND (PS3.4 C.6.1.1
+and C.6.2.1, the required and unique keys of the Patient Root and Study Root models) match
+on, plus what the gateway records about each received file. Natural keys are unique;
+surrogate integer keys link the levels.
+
+This module is the *current* shape. The database gets it through Alembic revisions in
+``index/migrations/versions``; a change here needs a new revision (a test compares the
+migrated database with this metadata).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    true,
+)
+from sqlalchemy.types import TypeDecorator
+
+# Column widths follow the VR maximum lengths of PS3.5 Table 6.2-1 (counted in characters).
+UI = 128  # UIDs are 64 at most; the slack keeps a sloppy sender's UID intact
+LO = 64
+SH = 16
+CS = 16
+PN = 3 * 64 + 2  # three component groups of 64 characters joined by '='
+DA = 8
+TM = 16  # HHMMSS.FFFFFF = 13; a little slack for a trailing offset
+AE = 16
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+SurrogateKey = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("received_at must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        result: datetime = value
+        if result.tzinfo is None:
+            return result.replace(tzinfo=UTC)
+        return result.astimezone(UTC)
+
+
+patient = Table(
+    "patient",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    # Key columns hold '' instead of NULL so the unique key is NULL-safe on every backend.
+    Column("patient_id", String(LO), nullable=False, server_default=""),
+    Column("issuer_of_patient_id", String(LO), nullable=False, server_default=""),
+    Column("patient_name", String(PN)),
+    Column("patient_name_search", String(PN)),
+    Column("patient_birth_date", String(DA)),
+    Column("patient_sex", String(CS)),
+    UniqueConstraint("patient_id", "issuer_of_patient_id"),
+    sqlite_autoincrement=True,  # keys are never reused (db._LevelCache relies on it)
+)
+
+study = Table(
+    "study",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    Column("study_instance_uid", String(UI), nullable=False),
+    Column("patient_pk", SurrogateKey, ForeignKey("patient.id"), nullable=False),
+    Column("study_date", String(DA)),
+    Column("study_time", String(TM)),
+    Column("accession_number", String(SH)),
+    Column("issuer_of_accession_number", String(LO)),
+    Column("referring_physician_name", String(PN)),
+    Column("referring_physician_name_search", String(PN)),
+    Column("study_id", String(SH)),
+    Column("study_description", String(LO)),
+    Column("last_received_at", UtcDateTime()),
+    UniqueConstraint("study_instance_uid"),
+    sqlite_autoincrement=True,
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    Column("series_instance_uid", String(UI), nullable=False),
+    Column("study_pk", SurrogateKey, ForeignKey("study.id"), nullable=False),
+    Column("modality", String(CS)),
+    Column("series_number", Integer),
+    Column("series_description", String(LO)),
+    Column("body_part_examined", String(CS)),
+    Column("series_date", String(DA)),
+    Column("series_time", String(TM)),
+    Column("performed_procedure_step_start_date", String(DA)),
+    Column("performed_procedure_step_start_time", String(TM)),
+    Column("scheduled_procedure_step_id", String(SH)),
+    Column("requested_procedure_id", String(SH)),
+    Column("last_received_at", UtcDateTime()),
+    UniqueConstraint("series_instance_uid"),
+    sqlite_autoincrement=True,
+)
+
+instance = Table(
+    "instance",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    Column("sop_instance_uid", String(UI), nullable=False),
+    Column("series_pk", SurrogateKey, ForeignKey("series.id"), nullable=False),
+    Column("sop_class_uid", String(UI), nullable=False),
+    Column("instance_number", Integer),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("bits_allocated", Integer),
+    Column("number_of_frames", Integer),
+    Column("specific_character_set", String(LO)),
+    Column("transfer_syntax_uid", String(UI), nullable=False),
+    Column("relpath", String(1024), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("calling_ae", String(AE), nullable=False, server_default=""),
+    Column("called_ae", String(AE), nullable=False, server_default=""),
+    Column("source_ip", String(45), nullable=False, server_default=""),
+    Column("received_via", String(16), nullable=False),
+    Column("received_at", UtcDateTime(), nullable=False),
+    Column("is_current", Boolean(create_constraint=False), nullable=False, server_default=true()),
+    CheckConstraint("size >= 0", name="size_not_negative"),
+)
+
+# At most one current row per SOP Instance UID; older copies (policy keep_both) are not current.
+Index(
+    "uq_instance_current_sop_instance_uid",
+    instance.c.sop_instance_uid,
+    unique=True,
+    sqlite_where=instance.c.is_current == true(),
+    postgresql_where=instance.c.is_current == true(),
+)
+Index("ix_instance_sop_instance_uid", instance.c.sop_instance_uid)
+# is_current is indexed with what it filters: a lone boolean index is useless and SQLite's
+# planner, without statistics, prefers it to the UID index (a scan of every current row).
+Index("ix_instance_series_pk_is_current", instance.c.series_pk, instance.c.is_current)
+Index("ix_instance_sop_class_uid", instance.c.sop_class_uid)
+Index("ix_series_study_pk", series.c.study_pk)
+Index("ix_series_modality", series.c.modality)
+Index("ix_study_patient_pk", study.c.patient_pk)
+Index("ix_study_study_date", study.c.study_date)
+Index("ix_study_accession_number", study.c.accession_number)
+Index("ix_patient_patient_name_search", patient.c.patient_name_search)
+Index("ix_patient_patient_name", patient.c.patient_name)
+# patient_id is the leading column of the unique key, which serves as its index.
+
+# Widths of the string columns, for truncation at extraction time.
+COLUMN_LENGTHS: dict[str, dict[str, int]] = {
+    table.name: {
+        column.name: column.type.length
+        for column in table.columns
+        if isinstance(column.type, String) and column.type.length is not None
+    }
+    for table in (patient, study, series, instance)
+}

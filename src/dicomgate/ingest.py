@@ -1,0 +1,211 @@
+"""Ingest: turn a received spool file into a durable, indexed instance, then answer.
+
+Every ingress (DIMSE C-STORE now, STOW-RS later) hands a finished spool file to
+:class:`Ingestor`. One committer thread takes whatever jobs are waiting (group commit):
+for each it checks the data set is complete, parses the header, fsyncs and renames the
+file into the store; then it records all of them in ONE index transaction and only then
+resolves each job's future. The caller sends success only for a resolved ``None`` error
+(DESIGN rule 1: acknowledge only what is durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicomgate.errors import (
+    DicomgateError,
+    DuplicateRejected,
+    InvalidInstance,
+    StoreError,
+)
+from dicomgate.index.db import Outcome, StoredInstance
+from dicomgate.index.extract import extract_record
+from dicomgate.observability.logging import uid_hash
+from dicomgate.store.validate import check_complete
+
+if TYPE_CHECKING:
+    from dicomgate.config import DuplicatePolicy
+    from dicomgate.index.db import Index
+    from dicomgate.store.filestore import ContentStore, SpoolFile
+
+log = logging.getLogger("dicomgate.ingest")
+
+_BATCH_MAX = 128
+
+
+class InstanceMismatch(InvalidInstance):
+    """The data set's SOP Class/Instance UID differs from the one the sender announced."""
+
+
+@dataclass
+class IngestJob:
+    """A fully received spool file waiting to become durable."""
+
+    spool: SpoolFile
+    data_offset: int  # byte offset of the data set (after the Part 10 header)
+    transfer_syntax: str
+    sop_class_uid: str  # as announced by the sender (e.g. the C-STORE command)
+    sop_instance_uid: str
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+    received_via: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[DicomgateError | None] = field(repr=False)
+
+
+class Ingestor:
+    """Owns the committer thread. ``submit`` from the event loop, ``await`` the future."""
+
+    def __init__(self, store: ContentStore, index: Index, policy: DuplicatePolicy) -> None:
+        self.store = store
+        self.index = index
+        self.policy = policy
+        self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
+        self.stored_count = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    async def ingest(self, job: IngestJob) -> DicomgateError | None:
+        """Queue ``job``; returns ``None`` once durable and indexed, else the error."""
+        self._queue.put(job)
+        return await job.future
+
+    # -- committer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _BATCH_MAX:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                self._commit_batch(batch)
+            except Exception:  # a bug must fail the batch, never kill the committer
+                log.exception("ingest batch failed", extra={"event": "ingest.internal_error"})
+                for job in batch:
+                    job.spool.discard()
+                    _resolve(job, StoreError("internal error while storing"))
+
+    def _prepare(self, job: IngestJob) -> StoredInstance:
+        """Validate and parse, then make the file durable in the store."""
+        with open(job.spool.path, "rb") as fh:
+            check_complete(fh, job.data_offset, job.spool.size, job.transfer_syntax)
+            fh.seek(0)
+            try:
+                ds = dcmread(fh, stop_before_pixels=True, defer_size=65536)
+            except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
+                raise InvalidInstance(f"cannot parse data set: {exc}") from exc
+        record = extract_record(ds)
+        # PS3.4 B.2.3: the data set must be the instance the command announced.
+        if record.sop_instance_uid != job.sop_instance_uid:
+            raise InstanceMismatch("SOP Instance UID in the data set differs from the command's")
+        if record.sop_class_uid != job.sop_class_uid:
+            raise InstanceMismatch("SOP Class UID in the data set differs from the command's")
+        stored = self.store.commit(
+            job.spool, record.study_uid, record.series_uid, record.sop_instance_uid
+        )
+        return StoredInstance(
+            record=record,
+            relpath=stored.relpath,
+            size=stored.size,
+            sha256=stored.sha256,
+            transfer_syntax_uid=job.transfer_syntax,
+            calling_ae=job.calling_ae,
+            called_ae=job.called_ae,
+            source_ip=job.source_ip,
+            received_via=job.received_via,
+            received_at=datetime.now(UTC),
+        )
+
+    def _commit_batch(self, batch: list[IngestJob]) -> None:
+        prepared: list[tuple[IngestJob, StoredInstance]] = []
+        for job in batch:
+            try:
+                prepared.append((job, self._prepare(job)))
+            except DicomgateError as exc:
+                job.spool.discard()
+                log.warning(
+                    "instance refused: %s",
+                    exc,
+                    extra={
+                        "event": "instance.refused",
+                        "sop": uid_hash(job.sop_instance_uid),
+                        "calling_ae": job.calling_ae,
+                        "reason": type(exc).__name__,
+                    },
+                )
+                _resolve(job, exc)
+        if not prepared:
+            return
+        try:
+            results = self.index.record([item for _, item in prepared], self.policy)
+        except DicomgateError as exc:
+            for job, item in prepared:
+                self.store.remove(item.relpath)
+                _resolve(job, exc)
+            log.error(
+                "index commit failed: %s",
+                exc,
+                extra={"event": "index.commit_failed", "instances": len(prepared)},
+            )
+            return
+        for (job, item), result in zip(prepared, results, strict=True):
+            sop = uid_hash(item.record.sop_instance_uid)
+            if result.outcome is Outcome.REJECTED:
+                self.store.remove(item.relpath)
+                log.warning(
+                    "duplicate refused", extra={"event": "instance.duplicate_rejected", "sop": sop}
+                )
+                _resolve(job, DuplicateRejected("SOP Instance UID already stored"))
+                continue
+            if result.obsolete_relpath and result.obsolete_relpath != item.relpath:
+                self.store.remove(result.obsolete_relpath)
+            self.stored_count += 1
+            log.info(
+                "stored",
+                extra={
+                    "event": "instance.stored",
+                    "sop": sop,
+                    "bytes": item.size,
+                    "calling_ae": job.calling_ae,
+                    "via": job.received_via,
+                    "replaced": result.outcome is Outcome.REPLACED,
+                },
+            )
+            _resolve(job, None)
+
+
+def _set(future: asyncio.Future[DicomgateError | None], value: DicomgateError | None) -> None:
+    if not future.done():  # the association may have gone away meanwhile
+        future.set_result(value)
+
+
+def _resolve(job: IngestJob, value: DicomgateError | None) -> None:
+    job.loop.call_soon_threadsafe(_set, job.future, value)

@@ -1,0 +1,116 @@
+"""The ``serve`` process: store + index + ingestor + DIMSE acceptor + HTTP app, one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import pydicom.config
+import uvicorn
+
+from dicomgate import __version__
+from dicomgate.app import create_app
+from dicomgate.config import GatewayConfig
+from dicomgate.dimse.server import DimseServer
+from dicomgate.errors import DicomgateError, StoreError
+from dicomgate.index.db import Index
+from dicomgate.ingest import Ingestor
+from dicomgate.observability.logging import configure_logging
+from dicomgate.store.filestore import ContentStore
+
+log = logging.getLogger("dicomgate.service")
+
+
+class Gateway:
+    """Everything a running gateway owns. ``open`` refuses to start half-configured."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.store = ContentStore(
+            config.storage.path, fsync=config.storage.fsync,
+            min_free_bytes=config.storage.min_free_bytes,
+        )
+        self.index: Index
+        self.ingestor: Ingestor
+        self.dimse: DimseServer
+
+    def open(self) -> None:
+        """Check the store and open the index (runs migrations). Raises on failure."""
+        removed = self.store.open()
+        if removed:
+            log.warning("removed %d half-received spool files", removed,
+                        extra={"event": "store.spool_recovered"})
+        self.index = Index.open(self.config.database.url, durable=self.config.storage.fsync)
+        self.ingestor = Ingestor(self.store, self.index, self.config.storage.duplicates)
+        self.dimse = DimseServer(self.config.dimse, self.ingestor)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then shut down in order."""
+        self.ingestor.start()
+        server: uvicorn.Server | None = None
+        http_task: asyncio.Task[None] | None = None
+        try:
+            try:
+                await self.dimse.start()
+            except OSError as exc:
+                raise StoreError(f"dimse.port: cannot listen on {self.config.dimse.host}:"
+                                 f"{self.config.dimse.port}: {exc.strerror}") from exc
+            if self.config.http.enabled:
+                uv_config = uvicorn.Config(
+                    create_app(self), host=self.config.http.host, port=self.config.http.port,
+                    log_config=None, access_log=False, lifespan="off",
+                )
+                server = uvicorn.Server(uv_config)
+                server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+                http_task = asyncio.create_task(server.serve())
+                while not server.started and not http_task.done():
+                    await asyncio.sleep(0.01)
+                if http_task.done():
+                    http_task.result()
+                    raise StoreError(f"http.port: cannot listen on {self.config.http.host}:"
+                                     f"{self.config.http.port}")
+            log.info("dicomgate %s ready", __version__, extra={"event": "gateway.ready"})
+            await stop.wait()
+            log.info("stopping", extra={"event": "gateway.stopping"})
+        finally:
+            await self.dimse.stop(self.config.dimse.shutdown_grace)
+            if server is not None and http_task is not None:
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(http_task, 10)
+            await asyncio.to_thread(self.ingestor.stop)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    """Run until SIGTERM/SIGINT; exit cleanly. Raises :class:`DicomgateError` on start-up."""
+    configure_logging(config.logging.level, config.logging.format)
+    # Values that break their VR (e.g. IS '1A') must not stop an image from being stored;
+    # the bytes are kept exactly as received.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    gateway = Gateway(config)
+    gateway.open()
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        asyncio.run(_main(gateway))
+    finally:
+        gateway.close()
+    log.info("stopped", extra={"event": "gateway.stopped"})
+
+
+async def _main(gateway: Gateway) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.run(stop)
+    except DicomgateError:
+        raise

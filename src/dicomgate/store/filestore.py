@@ -1,0 +1,165 @@
+"""Content store: spool files written as bytes arrive, then fsync'd and atomically renamed.
+
+Layout under ``storage.path``::
+
+    spool/<random>.part                      files being received (never indexed)
+    store/<StudyUID>/<SeriesUID>/<SOPUID>.dcm  finished DICOM Part 10 files
+
+A duplicate SOP Instance UID kept beside the first (policy ``keep_both``) is stored as
+``<SOPUID>.<sha256 prefix>.dcm``. Files are never changed after the rename (DESIGN rule 4).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomgate.errors import StoreError, StoreFullError
+
+_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+
+
+def _safe_component(uid: str) -> str:
+    """A UID as a path component; anything else (a malformed UID) is hex-escaped."""
+    if _UID_RE.match(uid) and uid not in (".", ".."):
+        return uid
+    return "x" + uid.encode("utf-8", "surrogateescape").hex()[:120]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file that is durable in the store."""
+
+    relpath: str  # path relative to the store root, with "/" separators
+    size: int  # bytes
+    sha256: str  # hex digest of the whole file
+
+
+class SpoolFile:
+    """A file being received: bytes are appended and hashed as they arrive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by commit/discard
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError("no space left in the store") from exc
+            raise StoreError(f"cannot write spool file: {exc.strerror}") from exc
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self, fsync: bool) -> None:
+        if self._fh.closed:
+            return
+        try:
+            if fsync:
+                os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise StoreError(f"cannot fsync spool file: {exc.strerror}") from exc
+        finally:
+            self._fh.close()
+
+    def discard(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+class ContentStore:
+    """The on-disk store. Thread-safe for distinct spool files."""
+
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self.spool_dir = self.root / "spool"
+        self.store_dir = self.root / "store"
+
+    def open(self) -> int:
+        """Create the folders, remove half-received spool files; returns how many were removed.
+
+        Raises :class:`StoreError` when the store is not writable.
+        """
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            removed = 0
+            for leftover in self.spool_dir.iterdir():
+                leftover.unlink()
+                removed += 1
+            probe = self.spool_dir / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"store {self.root} is not usable: {exc.strerror or exc}") from exc
+        return removed
+
+    def writable(self) -> bool:
+        return os.access(self.spool_dir, os.W_OK) and os.access(self.store_dir, os.W_OK)
+
+    def check_space(self) -> None:
+        """Raise :class:`StoreFullError` when free space is below ``min_free_bytes``."""
+        if self.min_free_bytes and shutil.disk_usage(self.root).free < self.min_free_bytes:
+            raise StoreFullError("store free space is below storage.min_free_bytes")
+
+    def new_spool(self) -> SpoolFile:
+        try:
+            return SpoolFile(self.spool_dir / f"{uuid.uuid4().hex}.part")
+        except OSError as exc:
+            raise StoreError(f"cannot create spool file: {exc.strerror}") from exc
+
+    def path_of(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def commit(self, spool: SpoolFile, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+        """Make ``spool`` durable under its final name (fsync, rename, fsync the folder)."""
+        spool.close(self.fsync)
+        folder = self.store_dir / _safe_component(study_uid) / _safe_component(series_uid)
+        name = _safe_component(sop_uid)
+        try:
+            created = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{name}.dcm"
+            if target.exists():
+                target = folder / f"{name}.{spool.sha256[:16]}.dcm"
+            os.replace(spool.path, target)
+            if self.fsync:
+                _fsync_dir(folder)
+                if created:
+                    _fsync_dir(folder.parent)
+                    _fsync_dir(folder.parent.parent)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError("no space left in the store") from exc
+            raise StoreError(f"cannot move file into the store: {exc.strerror}") from exc
+        return StoredFile(
+            relpath=target.relative_to(self.root).as_posix(), size=spool.size, sha256=spool.sha256
+        )
+
+    def remove(self, relpath: str) -> None:
+        """Delete a stored file (used when an index transaction refused it)."""
+        (self.root / relpath).unlink(missing_ok=True)

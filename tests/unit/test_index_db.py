@@ -1,0 +1,346 @@
+"""Index on a real SQLite file: migrations, group commit, duplicate policies, failures."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydicom.data import get_testdata_file
+
+from dicomgate.config import DuplicatePolicy
+from dicomgate.errors import IndexError_, IndexUnavailable
+from dicomgate.index import db as index_db
+from dicomgate.index.db import Index, Outcome, RecordResult, StoredInstance, normalize_url
+from dicomgate.index.extract import extract_record
+from dicomgate.index.schema import metadata
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _testdata(name: str) -> str:
+    path = get_testdata_file(name)
+    if not isinstance(path, str):
+        raise LookupError(f"pydicom test file {name} is missing")
+    return path
+
+
+def make_item(
+    sop_uid: str = "1.2.3.4.5.1",
+    *,
+    relpath: str | None = None,
+    series_uid: str = "1.2.3.4",
+    study_uid: str = "1.2.3",
+    size: int = 1000,
+    received_at: datetime = T0,
+    **attributes: object,
+) -> StoredInstance:
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"), stop_before_pixels=True)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return StoredInstance(
+        record=extract_record(ds),
+        relpath=relpath or f"{study_uid}/{series_uid}/{sop_uid}.dcm",
+        size=size,
+        sha256="ab" * 32,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae="MODALITY",
+        called_ae="DICOMGATE",
+        source_ip="10.0.0.7",
+        received_via="dimse",
+        received_at=received_at,
+    )
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[Index]:
+    idx = Index.open(f"sqlite:///{tmp_path}/nested/dir/index.db")
+    yield idx
+    idx.close()
+
+
+def _scalar(idx: Index, sql: str) -> object:
+    with idx.engine.connect() as connection:
+        return connection.exec_driver_sql(sql).scalar()
+
+
+def test_open_creates_the_folder_and_sets_sqlite_pragmas(tmp_path: Path) -> None:
+    idx = Index.open(f"sqlite:///{tmp_path}/a/b/index.db")
+    try:
+        assert (tmp_path / "a" / "b" / "index.db").is_file()
+        assert _scalar(idx, "PRAGMA journal_mode") == "wal"
+        assert _scalar(idx, "PRAGMA synchronous") == 2  # FULL
+        assert _scalar(idx, "PRAGMA foreign_keys") == 1
+        assert _scalar(idx, "PRAGMA busy_timeout") == 5000
+        idx.ping()
+    finally:
+        idx.close()
+    relaxed = Index.open(f"sqlite:///{tmp_path}/a/b/index.db", durable=False)
+    try:
+        assert _scalar(relaxed, "PRAGMA synchronous") == 1  # NORMAL
+    finally:
+        relaxed.close()
+
+
+def test_open_twice_keeps_data_and_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/index.db"
+    first = Index.open(url)
+    first.record([make_item()], DuplicatePolicy.KEEP_BOTH)
+    first.close()
+    second = Index.open(url)
+    try:
+        assert second.count_instances() == 1
+        assert _scalar(second, "SELECT version_num FROM alembic_version") == "0001"
+    finally:
+        second.close()
+
+
+def test_migrated_schema_matches_schema_module(index: Index) -> None:
+    with index.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, metadata) == []
+
+
+def test_unusable_database_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(IndexUnavailable):
+        Index.open(f"sqlite:///{blocker}/index.db")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(IndexUnavailable, match=r"garbage\.db"):
+        Index.open(f"sqlite:///{garbage}")
+
+
+def test_unreachable_postgresql_is_unavailable() -> None:
+    with pytest.raises(IndexUnavailable, match=r"127\.0\.0\.1") as caught:
+        Index.open("postgresql://nobody:secret@127.0.0.1:1/none")
+    assert "secret" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_postgresql_urls_select_psycopg() -> None:
+    assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def test_record_stores_and_joins_every_level(index: Index) -> None:
+    results = index.record([make_item()], DuplicatePolicy.KEEP_BOTH)
+    assert results == [RecordResult(Outcome.STORED, None)]
+    row = index.instance("1.2.3.4.5.1")
+    assert row is not None
+    assert row["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2"
+    assert row["series_instance_uid"] == "1.2.3.4"
+    assert row["study_instance_uid"] == "1.2.3"
+    assert row["patient_id"] == "1CT1"
+    assert row["patient_name"] == "CompressedSamples^CT1"
+    assert row["modality"] == "CT"
+    assert row["study_date"] == "20040119"
+    assert row["relpath"] == "1.2.3/1.2.3.4/1.2.3.4.5.1.dcm"
+    assert row["received_at"] == T0
+    assert row["received_at"].tzinfo is not None
+    assert row["is_current"] is True
+    assert index.instance("9.9.9") is None
+
+
+def test_study_and_patient_take_the_newest_values(index: Index) -> None:
+    index.record([make_item("1.1", StudyDescription="first")], DuplicatePolicy.KEEP_BOTH)
+    index.record(
+        [make_item("1.2", StudyDescription="second", PatientName="Renamed^Patient")],
+        DuplicatePolicy.KEEP_BOTH,
+    )
+    index.record(
+        [make_item("1.3", StudyDescription="", PatientName="Renamed^Patient")],
+        DuplicatePolicy.KEEP_BOTH,
+    )
+    row = index.instance("1.1")
+    assert row is not None
+    assert row["study_description"] == "second"  # an empty value does not erase
+    assert row["patient_name"] == "Renamed^Patient"
+    assert row["patient_name_search"] == "RENAMED^PATIENT"
+    assert _scalar(index, "SELECT count(*) FROM patient") == 1
+    assert _scalar(index, "SELECT count(*) FROM study") == 1
+    assert _scalar(index, "SELECT count(*) FROM series") == 1
+
+
+def test_patient_key_is_id_plus_issuer_null_safe(index: Index) -> None:
+    index.record(
+        [
+            make_item("1.1", study_uid="9.1", series_uid="9.1.1", PatientID="P1"),
+            make_item("1.2", study_uid="9.2", series_uid="9.2.1", PatientID="P1"),
+            make_item(
+                "1.3", study_uid="9.3", series_uid="9.3.1", PatientID="P1", IssuerOfPatientID="H2"
+            ),
+        ],
+        DuplicatePolicy.KEEP_BOTH,
+    )
+    assert _scalar(index, "SELECT count(*) FROM patient") == 2
+
+
+def test_keep_both_keeps_the_old_row_not_current(index: Index) -> None:
+    index.record([make_item(relpath="old.dcm")], DuplicatePolicy.KEEP_BOTH)
+    results = index.record([make_item(relpath="new.dcm")], DuplicatePolicy.KEEP_BOTH)
+    assert results == [RecordResult(Outcome.STORED, None)]
+    current = index.instance("1.2.3.4.5.1")
+    assert current is not None and current["relpath"] == "new.dcm"
+    rows = index.instances("1.2.3.4.5.1")
+    assert [(r["relpath"], r["is_current"]) for r in rows] == [
+        ("old.dcm", False),
+        ("new.dcm", True),
+    ]
+    assert index.count_instances() == 1
+    assert index.count_instances(current_only=False) == 2
+
+
+def test_keep_both_within_one_batch(index: Index) -> None:
+    results = index.record(
+        [make_item(relpath="a.dcm"), make_item(relpath="b.dcm"), make_item(relpath="c.dcm")],
+        DuplicatePolicy.KEEP_BOTH,
+    )
+    assert [r.outcome for r in results] == [Outcome.STORED] * 3
+    assert [r["is_current"] for r in index.instances("1.2.3.4.5.1")] == [False, False, True]
+    assert index.count_instances() == 1
+
+
+def test_reject_writes_nothing_for_the_duplicate_only(index: Index) -> None:
+    index.record([make_item(relpath="old.dcm")], DuplicatePolicy.REJECT)
+    results = index.record(
+        [
+            make_item(relpath="new.dcm", StudyDescription="changed"),
+            make_item("1.2.3.4.5.2", relpath="other.dcm"),
+        ],
+        DuplicatePolicy.REJECT,
+    )
+    assert results == [
+        RecordResult(Outcome.REJECTED, None),
+        RecordResult(Outcome.STORED, None),
+    ]
+    assert [r["relpath"] for r in index.instances("1.2.3.4.5.1")] == ["old.dcm"]
+    row = index.instance("1.2.3.4.5.2")
+    assert row is not None and row["study_description"] == "e+1"  # the rejected item wrote nothing
+
+
+def test_reject_within_one_batch(index: Index) -> None:
+    results = index.record(
+        [make_item(relpath="a.dcm"), make_item(relpath="b.dcm")], DuplicatePolicy.REJECT
+    )
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.REJECTED]
+    assert [r["relpath"] for r in index.instances("1.2.3.4.5.1")] == ["a.dcm"]
+
+
+def test_overwrite_replaces_and_names_the_obsolete_file(index: Index) -> None:
+    index.record([make_item(relpath="old.dcm")], DuplicatePolicy.OVERWRITE)
+    results = index.record([make_item(relpath="new.dcm")], DuplicatePolicy.OVERWRITE)
+    assert results == [RecordResult(Outcome.REPLACED, "old.dcm")]
+    assert [r["relpath"] for r in index.instances("1.2.3.4.5.1")] == ["new.dcm"]
+
+
+def test_overwrite_within_one_batch(index: Index) -> None:
+    results = index.record(
+        [make_item(relpath="a.dcm"), make_item(relpath="b.dcm")], DuplicatePolicy.OVERWRITE
+    )
+    assert results == [RecordResult(Outcome.STORED, None), RecordResult(Outcome.REPLACED, "a.dcm")]
+    assert [r["relpath"] for r in index.instances("1.2.3.4.5.1")] == ["b.dcm"]
+
+
+def test_overwrite_with_the_same_path_never_names_the_live_file(index: Index) -> None:
+    index.record([make_item(relpath="same.dcm")], DuplicatePolicy.OVERWRITE)
+    results = index.record([make_item(relpath="same.dcm")], DuplicatePolicy.OVERWRITE)
+    assert results == [RecordResult(Outcome.REPLACED, None)]
+
+
+def test_a_failing_item_rolls_back_the_whole_batch(index: Index) -> None:
+    batch = [
+        make_item("2.1", study_uid="2", series_uid="2.0"),
+        make_item("2.2", study_uid="2", series_uid="2.0", size=-1),  # violates a CHECK
+    ]
+    with pytest.raises(IndexError_, match="refused"):
+        index.record(batch, DuplicatePolicy.KEEP_BOTH)
+    assert index.count_instances(current_only=False) == 0
+    assert _scalar(index, "SELECT count(*) FROM study") == 0
+    # The rolled-back study/series must not be remembered as written.
+    assert index.record([batch[0]], DuplicatePolicy.KEEP_BOTH)[0].outcome is Outcome.STORED
+    row = index.instance("2.1")
+    assert row is not None and row["study_instance_uid"] == "2"
+
+
+def test_rows_deleted_behind_the_index_are_recreated(index: Index) -> None:
+    index.record([make_item("3.1")], DuplicatePolicy.KEEP_BOTH)
+    with index.engine.begin() as connection:
+        for table in ("instance", "series", "study", "patient"):
+            connection.exec_driver_sql(f"DELETE FROM {table}")
+    index.record(
+        [make_item("3.2", received_at=T0 + timedelta(milliseconds=1))], DuplicatePolicy.KEEP_BOTH
+    )
+    row = index.instance("3.2")
+    assert row is not None and row["series_instance_uid"] == "1.2.3.4"
+
+
+def test_locked_database_is_unavailable_and_nothing_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    path = tmp_path / "index.db"
+    idx = Index.open(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(IndexUnavailable, match="locked"):
+            idx.record([make_item()], DuplicatePolicy.KEEP_BOTH)
+        other.execute("ROLLBACK")
+        assert idx.count_instances() == 0
+        assert idx.record([make_item()], DuplicatePolicy.KEEP_BOTH)[0].outcome is Outcome.STORED
+    finally:
+        other.close()
+        idx.close()
+
+
+def test_one_writer_and_readers_in_threads(index: Index) -> None:
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                index.instance("4.1")
+                index.count_instances()
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for n in range(100):
+            index.record([make_item(f"4.{n}")], DuplicatePolicy.KEEP_BOTH)
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join()
+    assert errors == []
+    assert index.count_instances() == 100
+
+
+def test_empty_batch_is_a_no_op(index: Index) -> None:
+    assert index.record([], DuplicatePolicy.REJECT) == []
+
+
+def test_duplicate_lookup_uses_the_uid_index(index: Index) -> None:
+    # SQLite without statistics once chose a boolean is_current index: a scan per C-STORE.
+    with index.engine.connect() as connection:
+        plan = connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id, relpath FROM instance"
+            " WHERE sop_instance_uid = '1' AND is_current = 1"
+        ).all()
+    assert any("ix_instance_sop_instance_uid" in str(row) for row in plan), plan
