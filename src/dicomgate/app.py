@@ -16,8 +16,13 @@ if TYPE_CHECKING:
 
 def create_app(gateway: Gateway) -> FastAPI:
     """Build the ASGI app bound to a running :class:`Gateway`."""
-    app = FastAPI(title="dicomgate", version=__version__, docs_url="/api/docs",
-                  openapi_url="/api/openapi.json", redoc_url=None)
+    app = FastAPI(
+        title="dicomgate",
+        version=__version__,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

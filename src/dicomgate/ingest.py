@@ -11,12 +11,17 @@ resolves each job's future. The caller sends success only for a resolved ``None`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -66,35 +71,115 @@ class IngestJob:
 class Ingestor:
     """Owns the committer thread. ``submit`` from the event loop, ``await`` the future."""
 
-    def __init__(self, store: ContentStore, index: Index, policy: DuplicatePolicy) -> None:
+    def __init__(
+        self,
+        store: ContentStore,
+        index: Index,
+        policy: DuplicatePolicy,
+        on_durable: Callable[[float], None] | None = None,
+        sync_interval: float = 5.0,
+    ) -> None:
         self.store = store
         self.index = index
         self.policy = policy
+        self._on_durable = on_durable
+        self._sync_interval = sync_interval
+        self._unsynced = False
         self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
 
     def start(self) -> None:
+        self.store.refill_spool_pool()
         self._thread.start()
 
     def stop(self) -> None:
         """Finish the queued jobs, then stop the thread."""
         self._queue.put(None)
         self._thread.join()
+        self.store.drain_spool_pool()
 
     async def ingest(self, job: IngestJob) -> DicomgateError | None:
         """Queue ``job``; returns ``None`` once durable and indexed, else the error."""
         self._queue.put(job)
         return await job.future
 
+    def adopt(self, path: Path) -> bool:
+        """Index a store file whose row was lost (recovery); True if it was indexed.
+
+        Raises :class:`DicomgateError` when the file is not a complete instance.
+        """
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            offset = _data_offset(fh)
+            fh.seek(0)
+            meta = dcmread(fh, stop_before_pixels=True, defer_size=65536)
+            size = os.fstat(fh.fileno()).st_size
+            transfer_syntax = str(meta.file_meta.TransferSyntaxUID)
+            check_complete(fh, offset, size, transfer_syntax)
+            fh.seek(0)
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        record = extract_record(meta)
+        relpath = path.relative_to(self.store.root).as_posix()
+        if any(
+            row.get("relpath") == relpath for row in self.index.instances(record.sop_instance_uid)
+        ):
+            return False
+        item = StoredInstance(
+            record=record,
+            relpath=relpath,
+            size=size,
+            sha256=digest.hexdigest(),
+            transfer_syntax_uid=transfer_syntax,
+            calling_ae=str(meta.file_meta.get("SourceApplicationEntityTitle", "") or ""),
+            called_ae="",
+            source_ip="",
+            received_via="recovery",
+            received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+        )
+        (result,) = self.index.record([item], self.policy)
+        if result.outcome is Outcome.REJECTED:
+            self.store.remove(relpath)
+            return False
+        if result.obsolete_relpath and result.obsolete_relpath != relpath:
+            self.store.remove(result.obsolete_relpath)
+        log.info(
+            "re-indexed",
+            extra={"event": "recovery.indexed", "sop": uid_hash(record.sop_instance_uid)},
+        )
+        return True
+
     # -- committer thread ---------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        """Make relaxed index commits durable and tell the run marker (see recovery.py)."""
+        started = time.time()
+        try:
+            self.index.sync()
+        except OSError as exc:
+            log.error("index sync failed: %s", exc, extra={"event": "index.sync_failed"})
+            return
+        self._unsynced = False
+        if self._on_durable is not None:
+            self._on_durable(started)
 
     def _run(self) -> None:
         stopping = False
+        last_sync = time.monotonic()
         while not stopping:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self._sync_interval)
+            except queue.Empty:
+                if self._unsynced:
+                    self._barrier()
+                last_sync = time.monotonic()
+                continue
             if first is None:
                 break
+            if self._unsynced and time.monotonic() - last_sync >= self._sync_interval:
+                self._barrier()
+                last_sync = time.monotonic()
             batch = [first]
             while len(batch) < _BATCH_MAX:
                 try:
@@ -106,12 +191,15 @@ class Ingestor:
                     break
                 batch.append(nxt)
             try:
+                self._unsynced = True
                 self._commit_batch(batch)
+                self.store.refill_spool_pool()
             except Exception:  # a bug must fail the batch, never kill the committer
                 log.exception("ingest batch failed", extra={"event": "ingest.internal_error"})
                 for job in batch:
                     job.spool.discard()
                     _resolve(job, StoreError("internal error while storing"))
+        self._barrier()
 
     def _prepare(self, job: IngestJob) -> StoredInstance:
         """Validate and parse, then make the file durable in the store."""
@@ -200,6 +288,14 @@ class Ingestor:
                 },
             )
             _resolve(job, None)
+
+
+def _data_offset(fh: BinaryIO) -> int:
+    """Offset of the data set in a Part 10 file we wrote (preamble, DICM, group length)."""
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise InvalidInstance("not a Part 10 file with a File Meta Information Group Length")
+    return 144 + int.from_bytes(head[140:144], "little")
 
 
 def _set(future: asyncio.Future[DicomgateError | None], value: DicomgateError | None) -> None:

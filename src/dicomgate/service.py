@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Iterator
 
 import pydicom.config
 import uvicorn
@@ -18,9 +20,18 @@ from dicomgate.errors import DicomgateError, StoreError
 from dicomgate.index.db import Index
 from dicomgate.ingest import Ingestor
 from dicomgate.observability.logging import configure_logging
+from dicomgate.recovery import RunMarker, recover
 from dicomgate.store.filestore import ContentStore
 
 log = logging.getLogger("dicomgate.service")
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our loop: signals are ours (SIGTERM drains DIMSE first)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class Gateway:
@@ -29,7 +40,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.store = ContentStore(
-            config.storage.path, fsync=config.storage.fsync,
+            config.storage.path,
+            fsync=config.storage.fsync,
             min_free_bytes=config.storage.min_free_bytes,
         )
         self.index: Index
@@ -40,10 +52,25 @@ class Gateway:
         """Check the store and open the index (runs migrations). Raises on failure."""
         removed = self.store.open()
         if removed:
-            log.warning("removed %d half-received spool files", removed,
-                        extra={"event": "store.spool_recovered"})
-        self.index = Index.open(self.config.database.url, durable=self.config.storage.fsync)
-        self.ingestor = Ingestor(self.store, self.index, self.config.storage.duplicates)
+            log.warning(
+                "removed %d half-received spool files",
+                removed,
+                extra={"event": "store.spool_recovered"},
+            )
+        sqlite = self.config.database.url.startswith("sqlite")
+        # SQLite commits are relaxed (crash-safe; power-loss-safe at the next barrier, with
+        # recovery from the store files); PostgreSQL commits are synchronous. DESIGN.md.
+        self.index = Index.open(
+            self.config.database.url, durable=self.config.storage.fsync and not sqlite
+        )
+        self.marker = RunMarker(self.config.storage.path)
+        self.ingestor = Ingestor(
+            self.store, self.index, self.config.storage.duplicates, on_durable=self.marker.write
+        )
+        since = self.marker.previous_durable_until()
+        if since is not None:
+            recover(self.config.storage.path, since, self.ingestor.adopt)
+        self.marker.write(time.time())
         self.dimse = DimseServer(self.config.dimse, self.ingestor)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -55,22 +82,29 @@ class Gateway:
             try:
                 await self.dimse.start()
             except OSError as exc:
-                raise StoreError(f"dimse.port: cannot listen on {self.config.dimse.host}:"
-                                 f"{self.config.dimse.port}: {exc.strerror}") from exc
+                raise StoreError(
+                    f"dimse.port: cannot listen on {self.config.dimse.host}:"
+                    f"{self.config.dimse.port}: {exc.strerror}"
+                ) from exc
             if self.config.http.enabled:
                 uv_config = uvicorn.Config(
-                    create_app(self), host=self.config.http.host, port=self.config.http.port,
-                    log_config=None, access_log=False, lifespan="off",
+                    create_app(self),
+                    host=self.config.http.host,
+                    port=self.config.http.port,
+                    log_config=None,
+                    access_log=False,
+                    lifespan="off",
                 )
-                server = uvicorn.Server(uv_config)
-                server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+                server = _EmbeddedServer(uv_config)
                 http_task = asyncio.create_task(server.serve())
                 while not server.started and not http_task.done():
                     await asyncio.sleep(0.01)
                 if http_task.done():
                     http_task.result()
-                    raise StoreError(f"http.port: cannot listen on {self.config.http.host}:"
-                                     f"{self.config.http.port}")
+                    raise StoreError(
+                        f"http.port: cannot listen on {self.config.http.host}:"
+                        f"{self.config.http.port}"
+                    )
             log.info("dicomgate %s ready", __version__, extra={"event": "gateway.ready"})
             await stop.wait()
             log.info("stopping", extra={"event": "gateway.stopping"})
@@ -82,8 +116,11 @@ class Gateway:
                     await asyncio.wait_for(http_task, 10)
             await asyncio.to_thread(self.ingestor.stop)
 
-    def close(self) -> None:
+    def close(self, clean: bool) -> None:
+        """Close the index; a clean stop removes the run marker (no recovery next start)."""
         self.index.close()
+        if clean:
+            self.marker.remove()
 
 
 def run_gateway(config: GatewayConfig) -> None:
@@ -94,14 +131,16 @@ def run_gateway(config: GatewayConfig) -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     gateway = Gateway(config)
     gateway.open()
+    clean = False
     try:
         with contextlib.suppress(ImportError):
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.run(_main(gateway))
+        clean = True
     finally:
-        gateway.close()
+        gateway.close(clean)
     log.info("stopped", extra={"event": "gateway.stopped"})
 
 

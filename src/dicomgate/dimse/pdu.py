@@ -125,7 +125,9 @@ def parse_associate_rq(body: bytes) -> AssociateRQ:
         elif item_type == 0x20:
             if len(value) < 4:
                 raise PduError("presentation context item too short")
-            ctx = PresentationContextRQ(context_id=value[0], abstract_syntax="", transfer_syntaxes=[])
+            ctx = PresentationContextRQ(
+                context_id=value[0], abstract_syntax="", transfer_syntaxes=[]
+            )
             for sub_type, sub in _items(value[4:], "presentation context"):
                 if sub_type == 0x30:
                     ctx.abstract_syntax = _uid(sub)

@@ -547,7 +547,7 @@ def _send_plan(
                         peer.host,
                         peer.port,
                         exc,
-                        extra={"action": "scu_association_failed"},
+                        extra={"event": "scu.association_failed"},
                     )
                     for rest in plan.files[n:]:
                         summary.add_failure(rest.path, str(exc))
@@ -565,7 +565,7 @@ def _send_plan(
                     "C-STORE of instance %s failed: %s",
                     uid_hash(f.sop_instance_uid),
                     outcome.reason,
-                    extra={"action": "scu_store_failed"},
+                    extra={"event": "scu.store_failed"},
                 )
             else:
                 summary.sent += 1
@@ -614,7 +614,7 @@ def send_paths(
         host,
         port,
         len(plans),
-        extra={"action": "scu_send_start"},
+        extra={"event": "scu.send_start"},
     )
     if progress and sys.stderr.isatty() and scanned:
         from rich.console import Console

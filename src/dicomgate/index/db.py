@@ -8,6 +8,7 @@ one transaction (group commit).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -146,6 +147,7 @@ class Index:
         self._statements = _Statements(engine.dialect)
         self._dbapi: Any = engine.dialect.loaded_dbapi
         self._levels = _LevelCache()
+        self._relaxed = False
 
     @classmethod
     def open(cls, url: str, *, durable: bool = True) -> Index:
@@ -171,7 +173,9 @@ class Index:
             raise IndexUnavailable(
                 f"cannot migrate database {shown}: {_one_line(error)}"
             ) from error
-        return cls(engine)
+        index = cls(engine)
+        index._relaxed = not durable
+        return index
 
     @property
     def engine(self) -> Engine:
@@ -208,7 +212,7 @@ class Index:
                     # Instance UID concurrently (the retry sees its row and applies the policy).
                     self._levels.clear()
                     if attempt < _RETRIES:
-                        log.info("index conflict, retrying", extra={"action": "record_retry"})
+                        log.info("index conflict, retrying", extra={"event": "index.record_retry"})
                         continue
                     raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
                 except (dbapi.OperationalError, dbapi.InterfaceError) as error:
@@ -248,6 +252,30 @@ class Index:
                 return int(connection.execute(query).scalar_one())
         except sa_exc.DBAPIError as error:
             raise IndexUnavailable(_one_line(error)) from error
+
+    @property
+    def relaxed_commits(self) -> bool:
+        """True when commits are crash-safe but not power-loss-safe until :meth:`sync`."""
+        return self._engine.dialect.name == "sqlite" and self._relaxed
+
+    def sync(self) -> None:
+        """Barrier: make every transaction committed so far durable on disk.
+
+        With SQLite in WAL mode and ``synchronous=NORMAL`` a commit survives a crash of the
+        process but not of the machine until the WAL is synced; fsync of the WAL file is
+        that barrier (checkpoints sync the WAL before copying it, PRAGMA synchronous docs).
+        """
+        url = self._engine.url
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            return
+        try:
+            fd = os.open(url.database + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Close every pooled connection."""
