@@ -18,12 +18,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicomgate.errors import (
@@ -32,15 +33,15 @@ from dicomgate.errors import (
     InvalidInstance,
     StoreError,
 )
-from dicomgate.index.db import Outcome, StoredInstance
-from dicomgate.index.extract import extract_record
+from dicomgate.index.db import Outcome, RecordResult, StoredInstance
+from dicomgate.index.extract import InstanceRecord, extract_record
 from dicomgate.observability.logging import uid_hash
-from dicomgate.store.validate import check_complete
+from dicomgate.store.scan import scan_dataset
 
 if TYPE_CHECKING:
     from dicomgate.config import DuplicatePolicy
     from dicomgate.index.db import Index
-    from dicomgate.store.filestore import ContentStore, SpoolFile
+    from dicomgate.store.filestore import ContentStore, SpoolFile, StoredFile
 
 log = logging.getLogger("dicomgate.ingest")
 
@@ -85,6 +86,7 @@ class Ingestor:
         self._on_durable = on_durable
         self._sync_interval = sync_interval
         self._unsynced = False
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dicomgate-flush")
         self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
@@ -97,6 +99,7 @@ class Ingestor:
         """Finish the queued jobs, then stop the thread."""
         self._queue.put(None)
         self._thread.join()
+        self._flusher.shutdown()
         self.store.drain_spool_pool()
 
     async def ingest(self, job: IngestJob) -> DicomgateError | None:
@@ -113,10 +116,10 @@ class Ingestor:
         with open(path, "rb") as fh:
             offset = _data_offset(fh)
             fh.seek(0)
-            meta = dcmread(fh, stop_before_pixels=True, defer_size=65536)
+            meta = _parse(fh)
             size = os.fstat(fh.fileno()).st_size
             transfer_syntax = str(meta.file_meta.TransferSyntaxUID)
-            check_complete(fh, offset, size, transfer_syntax)
+            scan_dataset(fh, offset, size, transfer_syntax)
             fh.seek(0)
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
@@ -201,24 +204,102 @@ class Ingestor:
                     _resolve(job, StoreError("internal error while storing"))
         self._barrier()
 
-    def _prepare(self, job: IngestJob) -> StoredInstance:
-        """Validate and parse, then make the file durable in the store."""
+    def _inspect(self, job: IngestJob) -> InstanceRecord:
+        """Check the data set is complete and the instance the sender announced."""
         with open(job.spool.path, "rb") as fh:
-            check_complete(fh, job.data_offset, job.spool.size, job.transfer_syntax)
-            fh.seek(0)
-            try:
-                ds = dcmread(fh, stop_before_pixels=True, defer_size=65536)
-            except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
-                raise InvalidInstance(f"cannot parse data set: {exc}") from exc
+            ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)
+            if ds is None:
+                ds = _parse(fh)
         record = extract_record(ds)
         # PS3.4 B.2.3: the data set must be the instance the command announced.
         if record.sop_instance_uid != job.sop_instance_uid:
             raise InstanceMismatch("SOP Instance UID in the data set differs from the command's")
         if record.sop_class_uid != job.sop_class_uid:
             raise InstanceMismatch("SOP Class UID in the data set differs from the command's")
-        stored = self.store.commit(
-            job.spool, record.study_uid, record.series_uid, record.sop_instance_uid
+        return record
+
+    def _refuse(self, job: IngestJob, exc: DicomgateError) -> None:
+        job.spool.discard()
+        log.warning(
+            "instance refused: %s",
+            exc,
+            extra={
+                "event": "instance.refused",
+                "sop": uid_hash(job.sop_instance_uid),
+                "calling_ae": job.calling_ae,
+                "reason": type(exc).__name__,
+            },
         )
+        _resolve(job, exc)
+
+    def _commit_batch(self, batch: list[IngestJob]) -> None:
+        """Durable and indexed, or refused, for every job of the batch.
+
+        Disk flushes run on a helper thread while this one parses and indexes: the data
+        flush of each file overlaps its header scan, and the folder flush overlaps the index
+        transaction when index commits are relaxed (SQLite; a row is not durable before the
+        next barrier, which runs between batches). With synchronous commits (PostgreSQL) the
+        folders are flushed first, so a durable row never names a file that is not.
+        """
+        fsync = self.store.fsync
+        flushes = [self._flusher.submit(job.spool.flush) if fsync else None for job in batch]
+        inspected: list[tuple[IngestJob, InstanceRecord]] = []
+        for job, flush in zip(batch, flushes, strict=True):
+            try:
+                record = self._inspect(job)
+            except DicomgateError as exc:
+                if flush is not None:
+                    flush.exception()  # wait: the file must not be closed under the flush
+                self._refuse(job, exc)
+                continue
+            try:
+                if flush is not None:
+                    flush.result()
+            except DicomgateError as exc:
+                self._refuse(job, exc)
+                continue
+            inspected.append((job, record))
+        prepared: list[tuple[IngestJob, StoredInstance]] = []
+        folders: list[Path] = []
+        for job, record in inspected:
+            try:
+                stored, touched = self.store.place(
+                    job.spool, record.study_uid, record.series_uid, record.sop_instance_uid
+                )
+            except DicomgateError as exc:
+                self._refuse(job, exc)
+                continue
+            folders += touched
+            prepared.append((job, self._stored_instance(job, record, stored)))
+        if not prepared:
+            return
+        items = [item for _, item in prepared]
+        try:
+            if self.index.relaxed_commits:
+                folder_sync = self._flusher.submit(self.store.sync_folders, folders)
+                try:
+                    results = self.index.record(items, self.policy)
+                finally:
+                    folder_sync.result()
+            else:
+                self.store.sync_folders(folders)
+                results = self.index.record(items, self.policy)
+        except DicomgateError as exc:
+            for job, item in prepared:
+                self.store.remove(item.relpath)
+                _resolve(job, exc)
+            log.error(
+                "store or index commit failed: %s",
+                exc,
+                extra={"event": "ingest.commit_failed", "instances": len(prepared)},
+            )
+            return
+        self._finish(prepared, results)
+
+    @staticmethod
+    def _stored_instance(
+        job: IngestJob, record: InstanceRecord, stored: StoredFile
+    ) -> StoredInstance:
         return StoredInstance(
             record=record,
             relpath=stored.relpath,
@@ -232,38 +313,9 @@ class Ingestor:
             received_at=datetime.now(UTC),
         )
 
-    def _commit_batch(self, batch: list[IngestJob]) -> None:
-        prepared: list[tuple[IngestJob, StoredInstance]] = []
-        for job in batch:
-            try:
-                prepared.append((job, self._prepare(job)))
-            except DicomgateError as exc:
-                job.spool.discard()
-                log.warning(
-                    "instance refused: %s",
-                    exc,
-                    extra={
-                        "event": "instance.refused",
-                        "sop": uid_hash(job.sop_instance_uid),
-                        "calling_ae": job.calling_ae,
-                        "reason": type(exc).__name__,
-                    },
-                )
-                _resolve(job, exc)
-        if not prepared:
-            return
-        try:
-            results = self.index.record([item for _, item in prepared], self.policy)
-        except DicomgateError as exc:
-            for job, item in prepared:
-                self.store.remove(item.relpath)
-                _resolve(job, exc)
-            log.error(
-                "index commit failed: %s",
-                exc,
-                extra={"event": "index.commit_failed", "instances": len(prepared)},
-            )
-            return
+    def _finish(
+        self, prepared: list[tuple[IngestJob, StoredInstance]], results: list[RecordResult]
+    ) -> None:
         for (job, item), result in zip(prepared, results, strict=True):
             sop = uid_hash(item.record.sop_instance_uid)
             if result.outcome is Outcome.REJECTED:
@@ -288,6 +340,15 @@ class Ingestor:
                 },
             )
             _resolve(job, None)
+
+
+def _parse(fh: BinaryIO) -> Dataset:
+    """pydicom's full header parse (deflated data sets, recovery)."""
+    fh.seek(0)
+    try:
+        return dcmread(fh, stop_before_pixels=True, defer_size=65536)
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
+        raise InvalidInstance(f"cannot parse data set: {exc}") from exc
 
 
 def _data_offset(fh: BinaryIO) -> int:

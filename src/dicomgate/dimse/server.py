@@ -48,6 +48,22 @@ log = logging.getLogger("dicomgate.dimse")
 _MAX_RQ_LENGTH = 1 << 20  # an A-ASSOCIATE-RQ larger than 1 MiB is not a real one
 _MAX_COMMAND_LENGTH = 1 << 16
 _READ_CHUNK = 1 << 20
+_WHOLE_PDU = 1 << 20  # P-DATA-TF PDUs up to this size are read in one call
+_DRAIN_ABOVE = 1 << 18
+
+
+class _PduBody:
+    """The body of one P-DATA-TF PDU: read whole when small, else from the socket."""
+
+    def __init__(self, data: bytes | None) -> None:
+        self.view = memoryview(data) if data is not None else None
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        assert self.view is not None
+        out = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return out
 
 
 class _Abort(Exception):
@@ -219,13 +235,18 @@ class DimseServer:
     async def _send(self, assoc: _Association, data: bytes) -> None:
         try:
             assoc.writer.write(data)
-            await asyncio.wait_for(assoc.writer.drain(), self.config.network_timeout)
+            # Waiting for drain costs a scheduling round per response; only wait when the
+            # peer is not reading (flow control), which is what drain is for.
+            if assoc.writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
+                async with asyncio.timeout(self.config.network_timeout):
+                    await assoc.writer.drain()
         except (OSError, TimeoutError, ConnectionError) as exc:
             raise _PeerGone(f"cannot send: {exc}") from None
 
     async def _read(self, assoc: _Association, n: int, timeout: float) -> bytes:
         try:
-            return await asyncio.wait_for(assoc.reader.readexactly(n), timeout)
+            async with asyncio.timeout(timeout):
+                return await assoc.reader.readexactly(n)
         except TimeoutError:
             raise _Abort(f"no data for {timeout:.0f} s", pdu.AbortReason.NOT_SPECIFIED) from None
         except asyncio.IncompleteReadError:
@@ -384,6 +405,8 @@ class DimseServer:
                     pdu.AbortReason.UNEXPECTED_PDU if known else pdu.AbortReason.UNRECOGNIZED_PDU,
                 )
             remaining = length
+            whole = length <= _WHOLE_PDU
+            body = _PduBody(await self._read(assoc, length, cfg.dimse_timeout) if whole else None)
             try:
                 while remaining > 0:
                     if remaining < 6:
@@ -391,7 +414,11 @@ class DimseServer:
                             "P-DATA-TF with a truncated PDV item",
                             pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE,
                         )
-                    item = await self._read(assoc, 6, cfg.dimse_timeout)
+                    item = (
+                        body.take(6)
+                        if body.view is not None
+                        else await self._read(assoc, 6, cfg.dimse_timeout)
+                    )
                     item_length, context_id, control = struct.unpack(">IBB", item)
                     data_length = item_length - 2
                     if item_length < 2 or data_length + 6 > remaining:
@@ -418,7 +445,11 @@ class DimseServer:
                                 pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE,
                             )
                         command_ctx = context_id
-                        command_buf += await self._read(assoc, data_length, cfg.dimse_timeout)
+                        command_buf += (
+                            body.take(data_length)
+                            if body.view is not None
+                            else await self._read(assoc, data_length, cfg.dimse_timeout)
+                        )
                         if len(command_buf) > _MAX_COMMAND_LENGTH:
                             raise _Abort(
                                 "command set larger than 64 KiB",
@@ -434,7 +465,10 @@ class DimseServer:
                                 "data set fragment without a command on its context",
                                 pdu.AbortReason.UNEXPECTED_PDU_PARAMETER,
                             )
-                        await self._receive_fragment(assoc, incoming, data_length)
+                        if body.view is not None:
+                            self._write_fragment(incoming, body.take(data_length))
+                        else:
+                            await self._receive_fragment(assoc, incoming, data_length)
                         if last:
                             done, incoming = incoming, None
                             await self._finish_store(assoc, done)
@@ -445,18 +479,22 @@ class DimseServer:
 
     async def _receive_fragment(self, assoc: _Association, incoming: _Incoming, n: int) -> None:
         """Copy ``n`` bytes of data set from the socket to the spool file, in chunks."""
-        incoming.fragments += 1
         while n > 0:
             chunk = await self._read(assoc, min(n, _READ_CHUNK), self.config.dimse_timeout)
             n -= len(chunk)
-            if incoming.spool is None:
-                continue
-            try:
-                incoming.spool.write(chunk)
-            except StoreError as exc:
-                incoming.spool.discard()
-                incoming.spool = None
-                incoming.error = exc
+            self._write_fragment(incoming, chunk)
+
+    @staticmethod
+    def _write_fragment(incoming: _Incoming, data: bytes | memoryview) -> None:
+        incoming.fragments += 1
+        if incoming.spool is None:
+            return
+        try:
+            incoming.spool.write(data)
+        except StoreError as exc:
+            incoming.spool.discard()
+            incoming.spool = None
+            incoming.error = exc
 
     async def _on_command(
         self, assoc: _Association, context_id: int, raw: bytes

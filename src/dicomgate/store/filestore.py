@@ -75,16 +75,15 @@ class SpoolFile:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def close(self, fsync: bool) -> None:
-        if self._fh.closed:
-            return
+    def flush(self) -> None:
+        """Force the data (and the size) to disk: fdatasync (PS: names need a folder sync)."""
         try:
-            if fsync:
-                os.fsync(self._fh.fileno())
+            os.fdatasync(self._fh.fileno())
         except OSError as exc:
-            raise StoreError(f"cannot fsync spool file: {exc.strerror}") from exc
-        finally:
-            self._fh.close()
+            raise StoreError(f"cannot flush spool file: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        self._fh.close()
 
     def discard(self) -> None:
         if not self._fh.closed:
@@ -172,35 +171,52 @@ class ContentStore:
         return self.root / relpath
 
     def commit(self, spool: SpoolFile, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
-        """Make ``spool`` durable under its final name (rename, fsync file, fsync folder).
+        """Make ``spool`` durable under its final name: flush, rename, sync the folders."""
+        if self.fsync:
+            spool.flush()
+        stored, folders = self.place(spool, study_uid, series_uid, sop_uid)
+        self.sync_folders(folders)
+        return stored
 
-        The rename comes before the file's fsync: one journal commit then carries both the
-        data and the new name on ext4/xfs, which saves a disk flush per instance; the folder
-        fsync keeps it correct on any POSIX file system.
+    def place(
+        self, spool: SpoolFile, study_uid: str, series_uid: str, sop_uid: str
+    ) -> tuple[StoredFile, list[Path]]:
+        """Rename a flushed spool file to its final name; returns the folders to sync.
+
+        The file's data must already be flushed (:meth:`SpoolFile.flush`); the name is
+        durable only after :meth:`sync_folders` of the returned folders.
         """
         folder = self.store_dir / _safe_component(study_uid) / _safe_component(series_uid)
         name = _safe_component(sop_uid)
         try:
-            created = not folder.exists()
+            folders = [folder]
+            if not folder.exists():
+                folders += [folder.parent, folder.parent.parent]
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{name}.dcm"
             if target.exists():
                 target = folder / f"{name}.{spool.sha256[:16]}.dcm"
             os.replace(spool.path, target)
             spool.path = target
-            spool.close(self.fsync)
-            if self.fsync:
-                _fsync_dir(folder)
-                if created:
-                    _fsync_dir(folder.parent)
-                    _fsync_dir(folder.parent.parent)
+            spool.close()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StoreFullError("no space left in the store") from exc
             raise StoreError(f"cannot move file into the store: {exc.strerror}") from exc
-        return StoredFile(
+        stored = StoredFile(
             relpath=target.relative_to(self.root).as_posix(), size=spool.size, sha256=spool.sha256
         )
+        return stored, folders
+
+    def sync_folders(self, folders: list[Path]) -> None:
+        """fsync each folder once, so renames into them survive a power cut."""
+        if not self.fsync:
+            return
+        try:
+            for folder in dict.fromkeys(folders):
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise StoreError(f"cannot sync store folder: {exc.strerror}") from exc
 
     def remove(self, relpath: str) -> None:
         """Delete a stored file (used when an index transaction refused it)."""

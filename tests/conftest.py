@@ -1,0 +1,363 @@
+"""Shared fixtures: a real ``dicomgate serve`` subprocess, DCMTK helpers and corpora.
+
+The gateway runs as a user runs it: the console script, a YAML config file, real sockets.
+Nothing is downloaded at test time (pydicom's bundled test files only, by exact name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # for ``from tests.corpus import ...``
+    sys.path.insert(0, str(ROOT))
+
+from dicomgate.index.db import Index  # noqa: E402
+from tests.corpus import make_ct_series, make_mr_series  # noqa: E402
+
+DICOMGATE = shutil.which("dicomgate") or str(Path(sys.executable).parent / "dicomgate")
+AE_TITLE = "DICOMGATE"
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None or shutil.which("echoscu") is None, reason="needs DCMTK"
+)
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK tools: without TCP_NODELAY every PDU waits ~40 ms."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def bundled_file(name: str) -> Path:
+    """A file bundled with pydicom, by exact name (never downloaded)."""
+    from pydicom.data import get_testdata_file
+
+    bundled = Path(get_testdata_file.__code__.co_filename).parent / "test_files" / name
+    assert bundled.is_file(), f"{name} is not bundled with pydicom"
+    path = get_testdata_file(name, download=False)
+    assert path is not None, name
+    return Path(path)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class GatewayProcess:
+    """One ``dicomgate serve`` subprocess and what a test needs to poke at it."""
+
+    root: Path
+    config: dict[str, Any]
+    expected_exit: int | None = 0  # checked at teardown; None: do not check
+    proc: subprocess.Popen[bytes] | None = None
+    _index: Index | None = field(default=None, repr=False)
+    _log_fh: Any = field(default=None, repr=False)
+
+    # -- addresses ----------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "dicomgate.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "gateway.log"
+
+    @property
+    def data(self) -> Path:
+        return Path(self.config["storage"]["path"])
+
+    @property
+    def ae_title(self) -> str:
+        return str(self.config["dimse"].get("ae_title", AE_TITLE))
+
+    @property
+    def dimse_port(self) -> int:
+        return int(self.config["dimse"]["port"])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.config["http"]["port"])
+
+    @property
+    def db_url(self) -> str:
+        return str(self.config["database"]["url"])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    # -- process ------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
+
+    def start(self) -> None:
+        """Start the console script and wait for ``/readyz`` 200."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.write_config()
+        self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap
+        self.proc = subprocess.Popen(
+            [DICOMGATE, "serve", "--config", str(self.config_path)],
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.root,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"gateway exited with {self.proc.returncode} before it was ready:\n"
+                    + self.log_tail()
+                )
+            status, _ = self.http_get("/readyz")
+            if status == 200:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"gateway not ready after {timeout} s:\n" + self.log_tail())
+
+    def http_get(self, path: str, timeout: float = 2.0) -> tuple[int, Any]:
+        """(status, parsed JSON body) or (0, None) when nothing answers."""
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            exc.close()
+            try:
+                return exc.code, json.loads(body or b"null")
+            except ValueError:
+                return exc.code, body
+        except (urllib.error.URLError, OSError):
+            return 0, None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait (SIGKILL after ``timeout`` s); returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                self._reap()
+                pytest.fail(f"gateway did not stop {timeout} s after SIGTERM:\n" + self.log_tail())
+        self._reap()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """``kill -9``: no clean-up of any kind in the gateway."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._reap()
+
+    def restart(self) -> None:
+        """Start again on the same config, data and ports (after kill9 or terminate)."""
+        if self.running():
+            code = self.terminate()
+            assert code == 0, self.log_tail()
+        self.close_index()
+        self.proc = None
+        self.start()
+
+    def _reap(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    # -- inspection ---------------------------------------------------------------------
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def log_count(self, event: str) -> int:
+        """How many log lines carry the event name ``event``."""
+        return sum(1 for line in self.log_text().splitlines() if f" {event} " in line)
+
+    def wait_log(self, event: str, count: int = 1, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log_count(event) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {count} x {event} in the log:\n" + self.log_tail())
+            time.sleep(0.02)
+
+    @property
+    def index(self) -> Index:
+        """The gateway's index database, opened from the test process (read side)."""
+        if self._index is None:
+            self._index = Index.open(self.db_url)
+        return self._index
+
+    def close_index(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+    def stored_path(self, row: Mapping[str, Any]) -> Path:
+        return self.data / str(row["relpath"])
+
+    # -- DCMTK peers --------------------------------------------------------------------
+
+    def echoscu(self, *args: str, called: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["echoscu", "-to", "10", "-aec", called or self.ae_title, *args]
+            + ["127.0.0.1", str(self.dimse_port)],
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def storescu(
+        self, files: list[Path] | list[str], *args: str, called: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """storescu ARGS host port FILES; output captured (stdout + stderr)."""
+        return subprocess.run(
+            ["storescu", "-to", "10", "-aec", called or self.ae_title, *args]
+            + ["127.0.0.1", str(self.dimse_port)]
+            + [str(f) for f in files],
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Factory: ``gateway(overrides=None, start=True)`` -> a running :class:`GatewayProcess`.
+
+    Storage and database live under ``tmp_path``; DIMSE and HTTP listen on free
+    127.0.0.1 ports. At teardown each gateway gets SIGTERM and must exit with
+    ``expected_exit`` (0 unless the test changed it).
+    """
+    started: list[GatewayProcess] = []
+
+    def factory(overrides: Mapping[str, Any] | None = None, start: bool = True) -> GatewayProcess:
+        root = tmp_path / f"gw{len(started)}"
+        root.mkdir()
+        data = root / "data"
+        base: dict[str, Any] = {
+            "storage": {"path": str(data)},
+            "database": {"url": f"sqlite:///{data}/index.db"},
+            "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
+            "http": {"host": "127.0.0.1", "port": free_port()},
+        }
+        gw = GatewayProcess(root=root, config=_merge(base, overrides or {}))
+        started.append(gw)
+        if start:
+            gw.start()
+        else:
+            gw.write_config()
+        return gw
+
+    yield factory
+
+    failures = []
+    for gw in started:
+        gw.close_index()
+        if gw.proc is None:
+            continue
+        code = gw.terminate()
+        if gw.expected_exit is not None and code != gw.expected_exit:
+            failures.append(f"gateway exited {code}, expected {gw.expected_exit}:\n{gw.log_tail()}")
+    if failures:
+        pytest.fail("\n".join(failures))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Synthetic series written once per session (deterministic, nothing downloaded)."""
+
+    root: Path
+
+    def mr(self, name: str, count: int, seed: int) -> list[Path]:
+        """``count`` small MR files of one series, cached under ``name``."""
+        folder = self.root / name
+        done = folder / ".done"
+        if done.exists():
+            return sorted(folder.glob("*.dcm"))
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(folder)
+        paths = make_mr_series(folder, count, seed=seed)
+        done.touch()
+        return paths
+
+    def ct(self, name: str, count: int, seed: int) -> list[Path]:
+        folder = self.root / name
+        done = folder / ".done"
+        if done.exists():
+            return sorted(folder.glob("*.dcm"))
+        paths = make_ct_series(folder, count, seed=seed)
+        done.touch()
+        return paths
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return Corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def sop_uid_of(path: Path) -> str:
+    """The SOP Instance UID in a file's data set."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    return str(ds.SOPInstanceUID)

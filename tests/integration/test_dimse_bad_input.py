@@ -1,0 +1,335 @@
+"""Bad input on the DIMSE port: a scripted raw peer (plain sockets, PDUs built by hand).
+
+DESIGN rule 6: bad input gets a clear error, changes nothing, and the process keeps
+serving. After every bad peer a normal echoscu and storescu must still succeed, and the
+gateway's log must carry the reason of the refusal.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import GatewayProcess, bundled_file, needs_dcmtk
+
+pytestmark = [pytest.mark.timeout(60), needs_dcmtk]
+
+Gateway = Callable[..., GatewayProcess]
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+STATUS_SUCCESS = 0x0000
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_DATASET_DOES_NOT_MATCH = 0xA900
+
+
+# -- PDU building (PS3.8 9.3) ---------------------------------------------------------------
+
+
+def _uid(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
+
+
+def associate_rq(
+    called: str,
+    calling: str,
+    contexts: list[tuple[int, str, list[str]]],
+    max_pdu: int = 65536,
+) -> bytes:
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2) with the given presentation contexts."""
+    body = struct.pack(">HH", 1, 0)
+    body += called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+    body += _item(0x10, _uid(APPLICATION_CONTEXT))
+    for context_id, abstract, syntaxes in contexts:
+        sub = _item(0x30, _uid(abstract)) + b"".join(_item(0x40, _uid(ts)) for ts in syntaxes)
+        body += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
+    body += _item(0x50, _item(0x51, struct.pack(">I", max_pdu)))
+    return _pdu(0x01, body)
+
+
+def p_data(context_id: int, payload: bytes, *, command: bool, last: bool = True) -> bytes:
+    """One P-DATA-TF PDU holding one PDV (PS3.8 9.3.5, E.2)."""
+    control = (1 if command else 0) | (2 if last else 0)
+    pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
+    return _pdu(0x04, pdv)
+
+
+def release_rq() -> bytes:
+    return _pdu(0x05, bytes(4))
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    """Implicit VR little endian element (command sets are always encoded so)."""
+    if len(value) % 2:
+        value += b"\x00"
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """C-STORE-RQ command set (PS3.7 9.3.1.1), with a data set following."""
+    elements = (
+        _element(0x00000002, sop_class.encode())
+        + _element(0x00000100, struct.pack("<H", 0x0001))
+        + _element(0x00000110, struct.pack("<H", message_id))
+        + _element(0x00000700, struct.pack("<H", 0))
+        + _element(0x00000800, struct.pack("<H", 0x0000))
+        + _element(0x00001000, sop_instance.encode())
+    )
+    return _element(0x00000000, struct.pack("<I", len(elements))) + elements
+
+
+def parse_command(raw: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(raw):
+        group, element, length = struct.unpack_from("<HHI", raw, pos)
+        out[(group << 16) | element] = raw[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    return out
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file: everything after its File Meta group."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM"
+    pos = 132
+    while pos < len(raw):
+        group, _element_no = struct.unpack_from("<HH", raw, pos)
+        if group != 0x0002:
+            break
+        vr = raw[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            (length,) = struct.unpack_from("<I", raw, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", raw, pos + 6)
+            pos += 8 + length
+    return raw[pos:]
+
+
+# -- a scripted peer ------------------------------------------------------------------------
+
+
+@dataclass
+class Pdu:
+    pdu_type: int
+    body: bytes
+
+
+class RawPeer:
+    """A socket that speaks (or misspeaks) the upper layer protocol by hand."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.accepted: dict[int, str] = {}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _exactly(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def read_pdu(self) -> Pdu:
+        head = self._exactly(6)
+        pdu_type, _, length = struct.unpack(">BBI", head)
+        return Pdu(pdu_type, self._exactly(length))
+
+    def closed_by_peer(self) -> bool:
+        """True once the gateway has closed the connection (reads EOF or a reset)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def associate(self, called: str, contexts: list[tuple[int, str, list[str]]]) -> None:
+        self.send(associate_rq(called, "RAWPEER", contexts))
+        answer = self.read_pdu()
+        assert answer.pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got {answer}"
+        pos = 68
+        while pos < len(answer.body):
+            item_type, _, length = struct.unpack_from(">BBH", answer.body, pos)
+            value = answer.body[pos + 4 : pos + 4 + length]
+            if item_type == 0x21 and value[2] == 0:
+                ts_length = struct.unpack_from(">H", value, 6)[0]
+                self.accepted[value[0]] = value[8 : 8 + ts_length].rstrip(b"\x00").decode()
+            pos += 4 + length
+
+    def c_store(self, context_id: int, sop_class: str, sop_instance: str, data: bytes) -> int:
+        """Send a C-STORE-RQ and its data set (in 16 KiB PDUs); return the status."""
+        self.send(p_data(context_id, c_store_rq(1, sop_class, sop_instance), command=True))
+        step = 16384
+        for start in range(0, len(data), step):
+            chunk = data[start : start + step]
+            self.send(p_data(context_id, chunk, command=False, last=start + step >= len(data)))
+        answer = self.read_pdu()
+        assert answer.pdu_type == 0x04, f"expected P-DATA-TF, got {answer}"
+        command = parse_command(answer.body[6:])
+        assert struct.unpack("<H", command[0x00000100])[0] == 0x8001  # C-STORE-RSP
+        status: int = struct.unpack("<H", command[0x00000900])[0]
+        return status
+
+    def release(self) -> None:
+        self.send(release_rq())
+        assert self.read_pdu().pdu_type == 0x06
+
+
+def assert_still_serves(gw: GatewayProcess, tmp_path: Path) -> None:
+    """A well-behaved peer still gets a normal service after the bad one."""
+    assert gw.echoscu().returncode == 0, gw.log_tail()
+    result = gw.storescu([bundled_file("CT_small.dcm")])
+    assert result.returncode == 0, result.stdout + gw.log_tail()
+    assert gw.index.instance("1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322") is not None
+    assert gw.running()
+
+
+def assert_abort(peer: RawPeer, reason: int) -> None:
+    answer = peer.read_pdu()
+    assert answer.pdu_type == 0x07, f"expected A-ABORT, got {answer}"
+    source, got_reason = answer.body[2], answer.body[3]
+    assert source == 2  # service provider (PS3.8 9.3.8)
+    assert got_reason == reason
+    assert peer.closed_by_peer()
+
+
+# -- protocol errors ------------------------------------------------------------------------
+
+
+def test_garbage_bytes(gateway: Gateway, tmp_path: Path) -> None:
+    gw = gateway()
+    peer = RawPeer(gw.dimse_port)
+    peer.send(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    assert_abort(peer, reason=1)  # unrecognized PDU
+    peer.close()
+    gw.wait_log("association.aborted")
+    assert "expected A-ASSOCIATE-RQ, got PDU type 0x47" in gw.log_text()
+    assert_still_serves(gw, tmp_path)
+
+
+def test_truncated_pdu_then_close(gateway: Gateway, tmp_path: Path) -> None:
+    gw = gateway()
+    peer = RawPeer(gw.dimse_port)
+    rq = associate_rq(gw.ae_title, "RAWPEER", [(1, VERIFICATION, [IMPLICIT_LE])])
+    peer.send(rq[: len(rq) // 2])
+    peer.close()
+    gw.wait_log("association.lost")
+    assert "peer closed the connection" in gw.log_text()
+    assert_still_serves(gw, tmp_path)
+
+
+def test_associate_rq_with_absurd_length(gateway: Gateway, tmp_path: Path) -> None:
+    gw = gateway()
+    peer = RawPeer(gw.dimse_port)
+    peer.send(struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0) + b"\x00\x01\x00\x00")
+    assert_abort(peer, reason=6)  # invalid PDU parameter value
+    peer.close()
+    gw.wait_log("association.aborted")
+    assert "absurd length" in gw.log_text()
+    assert_still_serves(gw, tmp_path)
+
+
+def test_p_data_before_association(gateway: Gateway, tmp_path: Path) -> None:
+    gw = gateway()
+    peer = RawPeer(gw.dimse_port)
+    peer.send(p_data(1, c_store_rq(1, MR_IMAGE_STORAGE, "1.2.3.4"), command=True))
+    assert_abort(peer, reason=2)  # unexpected PDU
+    peer.close()
+    gw.wait_log("association.aborted")
+    assert "expected A-ASSOCIATE-RQ, got PDU type 0x04" in gw.log_text()
+    assert_still_serves(gw, tmp_path)
+
+
+# -- bad data sets --------------------------------------------------------------------------
+
+
+def _sop_of(path: Path) -> tuple[str, str]:
+    """(SOP Class UID, SOP Instance UID) from the data set (not the file meta)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    ds_uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    return str(ds.SOPClassUID), str(ds_uid.SOPInstanceUID)
+
+
+def _store_raw(gw: GatewayProcess, path: Path, sop_instance: str | None = None) -> int:
+    """C-STORE the data set bytes of ``path`` exactly as they are in the file."""
+    sop_class, sop = _sop_of(path)
+    ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    peer = RawPeer(gw.dimse_port)
+    try:
+        peer.associate(gw.ae_title, [(1, sop_class, [ts])])
+        assert peer.accepted == {1: ts}
+        status = peer.c_store(1, sop_class, sop_instance or sop, dataset_bytes(path))
+        peer.release()
+    finally:
+        peer.close()
+    return status
+
+
+@pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
+def test_truncated_dataset_is_refused(gateway: Gateway, tmp_path: Path, name: str) -> None:
+    gw = gateway()
+    path = bundled_file(name)
+    _, sop = _sop_of(path)
+    assert _store_raw(gw, path) == STATUS_CANNOT_UNDERSTAND
+    assert gw.index.instance(sop) is None
+    assert gw.index.count_instances(current_only=False) == 0
+    assert list((gw.data / "store").rglob("*.dcm")) == []
+    gw.wait_log("instance.refused")
+    refusals = [line for line in gw.log_text().splitlines() if " instance.refused " in line]
+    assert any("truncated" in line or "past the end" in line for line in refusals), refusals
+    assert_still_serves(gw, tmp_path)
+
+
+def test_bad_vr_values_are_stored_as_received(gateway: Gateway, tmp_path: Path) -> None:
+    # Decision: invalid values (IS '1A' and the like) do not refuse an image; the bytes
+    # are kept exactly as received.
+    gw = gateway()
+    path = bundled_file("badVR.dcm")
+    _, sop = _sop_of(path)
+    assert _store_raw(gw, path) == STATUS_SUCCESS
+    row = gw.index.instance(sop)
+    assert row is not None
+    stored = gw.stored_path(row).read_bytes()
+    assert stored.endswith(dataset_bytes(path))
+    assert_still_serves(gw, tmp_path)
+
+
+def test_sop_instance_mismatch_is_refused(gateway: Gateway, tmp_path: Path) -> None:
+    gw = gateway()
+    path = bundled_file("MR_small.dcm")
+    _, sop = _sop_of(path)
+    announced = "1.2.826.0.1.3680043.8.498.1"
+    assert _store_raw(gw, path, sop_instance=announced) == STATUS_DATASET_DOES_NOT_MATCH
+    assert gw.index.instance(sop) is None
+    assert gw.index.instance(announced) is None
+    assert gw.index.count_instances(current_only=False) == 0
+    gw.wait_log("instance.refused")
+    assert "SOP Instance UID in the data set differs from the command's" in gw.log_text()
+    assert_still_serves(gw, tmp_path)
