@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # for ``from tests.corpus import ...``
     sys.path.insert(0, str(ROOT))
 
-from dicomgate.index.db import Index  # noqa: E402
 from tests.corpus import make_ct_series, make_mr_series  # noqa: E402
+
+from dicomgate.index.db import Index  # noqa: E402
 
 DICOMGATE = shutil.which("dicomgate") or str(Path(sys.executable).parent / "dicomgate")
 AE_TITLE = "DICOMGATE"
@@ -254,8 +255,16 @@ class GatewayProcess:
 
     def echoscu(self, *args: str, called: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["echoscu", "-to", "10", "-aec", called or self.ae_title, *args]
-            + ["127.0.0.1", str(self.dimse_port)],
+            [
+                "echoscu",
+                "-to",
+                "10",
+                "-aec",
+                called or self.ae_title,
+                *args,
+                "127.0.0.1",
+                str(self.dimse_port),
+            ],
             env=dcmtk_env(),
             capture_output=True,
             text=True,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from dicomgate import __version__
 from dicomgate.app import create_app
 from dicomgate.config import GatewayConfig
 from dicomgate.dimse.server import DimseServer
-from dicomgate.errors import DicomgateError, StoreError
+from dicomgate.errors import DicomgateError
 from dicomgate.index.db import Index
 from dicomgate.ingest import Ingestor
 from dicomgate.observability.logging import configure_logging
@@ -45,6 +46,7 @@ class Gateway:
             min_free_bytes=config.storage.min_free_bytes,
         )
         self.index: Index
+        self.http_port = config.http.port
         self.ingestor: Ingestor
         self.dimse: DimseServer
 
@@ -82,9 +84,9 @@ class Gateway:
             try:
                 await self.dimse.start()
             except OSError as exc:
-                raise StoreError(
+                raise DicomgateError(
                     f"dimse.port: cannot listen on {self.config.dimse.host}:"
-                    f"{self.config.dimse.port}: {exc.strerror}"
+                    f"{self.config.dimse.port}: {exc.strerror or exc}"
                 ) from exc
             if self.config.http.enabled:
                 uv_config = uvicorn.Config(
@@ -96,15 +98,20 @@ class Gateway:
                     lifespan="off",
                 )
                 server = _EmbeddedServer(uv_config)
-                http_task = asyncio.create_task(server.serve())
+                # Bind here, not in uvicorn: its bind failure is a sys.exit inside our loop.
+                try:
+                    sock = socket.create_server(
+                        (self.config.http.host, self.config.http.port), reuse_port=False
+                    )
+                except OSError as exc:
+                    raise DicomgateError(
+                        f"http.port: cannot listen on {self.config.http.host}:"
+                        f"{self.config.http.port}: {exc.strerror or exc}"
+                    ) from exc
+                self.http_port = sock.getsockname()[1]
+                http_task = asyncio.create_task(server.serve(sockets=[sock]))
                 while not server.started and not http_task.done():
                     await asyncio.sleep(0.01)
-                if http_task.done():
-                    http_task.result()
-                    raise StoreError(
-                        f"http.port: cannot listen on {self.config.http.host}:"
-                        f"{self.config.http.port}"
-                    )
             log.info("dicomgate %s ready", __version__, extra={"event": "gateway.ready"})
             await stop.wait()
             log.info("stopping", extra={"event": "gateway.stopping"})
@@ -139,6 +146,9 @@ def run_gateway(config: GatewayConfig) -> None:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.run(_main(gateway))
         clean = True
+    except DicomgateError:
+        clean = True  # refused to start: nothing was accepted, nothing to recover
+        raise
     finally:
         gateway.close(clean)
     log.info("stopped", extra={"event": "gateway.stopped"})

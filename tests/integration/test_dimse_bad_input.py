@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from tests.conftest import GatewayProcess, bundled_file, needs_dcmtk
 
 pytestmark = [pytest.mark.timeout(60), needs_dcmtk]

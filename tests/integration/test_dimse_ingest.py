@@ -18,7 +18,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
-
 from tests.conftest import (
     DICOMGATE,
     Corpus,
@@ -141,9 +140,7 @@ def test_storescu_many_transfer_syntaxes(gateway: Gateway) -> None:
         files = [bundled_file(name) for name in names]
         result = gw.storescu(files, "-v", "-R", flag)
         assert result.returncode == 0, f"{flag}: {result.stdout}\n{gw.log_tail()}"
-        assert result.stdout.count("Received Store Response (Success)") == len(files), (
-            result.stdout
-        )
+        assert result.stdout.count("Received Store Response (Success)") == len(files), result.stdout
         sent += files
     for path in sent:
         meta = pydicom.dcmread(path, stop_before_pixels=True)

@@ -1,0 +1,57 @@
+# dicomgate — two commands on a fresh machine:
+#   make run    create .venv, install dicomgate, start it with examples/dicomgate.yaml
+#   make test   install test dependencies (Python + Debian peers) and run the suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= examples/dicomgate.yaml
+DEBIAN_PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools
+PYTEST_ARGS ?=
+
+.PHONY: run install install-test peers test test-slow lint bench clean
+
+$(BIN)/dicomgate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+install: $(BIN)/dicomgate
+
+run: install
+	$(BIN)/dicomgate serve --config $(CONFIG)
+
+$(VENV)/.test-deps: pyproject.toml $(BIN)/dicomgate
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+install-test: $(VENV)/.test-deps peers
+
+# Debian packages the integration tests use as real peers; installed only when missing.
+peers:
+	@missing=""; for p in $(DEBIAN_PEERS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: install-test
+	TCP_NODELAY=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install-test
+	TCP_NODELAY=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src/dicomgate
+
+bench: install-test
+	$(BIN)/python bench/ingest.py --repeat 3
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
