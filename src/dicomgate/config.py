@@ -37,23 +37,68 @@ class DuplicatePolicy(StrEnum):
     """What to do when a SOP Instance UID arrives that is already stored."""
 
     KEEP_BOTH = "keep_both"  # the newest becomes current; nothing is deleted
-    REJECT = "reject"  # refuse the new one (DIMSE 0xA900 / STOW failure)
+    REJECT = "reject"  # refuse the new one (DIMSE 0x0111 Duplicate SOP Instance)
     OVERWRITE = "overwrite"  # the newest replaces the stored one (old file removed)
 
 
 class StorageConfig(_Model):
-    path: Path = Path("./data")
-    fsync: bool = Field(
-        True, description="fsync each file and its directory before acknowledging (power-loss safe)"
+    """Where received instances are kept on disk, and how safely."""
+
+    path: Path = Field(
+        Path("./data"),
+        description=(
+            "Folder of the content store, created if missing: `spool/` holds instances while"
+            " they arrive, `store/` the acknowledged files, `quarantine/` incomplete files set"
+            " aside by crash recovery. A relative path is taken from the working directory."
+            " Put it on a disk with room for everything you keep."
+        ),
     )
-    duplicates: DuplicatePolicy = DuplicatePolicy.KEEP_BOTH
+    fsync: bool = Field(
+        True,
+        description=(
+            "Flush each received file and its folder entry to disk before a C-STORE success"
+            " is sent, so an acknowledged instance survives a power cut. With SQLite, index"
+            " commits are crash-safe immediately and made power-loss-safe by a WAL sync every"
+            " 5 s; after an unclean stop the index is recovered from the store files at"
+            " start-up. With PostgreSQL every index commit is synchronous. Set `false` only on"
+            " test systems: faster, but a power cut can lose instances already acknowledged."
+        ),
+    )
+    duplicates: DuplicatePolicy = Field(
+        DuplicatePolicy.KEEP_BOTH,
+        description=(
+            "What happens when an instance arrives whose SOP Instance UID is already stored."
+            " `keep_both`: the newest becomes the current copy and nothing is deleted."
+            " `reject`: the new copy is refused and the sender gets status 0x0111 (Duplicate"
+            " SOP Instance). `overwrite`: the new copy replaces the old one, whose file is"
+            " deleted after the new one is indexed."
+        ),
+    )
     min_free_bytes: int = Field(
-        256 * 1024 * 1024, ge=0, description="refuse new instances (0xA700) below this free space"
+        256 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Free space, in bytes, to keep on the store's file system. Below it new instances"
+            " are refused with status 0xA700 (Out of Resources) instead of filling the disk, and"
+            " senders may retry later. Write a plain number (1073741824 for 1 GiB); 0 turns the"
+            " check off."
+        ),
     )
 
 
 class DatabaseConfig(_Model):
-    url: str = "sqlite:///./data/index.db"
+    """The index database: which instances are stored where, for queries and routing."""
+
+    url: str = Field(
+        "sqlite:///./data/index.db",
+        description=(
+            "Database URL of the index. The default is an embedded SQLite file"
+            " (`sqlite:///PATH`, relative to the working directory), right for one gateway."
+            " Several gateway nodes share one PostgreSQL database:"
+            " `postgresql://user:password@host/db` (keep the password out of the file with"
+            " `DICOMGATE_DATABASE__URL`). The schema is created and migrated at start-up."
+        ),
+    )
 
     @field_validator("url")
     @classmethod
@@ -64,21 +109,114 @@ class DatabaseConfig(_Model):
 
 
 class DimseConfig(_Model):
-    ae_title: str = "DICOMGATE"
-    host: str = "0.0.0.0"
-    port: int = Field(11112, ge=0, le=65535)
-    allowed_calling_aets: list[str] = Field(default_factory=list)
-    check_called_ae: bool = Field(True, description="reject associations not addressed to ae_title")
-    max_associations: int = Field(64, ge=1)
-    max_associations_per_ae: int = Field(16, ge=1)
-    max_pdu_size: int = Field(
-        262144, ge=0, description="largest PDU we accept, bytes; 0 = unlimited (PS3.8 D.1)"
+    """The DICOM network (DIMSE) listener: its name, who may connect, how long we wait."""
+
+    ae_title: str = Field(
+        "DICOMGATE",
+        description=(
+            "Our AE title: the called AE title senders must use (see `check_called_ae`)."
+            " 1-16 characters, no backslash; surrounding spaces are dropped."
+        ),
     )
-    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages")
-    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message")
-    network_timeout: float = Field(120.0, gt=0, description="idle seconds before the link is cut")
+    host: str = Field(
+        "0.0.0.0",
+        description=(
+            "Address to listen on for DICOM associations; `0.0.0.0` means every IPv4"
+            " interface, `127.0.0.1` this machine only."
+        ),
+    )
+    port: int = Field(
+        11112,
+        ge=0,
+        le=65535,
+        description=(
+            "TCP port for DICOM associations. 104 is the registered DICOM port (needs"
+            " privileges on most systems); 11112 is the usual unprivileged one."
+        ),
+    )
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Calling AE titles that may open an association; empty allows any. Patterns may"
+            ' use `*` (any characters) and `?` (one character), case-sensitive, e.g. `["CT*",'
+            ' "MR_?"]`. Any other caller is rejected with A-ASSOCIATE-RJ (permanent,'
+            ' service-user, reason 3 "calling AE title not recognized"). A filter against'
+            " misconfigured senders, not authentication: AE titles are not secret."
+        ),
+    )
+    check_called_ae: bool = Field(
+        True,
+        description=(
+            "Reject associations whose called AE title is not `ae_title`, with A-ASSOCIATE-RJ"
+            ' (permanent, service-user, reason 7 "called AE title not recognized"). Set'
+            " `false` to accept any called AE title, e.g. while senders still use the name of"
+            " the system this gateway replaces."
+        ),
+    )
+    max_associations: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Most associations open at once, from all senders together. One more is rejected"
+            ' with A-ASSOCIATE-RJ (transient, service-provider presentation, reason 2 "local'
+            ' limit exceeded"); senders normally retry later. Raise it when many modalities'
+            " send at the same time."
+        ),
+    )
+    max_associations_per_ae: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Most associations open at once from one calling AE title, so one busy sender"
+            " cannot take every slot. One more is rejected with A-ASSOCIATE-RJ (transient,"
+            ' service-provider presentation, reason 2 "local limit exceeded").'
+        ),
+    )
+    max_pdu_size: int = Field(
+        262144,
+        ge=0,
+        description=(
+            "Largest PDU, in bytes, we ask senders to use (maximum length announced in"
+            " A-ASSOCIATE-AC, PS3.8 D.1); 0 = unlimited. Data are streamed to disk, so a"
+            " sender that sends larger PDUs is still accepted. Rarely needs changing."
+        ),
+    )
+    acse_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds to wait for association negotiation messages (the A-ASSOCIATE-RQ after a"
+            " connection opens, the rest of an A-RELEASE-RQ). On expiry the connection is"
+            " aborted with A-ABORT."
+        ),
+    )
+    dimse_timeout: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds to wait for the next part of a DIMSE message once it has started (e.g."
+            " the rest of a C-STORE data set). On expiry the association is aborted with"
+            " A-ABORT and the partial instance is discarded. Raise it for very slow links."
+        ),
+    )
+    network_timeout: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "Seconds an association may stay idle between messages (or a sender may leave"
+            " our responses unread) before it is aborted with A-ABORT."
+        ),
+    )
     shutdown_grace: float = Field(
-        30.0, ge=0, description="seconds in-flight associations get on SIGTERM"
+        30.0,
+        ge=0,
+        description=(
+            "On SIGTERM or SIGINT the gateway stops accepting associations and waits up to"
+            " this many seconds for open ones to finish, then aborts the rest (A-ABORT)."
+            " Instances already acknowledged are safe either way; keep it below your service"
+            " manager's stop timeout (e.g. systemd `TimeoutStopSec`, Kubernetes"
+            " `terminationGracePeriodSeconds`)."
+        ),
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
@@ -93,40 +231,96 @@ class DimseConfig(_Model):
 
 
 class HttpConfig(_Model):
-    enabled: bool = True
-    host: str = "0.0.0.0"
-    port: int = Field(8080, ge=0, le=65535)
+    """The HTTP listener: health checks today (`/healthz`, `/readyz`); DICOMweb later."""
+
+    enabled: bool = Field(
+        True,
+        description="Run the HTTP listener. Set `false` for a DIMSE-only gateway.",
+    )
+    host: str = Field(
+        "0.0.0.0",
+        description=(
+            "Address to listen on for HTTP; `0.0.0.0` means every IPv4 interface,"
+            " `127.0.0.1` this machine only."
+        ),
+    )
+    port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="TCP port for HTTP (health checks `/healthz` and `/readyz`).",
+    )
 
 
 class LoggingConfig(_Model):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    """The application log, written to standard error. UIDs appear only as short hashes."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description=(
+            "Least severe messages written. `INFO` suits production (associations, start and"
+            " stop, failures); `DEBUG` is verbose, for troubleshooting."
+        ),
+    )
+    format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "`text`: one readable line per event. `json`: one JSON object per line, for log"
+            " collectors (Loki, Elasticsearch, Splunk)."
+        ),
+    )
 
 
 class DimseDestination(_Model):
-    type: Literal["dimse"]
-    ae_title: str
-    host: str
-    port: int = Field(104, ge=1, le=65535)
-    calling_ae_title: str | None = None
-    max_associations: int = Field(2, ge=1)
+    """Send with C-STORE to a DICOM node (PACS, workstation, AI engine)."""
+
+    type: Literal["dimse"] = Field(description="Destination kind: `dimse`.")
+    ae_title: str = Field(description="The peer's AE title (the called AE title we use).")
+    host: str = Field(description="The peer's host name or IP address.")
+    port: int = Field(104, ge=1, le=65535, description="The peer's DICOM TCP port.")
+    calling_ae_title: str | None = Field(
+        None,
+        description=(
+            "Calling AE title we present to this peer; unset means `dimse.ae_title`. Set it"
+            " when the peer knows this gateway under another name."
+        ),
+    )
+    max_associations: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Most associations open at once to this peer. Raise it for throughput if the peer"
+            " accepts more; keep it low for a busy PACS."
+        ),
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
 class DicomwebDestination(_Model):
-    type: Literal["dicomweb"]
-    url: str
+    """Send with STOW-RS to a DICOMweb service (cloud archive, VNA)."""
+
+    type: Literal["dicomweb"] = Field(description="Destination kind: `dicomweb`.")
+    url: str = Field(
+        description=(
+            "Base URL of the DICOMweb service (the part before `/studies`), e.g."
+            " `https://example.org/dicomWeb`."
+        )
+    )
 
 
 class FolderDestination(_Model):
-    type: Literal["folder"]
-    path: Path
+    """Write Part 10 files into a folder (a share, a research drop box)."""
+
+    type: Literal["folder"] = Field(description="Destination kind: `folder`.")
+    path: Path = Field(description="Folder the files are written into.")
 
 
 class WebhookDestination(_Model):
-    type: Literal["webhook"]
-    url: str
+    """Notify an HTTP endpoint (e.g. an AI engine) about received instances."""
+
+    type: Literal["webhook"] = Field(description="Destination kind: `webhook`.")
+    url: str = Field(description="URL of the endpoint to notify.")
 
 
 Destination = Annotated[
@@ -136,23 +330,76 @@ Destination = Annotated[
 
 
 class RouteConfig(_Model):
-    name: str
-    match: dict[str, Any] = Field(default_factory=dict)
-    pipeline: list[dict[str, Any]] = Field(default_factory=list)
-    to: list[str] = Field(min_length=1)
-    final: bool = False
-    trigger: Literal["instance", "series_stable", "study_stable"] = "instance"
-    stable_after: str = "60s"
+    """One forwarding rule: which instances, changed how, sent where."""
+
+    name: str = Field(description="Name of the route, shown in logs, metrics and the queue.")
+    match: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Conditions an instance must meet, all of them: a DICOM attribute keyword (e.g."
+            " `Modality`, `StudyDescription`) or `calling_ae`, mapped to a value with `*` and"
+            " `?` wildcards or a list of alternatives. Empty matches every instance."
+        ),
+    )
+    pipeline: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description=(
+            "Processing steps applied to the copy sent (never to the stored original), in"
+            " order; each is a one-key mapping: `deidentify`, `standardize`, `transcode` or"
+            " `split`. Empty sends the instance unchanged."
+        ),
+    )
+    to: list[str] = Field(
+        min_length=1,
+        description="Names of destinations (keys of `destinations`) to send to; at least one.",
+    )
+    final: bool = Field(
+        False,
+        description="When this route matches, do not evaluate the routes after it.",
+    )
+    trigger: Literal["instance", "series_stable", "study_stable"] = Field(
+        "instance",
+        description=(
+            "When to send: `instance` as each instance arrives; `series_stable` or"
+            " `study_stable` once the series or study has received nothing new for"
+            " `stable_after`."
+        ),
+    )
+    stable_after: str = Field(
+        "60s",
+        description=(
+            "Quiet time before a series or study counts as complete, for the `*_stable`"
+            " triggers: a number with a unit, e.g. `60s`."
+        ),
+    )
 
 
 class GatewayConfig(_Model):
+    """The whole configuration file."""
+
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     dimse: DimseConfig = DimseConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
-    destinations: dict[str, Destination] = Field(default_factory=dict)
-    routes: list[RouteConfig] = Field(default_factory=list)
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict,
+        description=(
+            "Where instances can be sent, by a name of your choice that routes refer to. Each"
+            " destination has a `type` that selects its other keys. Destinations are validated"
+            " at start-up today, but nothing is sent yet: delivery lands with routing (issue"
+            " #3)."
+        ),
+    )
+    routes: list[RouteConfig] = Field(
+        default_factory=list,
+        description=(
+            "Forwarding rules, evaluated in order for every instance received; each matching"
+            " route sends to its destinations. Routes are validated at start-up today (each"
+            " `to` must name a destination), but they do not forward yet: matching and"
+            " delivery land with routing (issue #3)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> GatewayConfig:

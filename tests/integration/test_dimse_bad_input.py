@@ -24,7 +24,6 @@ Gateway = Callable[..., GatewayProcess]
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 STATUS_SUCCESS = 0x0000
@@ -201,7 +200,7 @@ class RawPeer:
         assert self.read_pdu().pdu_type == 0x06
 
 
-def assert_still_serves(gw: GatewayProcess, tmp_path: Path) -> None:
+def assert_still_serves(gw: GatewayProcess) -> None:
     """A well-behaved peer still gets a normal service after the bad one."""
     assert gw.echoscu().returncode == 0, gw.log_tail()
     result = gw.storescu([bundled_file("CT_small.dcm")])
@@ -222,7 +221,7 @@ def assert_abort(peer: RawPeer, reason: int) -> None:
 # -- protocol errors ------------------------------------------------------------------------
 
 
-def test_garbage_bytes(gateway: Gateway, tmp_path: Path) -> None:
+def test_garbage_bytes(gateway: Gateway) -> None:
     gw = gateway()
     peer = RawPeer(gw.dimse_port)
     peer.send(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")
@@ -230,10 +229,10 @@ def test_garbage_bytes(gateway: Gateway, tmp_path: Path) -> None:
     peer.close()
     gw.wait_log("association.aborted")
     assert "expected A-ASSOCIATE-RQ, got PDU type 0x47" in gw.log_text()
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)
 
 
-def test_truncated_pdu_then_close(gateway: Gateway, tmp_path: Path) -> None:
+def test_truncated_pdu_then_close(gateway: Gateway) -> None:
     gw = gateway()
     peer = RawPeer(gw.dimse_port)
     rq = associate_rq(gw.ae_title, "RAWPEER", [(1, VERIFICATION, [IMPLICIT_LE])])
@@ -241,10 +240,10 @@ def test_truncated_pdu_then_close(gateway: Gateway, tmp_path: Path) -> None:
     peer.close()
     gw.wait_log("association.lost")
     assert "peer closed the connection" in gw.log_text()
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)
 
 
-def test_associate_rq_with_absurd_length(gateway: Gateway, tmp_path: Path) -> None:
+def test_associate_rq_with_absurd_length(gateway: Gateway) -> None:
     gw = gateway()
     peer = RawPeer(gw.dimse_port)
     peer.send(struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0) + b"\x00\x01\x00\x00")
@@ -252,10 +251,10 @@ def test_associate_rq_with_absurd_length(gateway: Gateway, tmp_path: Path) -> No
     peer.close()
     gw.wait_log("association.aborted")
     assert "absurd length" in gw.log_text()
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)
 
 
-def test_p_data_before_association(gateway: Gateway, tmp_path: Path) -> None:
+def test_p_data_before_association(gateway: Gateway) -> None:
     gw = gateway()
     peer = RawPeer(gw.dimse_port)
     peer.send(p_data(1, c_store_rq(1, MR_IMAGE_STORAGE, "1.2.3.4"), command=True))
@@ -263,7 +262,7 @@ def test_p_data_before_association(gateway: Gateway, tmp_path: Path) -> None:
     peer.close()
     gw.wait_log("association.aborted")
     assert "expected A-ASSOCIATE-RQ, got PDU type 0x04" in gw.log_text()
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)
 
 
 # -- bad data sets --------------------------------------------------------------------------
@@ -292,7 +291,7 @@ def _store_raw(gw: GatewayProcess, path: Path, sop_instance: str | None = None) 
 
 
 @pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
-def test_truncated_dataset_is_refused(gateway: Gateway, tmp_path: Path, name: str) -> None:
+def test_truncated_dataset_is_refused(gateway: Gateway, name: str) -> None:
     gw = gateway()
     path = bundled_file(name)
     _, sop = _sop_of(path)
@@ -303,10 +302,10 @@ def test_truncated_dataset_is_refused(gateway: Gateway, tmp_path: Path, name: st
     gw.wait_log("instance.refused")
     refusals = [line for line in gw.log_text().splitlines() if " instance.refused " in line]
     assert any("truncated" in line or "past the end" in line for line in refusals), refusals
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)
 
 
-def test_bad_vr_values_are_stored_as_received(gateway: Gateway, tmp_path: Path) -> None:
+def test_bad_vr_values_are_stored_as_received(gateway: Gateway) -> None:
     # Decision: invalid values (IS '1A' and the like) do not refuse an image; the bytes
     # are kept exactly as received.
     gw = gateway()
@@ -317,10 +316,10 @@ def test_bad_vr_values_are_stored_as_received(gateway: Gateway, tmp_path: Path) 
     assert row is not None
     stored = gw.stored_path(row).read_bytes()
     assert stored.endswith(dataset_bytes(path))
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)
 
 
-def test_sop_instance_mismatch_is_refused(gateway: Gateway, tmp_path: Path) -> None:
+def test_sop_instance_mismatch_is_refused(gateway: Gateway) -> None:
     gw = gateway()
     path = bundled_file("MR_small.dcm")
     _, sop = _sop_of(path)
@@ -331,4 +330,4 @@ def test_sop_instance_mismatch_is_refused(gateway: Gateway, tmp_path: Path) -> N
     assert gw.index.count_instances(current_only=False) == 0
     gw.wait_log("instance.refused")
     assert "SOP Instance UID in the data set differs from the command's" in gw.log_text()
-    assert_still_serves(gw, tmp_path)
+    assert_still_serves(gw)

@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
+from pynetdicom.association import Association
 from tests.conftest import (
     DICOMGATE,
     Corpus,
@@ -254,7 +255,7 @@ def test_parallel_storescu(gateway: Gateway, corpus: Corpus) -> None:
 # -- association limits --------------------------------------------------------------------
 
 
-def _hold_association(gw: GatewayProcess, calling_ae: str) -> object:
+def _hold_association(gw: GatewayProcess, calling_ae: str) -> Association:
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
