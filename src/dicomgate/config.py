@@ -7,6 +7,7 @@ underscore separates nesting levels; keys are case-insensitive).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping
@@ -410,6 +411,16 @@ class GatewayConfig(_Model):
         return self
 
 
+def _env_value(value: str) -> Any:
+    """An environment value as YAML (numbers, booleans, lists), else the plain string."""
+    if not value:
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value  # e.g. "@PACS": a legal AE title that is not valid YAML
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``DICOMGATE_A__B=value`` variables onto the parsed YAML as ``a.b: value``."""
     for name, value in environ.items():
@@ -424,17 +435,18 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
             if not isinstance(child, dict):
                 raise ConfigError(".".join(path), f"environment variable {name} nests into a value")
             node = child
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        node[path[-1]] = _env_value(value)
     return data
 
 
 def _format_error(exc: ValidationError) -> ConfigError:
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
-    if len(loc) > 2 and loc[0] == "destinations":
-        del loc[2]  # pydantic's union-member tag (the destination type)
-    key = ".".join(loc)
-    # Drop pydantic's union-member tags (e.g. "dimse" in destinations.pacs.dimse.port).
+    parts = [p for p in err["loc"] if not str(p).startswith("function-after")]
+    if len(parts) > 2 and parts[0] == "destinations":
+        del parts[2]  # pydantic's union-member tag (the destination type)
+    key = ""
+    for part in parts:  # "routes[0].to", "destinations.pacs.port"
+        key += f"[{part}]" if isinstance(part, int) else ("." if key else "") + str(part)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -451,7 +463,7 @@ def parse_config(data: Any, environ: Mapping[str, str] | None = None) -> Gateway
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", "the config file must be a YAML mapping")
-    data = _apply_env(dict(data), os.environ if environ is None else environ)
+    data = _apply_env(copy.deepcopy(data), os.environ if environ is None else environ)
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -462,9 +474,11 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> G
     """Read and validate the YAML config at ``path``; raises :class:`ConfigError`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not UTF-8 text (byte {exc.start})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

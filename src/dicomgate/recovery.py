@@ -48,7 +48,7 @@ class RunMarker:
             return float(doc["durable_until"])
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             return 0.0  # unreadable marker: check everything
 
     def write(self, durable_until: float) -> None:

@@ -202,7 +202,9 @@ def test_encode_failure_with_error_comment() -> None:
 
 
 def test_encode_odd_error_comment_is_padded() -> None:
-    raw = encode_response(CommandField.C_STORE_RSP, 1, Status.OUT_OF_RESOURCES, error_comment="full")
+    raw = encode_response(
+        CommandField.C_STORE_RSP, 1, Status.OUT_OF_RESOURCES, error_comment="full"
+    )
     assert _read(raw).ErrorComment == "full"
     raw = encode_response(CommandField.C_STORE_RSP, 1, Status.OUT_OF_RESOURCES, error_comment="odd")
     _check_group_length(raw)

@@ -58,12 +58,6 @@ def test_pattern_spaces_are_not_significant() -> None:
     assert ae_matches("PACS", [" PACS "])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ae_matches uses fnmatch, where [...] is a character class; only * and ? are "
-    "documented wildcards, so a listed AE title containing '[' (legal in AE, PS3.5 6.2) "
-    "does not match itself",
-)
 def test_brackets_are_literal() -> None:
     assert ae_matches("SITE[1]", ["SITE[1]"])
     assert not ae_matches("SITE1", ["SITE[1]"])
@@ -121,12 +115,6 @@ def test_non_storage_service_rejected(abstract: str) -> None:
     assert not is_storage_class(abstract)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _NOT_STORAGE omits pynetdicom's _HANGING_PROTOCOL_CLASSES, "
-    "_COLOR_PALETTE_CLASSES and _IMPLANT_TEMPLATE_CLASSES, so their Information Model "
-    "FIND/MOVE/GET SOP classes are accepted as if they were storage classes",
-)
 @pytest.mark.parametrize(
     "abstract",
     [

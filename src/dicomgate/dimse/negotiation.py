@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import fnmatch
+import functools
+import re
 from collections.abc import Iterable
 
 from pydicom.uid import AllTransferSyntaxes, ImplicitVRLittleEndian
@@ -39,6 +40,10 @@ _NOT_STORAGE: frozenset[str] = frozenset(
         sop_class._RT_MACHINE_VERIFICATION_CLASSES,
         sop_class._STORAGE_MANAGEMENT_CLASSES,
         sop_class._DEFINED_PROCEDURE_CLASSES,
+        # Their storage classes are storage; their Information Model FIND/MOVE/GET are not.
+        {k: v for k, v in sop_class._HANGING_PROTOCOL_CLASSES.items() if "InformationModel" in k},
+        {k: v for k, v in sop_class._COLOR_PALETTE_CLASSES.items() if "InformationModel" in k},
+        {k: v for k, v in sop_class._IMPLANT_TEMPLATE_CLASSES.items() if "InformationModel" in k},
         sop_class._PROTOCOL_APPROVAL_CLASSES,
         sop_class._INVENTORY_CLASSES,
     )
@@ -54,7 +59,15 @@ def ae_matches(ae_title: str, patterns: Iterable[str]) -> bool:
     patterns = list(patterns)
     if not patterns:
         return True
-    return any(fnmatch.fnmatchcase(ae_title, p.strip()) for p in patterns)
+    return any(_ae_pattern(p.strip()).fullmatch(ae_title) for p in patterns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ae_pattern(pattern: str) -> re.Pattern[str]:
+    """Only ``*`` and ``?`` are wildcards; everything else (``[`` included) is literal."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    )
 
 
 def is_storage_class(uid: str) -> bool:
@@ -67,8 +80,13 @@ def negotiate(contexts: list[PresentationContextRQ]) -> list[PresentationContext
     out = []
     for ctx in contexts:
         if ctx.context_id % 2 == 0:
-            # PS3.8 9.3.2.2: context IDs are odd; answer without acceptance.
-            out.append(PresentationContextAC(ctx.context_id, ContextResult.NO_REASON, ""))
+            # PS3.8 9.3.2.2: context IDs are odd; answer without acceptance (the AC item still
+            # carries a transfer syntax sub-item, not significant, PS3.8 Table 9-18).
+            out.append(
+                PresentationContextAC(
+                    ctx.context_id, ContextResult.NO_REASON, ImplicitVRLittleEndian
+                )
+            )
             continue
         if ctx.abstract_syntax != VERIFICATION and not is_storage_class(ctx.abstract_syntax):
             out.append(

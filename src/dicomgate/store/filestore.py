@@ -194,8 +194,11 @@ class ContentStore:
                 folders += [folder.parent, folder.parent.parent]
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{name}.dcm"
-            if target.exists():
-                target = folder / f"{name}.{spool.sha256[:16]}.dcm"
+            copy = 1
+            while target.exists():  # never replace a stored file (the committer is the only writer)
+                suffix = spool.sha256[:16] if copy == 1 else f"{spool.sha256[:16]}.{copy}"
+                target = folder / f"{name}.{suffix}.dcm"
+                copy += 1
             os.replace(spool.path, target)
             spool.path = target
             spool.close()

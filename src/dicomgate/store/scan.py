@@ -103,7 +103,8 @@ class _Walker:
                     self._keep(keep, group, element, vr, length, value_pos, explicit)
                 pos = next_pos
                 continue
-            if (group, element) == (0x7FE0, 0x0010) and explicit and vr != b"SQ":
+            if (group, element) == (0x7FE0, 0x0010) and vr != b"SQ":
+                # Encapsulated Pixel Data (also under implicit VR, as some senders write it).
                 pos = self.fragments(value_pos)
             elif vr == b"UN" or (explicit and vr == b"SQ") or not explicit:
                 # PS3.5 6.2.2: UN of undefined length holds Implicit VR Little Endian items.
@@ -179,7 +180,7 @@ def scan_dataset(fh: BinaryIO, start: int, end: int, transfer_syntax: str) -> Da
     inflates them). Raises :class:`InvalidInstance` when the encoding is truncated or broken.
     """
     uid = UID(transfer_syntax)
-    if uid.is_deflated:
+    if uid.is_transfer_syntax and uid.is_deflated:
         return None
     # Private or unknown syntaxes: explicit VR little endian, the only encoding a new
     # transfer syntax may use (PS3.5 10).

@@ -1,0 +1,301 @@
+"""Content store (spool, commit, layout, duplicates, free space) and the Part 10 header."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomgate.errors import StoreError, StoreFullError
+from dicomgate.ingest import _data_offset
+from dicomgate.store.filestore import ContentStore, SpoolFile
+from dicomgate.store.part10 import encode_file_meta
+
+STUDY = "1.2.826.0.1.3680043.8.498.10"
+SERIES = "1.2.826.0.1.3680043.8.498.11"
+SOP = "1.2.826.0.1.3680043.8.498.12"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ContentStore:
+    content = ContentStore(tmp_path / "data", fsync=True)
+    content.open()
+    return content
+
+
+def _spool(store: ContentStore, *chunks: bytes) -> SpoolFile:
+    spool = store.new_spool()
+    for chunk in chunks:
+        spool.write(chunk)
+    return spool
+
+
+# -- open ----------------------------------------------------------------------------------
+
+
+def test_open_creates_folders(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b" / "data"
+    content = ContentStore(root)
+    assert content.open() == 0
+    assert (root / "spool").is_dir()
+    assert (root / "store").is_dir()
+    assert content.writable()
+    assert list((root / "spool").iterdir()) == []  # the write probe is gone
+
+
+def test_open_removes_leftover_spool_files(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "spool").mkdir(parents=True)
+    (root / "spool" / "half.part").write_bytes(b"half an image")
+    (root / "spool" / "other.part").write_bytes(b"")
+    stored = root / "store" / STUDY / SERIES / f"{SOP}.dcm"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"kept")
+    content = ContentStore(root)
+    assert content.open() == 2
+    assert list((root / "spool").iterdir()) == []
+    assert stored.read_bytes() == b"kept"  # finished files are never touched
+
+
+def test_open_removes_a_previous_runs_spool_pool(tmp_path: Path) -> None:
+    first = ContentStore(tmp_path / "data")
+    first.open()
+    first.refill_spool_pool()
+    pooled = len(list(first.spool_dir.iterdir()))
+    assert pooled > 0
+    assert ContentStore(tmp_path / "data").open() == pooled
+
+
+def test_open_on_unusable_root_raises_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"not a folder")
+    with pytest.raises(StoreError):
+        ContentStore(blocker / "data").open()
+
+
+# -- commit --------------------------------------------------------------------------------
+
+
+def test_commit_lays_out_study_series_sop(store: ContentStore) -> None:
+    chunks = [b"DICM" * 100, b"\x00" * 4097, b"tail"]
+    spool = _spool(store, *chunks)
+    spool_path = spool.path
+    stored = store.commit(spool, STUDY, SERIES, SOP)
+    data = b"".join(chunks)
+    assert stored.relpath == f"store/{STUDY}/{SERIES}/{SOP}.dcm"
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.path_of(stored.relpath).read_bytes() == data
+    assert not spool_path.exists()
+    assert list(store.spool_dir.iterdir()) == []
+
+
+def test_commit_without_fsync(tmp_path: Path) -> None:
+    content = ContentStore(tmp_path / "data", fsync=False)
+    content.open()
+    stored = content.commit(_spool(content, b"abc"), STUDY, SERIES, SOP)
+    assert content.path_of(stored.relpath).read_bytes() == b"abc"
+
+
+def test_second_file_with_same_sop_is_kept_beside_the_first(store: ContentStore) -> None:
+    first = store.commit(_spool(store, b"first version"), STUDY, SERIES, SOP)
+    second = store.commit(_spool(store, b"second version"), STUDY, SERIES, SOP)
+    sha = hashlib.sha256(b"second version").hexdigest()
+    assert first.relpath == f"store/{STUDY}/{SERIES}/{SOP}.dcm"
+    assert second.relpath == f"store/{STUDY}/{SERIES}/{SOP}.{sha[:16]}.dcm"
+    assert store.path_of(first.relpath).read_bytes() == b"first version"
+    assert store.path_of(second.relpath).read_bytes() == b"second version"
+
+
+def test_third_copy_never_replaces_a_stored_file(store: ContentStore) -> None:
+    store.commit(_spool(store, b"version A"), STUDY, SERIES, SOP)
+    second = store.commit(_spool(store, b"version B"), STUDY, SERIES, SOP)
+    inode = store.path_of(second.relpath).stat().st_ino
+    third = store.commit(_spool(store, b"version B"), STUDY, SERIES, SOP)
+    assert third.relpath != second.relpath
+    assert store.path_of(second.relpath).stat().st_ino == inode
+    store.remove(third.relpath)
+    assert store.path_of(second.relpath).read_bytes() == b"version B"
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["../../etc", "..", ".", "1.2/../../x", "a/b", "", "1.2.3\x00", "1.2.3 ", "x" * 65],
+)
+def test_malformed_uids_become_hex_components(store: ContentStore, uid: str) -> None:
+    stored = store.commit(_spool(store, b"data"), uid, uid, uid)
+    path = store.path_of(stored.relpath).resolve()
+    assert path.is_relative_to(store.store_dir.resolve())
+    parts = Path(stored.relpath).parts
+    assert len(parts) == 4  # store / study / series / file: no extra levels
+    assert parts[0] == "store"
+    for part in parts[1:3]:
+        assert part.startswith("x")
+        assert set(part[1:]) <= set("0123456789abcdef")
+    assert parts[3].startswith("x")
+    assert parts[3].endswith(".dcm")
+    assert path.read_bytes() == b"data"
+
+
+def test_hex_component_is_reversible(store: ContentStore) -> None:
+    stored = store.commit(_spool(store, b"data"), "../evil", SERIES, SOP)
+    component = Path(stored.relpath).parts[1]
+    assert bytes.fromhex(component[1:]).decode() == "../evil"
+
+
+def test_well_formed_uids_are_used_as_is(store: ContentStore) -> None:
+    stored = store.commit(_spool(store, b"data"), "1.2", "1.2.3", "1.2.3.4")
+    assert stored.relpath == "store/1.2/1.2.3/1.2.3.4.dcm"
+
+
+def test_discard_removes_spool_file(store: ContentStore) -> None:
+    spool = _spool(store, b"partial")
+    spool.discard()
+    assert not spool.path.exists()
+    spool.discard()  # twice is harmless
+
+
+def test_remove_stored_file(store: ContentStore) -> None:
+    stored = store.commit(_spool(store, b"data"), STUDY, SERIES, SOP)
+    store.remove(stored.relpath)
+    assert not store.path_of(stored.relpath).exists()
+    store.remove(stored.relpath)  # missing is fine
+
+
+def test_spool_pool_is_used_and_drained(store: ContentStore) -> None:
+    store.refill_spool_pool()
+    pooled = set(store.spool_dir.iterdir())
+    spool = store.new_spool()
+    assert spool.path in pooled
+    spool.discard()
+    store.drain_spool_pool()
+    assert list(store.spool_dir.iterdir()) == []
+
+
+# -- free space ----------------------------------------------------------------------------
+
+
+def test_check_space_raises_when_min_free_is_huge(tmp_path: Path) -> None:
+    content = ContentStore(tmp_path / "data", min_free_bytes=1 << 62)
+    content.open()
+    with pytest.raises(StoreFullError):
+        content.check_space()
+    assert issubclass(StoreFullError, StoreError)
+
+
+def test_check_space_passes_with_small_minimum(tmp_path: Path) -> None:
+    content = ContentStore(tmp_path / "data", min_free_bytes=1)
+    content.open()
+    content.check_space()
+    ContentStore(tmp_path / "data", min_free_bytes=0).check_space()  # 0 = no check
+
+
+# -- Part 10 header ------------------------------------------------------------------------
+
+
+def _data_set(sop: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT_STORAGE
+    ds.SOPInstanceUID = sop
+    ds.PatientName = "Doe^John"
+    ds.Modality = "CT"
+    ds.Rows = 2
+    return ds
+
+
+def _encode(ds: Dataset, implicit: bool) -> bytes:
+    """The data set as pydicom writes it (no preamble, no file meta)."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _meta_of(header: bytes) -> FileMetaDataset:
+    return pydicom.dcmread(BytesIO(header + _encode(_data_set(SOP), False))).file_meta
+
+
+@pytest.mark.parametrize(
+    ("transfer_syntax", "implicit"),
+    [(ExplicitVRLittleEndian, False), (ImplicitVRLittleEndian, True)],
+)
+@pytest.mark.parametrize("sop", [SOP, SOP + "3"])  # even and odd length
+@pytest.mark.parametrize("source_ae", ["", "MODALITY", "ODDAE"])
+def test_part10_header_reads_back_with_pydicom(
+    tmp_path: Path, transfer_syntax: str, implicit: bool, sop: str, source_ae: str
+) -> None:
+    header = encode_file_meta(CT_STORAGE, sop, transfer_syntax, source_ae)
+    assert header[:128] == bytes(128)
+    assert header[128:132] == b"DICM"
+    path = tmp_path / "f.dcm"
+    path.write_bytes(header + _encode(_data_set(sop), implicit))
+
+    with open(path, "rb") as fh:
+        assert _data_offset(fh) == len(header)
+
+    ds = pydicom.dcmread(path)
+    meta = ds.file_meta
+    assert meta.FileMetaInformationGroupLength == len(header) - 144
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert meta.MediaStorageSOPClassUID == CT_STORAGE
+    assert meta.MediaStorageSOPInstanceUID == sop
+    assert meta.TransferSyntaxUID == transfer_syntax
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        assert meta.SourceApplicationEntityTitle == source_ae
+    else:
+        assert "SourceApplicationEntityTitle" not in meta
+    assert ds.SOPInstanceUID == sop
+    assert ds.PatientName == "Doe^John"
+    assert ds.Rows == 2
+    assert ds.original_encoding == (implicit, True)
+
+
+def test_part10_header_elements_are_even_length() -> None:
+    header = encode_file_meta(CT_STORAGE, SOP + "3", ExplicitVRLittleEndian, "ODDAE")
+    pos, tags = 132, []
+    while pos < len(header):  # PS3.5 7.1.2: explicit VR, every value of even length
+        group, element, vr = struct.unpack_from("<HH2s", header, pos)
+        assert group == 0x0002
+        if vr == b"OB":
+            (length,) = struct.unpack_from("<I", header, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", header, pos + 6)
+            pos += 8 + length
+        assert length % 2 == 0, hex(element)
+        tags.append(element)
+    assert pos == len(header)
+    assert tags == sorted(tags)
+    assert tags == [0x0000, 0x0001, 0x0002, 0x0003, 0x0010, 0x0012, 0x0013, 0x0016]
+    assert _meta_of(header).MediaStorageSOPInstanceUID == SOP + "3"  # pad is not in the value
+
+
+def test_part10_header_long_source_ae_is_cut_to_16(tmp_path: Path) -> None:
+    header = encode_file_meta(CT_STORAGE, SOP, ExplicitVRLittleEndian, "A" * 20)
+    meta = _meta_of(header)
+    assert meta.SourceApplicationEntityTitle == "A" * 16
+
+
+def test_stored_file_roundtrip(store: ContentStore) -> None:
+    """A spooled header + data set, committed, is a valid DICOM file at its final name."""
+    header = encode_file_meta(CT_STORAGE, SOP, ExplicitVRLittleEndian, "MODALITY")
+    body = _encode(_data_set(SOP), implicit=False)
+    stored = store.commit(_spool(store, header, body), STUDY, SERIES, SOP)
+    ds = pydicom.dcmread(store.path_of(stored.relpath))
+    assert ds.SOPInstanceUID == SOP
+    assert ds.file_meta.SourceApplicationEntityTitle == "MODALITY"
+    assert os.path.getsize(store.path_of(stored.relpath)) == stored.size
