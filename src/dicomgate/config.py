@@ -9,29 +9,26 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from dicomgate.egress.models import (
+    DicomwebDestination,
+    DimseDestination,
+    FolderDestination,
+    WebhookDestination,
+)
 from dicomgate.errors import ConfigError
+from dicomgate.models import ConfigModel as _Model
+from dicomgate.models import check_ae_title as _check_ae_title
+from dicomgate.routing.models import RouteConfig
 
 ENV_PREFIX = "DICOMGATE_"
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2 AE VR: no backslash, no control
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_ae_title(value: str) -> str:
-    if not value.strip() or not _AE_RE.match(value):
-        raise ValueError("an AE title is 1-16 printable characters, no backslash")
-    return value.strip()
 
 
 class DuplicatePolicy(StrEnum):
@@ -272,107 +269,21 @@ class LoggingConfig(_Model):
     )
 
 
-class DimseDestination(_Model):
-    """Send with C-STORE to a DICOM node (PACS, workstation, AI engine)."""
-
-    type: Literal["dimse"] = Field(description="Destination kind: `dimse`.")
-    ae_title: str = Field(description="The peer's AE title (the called AE title we use).")
-    host: str = Field(description="The peer's host name or IP address.")
-    port: int = Field(104, ge=1, le=65535, description="The peer's DICOM TCP port.")
-    calling_ae_title: str | None = Field(
-        None,
-        description=(
-            "Calling AE title we present to this peer; unset means `dimse.ae_title`. Set it"
-            " when the peer knows this gateway under another name."
-        ),
-    )
-    max_associations: int = Field(
-        2,
-        ge=1,
-        description=(
-            "Most associations open at once to this peer. Raise it for throughput if the peer"
-            " accepts more; keep it low for a busy PACS."
-        ),
-    )
-
-    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
-
-
-class DicomwebDestination(_Model):
-    """Send with STOW-RS to a DICOMweb service (cloud archive, VNA)."""
-
-    type: Literal["dicomweb"] = Field(description="Destination kind: `dicomweb`.")
-    url: str = Field(
-        description=(
-            "Base URL of the DICOMweb service (the part before `/studies`), e.g."
-            " `https://example.org/dicomWeb`."
-        )
-    )
-
-
-class FolderDestination(_Model):
-    """Write Part 10 files into a folder (a share, a research drop box)."""
-
-    type: Literal["folder"] = Field(description="Destination kind: `folder`.")
-    path: Path = Field(description="Folder the files are written into.")
-
-
-class WebhookDestination(_Model):
-    """Notify an HTTP endpoint (e.g. an AI engine) about received instances."""
-
-    type: Literal["webhook"] = Field(description="Destination kind: `webhook`.")
-    url: str = Field(description="URL of the endpoint to notify.")
-
-
 Destination = Annotated[
     DimseDestination | DicomwebDestination | FolderDestination | WebhookDestination,
     Field(discriminator="type"),
 ]
 
-
-class RouteConfig(_Model):
-    """One forwarding rule: which instances, changed how, sent where."""
-
-    name: str = Field(description="Name of the route, shown in logs, metrics and the queue.")
-    match: dict[str, Any] = Field(
-        default_factory=dict,
-        description=(
-            "Conditions an instance must meet, all of them: a DICOM attribute keyword (e.g."
-            " `Modality`, `StudyDescription`) or `calling_ae`, mapped to a value with `*` and"
-            " `?` wildcards or a list of alternatives. Empty matches every instance."
-        ),
-    )
-    pipeline: list[dict[str, Any]] = Field(
-        default_factory=list,
-        description=(
-            "Processing steps applied to the copy sent (never to the stored original), in"
-            " order; each is a one-key mapping: `deidentify`, `standardize`, `transcode` or"
-            " `split`. Empty sends the instance unchanged."
-        ),
-    )
-    to: list[str] = Field(
-        min_length=1,
-        description="Names of destinations (keys of `destinations`) to send to; at least one.",
-    )
-    final: bool = Field(
-        False,
-        description="When this route matches, do not evaluate the routes after it.",
-    )
-    trigger: Literal["instance", "series_stable", "study_stable"] = Field(
-        "instance",
-        description=(
-            "When to send: `instance` as each instance arrives; `series_stable` or"
-            " `study_stable` once the series or study has received nothing new for"
-            " `stable_after`."
-        ),
-    )
-    stable_after: str = Field(
-        "60s",
-        description=(
-            "Quiet time before a series or study counts as complete, for the `*_stable`"
-            " triggers: a number with a unit, e.g. `60s`."
-        ),
-    )
+__all__ = [
+    "DicomwebDestination",
+    "DimseDestination",
+    "FolderDestination",
+    "GatewayConfig",
+    "RouteConfig",
+    "WebhookDestination",
+    "load_config",
+    "parse_config",
+]
 
 
 class GatewayConfig(_Model):
