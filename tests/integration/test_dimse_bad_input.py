@@ -331,3 +331,40 @@ def test_sop_instance_mismatch_is_refused(gateway: Gateway) -> None:
     gw.wait_log("instance.refused")
     assert "SOP Instance UID in the data set differs from the command's" in gw.log_text()
     assert_still_serves(gw)
+
+
+# -- timeouts -------------------------------------------------------------------------------
+
+
+def test_silent_connection_is_aborted_after_acse_timeout(gateway: Gateway) -> None:
+    gw = gateway({"dimse": {"acse_timeout": 1}})
+    peer = RawPeer(gw.dimse_port)
+    assert_abort(peer, reason=0)  # nothing sent: ARTIM expiry (PS3.8 9.2.3), A-ABORT
+    peer.close()
+    assert "no data for 1 s" in gw.log_text()
+    assert_still_serves(gw)
+
+
+def test_idle_association_is_aborted_after_network_timeout(gateway: Gateway) -> None:
+    gw = gateway({"dimse": {"network_timeout": 1}})
+    peer = RawPeer(gw.dimse_port)
+    peer.associate(gw.ae_title, [(1, VERIFICATION, [IMPLICIT_LE])])
+    assert_abort(peer, reason=0)
+    peer.close()
+    gw.wait_log("association.aborted")
+    assert_still_serves(gw)
+
+
+def test_data_set_that_stalls_is_aborted_after_dimse_timeout(gateway: Gateway) -> None:
+    gw = gateway({"dimse": {"dimse_timeout": 1}})
+    peer = RawPeer(gw.dimse_port)
+    peer.associate(gw.ae_title, [(1, MR_IMAGE_STORAGE, [IMPLICIT_LE])])
+    peer.send(p_data(1, c_store_rq(1, MR_IMAGE_STORAGE, "1.2.3.4"), command=True))
+    peer.send(p_data(1, b"\x08\x00\x16\x00", command=False, last=False))  # then silence
+    assert_abort(peer, reason=0)
+    peer.close()
+    gw.wait_log("association.aborted")
+    assert gw.index.count_instances() == 0
+    spool = gw.data / "spool"
+    assert all(p.stat().st_size == 0 for p in spool.iterdir()), "half data set left in spool"
+    assert_still_serves(gw)

@@ -373,41 +373,45 @@ class DimseServer:
         command_buf = bytearray()
         command_ctx = 0
         incoming: _Incoming | None = None
-        while True:
-            timeout = cfg.dimse_timeout if (incoming or command_buf) else cfg.network_timeout
-            head = await self._read(assoc, 6, timeout)
-            pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
-            if pdu_type == pdu.PduType.RELEASE_RQ:
-                await self._read(assoc, length, cfg.acse_timeout)
-                if incoming is not None and incoming.spool is not None:
-                    incoming.spool.discard()
-                await self._send(assoc, pdu.encode_release_rp())
-                log.info(
-                    "association released",
-                    extra={
-                        "event": "association.released",
-                        "calling_ae": assoc.calling_ae,
-                        "stored": assoc.stored,
-                        "failed": assoc.failed,
-                    },
+        try:
+            while True:
+                timeout = cfg.dimse_timeout if (incoming or command_buf) else cfg.network_timeout
+                head = await self._read(assoc, 6, timeout)
+                pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
+                if pdu_type == pdu.PduType.RELEASE_RQ:
+                    await self._read(assoc, length, cfg.acse_timeout)
+                    if incoming is not None and incoming.spool is not None:
+                        incoming.spool.discard()
+                    await self._send(assoc, pdu.encode_release_rp())
+                    log.info(
+                        "association released",
+                        extra={
+                            "event": "association.released",
+                            "calling_ae": assoc.calling_ae,
+                            "stored": assoc.stored,
+                            "failed": assoc.failed,
+                        },
+                    )
+                    return
+                if pdu_type == pdu.PduType.ABORT:
+                    if incoming is not None and incoming.spool is not None:
+                        incoming.spool.discard()
+                    raise _PeerGone("peer sent A-ABORT")
+                if pdu_type != pdu.PduType.P_DATA_TF:
+                    if incoming is not None and incoming.spool is not None:
+                        incoming.spool.discard()
+                    known = pdu_type in pdu.PduType._value2member_map_
+                    raise _Abort(
+                        f"unexpected PDU type 0x{pdu_type:02X} during data transfer",
+                        pdu.AbortReason.UNEXPECTED_PDU
+                        if known
+                        else pdu.AbortReason.UNRECOGNIZED_PDU,
+                    )
+                remaining = length
+                whole = length <= _WHOLE_PDU
+                body = _PduBody(
+                    await self._read(assoc, length, cfg.dimse_timeout) if whole else None
                 )
-                return
-            if pdu_type == pdu.PduType.ABORT:
-                if incoming is not None and incoming.spool is not None:
-                    incoming.spool.discard()
-                raise _PeerGone("peer sent A-ABORT")
-            if pdu_type != pdu.PduType.P_DATA_TF:
-                if incoming is not None and incoming.spool is not None:
-                    incoming.spool.discard()
-                known = pdu_type in pdu.PduType._value2member_map_
-                raise _Abort(
-                    f"unexpected PDU type 0x{pdu_type:02X} during data transfer",
-                    pdu.AbortReason.UNEXPECTED_PDU if known else pdu.AbortReason.UNRECOGNIZED_PDU,
-                )
-            remaining = length
-            whole = length <= _WHOLE_PDU
-            body = _PduBody(await self._read(assoc, length, cfg.dimse_timeout) if whole else None)
-            try:
                 while remaining > 0:
                     if remaining < 6:
                         raise _Abort(
@@ -472,10 +476,12 @@ class DimseServer:
                         if last:
                             done, incoming = incoming, None
                             await self._finish_store(assoc, done)
-            except BaseException:
-                if incoming is not None and incoming.spool is not None:
-                    incoming.spool.discard()
-                raise
+        except BaseException:
+            # Whatever ends the association mid-instance (timeout, abort, bug), the half
+            # data set must not stay in the spool.
+            if incoming is not None and incoming.spool is not None:
+                incoming.spool.discard()
+            raise
 
     async def _receive_fragment(self, assoc: _Association, incoming: _Incoming, n: int) -> None:
         """Copy ``n`` bytes of data set from the socket to the spool file, in chunks."""
