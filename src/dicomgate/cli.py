@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dicomgate import __version__
 from dicomgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dicomgate.queue.jobs import JobQueue as JobQueueT
 
 app = typer.Typer(
     name="dicomgate",
@@ -114,6 +117,104 @@ def send(
     typer.echo(summary.describe())
     if summary.failed:
         raise typer.Exit(1)
+
+
+queue_app = typer.Typer(help="Inspect and re-drive the delivery queue.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file")]
+
+
+def _open_queue(config: Path) -> JobQueueT:
+    from dicomgate.config import load_config
+    from dicomgate.errors import DicomgateError
+    from dicomgate.index.db import Index
+    from dicomgate.queue.jobs import JobQueue
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise _fail(f"config error: {exc}") from None
+    try:
+        index = Index.open(cfg.database.url)
+    except DicomgateError as exc:
+        raise _fail(f"cannot open the index: {exc}", 1) from None
+    return JobQueue(index.engine, cfg.queue)
+
+
+def _print_jobs(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "destination", "route", "state", "attempts", "not before", "last error")
+    for row in rows:
+        table.add_row(
+            str(row.get("id")),
+            str(row.get("destination")),
+            str(row.get("route")),
+            str(row.get("state")),
+            str(row.get("attempts")),
+            str(row.get("not_before") or ""),
+            str(row.get("last_error") or "")[:60],
+        )
+    Console().print(table)
+
+
+@queue_app.command("list")
+def queue_list(
+    config: ConfigOption,
+    state: Annotated[str | None, typer.Option(help="pending | leased | done | dead")] = None,
+    destination: Annotated[str | None, typer.Option(help="destination name")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """Counts per destination and state, then the newest jobs matching the filters."""
+    queue = _open_queue(config)
+    counts = queue.counts()
+    for (dest, st), n in sorted(counts.items()):
+        typer.echo(f"{dest:<20} {st:<8} {n}")
+    _print_jobs(queue.list(state=state, destination=destination, limit=limit))
+
+
+@queue_app.command("show")
+def queue_show(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
+    """One job with every field (JSON)."""
+    import json
+
+    row = _open_queue(config).get(job_id)
+    if row is None:
+        raise _fail(f"no job {job_id}", 1)
+    typer.echo(json.dumps(row, indent=2, default=str))
+
+
+@queue_app.command("retry")
+def queue_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
+    """Re-drive one job now (dead-lettered or waiting), its attempts reset."""
+    if not _open_queue(config).retry(job_id):
+        raise _fail(f"job {job_id} cannot be retried (unknown, leased or done)", 1)
+    typer.echo(f"job {job_id} queued again")
+
+
+@queue_app.command("retry-dead")
+def queue_retry_dead(
+    config: ConfigOption,
+    destination: Annotated[str | None, typer.Option(help="only this destination")] = None,
+) -> None:
+    """Re-drive every dead-lettered job (of one destination)."""
+    n = _open_queue(config).retry_dead(destination)
+    typer.echo(f"{n} dead-lettered jobs queued again")
+
+
+@queue_app.command("purge")
+def queue_purge(
+    config: ConfigOption,
+    state: Annotated[str, typer.Option(help="done | dead")] = "done",
+    destination: Annotated[str | None, typer.Option(help="only this destination")] = None,
+) -> None:
+    """Delete finished (done) or dead-lettered jobs."""
+    if state not in ("done", "dead"):
+        raise _fail("--state: only done or dead jobs can be purged")
+    n = _open_queue(config).purge(state=state, destination=destination)
+    typer.echo(f"{n} {state} jobs deleted")
 
 
 def main() -> None:

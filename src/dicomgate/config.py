@@ -26,6 +26,7 @@ from dicomgate.egress.models import (
 from dicomgate.errors import ConfigError
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
+from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.models import RouteConfig
 
 ENV_PREFIX = "DICOMGATE_"
@@ -294,31 +295,39 @@ class GatewayConfig(_Model):
     dimse: DimseConfig = DimseConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
+    queue: QueueConfig = Field(
+        default_factory=QueueConfig,
+        description="The durable delivery queue: leases, polling, retries and dead-letter.",
+    )
     destinations: dict[str, Destination] = Field(
         default_factory=dict,
         description=(
             "Where instances can be sent, by a name of your choice that routes refer to. Each"
-            " destination has a `type` that selects its other keys. Destinations are validated"
-            " at start-up today, but nothing is sent yet: delivery lands with routing (issue"
-            " #3)."
+            " destination has a `type` that selects its other keys. Every instance a route"
+            " sends to a destination becomes a durable job, created in the same transaction as"
+            " the instance's index row, and is retried until delivered or dead-lettered."
         ),
     )
     routes: list[RouteConfig] = Field(
         default_factory=list,
         description=(
-            "Forwarding rules, evaluated in order for every instance received; each matching"
-            " route sends to its destinations. Routes are validated at start-up today (each"
-            " `to` must name a destination), but they do not forward yet: matching and"
-            " delivery land with routing (issue #3)."
+            "Forwarding rules, evaluated in order for every instance received; every matching"
+            " route sends to its destinations (`final: true` stops evaluation after a match)."
+            " Every mistake (unknown destination or keyword, bad regex or range) is a config"
+            " error at start-up naming its key."
         ),
     )
 
     @model_validator(mode="after")
     def _routes_name_known_destinations(self) -> GatewayConfig:
-        for i, route in enumerate(self.routes):
-            for name in route.to:
-                if name not in self.destinations:
-                    raise ValueError(f"routes[{i}].to: unknown destination {name!r}")
+        # Compiling the routes checks all of them (destinations, match keys, regexes,
+        # ranges, durations) at load time; the error names its key, e.g. routes[2].match.X.
+        from dicomgate.routing.matcher import Router
+
+        try:
+            Router.compile(self.routes, self.destinations)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.key}: {exc.problem}") from None
         return self
 
 

@@ -36,6 +36,9 @@ from dicomgate.errors import (
 from dicomgate.index.db import Outcome, RecordResult, StoredInstance
 from dicomgate.index.extract import InstanceRecord, extract_record
 from dicomgate.observability.logging import uid_hash
+from dicomgate.queue.jobs import NewJob, NewTimer
+from dicomgate.routing.matcher import MatchContext, Router
+from dicomgate.store.part10 import parse_arrival
 from dicomgate.store.scan import scan_dataset
 
 if TYPE_CHECKING:
@@ -78,12 +81,16 @@ class Ingestor:
         index: Index,
         policy: DuplicatePolicy,
         on_durable: Callable[[float], None] | None = None,
+        router: Router | None = None,
+        on_jobs: Callable[[list[str]], None] | None = None,
         sync_interval: float = 5.0,
     ) -> None:
         self.store = store
         self.index = index
         self.policy = policy
         self._on_durable = on_durable
+        self.router = router
+        self._on_jobs = on_jobs
         self._sync_interval = sync_interval
         self._unsynced = False
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dicomgate-flush")
@@ -141,7 +148,17 @@ class Ingestor:
             received_via="recovery",
             received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
         )
-        (result,) = self.index.record([item], self.policy)
+        arrival = parse_arrival(meta.file_meta.get("PrivateInformation"))
+        ctx = MatchContext(
+            calling_ae=arrival.get("calling_ae", item.calling_ae),
+            called_ae=arrival.get("called_ae", ""),
+            source_ip=arrival.get("source_ip", ""),
+            received_via=arrival.get("received_via", "recovery"),
+        )
+        job_list, timer_list = self._route(record, meta, ctx)
+        (result,) = self.index.record([item], self.policy, jobs=[job_list], timers=[timer_list])
+        if job_list and self._on_jobs is not None:
+            self._on_jobs(sorted({j.destination for j in job_list}))
         if result.outcome is Outcome.REJECTED:
             self.store.remove(relpath)
             return False
@@ -204,7 +221,7 @@ class Ingestor:
                     _resolve(job, StoreError("internal error while storing"))
         self._barrier()
 
-    def _inspect(self, job: IngestJob) -> InstanceRecord:
+    def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
         """Check the data set is complete and the instance the sender announced."""
         with open(job.spool.path, "rb") as fh:
             ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)
@@ -216,7 +233,7 @@ class Ingestor:
             raise InstanceMismatch("SOP Instance UID in the data set differs from the command's")
         if record.sop_class_uid != job.sop_class_uid:
             raise InstanceMismatch("SOP Class UID in the data set differs from the command's")
-        return record
+        return record, ds
 
     def _refuse(self, job: IngestJob, exc: DicomgateError) -> None:
         job.spool.discard()
@@ -243,10 +260,10 @@ class Ingestor:
         """
         fsync = self.store.fsync
         flushes = [self._flusher.submit(job.spool.flush) if fsync else None for job in batch]
-        inspected: list[tuple[IngestJob, InstanceRecord]] = []
+        inspected: list[tuple[IngestJob, InstanceRecord, Dataset]] = []
         for job, flush in zip(batch, flushes, strict=True):
             try:
-                record = self._inspect(job)
+                record, ds = self._inspect(job)
             except DicomgateError as exc:
                 if flush is not None:
                     flush.exception()  # wait: the file must not be closed under the flush
@@ -258,10 +275,11 @@ class Ingestor:
             except DicomgateError as exc:
                 self._refuse(job, exc)
                 continue
-            inspected.append((job, record))
+            inspected.append((job, record, ds))
         prepared: list[tuple[IngestJob, StoredInstance]] = []
         folders: list[Path] = []
-        for job, record in inspected:
+        routing: list[tuple[list[NewJob], list[NewTimer]]] = []
+        for job, record, ds in inspected:
             try:
                 stored, touched = self.store.place(
                     job.spool, record.study_uid, record.series_uid, record.sop_instance_uid
@@ -271,19 +289,22 @@ class Ingestor:
                 continue
             folders += touched
             prepared.append((job, self._stored_instance(job, record, stored)))
+            routing.append(self._route(record, ds, job))
         if not prepared:
             return
         items = [item for _, item in prepared]
+        jobs = [r[0] for r in routing]
+        timers = [r[1] for r in routing]
         try:
             if self.index.relaxed_commits:
                 folder_sync = self._flusher.submit(self.store.sync_folders, folders)
                 try:
-                    results = self.index.record(items, self.policy)
+                    results = self.index.record(items, self.policy, jobs=jobs, timers=timers)
                 finally:
                     folder_sync.result()
             else:
                 self.store.sync_folders(folders)
-                results = self.index.record(items, self.policy)
+                results = self.index.record(items, self.policy, jobs=jobs, timers=timers)
         except DicomgateError as exc:
             for job, item in prepared:
                 self.store.remove(item.relpath)
@@ -295,6 +316,46 @@ class Ingestor:
             )
             return
         self._finish(prepared, results)
+        if self._on_jobs is not None:
+            destinations = sorted(
+                {
+                    j.destination
+                    for (r, js) in zip(results, jobs, strict=True)
+                    if r.outcome is not Outcome.REJECTED
+                    for j in js
+                }
+            )
+            if destinations:
+                self._on_jobs(destinations)
+
+    def _route(
+        self, record: InstanceRecord, ds: Dataset, ctx: MatchContext | IngestJob
+    ) -> tuple[list[NewJob], list[NewTimer]]:
+        """Jobs and stable-trigger timers for one instance (rule 1: same transaction)."""
+        if self.router is None or self.router.empty:
+            return [], []
+        if isinstance(ctx, IngestJob):
+            ctx = MatchContext(ctx.calling_ae, ctx.called_ae, ctx.source_ip, ctx.received_via)
+        try:
+            decisions = self.router.match(ds, ctx)
+        except Exception:  # the matcher must not raise; if it does, store and say so loudly
+            log.exception(
+                "routing failed; instance stored without deliveries",
+                extra={"event": "route.error", "sop": uid_hash(record.sop_instance_uid)},
+            )
+            return [], []
+        jobs: list[NewJob] = []
+        timers: list[NewTimer] = []
+        for d in decisions:
+            if d.trigger == "instance":
+                jobs += [NewJob(dest, d.route, d.priority) for dest in d.destinations]
+            else:
+                level = "series" if d.trigger == "series_stable" else "study"
+                uid = record.series_uid if level == "series" else record.study_uid
+                timers.append(
+                    NewTimer(d.route, level, uid, d.stable_after, d.destinations, d.priority)
+                )
+        return jobs, timers
 
     @staticmethod
     def _stored_instance(

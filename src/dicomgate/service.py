@@ -17,14 +17,23 @@ from dicomgate import __version__
 from dicomgate.app import create_app
 from dicomgate.config import GatewayConfig
 from dicomgate.dimse.server import DimseServer
+from dicomgate.egress.base import build_sender
+from dicomgate.egress.dispatcher import Dispatcher
 from dicomgate.errors import DicomgateError
 from dicomgate.index.db import Index
 from dicomgate.ingest import Ingestor
 from dicomgate.observability.logging import configure_logging
+from dicomgate.queue.jobs import JobQueue
 from dicomgate.recovery import RunMarker, recover
+from dicomgate.routing.matcher import Router
 from dicomgate.store.filestore import ContentStore
 
 log = logging.getLogger("dicomgate.service")
+
+
+def _display_host(host: str) -> str:
+    """A host name a client can use to reach us (for URLs in webhook notifications)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -66,8 +75,25 @@ class Gateway:
             self.config.database.url, durable=self.config.storage.fsync and not sqlite
         )
         self.marker = RunMarker(self.config.storage.path)
+        self.router = Router.compile(self.config.routes, self.config.destinations)
+        self.queue = JobQueue(self.index.engine, self.config.queue)
+        base_url = f"http://{_display_host(self.config.http.host)}:{self.config.http.port}"
+        senders = {
+            name: build_sender(
+                name, model, calling_ae=self.config.dimse.ae_title, gateway_base_url=base_url
+            )
+            for name, model in self.config.destinations.items()
+        }
+        self.dispatcher = Dispatcher(
+            self.queue, senders, self.store, poll_interval=self.config.queue.poll_interval
+        )
         self.ingestor = Ingestor(
-            self.store, self.index, self.config.storage.duplicates, on_durable=self.marker.write
+            self.store,
+            self.index,
+            self.config.storage.duplicates,
+            on_durable=self.marker.write,
+            router=self.router,
+            on_jobs=self.dispatcher.notify,
         )
         since = self.marker.previous_durable_until()
         if since is not None:
@@ -112,11 +138,13 @@ class Gateway:
                 http_task = asyncio.create_task(server.serve(sockets=[sock]))
                 while not server.started and not http_task.done():
                     await asyncio.sleep(0.01)
+            await self.dispatcher.start()
             log.info("dicomgate %s ready", __version__, extra={"event": "gateway.ready"})
             await stop.wait()
             log.info("stopping", extra={"event": "gateway.stopping"})
         finally:
             await self.dimse.stop(self.config.dimse.shutdown_grace)
+            await self.dispatcher.stop(grace=10.0)
             if server is not None and http_task is not None:
                 server.should_exit = True
                 with contextlib.suppress(Exception):

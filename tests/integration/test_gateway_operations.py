@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import Corpus, GatewayProcess, needs_dcmtk, sop_uid_of
 
 pytestmark = needs_dcmtk
@@ -107,7 +106,8 @@ def test_unclean_stop_reindexes_lost_rows_and_quarantines_torn_files(
         ).fetchall()
         torn_relpath = next(r for s, r in rows if s == sop_uid_of(files[3]))
         con.execute(
-            "DELETE FROM instance WHERE sop_instance_uid IN (?,?,?,?)", [*lost, sop_uid_of(files[3])]
+            "DELETE FROM instance WHERE sop_instance_uid IN (?,?,?,?)",
+            [*lost, sop_uid_of(files[3])],
         )
     torn = gw.data / torn_relpath
     size = torn.stat().st_size

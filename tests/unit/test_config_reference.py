@@ -41,9 +41,15 @@ def _leaf_fields() -> list[tuple[str, FieldInfo]]:
         else:
             pytest.fail(f"top-level key {name!r} has a shape this test does not know")
     leaves: list[tuple[str, FieldInfo]] = []
-    for prefix, model in models:
+    while models:
+        prefix, model = models.pop(0)
         assert issubclass(model, BaseModel)
-        leaves.extend((f"{prefix}.{name}", field) for name, field in model.model_fields.items())
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                models.append((f"{prefix}.{name}", annotation))  # nested section
+            else:
+                leaves.append((f"{prefix}.{name}", field))
     return leaves
 
 

@@ -41,7 +41,7 @@ from dicomgate.errors import (
 from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.filestore import SpoolFile
-from dicomgate.store.part10 import encode_file_meta
+from dicomgate.store.part10 import arrival_json, encode_file_meta
 
 log = logging.getLogger("dicomgate.dimse")
 
@@ -539,7 +539,11 @@ class DimseServer:
                 self.ingestor.store.check_space()
                 spool = self.ingestor.store.new_spool()
                 header = encode_file_meta(
-                    sop_class, command.affected_sop_instance_uid, transfer_syntax, assoc.calling_ae
+                    sop_class,
+                    command.affected_sop_instance_uid,
+                    transfer_syntax,
+                    assoc.calling_ae,
+                    arrival_json(assoc.calling_ae, assoc.called_ae, assoc.peer_ip, "dimse"),
                 )
                 spool.write(header)
             except StoreError as exc:

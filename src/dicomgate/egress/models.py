@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+import string
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
+from pydicom.datadict import tag_for_keyword
 
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
+
+DEFAULT_FOLDER_TEMPLATE = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
 
 class DimseDestination(_Model):
@@ -33,8 +38,85 @@ class DimseDestination(_Model):
             " accepts more; keep it low for a busy PACS."
         ),
     )
+    idle_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds an association is kept open with nothing to send; it is reused by the"
+            " next instances meanwhile and released (A-RELEASE) after."
+        ),
+    )
+    dimse_timeout: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds to wait for the TCP connection, the association answer and each C-STORE"
+            " response. When it passes the association is aborted and the instances are"
+            " retried later."
+        ),
+    )
+    batch_max_instances: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Most instances sent in one turn over one association. Larger turns cost fewer"
+            " hand-overs; smaller ones share the associations more fairly between routes."
+        ),
+    )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic authentication (RFC 7617)."""
+
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
+class HttpAuth:
+    """The parsed ``auth:`` of a DICOMweb destination: exactly one way is set."""
+
+    bearer: str | None = None
+    bearer_file: Path | None = None
+    basic: BasicAuth | None = None
+
+
+_AUTH_HELP = (
+    "use one of {bearer: TOKEN}, {bearer_file: PATH} or {basic: {username: U, password: P}}"
+)
+
+
+def parse_auth(value: dict[str, Any] | None) -> HttpAuth | None:
+    """Check the shape of an ``auth:`` mapping and return it typed; ``ValueError`` names
+    what is wrong."""
+    if value is None:
+        return None
+    if len(value) != 1:
+        raise ValueError(_AUTH_HELP)
+    ((kind, setting),) = value.items()
+    if kind in ("bearer", "bearer_file"):
+        if not isinstance(setting, str) or not setting.strip():
+            raise ValueError(f"auth.{kind} must be a non-empty string")
+        if kind == "bearer":
+            return HttpAuth(bearer=setting.strip())
+        return HttpAuth(bearer_file=Path(setting))
+    if kind == "basic":
+        if (
+            not isinstance(setting, dict)
+            or set(setting) != {"username", "password"}
+            or not all(isinstance(v, str) for v in setting.values())
+        ):
+            raise ValueError("auth.basic takes exactly {username: U, password: P} (strings)")
+        return HttpAuth(basic=BasicAuth(setting["username"], setting["password"]))
+    raise ValueError(f"unknown auth kind {kind!r}: {_AUTH_HELP}")
 
 
 class DicomwebDestination(_Model):
@@ -47,6 +129,91 @@ class DicomwebDestination(_Model):
             " `https://example.org/dicomWeb`."
         )
     )
+    auth: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "How to authenticate: `{bearer: TOKEN}` (a static token), `{bearer_file: PATH}`"
+            " (a token read from a file, read again whenever the file changes, for tokens"
+            " refreshed by another program) or `{basic: {username: U, password: P}}`. Unset:"
+            " no authentication. Keep secrets out of the file with the environment overrides."
+        ),
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers sent with every request, e.g. an API key header.",
+    )
+    verify: bool | Path = Field(
+        True,
+        description=(
+            "TLS server certificate verification: `true` (system CA store), a path to a CA"
+            " bundle (PEM) to trust instead, or `false` (no verification; test systems only)."
+        ),
+    )
+    timeout: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "Seconds to wait for the connection, for each read and write, and for the"
+            " response; a timeout makes the batch retried later."
+        ),
+    )
+    batch_max_instances: int = Field(
+        50, ge=1, description="Most instances sent in one STOW-RS request."
+    )
+    batch_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Most bytes of instances in one STOW-RS request (an instance larger than this is"
+            " sent alone)."
+        ),
+    )
+    concurrency: int = Field(
+        2, ge=1, description="Most STOW-RS requests in flight at once to this service."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the URL must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        parse_auth(value)
+        return value
+
+    @property
+    def parsed_auth(self) -> HttpAuth | None:
+        """The ``auth`` setting, typed."""
+        return parse_auth(self.auth)
+
+
+_FORMATTER = string.Formatter()
+
+
+def template_keywords(template: str) -> list[str]:
+    """The DICOM keywords a folder template uses; ``ValueError`` says what is wrong."""
+    keywords: list[str] = []
+    literal_text = ""
+    for literal, field, spec, conversion in _FORMATTER.parse(template):
+        literal_text += literal
+        if field is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"{{{field}}}: format specs and conversions are not supported")
+        if tag_for_keyword(field) is None:
+            raise ValueError(f"{{{field}}} is not a DICOM keyword (e.g. {{PatientID}})")
+        keywords.append(field)
+        literal_text += "x"
+    parts = PurePosixPath(literal_text).parts
+    if literal_text.startswith("/") or ".." in parts or "\\" in literal_text:
+        raise ValueError("the template must be a relative path without '..' or backslashes")
+    if literal_text.endswith("/") or not parts:
+        raise ValueError("the template must end with a file name")
+    return keywords
 
 
 class FolderDestination(_Model):
@@ -54,6 +221,21 @@ class FolderDestination(_Model):
 
     type: Literal["folder"] = Field(description="Destination kind: `folder`.")
     path: Path = Field(description="Folder the files are written into.")
+    template: str = Field(
+        DEFAULT_FOLDER_TEMPLATE,
+        description=(
+            "Relative path of each file under `path`. `{Keyword}` is replaced by that DICOM"
+            " element of the instance (any keyword, e.g. `{PatientID}`, `{Modality}`), made"
+            " safe for file names (`/`, `..` and control characters replaced; an empty value"
+            " becomes `UNKNOWN`). A file that exists already is replaced."
+        ),
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        template_keywords(value)
+        return value
 
 
 class WebhookDestination(_Model):
@@ -61,3 +243,25 @@ class WebhookDestination(_Model):
 
     type: Literal["webhook"] = Field(description="Destination kind: `webhook`.")
     url: str = Field(description="URL of the endpoint to notify.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers sent with every notification."
+    )
+    bearer: str | None = Field(
+        None, description="Token sent as `Authorization: Bearer TOKEN`; unset: none."
+    )
+    verify: bool | Path = Field(
+        True,
+        description=(
+            "TLS server certificate verification: `true`, a path to a CA bundle (PEM), or"
+            " `false` (test systems only)."
+        ),
+    )
+    timeout: float = Field(30.0, gt=0, description="Seconds to wait for the endpoint's answer.")
+    concurrency: int = Field(4, ge=1, description="Most notifications in flight at once.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("the URL must start with http:// or https://")
+        return value

@@ -7,6 +7,7 @@ one transaction (group commit).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,23 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_, IndexUnavailable
 from dicomgate.index.extract import InstanceRecord
-from dicomgate.index.schema import instance, metadata, patient, series, study
+from dicomgate.index.schema import (
+    delivery_job,
+    instance,
+    metadata,
+    patient,
+    series,
+    stable_timer,
+    study,
+)
+from dicomgate.queue.jobs import JobState, NewJob, NewTimer
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 _RETRIES = 3  # attempts of a batch that hit a unique or foreign-key conflict
+_PENDING = JobState.PENDING.value  # a plain str: the DBAPI drivers bind no str subclass
 LAST_RECEIVED_GRANULARITY = timedelta(seconds=1)
 
 
@@ -148,6 +159,7 @@ class Index:
         self._dbapi: Any = engine.dialect.loaded_dbapi
         self._levels = _LevelCache()
         self._relaxed = False
+        self._sqlite = engine.dialect.name == "sqlite"
 
     @classmethod
     def open(cls, url: str, *, durable: bool = True) -> Index:
@@ -191,21 +203,40 @@ class Index:
             raise IndexUnavailable(_one_line(error)) from error
 
     def record(
-        self, items: Sequence[StoredInstance], policy: DuplicatePolicy
+        self,
+        items: Sequence[StoredInstance],
+        policy: DuplicatePolicy,
+        jobs: Sequence[Sequence[NewJob]] | None = None,
+        timers: Sequence[Sequence[NewTimer]] | None = None,
     ) -> list[RecordResult]:
         """Index ``items`` in one transaction; one result per item, in order.
 
         A duplicate SOP Instance UID (a current row exists, possibly written earlier in the
-        same batch) follows ``policy``. Nothing is committed if any item fails:
-        IndexUnavailable for a locked or lost database, IndexError_ for a refused row.
+        same batch) follows ``policy``. ``jobs[i]`` are the deliveries of ``items[i]`` and
+        ``timers[i]`` the stable timers it arms or pushes (deadline = now + stable_after);
+        both are written in the same transaction as the rows (DESIGN rule 1), for items
+        stored or replaced, never for a rejected duplicate.
+
+        Overwrite re-points the unfinished jobs (pending, leased, dead) of the replaced row
+        to the new one, so a waiting delivery sends the newest version; a new job equal
+        (route, destination) to a re-pointed pending one is not added twice. The replaced
+        row's done jobs are deleted with it (ON DELETE CASCADE): the new version is new
+        content, which a later stable timer must send again.
+
+        Nothing is committed if any item fails: IndexUnavailable for a locked or lost
+        database, IndexError_ for a refused row.
         """
         if not items:
             return []
+        if jobs is not None and len(jobs) != len(items):
+            raise ValueError("jobs must have one entry per item")
+        if timers is not None and len(timers) != len(items):
+            raise ValueError("timers must have one entry per item")
         dbapi = self._dbapi
         with self._write_lock:
             for attempt in range(1, _RETRIES + 1):
                 try:
-                    results = self._record_batch(items, policy)
+                    results = self._record_batch(items, policy, jobs, timers)
                 except (dbapi.IntegrityError, sa_exc.IntegrityError) as error:
                     # A row this process remembers may have been deleted since (the retry
                     # reads it again), or, on PostgreSQL, another node stored the same SOP
@@ -284,12 +315,32 @@ class Index:
     # -- internals -------------------------------------------------------------------
 
     def _record_batch(
-        self, items: Sequence[StoredInstance], policy: DuplicatePolicy
+        self,
+        items: Sequence[StoredInstance],
+        policy: DuplicatePolicy,
+        jobs: Sequence[Sequence[NewJob]] | None,
+        timers: Sequence[Sequence[NewTimer]] | None,
     ) -> list[RecordResult]:
+        now = datetime.now(UTC)
+        job_binds = self._statements.insert_job.sharing(
+            {
+                "state": _PENDING,
+                "attempts": 0,
+                "not_before": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
         with self._transaction(write=True) as connection:
             cursor = connection.connection.cursor()
             try:
-                return [self._record_one(cursor, item, policy) for item in items]
+                results = [
+                    self._record_one(cursor, item, policy, jobs[i] if jobs else (), job_binds)
+                    for i, item in enumerate(items)
+                ]
+                if timers:
+                    self._upsert_timers(cursor, results, timers, now)
+                return results
             except self._dbapi.Error as error:
                 if self._engine.dialect.is_disconnect(
                     error, connection.connection.dbapi_connection, cursor
@@ -316,7 +367,12 @@ class Index:
             raise IndexUnavailable(_one_line(error)) from error
 
     def _record_one(
-        self, cursor: Any, item: StoredInstance, policy: DuplicatePolicy
+        self,
+        cursor: Any,
+        item: StoredInstance,
+        policy: DuplicatePolicy,
+        jobs: Sequence[NewJob],
+        job_binds: list[_Bind],
     ) -> RecordResult:
         stmts = self._statements
         record = item.record
@@ -348,16 +404,17 @@ class Index:
             cursor,
         )
 
-        outcome, obsolete = Outcome.STORED, None
+        outcome, obsolete, replaced_pk = Outcome.STORED, None, None
         if existing is not None:
             existing_id, existing_relpath = existing
+            # Retired first, so the new row can be current; overwrite deletes it below,
+            # once its jobs point to the new row.
+            stmts.retire_instance.execute(cursor, {"row_id": existing_id})
             if policy is DuplicatePolicy.OVERWRITE:
-                stmts.delete_instance.execute(cursor, {"row_id": existing_id})
+                replaced_pk = existing_id
                 outcome = Outcome.REPLACED
                 # Never ask the caller to delete the file this very row now points to.
                 obsolete = existing_relpath if existing_relpath != item.relpath else None
-            else:
-                stmts.retire_instance.execute(cursor, {"row_id": existing_id})
 
         stmts.insert_instance.execute(
             cursor,
@@ -376,7 +433,64 @@ class Index:
                 "is_current": True,
             },
         )
+        if jobs or replaced_pk is not None:
+            instance_pk = int(cursor.lastrowid) if self._sqlite else int(cursor.fetchone()[0])
+            if replaced_pk is not None:
+                jobs = self._repoint_jobs(cursor, replaced_pk, instance_pk, jobs)
+                stmts.delete_instance.execute(cursor, {"row_id": replaced_pk})
+            if jobs:
+                stmts.insert_job.executemany(
+                    cursor,
+                    [
+                        {
+                            "instance_pk": instance_pk,
+                            "destination": job.destination,
+                            "route": job.route,
+                            "priority": job.priority,
+                        }
+                        for job in jobs
+                    ],
+                    job_binds,
+                )
         return RecordResult(outcome, obsolete)
+
+    def _repoint_jobs(
+        self, cursor: Any, old_pk: int, new_pk: int, jobs: Sequence[NewJob]
+    ) -> Sequence[NewJob]:
+        """Move the unfinished jobs of a replaced row to its successor; the new jobs to add."""
+        stmts = self._statements
+        waiting: set[tuple[str, str]] = set()
+        if jobs:
+            rows = stmts.pending_jobs.execute(cursor, {"instance_pk": old_pk}).fetchall()
+            waiting = {(str(destination), str(route)) for destination, route in rows}
+        stmts.repoint_jobs.execute(cursor, {"old_pk": old_pk, "new_pk": new_pk})
+        return [job for job in jobs if (job.destination, job.route) not in waiting]
+
+    def _upsert_timers(
+        self,
+        cursor: Any,
+        results: Sequence[RecordResult],
+        timers: Sequence[Sequence[NewTimer]],
+        now: datetime,
+    ) -> None:
+        """Arm or push the stable timers of the stored items (one write per timer)."""
+        latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for result, armed in zip(results, timers, strict=True):
+            if result.outcome is Outcome.REJECTED:
+                continue
+            for timer in armed:
+                if timer.level not in ("series", "study"):
+                    raise ValueError(f"stable timer level must be series or study: {timer.level}")
+                latest[(timer.route, timer.level, timer.uid)] = {
+                    "route": timer.route,
+                    "level": timer.level,
+                    "uid": timer.uid,
+                    "deadline": now + timedelta(seconds=timer.stable_after),
+                    "destinations": json.dumps(list(timer.destinations)),
+                    "priority": timer.priority,
+                }
+        if latest:
+            self._statements.upsert_timer.executemany(cursor, list(latest.values()))
 
     def _upsert_level(
         self,
@@ -498,22 +612,54 @@ class _Prepared:
         self._positional = bool(dialect.positional)
         by_name = {name: bind for bind, name in compiled.bind_names.items()}
         names = list(compiled.positiontup or []) if self._positional else list(by_name)
-        self._binds = [(name, by_name[name].type.bind_processor(dialect)) for name in names]
+        # A bind given a value in the statement (a literal such as a job state) keeps it.
+        self._binds: list[_Bind] = [
+            (
+                name,
+                by_name[name].type.bind_processor(dialect),
+                None if by_name[name].required else by_name[name].value,
+            )
+            for name in names
+        ]
 
     def execute(self, cursor: Any, params: dict[str, Any]) -> Any:
-        """Run with ``params`` (missing names bind NULL); return the cursor."""
-        if self._positional:
-            args: Any = tuple(
-                processor(params.get(name)) if processor else params.get(name)
-                for name, processor in self._binds
-            )
-        else:
-            args = {
-                name: processor(params.get(name)) if processor else params.get(name)
-                for name, processor in self._binds
-            }
-        cursor.execute(self.sql, args)
+        """Run with ``params`` (missing names bind NULL or the statement's literal)."""
+        cursor.execute(self.sql, self._args(params))
         return cursor
+
+    def executemany(
+        self, cursor: Any, rows: Sequence[dict[str, Any]], binds: list[_Bind] | None = None
+    ) -> Any:
+        """Run once per mapping of ``rows`` (one driver call); return the cursor.
+
+        ``binds`` from :meth:`sharing` supplies values common to every row, converted once.
+        """
+        chosen = binds or self._binds
+        cursor.executemany(self.sql, [self._args(params, chosen) for params in rows])
+        return cursor
+
+    def sharing(self, values: dict[str, Any]) -> list[_Bind]:
+        """The binds with ``values`` converted to driver values once, for :meth:`executemany`."""
+        return [
+            (name, None, processor(values[name]) if processor else values[name])
+            if name in values
+            else (name, processor, default)
+            for name, processor, default in self._binds
+        ]
+
+    def _args(self, params: dict[str, Any], binds: list[_Bind] | None = None) -> Any:
+        if self._positional:
+            return tuple(
+                processor(params.get(name, value)) if processor else params.get(name, value)
+                for name, processor, value in binds or self._binds
+            )
+        return {
+            name: processor(params.get(name, value)) if processor else params.get(name, value)
+            for name, processor, value in binds or self._binds
+        }
+
+
+_Bind = tuple[str, Callable[[Any], Any] | None, Any]  # name, driver conversion, default
 
 
 class _Statements:
@@ -539,7 +685,39 @@ class _Statements:
         self.upsert_series = prepare(
             _upsert(series, ["series_instance_uid"], dialect.name), columns(series)
         )
-        self.insert_instance = prepare(instance.insert().inline(), columns(instance))
+        # SQLite reports the new key in cursor.lastrowid; PostgreSQL returns it.
+        insert_instance: Any = instance.insert().inline()
+        if dialect.name != "sqlite":
+            insert_instance = insert_instance.returning(instance.c.id)
+        self.insert_instance = prepare(insert_instance, columns(instance))
+        self.insert_job = prepare(delivery_job.insert().inline(), columns(delivery_job))
+        self.pending_jobs = prepare(
+            select(delivery_job.c.destination, delivery_job.c.route).where(
+                delivery_job.c.instance_pk == bindparam("instance_pk"),
+                delivery_job.c.state == _PENDING,
+            )
+        )
+        self.repoint_jobs = prepare(
+            update(delivery_job)
+            .where(
+                delivery_job.c.instance_pk == bindparam("old_pk"),
+                delivery_job.c.state != JobState.DONE.value,
+            )
+            .values(instance_pk=bindparam("new_pk"))
+        )
+        timer_insert: Any = (sqlite.insert if dialect.name == "sqlite" else postgresql.insert)(
+            stable_timer
+        )
+        self.upsert_timer = prepare(
+            timer_insert.on_conflict_do_update(
+                index_elements=["route", "level", "uid"],
+                set_={
+                    name: timer_insert.excluded[name]
+                    for name in ("deadline", "destinations", "priority")
+                },
+            ),
+            [column.name for column in stable_timer.columns],
+        )
         self.find_current = prepare(
             select(instance.c.id, instance.c.relpath).where(
                 instance.c.sop_instance_uid == bindparam("sop_instance_uid"),

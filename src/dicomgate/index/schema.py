@@ -28,6 +28,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     true,
 )
@@ -182,6 +183,64 @@ Index("ix_study_accession_number", study.c.accession_number)
 Index("ix_patient_patient_name_search", patient.c.patient_name_search)
 Index("ix_patient_patient_name", patient.c.patient_name)
 # patient_id is the leading column of the unique key, which serves as its index.
+
+# -- delivery queue (queue/jobs.py) --------------------------------------------------------
+
+# One delivery of one instance to one destination, decided by a route. State machine:
+# pending -> leased -> done | pending (retry, postpone) | dead; dead -> pending (re-drive).
+# instance_pk cascades: when an instance row is deleted, its jobs go with it. The overwrite
+# duplicate policy first re-points the unfinished jobs to the new row (index/db.py), so only
+# finished (done) jobs of the replaced version are deleted.
+delivery_job = Table(
+    "delivery_job",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    Column(
+        "instance_pk",
+        SurrogateKey,
+        ForeignKey("instance.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("destination", String(LO), nullable=False),
+    Column("route", String(LO), nullable=False),
+    Column("state", String(CS), nullable=False),  # queue.jobs.JobState
+    Column("priority", Integer, nullable=False, server_default="0"),  # higher first
+    Column("attempts", Integer, nullable=False, server_default="0"),  # counted at lease
+    Column("not_before", UtcDateTime(), nullable=False),  # due time of a pending job
+    Column("lease_until", UtcDateTime()),  # a leased job past this is handed out again
+    Column("leased_by", String(LO)),
+    Column("last_error", Text),
+    Column("created_at", UtcDateTime(), nullable=False),  # max_age counts from here
+    Column("updated_at", UtcDateTime(), nullable=False),
+    sqlite_autoincrement=True,  # ids order jobs of equal priority (oldest first)
+)
+# The lease query walks this index in its ORDER BY (priority DESC, not_before) and stops at
+# LIMIT: no sort, whatever the backlog. Done jobs sit under another state and cost nothing.
+Index(
+    "ix_delivery_job_lease",
+    delivery_job.c.destination,
+    delivery_job.c.state,
+    delivery_job.c.priority.desc(),
+    delivery_job.c.not_before,
+)
+# Which destinations have due work, without reading the (kept) done jobs.
+Index("ix_delivery_job_state_not_before", delivery_job.c.state, delivery_job.c.not_before)
+# Re-pointing and cascading on instance deletion, and the "already has a job" check.
+Index("ix_delivery_job_instance_pk", delivery_job.c.instance_pk)
+
+# A series_stable / study_stable trigger waiting for quiet: each new instance of the series
+# or study pushes ``deadline``; once it passes, one job per current instance and destination.
+stable_timer = Table(
+    "stable_timer",
+    metadata,
+    Column("route", String(LO), primary_key=True),
+    Column("level", String(CS), primary_key=True),  # 'series' | 'study'
+    Column("uid", String(UI), primary_key=True),  # Series or Study Instance UID
+    Column("deadline", UtcDateTime(), nullable=False),
+    Column("destinations", Text, nullable=False),  # JSON list of destination names
+    Column("priority", Integer, nullable=False, server_default="0"),
+)
+Index("ix_stable_timer_deadline", stable_timer.c.deadline)
 
 # Widths of the string columns, for truncation at extraction time.
 COLUMN_LENGTHS: dict[str, dict[str, int]] = {

@@ -1,1 +1,17 @@
-"""queue package."""
+"""Durable delivery queue: jobs per (instance, destination) in the index database."""
+
+from __future__ import annotations
+
+from dicomgate.queue.jobs import Job, JobQueue, JobState, NewJob, NewTimer, backoff
+from dicomgate.queue.models import QueueConfig, RetryPolicy
+
+__all__ = [
+    "Job",
+    "JobQueue",
+    "JobState",
+    "NewJob",
+    "NewTimer",
+    "QueueConfig",
+    "RetryPolicy",
+    "backoff",
+]

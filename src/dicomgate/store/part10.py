@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -14,9 +15,18 @@ def _short(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
 
 
 def encode_file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = ""
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae: str = "",
+    private_information: bytes = b"",
 ) -> bytes:
-    """Preamble + File Meta Information, Explicit VR Little Endian (PS3.10 7.1)."""
+    """Preamble + File Meta Information, Explicit VR Little Endian (PS3.10 7.1).
+
+    ``private_information`` goes to (0002,0102) under our Private Information Creator UID
+    (0002,0100): dicomgate keeps how the instance arrived there (see :func:`arrival_json`),
+    so recovery can route an instance whose index row was lost exactly as at arrival.
+    """
     body = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
     body += _short(0x0002, b"UI", sop_class_uid.encode("ascii", "replace"), b"\x00")
     body += _short(0x0003, b"UI", sop_instance_uid.encode("ascii", "replace"), b"\x00")
@@ -25,5 +35,31 @@ def encode_file_meta(
     body += _short(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")
     if source_ae:
         body += _short(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16], b" ")
+    if private_information:
+        body += _short(0x0100, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")
+        value = private_information + (b" " if len(private_information) % 2 else b"")
+        body += struct.pack("<HH2sHI", 0x0002, 0x0102, b"OB", 0, len(value)) + value
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
     return bytes(128) + b"DICM" + group_length + body
+
+
+def arrival_json(calling_ae: str, called_ae: str, source_ip: str, received_via: str) -> bytes:
+    """How an instance arrived, for (0002,0102) Private Information."""
+    doc = {
+        "calling_ae": calling_ae,
+        "called_ae": called_ae,
+        "source_ip": source_ip,
+        "received_via": received_via,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode("ascii", "replace")
+
+
+def parse_arrival(private_information: bytes | None) -> dict[str, str]:
+    """The arrival context written by :func:`arrival_json`; {} when absent or unreadable."""
+    if not private_information:
+        return {}
+    try:
+        doc = json.loads(private_information.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return {k: str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}

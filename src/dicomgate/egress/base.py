@@ -1,0 +1,154 @@
+"""What the dispatcher hands to a destination, what it gets back, and how senders are built.
+
+A :class:`Sender` delivers :class:`Delivery` batches to one destination and answers one
+:class:`Outcome` per delivery. It never raises for a failure of one instance or of the
+whole destination: a refused connection or a timeout is an ``Outcome`` with
+``retryable=True`` for every delivery of the batch; a failure that would repeat on every
+attempt (the peer cannot understand the instance) has ``retryable=False`` so that the job
+is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from dicomgate.egress.models import (
+        DicomwebDestination,
+        DimseDestination,
+        FolderDestination,
+        WebhookDestination,
+    )
+
+__all__ = [
+    "Delivery",
+    "Outcome",
+    "Sender",
+    "build_sender",
+    "exception_reason",
+    "failed_all",
+    "failure_status_retryable",
+    "os_error_reason",
+    "tls_verify",
+]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One instance to deliver to one destination (a leased job)."""
+
+    job_id: int
+    path: Path  # the stored Part 10 file; read only, never modified
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    size: int  # bytes of the file
+    route: str  # name of the route that asked for this delivery
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one delivery."""
+
+    job_id: int
+    delivered: bool
+    # When not delivered: False means retrying cannot help (dead-letter at once).
+    retryable: bool = True
+    error: str = ""  # short reason, no PHI: status code, HTTP code, exception class
+    warning: str = ""  # delivered, but the peer reported a warning
+
+
+class Sender(Protocol):
+    """A destination's delivery client (one per destination, long-lived)."""
+
+    name: str
+    max_batch: int  # most deliveries one send() call takes
+    concurrency: int  # most send() calls that may run at once
+
+    async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        """Deliver `batch`; one outcome per delivery, in the same order."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads; the sender is not used afterwards."""
+        ...
+
+
+def failed_all(batch: Sequence[Delivery], error: str, *, retryable: bool = True) -> list[Outcome]:
+    """The same failure for every delivery of `batch`."""
+    return [Outcome(d.job_id, False, retryable, error) for d in batch]
+
+
+# PS3.4 B.2.3 (Storage) and GG.4 (STOW-RS FailureReason): failures that repeat on every
+# attempt. Out of resources (A7xx), processing failure (0110) and the 02xx "try later"
+# class are transient; "cannot understand" (Cxxx), data set / SOP class mismatch (A9xx),
+# invalid instance (0117), SOP class not supported (0122), not authorized (0124) and
+# duplicate SOP instance (0111) are not.
+_PERMANENT_STATUSES = frozenset({0x0111, 0x0117, 0x0122, 0x0124})
+
+
+def failure_status_retryable(status: int) -> bool:
+    """Whether a DIMSE C-STORE failure status (or STOW-RS FailureReason) may succeed later."""
+    if status in _PERMANENT_STATUSES:
+        return False
+    return not ((status & 0xF000) == 0xC000 or (status & 0xFF00) == 0xA900)
+
+
+def exception_reason(exc: BaseException) -> str:
+    """``ClassName: message`` of an exception, for :attr:`Outcome.error`."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def os_error_reason(exc: OSError) -> str:
+    """An ``OSError`` without its file names (a path may hold a patient ID)."""
+    return f"{type(exc).__name__}: {exc.strerror or 'errno ' + str(exc.errno)}"
+
+
+def tls_verify(setting: bool | Path) -> bool | ssl.SSLContext:
+    """httpx's ``verify`` for a ``verify:`` setting: on, off, or a CA bundle to trust."""
+    if isinstance(setting, bool):
+        return setting
+    return ssl.create_default_context(cafile=str(setting))
+
+
+def build_sender(
+    name: str,
+    model: DimseDestination | DicomwebDestination | FolderDestination | WebhookDestination,
+    *,
+    calling_ae: str,
+    gateway_base_url: str,
+) -> Sender:
+    """The sender of destination `name` configured by `model`.
+
+    `calling_ae` is ``dimse.ae_title`` (used unless the destination sets its own);
+    `gateway_base_url` (e.g. ``http://gateway:8080``) is where webhook receivers fetch
+    instances back with WADO-RS. Nothing connects before the first ``send()``.
+    """
+    # Imported here: each kind's module imports this one.
+    from dicomgate.egress.dicomweb import DicomwebSender
+    from dicomgate.egress.dimse import DimseSender
+    from dicomgate.egress.folder import FolderSender
+    from dicomgate.egress.models import (
+        DicomwebDestination,
+        DimseDestination,
+        FolderDestination,
+        WebhookDestination,
+    )
+    from dicomgate.egress.webhook import WebhookSender
+
+    if isinstance(model, DimseDestination):
+        return DimseSender(name, model, calling_ae=model.calling_ae_title or calling_ae)
+    if isinstance(model, DicomwebDestination):
+        return DicomwebSender(name, model)
+    if isinstance(model, FolderDestination):
+        return FolderSender(name, model)
+    if isinstance(model, WebhookDestination):
+        return WebhookSender(name, model, gateway_base_url=gateway_base_url)
+    raise TypeError(f"unknown destination model {type(model).__name__}")

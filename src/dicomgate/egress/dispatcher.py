@@ -1,0 +1,273 @@
+"""Delivery workers: lease jobs per destination, send them, record the outcome.
+
+One asyncio task per (destination, slot), ``sender.concurrency`` slots per destination, so a
+slow destination never blocks another's queue. Database calls run in threads (the queue is
+synchronous SQLAlchemy). Workers sleep until new jobs are announced (:meth:`notify`, called
+after each ingest commit) or ``queue.poll_interval`` passes, so deliveries start within
+milliseconds of the acknowledgement.
+
+A per-destination circuit breaker stops leasing after ``breaker_failures`` consecutive
+whole-batch failures (connection refused, association rejected, HTTP 5xx for everything):
+jobs then wait untouched, without burning their retry budget, and one job probes the
+destination after ``breaker_cooldown``. Delivery is at-least-once (DESIGN rule 3): a job is
+marked done only after the destination acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dicomgate.egress.base import Delivery, Outcome, Sender
+from dicomgate.observability.logging import uid_hash
+from dicomgate.queue.jobs import Job, JobQueue, JobState
+from dicomgate.store.filestore import ContentStore
+
+log = logging.getLogger("dicomgate.delivery")
+
+BREAKER_FAILURES = 5
+BREAKER_COOLDOWN = 30.0
+
+
+@dataclass
+class _Breaker:
+    """Closed -> open after N consecutive failed batches -> half-open probe after cool-down."""
+
+    failures: int = 0
+    open_until: float = 0.0
+    probing: bool = False
+
+    def allow(self) -> int | None:
+        """How many jobs may be leased now: None = full batch, 0 = none (open), 1 = probe."""
+        if self.failures < BREAKER_FAILURES:
+            return None
+        if time.monotonic() < self.open_until or self.probing:
+            return 0
+        self.probing = True
+        return 1
+
+    def record(self, success: bool) -> bool:
+        """Returns True when this result opened the breaker."""
+        self.probing = False
+        if success:
+            self.failures = 0
+            return False
+        self.failures += 1
+        if self.failures >= BREAKER_FAILURES:
+            self.open_until = time.monotonic() + BREAKER_COOLDOWN
+            return self.failures == BREAKER_FAILURES
+        return False
+
+
+@dataclass
+class _Destination:
+    name: str
+    sender: Sender
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    breaker: _Breaker = field(default_factory=_Breaker)
+    delivered: int = 0
+    failed: int = 0
+
+
+class Dispatcher:
+    """Runs the delivery workers of every configured destination."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        senders: dict[str, Sender],
+        store: ContentStore,
+        *,
+        poll_interval: float = 0.5,
+        timer_interval: float = 1.0,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.poll_interval = poll_interval
+        self.timer_interval = timer_interval
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._destinations = {name: _Destination(name, s) for name, s in senders.items()}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for dest in self._destinations.values():
+            for slot in range(max(1, dest.sender.concurrency)):
+                self._tasks.append(
+                    asyncio.create_task(self._worker(dest), name=f"deliver-{dest.name}-{slot}")
+                )
+        self._tasks.append(asyncio.create_task(self._timers(), name="stable-timers"))
+        log.info(
+            "delivery started for %d destinations",
+            len(self._destinations),
+            extra={"event": "delivery.started"},
+        )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let in-flight sends finish within ``grace``, then cancel; close the senders."""
+        self._stopping = True
+        for dest in self._destinations.values():
+            dest.wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for dest in self._destinations.values():
+            with contextlib.suppress(Exception):
+                await dest.sender.close()
+
+    def notify(self, destinations: Sequence[str]) -> None:
+        """Thread-safe: new jobs exist for these destinations (called after a commit)."""
+        loop = self._loop
+        if loop is None:
+            return
+        for name in set(destinations):
+            dest = self._destinations.get(name)
+            if dest is not None:
+                loop.call_soon_threadsafe(dest.wake.set)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {
+                "delivered": d.delivered,
+                "failed": d.failed,
+                "breaker_open": int(d.breaker.failures >= BREAKER_FAILURES),
+            }
+            for name, d in self._destinations.items()
+        }
+
+    async def _timers(self) -> None:
+        while not self._stopping:
+            try:
+                created = await asyncio.to_thread(self.queue.fire_due_timers)
+            except Exception:
+                log.exception("stable timers failed", extra={"event": "delivery.timer_error"})
+                created = 0
+            if created:
+                log.info(
+                    "stable trigger fired: %d jobs",
+                    created,
+                    extra={"event": "route.stable_fired", "jobs": created},
+                )
+                for dest in self._destinations.values():
+                    dest.wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.sleep(self.timer_interval)
+
+    async def _worker(self, dest: _Destination) -> None:
+        while not self._stopping:
+            allowed = dest.breaker.allow()
+            if allowed == 0:
+                await self._sleep(dest, BREAKER_COOLDOWN / 10)
+                continue
+            limit = max(1, dest.sender.max_batch) if allowed is None else allowed
+            try:
+                jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
+            except Exception:
+                log.exception(
+                    "lease failed",
+                    extra={"event": "delivery.lease_error", "destination": dest.name},
+                )
+                await self._sleep(dest, self.poll_interval * 4)
+                continue
+            if not jobs:
+                dest.breaker.probing = False
+                await self._sleep(dest, self.poll_interval)
+                continue
+            await self._deliver(dest, jobs)
+
+    async def _sleep(self, dest: _Destination, seconds: float) -> None:
+        dest.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dest.wake.wait(), seconds)
+
+    async def _deliver(self, dest: _Destination, jobs: list[Job]) -> None:
+        batch = [
+            Delivery(
+                job_id=job.id,
+                path=self.store.path_of(job.relpath),
+                sop_class_uid=job.sop_class_uid,
+                sop_instance_uid=job.sop_instance_uid,
+                transfer_syntax_uid=job.transfer_syntax_uid,
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=job.series_instance_uid,
+                size=job.size,
+                route=job.route,
+            )
+            for job in jobs
+        ]
+        started = time.monotonic()
+        try:
+            outcomes = await dest.sender.send(batch)
+        except Exception as exc:  # a sender bug must not lose the jobs: retry them
+            log.exception(
+                "sender failed", extra={"event": "delivery.sender_error", "destination": dest.name}
+            )
+            outcomes = [
+                Outcome(d.job_id, False, True, f"internal error: {type(exc).__name__}")
+                for d in batch
+            ]
+        by_id = {o.job_id: o for o in outcomes}
+        done = [j.id for j in jobs if by_id.get(j.id) is not None and by_id[j.id].delivered]
+        if done:
+            await asyncio.to_thread(self.queue.complete, done)
+        failed = [j for j in jobs if j.id not in done]
+        for job in failed:
+            outcome = by_id.get(job.id) or Outcome(job.id, False, True, "no outcome from sender")
+            state = await asyncio.to_thread(
+                self.queue.fail, job, outcome.error, retryable=outcome.retryable
+            )
+            level = logging.ERROR if state is JobState.DEAD else logging.WARNING
+            log.log(
+                level,
+                "delivery failed: %s",
+                outcome.error,
+                extra={
+                    "event": "delivery.dead_lettered"
+                    if state is JobState.DEAD
+                    else "delivery.failed",
+                    "destination": dest.name,
+                    "job": job.id,
+                    "attempt": job.attempts + 1,
+                    "sop": uid_hash(job.sop_instance_uid),
+                },
+            )
+        for outcome in outcomes:
+            if outcome.delivered and outcome.warning:
+                log.warning(
+                    "delivered with warning: %s",
+                    outcome.warning,
+                    extra={
+                        "event": "delivery.warning",
+                        "destination": dest.name,
+                        "job": outcome.job_id,
+                    },
+                )
+        dest.delivered += len(done)
+        dest.failed += len(failed)
+        if done:
+            log.info(
+                "delivered %d in %.0f ms",
+                len(done),
+                (time.monotonic() - started) * 1000,
+                extra={"event": "delivery.done", "destination": dest.name, "instances": len(done)},
+            )
+        whole_batch_failed = not done and all(
+            (by_id.get(j.id) is None or by_id[j.id].retryable) for j in jobs
+        )
+        if dest.breaker.record(not whole_batch_failed):
+            log.error(
+                "destination unreachable, pausing deliveries for %.0f s",
+                BREAKER_COOLDOWN,
+                extra={"event": "delivery.circuit_open", "destination": dest.name},
+            )

@@ -1,0 +1,139 @@
+"""Folder destination: copy each instance to ``<path>/<template>``, atomically.
+
+The file is copied to a temporary name in its final folder, flushed to disk and renamed
+over the final name, so a reader of the folder never sees a partial file. An existing file
+of the same name is replaced: delivery is at least once, and a repeat is the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
+from dicomgate.egress.base import Delivery, Outcome, exception_reason, os_error_reason
+from dicomgate.egress.models import FolderDestination, template_keywords
+from dicomgate.observability.logging import uid_hash
+
+__all__ = ["FolderSender", "render_path", "safe_component"]
+
+LOGGER = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+_MAX_COMPONENT = 128  # bytes well under NAME_MAX (255) once encoded
+_COPY_CHUNK = 1024 * 1024
+
+
+def safe_component(value: str) -> str:
+    """`value` made usable as (part of) one file name: no separators, control
+    characters or ``..``; empty becomes ``UNKNOWN``."""
+    text = _UNSAFE.sub("_", value).strip().strip("\x00")
+    text = text.replace("..", "__")
+    text = text[:_MAX_COMPONENT]
+    if text in ("", ".", ".."):
+        return "UNKNOWN"
+    return text
+
+
+def _element_text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list):
+        return "-".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value)
+
+
+def render_path(root: Path, template: str, ds: Dataset) -> Path:
+    """The file path for `ds`: `template` filled from its elements, under `root`."""
+    keywords = template_keywords(template)
+    values = {kw: safe_component(_element_text(ds, kw)) for kw in keywords}
+    relative = template.format_map(values)
+    parts = [p for p in relative.split("/") if p]
+    # Literal text was checked at config time; values cannot add separators. Re-check
+    # anyway: this function decides where bytes are written.
+    if any(p in (".", "..") for p in parts):
+        raise ValueError("template produced a '.' or '..' path component")
+    return root.joinpath(*parts)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(source: Path, target: Path) -> None:
+    """Copy `source` to `target` via a flushed temporary file and a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, _COPY_CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+class FolderSender:
+    """Writes instances into a folder tree (see the module docstring)."""
+
+    def __init__(self, name: str, model: FolderDestination, *, concurrency: int = 2) -> None:
+        self.name = name
+        self.max_batch = 16
+        self.concurrency = concurrency
+        self._root = model.path
+        self._template = model.template
+
+    async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        return await asyncio.to_thread(self._send_blocking, list(batch))
+
+    def _send_blocking(self, batch: list[Delivery]) -> list[Outcome]:
+        return [self._write_one(d) for d in batch]
+
+    def _write_one(self, delivery: Delivery) -> Outcome:
+        try:
+            ds = dcmread(delivery.path, stop_before_pixels=True)
+            target = render_path(self._root, self._template, ds)
+        except OSError as exc:  # the store is unreachable: may come back
+            return self._failed(delivery, f"cannot read the stored file: {os_error_reason(exc)}")
+        except (InvalidDicomError, ValueError, EOFError) as exc:
+            return self._failed(delivery, f"cannot read the header: {exception_reason(exc)}", False)
+        try:
+            write_atomically(delivery.path, target)
+        except OSError as exc:  # full disk, share unmounted, permissions: may be fixed
+            return self._failed(delivery, f"cannot write: {os_error_reason(exc)}")
+        return Outcome(delivery.job_id, True)
+
+    def _failed(self, delivery: Delivery, error: str, retryable: bool = True) -> Outcome:
+        LOGGER.warning(
+            "folder delivery failed: %s",
+            error,
+            extra={
+                "event": "egress.folder_failed",
+                "destination": self.name,
+                "sop": uid_hash(delivery.sop_instance_uid),
+            },
+        )
+        return Outcome(delivery.job_id, False, retryable, error)
+
+    async def close(self) -> None:
+        return None

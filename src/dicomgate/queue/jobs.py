@@ -1,0 +1,653 @@
+"""The delivery queue: one job per (instance, destination, route) in the index database.
+
+Jobs are created by :meth:`dicomgate.index.db.Index.record` in the same transaction as the
+instance row (DESIGN rule 1), or by :meth:`JobQueue.fire_due_timers` when a series or study
+has been quiet for its route's ``stable_after``. Workers then::
+
+    jobs = queue.lease("pacs", 32, "node1-worker3")   # pending -> leased, attempts + 1
+    ...deliver...
+    queue.complete([job.id for job in delivered])      # leased -> done
+    queue.fail(job, "association rejected")            # leased -> pending later, or dead
+    queue.postpone(ids, 30.0)                          # leased -> pending, attempt not counted
+
+Delivery is at-least-once: a worker that dies holding a lease loses it after
+``lease_seconds`` and the job is leased again (its attempt counted). On PostgreSQL several
+nodes lease concurrently with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite each lease is
+one ``BEGIN IMMEDIATE`` transaction. Times come from this process's clock (UTC): nodes
+sharing a database need synchronized clocks (NTP), as leases compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+
+from dicomgate.errors import IndexError_, IndexUnavailable
+from dicomgate.index.schema import (
+    UtcDateTime,
+    delivery_job,
+    instance,
+    series,
+    stable_timer,
+    study,
+)
+from dicomgate.queue.models import QueueConfig, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+_ID_CHUNK = 500  # ids per IN (...) list, well under every backend's parameter limit
+_TIMER_BATCH = 100  # timers fired per transaction
+_ERROR_MAX = 2000  # characters of last_error kept
+# Any 64-bit constant: one node at a time fires stable timers on a shared PostgreSQL.
+_TIMER_LOCK_ID = 0x646963_6F6D68
+
+
+class JobState(StrEnum):
+    """Where a delivery job stands."""
+
+    PENDING = "pending"  # waiting for its not_before, then for a worker
+    LEASED = "leased"  # a worker owns it until lease_until
+    DONE = "done"  # delivered; kept for the operator and retention until purged
+    DEAD = "dead"  # given up (max attempts, max age or a permanent error); re-drivable
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One delivery of one instance to one destination, decided by a route."""
+
+    destination: str  # key of ``destinations:`` in the config
+    route: str  # name of the route that decided it
+    priority: int = 0  # higher is leased first
+
+
+@dataclass(frozen=True)
+class NewTimer:
+    """A series_stable / study_stable trigger armed (or pushed) by a received instance."""
+
+    route: str  # name of the route
+    level: str  # 'series' | 'study'
+    uid: str  # the Series or Study Instance UID
+    stable_after: float  # seconds of quiet before the timer fires
+    destinations: tuple[str, ...]  # the route's ``to:``
+    priority: int = 0  # priority of the jobs it creates
+
+
+@dataclass(frozen=True)
+class Job:
+    """A leased job joined with what delivery needs."""
+
+    id: int
+    destination: str
+    route: str
+    priority: int
+    attempts: int  # deliveries tried, this one included (1 on the first lease)
+    created_at: datetime  # UTC; max_age counts from here (reset by a re-drive)
+    instance_pk: int  # the instance row (the newest version after an overwrite)
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    relpath: str  # file in the content store, relative to its root
+    size: int  # bytes
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def backoff(attempts: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt.
+
+    ``initial * multiplier ** (attempts - 1)``, capped at ``max``, then spread by
+    ``+- jitter`` and capped again: near the cap the waits spread below ``max``, never above,
+    so a destination that comes back sees its whole backlog retried within ``max``.
+    """
+    exponent = max(attempts, 1) - 1
+    try:
+        delay = min(policy.initial * policy.multiplier**exponent, policy.max)
+    except OverflowError:
+        delay = policy.max
+    if policy.jitter:
+        delay *= 1.0 + (rng or random).uniform(-policy.jitter, policy.jitter)
+    return min(delay, policy.max)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _one_line(error: BaseException) -> str:
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    unique = sorted(set(ids))  # a fixed order: concurrent updates lock rows alike
+    for start in range(0, len(unique), _ID_CHUNK):
+        yield unique[start : start + _ID_CHUNK]
+
+
+_JOINED = (
+    delivery_job.join(instance, delivery_job.c.instance_pk == instance.c.id)
+    .join(series, instance.c.series_pk == series.c.id)
+    .join(study, series.c.study_pk == study.c.id)
+)
+_JOB_COLUMNS = (
+    delivery_job.c.id,
+    delivery_job.c.destination,
+    delivery_job.c.route,
+    delivery_job.c.priority,
+    delivery_job.c.attempts,
+    delivery_job.c.created_at,
+    delivery_job.c.not_before,
+    delivery_job.c.instance_pk,
+    instance.c.sop_instance_uid,
+    instance.c.sop_class_uid,
+    instance.c.transfer_syntax_uid,
+    instance.c.relpath,
+    instance.c.size,
+    study.c.study_instance_uid,
+    series.c.series_instance_uid,
+)
+_LISTED_COLUMNS = (
+    delivery_job.c.id,
+    delivery_job.c.instance_pk,
+    delivery_job.c.destination,
+    delivery_job.c.route,
+    delivery_job.c.state,
+    delivery_job.c.priority,
+    delivery_job.c.attempts,
+    delivery_job.c.not_before,
+    delivery_job.c.lease_until,
+    delivery_job.c.leased_by,
+    delivery_job.c.last_error,
+    delivery_job.c.created_at,
+    delivery_job.c.updated_at,
+    instance.c.sop_instance_uid,
+    series.c.series_instance_uid,
+    study.c.study_instance_uid,
+)
+
+
+class JobQueue:
+    """Leasing, retry, dead-letter and operator control of the delivery jobs.
+
+    ``engine`` is :attr:`Index.engine` (its SQLite connections take the write lock at
+    BEGIN). ``clock`` and ``rng`` are for tests. Database failures raise
+    :class:`IndexUnavailable` (unreachable, locked) or :class:`IndexError_`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: QueueConfig,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        self._config = config
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._postgres = engine.dialect.name == "postgresql"
+
+    @property
+    def config(self) -> QueueConfig:
+        return self._config
+
+    # -- workers ----------------------------------------------------------------------
+
+    def lease(self, destination: str, limit: int, worker: str) -> list[Job]:
+        """Lease up to ``limit`` due jobs of ``destination`` for ``lease_seconds``.
+
+        Highest priority first, then earliest due (for a new job: oldest). Jobs whose lease
+        expired (a crashed or hung worker) are leased again. Each lease counts an attempt.
+        """
+        if limit <= 0:
+            return []
+        now = self._clock()
+        until = now + timedelta(seconds=self._config.lease_seconds)
+        j = delivery_job.c
+        ordered = (j.priority.desc(), j.not_before)
+        pending = (
+            select(*_JOB_COLUMNS)
+            .select_from(_JOINED)
+            .where(
+                j.destination == destination,
+                j.state == JobState.PENDING.value,
+                j.not_before <= now,
+            )
+            .order_by(*ordered)
+            .limit(limit)
+        )
+        expired = (
+            select(*_JOB_COLUMNS)
+            .select_from(_JOINED)
+            .where(
+                j.destination == destination,
+                j.state == JobState.LEASED.value,
+                j.lease_until < now,
+            )
+            .order_by(*ordered)
+            .limit(limit)
+        )
+        if self._postgres:
+            pending = pending.with_for_update(skip_locked=True, of=delivery_job)
+            expired = expired.with_for_update(skip_locked=True, of=delivery_job)
+        with self._write() as connection:
+            rows = list(connection.execute(expired)) + list(connection.execute(pending))
+            rows.sort(key=lambda row: (-row.priority, row.not_before))
+            rows = rows[:limit]
+            if not rows:
+                return []
+            for chunk in _chunks([row.id for row in rows]):
+                connection.execute(
+                    update(delivery_job)
+                    .where(j.id.in_(chunk))
+                    .values(
+                        state=JobState.LEASED.value,
+                        attempts=j.attempts + 1,
+                        lease_until=until,
+                        leased_by=worker[:64],
+                        updated_at=now,
+                    )
+                )
+        return [
+            Job(
+                id=row.id,
+                destination=row.destination,
+                route=row.route,
+                priority=row.priority,
+                attempts=row.attempts + 1,
+                created_at=row.created_at,
+                instance_pk=row.instance_pk,
+                sop_instance_uid=row.sop_instance_uid,
+                sop_class_uid=row.sop_class_uid,
+                transfer_syntax_uid=row.transfer_syntax_uid,
+                relpath=row.relpath,
+                size=row.size,
+                study_instance_uid=row.study_instance_uid,
+                series_instance_uid=row.series_instance_uid,
+            )
+            for row in rows
+        ]
+
+    def complete(self, job_ids: Sequence[int]) -> None:
+        """Mark delivered jobs done (a job no longer leased, e.g. re-driven, too)."""
+        if not job_ids:
+            return
+        now = self._clock()
+        j = delivery_job.c
+        with self._write() as connection:
+            for chunk in _chunks(job_ids):
+                connection.execute(
+                    update(delivery_job)
+                    .where(
+                        j.id.in_(chunk),
+                        j.state.in_([JobState.LEASED.value, JobState.PENDING.value]),
+                    )
+                    .values(
+                        state=JobState.DONE.value,
+                        lease_until=None,
+                        updated_at=now,
+                    )
+                )
+
+    def fail(self, job: Job, error: str, *, retryable: bool = True) -> JobState:
+        """Record a failed attempt of a leased job; returns its new state.
+
+        Retryable and within ``max_attempts`` and ``max_age``: pending again after
+        :func:`backoff`. Otherwise dead, ``error`` kept as ``last_error``. A job that is no
+        longer leased (completed or re-driven meanwhile) is left alone and its state
+        returned; a job that is gone counts as dead.
+        """
+        policy = self._config.retry
+        now = self._clock()
+        j = delivery_job.c
+        with self._write() as connection:
+            row = connection.execute(
+                select(j.state, j.attempts, j.created_at).where(j.id == job.id)
+            ).first()
+            if row is None:
+                return JobState.DEAD
+            if row.state != JobState.LEASED.value:
+                return JobState(row.state)
+            age = (now - row.created_at).total_seconds()
+            exhausted = policy.max_attempts > 0 and row.attempts >= policy.max_attempts
+            if not retryable or exhausted or age >= policy.max_age:
+                state = JobState.DEAD
+                not_before = now
+            else:
+                state = JobState.PENDING
+                not_before = now + timedelta(seconds=backoff(row.attempts, policy, self._rng))
+            connection.execute(
+                update(delivery_job)
+                .where(j.id == job.id)
+                .values(
+                    state=state.value,
+                    not_before=not_before,
+                    lease_until=None,
+                    last_error=error[:_ERROR_MAX],
+                    updated_at=now,
+                )
+            )
+        if state is JobState.DEAD:
+            log.warning(
+                "delivery dead-lettered",
+                extra={
+                    "event": "queue.dead_lettered",
+                    "job": job.id,
+                    "destination": job.destination,
+                    "attempts": row.attempts,
+                    "retryable": retryable,
+                },
+            )
+        return state
+
+    def postpone(self, job_ids: Sequence[int], seconds: float) -> None:
+        """Put jobs back to pending for ``seconds`` without counting their attempt.
+
+        For a delivery that was not tried: circuit open, outside the schedule window,
+        rate limit.
+        """
+        if not job_ids:
+            return
+        now = self._clock()
+        j = delivery_job.c
+        with self._write() as connection:
+            for chunk in _chunks(job_ids):
+                connection.execute(
+                    update(delivery_job)
+                    .where(
+                        j.id.in_(chunk),
+                        j.state.in_([JobState.LEASED.value, JobState.PENDING.value]),
+                    )
+                    .values(
+                        state=JobState.PENDING.value,
+                        attempts=case(
+                            (
+                                and_(j.state == JobState.LEASED.value, j.attempts > 0),
+                                j.attempts - 1,
+                            ),
+                            else_=j.attempts,
+                        ),
+                        not_before=now + timedelta(seconds=max(seconds, 0.0)),
+                        lease_until=None,
+                        updated_at=now,
+                    )
+                )
+
+    def destinations_with_due_jobs(self) -> list[str]:
+        """Destinations that have a job to lease now (due pending or lease expired)."""
+        now = self._clock()
+        j = delivery_job.c
+        query = (
+            select(j.destination)
+            .where(
+                or_(
+                    and_(j.state == JobState.PENDING.value, j.not_before <= now),
+                    and_(j.state == JobState.LEASED.value, j.lease_until < now),
+                )
+            )
+            .distinct()
+            .order_by(j.destination)
+        )
+        with self._read() as connection:
+            return [str(name) for name in connection.execute(query).scalars()]
+
+    def fire_due_timers(self) -> int:
+        """Fire every stable timer whose deadline passed; returns the number of jobs created.
+
+        Per timer, in one transaction: one pending job per current instance of its series
+        or study and per destination, unless that instance already has a job of that route
+        and destination (a timer pushed after firing sends only what is new); then the timer
+        is deleted, unless an instance pushed its deadline meanwhile.
+        """
+        created = 0
+        while True:
+            fired, jobs = self._fire_timer_batch()
+            created += jobs
+            if fired < _TIMER_BATCH:
+                return created
+
+    # -- operators --------------------------------------------------------------------
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of jobs per (destination, state)."""
+        j = delivery_job.c
+        query = select(j.destination, j.state, func.count()).group_by(j.destination, j.state)
+        with self._read() as connection:
+            return {(row[0], row[1]): int(row[2]) for row in connection.execute(query)}
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        destination: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Jobs, oldest first, with their instance's UIDs; optionally of one state/destination."""
+        query = select(*_LISTED_COLUMNS).select_from(_JOINED)
+        if state is not None:
+            query = query.where(delivery_job.c.state == JobState(state).value)
+        if destination is not None:
+            query = query.where(delivery_job.c.destination == destination)
+        query = query.order_by(delivery_job.c.id).limit(max(limit, 0)).offset(max(offset, 0))
+        with self._read() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        """One job as :meth:`list` shows it, or None."""
+        query = select(*_LISTED_COLUMNS).select_from(_JOINED).where(delivery_job.c.id == job_id)
+        with self._read() as connection:
+            row = connection.execute(query).mappings().first()
+        return dict(row) if row is not None else None
+
+    def retry(self, job_id: int) -> bool:
+        """Re-drive a dead (or waiting pending) job now; False if no such job in those states.
+
+        A re-driven job starts over: attempts 0 and a fresh ``max_age`` budget.
+        """
+        j = delivery_job.c
+        states = [JobState.DEAD.value, JobState.PENDING.value]
+        return self._redrive(and_(j.id == job_id, j.state.in_(states))) == 1
+
+    def retry_dead(self, destination: str | None = None) -> int:
+        """Re-drive every dead job (of ``destination``); returns how many."""
+        j = delivery_job.c
+        condition = j.state == JobState.DEAD.value
+        if destination is not None:
+            condition = and_(condition, j.destination == destination)
+        return self._redrive(condition)
+
+    def purge(self, *, state: str, destination: str | None = None) -> int:
+        """Delete done or dead jobs (of ``destination``); returns how many."""
+        chosen = JobState(state)
+        if chosen not in (JobState.DONE, JobState.DEAD):
+            raise ValueError(f"only done or dead jobs can be purged, not {chosen.value!r}")
+        j = delivery_job.c
+        stmt = delete(delivery_job).where(j.state == chosen.value)
+        if destination is not None:
+            stmt = stmt.where(j.destination == destination)
+        with self._write() as connection:
+            return int(connection.execute(stmt).rowcount)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _redrive(self, condition: Any) -> int:
+        now = self._clock()
+        stmt = (
+            update(delivery_job)
+            .where(condition)
+            .values(
+                state=JobState.PENDING.value,
+                attempts=0,
+                not_before=now,
+                lease_until=None,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        with self._write() as connection:
+            count = int(connection.execute(stmt).rowcount)
+        if count:
+            log.info("jobs re-driven", extra={"event": "queue.redriven", "jobs": count})
+        return count
+
+    def _fire_timer_batch(self) -> tuple[int, int]:
+        """Fire up to ``_TIMER_BATCH`` due timers; returns (timers fired, jobs created)."""
+        now = self._clock()
+        t = stable_timer.c
+        with self._write() as connection:
+            if self._postgres:
+                locked = connection.execute(
+                    select(func.pg_try_advisory_xact_lock(_TIMER_LOCK_ID))
+                ).scalar_one()
+                if not locked:  # another node is firing them right now
+                    return 0, 0
+            timers = connection.execute(
+                select(t.route, t.level, t.uid, t.destinations, t.priority)
+                .where(t.deadline <= now)
+                .order_by(t.deadline)
+                .limit(_TIMER_BATCH)
+            ).all()
+            created = 0
+            for timer in timers:
+                for destination in json.loads(timer.destinations):
+                    created += self._create_timer_jobs(connection, timer, str(destination), now)
+                # An instance that pushed the deadline meanwhile keeps the timer armed (the
+                # jobs already created stay: the next firing adds only the new instances).
+                connection.execute(
+                    delete(stable_timer).where(
+                        t.route == timer.route,
+                        t.level == timer.level,
+                        t.uid == timer.uid,
+                        t.deadline <= now,
+                    )
+                )
+        if created:
+            log.info(
+                "stable timers fired",
+                extra={"event": "queue.timers_fired", "timers": len(timers), "jobs": created},
+            )
+        return len(timers), created
+
+    def _create_timer_jobs(
+        self, connection: Connection, timer: Any, destination: str, now: datetime
+    ) -> int:
+        if timer.level == "series":
+            members = series.c.series_instance_uid == timer.uid
+            series_ids = select(series.c.id).where(members)
+        elif timer.level == "study":
+            series_ids = (
+                select(series.c.id)
+                .join(study, series.c.study_pk == study.c.id)
+                .where(study.c.study_instance_uid == timer.uid)
+            )
+        else:
+            log.error(
+                "unknown stable timer level %r",
+                timer.level,
+                extra={"event": "queue.bad_timer", "route": timer.route},
+            )
+            return 0
+        j = delivery_job.c
+        already = exists().where(
+            j.instance_pk == instance.c.id,
+            j.route == timer.route,
+            j.destination == destination,
+        )
+        rows = select(
+            instance.c.id,
+            literal(destination),
+            literal(timer.route),
+            literal(JobState.PENDING.value),
+            literal(int(timer.priority)),
+            literal(0),
+            literal(now, UtcDateTime()),
+            literal(now, UtcDateTime()),
+            literal(now, UtcDateTime()),
+        ).where(
+            instance.c.series_pk.in_(series_ids),
+            instance.c.is_current == true(),
+            ~already,
+        )
+        stmt = (
+            insert(delivery_job)
+            .from_select(
+                [
+                    "instance_pk",
+                    "destination",
+                    "route",
+                    "state",
+                    "priority",
+                    "attempts",
+                    "not_before",
+                    "created_at",
+                    "updated_at",
+                ],
+                rows,
+            )
+            .returning(delivery_job.c.id)
+        )
+        return len(connection.execute(stmt).all())  # INSERT ... SELECT rowcount: -1 on psycopg
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        try:
+            with self._engine.connect() as connection:
+                if not self._postgres:
+                    connection = connection.execution_options(sqlite_immediate=True)
+                with connection.begin():
+                    yield connection
+        except sa_exc.DBAPIError as error:
+            raise _database_error(error) from error
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self._engine.connect() as connection:
+                yield connection
+        except sa_exc.DBAPIError as error:
+            raise _database_error(error) from error
+
+
+def _database_error(error: sa_exc.DBAPIError) -> IndexError_:
+    if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or bool(
+        error.connection_invalidated
+    ):
+        return IndexUnavailable(_one_line(error))
+    return IndexError_(f"queue refused the operation: {_one_line(error)}")
+
+
+__all__ = [
+    "Job",
+    "JobQueue",
+    "JobState",
+    "NewJob",
+    "NewTimer",
+    "backoff",
+]

@@ -1,0 +1,269 @@
+"""DICOMweb destination against Orthanc's DICOMweb plugin and a scripted HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from tests.conftest import Corpus, free_port
+
+from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.dicomweb import DicomwebSender
+from dicomgate.egress.models import DicomwebDestination
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def delivery(path: Path, job_id: int) -> Delivery:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return Delivery(
+        job_id=job_id,
+        path=path,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        size=path.stat().st_size,
+        route="test",
+    )
+
+
+def _send(url: str, deliveries: list[Delivery], **settings: Any) -> list[Outcome]:
+    model = DicomwebDestination.model_validate({"type": "dicomweb", "url": url, **settings})
+
+    async def run() -> list[Outcome]:
+        sender = DicomwebSender("cloud", model)
+        try:
+            return await sender.send(deliveries)
+        finally:
+            await sender.close()
+
+    return asyncio.run(run())
+
+
+# ----------------------------------------------------------------- Orthanc
+
+
+@dataclass
+class Orthanc:
+    http_port: int
+    proc: subprocess.Popen[bytes]
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
+        pytest.skip("needs orthanc and orthanc-dicomweb")
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "egress-test",
+        "StorageDirectory": str(tmp_path / "orthanc-db"),
+        "IndexDirectory": str(tmp_path / "orthanc-db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    config_path = tmp_path / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    log = (tmp_path / "orthanc.log").open("wb")
+    proc = subprocess.Popen([str(ORTHANC), str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+    server = Orthanc(http_port, proc)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("Orthanc exited:\n" + (tmp_path / "orthanc.log").read_text())
+            try:
+                server.get("/system")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("Orthanc did not start")
+                time.sleep(0.1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def test_batch_of_ten_goes_in_one_request_and_is_stored(orthanc: Orthanc, corpus: Corpus) -> None:
+    files = corpus.mr("egress-stow", 10, seed=31)
+    deliveries = [delivery(f, n) for n, f in enumerate(files)]
+    outcomes = _send(f"http://127.0.0.1:{orthanc.http_port}/dicom-web", deliveries)
+    assert outcomes == [Outcome(n, True) for n in range(10)]
+    assert len(orthanc.get("/instances")) == 10
+    stored = {
+        orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+        for i in orthanc.get("/instances")
+    }
+    assert stored == {d.sop_instance_uid for d in deliveries}
+
+
+def test_byte_limit_splits_into_several_requests(orthanc: Orthanc, corpus: Corpus) -> None:
+    files = corpus.mr("egress-stow-split", 6, seed=32)
+    deliveries = [delivery(f, n) for n, f in enumerate(files)]
+    limit = deliveries[0].size * 2 + 1  # two per request
+    outcomes = _send(
+        f"http://127.0.0.1:{orthanc.http_port}/dicom-web", deliveries, batch_max_bytes=limit
+    )
+    assert all(o.delivered for o in outcomes)
+    assert len(orthanc.get("/instances")) == 6
+
+
+def test_wrong_base_path_is_not_retryable(orthanc: Orthanc, corpus: Corpus) -> None:
+    files = corpus.mr("egress-stow", 10, seed=31)[:2]
+    outcomes = _send(
+        f"http://127.0.0.1:{orthanc.http_port}/no-such-root",
+        [delivery(f, n) for n, f in enumerate(files)],
+    )
+    assert [(o.delivered, o.retryable) for o in outcomes] == [(False, False)] * 2
+    assert all(o.error.startswith("HTTP 404") for o in outcomes)
+    assert orthanc.get("/instances") == []
+
+
+def test_orthanc_down_is_retryable(corpus: Corpus) -> None:
+    files = corpus.mr("egress-stow", 10, seed=31)[:1]
+    outcomes = _send(f"http://127.0.0.1:{free_port()}/dicom-web", [delivery(files[0], 1)])
+    assert (outcomes[0].delivered, outcomes[0].retryable) == (False, True)
+    assert outcomes[0].error.startswith("ConnectError")
+
+
+# ----------------------------------------------------------------- scripted server
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RecordingServer:
+    """A tiny HTTP server on a free port: records requests, answers ``status``."""
+
+    status: int = 200
+    body: bytes = b""
+    requests: list[Recorded] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def http_server() -> Iterator[RecordingServer]:
+    state = RecordingServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(length)
+            state.requests.append(
+                Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            )
+            self.send_response(state.status)
+            self.send_header("Content-Length", str(len(state.body)))
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            self.wfile.write(state.body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_server_error_is_retryable(http_server: RecordingServer, corpus: Corpus) -> None:
+    http_server.status = 500
+    files = corpus.mr("egress-stow", 10, seed=31)[:3]
+    outcomes = _send(http_server.url + "/dw", [delivery(f, n) for n, f in enumerate(files)])
+    assert [(o.delivered, o.retryable, o.error) for o in outcomes] == [
+        (False, True, "HTTP 500")
+    ] * 3
+    assert len(http_server.requests) == 1
+
+
+def test_bearer_token_and_headers_are_sent(
+    http_server: RecordingServer, corpus: Corpus, tmp_path: Path
+) -> None:
+    files = corpus.mr("egress-stow", 10, seed=31)[:2]
+    token = tmp_path / "token"
+    token.write_text("tok-1\n")
+    outcomes = _send(
+        http_server.url + "/dw/",
+        [delivery(f, n) for n, f in enumerate(files)],
+        auth={"bearer_file": str(token)},
+        headers={"X-Tenant": "radiology"},
+    )
+    assert all(o.delivered for o in outcomes)  # 200 with an empty body
+    (request,) = http_server.requests
+    assert request.path == "/dw/studies"
+    assert request.headers["authorization"] == "Bearer tok-1"
+    assert request.headers["x-tenant"] == "radiology"
+    assert request.headers["accept"] == "application/dicom+json"
+    assert len(request.body) == int(request.headers["content-length"])
+    for f in files:
+        assert f.read_bytes() in request.body
+
+
+def test_partial_failure_from_the_server(http_server: RecordingServer, corpus: Corpus) -> None:
+    files = corpus.mr("egress-stow", 10, seed=31)[:2]
+    deliveries = [delivery(f, n) for n, f in enumerate(files)]
+    http_server.status = 202
+    http_server.body = json.dumps(
+        {
+            "00081199": {
+                "vr": "SQ",
+                "Value": [{"00081155": {"vr": "UI", "Value": [deliveries[0].sop_instance_uid]}}],
+            },
+            "00081198": {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        "00081155": {"vr": "UI", "Value": [deliveries[1].sop_instance_uid]},
+                        "00081197": {"vr": "US", "Value": [0xC000]},
+                    }
+                ],
+            },
+        }
+    ).encode()
+    outcomes = _send(http_server.url, deliveries)
+    assert outcomes[0] == Outcome(0, True)
+    assert (outcomes[1].delivered, outcomes[1].retryable) == (False, False)

@@ -1,0 +1,182 @@
+"""Folder and webhook destinations with real files and a real HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from tests.conftest import Corpus, bundled_file
+
+from dicomgate.egress import build_sender
+from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.models import FolderDestination, WebhookDestination
+
+
+def delivery(path: Path, job_id: int) -> Delivery:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return Delivery(
+        job_id=job_id,
+        path=path,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        size=path.stat().st_size,
+        route="test",
+    )
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RecordingServer:
+    """A tiny HTTP endpoint on a free port: records POSTs, answers ``status``."""
+
+    status: int = 200
+    requests: list[Recorded] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def http_server() -> Iterator[RecordingServer]:
+    state = RecordingServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            state.requests.append(Recorded(self.path, headers, body))
+            self.send_response(state.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_folder_writes_the_template_path_and_overwrites(tmp_path: Path, corpus: Corpus) -> None:
+    files = [*corpus.mr("egress-folder", 3, seed=41), bundled_file("CT_small.dcm")]
+    out = tmp_path / "share"
+    model = FolderDestination(
+        type="folder", path=out, template="{PatientID}/{Modality}/{SOPInstanceUID}.dcm"
+    )
+    mode_before = {f: stat.S_IMODE(f.stat().st_mode) for f in files}
+
+    async def run() -> tuple[list[Outcome], list[Outcome]]:
+        sender = build_sender("share", model, calling_ae="GW", gateway_base_url="http://gw")
+        try:
+            first = await sender.send([delivery(f, n) for n, f in enumerate(files)])
+            again = await sender.send([delivery(files[0], 9)])  # at-least-once repeat
+            return first, again
+        finally:
+            await sender.close()
+
+    first, again = asyncio.run(run())
+    assert first == [Outcome(n, True) for n in range(len(files))]
+    assert again == [Outcome(9, True)]
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        target = out / str(ds.PatientID) / str(ds.Modality) / f"{ds.SOPInstanceUID}.dcm"
+        assert target.read_bytes() == f.read_bytes()
+        assert stat.S_IMODE(f.stat().st_mode) == mode_before[f]  # source untouched
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []  # no temporary files left behind
+    assert sum(1 for p in out.rglob("*.dcm")) == len(files)
+
+
+def test_folder_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
+    source = bundled_file("MR_small.dcm")
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    out = tmp_path / "share"
+    target = out / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"an older, different copy")
+    old_inode = target.stat().st_ino
+    sender = build_sender(
+        "share",
+        FolderDestination(type="folder", path=out),
+        calling_ae="GW",
+        gateway_base_url="http://gw",
+    )
+    assert asyncio.run(sender.send([delivery(source, 1)])) == [Outcome(1, True)]
+    assert target.read_bytes() == source.read_bytes()
+    assert target.stat().st_ino != old_inode  # renamed over, never rewritten in place
+    assert os.listdir(target.parent) == [target.name]
+
+
+def test_webhook_posts_the_notification(http_server: RecordingServer) -> None:
+    source = bundled_file("CT_small.dcm")
+    model = WebhookDestination(type="webhook", url=http_server.url + "/hook", bearer="abc")
+
+    async def run() -> list[Outcome]:
+        sender = build_sender("ai", model, calling_ae="GW", gateway_base_url="http://gw:8080")
+        try:
+            return await sender.send([delivery(source, 4)])
+        finally:
+            await sender.close()
+
+    assert asyncio.run(run()) == [Outcome(4, True)]
+    (request,) = http_server.requests
+    assert request.path == "/hook"
+    assert request.headers["authorization"] == "Bearer abc"
+    assert request.headers["content-type"] == "application/json"
+    body = json.loads(request.body)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    assert body["event"] == "instance.received"
+    assert body["route"] == "test"
+    assert body["sop_instance_uid"] == ds.SOPInstanceUID
+    assert body["wado_rs"] == (
+        f"http://gw:8080/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+
+
+def test_webhook_statuses(http_server: RecordingServer) -> None:
+    source = bundled_file("CT_small.dcm")
+    model = WebhookDestination(type="webhook", url=http_server.url)
+    results = {}
+    for code in (422, 429, 503):
+        http_server.status = code
+
+        async def run() -> list[Outcome]:
+            sender = build_sender("ai", model, calling_ae="GW", gateway_base_url="http://gw")
+            try:
+                return await sender.send([delivery(source, 1)])
+            finally:
+                await sender.close()
+
+        (results[code],) = asyncio.run(run())
+    assert results[422] == Outcome(1, False, False, "HTTP 422")
+    assert results[429] == Outcome(1, False, True, "HTTP 429")
+    assert results[503] == Outcome(1, False, True, "HTTP 503")

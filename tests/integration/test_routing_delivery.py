@@ -1,0 +1,230 @@
+"""Routing and durable delivery end to end: storescu -> dicomgate -> DCMTK storescp / folder.
+
+Real peers on loopback: the gateway is the console script, the destinations are DCMTK
+``storescp`` processes and folders; the queue lives in the gateway's SQLite index.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from tests.conftest import Corpus, GatewayProcess, dcmtk_env, free_port, needs_dcmtk, sop_uid_of
+
+pytestmark = [pytest.mark.timeout(180), needs_dcmtk]
+
+Gateway = Callable[..., GatewayProcess]
+
+
+class StoreSCP:
+    """A DCMTK storescp on a free port writing into ``folder``."""
+
+    def __init__(self, folder: Path, aet: str = "PACS", port: int | None = None) -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> StoreSCP:
+        self.proc = subprocess.Popen(
+            [
+                "storescp",
+                "--output-directory",
+                str(self.folder),
+                "-aet",
+                self.aet,
+                "+xa",
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ok = subprocess.run(
+                ["echoscu", "-aec", self.aet, "127.0.0.1", str(self.port)],
+                env=dcmtk_env(),
+                capture_output=True,
+                check=False,
+            )
+            if ok.returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("storescp did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def received(self) -> dict[str, Path]:
+        out = {}
+        for path in self.folder.iterdir():
+            if path.is_file():
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                out[str(ds.SOPInstanceUID)] = path
+        return out
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    started: list[StoreSCP] = []
+
+    def factory(name: str = "pacs", aet: str = "PACS", start: bool = True) -> StoreSCP:
+        scp = StoreSCP(tmp_path / f"scp-{name}", aet)
+        started.append(scp)
+        return scp.start() if start else scp
+
+    yield factory
+    for scp in started:
+        scp.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pixels_equal(a: Path, b: Path) -> bool:
+    return bool(pydicom.dcmread(a).PixelData == pydicom.dcmread(b).PixelData)
+
+
+def test_fan_out_to_two_dimse_destinations_and_a_folder(
+    gateway: Gateway, storescp: Callable[..., StoreSCP], corpus: Corpus, tmp_path: Path
+) -> None:
+    files = corpus.mr("route-fanout", 20, seed=401)
+    pacs, ai = storescp("pacs", "PACS"), storescp("ai", "AI")
+    share = tmp_path / "share"
+    gw = gateway(
+        {
+            "destinations": {
+                "pacs": {
+                    "type": "dimse",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                },
+                "ai": {"type": "dimse", "ae_title": "AI", "host": "127.0.0.1", "port": ai.port},
+                "share": {"type": "folder", "path": str(share)},
+            },
+            "routes": [
+                {
+                    "name": "mr-everywhere",
+                    "match": {"Modality": "MR"},
+                    "to": ["pacs", "ai", "share"],
+                },
+                {"name": "ct-only", "match": {"Modality": "CT"}, "to": ["pacs"]},
+            ],
+        }
+    )
+    assert gw.storescu(files).returncode == 0
+    sops = {sop_uid_of(f) for f in files}
+    wait_for(
+        lambda: set(pacs.received()) == sops and set(ai.received()) == sops,
+        60,
+        "both DIMSE destinations to receive every instance",
+    )
+    wait_for(lambda: len(list(share.rglob("*.dcm"))) == len(files), 30, "the folder copies")
+    by_sop = {sop_uid_of(f): f for f in files}
+    for sop, path in pacs.received().items():
+        assert _pixels_equal(path, by_sop[sop])
+    assert gw.log_count("delivery.done") >= 1
+
+
+def test_destination_down_then_up_gets_everything(
+    gateway: Gateway, storescp: Callable[..., StoreSCP], corpus: Corpus
+) -> None:
+    files = corpus.mr("route-down", 10, seed=402)
+    pacs = storescp("pacs", "PACS", start=False)
+    gw = gateway(
+        {
+            "destinations": {
+                "pacs": {
+                    "type": "dimse",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                }
+            },
+            "routes": [{"name": "all", "to": ["pacs"]}],
+            "queue": {"retry": {"initial": 0.2, "max": 1.0}},
+        }
+    )
+    assert gw.storescu(files).returncode == 0  # acknowledged although the PACS is down
+    wait_for(lambda: gw.log_count("delivery.failed") >= 1, 20, "a failed delivery attempt")
+    pacs.start()
+    sops = {sop_uid_of(f) for f in files}
+    wait_for(lambda: set(pacs.received()) == sops, 90, "delivery after the PACS came back")
+
+
+def test_kill9_during_delivery_loses_nothing(
+    gateway: Gateway, storescp: Callable[..., StoreSCP], corpus: Corpus
+) -> None:
+    files = corpus.mr("route-kill", 60, seed=403)
+    pacs = storescp("pacs", "PACS", start=False)
+    gw = gateway(
+        {
+            "destinations": {
+                "pacs": {
+                    "type": "dimse",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                }
+            },
+            "routes": [{"name": "all", "to": ["pacs"]}],
+            "queue": {"retry": {"initial": 0.2, "max": 1.0}, "lease_seconds": 5},
+        }
+    )
+    assert gw.storescu(files).returncode == 0
+    gw.close_index()
+    gw.kill9()
+    pacs.start()
+    gw.restart()
+    sops = {sop_uid_of(f) for f in files}
+    wait_for(lambda: set(pacs.received()) >= sops, 90, "every instance delivered after restart")
+
+
+def test_study_stable_trigger_survives_a_restart(
+    gateway: Gateway, storescp: Callable[..., StoreSCP], corpus: Corpus
+) -> None:
+    files = corpus.mr("route-stable", 5, seed=404)
+    pacs = storescp("pacs", "PACS")
+    gw = gateway(
+        {
+            "destinations": {
+                "pacs": {
+                    "type": "dimse",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                }
+            },
+            "routes": [
+                {
+                    "name": "whole-study",
+                    "to": ["pacs"],
+                    "trigger": "study_stable",
+                    "stable_after": "4s",
+                }
+            ],
+        }
+    )
+    assert gw.storescu(files).returncode == 0
+    time.sleep(1)
+    assert pacs.received() == {}, "a study_stable route must wait for the study to be quiet"
+    assert gw.terminate() == 0  # restart between the last instance and the deadline
+    gw.restart()
+    sops = {sop_uid_of(f) for f in files}
+    wait_for(lambda: set(pacs.received()) == sops, 30, "the stable study after the restart")
