@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,30 @@ class Corpus:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return Corpus(tmp_path_factory.mktemp("corpus"))
+
+
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test module on 127.0.0.1:5432, dropped afterwards.
+
+    Skips (with the reason) only when the server is unreachable.
+    """
+    import psycopg
+
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {error}".splitlines()[0])
+    name = f"dicomgate_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def sop_uid_of(path: Path) -> str:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,28 +53,12 @@ def test_json_logs_carry_event_names_and_no_patient_identifiers(
         assert phi and phi not in text, f"{phi!r} leaked into the log"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unreachable: {exc}")
-    name = f"dicomgate_gw_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 @pytest.mark.postgres
 def test_gateway_on_postgresql_stores_and_indexes(
-    gateway: Callable[..., GatewayProcess], corpus: Corpus, postgres_url: str
+    gateway: Callable[..., GatewayProcess], corpus: Corpus, database_url: str
 ) -> None:
     files = corpus.mr("ops-pg", 20, seed=303)
-    gw = gateway({"database": {"url": postgres_url}})
+    gw = gateway({"database": {"url": database_url}})
     ready = gw.http_get("/readyz")
     assert ready[0] == 200, ready
     out = gw.storescu(files)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import psycopg
 import pydicom
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -24,21 +22,6 @@ pytestmark = pytest.mark.postgres
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
-    try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {error}".splitlines()[0])
-    name = f"dicomgate_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
