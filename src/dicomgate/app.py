@@ -1,4 +1,4 @@
-"""The HTTP application: health now; DICOMweb, metrics and the admin API join later."""
+"""The HTTP application: health, the admin API (/api); DICOMweb and metrics join later."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from dicomgate import __version__
+from dicomgate.api import install_api
 from dicomgate.errors import IndexUnavailable
 
 if TYPE_CHECKING:
@@ -46,4 +47,5 @@ def create_app(gateway: Gateway) -> FastAPI:
             status_code=200 if ready else 503,
         )
 
+    install_api(app, gateway.queue)
     return app

@@ -1,0 +1,80 @@
+"""Admin API under ``/api``: the delivery queue (JSON). Authentication lands with issue #7.
+
+Errors are JSON bodies ``{"error": "..."}`` with 400 (bad filter), 404 (unknown job) or
+409 (job in a state that cannot be retried); database trouble is 503.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from dicomgate.errors import DicomgateError
+
+if TYPE_CHECKING:
+    from dicomgate.queue.jobs import JobQueue
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def queue_router(queue: JobQueue) -> APIRouter:
+    """Routes for ``/api/queue`` bound to ``queue`` (sync handlers run in a thread pool)."""
+    router = APIRouter(prefix="/api/queue", tags=["queue"])
+
+    @router.get("")
+    def list_jobs(
+        state: str | None = None,
+        destination: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Any:
+        """Counts per destination and state, and the jobs matching the filters."""
+        if not 1 <= limit <= 1000 or offset < 0:
+            return _error(400, "limit must be 1-1000 and offset >= 0")
+        try:
+            jobs = queue.list(state=state, destination=destination, limit=limit, offset=offset)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        counts: dict[str, dict[str, int]] = {}
+        for (dest, st), n in queue.counts().items():
+            counts.setdefault(dest, {})[st] = n
+        return {"counts": counts, "jobs": jobs}
+
+    @router.get("/{job_id}")
+    def show_job(job_id: int) -> Any:
+        row = queue.get(job_id)
+        return row if row is not None else _error(404, f"no job {job_id}")
+
+    @router.post("/{job_id}/retry")
+    def retry_job(job_id: int) -> Any:
+        """Re-drive one job now (dead-lettered or waiting), attempts reset."""
+        if queue.get(job_id) is None:
+            return _error(404, f"no job {job_id}")
+        if not queue.retry(job_id):
+            return _error(409, f"job {job_id} is leased or done; it cannot be retried")
+        return {"retried": job_id}
+
+    @router.post("/retry-dead")
+    def retry_dead(destination: str | None = None) -> Any:
+        return {"retried": queue.retry_dead(destination)}
+
+    @router.delete("")
+    def purge(state: str = "done", destination: str | None = None) -> Any:
+        try:
+            return {"deleted": queue.purge(state=state, destination=destination)}
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+    return router
+
+
+def install_api(app: FastAPI, queue: JobQueue) -> None:
+    app.include_router(queue_router(queue))
+
+    @app.exception_handler(DicomgateError)
+    async def _unavailable(_request: Request, exc: DicomgateError) -> JSONResponse:
+        return _error(503, f"index unavailable: {exc}")
