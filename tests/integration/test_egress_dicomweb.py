@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,14 +13,11 @@ from typing import Any
 
 import pydicom
 import pytest
-from tests.conftest import Corpus, free_port
+from tests.conftest import Corpus, Orthanc, free_port
 
 from dicomgate.egress.base import Delivery, Outcome
 from dicomgate.egress.dicomweb import DicomwebSender
 from dicomgate.egress.models import DicomwebDestination
-
-ORTHANC = Path("/usr/sbin/Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def delivery(path: Path, job_id: int) -> Delivery:
@@ -55,60 +49,6 @@ def _send(url: str, deliveries: list[Delivery], **settings: Any) -> list[Outcome
 
 
 # ----------------------------------------------------------------- Orthanc
-
-
-@dataclass
-class Orthanc:
-    http_port: int
-    proc: subprocess.Popen[bytes]
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-            return json.loads(r.read())
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
-        pytest.skip("needs orthanc and orthanc-dicomweb")
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "egress-test",
-        "StorageDirectory": str(tmp_path / "orthanc-db"),
-        "IndexDirectory": str(tmp_path / "orthanc-db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    config_path = tmp_path / "orthanc.json"
-    config_path.write_text(json.dumps(config))
-    log = (tmp_path / "orthanc.log").open("wb")
-    proc = subprocess.Popen([str(ORTHANC), str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-    server = Orthanc(http_port, proc)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("Orthanc exited:\n" + (tmp_path / "orthanc.log").read_text())
-            try:
-                server.get("/system")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("Orthanc did not start")
-                time.sleep(0.1)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 def test_batch_of_ten_goes_in_one_request_and_is_stored(orthanc: Orthanc, corpus: Corpus) -> None:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from tests.conftest import Corpus, GatewayProcess, dcmtk_env, free_port, needs_dcmtk, sop_uid_of
+from tests.conftest import (
+    Corpus,
+    GatewayProcess,
+    Orthanc,
+    dcmtk_env,
+    free_port,
+    needs_dcmtk,
+    sop_uid_of,
+)
 
 pytestmark = [pytest.mark.timeout(180), needs_dcmtk]
 
@@ -228,3 +236,28 @@ def test_study_stable_trigger_survives_a_restart(
     gw.restart()
     sops = {sop_uid_of(f) for f in files}
     wait_for(lambda: set(pacs.received()) == sops, 30, "the stable study after the restart")
+
+
+def test_route_to_a_dicomweb_destination_stores_in_orthanc(
+    gateway: Gateway, corpus: Corpus, orthanc: Orthanc
+) -> None:
+    """storescu -> dicomgate -> STOW-RS -> Orthanc's DICOMweb plugin (batched)."""
+    files = corpus.mr("route-stow", 12, seed=405)
+    gw = gateway(
+        {
+            "destinations": {
+                "cloud": {
+                    "type": "dicomweb",
+                    "url": f"http://127.0.0.1:{orthanc.http_port}/dicom-web",
+                }
+            },
+            "routes": [{"name": "to-cloud", "match": {"Modality": "MR"}, "to": ["cloud"]}],
+        }
+    )
+    assert gw.storescu(files).returncode == 0
+    wait_for(lambda: len(orthanc.get("/instances")) == len(files), 60, "Orthanc to hold all")
+    sops = {
+        orthanc.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+        for i in orthanc.get("/instances")
+    }
+    assert sops == {sop_uid_of(f) for f in files}
