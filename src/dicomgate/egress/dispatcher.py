@@ -168,9 +168,13 @@ class Dispatcher:
         while not self._stopping:
             allowed = dest.breaker.allow()
             if allowed == 0:
+                dest.wake.clear()  # new jobs must not wake an open breaker into a busy loop
                 await self._sleep(dest, BREAKER_COOLDOWN / 10)
                 continue
             limit = max(1, dest.sender.max_batch) if allowed is None else allowed
+            # Clear before leasing, not before sleeping: a notify that lands while the lease
+            # query runs must wake the next sleep at once.
+            dest.wake.clear()
             try:
                 jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
             except Exception:
@@ -187,7 +191,6 @@ class Dispatcher:
             await self._deliver(dest, jobs)
 
     async def _sleep(self, dest: _Destination, seconds: float) -> None:
-        dest.wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(dest.wake.wait(), seconds)
 
