@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +33,7 @@ if str(ROOT) not in sys.path:  # for ``from tests.corpus import ...``
 
 from tests.corpus import make_ct_series, make_mr_series  # noqa: E402
 
+from dicomgate.egress.base import Delivery  # noqa: E402
 from dicomgate.index.db import Index  # noqa: E402
 
 DICOMGATE = shutil.which("dicomgate") or str(Path(sys.executable).parent / "dicomgate")
@@ -463,3 +465,88 @@ def sop_uid_of(path: Path) -> str:
 
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
     return str(ds.SOPInstanceUID)
+
+
+# -- helpers shared by the egress and routing tests --------------------------------------
+
+
+def delivery_of(path: Path, job_id: int, route: str = "test") -> Delivery:
+    """A :class:`Delivery` for a Part 10 file, its UIDs read from the file."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return Delivery(
+        job_id=job_id,
+        path=path,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        size=path.stat().st_size,
+        route=route,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 0.1 s; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RecordingServer:
+    """A tiny HTTP server on a free port: records POSTs, answers ``status`` and ``body``."""
+
+    status: int = 200
+    body: bytes = b""
+    requests: list[Recorded] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def http_server() -> Iterator[RecordingServer]:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = RecordingServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            state.requests.append(Recorded("POST", self.path, headers, body))
+            self.send_response(state.status)
+            self.send_header("Content-Length", str(len(state.body)))
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            self.wfile.write(state.body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

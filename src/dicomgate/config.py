@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from dicomgate.egress.models import (
     DicomwebDestination,
@@ -27,6 +27,7 @@ from dicomgate.errors import ConfigError
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
 from dicomgate.queue.models import QueueConfig
+from dicomgate.routing.matcher import Router
 from dicomgate.routing.models import RouteConfig
 
 ENV_PREFIX = "DICOMGATE_"
@@ -318,18 +319,6 @@ class GatewayConfig(_Model):
         ),
     )
 
-    @model_validator(mode="after")
-    def _routes_name_known_destinations(self) -> GatewayConfig:
-        # Compiling the routes checks all of them (destinations, match keys, regexes,
-        # ranges, durations) at load time; the error names its key, e.g. routes[2].match.X.
-        from dicomgate.routing.matcher import Router
-
-        try:
-            Router.compile(self.routes, self.destinations)
-        except ConfigError as exc:
-            raise ValueError(f"{exc.key}: {exc.problem}") from None
-        return self
-
 
 def _env_value(value: str) -> Any:
     """An environment value as YAML (numbers, booleans, lists), else the plain string."""
@@ -372,8 +361,6 @@ def _format_error(exc: ValidationError) -> ConfigError:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required key is missing"
-    if msg.startswith("routes["):
-        key, _, msg = msg.partition(": ")
     return ConfigError(key, msg)
 
 
@@ -385,9 +372,13 @@ def parse_config(data: Any, environ: Mapping[str, str] | None = None) -> Gateway
         raise ConfigError("", "the config file must be a YAML mapping")
     data = _apply_env(copy.deepcopy(data), os.environ if environ is None else environ)
     try:
-        return GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise _format_error(exc) from exc
+    # Compiling the routes checks all of them (destinations, match keys, regexes, ranges,
+    # durations); its ConfigError names the key itself, e.g. routes[2].match.Modality.
+    Router.compile(config.routes, config.destinations)
+    return config
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:

@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pydicom
-import pytest
-from tests.conftest import Corpus, Orthanc, free_port
+from tests.conftest import (
+    Corpus,
+    Orthanc,
+    RecordingServer,
+    delivery_of,
+    free_port,
+)
 
 from dicomgate.egress.base import Delivery, Outcome
 from dicomgate.egress.dicomweb import DicomwebSender
 from dicomgate.egress.models import DicomwebDestination
-
-
-def delivery(path: Path, job_id: int) -> Delivery:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return Delivery(
-        job_id=job_id,
-        path=path,
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        size=path.stat().st_size,
-        route="test",
-    )
 
 
 def _send(url: str, deliveries: list[Delivery], **settings: Any) -> list[Outcome]:
@@ -53,7 +38,7 @@ def _send(url: str, deliveries: list[Delivery], **settings: Any) -> list[Outcome
 
 def test_batch_of_ten_goes_in_one_request_and_is_stored(orthanc: Orthanc, corpus: Corpus) -> None:
     files = corpus.mr("egress-stow", 10, seed=31)
-    deliveries = [delivery(f, n) for n, f in enumerate(files)]
+    deliveries = [delivery_of(f, n) for n, f in enumerate(files)]
     outcomes = _send(f"http://127.0.0.1:{orthanc.http_port}/dicom-web", deliveries)
     assert outcomes == [Outcome(n, True) for n in range(10)]
     assert len(orthanc.get("/instances")) == 10
@@ -66,7 +51,7 @@ def test_batch_of_ten_goes_in_one_request_and_is_stored(orthanc: Orthanc, corpus
 
 def test_byte_limit_splits_into_several_requests(orthanc: Orthanc, corpus: Corpus) -> None:
     files = corpus.mr("egress-stow-split", 6, seed=32)
-    deliveries = [delivery(f, n) for n, f in enumerate(files)]
+    deliveries = [delivery_of(f, n) for n, f in enumerate(files)]
     limit = deliveries[0].size * 2 + 1  # two per request
     outcomes = _send(
         f"http://127.0.0.1:{orthanc.http_port}/dicom-web", deliveries, batch_max_bytes=limit
@@ -79,7 +64,7 @@ def test_wrong_base_path_is_not_retryable(orthanc: Orthanc, corpus: Corpus) -> N
     files = corpus.mr("egress-stow", 10, seed=31)[:2]
     outcomes = _send(
         f"http://127.0.0.1:{orthanc.http_port}/no-such-root",
-        [delivery(f, n) for n, f in enumerate(files)],
+        [delivery_of(f, n) for n, f in enumerate(files)],
     )
     assert [(o.delivered, o.retryable) for o in outcomes] == [(False, False)] * 2
     assert all(o.error.startswith("HTTP 404") for o in outcomes)
@@ -88,7 +73,7 @@ def test_wrong_base_path_is_not_retryable(orthanc: Orthanc, corpus: Corpus) -> N
 
 def test_orthanc_down_is_retryable(corpus: Corpus) -> None:
     files = corpus.mr("egress-stow", 10, seed=31)[:1]
-    outcomes = _send(f"http://127.0.0.1:{free_port()}/dicom-web", [delivery(files[0], 1)])
+    outcomes = _send(f"http://127.0.0.1:{free_port()}/dicom-web", [delivery_of(files[0], 1)])
     assert (outcomes[0].delivered, outcomes[0].retryable) == (False, True)
     assert outcomes[0].error.startswith("ConnectError")
 
@@ -96,64 +81,10 @@ def test_orthanc_down_is_retryable(corpus: Corpus) -> None:
 # ----------------------------------------------------------------- scripted server
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class RecordingServer:
-    """A tiny HTTP server on a free port: records requests, answers ``status``."""
-
-    status: int = 200
-    body: bytes = b""
-    requests: list[Recorded] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@pytest.fixture
-def http_server() -> Iterator[RecordingServer]:
-    state = RecordingServer()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            body = self.rfile.read(length)
-            state.requests.append(
-                Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-            )
-            self.send_response(state.status)
-            self.send_header("Content-Length", str(len(state.body)))
-            self.send_header("Content-Type", "application/dicom+json")
-            self.end_headers()
-            self.wfile.write(state.body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 def test_server_error_is_retryable(http_server: RecordingServer, corpus: Corpus) -> None:
     http_server.status = 500
     files = corpus.mr("egress-stow", 10, seed=31)[:3]
-    outcomes = _send(http_server.url + "/dw", [delivery(f, n) for n, f in enumerate(files)])
+    outcomes = _send(http_server.url + "/dw", [delivery_of(f, n) for n, f in enumerate(files)])
     assert [(o.delivered, o.retryable, o.error) for o in outcomes] == [
         (False, True, "HTTP 500")
     ] * 3
@@ -168,7 +99,7 @@ def test_bearer_token_and_headers_are_sent(
     token.write_text("tok-1\n")
     outcomes = _send(
         http_server.url + "/dw/",
-        [delivery(f, n) for n, f in enumerate(files)],
+        [delivery_of(f, n) for n, f in enumerate(files)],
         auth={"bearer_file": str(token)},
         headers={"X-Tenant": "radiology"},
     )
@@ -185,7 +116,7 @@ def test_bearer_token_and_headers_are_sent(
 
 def test_partial_failure_from_the_server(http_server: RecordingServer, corpus: Corpus) -> None:
     files = corpus.mr("egress-stow", 10, seed=31)[:2]
-    deliveries = [delivery(f, n) for n, f in enumerate(files)]
+    deliveries = [delivery_of(f, n) for n, f in enumerate(files)]
     http_server.status = 202
     http_server.body = json.dumps(
         {

@@ -16,28 +16,13 @@ import pytest
 from pydicom.uid import CTImageStorage, MRImageStorage, RTPlanStorage
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
-from tests.conftest import bundled_file, dcmtk_env, free_port
+from tests.conftest import bundled_file, dcmtk_env, delivery_of, free_port
 
-from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.base import Outcome
 from dicomgate.egress.dimse import DimseSender
 from dicomgate.egress.models import DimseDestination
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="needs DCMTK")
-
-
-def delivery(path: Path, job_id: int) -> Delivery:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return Delivery(
-        job_id=job_id,
-        path=path,
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        size=path.stat().st_size,
-        route="test",
-    )
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -115,8 +100,8 @@ def test_batches_are_delivered_over_one_reused_association(
     async def run() -> tuple[list[Outcome], list[Outcome], int]:
         sender = DimseSender("pacs", _model(scp.port), calling_ae="DICOMGATE")
         try:
-            first = await sender.send([delivery(f, n) for n, f in enumerate(files)])
-            second = await sender.send([delivery(files[0], 10), delivery(files[2], 11)])
+            first = await sender.send([delivery_of(f, n) for n, f in enumerate(files)])
+            second = await sender.send([delivery_of(files[0], 10), delivery_of(files[2], 11)])
             return first, second, sender.associations_opened
         finally:
             await sender.close()
@@ -143,7 +128,7 @@ def test_jpeg2000_is_decompressed_for_a_peer_taking_only_uncompressed(
     async def run() -> list[Outcome]:
         sender = DimseSender("pacs", _model(scp.port), calling_ae="DICOMGATE")
         try:
-            return await sender.send([delivery(source, 1)])
+            return await sender.send([delivery_of(source, 1)])
         finally:
             await sender.close()
 
@@ -160,7 +145,7 @@ def test_destination_down_fails_the_batch_retryably() -> None:
     async def run() -> list[Outcome]:
         sender = DimseSender("pacs", _model(port, dimse_timeout=5), calling_ae="DICOMGATE")
         try:
-            return await sender.send([delivery(f, n) for n, f in enumerate(files)])
+            return await sender.send([delivery_of(f, n) for n, f in enumerate(files)])
         finally:
             await sender.close()
 
@@ -177,13 +162,13 @@ def test_peer_restart_between_calls_reconnects(storescp: Callable[[bool], StoreS
     async def run() -> tuple[list[Outcome], int]:
         sender = DimseSender("pacs", _model(scp.port, dimse_timeout=5), calling_ae="DICOMGATE")
         try:
-            assert await sender.send([delivery(ct, 1)]) == [Outcome(1, True)]
+            assert await sender.send([delivery_of(ct, 1)]) == [Outcome(1, True)]
             scp.stop()  # the idle association dies with it
             scp.start()
-            outcomes = await sender.send([delivery(ct, 2)])
+            outcomes = await sender.send([delivery_of(ct, 2)])
             if not outcomes[0].delivered:  # the loss was seen only while sending
                 assert outcomes[0].retryable, outcomes
-                outcomes = await sender.send([delivery(ct, 2)])
+                outcomes = await sender.send([delivery_of(ct, 2)])
             return outcomes, sender.associations_opened
         finally:
             await sender.close()
@@ -229,7 +214,7 @@ def test_failure_statuses_are_classified_per_instance(
     async def run() -> tuple[list[Outcome], int]:
         sender = DimseSender("pacs", _model(port, idle_timeout=0.2), calling_ae="DICOMGATE")
         try:
-            outcomes = await sender.send([delivery(f, n) for n, f in enumerate(files)])
+            outcomes = await sender.send([delivery_of(f, n) for n, f in enumerate(files)])
             assert len(server.active_associations) == 1  # kept open for reuse
             await asyncio.sleep(1.0)  # past idle_timeout: released
             return outcomes, len(server.active_associations)

@@ -6,83 +6,14 @@ import asyncio
 import json
 import os
 import stat
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pydicom
-import pytest
-from tests.conftest import Corpus, bundled_file
+from tests.conftest import Corpus, RecordingServer, bundled_file, delivery_of
 
 from dicomgate.egress import build_sender
-from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.base import Outcome
 from dicomgate.egress.models import FolderDestination, WebhookDestination
-
-
-def delivery(path: Path, job_id: int) -> Delivery:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return Delivery(
-        job_id=job_id,
-        path=path,
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        size=path.stat().st_size,
-        route="test",
-    )
-
-
-@dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class RecordingServer:
-    """A tiny HTTP endpoint on a free port: records POSTs, answers ``status``."""
-
-    status: int = 200
-    requests: list[Recorded] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@pytest.fixture
-def http_server() -> Iterator[RecordingServer]:
-    state = RecordingServer()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            state.requests.append(Recorded(self.path, headers, body))
-            self.send_response(state.status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def test_folder_writes_the_template_path_and_overwrites(tmp_path: Path, corpus: Corpus) -> None:
@@ -96,8 +27,8 @@ def test_folder_writes_the_template_path_and_overwrites(tmp_path: Path, corpus: 
     async def run() -> tuple[list[Outcome], list[Outcome]]:
         sender = build_sender("share", model, calling_ae="GW", gateway_base_url="http://gw")
         try:
-            first = await sender.send([delivery(f, n) for n, f in enumerate(files)])
-            again = await sender.send([delivery(files[0], 9)])  # at-least-once repeat
+            first = await sender.send([delivery_of(f, n) for n, f in enumerate(files)])
+            again = await sender.send([delivery_of(files[0], 9)])  # at-least-once repeat
             return first, again
         finally:
             await sender.close()
@@ -129,7 +60,7 @@ def test_folder_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
         calling_ae="GW",
         gateway_base_url="http://gw",
     )
-    assert asyncio.run(sender.send([delivery(source, 1)])) == [Outcome(1, True)]
+    assert asyncio.run(sender.send([delivery_of(source, 1)])) == [Outcome(1, True)]
     assert target.read_bytes() == source.read_bytes()
     assert target.stat().st_ino != old_inode  # renamed over, never rewritten in place
     assert os.listdir(target.parent) == [target.name]
@@ -142,7 +73,7 @@ def test_webhook_posts_the_notification(http_server: RecordingServer) -> None:
     async def run() -> list[Outcome]:
         sender = build_sender("ai", model, calling_ae="GW", gateway_base_url="http://gw:8080")
         try:
-            return await sender.send([delivery(source, 4)])
+            return await sender.send([delivery_of(source, 4)])
         finally:
             await sender.close()
 
@@ -172,7 +103,7 @@ def test_webhook_statuses(http_server: RecordingServer) -> None:
         async def run() -> list[Outcome]:
             sender = build_sender("ai", model, calling_ae="GW", gateway_base_url="http://gw")
             try:
-                return await sender.send([delivery(source, 1)])
+                return await sender.send([delivery_of(source, 1)])
             finally:
                 await sender.close()
 

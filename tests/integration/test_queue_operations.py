@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.conftest import DICOMGATE, Corpus, GatewayProcess, needs_dcmtk
+from tests.conftest import DICOMGATE, Corpus, GatewayProcess, needs_dcmtk, wait_until
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _post(gw: GatewayProcess, path: str) -> tuple[int, object]:
@@ -51,15 +41,15 @@ def test_dead_lettered_jobs_are_listed_and_redriven(
         assert isinstance(body, dict)
         return len(body["jobs"])
 
-    _wait(lambda: dead() == 4, 60, "4 dead-lettered jobs")
+    wait_until(lambda: dead() == 4, 60, "4 dead-lettered jobs")
     assert gw.log_count("delivery.dead_lettered") == 4
     status, body = gw.http_get("/api/queue?state=dead")
-    job = body["jobs"][0]  # type: ignore[index]
+    job = body["jobs"][0]
     assert job["attempts"] == 2 and job["last_error"]
     assert gw.http_get(f"/api/queue/{job['id']}")[0] == 200
     assert gw.http_get("/api/queue/999999")[0] == 404
     bad = gw.http_get("/api/queue?state=bogus")
-    assert bad[0] == 400 and "error" in bad[1]  # type: ignore[operator]
+    assert bad[0] == 400 and "error" in bad[1]
 
     cli = subprocess.run(
         [DICOMGATE, "queue", "list", "--config", str(gw.config_path), "--state", "dead"],
@@ -84,9 +74,9 @@ def test_dead_lettered_jobs_are_listed_and_redriven(
     assert one.returncode == 0, one.stderr
     status, answer = _post(gw, "/api/queue/retry-dead?destination=share")
     assert status == 200 and answer == {"retried": 3}
-    _wait(lambda: len(list(target.rglob("*.dcm"))) == 4, 60, "re-driven deliveries")
-    _wait(
-        lambda: gw.http_get("/api/queue?state=done")[1]["counts"]["share"].get("done") == 4,  # type: ignore[index]
+    wait_until(lambda: len(list(target.rglob("*.dcm"))) == 4, 60, "re-driven deliveries")
+    wait_until(
+        lambda: gw.http_get("/api/queue?state=done")[1]["counts"]["share"].get("done") == 4,
         30,
         "4 done jobs",
     )

@@ -21,6 +21,7 @@ from tests.conftest import (
     free_port,
     needs_dcmtk,
     sop_uid_of,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.timeout(180), needs_dcmtk]
@@ -95,15 +96,6 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
         scp.stop()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _pixels_equal(a: Path, b: Path) -> bool:
     return bool(pydicom.dcmread(a).PixelData == pydicom.dcmread(b).PixelData)
 
@@ -138,12 +130,12 @@ def test_fan_out_to_two_dimse_destinations_and_a_folder(
     )
     assert gw.storescu(files).returncode == 0
     sops = {sop_uid_of(f) for f in files}
-    wait_for(
+    wait_until(
         lambda: set(pacs.received()) == sops and set(ai.received()) == sops,
         60,
         "both DIMSE destinations to receive every instance",
     )
-    wait_for(lambda: len(list(share.rglob("*.dcm"))) == len(files), 30, "the folder copies")
+    wait_until(lambda: len(list(share.rglob("*.dcm"))) == len(files), 30, "the folder copies")
     by_sop = {sop_uid_of(f): f for f in files}
     for sop, path in pacs.received().items():
         assert _pixels_equal(path, by_sop[sop])
@@ -170,10 +162,10 @@ def test_destination_down_then_up_gets_everything(
         }
     )
     assert gw.storescu(files).returncode == 0  # acknowledged although the PACS is down
-    wait_for(lambda: gw.log_count("delivery.failed") >= 1, 20, "a failed delivery attempt")
+    wait_until(lambda: gw.log_count("delivery.failed") >= 1, 20, "a failed delivery attempt")
     pacs.start()
     sops = {sop_uid_of(f) for f in files}
-    wait_for(lambda: set(pacs.received()) == sops, 90, "delivery after the PACS came back")
+    wait_until(lambda: set(pacs.received()) == sops, 90, "delivery after the PACS came back")
 
 
 def test_kill9_during_delivery_loses_nothing(
@@ -201,7 +193,7 @@ def test_kill9_during_delivery_loses_nothing(
     pacs.start()
     gw.restart()
     sops = {sop_uid_of(f) for f in files}
-    wait_for(lambda: set(pacs.received()) >= sops, 90, "every instance delivered after restart")
+    wait_until(lambda: set(pacs.received()) >= sops, 90, "every instance delivered after restart")
 
 
 def test_study_stable_trigger_survives_a_restart(
@@ -235,7 +227,7 @@ def test_study_stable_trigger_survives_a_restart(
     assert gw.terminate() == 0  # restart between the last instance and the deadline
     gw.restart()
     sops = {sop_uid_of(f) for f in files}
-    wait_for(lambda: set(pacs.received()) == sops, 30, "the stable study after the restart")
+    wait_until(lambda: set(pacs.received()) == sops, 30, "the stable study after the restart")
 
 
 def test_route_to_a_dicomweb_destination_stores_in_orthanc(
@@ -255,7 +247,7 @@ def test_route_to_a_dicomweb_destination_stores_in_orthanc(
         }
     )
     assert gw.storescu(files).returncode == 0
-    wait_for(lambda: len(orthanc.get("/instances")) == len(files), 60, "Orthanc to hold all")
+    wait_until(lambda: len(orthanc.get("/instances")) == len(files), 60, "Orthanc to hold all")
     sops = {
         orthanc.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
         for i in orthanc.get("/instances")
