@@ -85,7 +85,11 @@ class Gateway:
             for name, model in self.config.destinations.items()
         }
         self.dispatcher = Dispatcher(
-            self.queue, senders, self.store, poll_interval=self.config.queue.poll_interval
+            self.queue,
+            senders,
+            self.store,
+            poll_interval=self.config.queue.poll_interval,
+            controls=self.config.destinations,
         )
         self.ingestor = Ingestor(
             self.store,

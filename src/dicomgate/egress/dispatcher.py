@@ -6,11 +6,14 @@ synchronous SQLAlchemy). Workers sleep until new jobs are announced (:meth:`noti
 after each ingest commit) or ``queue.poll_interval`` passes, so deliveries start within
 milliseconds of the acknowledgement.
 
-A per-destination circuit breaker stops leasing after ``breaker_failures`` consecutive
-whole-batch failures (connection refused, association rejected, HTTP 5xx for everything):
-jobs then wait untouched, without burning their retry budget, and one job probes the
-destination after ``breaker_cooldown``. Delivery is at-least-once (DESIGN rule 3): a job is
-marked done only after the destination acknowledged it.
+Traffic control per destination (queue/traffic.py, keys in egress/models.py): outside its
+``schedule`` windows a destination's workers lease nothing and jobs wait; its
+``rate_limit`` is booked after each lease (the next lease waits for the booking), so the
+long-run rate is exact; its circuit breaker stops leasing after ``breaker.failures``
+consecutive whole-batch failures (connection refused, association rejected, HTTP 5xx for
+everything): jobs then wait untouched, without burning their retry budget, and one job
+probes the destination after ``breaker.cooldown``. Delivery is at-least-once (DESIGN rule
+3): a job is marked done only after the destination acknowledged it.
 """
 
 from __future__ import annotations
@@ -21,58 +24,47 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dicomgate.egress.base import Delivery, Outcome, Sender
 from dicomgate.observability.logging import uid_hash
 from dicomgate.queue.jobs import Job, JobQueue, JobState
+from dicomgate.queue.traffic import Breaker, RateLimiter, Schedule
 from dicomgate.store.filestore import ContentStore
 
+if TYPE_CHECKING:
+    from dicomgate.egress.models import DestinationControls
+
 log = logging.getLogger("dicomgate.delivery")
-
-BREAKER_FAILURES = 5
-BREAKER_COOLDOWN = 30.0
-
-
-@dataclass
-class _Breaker:
-    """Closed -> open after N consecutive failed batches -> half-open probe after cool-down."""
-
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-
-    def allow(self) -> int | None:
-        """How many jobs may be leased now: None = full batch, 0 = none (open), 1 = probe."""
-        if self.failures < BREAKER_FAILURES:
-            return None
-        if time.monotonic() < self.open_until or self.probing:
-            return 0
-        self.probing = True
-        return 1
-
-    def record(self, success: bool) -> bool:
-        """Returns True when this result opened the breaker."""
-        self.probing = False
-        if success:
-            self.failures = 0
-            return False
-        self.failures += 1
-        if self.failures >= BREAKER_FAILURES:
-            self.open_until = time.monotonic() + BREAKER_COOLDOWN
-            return self.failures == BREAKER_FAILURES
-        return False
 
 
 @dataclass
 class _Destination:
     name: str
     sender: Sender
+    breaker: Breaker
+    limiter: RateLimiter
+    schedule: Schedule
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    breaker: _Breaker = field(default_factory=_Breaker)
     delivered: int = 0
     failed: int = 0
+    closed_logged: bool = False
+
+
+def _controls(name: str, sender: Sender, model: DestinationControls | None) -> _Destination:
+    if model is None:  # defaults: no rate limit, always open, breaker 5 failures / 30 s
+        return _Destination(name, sender, Breaker(5, 30.0), RateLimiter(None, None), Schedule([]))
+    rate = model.rate_limit
+    mbps = rate.megabytes_per_second
+    return _Destination(
+        name,
+        sender,
+        Breaker(model.breaker.failures, model.breaker.cooldown),
+        RateLimiter(rate.instances_per_second, None if mbps is None else mbps * 1e6),
+        model.traffic_schedule(),
+    )
 
 
 class Dispatcher:
@@ -86,19 +78,24 @@ class Dispatcher:
         *,
         poll_interval: float = 0.5,
         timer_interval: float = 1.0,
+        controls: Mapping[str, DestinationControls] | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
         self.poll_interval = poll_interval
         self.timer_interval = timer_interval
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self._destinations = {name: _Destination(name, s) for name, s in senders.items()}
+        controls = controls or {}
+        self._destinations = {
+            name: _controls(name, sender, controls.get(name)) for name, sender in senders.items()
+        }
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await self._warn_orphans()
         for dest in self._destinations.values():
             for slot in range(max(1, dest.sender.concurrency)):
                 self._tasks.append(
@@ -141,10 +138,31 @@ class Dispatcher:
             name: {
                 "delivered": d.delivered,
                 "failed": d.failed,
-                "breaker_open": int(d.breaker.failures >= BREAKER_FAILURES),
+                "breaker_open": int(d.breaker.is_open),
+                "schedule_open": int(d.schedule.is_open()),
             }
             for name, d in self._destinations.items()
         }
+
+    async def _warn_orphans(self) -> None:
+        """Jobs of destinations no longer in the config wait; say so at every start."""
+        try:
+            counts = await asyncio.to_thread(self.queue.counts)
+        except Exception:
+            log.exception("queue count failed", extra={"event": "delivery.lease_error"})
+            return
+        orphans: dict[str, int] = {}
+        for (destination, state), n in counts.items():
+            if destination not in self._destinations and state != JobState.DONE.value:
+                orphans[destination] = orphans.get(destination, 0) + n
+        for destination, n in sorted(orphans.items()):
+            log.warning(
+                "%d unfinished jobs for destination %r, which is not in the config: they"
+                " wait until it is configured again, or are purged (dicomgate queue purge)",
+                n,
+                destination,
+                extra={"event": "queue.orphaned", "destination": destination, "jobs": n},
+            )
 
     async def _timers(self) -> None:
         while not self._stopping:
@@ -166,12 +184,38 @@ class Dispatcher:
 
     async def _worker(self, dest: _Destination) -> None:
         while not self._stopping:
+            closed_for = dest.schedule.seconds_until_open()
+            if closed_for > 0:
+                if not dest.closed_logged:
+                    dest.closed_logged = True
+                    log.info(
+                        "outside the schedule; deliveries resume in %.0f s",
+                        closed_for,
+                        extra={"event": "delivery.schedule_closed", "destination": dest.name},
+                    )
+                dest.wake.clear()  # new jobs wait for the window
+                await self._sleep(dest, min(closed_for, 60.0))
+                continue
+            if dest.closed_logged:
+                dest.closed_logged = False
+                log.info(
+                    "schedule window open",
+                    extra={"event": "delivery.schedule_open", "destination": dest.name},
+                )
             allowed = dest.breaker.allow()
             if allowed == 0:
                 dest.wake.clear()  # new jobs must not wake an open breaker into a busy loop
-                await self._sleep(dest, BREAKER_COOLDOWN / 10)
+                await self._sleep(dest, dest.breaker.cooldown / 10)
                 continue
-            limit = max(1, dest.sender.max_batch) if allowed is None else allowed
+            ready_in = dest.limiter.ready_in()
+            if ready_in > 0:
+                if allowed == 1:
+                    dest.breaker.release_probe()
+                await self._sleep_unwoken(ready_in)
+                continue
+            limit = dest.limiter.batch_size(max(1, dest.sender.max_batch))
+            if allowed is not None:
+                limit = allowed
             # Clear before leasing, not before sleeping: a notify that lands while the lease
             # query runs must wake the next sleep at once.
             dest.wake.clear()
@@ -182,13 +226,30 @@ class Dispatcher:
                     "lease failed",
                     extra={"event": "delivery.lease_error", "destination": dest.name},
                 )
+                if allowed == 1:
+                    dest.breaker.release_probe()
                 await self._sleep(dest, self.poll_interval * 4)
                 continue
             if not jobs:
-                dest.breaker.probing = False
+                if allowed == 1:
+                    dest.breaker.release_probe()
                 await self._sleep(dest, self.poll_interval)
                 continue
+            wait = dest.limiter.book(len(jobs), sum(job.size for job in jobs))
+            if wait > self.queue.config.lease_seconds / 2:
+                # Another slot booked a large send meanwhile: give the jobs back rather than
+                # hold them past their lease.
+                await asyncio.to_thread(self.queue.postpone, [j.id for j in jobs], wait)
+                continue
+            if wait > 0:
+                await self._sleep_unwoken(wait)
             await self._deliver(dest, jobs)
+
+    async def _sleep_unwoken(self, seconds: float) -> None:
+        """Sleep that only a stop cuts short (new jobs do not shorten a rate-limit wait)."""
+        end = time.monotonic() + seconds
+        while not self._stopping and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.5))
 
     async def _sleep(self, dest: _Destination, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -271,6 +332,6 @@ class Dispatcher:
         if dest.breaker.record(not whole_batch_failed):
             log.error(
                 "destination unreachable, pausing deliveries for %.0f s",
-                BREAKER_COOLDOWN,
+                dest.breaker.cooldown,
                 extra={"event": "delivery.circuit_open", "destination": dest.name},
             )

@@ -6,17 +6,111 @@ import string
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
 from pydicom.datadict import tag_for_keyword
 
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
+from dicomgate.queue.traffic import Schedule, parse_schedule
 
 DEFAULT_FOLDER_TEMPLATE = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
 
-class DimseDestination(_Model):
+class RateLimit(_Model):
+    """Most traffic sent to one destination; either limit may be left unset."""
+
+    instances_per_second: float | None = Field(
+        None,
+        gt=0,
+        description="Most instances sent per second (e.g. `20`); unset: no limit.",
+    )
+    megabytes_per_second: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Most megabytes (10^6 bytes) of files sent per second, e.g. `10` to leave room on"
+            " a shared WAN link; unset: no limit."
+        ),
+    )
+
+
+class BreakerSettings(_Model):
+    """When to stop trying a destination that fails every delivery."""
+
+    failures: int = Field(
+        5,
+        ge=0,
+        description=(
+            "Consecutive failed batches (nothing delivered, every failure retryable: refused"
+            " connection, rejected association, timeout, HTTP 5xx) that open the breaker."
+            " While open, jobs wait without spending retry attempts. 0 turns the"
+            " breaker off."
+        ),
+    )
+    cooldown: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds the breaker stays open; then one batch probes the destination: success"
+            " closes the breaker, failure opens it for another cool-down."
+        ),
+    )
+
+
+class DestinationControls(_Model):
+    """Traffic control shared by every destination kind."""
+
+    rate_limit: RateLimit = Field(
+        default_factory=RateLimit,
+        description="Most instances and megabytes per second sent to this destination.",
+    )
+    schedule: str | list[str] | None = Field(
+        None,
+        description=(
+            'When deliveries may run, e.g. `"20:00-06:00"` (nights) or `["Mon-Fri'
+            ' 19:00-07:00", "Sat,Sun"]` (week nights and week-ends). A window is'
+            " `[DAYS] HH:MM-HH:MM` or just `DAYS`; a window past midnight belongs to the day it"
+            " starts on. Times are the gateway's local time (see `schedule_timezone`). Outside"
+            " every window, jobs are queued and wait; an association or request already"
+            " running finishes its batch. Unset: always."
+        ),
+    )
+    schedule_timezone: str | None = Field(
+        None,
+        description=(
+            "IANA time zone of `schedule`, e.g. `Europe/Paris`; unset: the gateway host's"
+            " local time zone."
+        ),
+    )
+    breaker: BreakerSettings = Field(
+        default_factory=BreakerSettings,
+        description="Circuit breaker: pause a destination that fails every delivery.",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _windows(cls, value: str | list[str] | None) -> str | list[str] | None:
+        parse_schedule(value)
+        return value
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not a known IANA time zone") from None
+        return value
+
+    def traffic_schedule(self) -> Schedule:
+        tz = ZoneInfo(self.schedule_timezone) if self.schedule_timezone else None
+        return Schedule(parse_schedule(self.schedule), tz)
+
+
+class DimseDestination(DestinationControls):
     """Send with C-STORE to a DICOM node (PACS, workstation, AI engine)."""
 
     type: Literal["dimse"] = Field(description="Destination kind: `dimse`.")
@@ -119,7 +213,7 @@ def parse_auth(value: dict[str, Any] | None) -> HttpAuth | None:
     raise ValueError(f"unknown auth kind {kind!r}: {_AUTH_HELP}")
 
 
-class DicomwebDestination(_Model):
+class DicomwebDestination(DestinationControls):
     """Send with STOW-RS to a DICOMweb service (cloud archive, VNA)."""
 
     type: Literal["dicomweb"] = Field(description="Destination kind: `dicomweb`.")
@@ -216,7 +310,7 @@ def template_keywords(template: str) -> list[str]:
     return keywords
 
 
-class FolderDestination(_Model):
+class FolderDestination(DestinationControls):
     """Write Part 10 files into a folder (a share, a research drop box)."""
 
     type: Literal["folder"] = Field(description="Destination kind: `folder`.")
@@ -238,7 +332,7 @@ class FolderDestination(_Model):
         return value
 
 
-class WebhookDestination(_Model):
+class WebhookDestination(DestinationControls):
     """Notify an HTTP endpoint (e.g. an AI engine) about received instances."""
 
     type: Literal["webhook"] = Field(description="Destination kind: `webhook`.")
