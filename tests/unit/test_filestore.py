@@ -299,3 +299,22 @@ def test_stored_file_roundtrip(store: ContentStore) -> None:
     assert ds.SOPInstanceUID == SOP
     assert ds.file_meta.SourceApplicationEntityTitle == "MODALITY"
     assert os.path.getsize(store.path_of(stored.relpath)) == stored.size
+
+
+def test_place_survives_its_folder_removed_by_retention(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention removes emptied folders; one vanishing between mkdir and rename is re-made."""
+    real_replace = os.replace
+    removed: list[Path] = []
+
+    def replace_after_rmdir(src: str | Path, dst: str | Path) -> None:
+        folder = Path(dst).parent
+        if not removed:
+            os.rmdir(folder)  # what a retention sweep does to an empty series folder
+            removed.append(folder)
+        real_replace(src, dst)
+
+    monkeypatch.setattr("dicomgate.store.filestore.os.replace", replace_after_rmdir)
+    stored = store.commit(_spool(store, b"data"), STUDY, SERIES, SOP)
+    assert removed and (store.root / stored.relpath).read_bytes() == b"data"

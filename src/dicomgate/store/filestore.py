@@ -189,17 +189,25 @@ class ContentStore:
         folder = self.store_dir / _safe_component(study_uid) / _safe_component(series_uid)
         name = _safe_component(sop_uid)
         try:
-            folders = [folder]
-            if not folder.exists():
-                folders += [folder.parent, folder.parent.parent]
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{name}.dcm"
-            copy = 1
-            while target.exists():  # never replace a stored file (the committer is the only writer)
-                suffix = spool.sha256[:16] if copy == 1 else f"{spool.sha256[:16]}.{copy}"
-                target = folder / f"{name}.{suffix}.dcm"
-                copy += 1
-            os.replace(spool.path, target)
+            for attempt in range(3):
+                folders = [folder]
+                if not folder.exists():
+                    folders += [folder.parent, folder.parent.parent]
+                folder.mkdir(parents=True, exist_ok=True)
+                target = folder / f"{name}.dcm"
+                copy = 1
+                while target.exists():  # never replace a stored file (the committer is the
+                    # only writer; retention only deletes)
+                    suffix = spool.sha256[:16] if copy == 1 else f"{spool.sha256[:16]}.{copy}"
+                    target = folder / f"{name}.{suffix}.dcm"
+                    copy += 1
+                try:
+                    os.replace(spool.path, target)
+                    break
+                except FileNotFoundError:
+                    # retention removed the emptied folder between mkdir and rename
+                    if attempt == 2 or not spool.path.exists():
+                        raise
             spool.path = target
             spool.close()
         except OSError as exc:
