@@ -1,4 +1,4 @@
-"""The HTTP application: health, the admin API (/api); DICOMweb and metrics join later."""
+"""The HTTP application: health, the admin API (/api), DICOMweb (/dicomweb), FHIR (/fhir)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from dicomgate import __version__
 from dicomgate.api import install_api
+from dicomgate.dicomweb.server import install_dicomweb
 from dicomgate.errors import IndexUnavailable
 
 if TYPE_CHECKING:
@@ -48,4 +49,5 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     install_api(app, gateway.queue)
+    install_dicomweb(app, gateway)
     return app

@@ -12,6 +12,7 @@ from dicomgate import __version__
 from dicomgate.errors import ConfigError
 
 if TYPE_CHECKING:
+    from dicomgate.dicomweb.client import StowOptions
     from dicomgate.queue.jobs import JobQueue as JobQueueT
 
 app = typer.Typer(
@@ -95,25 +96,267 @@ def echo(
     typer.echo(f"echo {aec}@{host}:{port}: success in {elapsed * 1000:.1f} ms")
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _byte_size(option: str, value: str) -> int:
+    """``64M``, ``500K``, ``1G`` or a plain number of bytes."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in "KMG" else (text, "")
+    if not number.isdigit() or int(number) < 1:
+        raise _fail(f"{option}: expected a size such as 64M, 500K or 1048576, got {value!r}")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def _key_value(option: str, value: str, what: str) -> tuple[str, str]:
+    key, sep, rest = value.partition(":")
+    if not sep or not key.strip():
+        raise _fail(f"{option}: expected {what}, got {value!r}")
+    return key.strip(), rest.strip() if option == "--header" else rest
+
+
+_DICOMWEB_ONLY = (
+    "--batch",
+    "--batch-bytes",
+    "--token",
+    "--token-file",
+    "--user",
+    "--header",
+    "--insecure",
+    "--ca-bundle",
+    "--retries",
+    "--retry-wait",
+    "--concurrency",
+)
+
+
+def _stow_options(
+    url: str,
+    *,
+    timeout: float,
+    batch: int | None,
+    batch_bytes: str | None,
+    token: str | None,
+    token_file: Path | None,
+    user: str | None,
+    header: list[str],
+    insecure: bool,
+    ca_bundle: Path | None,
+    retries: int | None,
+    retry_wait: float | None,
+    concurrency: int | None,
+) -> StowOptions:
+    """The checked :class:`~dicomgate.dicomweb.client.StowOptions` of a dicomweb send."""
+    import ssl
+
+    from pydantic import ValidationError
+
+    from dicomgate.dicomweb.client import StowOptions
+    from dicomgate.egress.models import DicomwebDestination
+
+    if not url.startswith(("http://", "https://")):
+        raise _fail(f"--to: expected an http:// or https:// URL with --via dicomweb, got {url!r}")
+    if sum(x is not None for x in (token, token_file, user)) > 1:
+        raise _fail("--token, --token-file and --user: give only one")
+    auth: dict[str, Any] | None = None
+    if token is not None:
+        if not token.strip():
+            raise _fail("--token: empty token")
+        auth = {"bearer": token}
+    elif token_file is not None:
+        if not token_file.is_file():
+            raise _fail(f"--token-file: {token_file}: no such file")
+        auth = {"bearer_file": str(token_file)}
+    elif user is not None:
+        name, password = _key_value("--user", user, "USER:PASSWORD")
+        auth = {"basic": {"username": name, "password": password}}
+    headers = dict(_key_value("--header", h, "NAME:VALUE") for h in header)
+    verify: bool | str = True
+    if ca_bundle is not None:
+        if insecure:
+            raise _fail("--ca-bundle and --insecure: give only one")
+        try:
+            ssl.create_default_context(cafile=str(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise _fail(f"--ca-bundle: {ca_bundle}: not a readable PEM CA bundle ({exc})") from None
+        verify = str(ca_bundle)
+    elif insecure:
+        verify = False
+    for option, value, low in (
+        ("--batch", batch, 1),
+        ("--retries", retries, 0),
+        ("--concurrency", concurrency, 1),
+    ):
+        if value is not None and value < low:
+            raise _fail(f"{option}: must be at least {low}, got {value}")
+    if retry_wait is not None and not retry_wait > 0:
+        raise _fail(f"--retry-wait: must be more than 0 seconds, got {retry_wait:g}")
+    settings: dict[str, Any] = {
+        "type": "dicomweb",
+        "url": url,
+        "auth": auth,
+        "headers": headers,
+        "verify": verify,
+        "timeout": timeout,
+    }
+    if batch is not None:
+        settings["batch_max_instances"] = batch
+    if batch_bytes is not None:
+        settings["batch_max_bytes"] = _byte_size("--batch-bytes", batch_bytes)
+    if concurrency is not None:
+        settings["concurrency"] = concurrency
+    try:
+        destination = DicomwebDestination.model_validate(settings)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "url"
+        option = {"batch_max_bytes": "--batch-bytes", "url": "--to"}.get(field, "--" + field)
+        raise _fail(f"{option}: {error['msg']}") from None
+    return StowOptions(
+        destination,
+        retries=3 if retries is None else retries,
+        retry_wait=1.0 if retry_wait is None else retry_wait,
+    )
+
+
 @app.command()
 def send(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive)")],
-    to: Annotated[str, typer.Option("--to", help="HOST:PORT of the receiver")],
-    aet: Annotated[str, typer.Option("--aet", help="our (calling) AE title")] = "DICOMGATE",
-    aec: Annotated[str, typer.Option("--aec", help="the receiver's AE title")] = "ANY-SCP",
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="HOST:PORT of a DIMSE receiver, or the base URL of a DICOMweb service"
+            " (the part before /studies, e.g. https://pacs/dicom-web)",
+        ),
+    ],
+    via: Annotated[
+        str | None,
+        typer.Option(
+            help="dimse (C-STORE) or dicomweb (STOW-RS); default: dicomweb when --to is an"
+            " http(s) URL, else dimse"
+        ),
+    ] = None,
+    aet: Annotated[
+        str | None, typer.Option("--aet", help="dimse: our (calling) AE title [DICOMGATE]")
+    ] = None,
+    aec: Annotated[
+        str | None, typer.Option("--aec", help="dimse: the receiver's AE title [ANY-SCP]")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="network timeout, seconds")] = 60.0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    batch: Annotated[
+        int | None, typer.Option(help="dicomweb: most instances per request [50]")
+    ] = None,
+    batch_bytes: Annotated[
+        str | None, typer.Option(help="dicomweb: most bytes per request, e.g. 16M [64M]")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="dicomweb: bearer token (Authorization: Bearer ...)")
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="dicomweb: file holding the bearer token, read again when it changes"),
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option(help="dicomweb: USER:PASSWORD for HTTP basic authentication")
+    ] = None,
+    header: Annotated[
+        list[str] | None,
+        typer.Option(help="dicomweb: extra HTTP header NAME:VALUE (repeatable)"),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="dicomweb: do not verify the TLS certificate")
+    ] = False,
+    ca_bundle: Annotated[
+        Path | None, typer.Option(help="dicomweb: CA bundle (PEM) to verify the server with")
+    ] = None,
+    retries: Annotated[
+        int | None,
+        typer.Option(help="dicomweb: retries of a failure that may pass (5xx, timeout...) [3]"),
+    ] = None,
+    retry_wait: Annotated[
+        float | None,
+        typer.Option(help="dicomweb: seconds before the first retry, doubled each time [1]"),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="dicomweb: requests in flight at once [2]")
+    ] = None,
 ) -> None:
-    """C-STORE files and folders to a receiver; prints a summary, exit 1 if any failed."""
-    from dicomgate.dimse.scu import send_paths
+    """Send files and folders with C-STORE or STOW-RS; prints a summary, exit 1 if any failed.
 
-    host, port = _host_port(to)
+    Non-DICOM files are skipped and counted. With --via dicomweb, instances go in batched
+    multipart requests, each instance's result is read from the response, and failures
+    that may pass (5xx, timeouts, out of resources) are retried.
+    """
+    import logging
+
+    if not timeout > 0:
+        raise _fail(f"--timeout: must be more than 0 seconds, got {timeout:g}")
+    if via is None:
+        via = "dicomweb" if to.startswith(("http://", "https://")) else "dimse"
+    if via not in ("dimse", "dicomweb"):
+        raise _fail(f"--via: expected dimse or dicomweb, got {via!r}")
+    header = header or []
+    if via == "dimse":
+        given = (
+            batch,
+            batch_bytes,
+            token,
+            token_file,
+            user,
+            header or None,
+            insecure or None,
+            ca_bundle,
+            retries,
+            retry_wait,
+            concurrency,
+        )
+        for option, value in zip(_DICOMWEB_ONLY, given, strict=True):
+            if value is not None:
+                raise _fail(f"{option}: only with --via dicomweb")
+        host, port = _host_port(to)
+    else:
+        for option, value in (("--aet", aet), ("--aec", aec)):
+            if value is not None:
+                raise _fail(f"{option}: only with --via dimse")
+        options = _stow_options(
+            to,
+            timeout=timeout,
+            batch=batch,
+            batch_bytes=batch_bytes,
+            token=token,
+            token_file=token_file,
+            user=user,
+            header=header,
+            insecure=insecure,
+            ca_bundle=ca_bundle,
+            retries=retries,
+            retry_wait=retry_wait,
+            concurrency=concurrency,
+        )
     for path in paths:
         if not path.exists():
             raise _fail(f"{path}: no such file or folder")
-    summary = send_paths(
-        paths, host, port, calling_ae=aet, called_ae=aec, timeout=timeout, progress=progress
-    )
+    if via == "dimse":
+        from dicomgate.dimse.scu import send_paths
+
+        summary = send_paths(
+            paths,
+            host,
+            port,
+            calling_ae=aet or "DICOMGATE",
+            called_ae=aec or "ANY-SCP",
+            timeout=timeout,
+            progress=progress,
+        )
+    else:
+        from dicomgate.dicomweb.client import upload_paths
+
+        # The client's own warnings are summed up in the summary; without a handler the
+        # logging module would print each one to stderr as well.
+        logging.getLogger("dicomgate").addHandler(logging.NullHandler())
+        summary = upload_paths(paths, options, progress=progress)
     typer.echo(summary.describe())
     if summary.failed:
         raise typer.Exit(1)

@@ -24,11 +24,12 @@ from dicomgate.egress.models import (
     WebhookDestination,
 )
 from dicomgate.errors import ConfigError
+from dicomgate.ingress.models import IngestConfig
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
 from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.matcher import Router
-from dicomgate.routing.models import RouteConfig
+from dicomgate.routing.models import RouteConfig, parse_duration
 
 ENV_PREFIX = "DICOMGATE_"
 
@@ -39,6 +40,21 @@ class DuplicatePolicy(StrEnum):
     KEEP_BOTH = "keep_both"  # the newest becomes current; nothing is deleted
     REJECT = "reject"  # refuse the new one (DIMSE 0x0111 Duplicate SOP Instance)
     OVERWRITE = "overwrite"  # the newest replaces the stored one (old file removed)
+
+
+class RetentionMode(StrEnum):
+    """What happens to a stored instance once it has been delivered."""
+
+    ARCHIVE = "archive"  # keep every instance (deleting is the operator's business)
+    RELAY = "relay"  # delete it once every delivery is done and keep_for has passed
+
+
+def _keep_for(value: object) -> float:
+    if value in (0, "0", 0.0):
+        return 0.0
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a number with a unit")
+    return parse_duration(value)
 
 
 class StorageConfig(_Model):
@@ -74,6 +90,31 @@ class StorageConfig(_Model):
             " deleted after the new one is indexed."
         ),
     )
+    retention: RetentionMode = Field(
+        RetentionMode.ARCHIVE,
+        description=(
+            "`archive`: keep every received instance. `relay`: delete an instance (file and"
+            " index rows) once every delivery of it is done and `keep_for` has passed since it"
+            " arrived, so the gateway's disk holds only what is in transit. An instance with a"
+            " pending, retrying or dead-lettered delivery, or whose series or study still waits"
+            " for a stable trigger, is kept; an instance no route sent anywhere is deleted"
+            " after `keep_for`."
+        ),
+    )
+    keep_for: float = Field(
+        86400.0,
+        ge=0,
+        description=(
+            "With `retention: relay`, how long a delivered instance is kept after it arrived"
+            " (e.g. `24h`, `30m`, `0` = as soon as it is delivered), so a destination that"
+            " lost it can be sent it again."
+        ),
+    )
+    retention_interval: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds between two looks for instances `retention: relay` may delete.",
+    )
     min_free_bytes: int = Field(
         256 * 1024 * 1024,
         ge=0,
@@ -84,6 +125,11 @@ class StorageConfig(_Model):
             " check off."
         ),
     )
+
+    @field_validator("keep_for", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return _keep_for(value)
 
 
 class DatabaseConfig(_Model):
@@ -295,6 +341,15 @@ class GatewayConfig(_Model):
     database: DatabaseConfig = DatabaseConfig()
     dimse: DimseConfig = DimseConfig()
     http: HttpConfig = HttpConfig()
+    ingest: IngestConfig = Field(
+        default_factory=IngestConfig,
+        description=(
+            "Folder ingest: DICOM files, media folders with a DICOMDIR and zip files dropped"
+            " into a watched folder are stored, indexed and routed like instances received"
+            " over DIMSE (routes can match `received_via: folder`), then deleted or moved."
+            " Without `watch` there is no folder ingest."
+        ),
+    )
     logging: LoggingConfig = LoggingConfig()
     queue: QueueConfig = Field(
         default_factory=QueueConfig,

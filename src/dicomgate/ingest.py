@@ -55,6 +55,10 @@ class InstanceMismatch(InvalidInstance):
     """The data set's SOP Class/Instance UID differs from the one the sender announced."""
 
 
+class StudyMismatch(InstanceMismatch):
+    """STOW-RS to a study URL: the instance belongs to another study."""
+
+
 @dataclass
 class IngestJob:
     """A fully received spool file waiting to become durable."""
@@ -70,6 +74,10 @@ class IngestJob:
     received_via: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[DicomgateError | None] = field(repr=False)
+    # STOW-RS to /studies/{uid}: the instance must belong to that study (PS3.18 10.5.1).
+    expected_study_uid: str | None = None
+    # Set by the committer before the future resolves with success.
+    stored: InstanceRecord | None = field(default=None, repr=False)
 
 
 class Ingestor:
@@ -233,6 +241,8 @@ class Ingestor:
             raise InstanceMismatch("SOP Instance UID in the data set differs from the command's")
         if record.sop_class_uid != job.sop_class_uid:
             raise InstanceMismatch("SOP Class UID in the data set differs from the command's")
+        if job.expected_study_uid is not None and record.study_uid != job.expected_study_uid:
+            raise StudyMismatch("Study Instance UID differs from the one in the request")
         return record, ds
 
     def _refuse(self, job: IngestJob, exc: DicomgateError) -> None:
@@ -389,6 +399,7 @@ class Ingestor:
             if result.obsolete_relpath and result.obsolete_relpath != item.relpath:
                 self.store.remove(result.obsolete_relpath)
             self.stored_count += 1
+            job.stored = item.record
             log.info(
                 "stored",
                 extra={

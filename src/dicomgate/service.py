@@ -15,18 +15,20 @@ import uvicorn
 
 from dicomgate import __version__
 from dicomgate.app import create_app
-from dicomgate.config import GatewayConfig
+from dicomgate.config import GatewayConfig, RetentionMode
 from dicomgate.dimse.server import DimseServer
 from dicomgate.egress.base import build_sender
 from dicomgate.egress.dispatcher import Dispatcher
 from dicomgate.errors import DicomgateError
 from dicomgate.index.db import Index
 from dicomgate.ingest import Ingestor
+from dicomgate.ingress.folder import FolderWatcher
 from dicomgate.observability.logging import configure_logging
 from dicomgate.queue.jobs import JobQueue
 from dicomgate.recovery import RunMarker, recover
 from dicomgate.routing.matcher import Router
 from dicomgate.store.filestore import ContentStore
+from dicomgate.store.retention import Retention
 
 log = logging.getLogger("dicomgate.service")
 
@@ -58,6 +60,7 @@ class Gateway:
         self.http_port = config.http.port
         self.ingestor: Ingestor
         self.dimse: DimseServer
+        self.folder: FolderWatcher | None = None
 
     def open(self) -> None:
         """Check the store and open the index (runs migrations). Raises on failure."""
@@ -104,12 +107,20 @@ class Gateway:
             recover(self.config.storage.path, since, self.ingestor.adopt)
         self.marker.write(time.time())
         self.dimse = DimseServer(self.config.dimse, self.ingestor)
+        if self.config.ingest.watch is not None:
+            self.folder = FolderWatcher(
+                self.config.ingest,
+                self.ingestor,
+                called_ae=self.config.dimse.ae_title,
+                storage_path=self.config.storage.path,
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then shut down in order."""
         self.ingestor.start()
         server: uvicorn.Server | None = None
         http_task: asyncio.Task[None] | None = None
+        retention_task: asyncio.Task[None] | None = None
         try:
             try:
                 await self.dimse.start()
@@ -143,12 +154,25 @@ class Gateway:
                 while not server.started and not http_task.done():
                     await asyncio.sleep(0.01)
             await self.dispatcher.start()
+            if self.folder is not None:
+                await self.folder.start()  # a DicomgateError naming ingest.* if unusable
+            storage = self.config.storage
+            if storage.retention is RetentionMode.RELAY:
+                retention = Retention(
+                    self.index, self.store, storage.keep_for, interval=storage.retention_interval
+                )
+                retention_task = asyncio.create_task(retention.run(stop), name="retention")
             log.info("dicomgate %s ready", __version__, extra={"event": "gateway.ready"})
             await stop.wait()
             log.info("stopping", extra={"event": "gateway.stopping"})
         finally:
+            if self.folder is not None:
+                await self.folder.stop()  # files already handed over are finished
             await self.dimse.stop(self.config.dimse.shutdown_grace)
             await self.dispatcher.stop(grace=10.0)
+            if retention_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(retention_task, 30)
             if server is not None and http_task is not None:
                 server.should_exit = True
                 with contextlib.suppress(Exception):

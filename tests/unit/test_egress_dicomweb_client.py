@@ -10,14 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
+from typer.testing import CliRunner
 
+from dicomgate import cli
+from dicomgate.cli import _byte_size
+from dicomgate.dicomweb.client import StowOptions, upload_paths
+from dicomgate.dimse.scu import SendSummary
 from dicomgate.egress.base import Delivery, Outcome
 from dicomgate.egress.dicomweb import (
     DicomwebSender,
     outcomes_from_response,
     parse_stow_response,
     split_batch,
+    verify_setting,
 )
 from dicomgate.egress.models import DicomwebDestination
 
@@ -219,3 +226,144 @@ def test_basic_auth(tmp_path: Path) -> None:
     auth = {"basic": {"username": "u", "password": "p"}}
     _send(tmp_path, handler, _deliveries(tmp_path, [1]), auth=auth)
     assert seen == ["Basic dTpw"]
+
+
+def test_redirect_is_not_followed_nor_retried(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"Location": "https://stow.test/dw/studies"})
+
+    outcomes = _send(tmp_path, handler, _deliveries(tmp_path, [1, 1]))
+    assert [(o.delivered, o.retryable) for o in outcomes] == [(False, False)] * 2
+    assert outcomes[0].error == "HTTP 301 redirect to https://stow.test/dw/studies"
+
+
+def test_verify_true_trusts_the_system_store_and_a_path_its_bundle() -> None:
+    import ssl
+
+    import certifi
+
+    system = verify_setting(True)
+    assert isinstance(system, ssl.SSLContext) and system.verify_mode == ssl.CERT_REQUIRED
+    assert system.cert_store_stats() == ssl.create_default_context().cert_store_stats()
+    bundle = verify_setting(Path(certifi.where()))
+    assert isinstance(bundle, ssl.SSLContext) and bundle.cert_store_stats()["x509_ca"] > 0
+    assert verify_setting(False) is False
+
+
+# --------------------------------------------------------------------------- send --via dicomweb
+
+
+def _bundled(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, name
+    return Path(path)
+
+
+def _upload(
+    paths: list[Path], handler: Callable[[httpx.Request], httpx.Response], **options: Any
+) -> SendSummary:
+    model = DicomwebDestination(type="dicomweb", url="http://stow.test/dw", concurrency=1)
+    stow = StowOptions(model, **{"retries": 2, "retry_wait": 0.01, **options})
+    return upload_paths(paths, stow, progress=False, transport=httpx.MockTransport(handler))
+
+
+def test_upload_retries_server_errors_then_sends(tmp_path: Path) -> None:
+    files = [_bundled("CT_small.dcm"), _bundled("MR_small.dcm")]
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    answers = iter([503, 502])
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request.content.count(b"Content-Type: application/dicom\r\n"))
+        return httpx.Response(next(answers, 200))
+
+    summary = _upload([*files, tmp_path], handler)
+    assert (summary.sent, summary.failed, summary.skipped) == (2, 0, 1)
+    assert seen == [2, 2, 2]
+
+
+def test_upload_gives_up_after_the_retries_and_names_the_file(tmp_path: Path) -> None:
+    file = _bundled("CT_small.dcm")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("Connection refused")
+
+    summary = _upload([file], handler, retries=1)
+    assert (summary.sent, summary.failed) == (0, 1)
+    assert summary.failures == [(str(file), "ConnectError: Connection refused (after 2 attempts)")]
+
+
+def test_upload_does_not_retry_a_permanent_failure(tmp_path: Path) -> None:
+    ct, mr = _bundled("CT_small.dcm"), _bundled("MR_small.dcm")
+    mr_uid = str(pydicom.dcmread(mr, stop_before_pixels=True).SOPInstanceUID)
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        ct_uid = str(pydicom.dcmread(ct, stop_before_pixels=True).SOPInstanceUID)
+        return httpx.Response(202, content=_body([_ref(ct_uid)], [_failed(mr_uid, 0xC000)]))
+
+    summary = _upload([ct, mr], handler)
+    assert (summary.sent, summary.failed) == (1, 1)
+    assert summary.failures == [(str(mr), "HTTP 202, FailureReason 0xC000")]
+    assert len(calls) == 1
+
+
+def test_byte_sizes() -> None:
+    assert _byte_size("--batch-bytes", "64M") == 64 << 20
+    assert _byte_size("--batch-bytes", "500k") == 500 << 10
+    assert _byte_size("--batch-bytes", "1GiB") == 1 << 30
+    assert _byte_size("--batch-bytes", "1048576") == 1048576
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "http://h/dw", "--aec", "PACS"], "--aec: only with --via dimse"),
+        (["--to", "h:104", "--token", "t"], "--token: only with --via dicomweb"),
+        (["--to", "h:104", "--insecure"], "--insecure: only with --via dicomweb"),
+        (["--to", "h:104", "--header", "A:b"], "--header: only with --via dicomweb"),
+        (["--via", "dicomweb", "--to", "h:104"], "--to: expected an http:// or https:// URL"),
+        (["--via", "dimse", "--to", "http://h/dw"], "--to: expected HOST:PORT"),
+        (["--via", "stow", "--to", "h:104"], "--via: expected dimse or dicomweb, got 'stow'"),
+        (["--to", "http://h", "--batch", "0"], "--batch: must be at least 1, got 0"),
+        (["--to", "http://h", "--retries", "-1"], "--retries: must be at least 0"),
+        (["--to", "http://h", "--concurrency", "0"], "--concurrency: must be at least 1"),
+        (["--to", "http://h", "--batch-bytes", "lots"], "--batch-bytes: expected a size"),
+        (["--to", "http://h", "--header", "novalue"], "--header: expected NAME:VALUE"),
+        (["--to", "http://h", "--user", "nopass"], "--user: expected USER:PASSWORD"),
+        (["--to", "http://h", "--token", "a", "--user", "u:p"], "give only one"),
+        (["--to", "http://h", "--token", " "], "--token: empty token"),
+        (["--to", "http://h", "--token-file", "/nonexistent"], "--token-file: /nonexistent"),
+        (["--to", "http://h", "--ca-bundle", "/etc/hostname"], "--ca-bundle: /etc/hostname"),
+        (["--to", "http://h", "--retry-wait", "0"], "--retry-wait: must be more than 0"),
+        (["--to", "http://h", "--timeout", "0"], "--timeout: must be more than 0"),
+    ],
+)
+def test_send_argument_errors_exit_2_with_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(cli.app, ["send", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dicomgate: "), result.stderr
+    assert message in lines[0]
+
+
+def test_send_ca_bundle_and_insecure_exclude_each_other(tmp_path: Path) -> None:
+    import certifi
+
+    args = ["send", str(tmp_path), "--to", "https://h", "--ca-bundle", certifi.where()]
+    result = CliRunner().invoke(cli.app, [*args, "--insecure"])
+    assert result.exit_code == 2
+    assert result.stderr == "dicomgate: --ca-bundle and --insecure: give only one\n"
+
+
+def test_send_missing_path_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    result = CliRunner().invoke(cli.app, ["send", str(missing), "--to", "http://h/dw"])
+    assert result.exit_code == 2
+    assert result.stderr == f"dicomgate: {missing}: no such file or folder\n"

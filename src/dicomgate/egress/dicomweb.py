@@ -17,6 +17,9 @@ Referenced SOP Sequence (0008,1199) lists the stored ones, with an optional Warn
   alone, so that one bad instance does not take the others down; alone, it is dead-lettered.
 - 404 and 405: the URL is wrong (a configuration error): the batch is dead-lettered at once
   and an error is logged naming the URL, so the operator fixes it and re-drives.
+- 3xx: redirects are not followed (a streamed body cannot be sent twice, and a credential
+  must not follow a redirect to another host): like a wrong URL, with the ``Location`` the
+  server named in the log (``http://`` redirected to ``https://`` is the usual cause).
 - 401, 403, 408, 425, 429, 5xx, connection errors and timeouts: retried.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +48,15 @@ from dicomgate.egress.base import (
 )
 from dicomgate.egress.models import DicomwebDestination, HttpAuth
 
-__all__ = ["BearerFileAuth", "DicomwebSender", "StowResult", "parse_stow_response", "split_batch"]
+__all__ = [
+    "BearerFileAuth",
+    "DicomwebSender",
+    "StowResult",
+    "outcomes_from_response",
+    "parse_stow_response",
+    "split_batch",
+    "verify_setting",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,6 +68,18 @@ WARNING_REASON = "00081196"
 FAILURE_REASON = "00081197"
 _ISOLATE_STATUSES = frozenset({400, 409, 413, 415, 422})
 _WRONG_URL_STATUSES = frozenset({404, 405})
+
+
+def verify_setting(setting: bool | Path) -> bool | ssl.SSLContext:
+    """httpx's ``verify`` for a ``verify:`` setting.
+
+    ``True`` means the system's CA store (``/etc/ssl/certs``, where a hospital installs its
+    own CA), as documented: httpx alone would trust only certifi's bundle. A path is a CA
+    bundle (PEM) trusted instead; ``False`` turns verification off.
+    """
+    if setting is True:
+        return ssl.create_default_context()
+    return tls_verify(setting)
 
 
 # --------------------------------------------------------------------------- auth
@@ -267,8 +291,10 @@ class DicomwebSender:
         model: DicomwebDestination,
         *,
         transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
+        url_setting: str | None = None,  # where the URL comes from, for error messages
     ) -> None:
         self.name = name
+        self._url_setting = url_setting or f"destinations.{name}.url"
         self.max_batch = model.batch_max_instances
         self.concurrency = model.concurrency
         self._url = f"{model.url}/studies"
@@ -285,7 +311,7 @@ class DicomwebSender:
             auth=auth,
             headers=headers,
             timeout=model.timeout,
-            verify=tls_verify(model.verify),
+            verify=verify_setting(model.verify),
             limits=httpx.Limits(max_connections=model.concurrency),
             transport=transport,
         )
@@ -326,12 +352,25 @@ class DicomwebSender:
             if len(batch) > 1:
                 return await self._store_each(batch)
             return self._fail(batch, f"HTTP {status}", retryable=False)
-        if status in _WRONG_URL_STATUSES:
+        if 300 <= status < 400:
+            location = response.headers.get("Location", "")
             LOGGER.error(
-                "STOW-RS endpoint %s answered HTTP %d: check destinations.%s.url",
+                "STOW-RS endpoint %s answered HTTP %d (redirect to %r, not followed): check %s",
                 self._url,
                 status,
-                self.name,
+                location,
+                self._url_setting,
+                extra={"event": "egress.dicomweb_wrong_url", "destination": self.name},
+            )
+            return self._fail(
+                batch, f"HTTP {status} redirect to {location or '?'}", retryable=False
+            )
+        if status in _WRONG_URL_STATUSES:
+            LOGGER.error(
+                "STOW-RS endpoint %s answered HTTP %d: check %s",
+                self._url,
+                status,
+                self._url_setting,
                 extra={"event": "egress.dicomweb_wrong_url", "destination": self.name},
             )
             return self._fail(batch, f"HTTP {status} from {self._url}", retryable=False)

@@ -78,9 +78,21 @@ class SpoolFile:
     def flush(self) -> None:
         """Force the data (and the size) to disk: fdatasync (PS: names need a folder sync)."""
         try:
-            os.fdatasync(self._fh.fileno())
+            if self._fh.closed:  # parked: flush through a fresh descriptor
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                os.fdatasync(self._fh.fileno())
         except OSError as exc:
             raise StoreError(f"cannot flush spool file: {exc.strerror}") from exc
+
+    def park(self) -> None:
+        """Close the descriptor of a completely written file that waits to be ingested
+        (a STOW-RS request may stage thousands of parts); :meth:`flush` still works."""
+        self._fh.close()
 
     def close(self) -> None:
         self._fh.close()

@@ -1,0 +1,30 @@
+"""The DICOMweb server under ``/dicomweb`` (PS3.18) and FHIR under ``/fhir``.
+
+Each service is its own module with a ``router(gateway)`` returning a FastAPI router:
+``stow`` (STOW-RS), ``qido`` (QIDO-RS), ``wado`` (WADO-RS, WADO-URI), ``fhir``
+(ImagingStudy). Errors are JSON bodies ``{"error": "..."}`` (rule 6), see :func:`problem`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+if TYPE_CHECKING:
+    from dicomgate.service import Gateway
+
+PREFIX = "/dicomweb"
+
+
+def problem(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error response: ``{"error": message}`` with ``status``."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def install_dicomweb(app: FastAPI, gateway: Gateway) -> None:
+    """Mount every DICOMweb and FHIR service on ``app``."""
+    from dicomgate.dicomweb import stow
+
+    app.include_router(stow.router(gateway), prefix=PREFIX)

@@ -1,0 +1,358 @@
+"""STOW-RS (PS3.18 10.5): ``POST /dicomweb/studies[/{study}]``.
+
+The body is parsed as it arrives (:mod:`dicomgate.dicomweb.multipart`) and every part is
+written straight into a spool file behind our own Part 10 header, exactly as a C-STORE is
+(DESIGN rule 2: a 2 GB upload never sits in memory). Parts are *staged* until the body is
+complete and well formed; only then are they handed to the ingestor together (one group
+commit), so a malformed request (bad boundary, truncated body, a part that is not DICOM,
+a wrong part type) is refused with 400/415 and stores nothing (rule 6). The response is
+sent after every accepted instance is durable and indexed with its route jobs (rule 1).
+
+Statuses: 200 all stored; 202 some stored, some failed; 409 none stored (each failure in
+FailedSOPSequence with its FailureReason, the C-STORE status codes of PS3.4 B.2.3); 400
+malformed body; 406 an Accept we cannot answer (we answer ``application/dicom+json``);
+415 a content type other than ``multipart/related; type="application/dicom"`` or
+``application/dicom``; 507 the store is below ``storage.min_free_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from dicomgate.dicomweb.multipart import (
+    MultipartError,
+    MultipartParser,
+    PartEnd,
+    PartStart,
+    parse_content_type,
+)
+from dicomgate.dicomweb.server import problem
+from dicomgate.dimse.server import status_for
+from dicomgate.errors import DicomgateError, InvalidInstance, StoreFullError
+from dicomgate.ingest import IngestJob
+from dicomgate.ingress.sniff import HEAD_BYTES, NotDicom, Sniffed, sniff
+from dicomgate.observability.logging import uid_hash
+from dicomgate.store.part10 import arrival_json, encode_file_meta
+
+if TYPE_CHECKING:
+    from dicomgate.service import Gateway
+    from dicomgate.store.filestore import SpoolFile
+
+log = logging.getLogger("dicomgate.stow")
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.4 C.4.2.1.4 / PS3.18 FailureReason: a DICOMDIR part
+_ANSWERABLE = {DICOM_JSON, "application/json", "application/*", "*/*"}
+
+
+class _Refused(Exception):
+    """The request is refused as a whole: nothing from it is stored."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Staged:
+    """A part fully written to its spool file, waiting for the end of the body."""
+
+    spool: SpoolFile
+    data_offset: int
+    sniffed: Sniffed
+
+
+@dataclass
+class _Failed:
+    sop_class_uid: str
+    sop_instance_uid: str
+    reason: int
+
+
+class _Stager:
+    """Turns parser events into staged spool files (one per part)."""
+
+    def __init__(self, gateway: Gateway, source_ip: str) -> None:
+        self.store = gateway.store
+        self.private = arrival_json("", "", source_ip, "stow")
+        self.staged: list[_Staged] = []
+        self.failed: list[_Failed] = []
+        self.bytes = 0
+        self._head: bytearray | None = None
+        self._spool: SpoolFile | None = None
+        self._part = 0
+        self._skip = False
+
+    def start(self, event: PartStart) -> None:
+        self._part += 1
+        media, _ = parse_content_type(event.content_type) if event.content_type else (DICOM, {})
+        if media != DICOM:
+            raise _Refused(
+                415,
+                f"part {self._part} is {media or 'untyped'}; only application/dicom parts are"
+                " accepted (metadata + bulk data uploads are not supported)",
+            )
+        self._head = bytearray()
+        self._spool = None
+        self._skip = False
+
+    def data(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+        if self._skip:
+            return
+        if self._spool is not None:
+            self._spool.write(chunk)
+            return
+        assert self._head is not None
+        self._head += chunk
+        if len(self._head) >= HEAD_BYTES:
+            self._begin(complete=False)
+
+    def end(self) -> None:
+        if self._spool is None and not self._skip:
+            self._begin(complete=True)
+        if self._spool is not None:
+            self._spool.park()
+            self._spool = None
+        self._head = None
+
+    def discard(self) -> None:
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
+        for staged in self.staged:
+            staged.spool.discard()
+        self.staged.clear()
+
+    def _begin(self, complete: bool) -> None:
+        assert self._head is not None
+        head = bytes(self._head)
+        self._head = None
+        if not head:
+            raise _Refused(400, f"part {self._part} is empty")
+        try:
+            sniffed = sniff(head, complete)
+        except NotDicom as exc:
+            raise _Refused(400, f"part {self._part} is not a DICOM instance: {exc}") from None
+        except InvalidInstance as exc:
+            raise _Refused(400, f"part {self._part} is not a usable DICOM file: {exc}") from None
+        if sniffed.is_dicomdir:  # a media index, not an instance: fail this part only
+            self.failed.append(
+                _Failed(sniffed.sop_class_uid, sniffed.sop_instance_uid, SOP_CLASS_NOT_SUPPORTED)
+            )
+            self._skip = True
+            return
+        spool = self.store.new_spool()
+        try:
+            header = encode_file_meta(
+                sniffed.sop_class_uid,
+                sniffed.sop_instance_uid,
+                sniffed.transfer_syntax,
+                private_information=self.private,
+            )
+            spool.write(header)
+            spool.write(head[sniffed.data_offset :])
+        except DicomgateError:
+            spool.discard()
+            raise
+        self._spool = spool
+        self.staged.append(_Staged(spool, len(header), sniffed))
+
+
+def _accepts_json(accept: str | None) -> bool:
+    if not accept:
+        return True
+    for item in accept.split(","):
+        media, _ = parse_content_type(item.strip())
+        if media in _ANSWERABLE:
+            return True
+    return False
+
+
+def _boundary(request: Request) -> str | None:
+    """The multipart boundary; None for a single application/dicom body."""
+    media, params = parse_content_type(request.headers.get("content-type", ""))
+    if media == DICOM:
+        return None
+    if media != "multipart/related":
+        raise _Refused(
+            415,
+            f"Content-Type {media or '(none)'} is not supported; send multipart/related;"
+            ' type="application/dicom" or application/dicom',
+        )
+    part_type = params.get("type", DICOM).lower()
+    if part_type != DICOM:
+        raise _Refused(
+            415,
+            f'multipart/related type={part_type} is not supported; use type="application/dicom"',
+        )
+    boundary = params.get("boundary")
+    if not boundary:
+        raise _Refused(400, "multipart/related without a boundary parameter")
+    return boundary
+
+
+async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
+    boundary = _boundary(request)
+    if boundary is None:  # one application/dicom body
+        stager.start(PartStart({"content-type": DICOM}))
+        async for chunk in request.stream():
+            if chunk:
+                stager.data(chunk)
+        stager.end()
+        return
+    try:
+        parser = MultipartParser(boundary)
+    except MultipartError as exc:
+        raise _Refused(400, str(exc)) from None
+    try:
+        async for chunk in request.stream():
+            for event in parser.feed(chunk):
+                if isinstance(event, bytes):
+                    stager.data(event)
+                elif isinstance(event, PartStart):
+                    stager.start(event)
+                else:
+                    assert isinstance(event, PartEnd)
+                    stager.end()
+        parser.close()
+    except MultipartError as exc:
+        raise _Refused(400, f"malformed multipart body: {exc}") from None
+
+
+def _seq_item(sop_class: str, sop_instance: str) -> dict[str, Any]:
+    return {
+        "00081150": {"vr": "UI", "Value": [sop_class]},
+        "00081155": {"vr": "UI", "Value": [sop_instance]},
+    }
+
+
+async def store_instances(
+    gateway: Gateway, request: Request, expected_study: str | None
+) -> Response:
+    """Receive, stage, ingest and answer one STOW-RS request."""
+    started = time.monotonic()
+    if not _accepts_json(request.headers.get("accept")):
+        return problem(406, "the response is application/dicom+json; XML is not supported")
+    try:
+        gateway.store.check_space()
+    except StoreFullError as exc:
+        return problem(507, str(exc))
+    source_ip = request.client.host if request.client else ""
+    stager = _Stager(gateway, source_ip)
+    try:
+        await _receive(gateway, request, stager)
+    except _Refused as exc:
+        stager.discard()
+        log.warning(
+            "STOW-RS request refused: %s",
+            exc,
+            extra={"event": "stow.refused", "status": exc.status, "peer": source_ip},
+        )
+        return problem(exc.status, str(exc))
+    except StoreFullError as exc:
+        stager.discard()
+        return problem(507, str(exc))
+    except DicomgateError as exc:
+        stager.discard()
+        return problem(500, f"cannot stage the upload: {exc}")
+    except BaseException:  # client gone (ClientDisconnect), cancelled: nothing is kept
+        stager.discard()
+        raise
+
+    loop = asyncio.get_running_loop()
+    jobs = [
+        IngestJob(
+            spool=s.spool,
+            data_offset=s.data_offset,
+            transfer_syntax=s.sniffed.transfer_syntax,
+            sop_class_uid=s.sniffed.sop_class_uid,
+            sop_instance_uid=s.sniffed.sop_instance_uid,
+            calling_ae="",
+            called_ae="",
+            source_ip=source_ip,
+            received_via="stow",
+            loop=loop,
+            future=loop.create_future(),
+            expected_study_uid=expected_study,
+        )
+        for s in stager.staged
+    ]
+    results = await asyncio.gather(*(gateway.ingestor.ingest(job) for job in jobs))
+
+    base = str(request.base_url).rstrip("/") + "/dicomweb"
+    referenced: list[dict[str, Any]] = []
+    failed = [
+        {**_seq_item(f.sop_class_uid, f.sop_instance_uid), "00081197": _us(f.reason)}
+        for f in stager.failed
+    ]
+    studies: set[str] = set()
+    for job, error in zip(jobs, results, strict=True):
+        if error is None and job.stored is not None:
+            rec = job.stored
+            studies.add(rec.study_uid)
+            url = (
+                f"{base}/studies/{rec.study_uid}/series/{rec.series_uid}"
+                f"/instances/{rec.sop_instance_uid}"
+            )
+            referenced.append(
+                {
+                    **_seq_item(rec.sop_class_uid, rec.sop_instance_uid),
+                    "00081190": {"vr": "UR", "Value": [url]},
+                }
+            )
+        else:
+            reason = status_for(error) if error is not None else 0x0110
+            failed.append(
+                {**_seq_item(job.sop_class_uid, job.sop_instance_uid), "00081197": _us(reason)}
+            )
+    body: dict[str, Any] = {}
+    if len(studies) == 1:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]}
+    body["00081198"] = {"vr": "SQ", "Value": failed} if failed else {"vr": "SQ"}
+    body["00081199"] = {"vr": "SQ", "Value": referenced} if referenced else {"vr": "SQ"}
+    status = 200 if not failed else (202 if referenced else 409)
+    log.info(
+        "STOW-RS: %d stored, %d failed, %d bytes in %.0f ms",
+        len(referenced),
+        len(failed),
+        stager.bytes,
+        (time.monotonic() - started) * 1000,
+        extra={
+            "event": "stow.request",
+            "stored": len(referenced),
+            "failed": len(failed),
+            "bytes": stager.bytes,
+            "peer": source_ip,
+            "study": uid_hash(next(iter(studies))) if len(studies) == 1 else "",
+        },
+    )
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+def _us(value: int) -> dict[str, Any]:
+    return {"vr": "US", "Value": [int(value)]}
+
+
+def router(gateway: Gateway) -> APIRouter:
+    r = APIRouter(tags=["STOW-RS"])
+
+    @r.post("/studies")
+    async def stow(request: Request) -> Response:
+        """Store instances (multipart/related; type="application/dicom")."""
+        return await store_instances(gateway, request, None)
+
+    @r.post("/studies/{study}")
+    async def stow_study(study: str, request: Request) -> Response:
+        """Store instances of one study; an instance of another study fails (0xA900)."""
+        return await store_instances(gateway, request, study)
+
+    return r

@@ -1,0 +1,253 @@
+"""STOW-RS into a real gateway: dicomweb-client and raw HTTP, good and malformed requests.
+
+Every check reads what the gateway really stored (index rows and store files) and what a
+route delivered; a refused request must leave the index empty.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from tests.conftest import Corpus, GatewayProcess, bundled_file, wait_until
+
+from dicomgate.ingress.sniff import sniff
+
+pytestmark = [pytest.mark.timeout(180)]
+
+Gateway = Callable[..., GatewayProcess]
+
+# The pydicom test files in every transfer syntax we expect to take as they are.
+BUNDLED = [
+    "CT_small.dcm",  # explicit little endian
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPEG2000.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "JPGExtended.dcm",
+    "image_dfl.dcm",  # deflated
+    "SC_rgb_rle_2frame.dcm",
+]
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The data set of a Part 10 file, without its file meta."""
+    data = path.read_bytes()
+    return data[sniff(data, complete=True).data_offset :]
+
+
+def multipart(files: list[bytes], boundary: str = "dicomgate-test-boundary") -> bytes:
+    body = b""
+    for data in files:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def post(
+    gw: GatewayProcess, body: bytes, path: str = "/dicomweb/studies", **headers: str
+) -> httpx.Response:
+    headers.setdefault(
+        "content-type",
+        'multipart/related; type="application/dicom"; boundary=dicomgate-test-boundary',
+    )
+    return httpx.post(gw.url(path), content=body, headers=headers, timeout=60)
+
+
+def failed_reasons(answer: dict[str, object]) -> dict[str, int]:
+    items = answer["00081198"].get("Value", [])  # type: ignore[attr-defined]
+    return {i["00081155"]["Value"][0]: i["00081197"]["Value"][0] for i in items}
+
+
+def referenced(answer: dict[str, object]) -> list[str]:
+    items = answer["00081199"].get("Value", [])  # type: ignore[attr-defined]
+    return [i["00081155"]["Value"][0] for i in items]
+
+
+@pytest.fixture
+def stow_gateway(gateway: Gateway, tmp_path: Path) -> Iterator[GatewayProcess]:
+    yield gateway(
+        {
+            "destinations": {"share": {"type": "folder", "path": str(tmp_path / "share")}},
+            "routes": [{"name": "web", "match": {"received_via": "stow"}, "to": ["share"]}],
+            "queue": {"poll_interval": 0.1},
+        }
+    )
+
+
+def test_dicomweb_client_stores_every_transfer_syntax_and_routes_them(
+    stow_gateway: GatewayProcess, corpus: Corpus, tmp_path: Path
+) -> None:
+    gw = stow_gateway
+    files = [bundled_file(name) for name in BUNDLED] + corpus.mr("stow-mr", 20, seed=91)
+    datasets = [pydicom.dcmread(f) for f in files]
+    for ds in datasets:  # the MR_small variants share one SOP Instance UID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{uuid.uuid4().int}"
+    client = DICOMwebClient(url=gw.url("/dicomweb"))
+    answer = client.store_instances(datasets[:11])
+    answer2 = client.store_instances(datasets[11:])
+    stored = referenced(answer.to_json_dict()) + referenced(answer2.to_json_dict())
+    assert sorted(stored) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    for path, ds in zip(files, datasets, strict=True):
+        row = gw.index.instance(str(ds.SOPInstanceUID))
+        assert row is not None and row["received_via"] == "stow"
+        # dicomweb-client re-encodes what it sends; the gateway keeps its data set exactly.
+        sent = pydicom.dcmread(gw.stored_path(row))
+        assert sent.SOPInstanceUID == ds.SOPInstanceUID
+        assert sent.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        if "PixelData" in ds:
+            assert sent.PixelData == ds.PixelData, path.name
+    share = tmp_path / "share"
+    wait_until(lambda: len(list(share.rglob("*.dcm"))) == len(files), 30, "routed copies")
+
+
+def test_raw_multipart_is_stored_byte_for_byte(
+    stow_gateway: GatewayProcess, corpus: Corpus
+) -> None:
+    gw = stow_gateway
+    files = corpus.ct("stow-ct", 3, seed=92)
+    r = post(gw, multipart([f.read_bytes() for f in files]), accept="application/dicom+json")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/dicom+json")
+    answer = r.json()
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert answer["00081190"]["Value"] == [gw.url(f"/dicomweb/studies/{study}")]
+    assert answer["00081198"] == {"vr": "SQ"}
+    for f in files:
+        uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        row = gw.index.instance(uid)
+        assert row is not None
+        assert dataset_bytes(gw.stored_path(row)) == dataset_bytes(f)
+        item = next(i for i in answer["00081199"]["Value"] if i["00081155"]["Value"] == [uid])
+        assert item["00081190"]["Value"][0].endswith(f"/instances/{uid}")
+    # A single application/dicom body is one instance.
+    one = bundled_file("MR_small.dcm")
+    r = post(gw, one.read_bytes(), **{"content-type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    assert referenced(r.json()) == [str(pydicom.dcmread(one).SOPInstanceUID)]
+
+
+def test_study_in_the_path_must_match(stow_gateway: GatewayProcess, corpus: Corpus) -> None:
+    gw = stow_gateway
+    mine = corpus.mr("stow-study-a", 2, seed=93)
+    other = corpus.mr("stow-study-b", 1, seed=94)
+    study = str(pydicom.dcmread(mine[0], stop_before_pixels=True).StudyInstanceUID)
+    r = post(gw, multipart([f.read_bytes() for f in mine + other]), f"/dicomweb/studies/{study}")
+    assert r.status_code == 202, r.text
+    other_uid = str(pydicom.dcmread(other[0], stop_before_pixels=True).SOPInstanceUID)
+    assert failed_reasons(r.json()) == {other_uid: 0xA900}
+    assert len(referenced(r.json())) == 2
+    assert gw.index.instance(other_uid) is None
+    r = post(gw, multipart([other[0].read_bytes()]), f"/dicomweb/studies/{study}")
+    assert r.status_code == 409 and failed_reasons(r.json()) == {other_uid: 0xA900}
+
+
+def test_duplicate_under_reject_policy_is_a_failed_instance(
+    gateway: Gateway, corpus: Corpus
+) -> None:
+    gw = gateway({"storage": {"duplicates": "reject"}})
+    f = corpus.mr("stow-dup", 1, seed=95)[0]
+    assert post(gw, multipart([f.read_bytes()])).status_code == 200
+    r = post(gw, multipart([f.read_bytes()]))
+    assert r.status_code == 409
+    assert list(failed_reasons(r.json()).values()) == [0x0111]
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("no-boundary", 400),
+        ("wrong-boundary", 400),
+        ("truncated", 400),
+        ("not-dicom-part", 400),
+        ("truncated-meta", 400),
+        ("json-part", 415),
+        ("xml-type", 415),
+        ("text-body", 415),
+        ("xml-accept", 406),
+    ],
+)
+def test_malformed_requests_store_nothing(
+    stow_gateway: GatewayProcess, corpus: Corpus, case: str, status: int
+) -> None:
+    gw = stow_gateway
+    good = [f.read_bytes() for f in corpus.mr("stow-bad", 2, seed=96)]
+    b = "dicomgate-test-boundary"
+    mp = f'multipart/related; type="application/dicom"; boundary={b}'
+    body, headers = multipart(good), {"content-type": mp}
+    if case == "no-boundary":
+        headers["content-type"] = 'multipart/related; type="application/dicom"'
+    elif case == "wrong-boundary":
+        headers["content-type"] = mp.replace(b, "other")
+    elif case == "truncated":
+        body = body[: len(body) - 200]
+    elif case == "not-dicom-part":
+        body = multipart([*good, b"this is a text file, not DICOM" * 10])
+    elif case == "truncated-meta":
+        body = multipart([good[0][:150]])
+    elif case == "json-part":
+        body = body.replace(
+            b"Content-Type: application/dicom\r\n", b"Content-Type: application/dicom+json\r\n", 1
+        )
+    elif case == "xml-type":
+        headers["content-type"] = mp.replace("application/dicom", "application/dicom+xml")
+    elif case == "text-body":
+        headers["content-type"] = "text/plain"
+    elif case == "xml-accept":
+        headers["accept"] = "multipart/related; type=application/dicom+xml"
+    r = post(gw, body, **headers)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]
+    assert gw.index.count_instances() == 0
+    assert not list((gw.data / "store").rglob("*.dcm"))
+    assert not [p for p in (gw.data / "spool").iterdir() if p.stat().st_size > 0]
+    # ...and the gateway keeps serving.
+    assert post(gw, multipart(good)).status_code == 200
+
+
+def test_large_upload_is_streamed(gateway: Gateway, tmp_path: Path) -> None:
+    """A ~150 MB instance goes to disk in chunks: the gateway's memory stays flat."""
+    gw = gateway()
+    ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
+    frames = 150 * 1024 * 1024 // (64 * 64 * 2)
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(range(256)) * (frames * 64 * 64 * 2 // 256)
+    ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    del ds
+    proc = psutil.Process(gw.pid)
+    before = proc.memory_info().rss
+    boundary = "big-boundary"
+
+    def chunks() -> Iterator[bytes]:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with big.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                yield block
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = httpx.post(
+        gw.url("/dicomweb/studies"),
+        content=chunks(),
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    grown = proc.memory_info().rss - before
+    assert grown < 60 * 1024 * 1024, f"RSS grew by {grown / 1e6:.0f} MB"
+    row = gw.index.instance(str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID))
+    assert row is not None
+    assert dataset_bytes(gw.stored_path(row)) == dataset_bytes(big)
