@@ -24,7 +24,7 @@ from dicomgate.egress.dicomweb import (
     outcomes_from_response,
     parse_stow_response,
     split_batch,
-    verify_setting,
+    tls_verify,
 )
 from dicomgate.egress.models import DicomwebDestination
 
@@ -242,12 +242,12 @@ def test_verify_true_trusts_the_system_store_and_a_path_its_bundle() -> None:
 
     import certifi
 
-    system = verify_setting(True)
+    system = tls_verify(True)
     assert isinstance(system, ssl.SSLContext) and system.verify_mode == ssl.CERT_REQUIRED
     assert system.cert_store_stats() == ssl.create_default_context().cert_store_stats()
-    bundle = verify_setting(Path(certifi.where()))
+    bundle = tls_verify(Path(certifi.where()))
     assert isinstance(bundle, ssl.SSLContext) and bundle.cert_store_stats()["x509_ca"] > 0
-    assert verify_setting(False) is False
+    assert tls_verify(False) is False
 
 
 # --------------------------------------------------------------------------- send --via dicomweb

@@ -112,9 +112,16 @@ def os_error_reason(exc: OSError) -> str:
 
 
 def tls_verify(setting: bool | Path) -> bool | ssl.SSLContext:
-    """httpx's ``verify`` for a ``verify:`` setting: on, off, or a CA bundle to trust."""
-    if isinstance(setting, bool):
-        return setting
+    """httpx's ``verify`` for a ``verify:`` setting.
+
+    ``True`` means the system's CA store (``/etc/ssl/certs``, where a hospital installs its
+    own CA), as documented: httpx alone would trust only certifi's bundle. A path is a CA
+    bundle (PEM) trusted instead; ``False`` turns verification off.
+    """
+    if setting is True:
+        return ssl.create_default_context()
+    if setting is False:
+        return False
     return ssl.create_default_context(cafile=str(setting))
 
 

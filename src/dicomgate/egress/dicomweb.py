@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import uuid
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,6 @@ __all__ = [
     "outcomes_from_response",
     "parse_stow_response",
     "split_batch",
-    "verify_setting",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -68,18 +66,6 @@ WARNING_REASON = "00081196"
 FAILURE_REASON = "00081197"
 _ISOLATE_STATUSES = frozenset({400, 409, 413, 415, 422})
 _WRONG_URL_STATUSES = frozenset({404, 405})
-
-
-def verify_setting(setting: bool | Path) -> bool | ssl.SSLContext:
-    """httpx's ``verify`` for a ``verify:`` setting.
-
-    ``True`` means the system's CA store (``/etc/ssl/certs``, where a hospital installs its
-    own CA), as documented: httpx alone would trust only certifi's bundle. A path is a CA
-    bundle (PEM) trusted instead; ``False`` turns verification off.
-    """
-    if setting is True:
-        return ssl.create_default_context()
-    return tls_verify(setting)
 
 
 # --------------------------------------------------------------------------- auth
@@ -311,7 +297,7 @@ class DicomwebSender:
             auth=auth,
             headers=headers,
             timeout=model.timeout,
-            verify=verify_setting(model.verify),
+            verify=tls_verify(model.verify),
             limits=httpx.Limits(max_connections=model.concurrency),
             transport=transport,
         )
