@@ -18,13 +18,12 @@ from dicomgate import cli
 from dicomgate.cli import _byte_size
 from dicomgate.dicomweb.client import StowOptions, upload_paths
 from dicomgate.dimse.scu import SendSummary
-from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.base import Delivery, Outcome, tls_verify
 from dicomgate.egress.dicomweb import (
     DicomwebSender,
     outcomes_from_response,
     parse_stow_response,
     split_batch,
-    tls_verify,
 )
 from dicomgate.egress.models import DicomwebDestination
 

@@ -10,11 +10,14 @@ is dead-lettered at once.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+import httpx
 
 if TYPE_CHECKING:
     from dicomgate.egress.models import (
@@ -32,6 +35,7 @@ __all__ = [
     "exception_reason",
     "failed_all",
     "failure_status_retryable",
+    "http_transport",
     "os_error_reason",
     "tls_verify",
 ]
@@ -123,6 +127,18 @@ def tls_verify(setting: bool | Path) -> bool | ssl.SSLContext:
     if setting is False:
         return False
     return ssl.create_default_context(cafile=str(setting))
+
+
+def http_transport(
+    verify: bool | Path, max_connections: int | None = None
+) -> httpx.AsyncHTTPTransport:
+    """The httpx transport of our HTTP clients: TLS per ``verify``, and TCP_NODELAY, so a
+    request written in parts (headers, then a streamed body) never waits for a delayed ACK."""
+    return httpx.AsyncHTTPTransport(
+        verify=tls_verify(verify),
+        limits=httpx.Limits(max_connections=max_connections),
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    )
 
 
 def build_sender(

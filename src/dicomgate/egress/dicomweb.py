@@ -42,8 +42,8 @@ from dicomgate.egress.base import (
     exception_reason,
     failed_all,
     failure_status_retryable,
+    http_transport,
     os_error_reason,
-    tls_verify,
 )
 from dicomgate.egress.models import DicomwebDestination, HttpAuth
 
@@ -297,9 +297,7 @@ class DicomwebSender:
             auth=auth,
             headers=headers,
             timeout=model.timeout,
-            verify=tls_verify(model.verify),
-            limits=httpx.Limits(max_connections=model.concurrency),
-            transport=transport,
+            transport=transport or http_transport(model.verify, model.concurrency),
         )
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:

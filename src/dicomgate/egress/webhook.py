@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from dicomgate.egress.base import Delivery, Outcome, exception_reason, tls_verify
+from dicomgate.egress.base import Delivery, Outcome, exception_reason, http_transport
 from dicomgate.egress.models import WebhookDestination
 from dicomgate.observability.logging import uid_hash
 
@@ -69,8 +69,7 @@ class WebhookSender:
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=model.timeout,
-            verify=tls_verify(model.verify),
-            transport=transport,
+            transport=transport or http_transport(model.verify),
         )
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
