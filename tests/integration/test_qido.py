@@ -1,0 +1,293 @@
+"""QIDO-RS on a real gateway, searched with ``dicomweb-client`` (a client we did not write).
+
+One gateway per module: the query corpus (tests/qido_corpus.py) is sent once with DCMTK
+storescu, then every test only reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from tests.conftest import AE_TITLE, GatewayProcess, free_port, needs_dcmtk
+from tests.qido_corpus import QueryCorpus, write_query_corpus
+
+pytestmark = needs_dcmtk
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[GatewayProcess, QueryCorpus]]:
+    root = tmp_path_factory.mktemp("qido")
+    corpus = write_query_corpus(root / "corpus")
+    (root / "gw").mkdir()
+    data = root / "gw" / "data"
+    gw = GatewayProcess(
+        root=root / "gw",
+        config={
+            "storage": {"path": str(data)},
+            "database": {"url": f"sqlite:///{data}/index.db"},
+            "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
+            "http": {"host": "127.0.0.1", "port": free_port()},
+        },
+    )
+    gw.start()
+    try:
+        sent = gw.storescu(corpus.files)
+        assert sent.returncode == 0, sent.stdout
+        yield gw, corpus
+    finally:
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(served: tuple[GatewayProcess, QueryCorpus]) -> DICOMwebClient:
+    return DICOMwebClient(url=served[0].url("/dicomweb"))
+
+
+@pytest.fixture(scope="module")
+def corpus(served: tuple[GatewayProcess, QueryCorpus]) -> QueryCorpus:
+    return served[1]
+
+
+def values(results: list[dict[str, Any]], tag: str) -> list[Any]:
+    """The first value of ``tag`` in each result (None when it has none)."""
+    out = []
+    for result in results:
+        element = result.get(tag, {})
+        out.append(element["Value"][0] if element.get("Value") else None)
+    return out
+
+
+def study_keys(corpus: QueryCorpus, results: list[dict[str, Any]]) -> list[str]:
+    return [corpus.key_of(uid) for uid in values(results, "0020000D")]
+
+
+def test_every_resource_answers_with_default_attributes(
+    served: tuple[GatewayProcess, QueryCorpus], client: DICOMwebClient
+) -> None:
+    gw, corpus = served
+    studies = client.search_for_studies()
+    assert study_keys(corpus, studies) == ["A", "B", "C", "D"]
+    first = studies[0]
+    assert first["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}]}
+    assert first["00080061"] == {"vr": "CS", "Value": ["CT", "MR"]}
+    assert first["00201206"] == {"vr": "IS", "Value": [2]}
+    assert first["00201208"] == {"vr": "IS", "Value": [3]}
+    assert first["00080056"] == {"vr": "CS", "Value": ["ONLINE"]}
+    assert first["00081190"]["Value"] == [gw.url(f"/dicomweb/studies/{corpus.study['A']}")]
+    assert all("vr" in element for element in first.values())
+
+    series = client.search_for_series(study_instance_uid=corpus.study["A"])
+    assert values(series, "0020000E") == corpus.series["A"]
+    assert values(series, "00080060") == ["MR", "CT"]
+    assert values(series, "00201209") == [2, 1]
+    assert "00100010" not in series[0]  # study attributes only when the study is not fixed
+    assert series[1]["00081190"]["Value"] == [
+        gw.url(f"/dicomweb/studies/{corpus.study['A']}/series/{corpus.series['A'][1]}")
+    ]
+
+    all_series = client.search_for_series()
+    assert len(all_series) == 5
+    assert values(all_series, "00100020") == ["QP1", "QP1", "QP2", "QP3", "QP4"]
+    # Study-level computed attributes are the study's, not the series' (default study
+    # attributes come with /series).
+    assert values(all_series, "00201206") == [2, 2, 1, 1, 1]
+    assert values(all_series, "00201208") == [3, 3, 2, 1, 1]
+    assert values(all_series, "00201209") == [2, 1, 2, 1, 1]
+
+    instances = client.search_for_instances(
+        study_instance_uid=corpus.study["A"], series_instance_uid=corpus.series["A"][0]
+    )
+    assert values(instances, "00080018") == corpus.instances["A"][:2]
+    assert values(instances, "00280010") == [64, 64]
+    assert values(instances, "00200013") == [1, 2]
+    url = instances[0]["00081190"]["Value"][0]
+    assert url.endswith(
+        f"/studies/{corpus.study['A']}/series/{corpus.series['A'][0]}"
+        f"/instances/{corpus.instances['A'][0]}"
+    )
+
+    in_study = client.search_for_instances(study_instance_uid=corpus.study["A"])
+    assert values(in_study, "00080018") == corpus.instances["A"]
+    assert values(in_study, "00080060") == ["MR", "MR", "CT"]  # series attributes included
+
+    everything = client.search_for_instances()
+    assert len(everything) == 7
+    assert "00100010" in everything[0] and "00080060" in everything[0]
+
+    assert client.search_for_series(study_instance_uid="1.2.3.999") == []
+
+
+@pytest.mark.parametrize(
+    ("filters", "fuzzy", "expected"),
+    [
+        ({"PatientID": "QP2"}, None, ["B"]),
+        ({"00100020": "QP3"}, None, ["C"]),  # tag as key
+        ({"PatientName": "Doe^John"}, None, ["A"]),
+        ({"PatientName": "DOE^JOHN"}, None, []),  # literal matching is case-sensitive
+        ({"PatientName": "Doe*"}, None, ["A"]),
+        ({"PatientName": "D?E^J*"}, None, ["C"]),
+        ({"AccessionNumber": "QA?"}, None, ["A", "B", "C", "D"]),
+        ({"StudyDate": "20230101-20230109"}, None, ["A"]),
+        ({"StudyDate": "20230110-"}, None, ["B", "C"]),
+        ({"StudyDate": "-20221231"}, None, ["D"]),
+        ({"StudyTime": "080000-120000"}, None, ["A", "B"]),
+        ({"StudyDate": "20230105-20230110", "StudyTime": "100000-090000"}, None, ["A", "B"]),
+        ({"ModalitiesInStudy": "CT"}, None, ["A"]),
+        ({"PatientName": "jerome"}, True, ["B"]),
+        ({"PatientName": "jerome"}, False, []),
+        ({"PatientName": "john doe"}, True, ["A"]),
+        ({"PatientName": "doe"}, True, ["A", "C"]),
+        ({"PatientName": "JÉRÔ*"}, True, ["B"]),
+    ],
+)
+def test_study_matching(
+    client: DICOMwebClient,
+    corpus: QueryCorpus,
+    filters: dict[str, str],
+    fuzzy: bool | None,
+    expected: list[str],
+) -> None:
+    results = client.search_for_studies(search_filters=filters, fuzzymatching=fuzzy)
+    assert study_keys(corpus, results) == expected
+    for key in filters:
+        if not key.startswith("0"):  # matching keys come back in every result
+            tag = {
+                "PatientID": "00100020",
+                "PatientName": "00100010",
+                "AccessionNumber": "00080050",
+                "StudyDate": "00080020",
+                "StudyTime": "00080030",
+                "ModalitiesInStudy": "00080061",
+            }[key]
+            assert all(tag in result for result in results)
+
+
+def test_uid_lists(client: DICOMwebClient, corpus: QueryCorpus) -> None:
+    wanted = [corpus.study["D"], corpus.study["B"]]
+    repeated = client.search_for_studies(search_filters={"StudyInstanceUID": wanted})
+    assert study_keys(corpus, repeated) == ["B", "D"]
+    joined = client.search_for_studies(search_filters={"StudyInstanceUID": ",".join(wanted)})
+    assert study_keys(corpus, joined) == ["B", "D"]
+    sops = corpus.instances["A"][1:] + corpus.instances["C"]
+    found = client.search_for_instances(search_filters={"SOPInstanceUID": "\\".join(sops)})
+    assert values(found, "00080018") == sops
+
+
+def test_series_and_instance_matching(client: DICOMwebClient, corpus: QueryCorpus) -> None:
+    ct = client.search_for_series(search_filters={"Modality": "CT"})
+    assert values(ct, "0020000E") == [corpus.series["A"][1]]
+    numbered = client.search_for_series(search_filters={"SeriesNumber": "4"})
+    assert values(numbered, "0020000E") == [corpus.series["A"][1]]
+    second = client.search_for_instances(
+        study_instance_uid=corpus.study["B"], search_filters={"InstanceNumber": "2"}
+    )
+    assert values(second, "00080018") == [corpus.instances["B"][1]]
+    by_class = client.search_for_instances(
+        search_filters={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}
+    )
+    assert values(by_class, "00080018") == [corpus.instances["A"][2]]
+
+
+def test_includefield_limit_and_offset(client: DICOMwebClient, corpus: QueryCorpus) -> None:
+    described = client.search_for_studies(fields=["StudyDescription", "00081030"])
+    assert values(described, "00081030") == ["MR BRAIN", "MR HEAD", "MR KNEE", "OTHER"]
+    every = client.search_for_series(study_instance_uid=corpus.study["A"], fields=["all"])
+    assert {"00180015", "0008103E", "00200011"} <= set(every[0])
+    assert values(every, "0008103E") == ["t2_tse_tra", "ct localizer"]
+
+    pages = [client.search_for_studies(limit=3, offset=offset) for offset in (0, 3, 6)]
+    assert [study_keys(corpus, page) for page in pages] == [["A", "B", "C"], ["D"], []]
+    remaining = client.search_for_studies(limit=1, get_remaining=True)
+    assert study_keys(corpus, remaining) == ["A", "B", "C", "D"]
+
+
+def test_accept_header(served: tuple[GatewayProcess, QueryCorpus]) -> None:
+    gw, _ = served
+    url = gw.url("/dicomweb/studies")
+    plain = httpx.get(url, headers={"Accept": "application/json"})
+    assert plain.status_code == 200
+    assert plain.headers["content-type"].startswith("application/json")
+    dicom = httpx.get(url)
+    assert dicom.headers["content-type"].startswith("application/dicom+json")
+    xml = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    assert xml.status_code == 406
+    assert "dicom+xml" in xml.json()["error"]
+
+
+def test_unsupported_keys_are_reported_in_a_warning_header(
+    served: tuple[GatewayProcess, QueryCorpus],
+) -> None:
+    gw, _ = served
+    response = httpx.get(
+        gw.url("/dicomweb/studies"),
+        params={"PatientWeight": "70", "Modality": "MR", "includefield": "PatientAge"},
+    )
+    assert response.status_code == 200
+    assert len(response.json()) == 4  # the unsupported keys did not filter
+    warnings = response.headers.get_list("warning")
+    assert len(warnings) == 3
+    host = f"127.0.0.1:{gw.http_port}"
+    assert (
+        warnings[0] == f'299 {host} "The query key PatientWeight is not supported and was ignored."'
+    )
+    assert "Modality" in warnings[1] and "study level" in warnings[1]
+    assert "PatientAge" in warnings[2]
+    assert "warning" not in httpx.get(gw.url("/dicomweb/studies")).headers
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/studies?NoSuchKeyword=1", "unknown attribute"),
+        ("/studies?StudyDate=2023-01-05", "StudyDate"),
+        ("/studies?StudyDate=20231301", "does not exist"),
+        ("/studies?StudyTime=99", "HH[MM"),
+        ("/studies?StudyInstanceUID=abc", "not a UID"),
+        ("/studies?limit=-1", "limit"),
+        ("/studies?limit=ten", "limit"),
+        ("/studies?offset=1.5", "offset"),
+        ("/studies?fuzzymatching=yes", "fuzzymatching"),
+        ("/studies?includefield=NotAnAttribute", "unknown attribute"),
+        ("/studies?PatientID=a&PatientID=b", "more than once"),
+        ("/studies?limit=1&limit=2", "more than once"),
+        ("/studies/not-a-uid/series", "not a UID"),
+        ("/series?SeriesNumber=x", "not an integer"),
+        ("/instances?Rows=many", "not an integer"),
+    ],
+)
+def test_malformed_requests_get_400_with_a_json_error(
+    served: tuple[GatewayProcess, QueryCorpus], client: DICOMwebClient, path: str, message: str
+) -> None:
+    gw, _ = served
+    response = httpx.get(gw.url("/dicomweb" + path))
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
+
+
+def test_dicomweb_client_sees_errors_as_http_errors(client: DICOMwebClient) -> None:
+    with pytest.raises(requests.HTTPError) as raised:
+        client.search_for_studies(search_filters={"StudyDate": "yesterday"})
+    assert raised.value.response.status_code == 400
+
+
+def test_the_answers_come_from_the_index_not_the_files(
+    served: tuple[GatewayProcess, QueryCorpus], client: DICOMwebClient, tmp_path: Path
+) -> None:
+    gw, _ = served
+    store = gw.data / "store"
+    moved = tmp_path / "moved"
+    store.rename(moved)  # the files are gone for a moment; the index still answers
+    try:
+        assert len(client.search_for_instances()) == 7
+    finally:
+        moved.rename(store)
