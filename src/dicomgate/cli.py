@@ -368,6 +368,32 @@ app.add_typer(queue_app, name="queue")
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file")]
 
 
+@app.command()
+def process(
+    inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive)")],
+    pipeline: Annotated[
+        Path,
+        typer.Option(
+            "--pipeline",
+            help="YAML file with the steps, the same list as a route's `pipeline:`",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder the results are written into")],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on a terminal")] = True,
+) -> None:
+    """Run a processing pipeline (deidentify, standardize, transcode, split) over files."""
+    from dicomgate.processing.batch import run_batch
+
+    for path in inputs:
+        if not path.exists():
+            raise _fail(f"{path}: no such file or folder")
+    try:
+        code = run_batch(pipeline, inputs, out, progress)
+    except ConfigError as exc:
+        raise _fail(f"{pipeline}: {exc}") from None
+    raise typer.Exit(code)
+
+
 def _open_queue(config: Path) -> JobQueueT:
     from dicomgate.config import load_config
     from dicomgate.errors import DicomgateError

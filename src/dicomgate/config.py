@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from dicomgate.egress.models import (
     DicomwebDestination,
@@ -27,6 +27,8 @@ from dicomgate.errors import ConfigError
 from dicomgate.ingress.models import IngestConfig
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
+from dicomgate.processing.base import StepContext
+from dicomgate.processing.pipeline import Pipeline, build
 from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.matcher import Router
 from dicomgate.routing.models import RouteConfig, parse_duration
@@ -337,6 +339,8 @@ __all__ = [
 class GatewayConfig(_Model):
     """The whole configuration file."""
 
+    _base_dir: Path = PrivateAttr(default=Path("."))  # the config file's folder
+
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     dimse: DimseConfig = DimseConfig()
@@ -419,13 +423,20 @@ def _format_error(exc: ValidationError) -> ConfigError:
     return ConfigError(key, msg)
 
 
-def parse_config(data: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Validate a parsed YAML document (plus environment overrides) into a config."""
+def parse_config(
+    data: Any, environ: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> GatewayConfig:
+    """Validate a parsed YAML document (plus environment overrides) into a config.
+
+    ``base_dir`` (the config file's folder) is where relative paths of pipeline settings
+    (e.g. a pseudonym table) start.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("", "the config file must be a YAML mapping")
-    data = _apply_env(copy.deepcopy(data), os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    data = _apply_env(copy.deepcopy(data), environ)
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -433,7 +444,22 @@ def parse_config(data: Any, environ: Mapping[str, str] | None = None) -> Gateway
     # Compiling the routes checks all of them (destinations, match keys, regexes, ranges,
     # durations); its ConfigError names the key itself, e.g. routes[2].match.Modality.
     Router.compile(config.routes, config.destinations)
+    config._base_dir = base_dir or Path(".")
+    build_pipelines(config, StepContext(environ=environ, base_dir=config._base_dir))
     return config
+
+
+def build_pipelines(
+    config: GatewayConfig, context: StepContext | None = None
+) -> dict[str, Pipeline]:
+    """Each route's processing pipeline, by route name (routes without one are absent);
+    raises :class:`ConfigError` naming the bad step setting."""
+    context = context or StepContext(environ=os.environ, base_dir=config._base_dir)
+    return {
+        route.name: build(route.pipeline, f"routes[{i}].pipeline", context)
+        for i, route in enumerate(config.routes)
+        if route.pipeline
+    }
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -449,4 +475,4 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> G
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
-    return parse_config(data, environ)
+    return parse_config(data, environ, base_dir=path.parent)

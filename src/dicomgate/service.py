@@ -15,7 +15,7 @@ import uvicorn
 
 from dicomgate import __version__
 from dicomgate.app import create_app
-from dicomgate.config import GatewayConfig, RetentionMode
+from dicomgate.config import GatewayConfig, RetentionMode, build_pipelines
 from dicomgate.dimse.server import DimseServer
 from dicomgate.egress.base import build_sender
 from dicomgate.egress.dispatcher import Dispatcher
@@ -114,6 +114,7 @@ class Gateway:
             self.store,
             poll_interval=self.config.queue.poll_interval,
             controls=self.config.destinations,
+            pipelines=build_pipelines(self.config),
         )
         self.ingestor = Ingestor(
             self.store,

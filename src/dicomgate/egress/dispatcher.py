@@ -22,14 +22,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomgate.egress.base import Delivery, Outcome, Sender
 from dicomgate.observability.logging import uid_hash
+from dicomgate.processing.base import ProcessingError
+from dicomgate.processing.pipeline import Pipeline
 from dicomgate.queue.jobs import Job, JobQueue, JobState
 from dicomgate.queue.traffic import Breaker, RateLimiter, Schedule
 from dicomgate.store.filestore import ContentStore
@@ -67,6 +71,32 @@ def _controls(name: str, sender: Sender, model: DestinationControls | None) -> _
     )
 
 
+def _per_job(outcomes: list[Outcome]) -> dict[int, Outcome]:
+    """One outcome per job: a job split into several instances is delivered only when all
+    of them are; it is retried if any failure is retryable; the errors are joined."""
+    grouped: dict[int, list[Outcome]] = {}
+    for outcome in outcomes:
+        grouped.setdefault(outcome.job_id, []).append(outcome)
+    merged: dict[int, Outcome] = {}
+    for job_id, items in grouped.items():
+        if len(items) == 1:
+            merged[job_id] = items[0]
+            continue
+        failed = [o for o in items if not o.delivered]
+        if not failed:
+            warnings = "; ".join(o.warning for o in items if o.warning)
+            merged[job_id] = Outcome(job_id, True, warning=warnings)
+            continue
+        errors = "; ".join(dict.fromkeys(o.error for o in failed))
+        merged[job_id] = Outcome(
+            job_id,
+            False,
+            any(o.retryable for o in failed),
+            f"{len(failed)} of {len(items)} instances failed: {errors}",
+        )
+    return merged
+
+
 class Dispatcher:
     """Runs the delivery workers of every configured destination."""
 
@@ -79,6 +109,8 @@ class Dispatcher:
         poll_interval: float = 0.5,
         timer_interval: float = 1.0,
         controls: Mapping[str, DestinationControls] | None = None,
+        pipelines: Mapping[str, Pipeline] | None = None,
+        work_dir: Path | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -86,6 +118,8 @@ class Dispatcher:
         self.timer_interval = timer_interval
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         controls = controls or {}
+        self.pipelines: Mapping[str, Pipeline] = pipelines or {}
+        self.work_dir = work_dir or store.root / "egress"
         self._destinations = {
             name: _controls(name, sender, controls.get(name)) for name, sender in senders.items()
         }
@@ -95,6 +129,8 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # Processed copies of a previous run's in-flight jobs: made again when retried.
+        shutil.rmtree(self.work_dir, ignore_errors=True)
         await self._warn_orphans()
         for dest in self._destinations.values():
             for slot in range(max(1, dest.sender.concurrency)):
@@ -255,24 +291,72 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(dest.wake.wait(), seconds)
 
-    async def _deliver(self, dest: _Destination, jobs: list[Job]) -> None:
-        batch = [
+    async def _prepare(self, job: Job) -> list[Delivery] | Outcome:
+        """The deliveries of one job: the stored file itself, or the outputs of its route's
+        pipeline written under ``work_dir`` (an Outcome when processing refused it)."""
+        original = Delivery(
+            job_id=job.id,
+            path=self.store.path_of(job.relpath),
+            sop_class_uid=job.sop_class_uid,
+            sop_instance_uid=job.sop_instance_uid,
+            transfer_syntax_uid=job.transfer_syntax_uid,
+            study_instance_uid=job.study_instance_uid,
+            series_instance_uid=job.series_instance_uid,
+            size=job.size,
+            route=job.route,
+        )
+        pipeline = self.pipelines.get(job.route)
+        if not pipeline:
+            return [original]
+        out_dir = self.work_dir / str(job.id)
+        try:
+            outputs = await asyncio.to_thread(pipeline.process_file, original.path, out_dir)
+        except ProcessingError as exc:
+            log.error(
+                "processing refused the instance: %s",
+                exc,
+                extra={
+                    "event": "processing.refused",
+                    "route": job.route,
+                    "job": job.id,
+                    "reason": exc.reason,
+                    "sop": uid_hash(job.sop_instance_uid),
+                },
+            )
+            return Outcome(job.id, False, False, str(exc))
+        except Exception as exc:  # a step bug: keep the job, retry later, say so loudly
+            log.exception(
+                "processing failed",
+                extra={"event": "processing.error", "route": job.route, "job": job.id},
+            )
+            return Outcome(job.id, False, True, f"processing error: {type(exc).__name__}")
+        return [
             Delivery(
                 job_id=job.id,
-                path=self.store.path_of(job.relpath),
-                sop_class_uid=job.sop_class_uid,
-                sop_instance_uid=job.sop_instance_uid,
-                transfer_syntax_uid=job.transfer_syntax_uid,
-                study_instance_uid=job.study_instance_uid,
-                series_instance_uid=job.series_instance_uid,
-                size=job.size,
+                path=out.path,
+                sop_class_uid=out.sop_class_uid,
+                sop_instance_uid=out.sop_instance_uid,
+                transfer_syntax_uid=out.transfer_syntax_uid,
+                study_instance_uid=out.study_instance_uid,
+                series_instance_uid=out.series_instance_uid,
+                size=out.size,
                 route=job.route,
             )
-            for job in jobs
+            for out in outputs
         ]
+
+    async def _deliver(self, dest: _Destination, jobs: list[Job]) -> None:
+        batch: list[Delivery] = []
+        refused: list[Outcome] = []
+        for job in jobs:
+            prepared = await self._prepare(job)
+            if isinstance(prepared, Outcome):
+                refused.append(prepared)
+            else:
+                batch += prepared
         started = time.monotonic()
         try:
-            outcomes = await dest.sender.send(batch)
+            outcomes = await dest.sender.send(batch) if batch else []
         except Exception as exc:  # a sender bug must not lose the jobs: retry them
             log.exception(
                 "sender failed", extra={"event": "delivery.sender_error", "destination": dest.name}
@@ -281,7 +365,11 @@ class Dispatcher:
                 Outcome(d.job_id, False, True, f"internal error: {type(exc).__name__}")
                 for d in batch
             ]
-        by_id = {o.job_id: o for o in outcomes}
+        finally:
+            for job in jobs:
+                if self.pipelines.get(job.route):
+                    shutil.rmtree(self.work_dir / str(job.id), ignore_errors=True)
+        by_id = _per_job(outcomes + refused)
         done = [j.id for j in jobs if by_id.get(j.id) is not None and by_id[j.id].delivered]
         if done:
             await asyncio.to_thread(self.queue.complete, done)
@@ -326,8 +414,11 @@ class Dispatcher:
                 (time.monotonic() - started) * 1000,
                 extra={"event": "delivery.done", "destination": dest.name, "instances": len(done)},
             )
+        if not batch:  # every job was refused by processing: says nothing of the destination
+            return
+        sent = {d.job_id for d in batch}
         whole_batch_failed = not done and all(
-            (by_id.get(j.id) is None or by_id[j.id].retryable) for j in jobs
+            (by_id.get(j) is None or by_id[j].retryable) for j in sent
         )
         if dest.breaker.record(not whole_batch_failed):
             log.error(

@@ -1,1 +1,1 @@
-"""processing package."""
+"""Processing at egress (DESIGN rule 4): steps applied to a copy of an instance, per route."""
