@@ -25,8 +25,9 @@ def problem(status: int, message: str, headers: dict[str, str] | None = None) ->
 
 def install_dicomweb(app: FastAPI, gateway: Gateway) -> None:
     """Mount every DICOMweb and FHIR service on ``app``."""
-    from dicomgate.dicomweb import fhir, qido, stow
+    from dicomgate.dicomweb import fhir, qido, stow, wado
 
     app.include_router(stow.router(gateway), prefix=PREFIX)
     app.include_router(qido.router(gateway), prefix=PREFIX)
+    app.include_router(wado.router(gateway), prefix=PREFIX)
     app.include_router(fhir.router(gateway))

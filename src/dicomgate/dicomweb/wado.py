@@ -1,0 +1,559 @@
+"""WADO-RS (PS3.18 10.4) and WADO-URI (PS3.18 9) over the store and the index.
+
+Resources under ``/dicomweb``:
+
+- ``/studies/{s}``, ``.../series/{r}``, ``.../instances/{i}``: instances as
+  ``multipart/related; type="application/dicom"``, streamed from disk (as stored) or
+  transcoded (:mod:`.transcode`), per the Accept header (:mod:`.negotiate`);
+- ``.../metadata``: ``application/dicom+json`` (:mod:`.dicomjson`);
+- ``.../instances/{i}/frames/{list}`` and ``.../bulkdata/{path}``: frames and bulk values
+  located without reading the rest of the file (:mod:`.frames`);
+- ``.../rendered`` and ``.../thumbnail`` for study, series, instance and frame
+  (:mod:`.render`);
+- ``/wado?requestType=WADO...``: WADO-URI (:mod:`.wado_uri`).
+
+Errors are JSON bodies (:func:`dicomgate.dicomweb.server.problem`): 400 malformed request,
+404 unknown study/series/instance/frame, 406 no acceptable representation, 503 index
+unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from dicomgate.dicomweb.catalog import StoredRef, find_instances
+from dicomgate.dicomweb.dicomjson import MetadataCache, locate_bulk
+from dicomgate.dicomweb.frames import (
+    FrameError,
+    PixelLayout,
+    all_fragments,
+    decode_frame,
+    encapsulated_frames,
+    locate_pixel_data,
+    native_frame_chunks,
+    read_span_chunks,
+)
+from dicomgate.dicomweb.negotiate import (
+    AcceptError,
+    FrameEncoding,
+    MediaRange,
+    choose_frame_encoding,
+    choose_instance_syntax,
+    choose_simple,
+    parse_accept,
+)
+from dicomgate.dicomweb.render import (
+    THUMBNAIL_SIZE,
+    RenderError,
+    RenderOptions,
+    Viewport,
+    parse_render_options,
+    render_frame,
+)
+from dicomgate.dicomweb.server import PREFIX, problem
+from dicomgate.dicomweb.streaming import Multipart, file_chunks, iterate_in_thread
+from dicomgate.dicomweb.transcode import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeError, transcode
+from dicomgate.errors import IndexUnavailable
+
+if TYPE_CHECKING:
+    from dicomgate.service import Gateway
+
+__all__ = ["WadoError", "WadoService", "router"]
+
+log = logging.getLogger(__name__)
+
+METADATA_TYPES = ["application/dicom+json", "application/json"]
+IMAGE_TYPES = ["image/jpeg", "image/png"]
+MAX_FRAMES_IN_LIST = 10000
+
+
+class WadoError(Exception):
+    """A request refused with an HTTP status and a message (turned into a JSON body)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``1,3,5`` -> [1, 3, 5] (1-based, PS3.18 8.3.4.4); ``WadoError`` 400 if malformed."""
+    pieces = text.split(",")
+    if not text or len(pieces) > MAX_FRAMES_IN_LIST:
+        raise WadoError(400, f"bad frame list {text!r}: 1 to {MAX_FRAMES_IN_LIST} numbers")
+    frames: list[int] = []
+    for piece in pieces:
+        piece = piece.strip()
+        if not piece.isdigit() or int(piece) < 1:
+            raise WadoError(400, f"bad frame list {text!r}: frame numbers are integers >= 1")
+        frames.append(int(piece))
+    return frames
+
+
+def _accept(request: Request) -> list[MediaRange]:
+    try:
+        return parse_accept(request.headers.get("accept"))
+    except AcceptError as exc:
+        raise WadoError(400, str(exc)) from None
+
+
+def _swap(data: bytes, width: int) -> bytes:
+    import numpy as np
+
+    if width < 2 or len(data) % width:
+        return data
+    return np.frombuffer(data, f">u{width}").astype(f"<u{width}").tobytes()
+
+
+_SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+@dataclass(frozen=True)
+class _FramePlan:
+    path: Path
+    layout: PixelLayout
+    encoding: FrameEncoding
+    spans: list[list[tuple[int, int]]] | None  # encapsulated frames as stored
+
+
+class WadoService:
+    """The WADO-RS and WADO-URI handlers of one gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.metadata_cache = MetadataCache()
+
+    # -- lookups ---------------------------------------------------------------------
+
+    async def instances(
+        self, study: str, series: str | None = None, sop: str | None = None
+    ) -> list[StoredRef]:
+        """The stored instances of a resource; ``WadoError`` 404 when there are none."""
+        try:
+            refs = await asyncio.to_thread(
+                find_instances, self.gateway.index.engine, study, series, sop
+            )
+        except IndexUnavailable as exc:
+            raise WadoError(503, f"index unavailable: {exc}") from None
+        if not refs:
+            what = "instance" if sop else "series" if series else "study"
+            raise WadoError(404, f"unknown {what}")
+        return refs
+
+    def path_of(self, ref: StoredRef) -> Path:
+        return self.gateway.store.path_of(ref.relpath)
+
+    @staticmethod
+    def base_url(request: Request) -> str:
+        """The DICOMweb root as the client reached it (for BulkDataURIs).
+
+        From the Host header; a Host without a port on a direct (not proxied) connection to
+        a non-default port gets the port it came in on: some clients (dicomweb-client) drop
+        the port from Host, and a URI without it would point elsewhere.
+        """
+        url = request.base_url
+        host = request.headers.get("host", "")
+        server = request.scope.get("server")
+        proxied = any(
+            name in request.headers for name in ("forwarded", "x-forwarded-host", "x-forwarded-for")
+        )
+        if host and ":" not in host.rsplit("]", 1)[-1] and server and not proxied:
+            port = int(server[1])
+            if port != (443 if url.scheme == "https" else 80):
+                url = url.replace(port=port)
+        return str(url).rstrip("/") + PREFIX
+
+    def instance_url(self, request: Request, ref: StoredRef) -> str:
+        return (
+            f"{self.base_url(request)}/studies/{ref.study_uid}/series/{ref.series_uid}"
+            f"/instances/{ref.sop_instance_uid}"
+        )
+
+    # -- retrieve instances ------------------------------------------------------------
+
+    async def retrieve(self, request: Request, refs: list[StoredRef]) -> Response:
+        accept = _accept(request)
+        plan: dict[str, str] = {}
+        for syntax in {ref.transfer_syntax_uid for ref in refs}:
+            target = choose_instance_syntax(accept, syntax)
+            if target is None:
+                raise WadoError(
+                    406,
+                    f"cannot send instances stored in {syntax} in any of the accepted "
+                    "representations (we transcode only to Explicit VR Little Endian, "
+                    f"{EXPLICIT_VR_LITTLE_ENDIAN})",
+                )
+            plan[syntax] = target
+        first: bytes | None = None
+        if len(refs) == 1 and plan[refs[0].transfer_syntax_uid] != refs[0].transfer_syntax_uid:
+            # One instance: transcode before answering, so a failure is a clean 500.
+            first = await self.transcode_instance(refs[0], plan[refs[0].transfer_syntax_uid])
+        writer = Multipart("application/dicom")
+        heads = [
+            writer.part(f"application/dicom; transfer-syntax={plan[ref.transfer_syntax_uid]}")
+            for ref in refs
+        ]
+        tail = writer.close()
+
+        async def body() -> AsyncIterator[bytes]:
+            for head, ref in zip(heads, refs, strict=True):
+                target = plan[ref.transfer_syntax_uid]
+                yield head
+                if first is not None:
+                    yield first
+                elif target == ref.transfer_syntax_uid:
+                    async for chunk in file_chunks(self.path_of(ref)):
+                        yield chunk
+                else:
+                    yield await self.transcode_instance(ref, target)
+            yield tail
+
+        headers = {"Content-Type": writer.content_type}
+        if all(plan[ref.transfer_syntax_uid] == ref.transfer_syntax_uid for ref in refs):
+            # Sizes are known (stored files never change): a Content-Length spares the
+            # chunked encoding, which copies every chunk once more in the server.
+            length = sum(map(len, heads)) + sum(ref.size for ref in refs) + len(tail)
+            headers["Content-Length"] = str(length)
+        return StreamingResponse(body(), headers=headers)
+
+    async def transcode_instance(self, ref: StoredRef, target: str) -> bytes:
+        try:
+            return await asyncio.to_thread(transcode, self.path_of(ref), target)
+        except (TranscodeError, OSError) as exc:
+            log.warning(
+                "cannot transcode an instance: %s",
+                exc,
+                extra={"event": "wado.transcode_failed"},
+            )
+            raise WadoError(500, f"cannot transcode the instance to {target}: {exc}") from None
+
+    # -- metadata ------------------------------------------------------------------------
+
+    async def metadata(self, request: Request, refs: list[StoredRef]) -> Response:
+        if choose_simple(_accept(request), METADATA_TYPES) is None:
+            raise WadoError(406, "metadata is available as application/dicom+json only")
+        urls = [self.instance_url(request, ref) for ref in refs]
+
+        async def encoded(n: int) -> bytes:
+            try:
+                return await asyncio.to_thread(
+                    self.metadata_cache.get, self.path_of(refs[n]), urls[n]
+                )
+            except Exception as exc:  # unreadable file: a 500 naming it, never a hang
+                log.error("cannot read metadata: %s", exc, extra={"event": "wado.metadata_failed"})
+                raise WadoError(500, f"cannot read the stored instance: {exc}") from None
+
+        head = await encoded(0)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"[" + head
+            for n in range(1, len(refs)):
+                yield b"," + await encoded(n)
+            yield b"]"
+
+        return StreamingResponse(body(), media_type="application/dicom+json")
+
+    # -- frames and bulk data ---------------------------------------------------------------
+
+    async def _frame_plan(
+        self, request: Request, ref: StoredRef, frames: list[int] | None
+    ) -> tuple[_FramePlan, list[int]]:
+        path = self.path_of(ref)
+        try:
+            layout = await asyncio.to_thread(locate_pixel_data, path)
+        except OSError as exc:
+            raise WadoError(500, f"cannot read the stored instance: {exc}") from None
+        if layout is None:
+            raise WadoError(404, "the instance has no pixel data")
+        frames = frames or list(range(1, layout.frames + 1))
+        beyond = [n for n in frames if n > layout.frames]
+        if beyond:
+            raise WadoError(404, f"frame {beyond[0]} does not exist ({layout.frames} frame(s))")
+        encoding = choose_frame_encoding(_accept(request), layout.transfer_syntax)
+        if encoding is None:
+            raise WadoError(
+                406,
+                f"frames stored in {layout.transfer_syntax} cannot be sent in any of the "
+                "accepted media types (as stored, or decompressed as application/octet-stream)",
+            )
+        offsets_apply = not (layout.encapsulated or layout.needs_decoder)
+        if offsets_apply and layout.frame_bits % 8 == 0:
+            needed = max(frames) * layout.frame_bits // 8
+            if layout.value_length < needed:
+                raise WadoError(500, "the stored pixel data is shorter than its header says")
+        spans = None
+        if layout.encapsulated and not encoding.decode:
+
+            def table() -> list[list[tuple[int, int]]]:
+                with open(path, "rb") as fh:
+                    if encoding.media_type.startswith("video/"):
+                        return [all_fragments(fh, layout)] * layout.frames
+                    return encapsulated_frames(fh, layout)
+
+            try:
+                spans = await asyncio.to_thread(table)
+            except (FrameError, OSError) as exc:
+                raise WadoError(500, f"cannot locate the frames: {exc}") from None
+            if encoding.media_type.startswith("video/"):
+                frames = frames[:1]  # a video is sent whole, once
+        return _FramePlan(path, layout, encoding, spans), frames
+
+    def _frame_body(self, plan: _FramePlan, index: int) -> AsyncIterator[bytes]:
+        layout = plan.layout
+        if plan.encoding.decode or layout.needs_decoder:
+            return _one(asyncio.to_thread(decode_frame, plan.path, index))
+        spans = plan.spans
+
+        def chunks() -> Iterator[bytes]:
+            with open(plan.path, "rb") as fh:
+                if spans is not None:
+                    yield from read_span_chunks(fh, spans[index])
+                else:
+                    yield from native_frame_chunks(fh, layout, index)
+
+        return iterate_in_thread(chunks)
+
+    async def frames(self, request: Request, ref: StoredRef, frames: list[int]) -> Response:
+        plan, frames = await self._frame_plan(request, ref, frames)
+        return self._frames_response(plan, frames)
+
+    def _frames_response(self, plan: _FramePlan, frames: list[int]) -> Response:
+        encoding = plan.encoding
+        writer = Multipart(encoding.media_type)
+        part_type = f"{encoding.media_type}; transfer-syntax={encoding.transfer_syntax}"
+
+        async def body() -> AsyncIterator[bytes]:
+            for number in frames:
+                yield writer.part(part_type)
+                async for chunk in self._frame_body(plan, number - 1):
+                    yield chunk
+            yield writer.close()
+
+        return StreamingResponse(body(), headers={"Content-Type": writer.content_type})
+
+    async def bulkdata(self, request: Request, ref: StoredRef, tag_path: str) -> Response:
+        path = self.path_of(ref)
+        try:
+            value = await asyncio.to_thread(locate_bulk, path, tag_path)
+        except ValueError as exc:
+            raise WadoError(400, f"bad bulk data path: {exc}") from None
+        except OSError as exc:
+            raise WadoError(500, f"cannot read the stored instance: {exc}") from None
+        if value is None:
+            raise WadoError(404, f"no bulk data at {tag_path}")
+        if value.pixel_data:
+            plan, frames = await self._frame_plan(request, ref, None)
+            if plan.layout.encapsulated or plan.encoding.decode or plan.layout.needs_decoder:
+                return self._frames_response(plan, frames)
+            # Native pixel data: the whole value as one part.
+            layout = plan.layout
+            value_span = (layout.value_offset, layout.value_length)
+            swap = 0 if layout.little_endian else layout.bits_allocated // 8
+            return self._bulk_response([value_span], None, swap, plan.path)
+        if choose_frame_encoding(_accept(request), EXPLICIT_VR_LITTLE_ENDIAN) is None:
+            raise WadoError(406, "bulk data is available as application/octet-stream only")
+        swap = _SWAP_WIDTH.get(value.vr, 0) if value.big_endian else 0
+        if value.data is not None:
+            return self._bulk_response([], _swap(value.data, swap), 0, path)
+        return self._bulk_response([(value.offset, value.length)], None, swap, path)
+
+    def _bulk_response(
+        self,
+        spans: list[tuple[int, int]],
+        data: bytes | None,
+        swap: int,
+        path: Path | None = None,
+    ) -> Response:
+        writer = Multipart("application/octet-stream")
+        part_type = f"application/octet-stream; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+        source = path
+
+        async def body() -> AsyncIterator[bytes]:
+            yield writer.part(part_type)
+            if data is not None:
+                yield data
+            elif source is not None:
+
+                def chunks() -> Iterator[bytes]:
+                    with open(source, "rb") as fh:
+                        step = (1 << 20) - (1 << 20) % 8
+                        for chunk in read_span_chunks(fh, spans, step):
+                            yield _swap(chunk, swap) if swap > 1 else chunk
+
+                async for chunk in iterate_in_thread(chunks):
+                    yield chunk
+            yield writer.close()
+
+        return StreamingResponse(body(), headers={"Content-Type": writer.content_type})
+
+    # -- rendered ------------------------------------------------------------------------
+
+    async def rendered(
+        self,
+        request: Request,
+        refs: list[StoredRef],
+        frame: int,
+        thumbnail: bool,
+        params: dict[str, str] | None = None,
+    ) -> Response:
+        media_type = choose_simple(_accept(request), IMAGE_TYPES)
+        if media_type is None:
+            raise WadoError(406, "rendered images are available as image/jpeg or image/png")
+        images = [ref for ref in refs if ref.rows]
+        if not images:
+            raise WadoError(406, "nothing to render: no image in the requested resource")
+        default = Viewport(THUMBNAIL_SIZE, THUMBNAIL_SIZE) if thumbnail else None
+        try:
+            options = parse_render_options(
+                params if params is not None else dict(request.query_params), media_type, default
+            )
+        except ValueError as exc:
+            raise WadoError(400, str(exc)) from None
+        return await self.render(images[0], frame, options)
+
+    async def render(self, ref: StoredRef, frame: int, options: RenderOptions) -> Response:
+        frames = ref.number_of_frames or 1
+        if frame > frames:
+            raise WadoError(404, f"frame {frame} does not exist ({frames} frame(s))")
+        try:
+            image = await asyncio.to_thread(render_frame, self.path_of(ref), frame - 1, options)
+        except ValueError as exc:
+            raise WadoError(400, str(exc)) from None
+        except (RenderError, OSError) as exc:
+            raise WadoError(500, f"cannot render the instance: {exc}") from None
+        return Response(image, media_type=options.media_type)
+
+
+async def _one(awaitable: Awaitable[bytes]) -> AsyncIterator[bytes]:
+    yield await awaitable
+
+
+def router(gateway: Gateway) -> APIRouter:
+    """The WADO-RS and WADO-URI routes (mounted under ``/dicomweb``)."""
+    from dicomgate.dicomweb.wado_uri import install_wado_uri
+
+    service = WadoService(gateway)
+    api = APIRouter()
+    instance_path = "/studies/{study}/series/{series}/instances/{sop}"
+
+    async def run(work: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await work()
+        except WadoError as exc:
+            return problem(exc.status, exc.message)
+
+    @api.get("/studies/{study}")
+    async def retrieve_study(request: Request, study: str) -> Response:
+        """Retrieve a study (multipart/related; type="application/dicom")."""
+        return await run(lambda: _chain(service.instances(study), service.retrieve, request))
+
+    @api.get("/studies/{study}/series/{series}")
+    async def retrieve_series(request: Request, study: str, series: str) -> Response:
+        """Retrieve a series."""
+        return await run(
+            lambda: _chain(service.instances(study, series), service.retrieve, request)
+        )
+
+    @api.get(instance_path)
+    async def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
+        """Retrieve an instance."""
+        return await run(
+            lambda: _chain(service.instances(study, series, sop), service.retrieve, request)
+        )
+
+    @api.get("/studies/{study}/metadata")
+    async def study_metadata(request: Request, study: str) -> Response:
+        """Metadata of a study (application/dicom+json)."""
+        return await run(lambda: _chain(service.instances(study), service.metadata, request))
+
+    @api.get("/studies/{study}/series/{series}/metadata")
+    async def series_metadata(request: Request, study: str, series: str) -> Response:
+        """Metadata of a series."""
+        return await run(
+            lambda: _chain(service.instances(study, series), service.metadata, request)
+        )
+
+    @api.get(instance_path + "/metadata")
+    async def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
+        """Metadata of an instance."""
+        return await run(
+            lambda: _chain(service.instances(study, series, sop), service.metadata, request)
+        )
+
+    @api.get(instance_path + "/frames/{frame_list}")
+    async def frames(
+        request: Request, study: str, series: str, sop: str, frame_list: str
+    ) -> Response:
+        """Frames of an instance (multipart/related; octet-stream or the frame's media type)."""
+
+        async def work() -> Response:
+            numbers = parse_frame_list(frame_list)
+            refs = await service.instances(study, series, sop)
+            return await service.frames(request, refs[0], numbers)
+
+        return await run(work)
+
+    @api.get(instance_path + "/bulkdata/{tag_path:path}")
+    async def bulkdata(
+        request: Request, study: str, series: str, sop: str, tag_path: str
+    ) -> Response:
+        """A bulk data value named by a BulkDataURI of the metadata."""
+
+        async def work() -> Response:
+            refs = await service.instances(study, series, sop)
+            return await service.bulkdata(request, refs[0], tag_path)
+
+        return await run(work)
+
+    def add_rendered(path: str, level: str, thumbnail: bool) -> None:
+        async def endpoint(
+            request: Request,
+            study: str,
+            series: str | None = None,
+            sop: str | None = None,
+            frame_list: str | None = None,
+        ) -> Response:
+            async def work() -> Response:
+                frame = 1
+                if frame_list is not None:
+                    numbers = parse_frame_list(frame_list)
+                    if len(numbers) != 1:
+                        raise WadoError(400, "render one frame at a time")
+                    frame = numbers[0]
+                refs = await service.instances(study, series, sop)
+                return await service.rendered(request, refs, frame, thumbnail)
+
+            return await run(work)
+
+        kind = "thumbnail" if thumbnail else "rendered"
+        endpoint.__name__ = f"{level}_{kind}"
+        endpoint.__doc__ = f"{kind.capitalize()} {level} as image/jpeg or image/png" + (
+            " (the first image of the resource)" if level in ("study", "series") else ""
+        )
+        api.add_api_route(path, endpoint, methods=["GET"])
+
+    for thumbnail in (False, True):
+        suffix = "/thumbnail" if thumbnail else "/rendered"
+        add_rendered("/studies/{study}" + suffix, "study", thumbnail)
+        add_rendered("/studies/{study}/series/{series}" + suffix, "series", thumbnail)
+        add_rendered(instance_path + suffix, "instance", thumbnail)
+        add_rendered(instance_path + "/frames/{frame_list}" + suffix, "frames", thumbnail)
+
+    install_wado_uri(api, service)
+    return api
+
+
+async def _chain(
+    refs: Awaitable[list[StoredRef]],
+    handler: Callable[[Request, list[StoredRef]], Awaitable[Response]],
+    request: Request,
+) -> Response:
+    return await handler(request, await refs)
