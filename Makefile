@@ -52,6 +52,7 @@ lint: $(VENV)/.test-deps
 
 bench: install-test
 	$(BIN)/python bench/ingest.py --repeat 3
+	$(BIN)/python bench/delivery.py --runs 3
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
