@@ -73,7 +73,7 @@ def serve(
     except ConfigError as exc:
         raise _fail(f"config error: {exc}") from None
     try:
-        run_gateway(cfg)
+        run_gateway(cfg, base_dir=config.parent)
     except DicomgateError as exc:
         raise _fail(f"cannot start: {exc}", 1) from None
 

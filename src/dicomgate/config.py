@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from dicomgate.egress.models import (
     DicomwebDestination,
@@ -339,8 +339,6 @@ __all__ = [
 class GatewayConfig(_Model):
     """The whole configuration file."""
 
-    _base_dir: Path = PrivateAttr(default=Path("."))  # the config file's folder
-
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     dimse: DimseConfig = DimseConfig()
@@ -444,17 +442,13 @@ def parse_config(
     # Compiling the routes checks all of them (destinations, match keys, regexes, ranges,
     # durations); its ConfigError names the key itself, e.g. routes[2].match.Modality.
     Router.compile(config.routes, config.destinations)
-    config._base_dir = base_dir or Path(".")
-    build_pipelines(config, StepContext(environ=environ, base_dir=config._base_dir))
+    build_pipelines(config, StepContext(environ=environ, base_dir=base_dir or Path(".")))
     return config
 
 
-def build_pipelines(
-    config: GatewayConfig, context: StepContext | None = None
-) -> dict[str, Pipeline]:
+def build_pipelines(config: GatewayConfig, context: StepContext) -> dict[str, Pipeline]:
     """Each route's processing pipeline, by route name (routes without one are absent);
     raises :class:`ConfigError` naming the bad step setting."""
-    context = context or StepContext(environ=os.environ, base_dir=config._base_dir)
     return {
         route.name: build(route.pipeline, f"routes[{i}].pipeline", context)
         for i, route in enumerate(config.routes)

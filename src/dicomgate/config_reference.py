@@ -46,7 +46,7 @@ routes:
     trigger: study_stable
     stable_after: 60s
     pipeline:
-      - deidentify: {profile: basic}
+      - deidentify: {profile: basic, secret_env: DEID_SECRET}
     to: [share]
 """
 

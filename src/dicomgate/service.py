@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pydicom.config
 import uvicorn
@@ -24,6 +26,7 @@ from dicomgate.index.db import Index
 from dicomgate.ingest import Ingestor
 from dicomgate.ingress.folder import FolderWatcher
 from dicomgate.observability.logging import configure_logging
+from dicomgate.processing.base import StepContext
 from dicomgate.queue.jobs import JobQueue
 from dicomgate.recovery import RunMarker, recover
 from dicomgate.routing.matcher import Router
@@ -70,8 +73,9 @@ class _EmbeddedServer(uvicorn.Server):
 class Gateway:
     """Everything a running gateway owns. ``open`` refuses to start half-configured."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, base_dir: Path = Path(".")) -> None:
         self.config = config
+        self.base_dir = base_dir  # the config file's folder: relative pipeline paths
         self.store = ContentStore(
             config.storage.path,
             fsync=config.storage.fsync,
@@ -100,7 +104,9 @@ class Gateway:
         )
         self.marker = RunMarker(self.config.storage.path)
         self.router = Router.compile(self.config.routes, self.config.destinations)
-        self.queue = JobQueue(self.index.engine, self.config.queue)
+        self.queue = JobQueue(
+            self.index.engine, self.config.queue, write_lock=self.index.write_lock
+        )
         base_url = f"http://{_display_host(self.config.http.host)}:{self.config.http.port}"
         senders = {
             name: build_sender(
@@ -113,8 +119,11 @@ class Gateway:
             senders,
             self.store,
             poll_interval=self.config.queue.poll_interval,
+            batch_wait=self.config.queue.batch_wait,
             controls=self.config.destinations,
-            pipelines=build_pipelines(self.config),
+            pipelines=build_pipelines(
+                self.config, StepContext(environ=os.environ, base_dir=self.base_dir)
+            ),
         )
         self.ingestor = Ingestor(
             self.store,
@@ -206,13 +215,13 @@ class Gateway:
             self.marker.remove()
 
 
-def run_gateway(config: GatewayConfig) -> None:
+def run_gateway(config: GatewayConfig, base_dir: Path = Path(".")) -> None:
     """Run until SIGTERM/SIGINT; exit cleanly. Raises :class:`DicomgateError` on start-up."""
     configure_logging(config.logging.level, config.logging.format)
     # Values that break their VR (e.g. IS '1A') must not stop an image from being stored;
     # the bytes are kept exactly as received.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    gateway = Gateway(config)
+    gateway = Gateway(config, base_dir)
     gateway.open()
     clean = False
     try:

@@ -78,17 +78,17 @@ def test_relay_deletes_only_what_every_route_delivered(
         f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm" for p in waiting
     }
     # The delivered MR series goes (file, rows, emptied folders)...
-    wait_until(lambda: _stored(gw) == names | waiting_names, 20, "the delivered series deleted")
+    wait_until(lambda: _stored(gw) == names | waiting_names, 45, "the delivered series deleted")
     n_share = len(delivered) + len(waiting)
-    wait_until(lambda: len(list(share.rglob("*.dcm"))) == n_share, 20, "the share copies")
+    wait_until(lambda: len(list(share.rglob("*.dcm"))) == n_share, 45, "the share copies")
     # ...the waiting study stays while its timer is armed, although "mr" delivered it...
     assert not later.exists() or not list(later.rglob("*.dcm"))
     # ...and goes once the stable trigger delivered it too.
-    wait_until(lambda: _stored(gw) == names, 20, "the stable study deleted after its delivery")
+    wait_until(lambda: _stored(gw) == names, 45, "the stable study deleted after its delivery")
     assert len(list(later.rglob("*.dcm"))) == len(waiting)
     # Dead-lettered deliveries keep their instances (an operator may re-drive them).
     wait_until(
-        lambda: gw.http_get("/api/queue")[1]["counts"]["gone"] == {"dead": 2}, 20, "dead-letter"
+        lambda: gw.http_get("/api/queue")[1]["counts"]["gone"] == {"dead": 2}, 45, "dead-letter"
     )
     time.sleep(0.6)  # a few more sweeps
     assert _stored(gw) == names
@@ -99,7 +99,7 @@ def test_relay_deletes_only_what_every_route_delivered(
     assert gw.log_count("retention.deleted") >= 1
     # The same instances may arrive again after deletion: stored and delivered anew.
     assert gw.storescu(delivered[:1]).returncode == 0
-    wait_until(lambda: gw.log_count("retention.deleted") >= 2, 20, "the re-sent instance")
+    wait_until(lambda: gw.log_count("retention.deleted") >= 2, 45, "the re-sent instance")
 
 
 def test_archive_keeps_everything(gateway: Gateway, corpus: Corpus, tmp_path: Path) -> None:
@@ -114,6 +114,6 @@ def test_archive_keeps_everything(gateway: Gateway, corpus: Corpus, tmp_path: Pa
         }
     )
     assert gw.storescu(files).returncode == 0
-    wait_until(lambda: len(list(share.rglob("*.dcm"))) == 3, 20, "deliveries")
+    wait_until(lambda: len(list(share.rglob("*.dcm"))) == 3, 45, "deliveries")
     time.sleep(0.6)
     assert len(_stored(gw)) == 3 and _rows(gw, instance) == 3

@@ -15,6 +15,8 @@ from dicomgate.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 # The part of DESIGN.md "Contracts users rely on" that this config implements.
+SECRET = {"DEID_SECRET": "a de-identification key of 32 chars"}
+
 DESIGN_EXAMPLE = """
 storage:  {path: ./data}                       # spool + store
 database: {url: "sqlite:///./data/index.db"}   # or postgresql://user@host/db
@@ -35,7 +37,7 @@ routes:
   - name: research
     match: {StudyDescription: "*RESEARCH*"}
     pipeline:
-      - deidentify: {profile: basic}
+      - deidentify: {profile: basic, secret_env: DEID_SECRET}
     to: [share]
 """
 
@@ -81,7 +83,7 @@ def test_config_is_frozen() -> None:
 
 
 def test_design_example_loads() -> None:
-    cfg = parse_config(yaml.safe_load(DESIGN_EXAMPLE), {})
+    cfg = parse_config(yaml.safe_load(DESIGN_EXAMPLE), SECRET)
     assert cfg.dimse.ae_title == "DICOMGATE"
     assert cfg.http.port == 8080
 
@@ -100,14 +102,14 @@ def test_design_example_loads() -> None:
     assert first.match == {"Modality": "CT", "calling_ae": "CT*"}
     assert first.to == ["pacs", "cloud"]
     assert first.trigger == "instance"
-    assert second.pipeline == [{"deidentify": {"profile": "basic"}}]
+    assert second.pipeline == [{"deidentify": {"profile": "basic", "secret_env": "DEID_SECRET"}}]
     assert second.to == ["share"]
 
 
 def test_design_example_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "dicomgate.yaml"
     path.write_text(DESIGN_EXAMPLE, encoding="utf-8")
-    assert load_config(path, {}) == parse_config(yaml.safe_load(DESIGN_EXAMPLE), {})
+    assert load_config(path, SECRET) == parse_config(yaml.safe_load(DESIGN_EXAMPLE), SECRET)
 
 
 def test_bundled_example_loads() -> None:
@@ -352,3 +354,10 @@ def test_validation_error_from_file_names_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     assert info.value.key == "dimse.prot"
+
+
+def test_pipeline_secret_missing_is_a_config_error_naming_the_step() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_load(DESIGN_EXAMPLE), {})
+    assert info.value.key.startswith("routes[1].pipeline[0].deidentify")
+    assert "secret_env" in str(info.value)

@@ -122,7 +122,7 @@ def test_an_unnamed_type_is_an_error_not_a_guess() -> None:
 
 def test_examples_in_the_reference_are_valid() -> None:
     data = yaml.safe_load(DESTINATIONS_EXAMPLE) | yaml.safe_load(ROUTES_EXAMPLE)
-    config = parse_config(data, environ={})
+    config = parse_config(data, environ={"DEID_SECRET": "a de-identification key of 32 chars"})
     assert sorted(config.destinations) == ["ai", "cloud", "pacs", "share"]
     assert [route.name for route in config.routes] == ["ct-to-pacs", "research"]
 

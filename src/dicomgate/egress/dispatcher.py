@@ -2,9 +2,10 @@
 
 One asyncio task per (destination, slot), ``sender.concurrency`` slots per destination, so a
 slow destination never blocks another's queue. Database calls run in threads (the queue is
-synchronous SQLAlchemy). Workers sleep until new jobs are announced (:meth:`notify`, called
-after each ingest commit) or ``queue.poll_interval`` passes, so deliveries start within
-milliseconds of the acknowledgement.
+synchronous SQLAlchemy). Idle workers sleep until new jobs are announced (:meth:`notify`,
+called after each ingest commit, wakes one of them) or ``queue.poll_interval`` passes; a
+woken worker waits ``queue.batch_wait`` (50 ms) for more jobs before leasing, so instances
+arriving one by one still travel in batches. A backlog is leased without waiting.
 
 Traffic control per destination (queue/traffic.py, keys in egress/models.py): outside its
 ``schedule`` windows a destination's workers lease nothing and jobs wait; its
@@ -25,6 +26,7 @@ import os
 import shutil
 import socket
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,8 @@ class _Destination:
     breaker: Breaker
     limiter: RateLimiter
     schedule: Schedule
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: deque[asyncio.Event] = field(default_factory=deque)  # sleeping workers
+    signalled: bool = False  # jobs were announced while no worker was asleep
     delivered: int = 0
     failed: int = 0
     closed_logged: bool = False
@@ -97,6 +100,23 @@ def _per_job(outcomes: list[Outcome]) -> dict[int, Outcome]:
     return merged
 
 
+def _wake_one(dest: _Destination) -> None:
+    """New jobs: wake one sleeping worker (the others would find nothing to lease)."""
+    while dest.idle:
+        event = dest.idle.popleft()
+        if not event.is_set():
+            event.set()
+            return
+    dest.signalled = True
+
+
+def _wake_all(dest: _Destination) -> None:
+    for event in list(dest.idle):
+        event.set()
+    dest.idle.clear()
+    dest.signalled = True
+
+
 class Dispatcher:
     """Runs the delivery workers of every configured destination."""
 
@@ -108,6 +128,7 @@ class Dispatcher:
         *,
         poll_interval: float = 0.5,
         timer_interval: float = 1.0,
+        batch_wait: float = 0.05,
         controls: Mapping[str, DestinationControls] | None = None,
         pipelines: Mapping[str, Pipeline] | None = None,
         work_dir: Path | None = None,
@@ -115,6 +136,7 @@ class Dispatcher:
         self.queue = queue
         self.store = store
         self.poll_interval = poll_interval
+        self.batch_wait = batch_wait
         self.timer_interval = timer_interval
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         controls = controls or {}
@@ -148,7 +170,7 @@ class Dispatcher:
         """Let in-flight sends finish within ``grace``, then cancel; close the senders."""
         self._stopping = True
         for dest in self._destinations.values():
-            dest.wake.set()
+            _wake_all(dest)
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:
@@ -167,7 +189,7 @@ class Dispatcher:
         for name in set(destinations):
             dest = self._destinations.get(name)
             if dest is not None:
-                loop.call_soon_threadsafe(dest.wake.set)
+                loop.call_soon_threadsafe(_wake_one, dest)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {
@@ -214,7 +236,7 @@ class Dispatcher:
                     extra={"event": "route.stable_fired", "jobs": created},
                 )
                 for dest in self._destinations.values():
-                    dest.wake.set()
+                    _wake_all(dest)
             with contextlib.suppress(TimeoutError):
                 await asyncio.sleep(self.timer_interval)
 
@@ -229,8 +251,7 @@ class Dispatcher:
                         closed_for,
                         extra={"event": "delivery.schedule_closed", "destination": dest.name},
                     )
-                dest.wake.clear()  # new jobs wait for the window
-                await self._sleep(dest, min(closed_for, 60.0))
+                await self._sleep_unwoken(min(closed_for, 60.0))  # new jobs wait for it
                 continue
             if dest.closed_logged:
                 dest.closed_logged = False
@@ -240,8 +261,8 @@ class Dispatcher:
                 )
             allowed = dest.breaker.allow()
             if allowed == 0:
-                dest.wake.clear()  # new jobs must not wake an open breaker into a busy loop
-                await self._sleep(dest, dest.breaker.cooldown / 10)
+                # New jobs must not wake an open breaker into a busy loop.
+                await self._sleep_unwoken(dest.breaker.cooldown / 10)
                 continue
             ready_in = dest.limiter.ready_in()
             if ready_in > 0:
@@ -252,9 +273,6 @@ class Dispatcher:
             limit = dest.limiter.batch_size(max(1, dest.sender.max_batch))
             if allowed is not None:
                 limit = allowed
-            # Clear before leasing, not before sleeping: a notify that lands while the lease
-            # query runs must wake the next sleep at once.
-            dest.wake.clear()
             try:
                 jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
             except Exception:
@@ -269,7 +287,10 @@ class Dispatcher:
             if not jobs:
                 if allowed == 1:
                     dest.breaker.release_probe()
-                await self._sleep(dest, self.poll_interval)
+                if await self._sleep(dest, self.poll_interval) and limit > 1:
+                    # Woken by new jobs: let a batch gather (fewer transactions per instance,
+                    # fuller STOW-RS requests); a backlog never waits here.
+                    await self._sleep_unwoken(self.batch_wait)
                 continue
             wait = dest.limiter.book(len(jobs), sum(job.size for job in jobs))
             if wait > self.queue.config.lease_seconds / 2:
@@ -287,9 +308,25 @@ class Dispatcher:
         while not self._stopping and (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, 0.5))
 
-    async def _sleep(self, dest: _Destination, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(dest.wake.wait(), seconds)
+    async def _sleep(self, dest: _Destination, seconds: float) -> bool:
+        """Sleep until new jobs are announced (True) or ``seconds`` pass (False).
+
+        Each announcement wakes one sleeping worker of the destination; one made while none
+        sleeps (they are all leasing or sending) makes the next sleep return at once.
+        """
+        if dest.signalled or self._stopping:
+            dest.signalled = False
+            return True
+        event = asyncio.Event()
+        dest.idle.append(event)
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                dest.idle.remove(event)
 
     async def _prepare(self, job: Job) -> list[Delivery] | Outcome:
         """The deliveries of one job: the stored file itself, or the outputs of its route's

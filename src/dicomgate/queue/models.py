@@ -68,6 +68,16 @@ class QueueConfig(_Model):
     poll_interval: float = Field(
         0.5, gt=0, description="Seconds between two looks at the queue when it is idle."
     )
+    batch_wait: float = Field(
+        0.05,
+        ge=0,
+        description=(
+            "Seconds an idle delivery worker, woken by new jobs, waits for more to arrive"
+            " before it sends, so that instances arriving one by one still go out in batches"
+            " (fewer queue transactions, fuller STOW-RS requests). A backlog is sent at once."
+            " 0 sends every instance as soon as it is stored."
+        ),
+    )
     retry: RetryPolicy = Field(
         default_factory=RetryPolicy, description="Retry and dead-letter policy."
     )

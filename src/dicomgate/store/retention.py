@@ -124,8 +124,9 @@ class Retention:
         if self._postgres:
             query = query.with_for_update(of=instance, skip_locked=True)
         engine = self.index.engine
+        lock = self.index.write_lock if not self._postgres else contextlib.nullcontext()
         try:
-            with engine.connect() as connection:
+            with lock, engine.connect() as connection:
                 if not self._postgres:
                     connection = connection.execution_options(sqlite_immediate=True)
                 with connection.begin():

@@ -1,0 +1,166 @@
+"""A route's pipeline end to end: storescu -> dicomgate -> processed copies and originals.
+
+One ingest, two routes: ``processed`` runs ``standardize`` + ``split`` and delivers to one
+folder, ``originals`` has no pipeline and delivers to another. The stored original never
+changes (DESIGN rule 4); a refused instance is dead-lettered with the step's reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+from tests.conftest import DICOMGATE, Corpus, GatewayProcess, bundled_file, needs_dcmtk, wait_until
+from tests.unit.test_split import make_enhanced
+
+from dicomgate.processing.split import frame_uid
+
+PIPELINE = [
+    {
+        "standardize": {
+            "rules": [
+                {"copy": {"from": "SIEMENS MR HEADER,0019,0C", "to": "DiffusionBValue"}},
+                {
+                    "match": {"calling_ae": "MODALITY*"},
+                    "set": {"tag": "InstitutionName", "value": "Standardized"},
+                },
+            ]
+        }
+    },
+    {"split": {}},
+]
+
+
+def _dead(gw: GatewayProcess, destination: str) -> list[dict[str, Any]]:
+    status, body = gw.http_get(f"/api/queue?state=dead&destination={destination}")
+    assert status == 200, body
+    jobs: list[dict[str, Any]] = body["jobs"]
+    return jobs
+
+
+@needs_dcmtk
+def test_processed_copies_to_one_folder_and_originals_to_another(
+    gateway: Any, corpus: Corpus, tmp_path: Path
+) -> None:
+    mr = corpus.mr("pipeline-routes", 2, seed=611)
+    enhanced = make_enhanced("CT", 3, tmp_path / "enhanced-ct.dcm")
+    rtdose = bundled_file("rtdose.dcm")  # 15 frames, no single-frame IOD: refused by split
+    sent = [*mr, enhanced, rtdose]
+    processed, originals = tmp_path / "processed", tmp_path / "originals"
+    gw = gateway(
+        {
+            "destinations": {
+                "processed": {"type": "folder", "path": str(processed)},
+                "originals": {"type": "folder", "path": str(originals)},
+            },
+            "routes": [
+                {"name": "processed", "pipeline": PIPELINE, "to": ["processed"]},
+                {"name": "originals", "to": ["originals"]},
+            ],
+            "queue": {"retry": {"initial": 0.1, "max": 0.2, "max_attempts": 2}},
+        }
+    )
+    assert gw.storescu(sent, "-aet", "MODALITY1").returncode == 0
+    stored = {p.stem: p for p in (gw.data / "store").rglob("*.dcm")}
+    assert len(stored) == len(sent)
+    digests = {sop: hashlib.sha256(p.read_bytes()).hexdigest() for sop, p in stored.items()}
+
+    # originals: every instance, byte for byte the stored file
+    wait_until(lambda: len(list(originals.rglob("*.dcm"))) == len(sent), 60, "the originals")
+    for path in originals.rglob("*.dcm"):
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert path.read_bytes() == stored[sop].read_bytes()
+
+    # processed: 2 MR + 3 frames of the enhanced CT; the RT Dose is dead-lettered
+    wait_until(lambda: len(list(processed.rglob("*.dcm"))) == 5, 60, "the processed copies")
+    wait_until(lambda: len(_dead(gw, "processed")) == 1, 60, "the refused RT Dose")
+    (dead,) = _dead(gw, "processed")
+    assert "cannot_split" in dead["last_error"]
+    assert gw.log_count("processing.refused") >= 1
+
+    out = {}
+    for path in processed.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        out[str(ds.SOPInstanceUID)] = ds
+        assert "PrivateInformation" not in ds.file_meta  # our arrival context stays home
+    for path in mr:
+        source = pydicom.dcmread(path)
+        copy = out[str(source.SOPInstanceUID)]
+        b_value = source.private_block(0x0019, "SIEMENS MR HEADER")[0x0C].value
+        assert copy.DiffusionBValue == float(b_value)
+        assert copy.InstitutionName == "Standardized"  # the rule's calling_ae match held
+        assert "DiffusionBValue" not in source
+    ct = pydicom.dcmread(enhanced)
+    for n in (1, 2, 3):
+        frame = out[frame_uid(str(ct.SOPInstanceUID), n)]
+        assert frame.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+        assert frame.InstanceNumber == n
+        assert frame.InstitutionName == "Standardized"
+
+    # the stored originals are unchanged
+    for sop, path in stored.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digests[sop]
+        assert gw.index.instance(sop)["sha256"] == digests[sop]
+
+
+def test_check_config_names_the_bad_pipeline_key(tmp_path: Path) -> None:
+    config = {
+        "storage": {"path": str(tmp_path / "data")},
+        "destinations": {"share": {"type": "folder", "path": str(tmp_path / "share")}},
+        "routes": [
+            {
+                "name": "research",
+                "to": ["share"],
+                "pipeline": [
+                    {"split": {}},
+                    {
+                        "standardize": {
+                            "rules": [
+                                {"remove": {"tag": "PatientComments"}},
+                                {"copy": {"from": "SIEMENS MR HEADER,0019,0C", "to": "BValue"}},
+                            ]
+                        }
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "dicomgate.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = subprocess.run(
+        [DICOMGATE, "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "routes[0].pipeline[1].standardize.rules[1].copy.to" in lines[0]
+    assert "BValue" in lines[0]
+
+
+@pytest.mark.parametrize("step", [{"split": {"new_series": "sometimes"}}, {"splitt": {}}])
+def test_check_config_refuses_bad_steps(tmp_path: Path, step: dict[str, Any]) -> None:
+    config = {
+        "storage": {"path": str(tmp_path / "data")},
+        "destinations": {"share": {"type": "folder", "path": str(tmp_path / "share")}},
+        "routes": [{"name": "r", "to": ["share"], "pipeline": [step]}],
+    }
+    path = tmp_path / "dicomgate.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = subprocess.run(
+        [DICOMGATE, "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "routes[0].pipeline[0]" in result.stderr
