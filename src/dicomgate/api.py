@@ -1,4 +1,4 @@
-"""Admin API under ``/api``: the delivery queue (JSON). Authentication lands with issue #7.
+"""Admin API under ``/api``: the delivery queue (JSON); `admin` permission once `http.auth` is set.
 
 Errors are JSON bodies ``{"error": "..."}`` with 400 (bad filter), 404 (unknown job) or
 409 (job in a state that cannot be retried); database trouble is 503.

@@ -1,4 +1,8 @@
-"""The HTTP application: health, the admin API (/api), DICOMweb (/dicomweb), FHIR (/fhir)."""
+"""The HTTP application: health, the admin API (/api), DICOMweb (/dicomweb), FHIR (/fhir).
+
+Security (IP allow-list, rate and body limits, API keys and JWTs, permissions per path) is
+middleware from :mod:`dicomgate.security.middleware`; see docs/security.md.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from dicomgate import __version__
 from dicomgate.api import install_api
 from dicomgate.dicomweb.server import install_dicomweb
 from dicomgate.errors import IndexUnavailable
+from dicomgate.observability.http import install_observability
+from dicomgate.security.middleware import install_http_security
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -49,5 +55,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     install_api(app, gateway.queue)
+    install_http_security(app, gateway.config.http)  # before observability: it stays outermost
+    install_observability(app, gateway)  # /metrics, /api/audit, HTTP metrics middleware
     install_dicomweb(app, gateway)
     return app

@@ -362,6 +362,205 @@ def send(
         raise typer.Exit(1)
 
 
+_QR_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+# Columns shown by `find` at each level, beside the keys given with -k.
+_FIND_COLUMNS = {
+    "PATIENT": ["PatientName", "PatientID", "PatientBirthDate", "PatientSex"],
+    "STUDY": [
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "StudyDescription",
+        "NumberOfStudyRelatedInstances",
+        "StudyInstanceUID",
+    ],
+    "SERIES": [
+        "SeriesNumber",
+        "Modality",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
+        "SeriesInstanceUID",
+    ],
+    "IMAGE": ["InstanceNumber", "SOPClassUID", "SOPInstanceUID"],
+}
+
+
+def _qr_identifier(level: str, keys: list[str], model: str, columns: list[str]) -> Any:
+    """The C-FIND/C-MOVE identifier from ``-k KEY=VALUE`` options (checked)."""
+    import warnings
+
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataset import Dataset
+
+    if level.upper() not in _QR_LEVELS:
+        raise _fail(f"--level: expected one of {', '.join(_QR_LEVELS)}, got {level!r}")
+    if model not in ("study", "patient"):
+        raise _fail(f"--model: expected study or patient, got {model!r}")
+    if model == "study" and level.upper() == "PATIENT":
+        raise _fail("--level PATIENT needs --model patient (the study root has no patient level)")
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.upper()
+    for name in columns:
+        tag = tag_for_keyword(name)
+        assert tag is not None, name
+        ds.add_new(tag, dictionary_VR(tag), None)
+    for key in keys:
+        name, sep, value = key.partition("=")
+        tag = tag_for_keyword(name.strip())
+        if tag is None:
+            raise _fail(f"-k: {name.strip()!r} is not a DICOM keyword (e.g. PatientName=DOE*)")
+        vr = dictionary_VR(tag)
+        if vr == "SQ":
+            raise _fail(f"-k: {name.strip()} is a sequence; not supported here")
+        with warnings.catch_warnings():  # a range such as 2023-2024 is no valid DA value
+            warnings.simplefilter("ignore")
+            ds.add_new(tag, vr, value if sep and value else None)
+    return ds
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+@app.command()
+def find(
+    host: Annotated[str, typer.Argument(help="peer host")],
+    port: Annotated[int, typer.Argument(help="peer port", min=1, max=65535)],
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key",
+            "-k",
+            help="KEY=VALUE to match (wildcards * ?, ranges 2023-2024), or KEY to return it;"
+            " repeatable",
+        ),
+    ] = None,
+    level: Annotated[str, typer.Option(help="PATIENT, STUDY, SERIES or IMAGE")] = "STUDY",
+    model: Annotated[str, typer.Option(help="study (Study Root) or patient (Patient Root)")] = (
+        "study"
+    ),
+    aet: Annotated[str, typer.Option("--aet", help="our (calling) AE title")] = "DICOMGATE",
+    aec: Annotated[str, typer.Option("--aec", help="the peer's (called) AE title")] = "ANY-SCP",
+    timeout: Annotated[float, typer.Option(help="seconds")] = 30.0,
+) -> None:
+    """Query a peer with C-FIND and print the matches as a table; exit 1 on failure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dicomgate.dimse.scu import QueryFailed, find_peer, status_text
+
+    keys = key or []
+    named = [k.partition("=")[0].strip() for k in keys]
+    columns = (
+        [c for c in _FIND_COLUMNS[level.upper()] if c not in named]
+        if (level.upper() in _FIND_COLUMNS)
+        else []
+    )
+    identifier = _qr_identifier(level, keys, model, columns)
+    try:
+        result = find_peer(
+            host, port, identifier, calling_ae=aet, called_ae=aec, model=model, timeout=timeout
+        )
+    except QueryFailed as exc:
+        raise _fail(f"find {host}:{port} failed: {exc}", 1) from None
+    shown = named + columns
+    table = Table(*shown, title=f"{len(result.matches)} {level.lower()} matches")
+    for match in result.matches:
+        table.add_row(*(_show(match.get(name)) for name in shown))
+    console = Console()
+    if result.matches:
+        console.print(table)
+    summary = f"{len(result.matches)} matches in {result.elapsed * 1000:.0f} ms"
+    if result.status != 0x0000:
+        comment = f" ({result.comment})" if result.comment else ""
+        raise _fail(f"find failed: {status_text(result.status)}{comment}; {summary}", 1)
+    typer.echo(summary)
+
+
+@app.command()
+def move(
+    host: Annotated[str, typer.Argument(help="peer host")],
+    port: Annotated[int, typer.Argument(help="peer port", min=1, max=65535)],
+    dest: Annotated[str, typer.Option("--dest", help="AE title the peer sends the instances to")],
+    key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key",
+            "-k",
+            help="unique key KEY=UID of what to move, e.g. StudyInstanceUID=1.2.3; repeatable",
+        ),
+    ] = None,
+    level: Annotated[str, typer.Option(help="PATIENT, STUDY, SERIES or IMAGE")] = "STUDY",
+    model: Annotated[str, typer.Option(help="study (Study Root) or patient (Patient Root)")] = (
+        "study"
+    ),
+    aet: Annotated[str, typer.Option("--aet", help="our (calling) AE title")] = "DICOMGATE",
+    aec: Annotated[str, typer.Option("--aec", help="the peer's (called) AE title")] = "ANY-SCP",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each response")] = 600.0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Ask a peer to send instances to an AE with C-MOVE; prints a summary, exit 1 unless
+    every sub-operation succeeded."""
+    import sys
+
+    from dicomgate.dimse.scu import QueryFailed, move_peer, status_text
+
+    if not key:
+        raise _fail("-k: give what to move, e.g. -k StudyInstanceUID=1.2.3")
+    identifier = _qr_identifier(level, key, model, [])
+    show = progress and sys.stderr.isatty()
+
+    def run(on_pending: Any) -> Any:
+        return move_peer(
+            host,
+            port,
+            identifier,
+            destination=dest,
+            calling_ae=aet,
+            called_ae=aec,
+            model=model,
+            timeout=timeout,
+            on_pending=on_pending,
+        )
+
+    try:
+        if show:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task(f"moving to {dest}", total=None)
+
+                def on_pending(remaining: int, completed: int, failed: int, warning: int) -> None:
+                    done = completed + failed + warning
+                    bar.update(task, completed=done, total=done + remaining)
+
+                result = run(on_pending)
+        else:
+            result = run(lambda *_: None)
+    except QueryFailed as exc:
+        raise _fail(f"move {host}:{port} failed: {exc}", 1) from None
+    moved = result.completed + result.warning
+    rate = moved / result.elapsed if result.elapsed > 0 else 0.0
+    lines = [
+        f"moved {moved} to {dest} (warnings {result.warning}), failed {result.failed} in"
+        f" {result.elapsed:.1f} s ({rate:.1f} inst/s): {status_text(result.status)}"
+        + (f" ({result.comment})" if result.comment else "")
+    ]
+    lines += [f"  failed: {uid}" for uid in result.failed_uids[:20]]
+    if len(result.failed_uids) > 20:
+        lines.append(f"  ... and {len(result.failed_uids) - 20} more")
+    typer.echo("\n".join(lines))
+    if result.status != 0x0000:
+        raise typer.Exit(1)
+
+
 queue_app = typer.Typer(help="Inspect and re-drive the delivery queue.", no_args_is_help=True)
 app.add_typer(queue_app, name="queue")
 
@@ -484,6 +683,37 @@ def queue_purge(
         raise _fail("--state: only done or dead jobs can be purged")
     n = _open_queue(config).purge(state=state, destination=destination)
     typer.echo(f"{n} {state} jobs deleted")
+
+
+keys_app = typer.Typer(help="API keys for the HTTP interface.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Option(help="who will hold the key (shown in the log)")] = "client",
+    scopes: Annotated[
+        str, typer.Option(help="comma-separated permissions: read, write, admin")
+    ] = "read",
+) -> None:
+    """Print a new API key (first line) and its config entry for http.auth.api_keys."""
+    from dicomgate.security.http_auth import hash_api_key, new_api_key
+    from dicomgate.security.http_models import Permission
+
+    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    known = [p.value for p in Permission]
+    for scope in wanted:
+        if scope not in known:
+            raise _fail(f"--scopes: {scope!r} is not one of {', '.join(known)}")
+    if not name.strip() or any(c in name for c in "\"'{}[],:#\n"):
+        raise _fail("--name: use letters, digits, spaces, '-', '_' or '.'")
+    key = new_api_key()
+    typer.echo(key)
+    typer.echo(
+        "# Give the key above to the client; it is shown only once and not stored anywhere.\n"
+        "# Add this entry to http.auth.api_keys in the config file:\n"
+        f'- {{name: {name.strip()}, sha256: "{hash_api_key(key)}", scopes: [{", ".join(wanted)}]}}'
+    )
 
 
 def main() -> None:

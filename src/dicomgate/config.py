@@ -27,11 +27,18 @@ from dicomgate.errors import ConfigError
 from dicomgate.ingress.models import IngestConfig
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
+from dicomgate.observability.models import AuditConfig, MetricsConfig
 from dicomgate.processing.base import StepContext
 from dicomgate.processing.pipeline import Pipeline, build
 from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.matcher import Router
 from dicomgate.routing.models import RouteConfig, parse_duration
+from dicomgate.security.http_models import (
+    HttpAuthConfig,
+    HttpLimitsConfig,
+    HttpTlsConfig,
+    parse_networks,
+)
 
 ENV_PREFIX = "DICOMGATE_"
 
@@ -156,6 +163,61 @@ class DatabaseConfig(_Model):
         return value
 
 
+def _check_ae_patterns(values: list[str]) -> list[str]:
+    for value in values:
+        if not value or len(value) > 16 or "\\" in value:
+            raise ValueError(f"bad AE title pattern {value!r}")
+    return values
+
+
+class MoveDestinationConfig(_Model):
+    """Where a C-MOVE to one AE title sends its instances."""
+
+    host: str = Field(description="Host name or IP address of the move destination.")
+    port: int = Field(ge=1, le=65535, description="DICOM TCP port of the move destination.")
+
+
+class DimseAllowConfig(_Model):
+    """Which calling AE titles may use each DIMSE service, once their association is open."""
+
+    store: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Calling AE titles that may send instances (C-STORE); empty allows any, as before"
+            " this key existed. Same `*` and `?` patterns as `allowed_calling_aets`. Others"
+            ' get status 0x0124 "Refused: Not Authorized" and nothing is stored.'
+        ),
+    )
+    find: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Calling AE titles that may query (C-FIND); empty allows any. Others get status"
+            ' 0x0124 "Refused: Not Authorized" and no matches.'
+        ),
+    )
+    move: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Calling AE titles that may ask for instances to be sent elsewhere (C-MOVE); empty"
+            ' allows any. Others get status 0x0124 "Refused: Not Authorized" and nothing'
+            " is sent. A C-MOVE can send data to any configured destination: restrict it when"
+            " not every caller should be able to."
+        ),
+    )
+    get: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Calling AE titles that may retrieve instances over their own association"
+            ' (C-GET); empty allows any. Others get status 0x0124 "Refused: Not Authorized".'
+        ),
+    )
+
+    @field_validator("store", "find", "move", "get")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        return _check_ae_patterns(values)
+
+
 class DimseConfig(_Model):
     """The DICOM network (DIMSE) listener: its name, who may connect, how long we wait."""
 
@@ -267,19 +329,52 @@ class DimseConfig(_Model):
         ),
     )
 
+    allow: DimseAllowConfig = Field(
+        default_factory=DimseAllowConfig,
+        description=(
+            "Per-service permissions by calling AE title (`store`, `find`, `move`, `get`),"
+            " checked for each request on an open association; `allowed_calling_aets` still"
+            ' decides who may open one at all. Example: `{store: ["CT*", "MR*"], find:'
+            ' ["VIEWER?"], move: ["VIEWER?"], get: []}`.'
+        ),
+    )
+    move_destinations: dict[str, MoveDestinationConfig] = Field(
+        default_factory=dict,
+        description=(
+            "C-MOVE destinations by AE title, e.g. `{WORKSTATION1: {host: 10.0.0.20, port:"
+            " 104}}`. Every `destinations` entry of `type: dimse` is a move destination too,"
+            " under its `ae_title`; an entry here wins for the same AE title. A C-MOVE to any"
+            ' other AE title gets status 0xA801 "Move Destination unknown".'
+        ),
+    )
+    move_timeout: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds to wait for a move destination's connection, association answer and"
+            " each C-STORE response (C-MOVE sub-operations) and for a C-GET requestor's"
+            " C-STORE responses. Sub-operations that time out count as failed."
+        ),
+    )
+
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _patterns(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not value or len(value) > 16 or "\\" in value:
-                raise ValueError(f"bad AE title pattern {value!r}")
-        return values
+        return _check_ae_patterns(values)
+
+    @field_validator("move_destinations")
+    @classmethod
+    def _move_titles(
+        cls, values: dict[str, MoveDestinationConfig]
+    ) -> dict[str, MoveDestinationConfig]:
+        return {_check_ae_title(title): where for title, where in values.items()}
 
 
 class HttpConfig(_Model):
-    """The HTTP listener: health checks today (`/healthz`, `/readyz`); DICOMweb later."""
+    """The HTTP listener: DICOMweb (`/dicomweb`), FHIR (`/fhir`), the admin API (`/api`) and
+    health checks (`/healthz`, `/readyz`). Security: docs/security.md."""
 
     enabled: bool = Field(
         True,
@@ -296,8 +391,50 @@ class HttpConfig(_Model):
         8080,
         ge=0,
         le=65535,
-        description="TCP port for HTTP (health checks `/healthz` and `/readyz`).",
+        description="TCP port for HTTP (or HTTPS with `tls`).",
     )
+    tls: HttpTlsConfig | None = Field(
+        None,
+        description=(
+            "HTTPS: `{cert: server.pem, key: server.key}`. Unset: plain HTTP; then keep the"
+            " port on a trusted network or behind a TLS-terminating reverse proxy, since API"
+            " keys and tokens would cross the network readable."
+        ),
+    )
+    auth: HttpAuthConfig | None = Field(
+        None,
+        description=(
+            "Authentication and permissions (API keys, OAuth2/OIDC tokens). Unset: every"
+            " HTTP client may read, store and administer (a warning is logged at start-up)."
+        ),
+    )
+    allowed_ips: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Client addresses allowed to use HTTP at all, as IP addresses or CIDR blocks,"
+            ' e.g. `["10.0.0.0/8", "192.168.12.7"]`; empty allows any. Others get 403 on'
+            " every path, `/healthz` included (list your load balancer's probes)."
+        ),
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Reverse proxies (IP addresses or CIDR blocks) whose `X-Forwarded-For` and"
+            " `X-Forwarded-Proto` headers are believed: requests from them count as coming"
+            " from the forwarded client address (for `allowed_ips`, rate limits, routing on"
+            " `source_ip` and the log). Empty: the TCP peer is the client and those headers are"
+            " ignored."
+        ),
+    )
+    limits: HttpLimitsConfig = Field(
+        default_factory=HttpLimitsConfig,
+        description="Request size, rate and time limits.",
+    )
+
+    @field_validator("allowed_ips", "trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        return parse_networks(values)
 
 
 class LoggingConfig(_Model):
@@ -353,6 +490,22 @@ class GatewayConfig(_Model):
         ),
     )
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description=(
+            "Prometheus metrics at `/metrics`: associations, instances and bytes received,"
+            " deliveries, queue depth and oldest job per destination, circuit breakers,"
+            " latencies, HTTP requests, free disk. Reference: docs/observability.md."
+        ),
+    )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig,
+        description=(
+            "The audit trail: who sent, received, queried and moved which studies, kept in the"
+            " database (`/api/audit`) and optionally sent to an ATNA audit repository over"
+            " syslog. It holds patient identifiers; the application log never does."
+        ),
+    )
     queue: QueueConfig = Field(
         default_factory=QueueConfig,
         description="The durable delivery queue: leases, polling, retries and dead-letter.",

@@ -213,7 +213,22 @@ def _rows(model: type[BaseModel], prefix: str) -> list[ReferenceRow]:
             rows.extend(_rows(annotation, f"{prefix}.{name}"))
         else:
             rows.append(_row(f"{prefix}.{name}", field))
+            inner, suffix = _inner_model(annotation)  # an optional section, a list of them
+            if inner is not None:
+                rows.extend(_rows(inner, f"{prefix}.{name}{suffix}"))
     return rows
+
+
+def _inner_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """(M, "") for ``M | None``, (M, "[]") for ``list[M]``, else (None, "")."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        members = [_unwrap(arg) for arg in args if arg is not type(None)]
+        if len(members) == 1 and _is_model(members[0]):
+            return members[0], ""
+    if origin is list and _is_model(_unwrap(args[0])):
+        return _unwrap(args[0]), "[]"
+    return None, ""
 
 
 def _row(key: str, field: FieldInfo) -> ReferenceRow:
@@ -251,6 +266,8 @@ def _type_name(annotation: Any, name: str) -> str:
         return "path"
     if annotation is Any:
         return "any"
+    if _is_model(annotation):
+        return "mapping"
     raise TypeError(f"no readable name for the type {annotation!r} of {name!r}")
 
 
@@ -258,12 +275,24 @@ def _yaml(value: Any) -> str:
     """``value`` written as it would be in the YAML file."""
     if isinstance(value, Enum):
         value = value.value
+    elif isinstance(value, list | dict):  # enums inside: [read], {read: [read]}
+        value = _plain(value)
     elif isinstance(value, PurePath):
         posix = value.as_posix()
         # Path("./data") prints as "data"; keep the "./" that says "relative to the cwd".
         value = posix if value.is_absolute() or posix.startswith(".") else f"./{posix}"
     text: str = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, sort_keys=True)
     return text.strip().removesuffix("\n...").strip()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    return value
 
 
 def _example(section: str) -> str:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -35,6 +35,7 @@ from dicomgate.errors import (
 )
 from dicomgate.index.db import Outcome, RecordResult, StoredInstance
 from dicomgate.index.extract import InstanceRecord, extract_record
+from dicomgate.observability.audit import FAILURE, SUCCESS, AuditEvent
 from dicomgate.observability.logging import uid_hash
 from dicomgate.queue.jobs import NewJob, NewTimer
 from dicomgate.routing.matcher import MatchContext, Router
@@ -44,6 +45,7 @@ from dicomgate.store.scan import scan_dataset
 if TYPE_CHECKING:
     from dicomgate.config import DuplicatePolicy
     from dicomgate.index.db import Index
+    from dicomgate.observability.audit import AuditTrail
     from dicomgate.store.filestore import ContentStore, SpoolFile, StoredFile
 
 log = logging.getLogger("dicomgate.ingest")
@@ -78,6 +80,8 @@ class IngestJob:
     expected_study_uid: str | None = None
     # Set by the committer before the future resolves with success.
     stored: InstanceRecord | None = field(default=None, repr=False)
+    # time.monotonic() when the instance was fully received: the ack latency starts here.
+    submitted_at: float = field(default_factory=time.monotonic, repr=False)
 
 
 class Ingestor:
@@ -92,6 +96,7 @@ class Ingestor:
         router: Router | None = None,
         on_jobs: Callable[[list[str]], None] | None = None,
         sync_interval: float = 5.0,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.store = store
         self.index = index
@@ -100,6 +105,7 @@ class Ingestor:
         self.router = router
         self._on_jobs = on_jobs
         self._sync_interval = sync_interval
+        self.audit = audit
         self._unsynced = False
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dicomgate-flush")
         self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
@@ -305,16 +311,29 @@ class Ingestor:
         items = [item for _, item in prepared]
         jobs = [r[0] for r in routing]
         timers = [r[1] for r in routing]
+        audited: list[AuditEvent] = []
+        audit_rows: Callable[[list[RecordResult]], list[dict[str, Any]]] | None = None
+        if self.audit is not None:
+            trail = self.audit
+
+            def audit_rows(results: list[RecordResult]) -> list[dict[str, Any]]:
+                audited[:] = _received_events(prepared, results)
+                return trail.rows(audited)
+
         try:
             if self.index.relaxed_commits:
                 folder_sync = self._flusher.submit(self.store.sync_folders, folders)
                 try:
-                    results = self.index.record(items, self.policy, jobs=jobs, timers=timers)
+                    results = self.index.record(
+                        items, self.policy, jobs=jobs, timers=timers, audit=audit_rows
+                    )
                 finally:
                     folder_sync.result()
             else:
                 self.store.sync_folders(folders)
-                results = self.index.record(items, self.policy, jobs=jobs, timers=timers)
+                results = self.index.record(
+                    items, self.policy, jobs=jobs, timers=timers, audit=audit_rows
+                )
         except DicomgateError as exc:
             for job, item in prepared:
                 self.store.remove(item.relpath)
@@ -326,6 +345,8 @@ class Ingestor:
             )
             return
         self._finish(prepared, results)
+        if self.audit is not None:
+            self.audit.stored(audited)
         if self._on_jobs is not None:
             destinations = sorted(
                 {
@@ -409,9 +430,65 @@ class Ingestor:
                     "calling_ae": job.calling_ae,
                     "via": job.received_via,
                     "replaced": result.outcome is Outcome.REPLACED,
+                    "seconds": round(time.monotonic() - job.submitted_at, 6),
                 },
             )
             _resolve(job, None)
+
+
+def _received_events(
+    prepared: list[tuple[IngestJob, StoredInstance]], results: list[RecordResult]
+) -> list[AuditEvent]:
+    """``instance.received`` audit events of a committed batch: one per study, sender and
+    outcome (a duplicate refused under ``reject`` is a failure), with the PHI the log lacks."""
+    groups: dict[tuple[str, ...], tuple[InstanceRecord, dict[str, Any]]] = {}
+    for (job, item), result in zip(prepared, results, strict=True):
+        rec = item.record
+        outcome = FAILURE if result.outcome is Outcome.REJECTED else SUCCESS
+        key = (
+            rec.study_uid,
+            job.calling_ae,
+            job.called_ae,
+            job.source_ip,
+            job.received_via,
+            outcome,
+            str(rec.patient.get("patient_id") or ""),
+        )
+        _, detail = groups.setdefault(
+            key,
+            (
+                rec,
+                {
+                    "via": job.received_via,
+                    "called_ae": job.called_ae,
+                    "instances": 0,
+                    "bytes": 0,
+                    "sop_classes": [],
+                    "sop_instance_uids": [],
+                },
+            ),
+        )
+        detail["instances"] += 1
+        detail["bytes"] += item.size
+        if rec.sop_class_uid not in detail["sop_classes"]:
+            detail["sop_classes"].append(rec.sop_class_uid)
+        detail["sop_instance_uids"].append(rec.sop_instance_uid)
+        if result.outcome is Outcome.REJECTED:
+            detail["reason"] = "duplicate SOP Instance UID refused (storage.duplicates: reject)"
+    return [
+        AuditEvent(
+            event="instance.received",
+            outcome=key[5],
+            actor=key[1],
+            source_ip=key[3],
+            object=rec.study_uid,
+            study_uid=rec.study_uid,
+            patient_id=rec.patient.get("patient_id"),
+            patient_name=rec.patient.get("patient_name"),
+            detail=detail,
+        )
+        for key, (rec, detail) in groups.items()
+    ]
 
 
 def _parse(fh: BinaryIO) -> Dataset:

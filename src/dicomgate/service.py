@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pydicom.config
 import uvicorn
@@ -26,10 +27,13 @@ from dicomgate.index.db import Index
 from dicomgate.ingest import Ingestor
 from dicomgate.ingress.folder import FolderWatcher
 from dicomgate.observability.logging import configure_logging
+from dicomgate.observability.runtime import Observability
 from dicomgate.processing.base import StepContext
 from dicomgate.queue.jobs import JobQueue
 from dicomgate.recovery import RunMarker, recover
 from dicomgate.routing.matcher import Router
+from dicomgate.security.connections import ConnectionGuard, guarded_http_protocol
+from dicomgate.security.tls import ServerTls
 from dicomgate.store.filestore import ContentStore
 from dicomgate.store.retention import Retention
 
@@ -86,6 +90,7 @@ class Gateway:
         self.ingestor: Ingestor
         self.dimse: DimseServer
         self.folder: FolderWatcher | None = None
+        self.http_tls: ServerTls | None = None
 
     def open(self) -> None:
         """Check the store and open the index (runs migrations). Raises on failure."""
@@ -102,12 +107,17 @@ class Gateway:
         self.index = Index.open(
             self.config.database.url, durable=self.config.storage.fsync and not sqlite
         )
+        self.observability = Observability(
+            self.config.metrics, self.config.audit, self.index.engine
+        )
+        self.observability.install()
         self.marker = RunMarker(self.config.storage.path)
         self.router = Router.compile(self.config.routes, self.config.destinations)
         self.queue = JobQueue(
             self.index.engine, self.config.queue, write_lock=self.index.write_lock
         )
-        base_url = f"http://{_display_host(self.config.http.host)}:{self.config.http.port}"
+        scheme = "https" if self.config.http.tls is not None else "http"
+        base_url = f"{scheme}://{_display_host(self.config.http.host)}:{self.config.http.port}"
         senders = {
             name: build_sender(
                 name, model, calling_ae=self.config.dimse.ae_title, gateway_base_url=base_url
@@ -124,7 +134,9 @@ class Gateway:
             pipelines=build_pipelines(
                 self.config, StepContext(environ=os.environ, base_dir=self.base_dir)
             ),
+            audit=self.observability.audit,
         )
+        self.observability.watch(self.queue, self.dispatcher, self.config.storage.path)
         self.ingestor = Ingestor(
             self.store,
             self.index,
@@ -132,12 +144,15 @@ class Gateway:
             on_durable=self.marker.write,
             router=self.router,
             on_jobs=self.dispatcher.notify,
+            audit=self.observability.audit,
         )
         since = self.marker.previous_durable_until()
         if since is not None:
             recover(self.config.storage.path, since, self.ingestor.adopt)
         self.marker.write(time.time())
-        self.dimse = DimseServer(self.config.dimse, self.ingestor)
+        self.dimse = DimseServer(
+            self.config.dimse, self.ingestor, destinations=self.config.destinations
+        )
         if self.config.ingest.watch is not None:
             self.folder = FolderWatcher(
                 self.config.ingest,
@@ -152,6 +167,7 @@ class Gateway:
         server: uvicorn.Server | None = None
         http_task: asyncio.Task[None] | None = None
         retention_task: asyncio.Task[None] | None = None
+        tls_task: asyncio.Task[None] | None = None
         try:
             try:
                 await self.dimse.start()
@@ -161,15 +177,7 @@ class Gateway:
                     f"{self.config.dimse.port}: {exc.strerror or exc}"
                 ) from exc
             if self.config.http.enabled:
-                uv_config = uvicorn.Config(
-                    create_app(self),
-                    host=self.config.http.host,
-                    port=self.config.http.port,
-                    log_config=None,
-                    access_log=False,
-                    lifespan="off",
-                )
-                server = _EmbeddedServer(uv_config)
+                server = _EmbeddedServer(self._http_config())
                 # Bind here, not in uvicorn: its bind failure is a sys.exit inside our loop.
                 try:
                     sock = listen_tcp(self.config.http.host, self.config.http.port)
@@ -182,6 +190,9 @@ class Gateway:
                 http_task = asyncio.create_task(server.serve(sockets=[sock]))
                 while not server.started and not http_task.done():
                     await asyncio.sleep(0.01)
+                self._warn_http_exposure()
+                if self.http_tls is not None and self.http_tls.config.check_interval > 0:
+                    tls_task = asyncio.create_task(self.http_tls.watch(stop), name="tls-watch")
             await self.dispatcher.start()
             if self.folder is not None:
                 await self.folder.start()  # a DicomgateError naming ingest.* if unusable
@@ -202,14 +213,73 @@ class Gateway:
             if retention_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(retention_task, 30)
+            if tls_task is not None:
+                tls_task.cancel()
             if server is not None and http_task is not None:
                 server.should_exit = True
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(http_task, 10)
             await asyncio.to_thread(self.ingestor.stop)
 
+    def _http_config(self) -> uvicorn.Config:
+        """uvicorn's settings: our app, TLS context, connection guard and proxy trust."""
+        http = self.config.http
+        try:
+            app = create_app(self)
+        except ValueError as exc:  # static JWT keys that cannot be read
+            raise DicomgateError(f"http.auth.jwt.public_keys: {exc}") from exc
+        tls: ServerTls | None = None
+        if http.tls is not None:
+            tls = ServerTls(http.tls)
+            tls.load()  # a DicomgateError naming http.tls if the pair does not load
+        self.http_tls = tls
+        guard = ConnectionGuard(
+            header_timeout=http.limits.header_timeout,
+            max_header_bytes=http.limits.max_header_bytes,
+            max_connections_per_client=http.limits.max_connections_per_client,
+        )
+        return uvicorn.Config(
+            app,
+            host=http.host,
+            port=http.port,
+            http=guarded_http_protocol(guard),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            # uvicorn takes whole seconds in its signature but only hands them to call_later.
+            timeout_keep_alive=cast(int, http.limits.keep_alive_timeout),
+            proxy_headers=bool(http.trusted_proxies),
+            forwarded_allow_ips=list(http.trusted_proxies) or None,
+            ssl_context_factory=(lambda _config, _default: tls.context) if tls else None,
+        )
+
+    def _warn_http_exposure(self) -> None:
+        http = self.config.http
+        if http.auth is None:
+            log.warning(
+                "HTTP has no authentication (http.auth is not set): whoever reaches port %d"
+                " can read, store and administer",
+                self.http_port,
+                extra={"event": "http.auth_disabled"},
+            )
+        elif http.tls is None and http.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "HTTP authentication without http.tls: keys and tokens cross the network"
+                " readable unless a TLS proxy is in front",
+                extra={"event": "http.cleartext_credentials"},
+            )
+
+    def reload_tls(self) -> None:
+        """SIGHUP: load the HTTPS certificate and key again (for new connections)."""
+        if self.http_tls is not None:
+            self.http_tls.reload("sighup")
+        else:
+            log.info("SIGHUP: no certificate to reload", extra={"event": "tls.reload_skipped"})
+
     def close(self, clean: bool) -> None:
         """Close the index; a clean stop removes the run marker (no recovery next start)."""
+        if hasattr(self, "observability"):
+            self.observability.uninstall()  # writes the audit events still queued
         self.index.close()
         if clean:
             self.marker.remove()
@@ -244,6 +314,7 @@ async def _main(gateway: Gateway) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
     try:
         await gateway.run(stop)
     except DicomgateError:

@@ -246,6 +246,25 @@ def test_default_syntax_is_explicit_le_pixel_equal(loaded: Loaded) -> None:
     assert np.array_equal(pixels(ds), pixels(read(dfl.path)))
 
 
+def test_compressed_on_request_by_the_processing_transcoder(loaded: Loaded) -> None:
+    """A client asking for JPEG-LS gets it, lossless: the pixels equal the original's; a
+    lossy rendition keeps the SOP Instance UID and says it is lossy."""
+    jls = "1.2.840.10008.1.2.4.80"
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={jls}'
+    [(headers, body)] = multipart_parts(get(loaded.url("CT_small.dcm"), accept))
+    assert headers["content-type"].endswith(f"transfer-syntax={jls}")
+    ds = read(body)
+    assert ds.file_meta.TransferSyntaxUID == jls
+    assert np.array_equal(pixels(ds), pixels(read(bundled_file("CT_small.dcm"))))
+    baseline = "1.2.840.10008.1.2.4.50"
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={baseline}'
+    [(headers, body)] = multipart_parts(get(loaded.url("SC_rgb_rle_2frame.dcm"), accept))
+    ds = read(body)
+    assert ds.file_meta.TransferSyntaxUID == baseline
+    assert ds.SOPInstanceUID == loaded.files["SC_rgb_rle_2frame.dcm"].sop
+    assert ds.LossyImageCompression == "01"
+
+
 def test_retrieve_study_and_series(loaded: Loaded) -> None:
     ct = loaded.files["CT_small.dcm"]
     study = loaded.client.retrieve_study(ct.study, media_types=(("application/dicom", "*"),))
@@ -562,7 +581,7 @@ def test_malformed_requests_get_documented_statuses(loaded: Loaded) -> None:
     assert_problem(
         wado_uri(loaded, "CT_small.dcm", contentType="application/dicom", transferSyntax=jpeg_ts),
         406,
-        "transfer syntax",
+        jpeg_ts,
     )
     assert gw.running()
 

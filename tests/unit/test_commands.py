@@ -219,3 +219,102 @@ def test_encoded_response_decodes_with_our_decoder() -> None:
     assert command.command_field == CommandField.C_STORE_RSP
     assert command.affected_sop_class_uid == CT_STORAGE
     assert command.has_dataset is False
+
+
+# -- Query/Retrieve commands (issue #5) ----------------------------------------------------
+
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+
+
+def test_decode_c_move_rq_and_c_cancel_from_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_CANCEL_RQ, C_MOVE_RQ
+    from pynetdicom.dimse_primitives import C_CANCEL, C_MOVE
+
+    primitive = C_MOVE()
+    primitive.MessageID = 9
+    primitive.AffectedSOPClassUID = STUDY_ROOT_MOVE
+    primitive.Priority = 0
+    primitive.MoveDestination = "ARCHIVE"
+    primitive.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    message = C_MOVE_RQ()
+    message.primitive_to_message(primitive)
+    command = decode_command(_encode_command(message.command_set))
+    assert command.command_field == CommandField.C_MOVE_RQ
+    assert command.move_destination == "ARCHIVE"
+    assert command.has_dataset is True
+
+    cancel = C_CANCEL()
+    cancel.MessageIDBeingRespondedTo = 9
+    message = C_CANCEL_RQ()
+    message.primitive_to_message(cancel)
+    command = decode_command(_encode_command(message.command_set))
+    assert command.command_field == CommandField.C_CANCEL_RQ
+    assert command.message_id_responded_to == 9
+
+
+def test_encode_move_response_with_counts_reads_in_pydicom() -> None:
+    from dicomgate.dimse.commands import SubOperations
+
+    raw = encode_response(
+        CommandField.C_MOVE_RSP,
+        9,
+        Status.PENDING,
+        sop_class_uid=STUDY_ROOT_MOVE,
+        suboperations=SubOperations(3, 10, 1, 2),
+    )
+    ds = read_dataset(BytesIO(raw), True, True)
+    assert ds.CommandField == 0x8021 and ds.Status == 0xFF00
+    assert ds.CommandDataSetType == 0x0101
+    assert (
+        ds.NumberOfRemainingSuboperations,
+        ds.NumberOfCompletedSuboperations,
+        ds.NumberOfFailedSuboperations,
+        ds.NumberOfWarningSuboperations,
+    ) == (3, 10, 1, 2)
+    final = read_dataset(
+        BytesIO(
+            encode_response(
+                CommandField.C_MOVE_RSP,
+                9,
+                Status.SUBOPERATIONS_WITH_FAILURES,
+                suboperations=SubOperations(None, 10, 1),
+                has_dataset=True,
+            )
+        ),
+        True,
+        True,
+    )
+    assert "NumberOfRemainingSuboperations" not in final  # PS3.4 C.4.2.3.1
+    assert final.CommandDataSetType != 0x0101
+    assert final.CommandGroupLength == len(raw) - 12 or final.CommandGroupLength > 0
+
+
+def test_encode_error_response_with_offending_element() -> None:
+    raw = encode_response(
+        CommandField.C_FIND_RSP,
+        2,
+        Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        error_comment="no Query/Retrieve Level (0008,0052)",
+        offending_elements=[0x00080052],
+    )
+    ds = read_dataset(BytesIO(raw), True, True)
+    assert ds.OffendingElement == 0x00080052
+    assert ds.ErrorComment == "no Query/Retrieve Level (0008,0052)"
+    decoded = decode_command(raw)
+    assert decoded.status == 0xA900
+    assert decoded.message_id_responded_to == 2
+
+
+def test_encode_store_rq_decodes_in_both() -> None:
+    from dicomgate.dimse.commands import encode_store_rq
+
+    raw = encode_store_rq(
+        4, CT_STORAGE, "1.2.3.4", move_originator_ae="MOVER", move_originator_message_id=8
+    )
+    ds = read_dataset(BytesIO(raw), True, True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert ds.MoveOriginatorApplicationEntityTitle == "MOVER"
+    command = decode_command(raw)
+    assert (command.command_field, command.message_id, command.has_dataset) == (1, 4, True)
+    assert command.affected_sop_instance_uid == "1.2.3.4"
+    assert command.move_originator_message_id == 8

@@ -334,3 +334,55 @@ def test_sequence_item_keys(index: Index, tmp_path: Path) -> None:
         {"RequestAttributesSequence.RequestedProcedureID": "", "SeriesInstanceUID": "1.2.4.1"},
     )
     assert result.matches[0].to_json()["00400275"] == {"vr": "SQ"}
+
+
+# -- C-FIND identifiers and retrieve files (issue #5) --------------------------------------
+
+
+def test_identifier_keys_flatten_sequences_and_skip_non_keys() -> None:
+    from dicomgate.index.query import identifier_keys
+
+    item = Dataset()
+    item.RequestedProcedureID = "RP7"
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = ["1.2.1", "1.2.2"]
+    ds.PatientName = ""
+    ds.RequestAttributesSequence = [item]
+    assert identifier_keys(ds) == {
+        "StudyInstanceUID": "1.2.1\\1.2.2",
+        "PatientName": "",
+        "RequestAttributesSequence.RequestedProcedureID": "RP7",
+    }
+    empty = Dataset()
+    empty.RequestAttributesSequence = []  # universal: every item attribute the index holds
+    assert set(identifier_keys(empty)) == {
+        "RequestAttributesSequence.ScheduledProcedureStepID",
+        "RequestAttributesSequence.RequestedProcedureID",
+    }
+    two = Dataset()
+    two.RequestAttributesSequence = [Dataset(), Dataset()]
+    with pytest.raises(InvalidQuery, match="one item"):
+        identifier_keys(two)
+
+
+def test_sequence_matching_on_item_values(index: Index) -> None:
+    result = find(
+        index,
+        Level.SERIES,
+        {"RequestAttributesSequence.RequestedProcedureID": "NOPE", "SeriesInstanceUID": ""},
+    )
+    assert result.matches == []
+
+
+def test_instance_files_of_matching_entities(index: Index) -> None:
+    from dicomgate.index.query import instance_files
+
+    with index.engine.connect() as connection:
+        files = instance_files(connection, {"StudyInstanceUID": "1.2.1"})
+        assert [f.sop_instance_uid for f in files][:1] and len(files) == 4
+        assert {f.series_instance_uid for f in files} == {"1.2.1.1", "1.2.1.2"}
+        assert files[0].relpath.startswith("1.2.1/")
+        assert instance_files(connection, {"PatientID": "P2", "Modality": "CT"})[0].size == 100
+        assert instance_files(connection, {"SOPInstanceUID": "9.9"}) == []

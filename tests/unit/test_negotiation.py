@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from dicomgate.dimse.negotiation import ae_matches, is_storage_class, negotiate
-from dicomgate.dimse.pdu import ContextResult, PresentationContextRQ
+from dicomgate.dimse.negotiation import (
+    QR_SOP_CLASSES,
+    QRModel,
+    QRService,
+    ae_matches,
+    is_storage_class,
+    negotiate,
+    negotiate_extended,
+    negotiate_roles,
+)
+from dicomgate.dimse.pdu import (
+    ContextResult,
+    ExtendedNegotiation,
+    PresentationContextRQ,
+    RoleSelection,
+)
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -106,9 +120,7 @@ def test_verification_accepted() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "abstract", [STUDY_ROOT_FIND, PATIENT_ROOT_MOVE, WORKLIST_FIND, STORAGE_COMMITMENT]
-)
+@pytest.mark.parametrize("abstract", [WORKLIST_FIND, STORAGE_COMMITMENT])
 def test_non_storage_service_rejected(abstract: str) -> None:
     _, result, _ = _one(abstract, [IMPLICIT_LE])
     assert result == ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED
@@ -177,8 +189,64 @@ def test_answers_keep_order_and_ids() -> None:
     )
     assert [(a.context_id, a.result) for a in answers] == [
         (1, ContextResult.ACCEPTANCE),
-        (3, ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED),
+        (3, ContextResult.ACCEPTANCE),
         (5, ContextResult.ACCEPTANCE),
         (7, ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED),
     ]
     assert negotiate([]) == []
+
+
+# -- Query/Retrieve (issue #5) -------------------------------------------------------------
+
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ONLY_FIND = "1.2.840.10008.5.1.4.1.2.3.1"
+
+
+@pytest.mark.parametrize(
+    "abstract", [STUDY_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET, STUDY_ONLY_FIND]
+)
+def test_query_retrieve_accepted_in_uncompressed_little_endian(abstract: str) -> None:
+    assert not is_storage_class(abstract)
+    assert _one(abstract, [JPEG_LS, EXPLICIT_LE, IMPLICIT_LE]) == (
+        1,
+        ContextResult.ACCEPTANCE,
+        EXPLICIT_LE,
+    )
+    _, result, _ = _one(abstract, [JPEG_LS])
+    assert result == ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED
+
+
+def test_query_retrieve_models_and_services() -> None:
+    assert QR_SOP_CLASSES[STUDY_ROOT_FIND] == (QRModel.STUDY_ROOT, QRService.FIND)
+    assert QR_SOP_CLASSES[PATIENT_ROOT_MOVE] == (QRModel.PATIENT_ROOT, QRService.MOVE)
+    assert "PATIENT" not in QRModel.STUDY_ROOT.value
+    assert QRModel.PATIENT_STUDY_ONLY.value == ("PATIENT", "STUDY")
+
+
+def test_roles_grant_scp_for_accepted_storage_classes_only() -> None:
+    answers = negotiate_roles(
+        [
+            RoleSelection(CT_STORAGE, False, True),
+            RoleSelection(CT_STORAGE, True, True),  # a second item for a class: ignored
+            RoleSelection(STUDY_ROOT_FIND, True, True),  # no SCP role for a Q/R class
+            RoleSelection(PRIVATE_SOP, False, True),  # not proposed in a context
+        ],
+        [CT_STORAGE, STUDY_ROOT_FIND],
+    )
+    assert answers == [
+        RoleSelection(CT_STORAGE, False, True),
+        RoleSelection(STUDY_ROOT_FIND, True, False),
+    ]
+
+
+def test_extended_negotiation_answers_find_options() -> None:
+    answers = negotiate_extended(
+        [
+            ExtendedNegotiation(STUDY_ROOT_FIND, bytes([1, 1, 1, 1])),
+            ExtendedNegotiation(PATIENT_ROOT_MOVE, bytes([1])),  # relational retrieval: no
+        ],
+        [STUDY_ROOT_FIND, PATIENT_ROOT_MOVE],
+    )
+    assert answers == [ExtendedNegotiation(STUDY_ROOT_FIND, bytes([0, 1, 1, 0]))]
+    short = negotiate_extended([ExtendedNegotiation(STUDY_ROOT_FIND, b"\x01")], [STUDY_ROOT_FIND])
+    assert short == [ExtendedNegotiation(STUDY_ROOT_FIND, b"\x00")]

@@ -377,3 +377,78 @@ def test_pdu_error_carries_abort_reason() -> None:
     with pytest.raises(PduError) as info:
         parse_associate_rq(b"\x00" * 10)
     assert info.value.reason in set(AbortReason)
+
+
+# -- role selection and extended negotiation (issue #5) ------------------------------------
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def _user_info_rq(sub_items: bytes) -> bytes:
+    body = struct.pack(">HH", 1, 0) + b"DICOMGATE".ljust(16) + b"GETSCU".ljust(16) + bytes(32)
+    body += _item(0x10, APPLICATION_CONTEXT.encode())
+    body += _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, CT_STORAGE.encode()))
+    body += _item(0x50, _item(0x51, struct.pack(">I", 16384)) + sub_items)
+    return body
+
+
+def test_role_selection_and_extended_negotiation_are_parsed() -> None:
+    uid = CT_STORAGE.encode()
+    find = STUDY_ROOT_FIND.encode()
+    rq = parse_associate_rq(
+        _user_info_rq(
+            _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([0, 1]))
+            + _item(0x56, struct.pack(">H", len(find)) + find + bytes([0, 1, 1]))
+        )
+    )
+    assert rq.roles == [RoleSelection(CT_STORAGE, False, True)]
+    assert [(e.sop_class_uid, e.info) for e in rq.extended] == [(STUDY_ROOT_FIND, b"\x00\x01\x01")]
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        _item(0x54, b"\x00"),  # shorter than its fixed fields
+        _item(0x54, struct.pack(">H", 40) + b"1.2" + b"\x00\x01"),  # UID length runs over
+        _item(0x56, struct.pack(">H", 40) + b"1.2"),
+    ],
+)
+def test_malformed_negotiation_sub_items_are_refused(sub: bytes) -> None:
+    with pytest.raises(PduError):
+        parse_associate_rq(_user_info_rq(sub))
+
+
+def test_ac_carries_role_and_extended_answers_for_pynetdicom() -> None:
+    from pynetdicom.pdu_items import (
+        SCP_SCU_RoleSelectionSubItem,
+        SOPClassExtendedNegotiationSubItem,
+    )
+
+    from dicomgate.dimse.pdu import ExtendedNegotiation
+
+    rq = parse_associate_rq(_user_info_rq(b""))
+    raw = encode_associate_ac(
+        rq,
+        [PresentationContextAC(1, ContextResult.ACCEPTANCE, EXPLICIT_LE)],
+        max_pdu_length=16384,
+        implementation_class_uid="1.2.3",
+        implementation_version_name="DG",
+        roles=[RoleSelection(CT_STORAGE, False, True)],
+        extended=[ExtendedNegotiation(STUDY_ROOT_FIND, bytes([0, 1, 1, 0]))],
+    )
+    ac = A_ASSOCIATE_AC()
+    ac.decode(raw)
+    user = next(i for i in ac.variable_items if isinstance(i, UserInformationItem))
+    role = next(i for i in user.user_data if isinstance(i, SCP_SCU_RoleSelectionSubItem))
+    assert (role.uid, role.scu_role, role.scp_role) == (UID(CT_STORAGE), False, True)
+    ext = next(i for i in user.user_data if isinstance(i, SOPClassExtendedNegotiationSubItem))
+    assert ext.sop_class_uid == UID(STUDY_ROOT_FIND)
+    assert ext.service_class_application_information == bytes([0, 1, 1, 0])
+
+
+def test_pdv_pdu_encoding() -> None:
+    from dicomgate.dimse.pdu import encode_pdv_pdu
+
+    raw = encode_pdv_pdu(3, b"abcd", command=False, last=True)
+    assert raw == struct.pack(">BBIIBB", 4, 0, 10, 6, 3, 2) + b"abcd"
+    assert encode_pdv_pdu(1, b"", command=True, last=False)[-1] == 1

@@ -42,7 +42,8 @@ def test_parse_orders_by_quality_and_keeps_quoted_parameters() -> None:
         (DICOM, MPEG4, MPEG4),  # ... and what we cannot decode as stored
         (f"{DICOM}; transfer-syntax={LE}", RLE, LE),
         (f"{DICOM}; transfer-syntax={RLE}", RLE, RLE),
-        (f"{DICOM}; transfer-syntax={RLE}", LE, None),  # no re-compression
+        (f"{DICOM}; transfer-syntax={RLE}", LE, RLE),  # compressed on request (#6 transcoder)
+        (f"{DICOM}; transfer-syntax=1.2.840.10008.1.2.4.100", LE, None),  # MPEG-2: not made
         (f"{DICOM}; transfer-syntax={LE}", MPEG4, None),
         ("*/*", RLE, LE),
         ("application/dicom", LE, None),  # single part: not offered

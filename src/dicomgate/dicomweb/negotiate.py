@@ -182,7 +182,7 @@ def choose_instance_syntax(accept: list[MediaRange], stored: str) -> str | None:
             return stored
         if wanted is None:
             return default_syntax(stored)
-        if wanted == EXPLICIT_VR_LITTLE_ENDIAN and can_transcode(stored, wanted):
+        if can_transcode(stored, wanted):
             return wanted
     return None
 

@@ -333,6 +333,7 @@ async def store_instances(
             "bytes": stager.bytes,
             "peer": source_ip,
             "study": uid_hash(next(iter(studies))) if len(studies) == 1 else "",
+            "seconds": round(time.monotonic() - started, 6),
         },
     )
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)

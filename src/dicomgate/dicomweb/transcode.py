@@ -1,10 +1,10 @@
 """Transcoding for WADO-RS: the one place that changes an instance's transfer syntax.
 
-Today it can only produce Explicit VR Little Endian: from the other uncompressed syntaxes
-(implicit, deflated, big endian) by re-encoding, from compressed ones with pydicom (and the
-pylibjpeg, pyjpegls and RLE plug-ins) decoding the pixel data. The processing pipeline (issue #6)
-will replace :func:`can_transcode` and :func:`transcode` with its own transcoder; callers
-only use these two functions.
+It delegates to the processing pipeline's transcoder (:mod:`dicomgate.processing.transcode`):
+any syntax pydicom can decode can be sent in any syntax that transcoder produces
+(uncompressed, deflated, RLE, JPEG, JPEG-LS, JPEG 2000, HTJ2K). A lossy rendition asked for
+by a client keeps the instance's SOP Instance UID (it is the same instance in transit, not
+a new derived one stored anywhere) and is marked LossyImageCompression.
 
 Transcoding decodes the whole instance in memory: it is the exception to DESIGN rule 2
 (an instance sent as stored streams from disk). The decoded size is bounded by
@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "EXPLICIT_VR_LITTLE_ENDIAN",
@@ -36,10 +35,18 @@ MAX_TRANSCODE_BYTES = 1 << 30  # decoded pixel data of one instance
 class TranscodeError(Exception):
     """The instance could not be transcoded (corrupt or unsupported pixel data)."""
 
+    def __init__(self, message: str, *, unacceptable: bool = False) -> None:
+        super().__init__(message)
+        # True: the target cannot hold this image (e.g. 16-bit signed in JPEG baseline):
+        # the client asked for something we cannot give (406), not a server failure.
+        self.unacceptable = unacceptable
+
 
 def can_transcode(source: str, target: str) -> bool:
     """True when :func:`transcode` can turn ``source`` into ``target``."""
-    if target != EXPLICIT_VR_LITTLE_ENDIAN:
+    from dicomgate.processing.transcode import can_produce
+
+    if not can_produce(target):
         return False
     if source in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, DEFLATED, BIG_ENDIAN):
         return True
@@ -51,54 +58,32 @@ def can_transcode(source: str, target: str) -> bool:
         return False
 
 
-_SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-
-
-def _to_little_endian(ds: Any) -> None:
-    """Big endian data set -> values ready to be written little endian: numbers and text
-    are converted by pydicom; the bytes of OW/OF/OL/OD/OV values (Pixel Data included)
-    are swapped here (pydicom keeps them as read)."""
-    import numpy as np
-
-    bits = int(ds.get("BitsAllocated", 8) or 8)
-    for elem in ds.iterall():  # converts every raw element
-        width = _SWAP_WIDTH.get(str(elem.VR), 0)
-        if elem.tag == 0x7FE00010 and bits >= 16:
-            width = bits // 8  # PS3.5 8.2: multi-byte pixels are swapped per pixel
-        if width and isinstance(elem.value, bytes) and len(elem.value) % width == 0:
-            elem.value = np.frombuffer(elem.value, f">u{width}").astype(f"<u{width}").tobytes()
-
-
 def transcode(path: Path, target: str) -> bytes:
     """The Part 10 file at ``path`` re-encoded in ``target`` (see :func:`can_transcode`)."""
     import pydicom
-    from pydicom.filewriter import dcmwrite
-    from pydicom.uid import UID
+
+    from dicomgate.processing.base import ProcessingError
+    from dicomgate.processing.pipeline import write_part10
+    from dicomgate.processing.transcode import transcode_dataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             ds = pydicom.dcmread(path)
-            source = UID(ds.file_meta.TransferSyntaxUID)
-            if source.is_compressed and "PixelData" in ds:
+            if "PixelData" in ds:
                 rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
                 frames = int(ds.get("NumberOfFrames", 1) or 1)
                 size = rows * cols * frames * int(ds.get("SamplesPerPixel", 1))
                 size *= max(1, int(ds.get("BitsAllocated", 8)) // 8)
                 if size > MAX_TRANSCODE_BYTES:
                     raise TranscodeError("instance too large to transcode")
-                ds.decompress()
+            transcode_dataset(ds, target, new_uid_for_lossy=False)
             out = io.BytesIO()
-            if source == BIG_ENDIAN:
-                _to_little_endian(ds)
-                ds.file_meta.TransferSyntaxUID = UID(target)
-                # save_as refuses to change byte order; dcmwrite re-encodes what we converted.
-                dcmwrite(out, ds, implicit_vr=False, little_endian=True, force_encoding=True)
-            else:
-                ds.file_meta.TransferSyntaxUID = UID(target)
-                ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+            write_part10(ds, out)
         except TranscodeError:
             raise
+        except ProcessingError as exc:
+            raise TranscodeError(str(exc), unacceptable=exc.reason == "cannot_transcode") from exc
         except Exception as exc:  # pydicom and the codecs raise anything on bad data
             raise TranscodeError(f"{type(exc).__name__}: {exc}") from exc
     return out.getvalue()

@@ -233,7 +233,8 @@ class WadoService:
                 exc,
                 extra={"event": "wado.transcode_failed"},
             )
-            raise WadoError(500, f"cannot transcode the instance to {target}: {exc}") from None
+            status = 406 if isinstance(exc, TranscodeError) and exc.unacceptable else 500
+            raise WadoError(status, f"cannot send the instance as {target}: {exc}") from None
 
     # -- metadata ------------------------------------------------------------------------
 

@@ -5,13 +5,54 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from enum import Enum
 
-from pydicom.uid import AllTransferSyntaxes, ImplicitVRLittleEndian
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class
 
-from dicomgate.dimse.pdu import ContextResult, PresentationContextAC, PresentationContextRQ
+from dicomgate.dimse.pdu import (
+    ContextResult,
+    ExtendedNegotiation,
+    PresentationContextAC,
+    PresentationContextRQ,
+    RoleSelection,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
+
+
+class QRModel(Enum):
+    """Query/Retrieve information models (PS3.4 C.6) and the levels each one has."""
+
+    PATIENT_ROOT = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+    STUDY_ROOT = ("STUDY", "SERIES", "IMAGE")
+    PATIENT_STUDY_ONLY = ("PATIENT", "STUDY")  # retired (PS3.4 2004), still sent by old SCUs
+
+
+class QRService(Enum):
+    FIND = "find"
+    MOVE = "move"
+    GET = "get"
+
+
+# The Q/R SOP classes we serve (PS3.4 C.6.1.2, C.6.2.2, C.6.3.2 (retired)).
+QR_SOP_CLASSES: dict[str, tuple[QRModel, QRService]] = {
+    "1.2.840.10008.5.1.4.1.2.1.1": (QRModel.PATIENT_ROOT, QRService.FIND),
+    "1.2.840.10008.5.1.4.1.2.1.2": (QRModel.PATIENT_ROOT, QRService.MOVE),
+    "1.2.840.10008.5.1.4.1.2.1.3": (QRModel.PATIENT_ROOT, QRService.GET),
+    "1.2.840.10008.5.1.4.1.2.2.1": (QRModel.STUDY_ROOT, QRService.FIND),
+    "1.2.840.10008.5.1.4.1.2.2.2": (QRModel.STUDY_ROOT, QRService.MOVE),
+    "1.2.840.10008.5.1.4.1.2.2.3": (QRModel.STUDY_ROOT, QRService.GET),
+    "1.2.840.10008.5.1.4.1.2.3.1": (QRModel.PATIENT_STUDY_ONLY, QRService.FIND),
+    "1.2.840.10008.5.1.4.1.2.3.2": (QRModel.PATIENT_STUDY_ONLY, QRService.MOVE),
+    "1.2.840.10008.5.1.4.1.2.3.3": (QRModel.PATIENT_STUDY_ONLY, QRService.GET),
+}
+
+# Identifiers are small and decoded with pydicom: the two uncompressed little-endian syntaxes
+# every Q/R SCU proposes (Implicit VR Little Endian is the default, PS3.5 10.1).
+QR_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
+    [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+)
 
 # Every transfer syntax pydicom knows, plus retired JPEG processes and Encapsulated
 # Uncompressed: we store the bytes as received, so decoding support is not needed to accept.
@@ -88,6 +129,15 @@ def negotiate(contexts: list[PresentationContextRQ]) -> list[PresentationContext
                 )
             )
             continue
+        if ctx.abstract_syntax in QR_SOP_CLASSES:
+            chosen = next((ts for ts in ctx.transfer_syntaxes if ts in QR_TRANSFER_SYNTAXES), "")
+            result = ContextResult.ACCEPTANCE
+            if not chosen:
+                result = ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED
+            out.append(
+                PresentationContextAC(ctx.context_id, result, chosen or ImplicitVRLittleEndian)
+            )
+            continue
         if ctx.abstract_syntax != VERIFICATION and not is_storage_class(ctx.abstract_syntax):
             out.append(
                 PresentationContextAC(
@@ -110,3 +160,48 @@ def negotiate(contexts: list[PresentationContextRQ]) -> list[PresentationContext
                 )
             )
     return out
+
+
+def negotiate_roles(roles: list[RoleSelection], accepted: Iterable[str]) -> list[RoleSelection]:
+    """Answer the requestor's SCP/SCU Role Selection items (PS3.7 D.3.3.4, PS3.4 C.4.3).
+
+    For a storage SOP class of an accepted context we grant what was proposed: a C-GET
+    requestor proposes the SCP role so that we may send it C-STORE-RQs on that context. For
+    any other class only the default (requestor SCU) stands. A role the requestor did not
+    propose is never granted, and each SOP class is answered once.
+    """
+    accepted = set(accepted)
+    out: dict[str, RoleSelection] = {}
+    for role in roles:
+        if role.sop_class_uid in out or role.sop_class_uid not in accepted:
+            continue
+        storage = is_storage_class(role.sop_class_uid) and role.sop_class_uid != VERIFICATION
+        out[role.sop_class_uid] = RoleSelection(
+            role.sop_class_uid, role.scu_role, role.scp_role and storage
+        )
+    return list(out.values())
+
+
+def negotiate_extended(
+    items: list[ExtendedNegotiation], accepted: Iterable[str]
+) -> list[ExtendedNegotiation]:
+    """Answer C-FIND SOP Class Extended Negotiation (PS3.4 C.5.1.1): byte 0 relational
+    queries (not supported), byte 1 combined date-time matching (supported), byte 2 fuzzy
+    semantic matching of person names (supported), byte 3 timezone adjustment (not
+    supported). Other classes get no answer, which means "not supported" (PS3.7 D.3.3.5).
+    """
+    accepted = set(accepted)
+    out: dict[str, ExtendedNegotiation] = {}
+    for item in items:
+        known = QR_SOP_CLASSES.get(item.sop_class_uid)
+        if known is None or known[1] is not QRService.FIND or item.sop_class_uid not in accepted:
+            continue
+        asked = item.info + bytes(4)
+        out.setdefault(
+            item.sop_class_uid,
+            ExtendedNegotiation(
+                item.sop_class_uid,
+                bytes([0, 1 if asked[1] else 0, 1 if asked[2] else 0, 0])[: max(len(item.info), 1)],
+            ),
+        )
+    return list(out.values())

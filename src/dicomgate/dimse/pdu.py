@@ -1,8 +1,9 @@
 """Upper-layer PDUs (PS3.8 section 9.3): parsing and encoding, no I/O.
 
-Only what an association acceptor needs: A-ASSOCIATE-RQ is parsed; A-ASSOCIATE-AC/-RJ,
-P-DATA-TF, A-RELEASE-RP and A-ABORT are encoded. P-DATA-TF bodies are not parsed here:
-the server streams their PDV items straight to disk (see ``server.py``).
+Only what an association acceptor needs: A-ASSOCIATE-RQ is parsed (with its SCP/SCU Role
+Selection and SOP Class Extended Negotiation sub-items, PS3.7 D.3.3.4 - D.3.3.5);
+A-ASSOCIATE-AC/-RJ, P-DATA-TF, A-RELEASE-RP and A-ABORT are encoded. P-DATA-TF bodies are
+not parsed here: the server streams their PDV items straight to disk (see ``server.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ class RoleSelection:
 
 
 @dataclass
+class ExtendedNegotiation:
+    """SOP Class Extended Negotiation sub-item (PS3.7 D.3.3.5): service-class specific bytes."""
+
+    sop_class_uid: str
+    info: bytes
+
+
+@dataclass
 class AssociateRQ:
     """A parsed A-ASSOCIATE-RQ (PS3.8 9.3.2)."""
 
@@ -80,6 +89,7 @@ class AssociateRQ:
     implementation_version_name: str = ""
     async_ops: tuple[int, int] | None = None
     roles: list[RoleSelection] = field(default_factory=list)
+    extended: list[ExtendedNegotiation] = field(default_factory=list)
     protocol_version: int = 1
     raw_called_ae: bytes = b""
     raw_calling_ae: bytes = b""
@@ -152,11 +162,25 @@ def _parse_user_info(value: bytes, rq: AssociateRQ) -> None:
             rq.implementation_version_name = sub.decode("ascii", "replace").strip()
         elif sub_type == 0x53 and len(sub) == 4:
             rq.async_ops = struct.unpack(">HH", sub)
-        elif sub_type == 0x54 and len(sub) >= 4:
+        elif sub_type == 0x54:
+            # PS3.7 D.3.3.4: UID length (2), UID, SCU-role (1), SCP-role (1).
+            if len(sub) < 4:
+                raise PduError("SCP/SCU role selection sub-item too short")
             (uid_len,) = struct.unpack_from(">H", sub, 0)
-            if 2 + uid_len + 2 <= len(sub):
-                uid = _uid(sub[2 : 2 + uid_len])
-                rq.roles.append(RoleSelection(uid, bool(sub[2 + uid_len]), bool(sub[3 + uid_len])))
+            if 2 + uid_len + 2 != len(sub):
+                raise PduError("SCP/SCU role selection sub-item: UID length does not fit")
+            uid = _uid(sub[2 : 2 + uid_len])
+            rq.roles.append(RoleSelection(uid, bool(sub[2 + uid_len]), bool(sub[3 + uid_len])))
+        elif sub_type == 0x56:
+            # PS3.7 D.3.3.5: UID length (2), UID, service-class application information.
+            if len(sub) < 2:
+                raise PduError("SOP class extended negotiation sub-item too short")
+            (uid_len,) = struct.unpack_from(">H", sub, 0)
+            if 2 + uid_len > len(sub):
+                raise PduError("SOP class extended negotiation sub-item: UID runs past its end")
+            rq.extended.append(
+                ExtendedNegotiation(_uid(sub[2 : 2 + uid_len]), bytes(sub[2 + uid_len :]))
+            )
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -187,8 +211,10 @@ def encode_associate_ac(
     implementation_class_uid: str,
     implementation_version_name: str,
     roles: list[RoleSelection] | None = None,
+    extended: list[ExtendedNegotiation] | None = None,
 ) -> bytes:
-    """Encode an A-ASSOCIATE-AC answering ``rq`` (PS3.8 9.3.3)."""
+    """Encode an A-ASSOCIATE-AC answering ``rq`` (PS3.8 9.3.3), with the role selection
+    and extended negotiation answers (PS3.7 D.3.3.4, D.3.3.5) given."""
     fixed = struct.pack(">HH", 1, 0) + rq.raw_called_ae + rq.raw_calling_ae + bytes(32)
     items = [_item(0x10, _uid_bytes(APPLICATION_CONTEXT))]
     for ctx in contexts:
@@ -204,6 +230,9 @@ def encode_associate_ac(
             _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([role.scu_role, role.scp_role]))
         )
     user.append(_item(0x55, implementation_version_name.encode("ascii")))
+    for ext in extended or []:
+        uid = _uid_bytes(ext.sop_class_uid)
+        user.append(_item(0x56, struct.pack(">H", len(uid)) + uid + ext.info))
     items.append(_item(0x50, b"".join(user)))
     return _pdu(PduType.ASSOCIATE_AC, fixed + b"".join(items))
 
@@ -263,3 +292,16 @@ def encode_p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_len
         out.append(_pdu(PduType.P_DATA_TF, pdv))
         if last:
             return b"".join(out)
+
+
+def encode_pdv_pdu(
+    context_id: int, data: bytes | memoryview, *, command: bool, last: bool
+) -> bytes:
+    """One P-DATA-TF PDU holding one PDV item: a fragment of a message (PS3.8 9.3.5).
+
+    The caller keeps ``len(data)`` within the peer's maximum PDU length minus 6.
+    """
+    control = (1 if command else 0) | (2 if last else 0)
+    size = len(data)
+    header = struct.pack(">BBIIBB", PduType.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
+    return header + bytes(data)

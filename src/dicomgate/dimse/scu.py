@@ -67,10 +67,15 @@ __all__ = [
     "AssociationPlan",
     "ContextSpec",
     "EchoFailed",
+    "FindResult",
+    "MoveResult",
+    "QueryFailed",
     "ScannedFile",
     "SendSummary",
     "echo_peer",
+    "find_peer",
     "iter_candidate_files",
+    "move_peer",
     "plan_associations",
     "scan_file",
     "send_paths",
@@ -629,3 +634,136 @@ def send_paths(
             _send_plan(peer, plan, summary, lambda: None)
     summary.elapsed = time.monotonic() - start
     return summary
+
+
+# --------------------------------------------------------------------------- C-FIND / C-MOVE
+
+# Query/Retrieve information models (PS3.4 C.6): model name -> (FIND, MOVE) SOP class UIDs.
+QR_MODELS: dict[str, tuple[str, str]] = {
+    "study": ("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2"),
+    "patient": ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2"),
+}
+
+
+class QueryFailed(DicomgateError):
+    """A C-FIND or C-MOVE could not be done at all (association refused, lost...)."""
+
+
+@dataclass
+class FindResult:
+    """The outcome of :func:`find_peer`."""
+
+    matches: list[Dataset] = field(default_factory=list)
+    status: int = 0  # of the final response
+    comment: str = ""  # its Error Comment, if any
+    elapsed: float = 0.0
+
+
+@dataclass
+class MoveResult:
+    """The outcome of :func:`move_peer`: the final response's status and counts."""
+
+    status: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    comment: str = ""
+    failed_uids: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def _qr_association(
+    host: str, port: int, calling_ae: str, called_ae: str, sop_class: str, timeout: float
+) -> Association:
+    ae = _make_ae(calling_ae, timeout)
+    context = build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    try:
+        return _open_association(ae, host, port, called_ae, [context], timeout)
+    except _AssociationFailed as exc:
+        raise QueryFailed(str(exc)) from None
+
+
+def find_peer(
+    host: str,
+    port: int,
+    identifier: Dataset,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    model: str,
+    timeout: float,
+) -> FindResult:
+    """Send one C-FIND (PS3.4 C.4.1) and collect every match."""
+    start = time.monotonic()
+    assoc = _qr_association(host, port, calling_ae, called_ae, QR_MODELS[model][0], timeout)
+    result = FindResult()
+    try:
+        for status, match in assoc.send_c_find(identifier, QR_MODELS[model][0]):
+            if "Status" not in status:
+                raise QueryFailed(f"no C-FIND response within {timeout:g} s (association lost)")
+            result.status = int(status.Status)
+            result.comment = str(status.get("ErrorComment", ""))
+            if result.status in (0xFF00, 0xFF01) and match is not None:
+                result.matches.append(match)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    result.elapsed = time.monotonic() - start
+    return result
+
+
+def move_peer(
+    host: str,
+    port: int,
+    identifier: Dataset,
+    *,
+    destination: str,
+    calling_ae: str,
+    called_ae: str,
+    model: str,
+    timeout: float,
+    on_pending: Callable[[int, int, int, int], None] = lambda *_: None,
+) -> MoveResult:
+    """Send one C-MOVE (PS3.4 C.4.2); ``on_pending(remaining, completed, failed, warning)``
+    is called for each pending response."""
+    start = time.monotonic()
+    sop_class = QR_MODELS[model][1]
+    assoc = _qr_association(host, port, calling_ae, called_ae, sop_class, timeout)
+    result = MoveResult()
+    try:
+        for status, extra in assoc.send_c_move(identifier, destination, sop_class):
+            if "Status" not in status:
+                raise QueryFailed(f"no C-MOVE response within {timeout:g} s (association lost)")
+            code = int(status.Status)
+            counts = [
+                int(status.get(f"NumberOf{kind}Suboperations", 0) or 0)
+                for kind in ("Remaining", "Completed", "Failed", "Warning")
+            ]
+            if code in (0xFF00, 0xFF01):
+                on_pending(*counts)
+                continue
+            result.status = code
+            result.completed, result.failed, result.warning = counts[1:]
+            result.comment = str(status.get("ErrorComment", ""))
+            if extra is not None and "FailedSOPInstanceUIDList" in extra:
+                value = extra.FailedSOPInstanceUIDList
+                result.failed_uids = [str(v) for v in value] if value else []
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    result.elapsed = time.monotonic() - start
+    return result
+
+
+def status_text(code: int) -> str:
+    """A short description of a Q/R status (PS3.4 C.4.1.1.4, C.4.2.1.5)."""
+    from pynetdicom.status import QR_FIND_SERVICE_CLASS_STATUS, QR_MOVE_SERVICE_CLASS_STATUS
+
+    for table in (QR_MOVE_SERVICE_CLASS_STATUS, QR_FIND_SERVICE_CLASS_STATUS):
+        if code in table:
+            return f"0x{code:04X} {table[code][0]}: {table[code][1]}"
+    if code == 0x0124:
+        return "0x0124 Failure: Refused, not authorized"
+    if 0xC000 <= code <= 0xCFFF:
+        return f"0x{code:04X} Failure: unable to process"
+    return f"0x{code:04X}"

@@ -1,4 +1,4 @@
-"""Event-driven DIMSE acceptor for the ingest services (C-ECHO, C-STORE).
+"""Event-driven DIMSE acceptor: C-ECHO, C-STORE, and the Query/Retrieve services.
 
 Why not pynetdicom's SCP: its reactor threads poll with 1 ms sleeps (pynetdicom #650,
 #917), capping one association near 330-450 instances/s here, below Orthanc. This acceptor
@@ -7,6 +7,11 @@ straight to the spool file as they arrive (DESIGN rule 2), so memory stays flat 
 the instance size. pynetdicom stays our SCU (``scu.py``). See DESIGN.md "DIMSE".
 
 State machine: PS3.8 9.2, acceptor side (Sta2 -> Sta3 -> Sta6 -> Sta13).
+
+C-FIND, C-MOVE and C-GET (``qr.py``) run as tasks beside the read loop, which keeps reading
+so that it sees a C-CANCEL-RQ and, for C-GET, the C-STORE-RSPs of the sub-operations. While
+an operation runs, every message is written under the association's write lock, so the
+fragments of two messages never interleave; C-STORE and C-ECHO take no lock otherwise.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomgate.config import DimseConfig
@@ -30,7 +39,16 @@ from dicomgate.dimse.commands import (
     decode_command,
     encode_response,
 )
-from dicomgate.dimse.negotiation import VERIFICATION, ae_matches, negotiate
+from dicomgate.dimse.negotiation import (
+    QR_SOP_CLASSES,
+    VERIFICATION,
+    QRService,
+    ae_matches,
+    negotiate,
+    negotiate_extended,
+    negotiate_roles,
+)
+from dicomgate.dimse.qr import QueryRetrieve, Request, move_targets
 from dicomgate.errors import (
     DicomgateError,
     DuplicateRejected,
@@ -50,6 +68,16 @@ _MAX_COMMAND_LENGTH = 1 << 16
 _READ_CHUNK = 1 << 20
 _WHOLE_PDU = 1 << 20  # P-DATA-TF PDUs up to this size are read in one call
 _DRAIN_ABOVE = 1 << 18
+_MAX_IDENTIFIER = 1 << 20  # a C-FIND/C-MOVE/C-GET identifier larger than this is refused
+_QR_SERVICES = {
+    CommandField.C_FIND_RQ: QRService.FIND,
+    CommandField.C_MOVE_RQ: QRService.MOVE,
+    CommandField.C_GET_RQ: QRService.GET,
+}
+
+
+class NotAuthorized(DicomgateError):
+    """The calling AE may not use this service (``dimse.allow``)."""
 
 
 class _PduBody:
@@ -80,6 +108,8 @@ class _PeerGone(Exception):
 
 def status_for(error: DicomgateError) -> int:
     """Map an ingest error to a C-STORE failure status (PS3.4 B.2.3)."""
+    if isinstance(error, NotAuthorized):
+        return Status.NOT_AUTHORIZED
     if isinstance(error, InstanceMismatch):
         return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     if isinstance(error, InvalidInstance):
@@ -101,6 +131,7 @@ class _Incoming:
     data_offset: int = 0
     error: DicomgateError | None = None
     fragments: int = 0
+    identifier: bytearray | None = None  # C-FIND/C-MOVE/C-GET: the identifier, collected
 
 
 @dataclass
@@ -114,14 +145,117 @@ class _Association:
     contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (sop, ts)
     stored: int = 0
     failed: int = 0
+    may_store: bool = True  # dimse.allow.store, decided once per association
+    scp_role_classes: set[str] = field(default_factory=set)  # requestor took the SCP role
+    fuzzy_contexts: set[int] = field(default_factory=set)  # C-FIND: fuzzy PN negotiated
+    # Q/R operations running, by Message ID; C-STORE-RSPs awaited by C-GET sub-operations.
+    operations: dict[int, tuple[Request, asyncio.Task[None]]] = field(default_factory=dict)
+    store_waiters: dict[int, asyncio.Future[Command]] = field(default_factory=dict)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_operation_end: float = 0.0
+    message_id: int = 0  # of the sub-operations we request (C-GET)
+
+
+class _Channel:
+    """The :class:`dicomgate.dimse.qr.Channel` of one association."""
+
+    def __init__(self, server: DimseServer, assoc: _Association) -> None:
+        self.server = server
+        self.assoc = assoc
+        self.peer_max_pdu = assoc.peer_max_pdu
+
+    async def send(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+        limit = self.assoc.peer_max_pdu
+        data = pdu.encode_p_data(context_id, command, command=True, max_pdu_length=limit)
+        if dataset is not None:
+            data += pdu.encode_p_data(context_id, dataset, command=False, max_pdu_length=limit)
+        async with self.assoc.write_lock:
+            await self.server._send(self.assoc, data)
+
+    def storage_contexts(self, sop_class_uid: str) -> list[tuple[int, str]]:
+        if sop_class_uid not in self.assoc.scp_role_classes:
+            return []
+        return [(cid, ts) for cid, (sop, ts) in self.assoc.contexts.items() if sop == sop_class_uid]
+
+    def next_message_id(self) -> int:
+        self.assoc.message_id = self.assoc.message_id % 0xFFFF + 1
+        return self.assoc.message_id
+
+    async def store(
+        self,
+        context_id: int,
+        command: bytes,
+        message_id: int,
+        dataset: bytes | tuple[Path, int],
+        timeout: float,
+    ) -> Command:
+        assoc = self.assoc
+        future: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
+        assoc.store_waiters[message_id] = future
+        try:
+            async with assoc.write_lock:
+                await self._write_store(context_id, command, dataset)
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            assoc.store_waiters.pop(message_id, None)
+
+    async def _write_store(
+        self, context_id: int, command: bytes, dataset: bytes | tuple[Path, int]
+    ) -> None:
+        send, assoc = self.server._send, self.assoc
+        limit = assoc.peer_max_pdu
+        await send(
+            assoc, pdu.encode_p_data(context_id, command, command=True, max_pdu_length=limit)
+        )
+        if isinstance(dataset, bytes):
+            await send(
+                assoc, pdu.encode_p_data(context_id, dataset, command=False, max_pdu_length=limit)
+            )
+            return
+        # Stream the stored file: 1 MiB reads, PDUs no larger than the peer accepts.
+        path, offset = dataset
+        fragment = min((limit or _READ_CHUNK) - 6, _READ_CHUNK - 6)
+        block_size = _READ_CHUNK - _READ_CHUNK % fragment  # whole fragments per read
+        with path.open("rb") as fh:
+            left = await asyncio.to_thread(lambda: fh.seek(0, 2) - offset)
+            fh.seek(offset)
+            if left <= 0:
+                await send(assoc, pdu.encode_pdv_pdu(context_id, b"", command=False, last=True))
+                return
+            while left > 0:
+                block = await asyncio.to_thread(fh.read, min(left, block_size))
+                if not block:
+                    raise OSError("stored file shorter than its size")
+                left -= len(block)
+                view = memoryview(block)
+                out = []
+                for start in range(0, len(view), fragment):
+                    chunk = view[start : start + fragment]
+                    last = left == 0 and start + fragment >= len(view)
+                    out.append(pdu.encode_pdv_pdu(context_id, chunk, command=False, last=last))
+                await send(assoc, b"".join(out))
 
 
 class DimseServer:
-    """Accepts associations and serves C-ECHO and C-STORE into an :class:`Ingestor`."""
+    """Accepts associations; serves C-ECHO and C-STORE into an :class:`Ingestor`, and
+    C-FIND, C-MOVE and C-GET from its index and store (``qr.py``).
 
-    def __init__(self, config: DimseConfig, ingestor: Ingestor) -> None:
+    ``destinations`` (the gateway's ``destinations``) adds the ``dimse`` ones as move
+    destinations, beside ``dimse.move_destinations``.
+    """
+
+    def __init__(
+        self,
+        config: DimseConfig,
+        ingestor: Ingestor,
+        destinations: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.ingestor = ingestor
+        self.qr = QueryRetrieve(
+            config, ingestor.index, ingestor.store, move_targets(config, destinations)
+        )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_ae: Counter[str] = Counter()
@@ -297,7 +431,15 @@ class DimseServer:
             if answer.result == pdu.ContextResult.ACCEPTANCE:
                 assoc.contexts[ctx.context_id] = (ctx.abstract_syntax, answer.transfer_syntax)
         assoc.peer_max_pdu = rq.max_pdu_length
-        # SCP/SCU role selection (PS3.7 D.3.3.4): we are SCP only for storage; answer no roles.
+        accepted = {sop for sop, _ in assoc.contexts.values()}
+        # SCP/SCU role selection (PS3.7 D.3.3.4): a C-GET requestor takes the SCP role of the
+        # storage classes it wants to receive; extended negotiation: C-FIND options.
+        roles = negotiate_roles(rq.roles, accepted)
+        assoc.scp_role_classes = {r.sop_class_uid for r in roles if r.scp_role}
+        extended = negotiate_extended(rq.extended, accepted)
+        fuzzy = {e.sop_class_uid for e in extended if len(e.info) > 2 and e.info[2]}
+        assoc.fuzzy_contexts = {cid for cid, (sop, _) in assoc.contexts.items() if sop in fuzzy}
+        assoc.may_store = ae_matches(rq.calling_ae, cfg.allow.store)
         self._active += 1
         self._per_ae[rq.calling_ae] += 1
         await self._send(
@@ -308,6 +450,8 @@ class DimseServer:
                 max_pdu_length=cfg.max_pdu_size,
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+                roles=roles,
+                extended=extended,
             ),
         )
         log.info(
@@ -376,12 +520,19 @@ class DimseServer:
         try:
             while True:
                 timeout = cfg.dimse_timeout if (incoming or command_buf) else cfg.network_timeout
-                head = await self._read(assoc, 6, timeout)
+                try:
+                    head = await self._read(assoc, 6, timeout)
+                except _Abort:
+                    # An operation of ours (a long C-MOVE) keeps the association busy.
+                    if assoc.operations or (time.monotonic() - assoc.last_operation_end < timeout):
+                        continue
+                    raise
                 pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
                 if pdu_type == pdu.PduType.RELEASE_RQ:
                     await self._read(assoc, length, cfg.acse_timeout)
                     if incoming is not None and incoming.spool is not None:
                         incoming.spool.discard()
+                    await self._end_operations(assoc)
                     await self._send(assoc, pdu.encode_release_rp())
                     log.info(
                         "association released",
@@ -481,6 +632,8 @@ class DimseServer:
             # data set must not stay in the spool.
             if incoming is not None and incoming.spool is not None:
                 incoming.spool.discard()
+            for _, task in assoc.operations.values():
+                task.cancel()
             raise
 
     async def _receive_fragment(self, assoc: _Association, incoming: _Incoming, n: int) -> None:
@@ -494,6 +647,12 @@ class DimseServer:
     def _write_fragment(incoming: _Incoming, data: bytes | memoryview) -> None:
         incoming.fragments += 1
         if incoming.spool is None:
+            if incoming.identifier is not None:
+                if len(incoming.identifier) + len(data) > _MAX_IDENTIFIER:
+                    incoming.identifier = None
+                    incoming.error = InvalidInstance("identifier larger than 1 MiB")
+                else:
+                    incoming.identifier += data
             return
         try:
             incoming.spool.write(data)
@@ -530,6 +689,9 @@ class DimseServer:
             return None
         if field_ == CommandField.C_STORE_RQ and command.has_dataset:
             incoming = _Incoming(context_id, command, None)
+            if not assoc.may_store:
+                incoming.error = NotAuthorized(f"{assoc.calling_ae!r} may not store here")
+                return incoming
             if command.affected_sop_class_uid != sop_class:
                 incoming.error = InstanceMismatch(
                     "Affected SOP Class UID differs from the presentation context's"
@@ -552,6 +714,27 @@ class DimseServer:
             incoming.spool = spool
             incoming.data_offset = len(header)
             return incoming
+        if field_ in _QR_SERVICES:
+            incoming = _Incoming(context_id, command, None, identifier=bytearray())
+            if command.has_dataset:
+                return incoming
+            await self._start_operation(assoc, incoming)
+            return None
+        if field_ == CommandField.C_STORE_RSP and command.message_id_responded_to is not None:
+            waiter = assoc.store_waiters.pop(command.message_id_responded_to, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(command)
+                return None
+        if field_ == CommandField.C_CANCEL_RQ:
+            # PS3.7 9.3.2.3: no response; the operation ends with status Cancel (0xFE00).
+            running = assoc.operations.get(command.message_id_responded_to or 0)
+            if running is not None:
+                running[0].cancelled = True
+            log.info(
+                "cancel requested",
+                extra={"event": "dimse.cancel", "calling_ae": assoc.calling_ae},
+            )
+            return None
         # Anything else: PS3.7 C.4.2 "unrecognized operation", data set (if any) dropped.
         log.warning(
             "unsupported command 0x%04X",
@@ -583,6 +766,9 @@ class DimseServer:
         if command.command_field == CommandField.C_ECHO_RQ:
             return
         if command.command_field != CommandField.C_STORE_RQ:
+            if command.command_field in _QR_SERVICES:
+                await self._start_operation(assoc, incoming)
+                return
             await self._reply_unsupported(assoc, incoming)
             return
         error = incoming.error
@@ -635,7 +821,104 @@ class DimseServer:
         )
 
     async def _respond(self, assoc: _Association, context_id: int, command: bytes) -> None:
-        await self._send(
-            assoc,
-            pdu.encode_p_data(context_id, command, command=True, max_pdu_length=assoc.peer_max_pdu),
+        data = pdu.encode_p_data(
+            context_id, command, command=True, max_pdu_length=assoc.peer_max_pdu
         )
+        if assoc.operations:  # an operation may be half-way through writing a message
+            async with assoc.write_lock:
+                await self._send(assoc, data)
+        else:
+            await self._send(assoc, data)
+
+    # -- Query/Retrieve -----------------------------------------------------------------
+
+    async def _start_operation(self, assoc: _Association, incoming: _Incoming) -> None:
+        """Check a C-FIND/C-MOVE/C-GET request, then serve it as a task (``qr.py``)."""
+        command, context_id = incoming.command, incoming.context_id
+        service = _QR_SERVICES[CommandField(command.command_field)]
+        sop_class, transfer_syntax = assoc.contexts[context_id]
+        known = QR_SOP_CLASSES.get(sop_class)
+        status, comment = 0, ""
+        if known is None or known[1] is not service:
+            status, comment = Status.SOP_CLASS_NOT_SUPPORTED, "not this context's service"
+        elif command.affected_sop_class_uid != sop_class:
+            status, comment = Status.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from context's"
+        elif command.message_id in assoc.operations:
+            status, comment = Status.DUPLICATE_INVOCATION, "Message ID already in use"
+        elif not ae_matches(assoc.calling_ae, getattr(self.config.allow, service.value)):
+            status, comment = Status.NOT_AUTHORIZED, f"{assoc.calling_ae} may not {service.value}"
+        elif incoming.error is not None:
+            status, comment = Status.UNABLE_TO_PROCESS, str(incoming.error)
+        if status:
+            log.warning(
+                "%s refused: %s",
+                service.value,
+                comment,
+                extra={
+                    "event": f"{service.value}.refused",
+                    "calling_ae": assoc.calling_ae,
+                    "status": f"0x{status:04X}",
+                },
+            )
+            await self._respond(
+                assoc,
+                context_id,
+                encode_response(
+                    command.command_field | 0x8000,
+                    command.message_id,
+                    status,
+                    sop_class_uid=command.affected_sop_class_uid,
+                    error_comment=comment,
+                ),
+            )
+            return
+        assert known is not None
+        request = Request(
+            context_id=context_id,
+            command=command,
+            identifier=bytes(incoming.identifier or b""),
+            transfer_syntax=transfer_syntax,
+            model=known[0],
+            service=service,
+            calling_ae=assoc.calling_ae,
+            fuzzy=context_id in assoc.fuzzy_contexts,
+        )
+        task = asyncio.get_running_loop().create_task(self._run_operation(assoc, request))
+        assoc.operations[command.message_id] = (request, task)
+
+    async def _run_operation(self, assoc: _Association, request: Request) -> None:
+        try:
+            await self.qr.serve(request, _Channel(self, assoc))
+        except _PeerGone:
+            assoc.writer.transport.abort()  # the reader ends the association
+        except TimeoutError:
+            log.warning(
+                "no C-STORE response from the C-GET requestor in time",
+                extra={"event": "association.aborted", "calling_ae": assoc.calling_ae},
+            )
+            with contextlib.suppress(_PeerGone):
+                await self._send(assoc, pdu.encode_abort(pdu.AbortReason.NOT_SPECIFIED))
+            assoc.writer.transport.abort()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "%s failed",
+                request.service.value,
+                extra={"event": "association.internal_error", "calling_ae": assoc.calling_ae},
+            )
+            with contextlib.suppress(_PeerGone):
+                await self._send(assoc, pdu.encode_abort(pdu.AbortReason.NOT_SPECIFIED))
+            assoc.writer.transport.abort()
+        finally:
+            assoc.operations.pop(request.command.message_id, None)
+            assoc.last_operation_end = time.monotonic()
+
+    @staticmethod
+    async def _end_operations(assoc: _Association) -> None:
+        """Cancel what is still running (a release during an operation) and wait for it."""
+        tasks = [task for _, task in assoc.operations.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)

@@ -30,9 +30,10 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicomgate.egress.base import Delivery, Outcome, Sender
+from dicomgate.observability.audit import FAILURE, SUCCESS, AuditEvent
 from dicomgate.observability.logging import uid_hash
 from dicomgate.processing.base import ProcessingError
 from dicomgate.processing.pipeline import Pipeline
@@ -42,6 +43,7 @@ from dicomgate.store.filestore import ContentStore
 
 if TYPE_CHECKING:
     from dicomgate.egress.models import DestinationControls
+    from dicomgate.observability.audit import AuditTrail
 
 log = logging.getLogger("dicomgate.delivery")
 
@@ -117,6 +119,49 @@ def _wake_all(dest: _Destination) -> None:
     dest.signalled = True
 
 
+def _delivery_events(
+    destination: str,
+    jobs: list[Job],
+    done: list[int],
+    dead: set[int],
+    by_id: Mapping[int, Outcome],
+) -> list[AuditEvent]:
+    """Audit events of one delivery attempt: one per study and outcome (``delivery.done``,
+    ``delivery.failed`` = will be retried, ``delivery.dead_lettered``)."""
+    delivered = set(done)
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for job in jobs:
+        if job.id in delivered:
+            kind = "delivery.done"
+        elif job.id in dead:
+            kind = "delivery.dead_lettered"
+        else:
+            kind = "delivery.failed"
+        detail = groups.setdefault(
+            (kind, job.study_instance_uid),
+            {"instances": 0, "routes": [], "sop_instance_uids": [], "jobs": []},
+        )
+        detail["instances"] += 1
+        detail["jobs"].append(job.id)
+        detail["sop_instance_uids"].append(job.sop_instance_uid)
+        if job.route not in detail["routes"]:
+            detail["routes"].append(job.route)
+        outcome = by_id.get(job.id)
+        if kind != "delivery.done" and outcome is not None and outcome.error:
+            detail["error"] = outcome.error
+    return [
+        AuditEvent(
+            event=kind,
+            outcome=SUCCESS if kind == "delivery.done" else FAILURE,
+            actor=destination,
+            object=destination,
+            study_uid=study or None,
+            detail=detail,
+        )
+        for (kind, study), detail in groups.items()
+    ]
+
+
 class Dispatcher:
     """Runs the delivery workers of every configured destination."""
 
@@ -132,6 +177,7 @@ class Dispatcher:
         controls: Mapping[str, DestinationControls] | None = None,
         pipelines: Mapping[str, Pipeline] | None = None,
         work_dir: Path | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -142,6 +188,7 @@ class Dispatcher:
         controls = controls or {}
         self.pipelines: Mapping[str, Pipeline] = pipelines or {}
         self.work_dir = work_dir or store.root / "egress"
+        self.audit = audit
         self._destinations = {
             name: _controls(name, sender, controls.get(name)) for name, sender in senders.items()
         }
@@ -411,11 +458,14 @@ class Dispatcher:
         if done:
             await asyncio.to_thread(self.queue.complete, done)
         failed = [j for j in jobs if j.id not in done]
+        dead: set[int] = set()
         for job in failed:
             outcome = by_id.get(job.id) or Outcome(job.id, False, True, "no outcome from sender")
             state = await asyncio.to_thread(
                 self.queue.fail, job, outcome.error, retryable=outcome.retryable
             )
+            if state is JobState.DEAD:
+                dead.add(job.id)
             level = logging.ERROR if state is JobState.DEAD else logging.WARNING
             log.log(
                 level,
@@ -444,12 +494,20 @@ class Dispatcher:
                 )
         dest.delivered += len(done)
         dest.failed += len(failed)
+        if self.audit is not None:
+            self.audit.record(*_delivery_events(dest.name, jobs, done, dead, by_id))
         if done:
+            elapsed = time.monotonic() - started
             log.info(
                 "delivered %d in %.0f ms",
                 len(done),
-                (time.monotonic() - started) * 1000,
-                extra={"event": "delivery.done", "destination": dest.name, "instances": len(done)},
+                elapsed * 1000,
+                extra={
+                    "event": "delivery.done",
+                    "destination": dest.name,
+                    "instances": len(done),
+                    "seconds": round(elapsed, 6),
+                },
             )
         if not batch:  # every job was refused by processing: says nothing of the destination
             return

@@ -46,6 +46,7 @@ from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_, IndexUnavailable
 from dicomgate.index.extract import InstanceRecord
 from dicomgate.index.schema import (
+    audit_event,
     delivery_job,
     instance,
     metadata,
@@ -215,6 +216,7 @@ class Index:
         policy: DuplicatePolicy,
         jobs: Sequence[Sequence[NewJob]] | None = None,
         timers: Sequence[Sequence[NewTimer]] | None = None,
+        audit: Callable[[list[RecordResult]], Sequence[dict[str, Any]]] | None = None,
     ) -> list[RecordResult]:
         """Index ``items`` in one transaction; one result per item, in order.
 
@@ -230,6 +232,9 @@ class Index:
         row's done jobs are deleted with it (ON DELETE CASCADE): the new version is new
         content, which a later stable timer must send again.
 
+        ``audit`` maps the results to ``audit_event`` rows written in the same transaction
+        (observability/audit.py): a received instance always has its audit row.
+
         Nothing is committed if any item fails: IndexUnavailable for a locked or lost
         database, IndexError_ for a refused row.
         """
@@ -243,7 +248,7 @@ class Index:
         with self._write_lock:
             for attempt in range(1, _RETRIES + 1):
                 try:
-                    results = self._record_batch(items, policy, jobs, timers)
+                    results = self._record_batch(items, policy, jobs, timers, audit)
                 except (dbapi.IntegrityError, sa_exc.IntegrityError) as error:
                     # A row this process remembers may have been deleted since (the retry
                     # reads it again), or, on PostgreSQL, another node stored the same SOP
@@ -327,6 +332,7 @@ class Index:
         policy: DuplicatePolicy,
         jobs: Sequence[Sequence[NewJob]] | None,
         timers: Sequence[Sequence[NewTimer]] | None,
+        audit: Callable[[list[RecordResult]], Sequence[dict[str, Any]]] | None = None,
     ) -> list[RecordResult]:
         now = datetime.now(UTC)
         job_binds = self._statements.insert_job.sharing(
@@ -347,6 +353,8 @@ class Index:
                 ]
                 if timers:
                     self._upsert_timers(cursor, results, timers, now)
+                if audit is not None and (rows := audit(results)):
+                    self._statements.insert_audit.executemany(cursor, rows)
                 return results
             except self._dbapi.Error as error:
                 if self._engine.dialect.is_disconnect(
@@ -698,6 +706,7 @@ class _Statements:
             insert_instance = insert_instance.returning(instance.c.id)
         self.insert_instance = prepare(insert_instance, columns(instance))
         self.insert_job = prepare(delivery_job.insert().inline(), columns(delivery_job))
+        self.insert_audit = prepare(audit_event.insert().inline(), columns(audit_event))
         self.pending_jobs = prepare(
             select(delivery_job.c.destination, delivery_job.c.route).where(
                 delivery_job.c.instance_pk == bindparam("instance_pk"),

@@ -18,6 +18,12 @@ Matching (PS3.4 C.2.2.2), per key value:
 * PN with ``fuzzy``: case- and accent-insensitive, each word of the key is the start of a
   name component, in any order ('john doe' matches 'Doe^John', 'jer*' matches 'Buc^Jérôme').
 
+C-FIND identifiers become keys with :func:`identifier_keys`, which flattens sequence keys
+(C.2.2.2.6): a sequence with one item matches on each attribute of the item
+(``RequestAttributesSequence.RequestedProcedureID``); a sequence with no item asks for
+every item attribute the index holds. C-MOVE and C-GET find the files to send with
+:func:`instance_files`, on the same matching.
+
 Keys the index cannot match are reported in :attr:`QueryResult.warnings`, never silently
 dropped; a key that is no DICOM attribute at all, or an unparsable value, raises
 :class:`InvalidQuery`. Results come in the order of the level's surrogate key (first
@@ -33,8 +39,9 @@ from datetime import date
 from enum import Enum
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -363,6 +370,88 @@ def search(
     plan = _plan(level, keys, options, connection.dialect.name)
     try:
         return _run(connection, plan)
+    except sa_exc.OperationalError as error:
+        raise IndexUnavailable(str(error.orig or error).splitlines()[0]) from error
+
+
+# Not query keys in a C-FIND identifier: Specific Character Set, Query/Retrieve Level
+# (PS3.4 C.4.1.1.3.1), Timezone Offset From UTC (timezone adjustment is not negotiated).
+_NOT_KEYS = {0x00080005, 0x00080052, 0x00080201}
+
+
+def identifier_keys(identifier: Dataset) -> dict[str, str]:
+    """The query keys of a C-FIND/C-MOVE/C-GET identifier, for :func:`search`.
+
+    Values become strings (multiple values joined with ``\\``, the DICOM separator). A
+    sequence is matched by its item's attributes (PS3.4 C.2.2.2.6); more than one item is
+    refused with InvalidQuery.
+    """
+    keys: dict[str, str] = {}
+    for element in identifier:
+        tag = int(element.tag)
+        if tag in _NOT_KEYS or element.tag.element == 0:
+            continue
+        name = keyword_for_tag(tag) or f"{tag:08X}"
+        if element.VR == "SQ":
+            items = list(element.value or [])
+            if len(items) > 1:
+                raise InvalidQuery(f"{name}: a sequence key holds one item, not {len(items)}")
+            if not items:
+                known = [a.key for a in ATTRIBUTES if a.parent == tag]
+                for key in known or [name]:
+                    keys[key] = ""
+                continue
+            for item_element in items[0]:
+                if item_element.tag.element == 0 or item_element.VR == "SQ":
+                    continue
+                item_tag = int(item_element.tag)
+                item_name = keyword_for_tag(item_tag) or f"{item_tag:08X}"
+                keys[f"{name}.{item_name}"] = _key_value(item_element.value)
+            continue
+        keys[name] = _key_value(element.value)
+    return keys
+
+
+def _key_value(value: Any) -> str:
+    if value is None or isinstance(value, bytes | bytearray):
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class InstanceFile:
+    """A stored instance a C-MOVE or C-GET sends (PS3.4 C.4.2, C.4.3)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    relpath: str
+    size: int
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def instance_files(connection: Connection, keys: Mapping[str, str]) -> list[InstanceFile]:
+    """The current instances below every entity matching ``keys``, in arrival order."""
+    plan = _plan(Level.IMAGE, keys, QueryOptions(), connection.dialect.name)
+    query = (
+        select(
+            instance.c.sop_class_uid,
+            instance.c.sop_instance_uid,
+            instance.c.transfer_syntax_uid,
+            instance.c.relpath,
+            instance.c.size,
+            study.c.study_instance_uid,
+            series.c.series_instance_uid,
+        )
+        .select_from(_joined(Level.IMAGE))
+        .where(*plan.conditions, instance.c.is_current == true())
+        .order_by(instance.c.id)
+    )
+    try:
+        return [InstanceFile(*row) for row in connection.execute(query)]
     except sa_exc.OperationalError as error:
         raise IndexUnavailable(str(error.orig or error).splitlines()[0]) from error
 
@@ -770,12 +859,15 @@ __all__ = [
     "DEFAULT_RETURN",
     "Attribute",
     "Computed",
+    "InstanceFile",
     "InvalidQuery",
     "Level",
     "Match",
     "QueryOptions",
     "QueryResult",
     "attributes_at",
+    "identifier_keys",
+    "instance_files",
     "resolve_key",
     "search",
 ]

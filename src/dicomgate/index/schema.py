@@ -242,6 +242,36 @@ stable_timer = Table(
 )
 Index("ix_stable_timer_deadline", stable_timer.c.deadline)
 
+# -- audit trail (observability/audit.py) -------------------------------------------------
+
+# One security-relevant or data-moving event. Unlike the application log it may hold PHI
+# (patient ID and name, study UID): it is the audit trail of DESIGN rule 5. Never updated;
+# deleted only by age (audit.keep_for).
+audit_event = Table(
+    "audit_event",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    Column("time", UtcDateTime(), nullable=False),
+    Column("event", String(LO), nullable=False),  # e.g. instance.received, association.rejected
+    Column("outcome", String(CS), nullable=False),  # success | failure
+    Column("actor", String(LO), nullable=False, server_default=""),  # AE title, user, key name
+    Column("source_ip", String(45), nullable=False, server_default=""),
+    Column("node", String(LO), nullable=False, server_default=""),  # the gateway that saw it
+    Column("object", String(1024), nullable=False, server_default=""),  # study/SOP UID, dest.
+    Column("study_uid", String(UI)),
+    Column("patient_id", String(LO)),
+    Column("patient_name", String(PN)),
+    Column("detail", Text),  # JSON object
+    sqlite_autoincrement=True,
+)
+# The filters of /api/audit: a time range, alone or with an event kind, an actor, a study or
+# a patient; retention deletes by time.
+Index("ix_audit_event_time", audit_event.c.time)
+Index("ix_audit_event_event_time", audit_event.c.event, audit_event.c.time)
+Index("ix_audit_event_actor_time", audit_event.c.actor, audit_event.c.time)
+Index("ix_audit_event_study_uid", audit_event.c.study_uid)
+Index("ix_audit_event_patient_id", audit_event.c.patient_id)
+
 # Widths of the string columns, for truncation at extraction time.
 COLUMN_LENGTHS: dict[str, dict[str, int]] = {
     table.name: {

@@ -58,9 +58,12 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Install one stderr handler on the ``dicomgate`` logger (called by ``serve``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    # The handler filters what is shown; the logger lets INFO events through whatever the
+    # level, for the metrics and audit handler (observability/events.py).
+    handler.setLevel(level)
     root = logging.getLogger("dicomgate")
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(min(logging.getLevelName(level), logging.INFO))
     root.propagate = False
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)

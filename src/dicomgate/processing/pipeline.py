@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydantic import ValidationError
@@ -163,7 +163,7 @@ class Pipeline:
         return written
 
 
-def write_part10(ds: Dataset, path: Path) -> None:
+def write_part10(ds: Dataset, path: Path | BinaryIO) -> None:
     """Write ``ds`` as a Part 10 file whose file meta matches it (PS3.10 7.1)."""
     meta = ds.file_meta if isinstance(getattr(ds, "file_meta", None), FileMetaDataset) else None
     if meta is None:

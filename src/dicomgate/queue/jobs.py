@@ -551,6 +551,31 @@ class JobQueue:
         with self._write() as connection:
             return int(connection.execute(stmt).rowcount)
 
+    def depth(self) -> dict[str, tuple[dict[str, int], datetime | None]]:
+        """Per destination: unfinished jobs by state (pending, leased, dead) and the creation
+        time of its oldest pending or leased job (the metrics collector, at scrape time).
+
+        Done jobs are not read: the query walks ``ix_delivery_job_state_not_before``.
+        """
+        j = delivery_job.c
+        query = (
+            select(j.destination, j.state, func.count(), func.min(j.created_at))
+            .where(
+                j.state.in_([JobState.PENDING.value, JobState.LEASED.value, JobState.DEAD.value])
+            )
+            .group_by(j.destination, j.state)
+        )
+        out: dict[str, tuple[dict[str, int], datetime | None]] = {}
+        with self._read() as connection:
+            for name, state, count, oldest in connection.execute(query):
+                counts, first = out.setdefault(str(name), ({}, None))
+                counts[str(state)] = int(count)
+                if state != JobState.DEAD.value and oldest is not None:
+                    created = UtcDateTime().process_result_value(oldest, self._engine.dialect)
+                    if created is not None and (first is None or created < first):
+                        out[str(name)] = (counts, created)
+        return out
+
     # -- internals --------------------------------------------------------------------
 
     def _redrive(self, condition: Any) -> int:

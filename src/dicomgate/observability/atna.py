@@ -1,0 +1,283 @@
+"""DICOM audit messages (PS3.15 A.5, RFC 3881 XML) sent over syslog to an ATNA repository.
+
+IHE ITI-20 "Record Audit Event": each message is one RFC 5424 syslog message (facility
+authpriv (10), severity notice (5), MSGID ``IHE+RFC-3881``) whose MSG is the UTF-8 XML of
+an ``AuditMessage`` of the DICOM schema (PS3.15 A.5.1). Transports: UDP (RFC 5426, one
+message per datagram), TCP with octet counting (RFC 6587 3.4.1) and TLS (RFC 5425).
+
+Audit events map to the DICOM audit messages of PS3.15 A.5.3:
+
+=============================  ================================================  ======
+audit event                    DICOM message (EventID, EventTypeCode)            action
+=============================  ================================================  ======
+instance.received              DICOM Instances Transferred (110104)              C
+delivery.*                     DICOM Instances Transferred (110104)              R
+retrieve                       DICOM Instances Transferred (110104)              R
+query                          Query (110112)                                    E
+association.rejected           Security Alert (110113), Node Authentication      E
+auth.denied                    User Authentication (110114), Login (110122)      E
+application.start / .stop      Application Activity (110100), 110120 / 110121    E
+config.*                       Security Alert (110113), Software Configuration   E
+export                         Export (110106)                                   R
+=============================  ================================================  ======
+
+Other kinds (association.accepted, stow.request, ...) stay in the database only.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC
+
+from dicomgate.observability.audit import SUCCESS, AuditEvent
+from dicomgate.observability.models import SyslogConfig
+
+_PRI = 10 * 8 + 5  # authpriv.notice
+_MSGID = "IHE+RFC-3881"
+_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded value of PS3.15 A.5.1 (``csd-code``, ``codeSystemName``, ``originalText``)."""
+
+    code: str
+    system: str
+    text: str
+
+    def element(self, parent: ET.Element, tag: str) -> ET.Element:
+        return ET.SubElement(
+            parent,
+            tag,
+            {"csd-code": self.code, "codeSystemName": self.system, "originalText": self.text},
+        )
+
+
+APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+EXPORT = Code("110106", "DCM", "Export")
+QUERY = Code("110112", "DCM", "Query")
+SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
+APPLICATION_START = Code("110120", "DCM", "Application Start")
+APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
+LOGIN = Code("110122", "DCM", "Login")
+NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
+APPLICATION_ROLE = Code("110150", "DCM", "Application")
+DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
+SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
+STUDY_UID = Code("110180", "DCM", "Study Instance UID")
+PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
+APPLICATION_SERVER = Code("4", "DCM", "Application Server")
+
+# EventOutcomeIndicator (PS3.15 A.5.1): 0 success, 4 minor failure, 8 serious failure.
+_OUTCOME = {SUCCESS: "0", "failure": "4", "serious_failure": "8"}
+
+
+def _kind(event: str) -> tuple[Code, Code | None, str] | None:
+    """(EventID, EventTypeCode, EventActionCode) of an audit event kind, None = not sent."""
+    if event == "instance.received":
+        return INSTANCES_TRANSFERRED, None, "C"
+    if event.startswith("delivery.") or event == "retrieve":
+        return INSTANCES_TRANSFERRED, None, "R"
+    if event == "query":
+        return QUERY, None, "E"
+    if event == "association.rejected":
+        return SECURITY_ALERT, NODE_AUTHENTICATION, "E"
+    if event == "auth.denied":
+        return USER_AUTHENTICATION, LOGIN, "E"
+    if event == "application.start":
+        return APPLICATION_ACTIVITY, APPLICATION_START, "E"
+    if event == "application.stop":
+        return APPLICATION_ACTIVITY, APPLICATION_STOP, "E"
+    if event.startswith("config."):
+        return SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"
+    if event == "export":
+        return EXPORT, None, "R"
+    return None
+
+
+def _participant(
+    root: ET.Element, user: str, requestor: bool, role: Code, address: str = ""
+) -> None:
+    attrs = {"UserID": user or "unknown", "UserIsRequestor": "true" if requestor else "false"}
+    if address:
+        attrs["NetworkAccessPointID"] = address
+        # 1 = machine name, 2 = IP address (PS3.15 A.5.1)
+        attrs["NetworkAccessPointTypeCode"] = "2" if _is_ip(address) else "1"
+    role.element(ET.SubElement(root, "ActiveParticipant", attrs), "RoleIDCode")
+
+
+def _is_ip(text: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def audit_message(event: AuditEvent, node: str) -> bytes | None:
+    """The PS3.15 A.5 ``AuditMessage`` XML of ``event``, or None if it has no DICOM message."""
+    kind = _kind(event.event)
+    if kind is None:
+        return None
+    event_id, type_code, action = kind
+    root = ET.Element("AuditMessage")
+    ident = ET.SubElement(
+        root,
+        "EventIdentification",
+        {
+            "EventActionCode": action,
+            "EventDateTime": event.time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "EventOutcomeIndicator": _OUTCOME.get(event.outcome, "4"),
+        },
+    )
+    event_id.element(ident, "EventID")
+    if type_code is not None:
+        type_code.element(ident, "EventTypeCode")
+    me = node
+    if event_id is INSTANCES_TRANSFERRED and action == "C":
+        _participant(root, event.actor, True, SOURCE_ROLE, event.source_ip)
+        _participant(root, me, False, DESTINATION_ROLE, node)
+    elif event_id is INSTANCES_TRANSFERRED or event_id is EXPORT:
+        _participant(root, me, event.event != "retrieve", SOURCE_ROLE, node)
+        destination = event.object if event.event.startswith("delivery.") else event.actor
+        _participant(
+            root, destination, event.event == "retrieve", DESTINATION_ROLE, event.source_ip
+        )
+    elif event_id is APPLICATION_ACTIVITY:
+        _participant(root, me, False, APPLICATION_ROLE, node)
+    else:  # query, security alert, authentication: the peer asked, we answered
+        _participant(root, event.actor, True, SOURCE_ROLE, event.source_ip)
+        _participant(root, me, False, DESTINATION_ROLE, node)
+    source = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": node})
+    APPLICATION_SERVER.element(source, "AuditSourceTypeCode")
+    if event.study_uid:
+        study = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": event.study_uid,
+                "ParticipantObjectTypeCode": "2",  # system object
+                "ParticipantObjectTypeCodeRole": "3",  # report
+            },
+        )
+        STUDY_UID.element(study, "ParticipantObjectIDTypeCode")
+        count = (event.detail or {}).get("instances")
+        if count is not None:
+            desc = ET.SubElement(study, "ParticipantObjectDescription")
+            sop = ET.SubElement(desc, "SOPClass", {"NumberOfInstances": str(count), "UID": ""})
+            classes = (event.detail or {}).get("sop_classes") or []
+            if len(classes) == 1:
+                sop.set("UID", str(classes[0]))
+    if event.patient_id is not None:
+        patient = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": event.patient_id,
+                "ParticipantObjectTypeCode": "1",  # person
+                "ParticipantObjectTypeCodeRole": "1",  # patient
+            },
+        )
+        PATIENT_NUMBER.element(patient, "ParticipantObjectIDTypeCode")
+        if event.patient_name:
+            ET.SubElement(patient, "ParticipantObjectName").text = event.patient_name
+    xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return xml
+
+
+def syslog_frame(xml: bytes, *, hostname: str, app_name: str, when: str, procid: str) -> bytes:
+    """RFC 5424 message: header, no structured data (``-``), BOM + UTF-8 XML as MSG."""
+    header = f"<{_PRI}>1 {when} {hostname[:255] or '-'} {app_name} {procid} {_MSGID} - "
+    return header.encode("ascii", "replace") + b"\xef\xbb\xbf" + xml
+
+
+class SyslogSender:
+    """Sends audit messages to one repository. Used by the audit writer thread only."""
+
+    def __init__(self, config: SyslogConfig, node: str, procid: str) -> None:
+        self.config = config
+        self.node = node
+        self.procid = procid
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, events: Sequence[AuditEvent]) -> None:
+        """Send every event that has a DICOM audit message; raises OSError on failure."""
+        frames: list[bytes] = []
+        for event in events:
+            xml = audit_message(event, self.node)
+            if xml is None:
+                continue
+            when = event.time.astimezone(UTC).isoformat(timespec="milliseconds")
+            frames.append(
+                syslog_frame(
+                    xml,
+                    hostname=self.node,
+                    app_name=self.config.app_name,
+                    when=when.replace("+00:00", "Z"),
+                    procid=self.procid,
+                )
+            )
+        if not frames:
+            return
+        with self._lock:
+            for frame in frames:
+                self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        if self.config.protocol == "udp":
+            with socket.socket(self._family(), socket.SOCK_DGRAM) as sock:
+                sock.sendto(frame, (self.config.host, self.config.port))
+            return
+        data = str(len(frame)).encode("ascii") + b" " + frame  # RFC 6587 octet counting
+        for attempt in range(2):  # a repository may have closed an idle connection
+            try:
+                if self._sock is None:
+                    self._sock = self._connect()
+                self._sock.sendall(data)
+                return
+            except OSError:
+                self._drop()
+                if attempt == 1:
+                    raise
+
+    def _family(self) -> socket.AddressFamily:
+        info = socket.getaddrinfo(self.config.host, self.config.port, type=socket.SOCK_DGRAM)
+        return info[0][0]
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.config.host, self.config.port), timeout=_TIMEOUT)
+        if self.config.protocol != "tls":
+            return sock
+        context = ssl.create_default_context(cafile=self.config.ca)
+        if self.config.cert:
+            context.load_cert_chain(self.config.cert, self.config.key)
+        try:
+            return context.wrap_socket(sock, server_hostname=self.config.host)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+__all__ = ["SyslogSender", "audit_message", "syslog_frame"]

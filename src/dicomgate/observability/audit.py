@@ -1,0 +1,343 @@
+"""The audit trail: security-relevant and data-moving events, in the database.
+
+Unlike the application log (DESIGN rule 5), audit rows may hold PHI: the patient ID and
+name and the study UID of the instances received and delivered. Rows are written
+
+- for received instances, by the ingest committer in the SAME transaction as the index rows
+  (:meth:`AuditTrail.rows`, passed to :meth:`Index.record`): a received instance always
+  has its audit row, at the cost of one insert per study and batch;
+- for everything else, by a writer thread that batches events (:meth:`AuditTrail.record`,
+  non-blocking, safe from any thread and from the event loop): a few rows per second in
+  one short transaction.
+
+Every row can also be sent to an ATNA audit repository (:mod:`dicomgate.observability.atna`)
+by the writer thread. Rows older than ``audit.keep_for`` are deleted in batches.
+
+Event kinds (``event`` column) and what ``actor`` / ``object`` hold: see
+docs/observability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, insert, select
+from sqlalchemy import exc as sa_exc
+
+from dicomgate.errors import IndexUnavailable
+from dicomgate.index.schema import audit_event
+
+log = logging.getLogger("dicomgate.audit")
+
+SUCCESS = "success"
+FAILURE = "failure"
+_BATCH = 500  # rows per insert transaction
+_FLUSH_EVERY = 0.5  # seconds the writer waits to gather a batch
+_PRUNE_EVERY = 3600.0  # seconds between two retention sweeps
+_PRUNE_BATCH = 2000  # rows deleted per transaction
+_BACKLOG_MAX = 100_000  # events held while the database is down; more are dropped (counted)
+_DETAIL_MAX = 16_000  # characters of the JSON detail kept
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _cut(value: str | None, size: int) -> str | None:
+    return None if value is None else value[:size]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit row. PHI goes into ``study_uid``, ``patient_*`` and ``detail`` only."""
+
+    event: str  # kind, e.g. "instance.received" (docs/observability.md lists them)
+    outcome: str = SUCCESS  # success | failure
+    actor: str = ""  # who: calling AE title, user or API key name
+    source_ip: str = ""  # from where
+    object: str = ""  # what: study UID, destination, route template ...
+    study_uid: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    detail: Mapping[str, Any] | None = None  # JSON-able extra facts
+    time: datetime = field(default_factory=_utcnow)
+
+    def row(self, node: str) -> dict[str, Any]:
+        detail = None
+        if self.detail:
+            detail = json.dumps(self.detail, default=str, ensure_ascii=False)[:_DETAIL_MAX]
+        return {
+            "time": self.time,
+            "event": self.event[:64],
+            "outcome": self.outcome[:16],
+            "actor": (self.actor or "")[:64],
+            "source_ip": (self.source_ip or "")[:45],
+            "node": node[:64],
+            "object": (self.object or "")[:1024],
+            "study_uid": _cut(self.study_uid, 128),
+            "patient_id": _cut(self.patient_id, 64),
+            "patient_name": _cut(self.patient_name, 194),
+            "detail": detail,
+        }
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Filters of :meth:`AuditTrail.query` (``/api/audit``); all optional, combined by AND."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    event: str | None = None  # exact kind, or a prefix ending in '.' / '*' ("delivery.")
+    actor: str | None = None
+    study: str | None = None  # Study Instance UID
+    patient: str | None = None  # Patient ID
+    outcome: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+Sink = Callable[[Sequence[AuditEvent]], None]
+
+
+class AuditTrail:
+    """Writes and reads the audit trail of one node (thread-safe)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        node: str | None = None,
+        keep_for: float = 365 * 86400.0,
+        forward: Sink | None = None,
+        on_recorded: Callable[[str], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._engine = engine
+        self.node = node or socket.gethostname()
+        self.keep_for = keep_for
+        self._forward = forward
+        self._on_recorded = on_recorded
+        self._on_failure = on_failure
+        self._clock = clock
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._queue: queue.SimpleQueue[tuple[AuditEvent, bool] | None] = queue.SimpleQueue()
+        self._backlog = 0
+        self._backlog_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last_prune = 0.0
+
+    # -- writing ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dicomgate-audit", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def record(self, *events: AuditEvent) -> None:
+        """Queue events for the writer thread (never blocks, never raises)."""
+        for event in events:
+            self._enqueue(event, stored=False)
+
+    def rows(self, events: Sequence[AuditEvent]) -> list[dict[str, Any]]:
+        """Rows to insert into ``audit_event`` in a caller's own transaction."""
+        return [event.row(self.node) for event in events]
+
+    def stored(self, events: Sequence[AuditEvent]) -> None:
+        """Events the caller committed itself (:meth:`rows`): counted and forwarded only."""
+        for event in events:
+            if self._on_recorded is not None:
+                self._on_recorded(event.event)
+            if self._forward is not None:
+                self._enqueue(event, stored=True)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every event queued so far is written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._backlog_lock:
+                if self._backlog == 0:
+                    return
+            time.sleep(0.02)
+
+    def _enqueue(self, event: AuditEvent, *, stored: bool) -> None:
+        with self._backlog_lock:
+            if self._backlog >= _BACKLOG_MAX:
+                if self._on_failure is not None:
+                    self._on_failure("database")
+                return
+            self._backlog += 1
+        self._queue.put((event, stored))
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=_FLUSH_EVERY)
+            except queue.Empty:
+                self._maybe_prune()
+                continue
+            items: list[tuple[AuditEvent, bool]] = []
+            if first is None:
+                stopping = True
+            else:
+                items.append(first)
+            deadline = time.monotonic() + 0.05
+            while len(items) < _BATCH and not stopping:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                items.append(nxt)
+            if items:
+                self._write(items)
+            self._maybe_prune()
+
+    def _write(self, items: list[tuple[AuditEvent, bool]]) -> None:
+        new = [event for event, stored in items if not stored]
+        try:
+            if new:
+                for attempt in range(3):
+                    try:
+                        self._insert(self.rows(new))
+                        break
+                    except IndexUnavailable:
+                        if attempt == 2:
+                            raise
+                        time.sleep(0.2 * (attempt + 1))
+                if self._on_recorded is not None:
+                    for event in new:
+                        self._on_recorded(event.event)
+        except Exception as exc:  # the writer thread must survive the database going away
+            log.error(
+                "cannot write %d audit events: %s",
+                len(new),
+                exc,
+                extra={"event": "audit.write_failed", "events": len(new)},
+            )
+            if self._on_failure is not None:
+                for _ in new:
+                    self._on_failure("database")
+        if self._forward is not None:
+            try:
+                self._forward([event for event, _ in items])
+            except Exception as exc:
+                log.warning(
+                    "audit repository unreachable: %s",
+                    exc,
+                    extra={"event": "audit.forward_failed", "events": len(items)},
+                )
+                if self._on_failure is not None:
+                    for _ in items:
+                        self._on_failure("syslog")
+        with self._backlog_lock:
+            self._backlog -= len(items)
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        with self._transaction() as connection:
+            connection.execute(insert(audit_event), rows)
+
+    # -- retention ----------------------------------------------------------------------
+
+    def _maybe_prune(self) -> None:
+        if self.keep_for <= 0 or time.monotonic() - self._last_prune < _PRUNE_EVERY:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            deleted = self.prune()
+        except Exception as exc:
+            log.warning("audit retention failed: %s", exc, extra={"event": "audit.prune_failed"})
+            return
+        if deleted:
+            log.info(
+                "deleted %d audit rows older than %.0f days",
+                deleted,
+                self.keep_for / 86400,
+                extra={"event": "audit.pruned", "rows": deleted},
+            )
+
+    def prune(self) -> int:
+        """Delete rows older than ``keep_for``, ``_PRUNE_BATCH`` per transaction."""
+        if self.keep_for <= 0:
+            return 0
+        cutoff = self._clock() - timedelta(seconds=self.keep_for)
+        a = audit_event.c
+        total = 0
+        while True:
+            oldest = select(a.id).where(a.time < cutoff).order_by(a.time).limit(_PRUNE_BATCH)
+            with self._transaction() as connection:
+                ids = [int(i) for i in connection.execute(oldest).scalars()]
+                if ids:
+                    connection.execute(delete(audit_event).where(a.id.in_(ids)))
+            total += len(ids)
+            if len(ids) < _PRUNE_BATCH:
+                return total
+
+    # -- reading ------------------------------------------------------------------------
+
+    def query(self, q: AuditQuery) -> list[dict[str, Any]]:
+        """Rows matching ``q``, newest first; ``detail`` decoded."""
+        a = audit_event.c
+        stmt = select(audit_event)
+        if q.since is not None:
+            stmt = stmt.where(a.time >= q.since)
+        if q.until is not None:
+            stmt = stmt.where(a.time < q.until)
+        if q.event:
+            if q.event.endswith(("*", ".")):
+                prefix = q.event.rstrip("*")
+                stmt = stmt.where(a.event >= prefix, a.event < prefix + "\uffff")
+            else:
+                stmt = stmt.where(a.event == q.event)
+        if q.actor is not None:
+            stmt = stmt.where(a.actor == q.actor)
+        if q.study:
+            stmt = stmt.where(a.study_uid == q.study)
+        if q.patient:
+            stmt = stmt.where(a.patient_id == q.patient)
+        if q.outcome:
+            stmt = stmt.where(a.outcome == q.outcome)
+        stmt = stmt.order_by(a.time.desc(), a.id.desc()).limit(q.limit).offset(q.offset)
+        try:
+            with self._engine.connect() as connection:
+                rows = [dict(r) for r in connection.execute(stmt).mappings()]
+        except sa_exc.DBAPIError as error:
+            raise IndexUnavailable(str(error.orig or error).splitlines()[0]) from error
+        for row in rows:
+            row["time"] = row["time"].isoformat().replace("+00:00", "Z")
+            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+        return rows
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        try:
+            with self._engine.connect() as connection:
+                if self._sqlite:
+                    connection = connection.execution_options(sqlite_immediate=True)
+                with connection.begin():
+                    yield connection
+        except sa_exc.DBAPIError as error:
+            raise IndexUnavailable(str(error.orig or error).splitlines()[0]) from error
+
+
+__all__ = ["FAILURE", "SUCCESS", "AuditEvent", "AuditQuery", "AuditTrail"]

@@ -1,0 +1,49 @@
+"""The HTTP security stack, installed on the app from ``http`` of the config.
+
+Order, outermost first: IP allow-list (403) -> rate limit (429) -> authentication and
+permissions (401/403) -> body limits (413/408) -> the app. A refused client costs a lookup,
+not a credential check; an unauthenticated upload is refused before its body is read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dicomgate.security.http_auth import ApiKeyStore, AuthMiddleware
+from dicomgate.security.ip_filter import IpAllowList, IpFilterMiddleware
+from dicomgate.security.limits import BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
+from dicomgate.security.oidc import JwtVerifier
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from dicomgate.config import HttpConfig
+
+
+def install_http_security(app: FastAPI, http: HttpConfig) -> None:
+    """Add the middleware ``http`` asks for (Starlette runs the last added first).
+
+    Raises ``ValueError`` for static JWT keys that cannot be read.
+    """
+    limits = http.limits
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=limits.max_body_bytes,
+        max_stow_bytes=limits.max_stow_bytes,
+        body_timeout=limits.body_timeout,
+    )
+    if http.auth is not None:
+        jwt_config = http.auth.jwt
+        app.add_middleware(
+            AuthMiddleware,
+            api_keys=ApiKeyStore(http.auth.api_keys),
+            jwt_verifier=JwtVerifier(jwt_config) if jwt_config is not None else None,
+            protect_metrics=http.auth.protect_metrics,
+        )
+    if limits.requests_per_second > 0:
+        app.add_middleware(
+            RateLimitMiddleware,
+            buckets=TokenBuckets(limits.requests_per_second, limits.request_burst),
+        )
+    if http.allowed_ips:
+        app.add_middleware(IpFilterMiddleware, allowed=IpAllowList(http.allowed_ips))

@@ -1,0 +1,560 @@
+"""HTTP security of a real gateway: HTTPS and certificate reload, API keys, JWTs from a
+local JWKS server, the IP allow-list, body and rate limits, slow-loris connections.
+
+Certificates and keys are generated here with ``cryptography``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from tests.conftest import DICOMGATE, Corpus, GatewayProcess, wait_until
+from tests.jwt_tokens import (
+    AUDIENCE,
+    ISSUER,
+    SigningKey,
+    hs256_with_public_key,
+    jwks_server,
+    unsigned_token,
+)
+
+pytestmark = [pytest.mark.timeout(180)]
+
+Gateway = Callable[..., GatewayProcess]
+SECOND_LOOPBACK = "127.0.0.2"
+
+
+# -- certificates -----------------------------------------------------------------------
+
+
+class Ca:
+    """A test certificate authority that issues server certificates for 127.0.0.1."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dicomgate test CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.name = name
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = folder / "ca.pem"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, common_name: str, cert_path: Path, key_path: Path) -> int:
+        """Write a server certificate and key; returns its serial number."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        serial = x509.random_serial_number()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(_ip("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return serial
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.path))
+
+
+def _ip(text: str) -> Any:
+    import ipaddress
+
+    return ipaddress.ip_address(text)
+
+
+def served_serial(port: int, ca: Ca) -> int:
+    """The serial number of the certificate a new TLS connection gets (verified by the CA)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ca.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def start_https(gw: GatewayProcess, ca: Ca) -> None:
+    """Start a gateway whose HTTP is HTTPS (the fixture's readiness check speaks HTTP)."""
+
+    def wait_ready(timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert gw.proc is not None
+            if gw.proc.poll() is not None:
+                pytest.fail("gateway exited:\n" + gw.log_tail())
+            try:
+                r = httpx.get(https_url(gw, "/readyz"), verify=ca.client_context(), timeout=2)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        pytest.fail("gateway not ready:\n" + gw.log_tail())
+
+    gw.wait_ready = wait_ready  # type: ignore[method-assign]
+    gw.start()
+
+
+def https_url(gw: GatewayProcess, path: str) -> str:
+    return f"https://127.0.0.1:{gw.http_port}{path}"
+
+
+# -- HTTPS ----------------------------------------------------------------------------------
+
+
+def test_https_with_certificate_reload_on_sighup_and_on_change(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    ca = Ca(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    first = ca.issue("first", cert, key)
+    gw = gateway(
+        {"http": {"tls": {"cert": str(cert), "key": str(key), "check_interval": 0.5}}},
+        start=False,
+    )
+    start_https(gw, ca)
+    response = httpx.get(https_url(gw, "/healthz"), verify=ca.client_context())
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert served_serial(gw.http_port, ca) == first
+    with pytest.raises(httpx.ConnectError):  # the client verifies: an unknown CA fails
+        httpx.get(https_url(gw, "/healthz"), verify=ssl.create_default_context())
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets nowhere
+        httpx.get(gw.url("/healthz"), timeout=3)
+
+    # An open keep-alive connection keeps working across the reload.
+    client = httpx.Client(verify=ca.client_context())
+    assert client.get(https_url(gw, "/healthz")).status_code == 200
+
+    # SIGHUP: renewed files are served to new connections, without a restart. The watcher
+    # would find the change too, so check that SIGHUP was the trigger.
+    pid = gw.pid
+    second = ca.issue("second", cert, key)
+    gw.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    gw.wait_log("tls.reloaded")
+    wait_until(lambda: served_serial(gw.http_port, ca) == second, 5, "the second certificate")
+    assert client.get(https_url(gw, "/healthz")).status_code == 200
+    client.close()
+
+    # A half-written renewal (a key that does not match) keeps the working certificate.
+    other_cert = tmp_path / "other.pem"
+    ca.issue("other", other_cert, tmp_path / "other.key")
+    cert.write_bytes(other_cert.read_bytes())
+    gw.wait_log("tls.reload_failed")
+    assert served_serial(gw.http_port, ca) == second
+
+    # On change (check_interval 0.5 s): the next complete pair is picked up by itself.
+    third = ca.issue("third", cert, key)
+    wait_until(lambda: served_serial(gw.http_port, ca) == third, 10, "the third certificate")
+    assert gw.pid == pid and gw.running()
+    assert "trigger=sighup" in gw.log_text() and "trigger=file_changed" in gw.log_text()
+
+
+def test_https_refuses_to_start_with_a_bad_key_pair(gateway: Gateway, tmp_path: Path) -> None:
+    ca = Ca(tmp_path)
+    ca.issue("a", tmp_path / "a.pem", tmp_path / "a.key")
+    ca.issue("b", tmp_path / "b.pem", tmp_path / "b.key")
+    gw = gateway(
+        {"http": {"tls": {"cert": str(tmp_path / "a.pem"), "key": str(tmp_path / "b.key")}}},
+        start=False,
+    )
+    result = subprocess.run(
+        [DICOMGATE, "serve", "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot start: http.tls: cannot load" in result.stderr
+
+
+# -- API keys --------------------------------------------------------------------------------
+
+
+def new_key(name: str, scopes: str) -> tuple[str, dict[str, Any]]:
+    """``dicomgate keys new``: the key (first line) and its config entry (last line)."""
+    result = subprocess.run(
+        [DICOMGATE, "keys", "new", "--name", name, "--scopes", scopes],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    entry = yaml.safe_load(lines[-1])[0]
+    return lines[0], entry
+
+
+def stow(gw: GatewayProcess, path: Path, **headers: str) -> httpx.Response:
+    return httpx.post(
+        gw.url("/dicomweb/studies"),
+        content=path.read_bytes(),
+        headers={"content-type": "application/dicom", **headers},
+        timeout=30,
+    )
+
+
+def test_api_keys_from_the_command_line(gateway: Gateway, corpus: Corpus) -> None:
+    viewer, viewer_entry = new_key("viewer", "read")
+    uploader, uploader_entry = new_key("modality", "read,write")
+    admin, admin_entry = new_key("ops", "admin")
+    assert viewer_entry == {"name": "viewer", "sha256": viewer_entry["sha256"], "scopes": ["read"]}
+    gw = gateway({"http": {"auth": {"api_keys": [viewer_entry, uploader_entry, admin_entry]}}})
+    qido = gw.url("/dicomweb/studies")
+
+    # Open paths; everything else needs a credential.
+    assert httpx.get(gw.url("/healthz")).status_code == 200
+    assert httpx.get(gw.url("/readyz")).status_code == 200
+    for path in ("/dicomweb/studies", "/fhir/ImagingStudy", "/api/queue", "/api/docs", "/"):
+        response = httpx.get(gw.url(path))
+        assert response.status_code == 401, path
+        assert response.json() == {"error": "authentication required"}
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+    assert httpx.get(qido, headers={"Authorization": f"Bearer {viewer}"}).status_code == 200
+    assert httpx.get(qido, headers={"X-API-Key": viewer}).status_code == 200
+    wrong = httpx.get(qido, headers={"X-API-Key": viewer[:-1] + "A"})
+    assert wrong.status_code == 401 and wrong.json() == {"error": "authentication required"}
+    basic = httpx.get(qido, auth=("viewer", viewer))
+    assert basic.status_code == 401
+
+    mr = corpus.mr("http-security", 2, seed=71)
+    read_only = stow(gw, mr[0], authorization=f"Bearer {viewer}")
+    assert read_only.status_code == 403 and read_only.json() == {"error": "forbidden"}
+    assert httpx.get(qido, headers={"X-API-Key": viewer}).json() == []  # nothing stored
+    assert stow(gw, mr[0], **{"x-api-key": uploader}).status_code == 200
+    assert len(httpx.get(qido, headers={"X-API-Key": viewer}).json()) == 1
+
+    queue = gw.url("/api/queue")
+    assert httpx.get(queue, headers={"X-API-Key": viewer}).status_code == 403
+    assert httpx.get(queue, headers={"X-API-Key": uploader}).status_code == 403
+    assert httpx.get(queue, headers={"X-API-Key": admin}).status_code == 200
+    assert httpx.get(qido, headers={"X-API-Key": admin}).status_code == 403  # admin is not read
+
+    # Every denial has a log line with the category and the client, never the key.
+    gw.wait_log("auth.denied", 5 + 3 + 1)
+    log = gw.log_text()
+    assert "reason=missing_credentials" in log and "reason=permission_missing" in log
+    assert "client_ip=127.0.0.1" in log and "actor=viewer" in log
+    for secret in (viewer, uploader, admin):
+        assert secret not in log
+
+
+# -- JWT / OIDC ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jwt_keys() -> tuple[SigningKey, SigningKey]:
+    return SigningKey.rsa("key-1"), SigningKey.rsa("key-2")
+
+
+def test_jwt_table_and_key_rotation(
+    gateway: Gateway, jwt_keys: tuple[SigningKey, SigningKey]
+) -> None:
+    key1, key2 = jwt_keys
+    with jwks_server([key1]) as idp:
+        gw = gateway(
+            {
+                "http": {
+                    "auth": {
+                        "jwt": {
+                            "jwks_url": idp.url,
+                            "issuer": ISSUER,
+                            "audience": AUDIENCE,
+                            "jwks_min_refresh_seconds": 0.5,
+                            "permissions": {"read": ["dicom.read"], "write": ["dicom.write"]},
+                        }
+                    }
+                }
+            }
+        )
+        qido = gw.url("/dicomweb/studies")
+
+        def status(token: str, url: str = qido) -> int:
+            return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code
+
+        now = int(time.time())
+        table = {
+            "valid": key1.token(scope="openid dicom.read"),
+            "expired": key1.token(scope="dicom.read", exp=now - 300, iat=now - 900, nbf=now - 900),
+            "wrong audience": key1.token(scope="dicom.read", aud="another-service"),
+            "wrong issuer": key1.token(scope="dicom.read", iss="https://evil.test"),
+            "unknown key": key2.token(scope="dicom.read"),
+            "alg none": unsigned_token(scope="dicom.read"),
+            "HS256 with the public key": hs256_with_public_key(key1, scope="dicom.read"),
+        }
+        results = {name: status(token) for name, token in table.items()}
+        assert results == {name: 200 if name == "valid" else 401 for name in table}
+
+        # Permissions come from the scopes: read only is not enough to store or administer.
+        reader = table["valid"]
+        assert status(reader, gw.url("/api/queue")) == 403
+        post = httpx.post(
+            qido,
+            headers={"Authorization": f"Bearer {reader}", "content-type": "application/dicom"},
+            content=b"",
+        )
+        assert post.status_code == 403
+
+        # Rotation: the provider publishes key-2; a token naming it works at once.
+        fetches = idp.fetches
+        idp.keys = [key1, key2]
+        time.sleep(0.6)  # past jwks_min_refresh_seconds since the "unknown key" refresh
+        assert status(key2.token(scope="dicom.read")) == 200
+        assert idp.fetches == fetches + 1
+        assert status(key1.token(scope="dicom.read")) == 200
+
+        log = gw.log_text()
+        for reason in ("token_expired", "token_wrong_audience", "token_wrong_issuer"):
+            assert f"reason={reason}" in log
+        assert "reason=token_unknown_key" in log
+        assert log.count("reason=token_algorithm_not_allowed") == 2
+        assert table["valid"] not in log
+
+
+def test_jwt_provider_down_is_503_not_401(gateway: Gateway) -> None:
+    key = SigningKey.rsa("k")
+    with jwks_server([key]) as idp:
+        idp.down = True
+        gw = gateway(
+            {
+                "http": {
+                    "auth": {"jwt": {"jwks_url": idp.url, "issuer": ISSUER, "audience": AUDIENCE}}
+                }
+            }
+        )
+        response = httpx.get(
+            gw.url("/dicomweb/studies"),
+            headers={"Authorization": f"Bearer {key.token()}"},
+            timeout=30,
+        )
+        assert response.status_code == 503
+        assert response.json() == {"error": "authentication is unavailable, try again later"}
+        assert "retry-after" in response.headers
+        gw.wait_log("auth.jwks_unavailable")
+
+
+# -- network access control and limits -------------------------------------------------------
+
+
+def from_second_loopback() -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=SECOND_LOOPBACK), timeout=5)
+
+
+def test_ip_allow_list(gateway: Gateway) -> None:
+    gw = gateway({"http": {"allowed_ips": ["127.0.0.1/32", "10.0.0.0/8"]}})
+    assert httpx.get(gw.url("/dicomweb/studies")).status_code == 200
+    with from_second_loopback() as other:
+        for path in ("/healthz", "/dicomweb/studies", "/api/queue"):
+            response = other.get(gw.url(path))
+            assert response.status_code == 403, path
+            assert response.json() == {"error": "forbidden"}
+        # A forged X-Forwarded-For is ignored: no proxy is trusted.
+        forged = other.get(gw.url("/healthz"), headers={"X-Forwarded-For": "127.0.0.1"})
+        assert forged.status_code == 403
+    gw.wait_log("auth.denied", 4)
+    assert "reason=ip_not_allowed" in gw.log_text()
+    assert f"client_ip={SECOND_LOOPBACK}" in gw.log_text()
+
+
+def test_trusted_proxy_forwards_the_client_address(gateway: Gateway) -> None:
+    gw = gateway(
+        {
+            "http": {
+                "allowed_ips": ["10.0.0.0/8", "127.0.0.1/32"],
+                "trusted_proxies": [SECOND_LOOPBACK],
+            }
+        }
+    )
+    with from_second_loopback() as proxy:
+        assert proxy.get(gw.url("/healthz"), headers={"X-Forwarded-For": "10.1.2.3"}).is_success
+        outside = proxy.get(gw.url("/healthz"), headers={"X-Forwarded-For": "8.8.8.8"})
+        assert outside.status_code == 403
+        assert proxy.get(gw.url("/healthz")).status_code == 403  # the proxy itself: not listed
+    # Not a proxy: its forwarded header is not believed (the peer 127.0.0.1 counts).
+    assert httpx.get(gw.url("/healthz"), headers={"X-Forwarded-For": "8.8.8.8"}).is_success
+    assert "client_ip=8.8.8.8" in gw.log_text()
+
+
+def test_oversized_bodies_are_refused_while_others_are_served(
+    gateway: Gateway, corpus: Corpus
+) -> None:
+    gw = gateway({"http": {"limits": {"max_stow_bytes": 1024 * 1024, "max_body_bytes": 1024}}})
+    qido = gw.url("/dicomweb/studies")
+    served: list[int] = []
+    stop = threading.Event()
+
+    def legitimate_client() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                served.append(client.get(qido).status_code)
+
+    thread = threading.Thread(target=legitimate_client)
+    thread.start()
+    try:
+        # Declared too large: refused before a byte of the body is read.
+        declared = httpx.post(
+            qido,
+            content=b"x" * (1024 * 1024 + 1),
+            headers={"content-type": "application/dicom"},
+        )
+        assert declared.status_code == 413
+        assert declared.json() == {"error": "request body too large"}
+
+        # Chunked, no length: cut off once past the limit, not read to the end. It starts
+        # as a real instance, so STOW-RS reads on (a non-DICOM start is refused at once).
+        sent = 0
+        head = corpus.mr("http-security-big", 1, seed=73)[0].read_bytes()
+
+        def endless() -> Iterator[bytes]:
+            nonlocal sent
+            sent += len(head)
+            yield head
+            chunk = b"\0" * 65536
+            while sent < 512 * 1024 * 1024:
+                sent += len(chunk)
+                yield chunk
+
+        try:
+            chunked = httpx.post(
+                qido, content=endless(), headers={"content-type": "application/dicom"}, timeout=30
+            )
+            assert chunked.status_code == 413
+        except httpx.TransportError:
+            pass  # the gateway closed the connection while the client was still writing
+        assert sent < 64 * 1024 * 1024
+
+        small = httpx.post(gw.url("/api/queue/retry-dead"), content=b"y" * 2048)
+        assert small.status_code == 413
+    finally:
+        time.sleep(0.3)
+        stop.set()
+        thread.join(10)
+    assert served and set(served) == {200}, served[-5:]
+    assert httpx.get(qido).json() == []  # nothing from the refused uploads was stored
+    mr = corpus.mr("http-security-small", 1, seed=72)
+    assert stow(gw, mr[0]).status_code == 200  # a normal upload still works
+    gw.wait_log("http.body_too_large", 2)
+
+
+def test_rate_limit_per_client(gateway: Gateway) -> None:
+    gw = gateway({"http": {"limits": {"requests_per_second": 1, "request_burst": 3}}})
+    qido = gw.url("/dicomweb/studies")
+    time.sleep(3.1)  # the readiness checks of the start-up spent the budget of 127.0.0.1
+    with httpx.Client() as client:
+        codes = [client.get(qido).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
+        limited = client.get(qido)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert limited.json() == {"error": "too many requests"}
+    with from_second_loopback() as other:  # another client has its own budget
+        assert other.get(qido).status_code == 200
+    time.sleep(1.1)
+    assert httpx.get(qido).status_code == 200
+    gw.wait_log("http.rate_limited")
+
+
+def test_slow_loris_connections_are_closed(gateway: Gateway) -> None:
+    gw = gateway({"http": {"limits": {"header_timeout": 1.0, "max_connections_per_client": 20}}})
+    port = gw.http_port
+
+    def drip(sock: socket.socket) -> float:
+        """Send a request head one byte every 0.2 s; seconds until the server closes."""
+        started = time.monotonic()
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200
+        sock.settimeout(0.2)
+        for byte in head:
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1024) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        return time.monotonic() - started
+
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        results: list[float] = []
+        threads = [threading.Thread(target=lambda s=s: results.append(drip(s))) for s in slow]
+        for t in threads:
+            t.start()
+        # Meanwhile a normal client is served.
+        assert httpx.get(gw.url("/healthz")).status_code == 200
+        for t in threads:
+            t.join(30)
+        assert len(results) == 3 and all(0.8 < r < 5 for r in results), results
+    finally:
+        for s in slow:
+            s.close()
+
+    # A silent connection is closed after the timeout too.
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        idle.settimeout(5)
+        started = time.monotonic()
+        assert idle.recv(1) == b""
+        assert time.monotonic() - started < 3
+
+    # Connections per client: one more than allowed is closed at once.
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            extra.settimeout(2)
+            with contextlib.suppress(ConnectionResetError):  # closed, maybe with a reset
+                assert extra.recv(1) == b""
+        with from_second_loopback() as other:
+            assert other.get(gw.url("/healthz")).status_code == 200
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: httpx.get(gw.url("/healthz")).status_code == 200, 5, "served again")
+    gw.wait_log("http.header_timeout")
+    gw.wait_log("http.connection_refused")

@@ -1,0 +1,916 @@
+"""The local Query/Retrieve SCP (issue #5) against real DCMTK peers.
+
+``findscu``, ``movescu`` and ``getscu`` are the clients; a DCMTK ``storescp`` is the move
+destination. One gateway, loaded once per module with a small hand-made corpus whose
+values the query table below is written against, serves the read-only tests; tests that
+change configuration start their own.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from tests.conftest import AE_TITLE, GatewayProcess, dcmtk_env, free_port, needs_dcmtk
+
+pytestmark = [pytest.mark.timeout(180), needs_dcmtk]
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # fixed UIDs so that the table can name them
+STUDY_ROOT = "-S"
+PATIENT_ROOT = "-P"
+
+# patient id, name, birth date, sex, study uid, date, time, accession, description,
+# [(series uid, modality, number, sop class, instances)]
+CORPUS: list[tuple[str, str, str, str, str, str, str, str, str, list[Any]]] = [
+    (
+        "P1",
+        "DOE^JOHN",
+        "19700101",
+        "M",
+        UID_ROOT + "1",
+        "20230105",
+        "101500",
+        "ACC1",
+        "MR BRAIN",
+        [
+            (UID_ROOT + "1.1", "MR", 1, MRImageStorage, 3),
+            (UID_ROOT + "1.2", "CT", 2, CTImageStorage, 1),
+        ],
+    ),
+    (
+        "P2",
+        "SMITH^ANNA",
+        "19800202",
+        "F",
+        UID_ROOT + "2",
+        "20230110",
+        "083000",
+        "ACC2",
+        "CT CHEST",
+        [(UID_ROOT + "2.1", "CT", 1, CTImageStorage, 2)],
+    ),
+    (
+        "P1",
+        "DOE^JOHN",
+        "19700101",
+        "M",
+        UID_ROOT + "3",
+        "20220101",
+        "120000",
+        "ACC3",
+        "CT KNEE",
+        [(UID_ROOT + "3.1", "CT", 1, CTImageStorage, 1)],
+    ),
+]
+ALL_INSTANCES = sum(n for *_, series in CORPUS for *_, n in series)
+
+
+def write_corpus(folder: Path) -> list[Path]:
+    """The corpus as Part 10 files (explicit VR little endian, 16x16 pixels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for pid, name, birth, sex, study_uid, day, tm, acc, desc, all_series in CORPUS:
+        for series_uid, modality, number, sop_class, count in all_series:
+            for i in range(1, count + 1):
+                sop_uid = f"{series_uid}.{i}"
+                ds = Dataset()
+                ds.file_meta = FileMetaDataset()
+                ds.file_meta.MediaStorageSOPClassUID = sop_class
+                ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.SpecificCharacterSet = "ISO_IR 100"
+                ds.SOPClassUID = sop_class
+                ds.SOPInstanceUID = sop_uid
+                ds.PatientID, ds.PatientName = pid, name
+                ds.PatientBirthDate, ds.PatientSex = birth, sex
+                ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, day, tm
+                ds.AccessionNumber, ds.StudyDescription, ds.StudyID = acc, desc, acc
+                ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = series_uid, modality, number
+                ds.InstanceNumber = i
+                ds.Rows = ds.Columns = 16
+                ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+                ds.PixelRepresentation = 0
+                ds.PixelData = (np.arange(256, dtype=np.uint16) * i).tobytes()
+                path = folder / f"{sop_uid}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                paths.append(path)
+    return paths
+
+
+# -- DCMTK clients ---------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """What a DCMTK Q/R client printed and returned."""
+
+    returncode: int
+    output: str
+    responses: list[Dataset]
+
+    def statuses(self) -> list[int]:
+        """Status codes of every response, from the tool's --debug dump of each message."""
+        found = re.findall(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})", self.output)
+        return [int(code, 16) for code in found]
+
+    @property
+    def final(self) -> int:
+        assert self.statuses(), self.output[-3000:]
+        return self.statuses()[-1]
+
+    def counts(self) -> list[tuple[int, ...]]:
+        """(remaining, completed, failed, warning) of each C-MOVE/C-GET response."""
+        out = []
+        for block in self.output.split("INCOMING DIMSE MESSAGE")[1:]:
+            numbers = re.findall(
+                r"(Remaining|Completed|Failed|Warning) Suboperations\s*:\s*(\w+)", block
+            )
+            if numbers:
+                got = dict(numbers)
+                out.append(
+                    tuple(
+                        int(got[k]) if got.get(k, "none").isdigit() else -1
+                        for k in ("Remaining", "Completed", "Failed", "Warning")
+                    )
+                )
+        return out
+
+    def values(self, keyword: str) -> list[str]:
+        return [str(ds.get(keyword, "")) for ds in self.responses]
+
+
+def _keys(keys: dict[str, str]) -> list[str]:
+    out = []
+    for key, value in keys.items():
+        out += ["-k", f"{key}={value}" if value is not None else key]
+    return out
+
+
+def findscu(
+    gw: GatewayProcess,
+    model: str,
+    keys: dict[str, str],
+    out: Path,
+    *extra: str,
+    aet: str = "FINDSCU",
+    query_file: Path | None = None,
+) -> Answer:
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("rsp*.dcm"):
+        old.unlink()
+    proc = subprocess.run(
+        ["findscu", "-d", "-to", "20", model, "-aet", aet, "-aec", gw.ae_title, "-X"]
+        + ["-od", str(out), *extra, *_keys(keys), "127.0.0.1", str(gw.dimse_port)]
+        + ([str(query_file)] if query_file else []),
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    responses = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    return Answer(proc.returncode, proc.stdout, responses)
+
+
+def movescu(
+    gw: GatewayProcess,
+    model: str,
+    keys: dict[str, str],
+    destination: str,
+    *extra: str,
+    aet: str = "MOVESCU",
+) -> Answer:
+    proc = subprocess.run(
+        [
+            "movescu",
+            "-d",
+            "-to",
+            "30",
+            model,
+            "-aet",
+            aet,
+            "-aec",
+            gw.ae_title,
+            "-aem",
+            destination,
+            *extra,
+            *_keys(keys),
+            "127.0.0.1",
+            str(gw.dimse_port),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return Answer(proc.returncode, proc.stdout, [])
+
+
+def getscu(gw: GatewayProcess, model: str, keys: dict[str, str], out: Path, *extra: str) -> Answer:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [
+            "getscu",
+            "-d",
+            "-to",
+            "30",
+            model,
+            "-aet",
+            "GETSCU",
+            "-aec",
+            gw.ae_title,
+            "-od",
+            str(out),
+            *extra,
+            *_keys(keys),
+            "127.0.0.1",
+            str(gw.dimse_port),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return Answer(proc.returncode, proc.stdout, [])
+
+
+class StoreSCP:
+    """A DCMTK storescp on a free port writing into ``folder``."""
+
+    def __init__(self, folder: Path, aet: str) -> None:
+        self.folder, self.aet, self.port = folder, aet, free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "--output-directory", str(folder), "-aet", self.aet, str(self.port)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("storescp did not start")
+
+    def files(self) -> dict[str, Path]:
+        return {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in self.folder.iterdir()
+            if p.is_file()
+        }
+
+    def clear(self) -> None:
+        for path in self.folder.iterdir():
+            path.unlink()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_gateway(root: Path, extra: dict[str, Any] | None = None) -> GatewayProcess:
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    dimse: dict[str, Any] = {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()}
+    dimse.update(extra or {})
+    gw = GatewayProcess(
+        root=root,
+        config={
+            "storage": {"path": str(data)},
+            "database": {"url": f"sqlite:///{data}/index.db"},
+            "dimse": dimse,
+            "http": {"host": "127.0.0.1", "port": free_port()},
+        },
+    )
+    gw.start()
+    return gw
+
+
+@dataclass
+class Site:
+    gw: GatewayProcess
+    scp: StoreSCP
+    files: dict[str, Path]  # SOP Instance UID -> the file sent
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("qr")
+    paths = write_corpus(root / "corpus")
+    scp = StoreSCP(root / "scp", "ARCHIVE")
+    gw = start_gateway(
+        root / "gw",
+        {"move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": scp.port}}},
+    )
+    try:
+        sent = gw.storescu(paths)
+        assert sent.returncode == 0, sent.stdout
+        assert gw.index.count_instances() == ALL_INSTANCES
+        gw.close_index()
+        yield Site(gw, scp, {p.stem: p for p in paths})
+    finally:
+        gw.close_index()
+        code = gw.terminate()
+        scp.stop()
+        assert code == 0, gw.log_tail()
+
+
+def assert_serving(gw: GatewayProcess) -> None:
+    """The gateway still answers a C-ECHO after whatever a test did."""
+    assert gw.running(), gw.log_tail()
+    echo = gw.echoscu()
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's data set, without preamble and File Meta (which receivers rewrite)."""
+    from dicomgate.dimse.qr import dataset_offset
+
+    return path.read_bytes()[dataset_offset(path) :]
+
+
+# -- C-FIND: the query table -----------------------------------------------------------------
+
+S1, S2, S3 = UID_ROOT + "1", UID_ROOT + "2", UID_ROOT + "3"
+
+# (model, level, keys, returned key, expected values in arrival order)
+QUERIES: list[tuple[str, str, dict[str, str], str, list[str]]] = [
+    # PATIENT level (Patient Root only)
+    (PATIENT_ROOT, "PATIENT", {"PatientID": "*", "PatientName": ""}, "PatientName",
+     ["DOE^JOHN", "SMITH^ANNA"]),
+    (PATIENT_ROOT, "PATIENT", {"PatientName": "SMITH*", "PatientID": ""}, "PatientID", ["P2"]),
+    (PATIENT_ROOT, "PATIENT", {"PatientSex": "M", "NumberOfPatientRelatedStudies": ""},
+     "NumberOfPatientRelatedStudies", ["2"]),
+    (PATIENT_ROOT, "PATIENT", {"PatientBirthDate": "19750101-", "PatientID": ""}, "PatientID",
+     ["P2"]),
+    # STUDY level, both models
+    (STUDY_ROOT, "STUDY", {"StudyInstanceUID": ""}, "StudyInstanceUID", [S1, S2, S3]),
+    (STUDY_ROOT, "STUDY", {"PatientName": "DOE^JOHN", "StudyInstanceUID": ""},
+     "StudyInstanceUID", [S1, S3]),
+    (STUDY_ROOT, "STUDY", {"PatientName": "doe*", "StudyInstanceUID": ""}, "StudyInstanceUID",
+     []),  # case-sensitive
+    (STUDY_ROOT, "STUDY", {"StudyDate": "20230101-20231231", "AccessionNumber": ""},
+     "AccessionNumber", ["ACC1", "ACC2"]),
+    (STUDY_ROOT, "STUDY", {"StudyDate": "-20221231", "AccessionNumber": ""}, "AccessionNumber",
+     ["ACC3"]),
+    (STUDY_ROOT, "STUDY", {"StudyInstanceUID": f"{S2}\\{S3}", "StudyDescription": ""},
+     "StudyDescription", ["CT CHEST", "CT KNEE"]),
+    (STUDY_ROOT, "STUDY", {"ModalitiesInStudy": "MR", "StudyInstanceUID": ""},
+     "StudyInstanceUID", [S1]),
+    (STUDY_ROOT, "STUDY", {"StudyDescription": "CT ?NEE", "NumberOfStudyRelatedInstances": ""},
+     "NumberOfStudyRelatedInstances", ["1"]),
+    (STUDY_ROOT, "STUDY", {"StudyInstanceUID": S1, "ModalitiesInStudy": ""}, "ModalitiesInStudy",
+     ["['CT', 'MR']"]),
+    (PATIENT_ROOT, "STUDY", {"PatientID": "P1", "StudyInstanceUID": ""}, "StudyInstanceUID",
+     [S1, S3]),
+    (STUDY_ROOT, "STUDY", {"StudyTime": "0800-0900", "StudyInstanceUID": ""}, "StudyInstanceUID",
+     [S2]),
+    # SERIES level
+    (STUDY_ROOT, "SERIES", {"StudyInstanceUID": S1, "SeriesInstanceUID": "", "Modality": ""},
+     "Modality", ["MR", "CT"]),
+    (STUDY_ROOT, "SERIES", {"StudyInstanceUID": S1, "Modality": "CT", "SeriesNumber": ""},
+     "SeriesNumber", ["2"]),
+    (PATIENT_ROOT, "SERIES", {"PatientID": "P1", "StudyInstanceUID": S1,
+     "NumberOfSeriesRelatedInstances": "", "SeriesInstanceUID": f"{S1}.1"},
+     "NumberOfSeriesRelatedInstances", ["3"]),
+    # IMAGE level
+    (STUDY_ROOT, "IMAGE", {"StudyInstanceUID": S1, "SeriesInstanceUID": f"{S1}.1",
+     "SOPInstanceUID": "", "InstanceNumber": ""}, "InstanceNumber", ["1", "2", "3"]),
+    (PATIENT_ROOT, "IMAGE", {"PatientID": "P2", "StudyInstanceUID": S2,
+     "SeriesInstanceUID": f"{S2}.1", "SOPInstanceUID": f"{S2}.1.2"}, "SOPInstanceUID",
+     [f"{S2}.1.2"]),
+    (STUDY_ROOT, "IMAGE", {"SOPClassUID": MRImageStorage, "SOPInstanceUID": ""},
+     "SOPInstanceUID", [f"{S1}.1.1", f"{S1}.1.2", f"{S1}.1.3"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "level", "keys", "key", "expected"), QUERIES)
+def test_find_query_table(
+    site: Site,
+    tmp_path: Path,
+    model: str,
+    level: str,
+    keys: dict[str, str],
+    key: str,
+    expected: list[str],
+) -> None:
+    answer = findscu(site.gw, model, {"QueryRetrieveLevel": level, **keys}, tmp_path)
+    assert answer.returncode == 0, answer.output[-2000:]
+    assert answer.final == 0x0000
+    assert answer.statuses()[:-1] == [0xFF00] * len(expected)
+    got = [str(ds[key].value) if key in ds else "" for ds in answer.responses]
+    assert got == expected
+    for ds in answer.responses:
+        assert ds.QueryRetrieveLevel == level
+        # Exactly the keys asked, plus the unique keys of the level and the levels above.
+        unique = {"PATIENT": {"PatientID"}, "STUDY": {"StudyInstanceUID"}}.get(
+            level, {"StudyInstanceUID", "SeriesInstanceUID"}
+        )
+        if level == "IMAGE":
+            unique = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
+        assert {e.keyword for e in ds} == set(keys) | unique | {"QueryRetrieveLevel"}
+
+
+def test_find_optional_keys_and_character_set(site: Site, tmp_path: Path) -> None:
+    keys = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": S2,
+        "RetrieveAETitle": "",  # answered with our AE title
+        "PatientWeight": "",  # not held by the index: not returned, warning status
+    }
+    answer = findscu(site.gw, STUDY_ROOT, keys, tmp_path)
+    assert answer.statuses() == [0xFF01, 0x0000]
+    (ds,) = answer.responses
+    assert ds.RetrieveAETitle == AE_TITLE
+    assert "PatientWeight" not in ds
+    assert "SpecificCharacterSet" not in ds  # every value is ASCII
+
+
+def test_find_sequence_matching(site: Site, tmp_path: Path) -> None:
+    item = Dataset()
+    item.RequestedProcedureID = ""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = S2
+    ds.SeriesInstanceUID = ""
+    ds.RequestAttributesSequence = [item]
+    query = tmp_path / "query.dcm"
+    ds.save_as(query, implicit_vr=True, little_endian=True)
+    answer = findscu(site.gw, STUDY_ROOT, {}, tmp_path / "out", query_file=query)
+    assert answer.statuses() == [0xFF00, 0x0000], answer.output[-2000:]
+    (found,) = answer.responses
+    assert len(found.RequestAttributesSequence) == 1
+    assert "RequestedProcedureID" in found.RequestAttributesSequence[0]
+
+
+@pytest.mark.parametrize(
+    ("model", "keys", "status", "comment"),
+    [
+        (STUDY_ROOT, {"PatientName": ""}, 0xA900, "no Query/Retrieve Level"),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "FOO", "PatientName": ""}, 0xC000, "unknown"),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "PATIENT", "PatientID": ""}, 0xA900, "no PATIENT"),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyDate": "2023"}, 0xC000, "YYYYMMDD"),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.x"}, 0xC000, "UID"),
+        (PATIENT_ROOT, {"QueryRetrieveLevel": "SERIES", "SeriesNumber": "two"}, 0xC000, "integer"),
+    ],
+)
+def test_find_bad_identifiers(
+    site: Site, tmp_path: Path, model: str, keys: dict[str, str], status: int, comment: str
+) -> None:
+    answer = findscu(site.gw, model, keys, tmp_path)
+    assert answer.statuses() == [status], answer.output[-2000:]
+    assert comment in answer.output
+    assert answer.responses == []
+    assert_serving(site.gw)
+
+
+# -- C-MOVE -----------------------------------------------------------------------------------
+
+
+def test_move_study_to_storescp_byte_identical(site: Site) -> None:
+    site.scp.clear()
+    answer = movescu(
+        site.gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S1}, "ARCHIVE"
+    )
+    assert answer.returncode == 0, answer.output[-2000:]
+    assert answer.final == 0x0000
+    assert answer.counts()[-1] == (-1, 4, 0, 0)
+    received = site.scp.files()
+    assert set(received) == {f"{S1}.1.1", f"{S1}.1.2", f"{S1}.1.3", f"{S1}.2.1"}
+    for uid, path in received.items():
+        assert dataset_bytes(path) == dataset_bytes(site.files[uid])
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        assert meta.get("SourceApplicationEntityTitle", AE_TITLE) == AE_TITLE
+
+
+def test_move_series_and_image_levels_in_patient_root(site: Site) -> None:
+    site.scp.clear()
+    keys = {
+        "QueryRetrieveLevel": "IMAGE",
+        "PatientID": "P2",
+        "StudyInstanceUID": S2,
+        "SeriesInstanceUID": f"{S2}.1",
+        "SOPInstanceUID": f"{S2}.1.2",
+    }
+    answer = movescu(site.gw, PATIENT_ROOT, keys, "ARCHIVE")
+    assert answer.final == 0x0000, answer.output[-2000:]
+    assert set(site.scp.files()) == {f"{S2}.1.2"}
+
+
+def test_move_pending_responses_carry_counts(site: Site) -> None:
+    site.scp.clear()
+    keys = {"QueryRetrieveLevel": "PATIENT", "PatientID": "P1"}
+    answer = movescu(site.gw, PATIENT_ROOT, keys, "ARCHIVE")
+    assert answer.final == 0x0000, answer.output[-2000:]
+    assert answer.counts()[-1] == (-1, 5, 0, 0)  # final: no Remaining (PS3.4 C.4.2.3.1)
+    assert len(site.scp.files()) == 5
+
+
+@pytest.mark.parametrize(
+    ("keys", "destination", "status"),
+    [
+        ({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S1}, "NOWHERE", 0xA801),
+        ({"QueryRetrieveLevel": "STUDY", "PatientName": "DOE*"}, "ARCHIVE", 0xA900),
+        ({"QueryRetrieveLevel": "WARD", "StudyInstanceUID": S1}, "ARCHIVE", 0xC000),
+        ({"StudyInstanceUID": S1}, "ARCHIVE", 0xA900),
+    ],
+)
+def test_move_refusals(site: Site, keys: dict[str, str], destination: str, status: int) -> None:
+    site.scp.clear()
+    answer = movescu(site.gw, STUDY_ROOT, keys, destination)
+    assert answer.statuses() == [status], answer.output[-2000:]
+    assert site.scp.files() == {}
+    assert_serving(site.gw)
+
+
+def test_move_of_nothing_succeeds_with_zero_counts(site: Site) -> None:
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": UID_ROOT + "99"}
+    answer = movescu(site.gw, STUDY_ROOT, keys, "ARCHIVE")
+    assert answer.statuses() == [0x0000]
+    assert answer.counts()[-1] == (-1, 0, 0, 0)
+
+
+# -- C-GET ------------------------------------------------------------------------------------
+
+
+def test_get_series_into_getscu_folder(site: Site, tmp_path: Path) -> None:
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": S1, "SeriesInstanceUID": S1 + ".1"}
+    answer = getscu(site.gw, STUDY_ROOT, keys, tmp_path)
+    assert answer.returncode == 0, answer.output[-2000:]
+    assert answer.final == 0x0000
+    assert answer.counts()[-1][1:] == (3, 0, 0)  # getscu prints an absent Remaining as 0
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3
+    for path in files:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert dataset_bytes(path) == dataset_bytes(site.files[uid])
+
+
+def test_get_in_patient_root_with_small_pdus(site: Site, tmp_path: Path) -> None:
+    # 4 KiB PDUs: every instance (~1 KB of pixels) still fits, the 16 KiB ones take several.
+    keys = {"QueryRetrieveLevel": "PATIENT", "PatientID": "P2"}
+    answer = getscu(site.gw, PATIENT_ROOT, keys, tmp_path, "--max-pdu", "4096")
+    assert answer.final == 0x0000, answer.output[-2000:]
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_get_refusals_keep_the_gateway_serving(site: Site, tmp_path: Path) -> None:
+    answer = getscu(site.gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path)
+    assert answer.statuses() == [0xA900], answer.output[-2000:]
+    assert list(tmp_path.iterdir()) == []
+    assert_serving(site.gw)
+
+
+# -- bad input from a scripted peer -----------------------------------------------------------
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+def _c_find_rq(message_id: int, sop_class: str) -> bytes:
+    from tests.integration.test_dimse_bad_input import _element
+
+    elements = (
+        _element(0x00000002, sop_class.encode())
+        + _element(0x00000100, struct.pack("<H", 0x0020))
+        + _element(0x00000110, struct.pack("<H", message_id))
+        + _element(0x00000700, struct.pack("<H", 0))
+        + _element(0x00000800, struct.pack("<H", 0x0000))
+    )
+    return _element(0x00000000, struct.pack("<I", len(elements))) + elements
+
+
+@pytest.mark.parametrize(
+    ("identifier", "status"),
+    [
+        (b"\x08\x00\x52\x00\x10\x00\x00\x00STU", 0xC000),  # element longer than the data set
+        (b"\x08\x00\x20\x00\x04\x00\x00\x002023\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", 0xC000),
+        (b"\x10\x00\x10\x00\x00\x00\x00\x00", 0xA900),  # no Query/Retrieve Level
+    ],
+)
+def test_find_malformed_identifier_bytes(site: Site, identifier: bytes, status: int) -> None:
+    from tests.integration.test_dimse_bad_input import RawPeer, p_data, parse_command
+
+    peer = RawPeer(site.gw.dimse_port)
+    try:
+        peer.associate(AE_TITLE, [(1, STUDY_ROOT_FIND, [IMPLICIT_LE])])
+        assert peer.accepted == {1: IMPLICIT_LE}
+        peer.send(p_data(1, _c_find_rq(5, STUDY_ROOT_FIND), command=True))
+        peer.send(p_data(1, identifier, command=False))
+        answer = peer.read_pdu()
+        command = parse_command(answer.body[6:])
+        assert struct.unpack("<H", command[0x00000100])[0] == 0x8020
+        assert struct.unpack("<H", command[0x00000120])[0] == 5
+        assert struct.unpack("<H", command[0x00000900])[0] == status
+        assert command[0x00000902]  # an ErrorComment says why
+        peer.release()
+    finally:
+        peer.close()
+    assert_serving(site.gw)
+
+
+# -- C-CANCEL ---------------------------------------------------------------------------------
+
+
+def _fake_instances(count: int) -> list[Any]:
+    """Index rows without files (C-FIND answers from the index only)."""
+    from datetime import UTC, datetime
+
+    from dicomgate.index.db import StoredInstance
+    from dicomgate.index.extract import extract_record
+
+    rows = []
+    for i in range(count):
+        ds = Dataset()
+        ds.PatientID, ds.PatientName = "BULK", "BULK^PATIENT"
+        ds.StudyInstanceUID = UID_ROOT + "500"
+        ds.SeriesInstanceUID = UID_ROOT + "500.1"
+        ds.SOPInstanceUID = f"{UID_ROOT}500.1.{i + 1}"
+        ds.SOPClassUID = CTImageStorage
+        ds.Modality, ds.InstanceNumber = "CT", i + 1
+        rows.append(
+            StoredInstance(
+                record=extract_record(ds),
+                relpath=f"bulk/{i}.dcm",
+                size=100,
+                sha256="ab" * 32,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                calling_ae="BULK",
+                called_ae=AE_TITLE,
+                source_ip="127.0.0.1",
+                received_via="dimse",
+                received_at=datetime.now(UTC),
+            )
+        )
+    return rows
+
+
+def test_find_cancel_mid_query(tmp_path: Path) -> None:
+    from dicomgate.config import DuplicatePolicy
+
+    gw = start_gateway(tmp_path / "gw")
+    try:
+        gw.index.record(_fake_instances(5000), DuplicatePolicy.KEEP_BOTH)
+        gw.close_index()
+        keys = {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": "", "InstanceNumber": ""}
+        answer = findscu(gw, STUDY_ROOT, keys, tmp_path / "out", "--cancel", "3")
+        statuses = answer.statuses()
+        assert statuses[-1] == 0xFE00, answer.output[-2000:]  # Matching terminated: cancel
+        assert 3 <= statuses.count(0xFF00) < 5000
+        assert "cancel requested" in gw.log_text()
+        # The same query runs to its end afterwards: 5000 matches, then success.
+        full = findscu(gw, STUDY_ROOT, keys, tmp_path / "full")
+        assert full.final == 0x0000
+        assert len(full.responses) == 5000
+        assert_serving(gw)
+    finally:
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
+# -- access control ---------------------------------------------------------------------------
+
+
+def test_access_control_per_service(tmp_path: Path, site: Site) -> None:
+    allow = {"store": ["CT*"], "find": ["VIEWER*"], "move": ["VIEWER*"], "get": ["VIEWER*"]}
+    gw = start_gateway(
+        tmp_path / "gw",
+        {
+            "allow": allow,
+            "move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": site.scp.port}},
+        },
+    )
+    files = [site.files[f"{S2}.1.1"], site.files[f"{S2}.1.2"]]
+    try:
+        refused = gw.storescu(files, "-d", "-aet", "STORESCU")
+        assert "0x0124" in refused.stdout, refused.stdout[-2000:]  # Refused: Not Authorized
+        assert "may not store" in gw.log_text()
+        assert gw.index.count_instances() == 0
+        stored = gw.storescu(files, "-aet", "CT_SCANNER")
+        assert stored.returncode == 0, stored.stdout
+        assert gw.index.count_instances() == 2
+        gw.close_index()
+
+        study = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S2}
+        assert findscu(gw, STUDY_ROOT, study, tmp_path / "f1").statuses() == [0x0124]
+        allowed = findscu(gw, STUDY_ROOT, study, tmp_path / "f2", aet="VIEWER1")
+        assert allowed.statuses() == [0xFF00, 0x0000]
+
+        site.scp.clear()
+        assert movescu(gw, STUDY_ROOT, study, "ARCHIVE").statuses() == [0x0124]
+        assert site.scp.files() == {}
+        moved = movescu(gw, STUDY_ROOT, study, "ARCHIVE", aet="VIEWER2")
+        assert moved.final == 0x0000
+        assert len(site.scp.files()) == 2
+
+        got = getscu(gw, STUDY_ROOT, study, tmp_path / "g")  # calling AE GETSCU
+        assert got.statuses() == [0x0124]
+        assert list((tmp_path / "g").iterdir()) == []
+        assert "get.refused" in gw.log_text()
+        assert_serving(gw)
+    finally:
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
+# -- partial failure, unreachable destination, C-GET conversion -------------------------------
+
+
+def test_move_partial_failure_and_unreachable_destination(tmp_path: Path) -> None:
+    scp = StoreSCP(tmp_path / "scp", "ARCHIVE")
+    gw = start_gateway(
+        tmp_path / "gw",
+        {
+            "move_destinations": {
+                "ARCHIVE": {"host": "127.0.0.1", "port": scp.port},
+                "DOWN": {"host": "127.0.0.1", "port": free_port()},
+            },
+            "move_timeout": 5,
+        },
+    )
+    paths = write_corpus(tmp_path / "corpus")
+    try:
+        assert gw.storescu(paths).returncode == 0
+        lost = gw.index.instance(f"{S2}.1.1")
+        assert lost is not None
+        gw.stored_path(lost).unlink()  # its file is gone: that sub-operation fails
+        gw.close_index()
+        study = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S2}
+        answer = movescu(gw, STUDY_ROOT, study, "ARCHIVE")
+        assert answer.final == 0xB000, answer.output[-2000:]
+        assert answer.counts()[-1] == (-1, 1, 1, 0)
+        final = answer.output.rsplit("INCOMING DIMSE MESSAGE", 1)[1]
+        assert f"{S2}.1.1" in final  # Failed SOP Instance UID List (0008,0058)
+        assert set(scp.files()) == {f"{S2}.1.2"}
+
+        down = movescu(
+            gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S1}, "DOWN"
+        )
+        assert down.final == 0xA702, down.output[-2000:]
+        assert down.counts()[-1] == (-1, 0, 4, 0)
+        assert_serving(gw)
+    finally:
+        gw.close_index()
+        scp.stop()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
+def test_get_converts_what_the_requestor_did_not_accept(tmp_path: Path) -> None:
+    from tests.conftest import bundled_file
+
+    gw = start_gateway(tmp_path / "gw")
+    rle = bundled_file("MR_small_RLE.dcm")
+    try:
+        from tests.conftest import DICOMGATE
+
+        sent = subprocess.run(  # our SCU proposes the file's own syntax: stored as RLE
+            [
+                DICOMGATE,
+                "send",
+                str(rle),
+                "--to",
+                f"127.0.0.1:{gw.dimse_port}",
+                "--aec",
+                AE_TITLE,
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        uid = str(pydicom.dcmread(rle, stop_before_pixels=True).SOPInstanceUID)
+        row = gw.index.instance(uid)
+        assert row is not None and row["transfer_syntax_uid"] == "1.2.840.10008.1.2.5"
+        gw.close_index()
+        keys = {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": str(pydicom.dcmread(rle, stop_before_pixels=True).StudyInstanceUID),
+            "SeriesInstanceUID": "*",
+            "SOPInstanceUID": uid,
+        }
+        out = tmp_path / "got"
+        answer = getscu(gw, STUDY_ROOT, keys, out)  # getscu proposes uncompressed only
+        assert answer.final == 0x0000, answer.output[-3000:]
+        (received,) = list(out.iterdir())
+        ds = pydicom.dcmread(received)
+        assert ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+        assert np.array_equal(ds.pixel_array, pydicom.dcmread(rle).pixel_array)
+    finally:
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
+# -- dicomgate find / move (SCU commands) -----------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    from tests.conftest import DICOMGATE
+
+    return subprocess.run(
+        [DICOMGATE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**dcmtk_env(), "COLUMNS": "250"},
+    )
+
+
+def test_cli_find_prints_a_table_and_fails_with_the_status(site: Site) -> None:
+    port = str(site.gw.dimse_port)
+    found = _cli("find", "127.0.0.1", port, "--aec", AE_TITLE, "-k", "PatientName=DOE*")
+    assert found.returncode == 0, found.stderr
+    assert S1 in found.stdout and S3 in found.stdout and S2 not in found.stdout
+    assert "ACC1" in found.stdout and "2 matches" in found.stdout
+    series = _cli(
+        "find", "127.0.0.1", port, "--aec", AE_TITLE, "--level", "SERIES", "--model", "patient",
+        "-k", "PatientID=P1", "-k", f"StudyInstanceUID={S1}",
+    )  # fmt: skip
+    assert series.returncode == 0, series.stderr
+    assert f"{S1}.1" in series.stdout and f"{S1}.2" in series.stdout
+    bad = _cli("find", "127.0.0.1", port, "--aec", AE_TITLE, "-k", "StudyDate=2023")
+    assert bad.returncode == 1
+    assert "0xC000" in bad.stderr and "YYYYMMDD" in bad.stderr
+    usage = _cli("find", "127.0.0.1", port, "--level", "PATIENT")
+    assert usage.returncode == 2 and "--model patient" in usage.stderr
+    unknown = _cli("find", "127.0.0.1", port, "-k", "NoSuchKeyword=1")
+    assert unknown.returncode == 2
+
+
+def test_cli_move_summary_and_exit_codes(site: Site) -> None:
+    site.scp.clear()
+    port = str(site.gw.dimse_port)
+    moved = _cli(
+        "move", "127.0.0.1", port, "--aec", AE_TITLE, "--dest", "ARCHIVE",
+        "-k", f"StudyInstanceUID={S2}",
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "moved 2 to ARCHIVE" in moved.stdout and "failed 0" in moved.stdout
+    assert set(site.scp.files()) == {f"{S2}.1.1", f"{S2}.1.2"}
+    unknown = _cli(
+        "move", "127.0.0.1", port, "--aec", AE_TITLE, "--dest", "NOWHERE",
+        "-k", f"StudyInstanceUID={S2}",
+    )  # fmt: skip
+    assert unknown.returncode == 1
+    assert "0xA801" in unknown.stdout
+    down = _cli("move", "127.0.0.1", "1", "--dest", "X", "-k", f"StudyInstanceUID={S2}")
+    assert down.returncode == 1 and "refused" in down.stderr
+
+
+def test_move_to_a_configured_dimse_destination(tmp_path: Path) -> None:
+    """A `type: dimse` destination is a move destination under its AE title."""
+    scp = StoreSCP(tmp_path / "scp", "PACS2")
+    root = tmp_path / "gw"
+    root.mkdir()
+    data = root / "data"
+    gw = GatewayProcess(
+        root=root,
+        config={
+            "storage": {"path": str(data)},
+            "database": {"url": f"sqlite:///{data}/index.db"},
+            "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "destinations": {
+                "pacs": {
+                    "type": "dimse",
+                    "ae_title": "PACS2",
+                    "host": "127.0.0.1",
+                    "port": scp.port,
+                }
+            },
+        },
+    )
+    gw.start()
+    try:
+        assert gw.storescu(write_corpus(tmp_path / "corpus")).returncode == 0
+        study = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S1}
+        answer = movescu(gw, STUDY_ROOT, study, "PACS2")
+        assert answer.final == 0x0000, answer.output[-2000:]
+        assert set(scp.files()) == {f"{S1}.1.1", f"{S1}.1.2", f"{S1}.1.3", f"{S1}.2.1"}
+        assert movescu(gw, STUDY_ROOT, study, "NOBODY").final == 0xA801
+    finally:
+        gw.close_index()
+        scp.stop()
+        assert gw.terminate() == 0, gw.log_tail()
