@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/dicomgate.yaml
-DEBIAN_PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools
+DEBIAN_PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium haproxy
 PYTEST_ARGS ?=
 
 .PHONY: run install install-test peers test test-slow lint bench clean

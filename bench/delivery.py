@@ -22,6 +22,12 @@ Paths measured (a fresh router and destination per run, free 127.0.0.1 ports, te
 The corpus is sent in ONE association by ``storescu`` (environment ``TCP_NODELAY=1``). The
 clock starts when storescu starts and stops when the destination holds every instance;
 then the router's queue must drain (every job done, none dead). See bench/README.md.
+
+``--backlog`` times delivery on its own: dicomgate's destination is paused
+(``POST /api/destinations/dest/pause``) while the corpus is ingested, then resumed; the
+clock runs from the resume to the destination holding every instance. Orthanc cannot pause
+a Lua route: ``orthanc-lua`` is measured end to end as usual (said so in the report), and
+``dicomgate-ingest`` has nothing to drain (also end to end).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,6 +133,7 @@ class Setup:
     delivered: Callable[[], int]  # instances the destination holds (cheap; polled)
     drained: Callable[[], bool] | None  # router's queue: all done, none dead
     router: Process
+    api: str | None = None  # dicomgate's HTTP base URL when it has a destination
 
 
 def _spawn(name: str, cmd: list[str], work: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -276,6 +284,7 @@ def setup_run(path: str, work: Path, expected: int) -> Setup:
                     lambda: count_entries(received),
                     queue_drained(http_port, expected),
                     router,
+                    f"http://127.0.0.1:{http_port}",
                 )
             dicom_port, http_port = free_ports(2)
             lua = work / "route.lua"
@@ -310,6 +319,7 @@ def setup_run(path: str, work: Path, expected: int) -> Setup:
                 orthanc_count(http_port),
                 queue_drained(gw_http, expected),
                 router,
+                f"http://127.0.0.1:{gw_http}",
             )
         if path == "dicomgate-ingest":
             router, port, _ = start_dicomgate(work, None)
@@ -407,7 +417,69 @@ def _follow(run: Run, setup: Setup, corpus: Corpus, work: Path) -> None:
         run.drained_seconds = time.perf_counter() - start
 
 
-def measure(path: str, corpus: Corpus, repeat: int, root: Path, keep: bool) -> Run:
+def _post(url: str) -> None:
+    request = urllib.request.Request(url, method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=10) as rsp:
+        if rsp.status != 200:
+            raise RuntimeError(f"POST {url}: HTTP {rsp.status}")
+
+
+def _follow_backlog(run: Run, setup: Setup, corpus: Corpus, work: Path) -> None:
+    """Ingest with the destination paused, then time the drain after the resume."""
+    assert setup.api is not None
+    _post(f"{setup.api}/api/destinations/dest/pause")
+    scu_log = work / "storescu.log"
+    start = time.perf_counter()
+    with open(scu_log, "wb") as out:
+        run.storescu_rc = subprocess.run(
+            storescu_cmd(setup.router_aet, setup.router_port, corpus),
+            env=dcmtk_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=STALL_TIMEOUT * 5,
+            check=False,
+        ).returncode
+    run.ingest_seconds = time.perf_counter() - start
+    if run.storescu_rc != 0:
+        raise RuntimeError(f"storescu exit {run.storescu_rc}: {tail(scu_log, 3)}")
+    queued = f"{setup.api}/api/queue?limit=1"
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while sum(http_json(queued)["counts"].get("dest", {}).values()) < corpus.files:
+        if time.monotonic() > deadline:
+            raise RuntimeError("jobs not queued after ingest")
+        time.sleep(0.05)
+    if setup.delivered():
+        raise RuntimeError("delivered while paused")
+    start = time.perf_counter()
+    _post(f"{setup.api}/api/destinations/dest/resume")
+    last, last_change = -1, start
+    while True:
+        now = time.perf_counter()
+        n = setup.delivered()
+        if n >= corpus.files:
+            run.seconds = now - start
+            run.delivered = n
+            break
+        if n != last:
+            last, last_change = n, now
+        elif now - last_change > STALL_TIMEOUT:
+            raise RuntimeError(f"stalled at {n} of {corpus.files} for {STALL_TIMEOUT:.0f} s")
+        if setup.router.proc.poll() is not None:
+            raise RuntimeError(f"router exited with {setup.router.proc.returncode}")
+        time.sleep(POLL_INTERVAL)
+    assert setup.drained is not None
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while not setup.drained():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"queue not drained {DRAIN_TIMEOUT:.0f} s after delivery")
+        time.sleep(0.05)
+    run.drained_seconds = time.perf_counter() - start
+
+
+def measure(
+    path: str, corpus: Corpus, repeat: int, root: Path, keep: bool, backlog: bool = False
+) -> Run:
     run = Run(path=path, corpus=corpus.name, repeat=repeat, expected=corpus.files)
     work = Path(tempfile.mkdtemp(prefix=f"{path}-{corpus.name}-{repeat}-", dir=root))
     t0 = time.perf_counter()
@@ -424,7 +496,10 @@ def measure(path: str, corpus: Corpus, repeat: int, root: Path, keep: bool) -> R
             return run
         run.startup_s = time.perf_counter() - t0
         try:
-            _follow(run, setup, corpus, work)
+            if backlog and setup.api is not None:
+                _follow_backlog(run, setup, corpus, work)
+            else:
+                _follow(run, setup, corpus, work)
         except Exception as exc:
             run.error = str(exc) or type(exc).__name__
     finally:
@@ -499,14 +574,17 @@ def _ratio(by: dict[str, Summary], a: str, b: str, corpus: str) -> float | None:
     return y.seconds / x.seconds
 
 
-def ratios(summaries: list[Summary]) -> list[str]:
-    """Throughput ratios against the issue #3 targets; > 1 means the first is faster."""
+def ratios(summaries: list[Summary], backlog: bool = False) -> list[str]:
+    """Throughput ratios against the issue #3 targets; > 1 means the first is faster.
+
+    With ``backlog`` dicomgate's times are drains alone and Orthanc's end to end."""
     by = {s.path: s for s in summaries}
-    checks = (
+    checks: tuple[tuple[str, str, dict[str, float]], ...] = (
         ("dicomgate-dimse", "orthanc-lua", {"small": 5.0, "ct": 1.5}),
         ("dicomgate-stow", "dicomgate-stow1", {"small": 3.0, "ct": 3.0}),
-        ("dicomgate-dimse", "dicomgate-ingest", {}),
     )
+    if not backlog:
+        checks += (("dicomgate-dimse", "dicomgate-ingest", {}),)
     lines: list[str] = []
     for a, b, targets in checks:
         parts: list[str] = []
@@ -520,7 +598,8 @@ def ratios(summaries: list[Summary]) -> list[str]:
                 text += f" (target >= {targets[corpus]:g}x: {verdict})"
             parts.append(text)
         if parts:
-            lines.append(f"{a} / {b}: " + ", ".join(parts))
+            note = " (drain vs Orthanc end to end)" if backlog and b == "orthanc-lua" else ""
+            lines.append(f"{a} / {b}{note}: " + ", ".join(parts))
     return lines
 
 
@@ -545,6 +624,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--runs", "--repeat", dest="runs", type=int, default=1, help="runs per path; best is kept"
+    )
+    ap.add_argument(
+        "--backlog",
+        action="store_true",
+        help="time dicomgate's delivery alone: ingest paused, then time the drain",
     )
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed")
@@ -591,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 for path in args.path_list:
                     if (path, corpus.name) in dead:
                         continue
-                    run = measure(path, corpus, i, root, args.keep)
+                    run = measure(path, corpus, i, root, args.keep, args.backlog)
                     runs.append(run)
                     print(next(details([run])), file=sys.stderr, flush=True)
                     if run.error.startswith("failed to start"):
@@ -604,13 +688,20 @@ def main(argv: list[str] | None = None) -> int:
 
     summaries = summarize(runs, args.path_list)
     print()
+    mode = (
+        "BACKLOG: dicomgate paths time the drain after a paused ingest (resume -> destination"
+        " holds all); orthanc-lua and dicomgate-ingest are end to end. "
+        if args.backlog
+        else ""
+    )
     print(
-        "storescu -> router -> destination acknowledged, loopback, one storescu association "
-        f"per corpus, best of {args.runs}; {os.cpu_count()} CPUs, {platform.platform()}"
+        f"{mode}storescu -> router -> destination acknowledged, loopback, one storescu"
+        f" association per corpus, best of {args.runs}; {os.cpu_count()} CPUs,"
+        f" {platform.platform()}"
     )
     print()
     print(table(summaries))
-    rl = ratios(summaries)
+    rl = ratios(summaries, args.backlog)
     if rl:
         print()
         for line in rl:
@@ -623,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                 "paths": args.path_list,
                 "runs": args.runs,
                 "seed": args.seed,
+                "backlog": args.backlog,
             },
             "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "corpora": [{"name": c.name, "files": c.files, "bytes": c.bytes} for c in corpora],

@@ -1,4 +1,9 @@
-"""Admin API under ``/api``: the delivery queue (JSON); `admin` permission once `http.auth` is set.
+"""Admin API under ``/api``: the delivery queue and the destinations (JSON); `admin`
+permission once `http.auth` is set.
+
+``GET /api/destinations`` lists each destination's state; ``POST
+/api/destinations/{name}/pause`` and ``/resume`` stop and restart its deliveries (jobs wait
+meanwhile, no attempt spent; the pause lasts until resumed or the gateway restarts).
 
 Errors are JSON bodies ``{"error": "..."}`` with 400 (bad filter), 404 (unknown job) or
 409 (job in a state that cannot be retried); database trouble is 503.
@@ -14,6 +19,7 @@ from fastapi.responses import JSONResponse
 from dicomgate.errors import DicomgateError
 
 if TYPE_CHECKING:
+    from dicomgate.egress.dispatcher import Dispatcher
     from dicomgate.queue.jobs import JobQueue
 
 
@@ -72,8 +78,35 @@ def queue_router(queue: JobQueue) -> APIRouter:
     return router
 
 
-def install_api(app: FastAPI, queue: JobQueue) -> None:
+def destinations_router(dispatcher: Dispatcher) -> APIRouter:
+    """Routes for ``/api/destinations``: state, pause and resume (async: the dispatcher
+    lives on the event loop)."""
+    router = APIRouter(prefix="/api/destinations", tags=["destinations"])
+
+    @router.get("")
+    async def list_destinations() -> Any:
+        """Per destination: paused, breaker, schedule, delivered and failed counters."""
+        return {"destinations": dispatcher.states()}
+
+    @router.post("/{name}/pause")
+    async def pause(name: str) -> Any:
+        if not dispatcher.pause(name):
+            return _error(404, f"no destination {name!r}")
+        return {"destination": name, **dispatcher.states()[name]}
+
+    @router.post("/{name}/resume")
+    async def resume(name: str) -> Any:
+        if not dispatcher.resume(name):
+            return _error(404, f"no destination {name!r}")
+        return {"destination": name, **dispatcher.states()[name]}
+
+    return router
+
+
+def install_api(app: FastAPI, queue: JobQueue, dispatcher: Dispatcher | None = None) -> None:
     app.include_router(queue_router(queue))
+    if dispatcher is not None:
+        app.include_router(destinations_router(dispatcher))
 
     @app.exception_handler(DicomgateError)
     async def _unavailable(_request: Request, exc: DicomgateError) -> JSONResponse:

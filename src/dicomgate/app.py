@@ -17,6 +17,7 @@ from dicomgate.dicomweb.server import install_dicomweb
 from dicomgate.errors import IndexUnavailable
 from dicomgate.observability.http import install_observability
 from dicomgate.security.middleware import install_http_security
+from dicomgate.ui.console import install_ui
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -54,8 +55,9 @@ def create_app(gateway: Gateway) -> FastAPI:
             status_code=200 if ready else 503,
         )
 
-    install_api(app, gateway.queue)
+    install_api(app, gateway.queue, gateway.dispatcher)
     install_http_security(app, gateway.config.http)  # before observability: it stays outermost
     install_observability(app, gateway)  # /metrics, /api/audit, HTTP metrics middleware
     install_dicomweb(app, gateway)
+    install_ui(app, gateway)  # the web console at /ui
     return app

@@ -685,6 +685,238 @@ def queue_purge(
     typer.echo(f"{n} {state} jobs deleted")
 
 
+def _gateway_url(config: Path | None, url: str | None) -> str:
+    """The running gateway's HTTP base URL: ``--url``, else ``http.host``/``port`` of the
+    config (a wildcard listen address is reached on 127.0.0.1)."""
+    if url:
+        return url.rstrip("/")
+    if config is None:
+        raise _fail("give --url, or --config to take it from http.host and http.port")
+    from dicomgate.config import load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise _fail(f"config error: {exc}") from None
+    host = cfg.http.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if cfg.http.tls is not None else "http"
+    return f"{scheme}://{host}:{cfg.http.port}"
+
+
+def _pause_or_resume(
+    action: str, destination: str, config: Path | None, url: str | None, token: str | None
+) -> None:
+    import httpx
+
+    base = _gateway_url(config, url)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        rsp = httpx.post(
+            f"{base}/api/destinations/{destination}/{action}", headers=headers, timeout=10.0
+        )
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the gateway at {base}: {exc}", 1) from None
+    if rsp.status_code != 200:
+        try:
+            message = str(rsp.json().get("error", rsp.text))
+        except ValueError:
+            message = rsp.text[:200]
+        raise _fail(f"HTTP {rsp.status_code}: {message}", 1)
+    typer.echo(f"destination {destination} {action}d")
+
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url", help="The running gateway's HTTP URL; default: http.host/port of --config"
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="DICOMGATE_TOKEN", help="API key or token with the admin permission"
+    ),
+]
+OptionalConfig = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+
+
+@queue_app.command("pause")
+def queue_pause(
+    destination: Annotated[str, typer.Argument(help="destination name")],
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Pause a destination in the running gateway: its jobs wait, no attempt is spent.
+
+    The pause lasts until `queue resume` or a restart of the gateway."""
+    _pause_or_resume("pause", destination, config, url, token)
+
+
+@queue_app.command("resume")
+def queue_resume(
+    destination: Annotated[str, typer.Argument(help="destination name")],
+    config: OptionalConfig = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Resume a paused destination in the running gateway."""
+    _pause_or_resume("resume", destination, config, url, token)
+
+
+route_app = typer.Typer(help="Check routes against files.", no_args_is_help=True)
+app.add_typer(route_app, name="route")
+
+
+@route_app.command("test")
+def route_test(
+    file: Annotated[Path, typer.Argument(help="a DICOM file")],
+    config: ConfigOption,
+    calling_ae: Annotated[str, typer.Option(help="as if sent by this AE title")] = "",
+    called_ae: Annotated[str, typer.Option(help="as if sent to this AE title")] = "",
+    source_ip: Annotated[str, typer.Option(help="as if sent from this address")] = "",
+    via: Annotated[str, typer.Option(help="dimse | stow | folder | recovery")] = "dimse",
+) -> None:
+    """Dry-run: which routes match FILE and why the others do not, and what each matching
+    route's pipeline changes in the header (nothing is stored or sent)."""
+    import os
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from rich.console import Console
+    from rich.table import Table
+
+    from dicomgate.config import build_pipelines, load_config
+    from dicomgate.processing.base import StepContext
+    from dicomgate.routing.explain import explain, header_diff, run_pipeline
+    from dicomgate.routing.matcher import RECEIVED_VIA, MatchContext
+
+    if via not in RECEIVED_VIA:
+        raise _fail(f"--via: use one of {', '.join(RECEIVED_VIA)}")
+    try:
+        cfg = load_config(config)
+        pipelines = build_pipelines(cfg, StepContext(environ=os.environ, base_dir=config.parent))
+    except ConfigError as exc:
+        raise _fail(f"config error: {exc}") from None
+    try:
+        ds = pydicom.dcmread(file)
+    except FileNotFoundError:
+        raise _fail(f"{file}: no such file", 1) from None
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise _fail(f"{file}: not a DICOM file ({exc})", 1) from None
+    ctx = MatchContext(calling_ae, called_ae, source_ip, via)
+    console = Console()
+    table = Table("route", "verdict", "to", "why", title=f"Routes for {file.name}")
+    explanations = explain(cfg.routes, ds, ctx)
+    for x in explanations:
+        lines = [x.reason] + [
+            f"{'ok ' if c.ok else 'NO '} {c.key}: wants {c.condition}, has {c.actual or '(empty)'}"
+            for c in x.checks
+        ]
+        table.add_row(x.route, x.verdict, ", ".join(x.destinations), "\n".join(lines))
+    console.print(table)
+    if not cfg.routes:
+        typer.echo("no routes configured: nothing would be forwarded")
+    for x in explanations:
+        if x.verdict != "matched" or not x.has_pipeline:
+            continue
+        result = run_pipeline(x.route, pipelines.get(x.route), ds)
+        if result.error:
+            typer.echo(f"pipeline of {x.route}: failed: {result.error}")
+            continue
+        for n, output in enumerate(result.outputs, 1):
+            diff = Table(
+                "tag",
+                "keyword",
+                "input",
+                "output",
+                "change",
+                title=f"Pipeline of {x.route}: output {n} of {len(result.outputs)}",
+            )
+            for row in header_diff(ds, output):
+                diff.add_row(row.tag, row.keyword, row.before, row.after, row.change)
+            console.print(diff)
+
+
+@app.command()
+def status(
+    config: ConfigOption,
+    url: Annotated[
+        str | None, typer.Option(help="the gateway's base URL (default: from the config)")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="DICOMGATE_API_KEY", help="API key with read permission"),
+    ] = None,
+) -> None:
+    """The overview of a running gateway (its console's Overview page) as tables."""
+    import httpx
+    import yaml
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from dicomgate.config import HttpConfig
+
+    if url is None:
+        # Only `http:` is read: the gateway's secrets need not be in this shell's environment.
+        try:
+            raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            http = HttpConfig.model_validate(raw.get("http") or {})
+        except (OSError, yaml.YAMLError, ValidationError, AttributeError) as exc:
+            raise _fail(f"config error: {config}: http: {exc}") from None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(http.host, http.host)
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if http.tls is not None else "http"
+        url = f"{scheme}://{host}:{http.port}"
+    headers = {"x-api-key": api_key} if api_key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/ui/api/overview", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the gateway at {url}: {exc}", 1) from None
+    if response.status_code in (401, 403):
+        raise _fail(f"{url}: {response.status_code}: give an API key (--api-key)", 1)
+    if response.status_code != 200:
+        raise _fail(f"{url}: HTTP {response.status_code}: {response.text[:200]}", 1)
+    view = response.json()
+    disk = view["disk"]
+    console = Console()
+    console.print(
+        f"dicomgate at {url}: {view['associations']} associations now, "
+        f"{disk['instances']} instances stored ({disk['store_bytes']} bytes), "
+        f"disk {disk['disk_used_percent']}% used"
+    )
+    received = Table("source AE", "via", "instances", "bytes", title="Received in the last hour")
+    for r in view["received_last_hour"]:
+        received.add_row(r["source_ae"], r["via"], str(r["instances"]), str(r["bytes"]))
+    console.print(received)
+    dests = Table(
+        "destination",
+        "queued",
+        "dead",
+        "oldest job",
+        "last success",
+        "last error",
+        "breaker",
+        title="Destinations",
+    )
+    for d in view["destinations"]:
+        dests.add_row(
+            d["destination"],
+            str(d["pending"] + d["leased"]),
+            str(d["dead"]),
+            d["oldest_job"] or "-",
+            d["last_success"] or "-",
+            (d["last_error"] or "-")[:60],
+            d["breaker"],
+        )
+    console.print(dests)
+
+
 keys_app = typer.Typer(help="API keys for the HTTP interface.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -714,6 +946,76 @@ def keys_new(
         "# Add this entry to http.auth.api_keys in the config file:\n"
         f'- {{name: {name.strip()}, sha256: "{hash_api_key(key)}", scopes: [{", ".join(wanted)}]}}'
     )
+
+
+db_app = typer.Typer(help="The index database schema (upgrades).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _db_engine(config: Path) -> tuple[Any, str]:
+    from sqlalchemy import create_engine
+
+    from dicomgate.config import load_config
+    from dicomgate.index.db import normalize_url
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise _fail(f"config error: {exc}") from None
+    url = normalize_url(cfg.database.url)
+    return create_engine(url), url.render_as_string(hide_password=True)
+
+
+@db_app.command("current")
+def db_current(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")],
+) -> None:
+    """Print the database's schema revision and the newest one this version knows."""
+    from sqlalchemy import exc as sa_exc
+
+    from dicomgate.index.db import current_revision, head_revision
+
+    engine, shown = _db_engine(config)
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection)
+    except sa_exc.DBAPIError as exc:
+        raise _fail(f"database.url: cannot open {shown}: {exc.orig}".splitlines()[0], 1) from None
+    finally:
+        engine.dispose()
+    head = head_revision()
+    state = "up to date" if current == head else "run `dicomgate db migrate`"
+    typer.echo(f"{shown}: revision {current or '(empty)'}; this version's head {head} ({state})")
+
+
+@db_app.command("migrate")
+def db_migrate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")],
+) -> None:
+    """Upgrade the schema to this version's head (safe while other nodes run: one at a time)."""
+    from sqlalchemy import exc as sa_exc
+
+    from dicomgate.errors import DicomgateError
+    from dicomgate.index.db import current_revision, migrate
+
+    engine, shown = _db_engine(config)
+    try:
+        with engine.connect() as connection:
+            before = current_revision(connection)
+            migrate(connection)
+            connection.commit()
+            after = current_revision(connection)
+    except DicomgateError as exc:
+        raise _fail(str(exc), 1) from None
+    except sa_exc.DBAPIError as exc:
+        message = f"database.url: cannot migrate {shown}: {exc.orig}"
+        raise _fail(message.splitlines()[0], 1) from None
+    finally:
+        engine.dispose()
+    if before == after:
+        typer.echo(f"{shown}: already at revision {after}")
+    else:
+        typer.echo(f"{shown}: migrated from {before or '(empty)'} to {after}")
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import socket
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from dicomgate.bridge.models import QueryConfig
 from dicomgate.egress.models import (
     DicomwebDestination,
     DimseDestination,
@@ -33,6 +36,8 @@ from dicomgate.processing.pipeline import Pipeline, build
 from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.matcher import Router
 from dicomgate.routing.models import RouteConfig, parse_duration
+from dicomgate.security.dimse_access import is_network as _is_network
+from dicomgate.security.dimse_models import DimseTlsConfig
 from dicomgate.security.http_models import (
     HttpAuthConfig,
     HttpLimitsConfig,
@@ -41,6 +46,7 @@ from dicomgate.security.http_models import (
 )
 
 ENV_PREFIX = "DICOMGATE_"
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 class DuplicatePolicy(StrEnum):
@@ -163,6 +169,32 @@ class DatabaseConfig(_Model):
         return value
 
 
+class NodeConfig(_Model):
+    """This gateway node, when several nodes share one PostgreSQL database and one store."""
+
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description=(
+            "Name of this node: unique among the nodes sharing a database. It appears in"
+            " delivery leases (`leased_by`), in the `dicomgate_build_info` metric and in audit"
+            " rows (unless `audit.node_name` is set). With PostgreSQL, this node's spool,"
+            " run marker and delivery work files live under `<storage.path>/nodes/<name>/`,"
+            " so nodes can share `storage.path`; a second live node with the same name is"
+            " refused at start-up. Letters, digits, `.`, `_` and `-`. Absent = the host name."
+        ),
+    )
+
+    def resolved_name(self) -> str:
+        """The configured name, else this host's name (cut to a usable folder name)."""
+        if self.name:
+            return self.name
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")
+        return host[:64] or "node"
+
+
 def _check_ae_patterns(values: list[str]) -> list[str]:
     for value in values:
         if not value or len(value) > 16 or "\\" in value:
@@ -254,6 +286,27 @@ class DimseConfig(_Model):
             " misconfigured senders, not authentication: AE titles are not secret."
         ),
     )
+    allowed_ips: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or CIDR blocks that may connect to the DICOM listeners (plain and"
+            ' TLS), e.g. `["10.1.20.0/24", "192.168.5.17"]`; empty allows any. A connection'
+            " from anywhere else is closed at once, before any DICOM is read (on the TLS"
+            " port: after the handshake; no A-ASSOCIATE-RJ), and recorded as"
+            " `association.rejected` in the audit trail."
+        ),
+    )
+    ae_hosts: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description=(
+            "Binds calling AE titles to the addresses they call from, because an AE title is"
+            " not a credential: `{CT1: [10.1.20.5], PACS: [pacs.example.org, 10.2.0.0/16]}`."
+            " A listed AE title is accepted only from an address, CIDR block or host name"
+            " (resolved at each association) of its list; from elsewhere it is rejected with"
+            ' A-ASSOCIATE-RJ (permanent, service-user, reason 3 "calling AE title not'
+            ' recognized"). AE titles not listed are accepted from any allowed address.'
+        ),
+    )
     check_called_ae: bool = Field(
         True,
         description=(
@@ -287,8 +340,9 @@ class DimseConfig(_Model):
         ge=0,
         description=(
             "Largest PDU, in bytes, we ask senders to use (maximum length announced in"
-            " A-ASSOCIATE-AC, PS3.8 D.1); 0 = unlimited. Data are streamed to disk, so a"
-            " sender that sends larger PDUs is still accepted. Rarely needs changing."
+            " A-ASSOCIATE-AC, PS3.8 D.1); 0 = unlimited. A sender that announces a longer"
+            " P-DATA-TF PDU anyway is aborted with A-ABORT (invalid PDU parameter value)"
+            " before its body is read. Rarely needs changing."
         ),
     )
     acse_timeout: float = Field(
@@ -329,6 +383,13 @@ class DimseConfig(_Model):
         ),
     )
 
+    tls: DimseTlsConfig | None = Field(
+        None,
+        description=(
+            "DICOM TLS (PS3.15 Annex B): a TLS listener on its own port, optionally requiring"
+            " client certificates. Unset: plain DICOM only."
+        ),
+    )
     allow: DimseAllowConfig = Field(
         default_factory=DimseAllowConfig,
         description=(
@@ -363,6 +424,24 @@ class DimseConfig(_Model):
     @classmethod
     def _patterns(cls, values: list[str]) -> list[str]:
         return _check_ae_patterns(values)
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        return parse_networks(values)
+
+    @field_validator("ae_hosts")
+    @classmethod
+    def _ae_hosts(cls, values: dict[str, list[str]]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for title, entries in values.items():
+            if not entries:
+                raise ValueError(f"{title}: give at least one address, CIDR block or host name")
+            for entry in entries:
+                if not (_is_network(entry) or _HOST_NAME.fullmatch(entry)):
+                    raise ValueError(f"{title}: {entry!r} is not an address, CIDR or host name")
+            out[_check_ae_title(title)] = entries
+        return out
 
     @field_validator("move_destinations")
     @classmethod
@@ -478,6 +557,7 @@ class GatewayConfig(_Model):
 
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
+    node: NodeConfig = NodeConfig()
     dimse: DimseConfig = DimseConfig()
     http: HttpConfig = HttpConfig()
     ingest: IngestConfig = Field(
@@ -509,6 +589,13 @@ class GatewayConfig(_Model):
     queue: QueueConfig = Field(
         default_factory=QueueConfig,
         description="The durable delivery queue: leases, polling, retries and dead-letter.",
+    )
+    query: QueryConfig = Field(
+        default_factory=QueryConfig,
+        description=(
+            "Where queries and retrieves are answered: the local store (default) or an"
+            " upstream PACS / DICOMweb service (protocol bridging, per entry point)."
+        ),
     )
     destinations: dict[str, Destination] = Field(
         default_factory=dict,
@@ -595,8 +682,34 @@ def parse_config(
     # Compiling the routes checks all of them (destinations, match keys, regexes, ranges,
     # durations); its ConfigError names the key itself, e.g. routes[2].match.Modality.
     Router.compile(config.routes, config.destinations)
+    _check_query_sources(config)
     build_pipelines(config, StepContext(environ=environ, base_dir=base_dir or Path(".")))
     return config
+
+
+def _check_query_sources(config: GatewayConfig) -> None:
+    """Every ``query`` source is ``local`` or a dimse / dicomweb destination."""
+    sources = [("query.dimse.source", config.query.dimse.source)]
+    sources += [
+        (f"query.ae_titles.{ae}.source", q.source) for ae, q in config.query.ae_titles.items()
+    ]
+    sources.append(("query.dicomweb.source", config.query.dicomweb.source))
+    for key, name in sources:
+        if name == "local":
+            continue
+        dest = config.destinations.get(name)
+        if dest is None:
+            raise ConfigError(key, f"unknown destination {name!r} (use local or a destination)")
+        if dest.type not in ("dimse", "dicomweb"):
+            raise ConfigError(key, f"destination {name!r} is a {dest.type}; use dimse or dicomweb")
+    if config.query.dicomweb.source != "local" and (
+        config.destinations[config.query.dicomweb.source].type == "dicomweb"
+    ):
+        raise ConfigError(
+            "query.dicomweb.source",
+            "a DICOMweb upstream for DICOMweb requests is a reverse proxy's job; use a dimse"
+            " destination or local",
+        )
 
 
 def build_pipelines(config: GatewayConfig, context: StepContext) -> dict[str, Pipeline]:

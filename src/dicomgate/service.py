@@ -30,6 +30,7 @@ from dicomgate.observability.logging import configure_logging
 from dicomgate.observability.runtime import Observability
 from dicomgate.processing.base import StepContext
 from dicomgate.queue.jobs import JobQueue
+from dicomgate.queue.notify import JobListener
 from dicomgate.recovery import RunMarker, recover
 from dicomgate.routing.matcher import Router
 from dicomgate.security.connections import ConnectionGuard, guarded_http_protocol
@@ -85,6 +86,19 @@ class Gateway:
             fsync=config.storage.fsync,
             min_free_bytes=config.storage.min_free_bytes,
         )
+        self.node = config.node.resolved_name()
+        # Nodes sharing a PostgreSQL database may share storage.path: each keeps its spool,
+        # run marker and delivery work files in its own folder (same file system, so the
+        # spool -> store rename stays atomic). SQLite keeps the single-node layout.
+        self.clustered = config.database.url.startswith("postgres")
+        self.node_dir = (
+            Path(config.storage.path) / "nodes" / self.node
+            if self.clustered
+            else Path(config.storage.path)
+        )
+        if self.clustered:
+            self.store.spool_dir = self.node_dir / "spool"
+        self.listener: JobListener | None = None
         self.index: Index
         self.http_port = config.http.port
         self.ingestor: Ingestor
@@ -107,11 +121,13 @@ class Gateway:
         self.index = Index.open(
             self.config.database.url, durable=self.config.storage.fsync and not sqlite
         )
-        self.observability = Observability(
-            self.config.metrics, self.config.audit, self.index.engine
-        )
+        audit_config = self.config.audit
+        if audit_config.node_name is None:
+            audit_config = audit_config.model_copy(update={"node_name": self.node})
+        self.observability = Observability(self.config.metrics, audit_config, self.index.engine)
         self.observability.install()
-        self.marker = RunMarker(self.config.storage.path)
+        self.node_dir.mkdir(parents=True, exist_ok=True)
+        self.marker = RunMarker(self.node_dir)
         self.router = Router.compile(self.config.routes, self.config.destinations)
         self.queue = JobQueue(
             self.index.engine, self.config.queue, write_lock=self.index.write_lock
@@ -135,7 +151,13 @@ class Gateway:
                 self.config, StepContext(environ=os.environ, base_dir=self.base_dir)
             ),
             audit=self.observability.audit,
+            work_dir=self.node_dir / "egress",
         )
+        # Leases name the node (``leased_by``); the pid tells restarts apart.
+        self.dispatcher.worker_id = f"{self.node}:{os.getpid()}"
+        if self.clustered:
+            self.listener = JobListener(self.index.engine.url, self.node, self.dispatcher.notify)
+            self.listener.start()  # a DicomgateError naming node.name if the name is taken
         self.observability.watch(self.queue, self.dispatcher, self.config.storage.path)
         self.ingestor = Ingestor(
             self.store,
@@ -147,11 +169,23 @@ class Gateway:
             audit=self.observability.audit,
         )
         since = self.marker.previous_durable_until()
-        if since is not None:
+        if since is not None and self.index.relaxed_commits:
             recover(self.config.storage.path, since, self.ingestor.adopt)
+        elif since is not None:
+            # Synchronous commits (PostgreSQL): no acknowledged row can be lost, and a scan of
+            # a shared store would race the other nodes' renames. Nothing to recover.
+            log.info(
+                "previous run of node %s did not stop cleanly; commits are synchronous,"
+                " nothing to recover",
+                self.node,
+                extra={"event": "recovery.skipped"},
+            )
         self.marker.write(time.time())
         self.dimse = DimseServer(
-            self.config.dimse, self.ingestor, destinations=self.config.destinations
+            self.config.dimse,
+            self.ingestor,
+            destinations=self.config.destinations,
+            query=self.config.query,
         )
         if self.config.ingest.watch is not None:
             self.folder = FolderWatcher(
@@ -270,14 +304,18 @@ class Gateway:
             )
 
     def reload_tls(self) -> None:
-        """SIGHUP: load the HTTPS certificate and key again (for new connections)."""
+        """SIGHUP: load the HTTPS and DICOM TLS certificates again (for new connections)."""
         if self.http_tls is not None:
             self.http_tls.reload("sighup")
-        else:
+        if hasattr(self, "dimse") and self.dimse.tls is not None:
+            self.dimse.reload_tls("sighup")
+        if self.http_tls is None and not (hasattr(self, "dimse") and self.dimse.tls is not None):
             log.info("SIGHUP: no certificate to reload", extra={"event": "tls.reload_skipped"})
 
     def close(self, clean: bool) -> None:
         """Close the index; a clean stop removes the run marker (no recovery next start)."""
+        if self.listener is not None:
+            self.listener.stop()
         if hasattr(self, "observability"):
             self.observability.uninstall()  # writes the audit events still queued
         self.index.close()

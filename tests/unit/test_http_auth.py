@@ -101,7 +101,14 @@ def test_api_key_store_finds_only_the_right_key() -> None:
         ("GET", "/", Permission.ADMIN),
         ("GET", "/healthz/", Permission.ADMIN),  # not the open path: unknown is not open
         ("GET", "/dicomwebx", Permission.ADMIN),
-        ("GET", "/ui/index.html", Permission.ADMIN),
+        ("GET", "/ui", Permission.READ),  # the console: read, admin for queue and audit
+        ("GET", "/ui/index.html", Permission.READ),
+        ("POST", "/ui/routes/dry-run", Permission.READ),
+        ("POST", "/ui/queue/7/retry", Permission.ADMIN),
+        ("GET", "/ui/audit", Permission.ADMIN),
+        ("GET", "/ui/login", Access.OPEN),
+        ("GET", "/ui/static/console.css", Access.OPEN),
+        ("GET", "/uix", Permission.ADMIN),
     ],
 )
 def test_required_access_per_path(method: str, path: str, expected: Any) -> None:

@@ -13,10 +13,11 @@ import pydantic
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from sqlalchemy import create_engine
 
 from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_
-from dicomgate.index.db import Index, Outcome, StoredInstance
+from dicomgate.index.db import Index, Outcome, StoredInstance, normalize_url
 from dicomgate.index.extract import extract_record
 from dicomgate.queue import (
     Job,
@@ -73,9 +74,23 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same tests on the embedded SQLite and on PostgreSQL at 127.0.0.1:5432."""
+    if request.param == "postgresql":
+        return _fresh_postgres(request)
     return f"sqlite:///{tmp_path}/index.db"
+
+
+def _fresh_postgres(request: pytest.FixtureRequest) -> str:
+    """The module's PostgreSQL database, emptied (the ``database_url`` fixture)."""
+    url = str(request.getfixturevalue("database_url"))
+    engine = create_engine(normalize_url(url))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE")
+        connection.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+    return url
 
 
 @pytest.fixture
@@ -463,6 +478,8 @@ def test_deleting_an_instance_row_deletes_its_jobs(index: Index, queue: JobQueue
 def _deadline(index: Index) -> datetime:
     with index.engine.connect() as connection:
         value = connection.exec_driver_sql("SELECT deadline FROM stable_timer").scalar_one()
+    if isinstance(value, datetime):  # PostgreSQL: timestamptz
+        return value.astimezone(UTC)
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 

@@ -19,6 +19,9 @@ attributes it cannot return and a result cut at the server's maximum are reporte
 (unknown attribute, bad value, bad limit/offset/fuzzymatching, repeated non-UID key) is a
 400 with ``{"error": ...}``; an Accept the service cannot produce is a 406. No match is a
 200 with ``[]`` (PS3.18 also allows 204; every client we tried handles ``[]``).
+
+With ``query.dicomweb.source`` naming a ``dimse`` destination, searches become C-FIND on
+that PACS instead (:mod:`dicomgate.bridge.dicomweb_bridge`; 502/504 when it fails).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
+from dicomgate.bridge.dicomweb_bridge import bridge_for
+from dicomgate.bridge.dimse_upstream import UpstreamFailed
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index.query import (
@@ -39,6 +44,7 @@ from dicomgate.index.query import (
     Level,
     Match,
     QueryOptions,
+    QueryResult,
     resolve_key,
     search,
 )
@@ -71,6 +77,8 @@ class _BadRequest(Exception):
 def router(gateway: Gateway) -> APIRouter:
     """The QIDO-RS resources, to mount under ``/dicomweb``."""
     api = APIRouter(tags=["QIDO-RS"])
+    # query.dicomweb.source: a dimse destination -> searches become C-FIND on that PACS.
+    bridge = bridge_for(gateway)
 
     def answer(
         request: Request,
@@ -88,19 +96,28 @@ def router(gateway: Gateway) -> APIRouter:
                     if len(uid) > 64 or not _UID_RE.match(uid):
                         raise _BadRequest(400, f"{uid!r} in the path is not a UID")
                     keys[name] = uid
-            with gateway.index.engine.connect() as connection:
-                result = search(connection, level, keys, options)
+            if bridge is not None:
+                found, more = bridge.search(level, keys, options)
+                result = QueryResult([], [], more)
+            else:
+                with gateway.index.engine.connect() as connection:
+                    result = search(connection, level, keys, options)
         except _BadRequest as error:
             return problem(error.status, error.message)
         except InvalidQuery as error:
             return problem(400, str(error))
         except IndexUnavailable as error:
             return problem(503, f"index unavailable: {error}")
+        except UpstreamFailed as error:
+            return problem(error.status, f"upstream {error}")
         warnings = list(result.warnings)
         if result.more and capped:
             warnings.append(_TRUNCATED)
         base = public_base_url(request) + PREFIX
-        body = [_render(match, base, level) for match in result.matches]
+        if bridge is not None:
+            body = [_render_json(found_json, base, level) for found_json in found]
+        else:
+            body = [_render(match, base, level) for match in result.matches]
         response = Response(
             json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
             media_type=media_type,
@@ -261,3 +278,20 @@ def _render(match: Match, base: str, level: Level) -> dict[str, object]:
             url += f"/instances/{match.sop_instance_uid}"
         body[tag] = {"vr": "UR", "Value": [url]}
     return body
+
+
+def _render_json(body: dict[str, object], base: str, level: Level) -> dict[str, object]:
+    """An upstream C-FIND answer (dicom+json) with our RetrieveURL, keys in tag order."""
+
+    def uid(tag: str) -> str:
+        element = body.get(tag)
+        values = element.get("Value") if isinstance(element, dict) else None
+        return str(values[0]) if isinstance(values, list) and values else ""
+
+    url = f"{base}/studies/{uid('0020000D')}"
+    if level.value >= Level.SERIES.value:
+        url += f"/series/{uid('0020000E')}"
+    if level is Level.IMAGE:
+        url += f"/instances/{uid('00080018')}"
+    body[f"{RETRIEVE_URL_TAG:08X}"] = {"vr": "UR", "Value": [url]}
+    return dict(sorted(body.items()))

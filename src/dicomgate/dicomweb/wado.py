@@ -14,7 +14,8 @@ Resources under ``/dicomweb``:
 
 Errors are JSON bodies (:func:`dicomgate.dicomweb.server.problem`): 400 malformed request,
 404 unknown study/series/instance/frame, 406 no acceptable representation, 503 index
-unavailable.
+unavailable; 502/504 when the instances come from an upstream PACS
+(``query.dicomweb.source``, :mod:`dicomgate.bridge.dicomweb_bridge`) that fails.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from dicomgate.bridge.dicomweb_bridge import bridge_for, wado_error
+from dicomgate.bridge.dimse_upstream import UpstreamFailed, UpstreamNotFound
 from dicomgate.dicomweb.catalog import StoredRef, find_instances
 from dicomgate.dicomweb.dicomjson import MetadataCache, locate_bulk
 from dicomgate.dicomweb.frames import (
@@ -130,6 +133,8 @@ class WadoService:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.metadata_cache = MetadataCache()
+        # query.dicomweb.source: a dimse destination -> instances come from that PACS.
+        self.bridge = bridge_for(gateway)
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -137,6 +142,13 @@ class WadoService:
         self, study: str, series: str | None = None, sop: str | None = None
     ) -> list[StoredRef]:
         """The stored instances of a resource; ``WadoError`` 404 when there are none."""
+        if self.bridge is not None:
+            try:
+                if self.bridge.move_to is None:
+                    return await asyncio.to_thread(self.bridge.instances, study, series, sop)
+                await asyncio.to_thread(self.bridge.move_in, study, series, sop)
+            except (UpstreamFailed, UpstreamNotFound) as exc:
+                raise wado_error(exc) from None
         try:
             refs = await asyncio.to_thread(
                 find_instances, self.gateway.index.engine, study, series, sop
@@ -451,24 +463,27 @@ def router(gateway: Gateway) -> APIRouter:
         except WadoError as exc:
             return problem(exc.status, exc.message)
 
+    async def retrieve(
+        request: Request, study: str, series: str | None = None, sop: str | None = None
+    ) -> Response:
+        if service.bridge is not None and service.bridge.move_to is None:  # C-GET: streamed
+            return await service.bridge.retrieve(service, request, study, series, sop)
+        return await service.retrieve(request, await service.instances(study, series, sop))
+
     @api.get("/studies/{study}")
     async def retrieve_study(request: Request, study: str) -> Response:
         """Retrieve a study (multipart/related; type="application/dicom")."""
-        return await run(lambda: _chain(service.instances(study), service.retrieve, request))
+        return await run(lambda: retrieve(request, study))
 
     @api.get("/studies/{study}/series/{series}")
     async def retrieve_series(request: Request, study: str, series: str) -> Response:
         """Retrieve a series."""
-        return await run(
-            lambda: _chain(service.instances(study, series), service.retrieve, request)
-        )
+        return await run(lambda: retrieve(request, study, series))
 
     @api.get(instance_path)
     async def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
         """Retrieve an instance."""
-        return await run(
-            lambda: _chain(service.instances(study, series, sop), service.retrieve, request)
-        )
+        return await run(lambda: retrieve(request, study, series, sop))
 
     @api.get("/studies/{study}/metadata")
     async def study_metadata(request: Request, study: str) -> Response:

@@ -34,11 +34,10 @@ A calling AE not in ``dimse.allow.<service>`` gets 0x0124 (Refused: Not Authoriz
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -48,7 +47,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 
 from dicomgate.config import DimseConfig
@@ -60,9 +58,9 @@ from dicomgate.dimse.commands import (
     encode_store_rq,
 )
 from dicomgate.dimse.negotiation import QRModel, QRService
-from dicomgate.dimse.scu import FALLBACK_SYNTAXES, ScannedFile, can_send_uncompressed
+from dicomgate.dimse.scu import FALLBACK_SYNTAXES, can_send_uncompressed
 from dicomgate.egress.base import Delivery, Outcome
-from dicomgate.egress.dimse import DimseSender, _Link
+from dicomgate.egress.dimse import DimseSender
 from dicomgate.egress.models import DimseDestination
 from dicomgate.errors import DicomgateError, IndexUnavailable
 from dicomgate.index.db import Index
@@ -131,6 +129,7 @@ class Request:
     model: QRModel
     service: QRService
     calling_ae: str
+    called_ae: str = ""  # picks the query source (``query.ae_titles``)
     fuzzy: bool = False  # fuzzy semantic matching of PN was negotiated (PS3.4 C.5.1.1)
     cancelled: bool = False  # a C-CANCEL-RQ arrived for it
     started: float = field(default_factory=time.monotonic)
@@ -240,11 +239,17 @@ class QueryRetrieve:
         index: Index,
         store: ContentStore,
         targets: Mapping[str, MoveTarget],
+        bridges: Mapping[str, Any] | None = None,
+        default_bridge: Any = None,
     ) -> None:
         self.config = config
         self.index = index
         self.store = store
         self.targets = dict(targets)
+        # Upstream sources (``bridge/dimse_scp.py``) by called AE title (None: local), and
+        # the one for the other called AE titles (``query.dimse``; None: local).
+        self.bridges = dict(bridges or {})
+        self.default_bridge = default_bridge
 
     async def serve(self, request: Request, channel: Channel) -> None:
         """Answer ``request`` completely (final response included)."""
@@ -253,8 +258,12 @@ class QueryRetrieve:
             QRService.MOVE: self.move,
             QRService.GET: self.get,
         }[request.service]
+        bridge = self.bridges.get(request.called_ae, self.default_bridge)
         try:
-            await handler(request, channel)
+            if bridge is not None:
+                await bridge.serve(self, request, channel)
+            else:
+                await handler(request, channel)
         except _Refusal as refusal:
             log.warning(
                 "%s refused: %s",
@@ -470,12 +479,11 @@ class QueryRetrieve:
         if not files:
             await self._retrieve_final(request, channel, counts, failed_uids)
             return
-        sender = _MoveSender(
+        sender = DimseSender(
             f"c-move:{destination}",
             target.model,
             calling_ae=target.model.calling_ae_title or self.config.ae_title,
-            originator_ae=request.calling_ae,
-            originator_id=request.command.message_id,
+            move_originator=(request.calling_ae, request.command.message_id),
         )
         try:
             for start in range(0, len(files), RETRIEVE_BATCH):
@@ -686,35 +694,6 @@ def _converted(path: Path, stored_syntax: str, target: str) -> bytes:
     if body is None:
         raise DicomgateError("cannot encode the converted data set")
     return body
-
-
-class _MoveSender(DimseSender):
-    """The egress C-STORE SCU, adding the Move Originator AE Title and Message ID to each
-    sub-operation (PS3.7 9.3.1.1; PS3.4 C.4.2.2)."""
-
-    def __init__(
-        self,
-        name: str,
-        model: DimseDestination,
-        *,
-        calling_ae: str,
-        originator_ae: str,
-        originator_id: int,
-    ) -> None:
-        super().__init__(name, model, calling_ae=calling_ae)
-        self._originator = (originator_ae, originator_id)
-
-    def _store_one(self, link: _Link, delivery: Delivery, f: ScannedFile) -> Outcome:
-        assoc: Association = link.assoc
-        send: Callable[..., Dataset] = assoc.send_c_store
-        # The inherited method calls assoc.send_c_store(payload): shadow it for this call.
-        assoc.send_c_store = functools.partial(  # type: ignore[method-assign]
-            send, originator_aet=self._originator[0], originator_id=self._originator[1]
-        )
-        try:
-            return super()._store_one(link, delivery, f)
-        finally:
-            del assoc.send_c_store
 
 
 __all__ = [

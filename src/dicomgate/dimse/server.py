@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomgate.bridge.dimse_scp import build_bridges
+from dicomgate.bridge.models import QueryConfig
 from dicomgate.config import DimseConfig
 from dicomgate.dimse import pdu
 from dicomgate.dimse.commands import (
@@ -58,6 +60,9 @@ from dicomgate.errors import (
 )
 from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
 from dicomgate.observability.logging import uid_hash
+from dicomgate.security.dimse_access import AeHostBinding
+from dicomgate.security.ip_filter import IpAllowList
+from dicomgate.security.tls import ServerTls
 from dicomgate.store.filestore import SpoolFile
 from dicomgate.store.part10 import arrival_json, encode_file_meta
 
@@ -104,6 +109,20 @@ class _Abort(Exception):
 
 class _PeerGone(Exception):
     """The peer closed, aborted or timed out; nothing more to send."""
+
+
+def _reject_code(source: int, reason: int) -> str:
+    """A short, stable ``reason`` for the ``association.rejected`` event (audit, metrics)."""
+    if source == pdu.RejectSource.SERVICE_PROVIDER_PRESENTATION:
+        return "limit"
+    if source == pdu.RejectSource.SERVICE_USER:
+        if reason == pdu.RejectReason.CALLED_AE_NOT_RECOGNIZED:
+            return "called_ae"
+        if reason == pdu.RejectReason.CALLING_AE_NOT_RECOGNIZED:
+            return "calling_ae"
+        if reason == pdu.RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED:
+            return "application_context"
+    return "protocol_version"
 
 
 def status_for(error: DicomgateError) -> int:
@@ -250,45 +269,116 @@ class DimseServer:
         config: DimseConfig,
         ingestor: Ingestor,
         destinations: Mapping[str, Any] | None = None,
+        query: QueryConfig | None = None,
     ) -> None:
         self.config = config
         self.ingestor = ingestor
+        # query: where C-FIND/C-MOVE/C-GET go, by called AE title (``bridge/``).
+        bridges, default_bridge = build_bridges(
+            query or QueryConfig(),
+            destinations or {},
+            our_ae=config.ae_title,
+            spool_dir=ingestor.store.spool_dir,
+        )
+        self.virtual_aes = frozenset(bridges)  # accepted even with check_called_ae
         self.qr = QueryRetrieve(
-            config, ingestor.index, ingestor.store, move_targets(config, destinations)
+            config,
+            ingestor.index,
+            ingestor.store,
+            move_targets(config, destinations),
+            bridges,
+            default_bridge,
         )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_ae: Counter[str] = Counter()
         self._active = 0
         self.port = config.port
+        # DICOM TLS (PS3.15 B.1): its own listener; the context is loaded in start().
+        self.tls: ServerTls | None = None
+        self.tls_port = config.tls.port if config.tls is not None else 0
+        self._tls_server: asyncio.Server | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._allowed_ips = IpAllowList(config.allowed_ips) if config.allowed_ips else None
+        self._ae_hosts = AeHostBinding(config.ae_hosts)
 
     @property
     def listening(self) -> bool:
-        return self._server is not None and self._server.is_serving()
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        return bool(servers) and all(s.is_serving() for s in servers)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_connection,
+        """Listen on ``dimse.port`` (unless ``tls.plain`` is false) and ``dimse.tls.port``.
+
+        Raises :class:`DicomgateError` naming ``dimse.tls`` when the certificate, key or CA
+        do not load or the TLS port cannot be bound; :class:`OSError` for the plain port.
+        """
+        cfg = self.config
+        if cfg.tls is not None:
+            # asyncio does the handshake (bounded by acse_timeout) before _on_connection; the
+            # context is reloaded in place, as for HTTPS.
+            self.tls = ServerTls(cfg.tls, section="dimse.tls")
+            self.tls.load()
+        if cfg.tls is None or cfg.tls.plain:
+            self._server = await self._listen(cfg.port, secure=False)
+            self.port = self._server.sockets[0].getsockname()[1]
+            log.info(
+                "listening on %s:%d as %s",
+                cfg.host,
+                self.port,
+                cfg.ae_title,
+                extra={"event": "dimse.listening"},
+            )
+        if cfg.tls is not None and self.tls is not None:
+            try:
+                self._tls_server = await self._listen(cfg.tls.port, secure=True)
+            except OSError as exc:
+                raise DicomgateError(
+                    f"dimse.tls.port: cannot listen on {cfg.host}:{cfg.tls.port}:"
+                    f" {exc.strerror or exc}"
+                ) from exc
+            self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+            log.info(
+                "listening for DICOM TLS on %s:%d as %s",
+                cfg.host,
+                self.tls_port,
+                cfg.ae_title,
+                extra={"event": "dimse.listening", "tls": True},
+            )
+            if cfg.tls.check_interval > 0:
+                self._tls_watch = asyncio.get_running_loop().create_task(
+                    self.tls.watch(self._stopping), name="dimse-tls-watch"
+                )
+
+    async def _listen(self, port: int, *, secure: bool) -> asyncio.Server:
+        def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._on_connection(reader, writer, secure=secure)
+
+        return await asyncio.start_server(
+            on_connection,
             self.config.host,
-            self.config.port,
+            port,
             limit=_READ_CHUNK,
             reuse_address=True,
             backlog=128,
+            ssl=self.tls.context if secure and self.tls is not None else None,
+            ssl_handshake_timeout=self.config.acse_timeout if secure else None,
         )
-        sock = self._server.sockets[0]
-        self.port = sock.getsockname()[1]
-        log.info(
-            "listening on %s:%d as %s",
-            self.config.host,
-            self.port,
-            self.config.ae_title,
-            extra={"event": "dimse.listening"},
-        )
+
+    def reload_tls(self, why: str = "sighup") -> None:
+        """Load the DICOM TLS certificate, key and CA again, for new associations."""
+        if self.tls is not None:
+            self.tls.reload(why)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; give open associations ``grace`` seconds, then abort them."""
-        if self._server is not None:
-            self._server.close()
+        self._stopping.set()
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.close()
         if self._tasks:
             log.info(
                 "waiting up to %.0f s for %d associations",
@@ -301,21 +391,39 @@ class DimseServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 5)
         log.info("stopped", extra={"event": "dimse.stopped"})
 
     # -- connection handling ------------------------------------------------------------
 
-    def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, secure: bool
+    ) -> None:
+        """A new connection (on the TLS port: after the handshake, ``secure``)."""
+        peer = writer.get_extra_info("peername")
+        peer_ip = str(peer[0]) if peer else "?"
+        if self._allowed_ips is not None and not self._allowed_ips.allows(peer_ip):
+            # dimse.allowed_ips: closed before anything is read or sent (docs/security.md).
+            log.warning(
+                "connection refused: %s is not in dimse.allowed_ips",
+                peer_ip,
+                extra={
+                    "event": "association.rejected",
+                    "reason": "ip_not_allowed",
+                    "peer": peer_ip,
+                },
+            )
+            writer.transport.abort()
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # Without it every PDU may wait ~40 ms for a delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = writer.get_extra_info("peername")
         task = asyncio.get_running_loop().create_task(
-            self._serve(_Association(reader, writer, peer[0] if peer else "?"))
+            self._serve(_Association(reader, writer, peer_ip))
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -412,6 +520,16 @@ class DimseServer:
             raise _Abort(f"malformed A-ASSOCIATE-RQ: {exc}", exc.reason) from None
         assoc.calling_ae, assoc.called_ae = rq.calling_ae, rq.called_ae
         rejection = self._rejection(rq)
+        code = _reject_code(*rejection[1:3]) if rejection is not None else ""
+        if rejection is None and not await self._ae_hosts.allows(rq.calling_ae, assoc.peer_ip):
+            # dimse.ae_hosts: an AE title is not a credential; PS3.8 9.3.4 reason 3.
+            rejection = (
+                pdu.RejectResult.PERMANENT,
+                pdu.RejectSource.SERVICE_USER,
+                pdu.RejectReason.CALLING_AE_NOT_RECOGNIZED,
+                f"calling AE title {rq.calling_ae!r} may not call from {assoc.peer_ip}",
+            )
+            code = "ae_host"
         if rejection is not None:
             result, source, reason, why = rejection
             log.warning(
@@ -419,6 +537,7 @@ class DimseServer:
                 why,
                 extra={
                     "event": "association.rejected",
+                    "reason": code,
                     "calling_ae": rq.calling_ae,
                     "called_ae": rq.called_ae,
                     "peer": assoc.peer_ip,
@@ -461,6 +580,7 @@ class DimseServer:
                 "calling_ae": rq.calling_ae,
                 "peer": assoc.peer_ip,
                 "contexts": f"{len(assoc.contexts)}/{len(rq.contexts)}",
+                "tls": assoc.writer.get_extra_info("ssl_object") is not None,
             },
         )
         return True
@@ -480,7 +600,11 @@ class DimseServer:
                 pdu.RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED,
                 ("application context not supported"),
             )
-        if cfg.check_called_ae and rq.called_ae != cfg.ae_title:
+        if (
+            cfg.check_called_ae
+            and rq.called_ae != cfg.ae_title
+            and rq.called_ae not in self.virtual_aes
+        ):
             return (
                 perm,
                 user,
@@ -529,6 +653,11 @@ class DimseServer:
                     raise
                 pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
                 if pdu_type == pdu.PduType.RELEASE_RQ:
+                    if length != 4:  # PS3.8 9.3.6: four reserved bytes
+                        raise _Abort(
+                            f"A-RELEASE-RQ of length {length}",
+                            pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE,
+                        )
                     await self._read(assoc, length, cfg.acse_timeout)
                     if incoming is not None and incoming.spool is not None:
                         incoming.spool.discard()
@@ -557,6 +686,15 @@ class DimseServer:
                         pdu.AbortReason.UNEXPECTED_PDU
                         if known
                         else pdu.AbortReason.UNRECOGNIZED_PDU,
+                    )
+                if cfg.max_pdu_size and length > cfg.max_pdu_size:
+                    # PS3.8 D.1: the sender must respect the maximum we announced; a
+                    # longer PDU is a broken or hostile peer, refused before its body.
+                    if incoming is not None and incoming.spool is not None:
+                        incoming.spool.discard()
+                    raise _Abort(
+                        f"P-DATA-TF of {length} bytes, above the {cfg.max_pdu_size} announced",
+                        pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE,
                     )
                 remaining = length
                 whole = length <= _WHOLE_PDU
@@ -881,6 +1019,7 @@ class DimseServer:
             model=known[0],
             service=service,
             calling_ae=assoc.calling_ae,
+            called_ae=assoc.called_ae,
             fuzzy=context_id in assoc.fuzzy_contexts,
         )
         task = asyncio.get_running_loop().create_task(self._run_operation(assoc, request))

@@ -13,8 +13,11 @@ Traffic control per destination (queue/traffic.py, keys in egress/models.py): ou
 long-run rate is exact; its circuit breaker stops leasing after ``breaker.failures``
 consecutive whole-batch failures (connection refused, association rejected, HTTP 5xx for
 everything): jobs then wait untouched, without burning their retry budget, and one job
-probes the destination after ``breaker.cooldown``. Delivery is at-least-once (DESIGN rule
-3): a job is marked done only after the destination acknowledged it.
+probes the destination after ``breaker.cooldown``. A paused destination
+(:meth:`Dispatcher.pause`, ``POST /api/destinations/{name}/pause``) leases nothing either,
+like a closed schedule, until it is resumed; the pause lives in this process only (a
+restart resumes). Delivery is at-least-once (DESIGN rule 3): a job is marked done only
+after the destination acknowledged it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class _Destination:
     delivered: int = 0
     failed: int = 0
     closed_logged: bool = False
+    paused: bool = False  # by an administrator: lease nothing until resumed
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)  # set when not paused
 
 
 def _controls(name: str, sender: Sender, model: DestinationControls | None) -> _Destination:
@@ -238,6 +243,44 @@ class Dispatcher:
             if dest is not None:
                 loop.call_soon_threadsafe(_wake_one, dest)
 
+    def pause(self, name: str) -> bool:
+        """Stop leasing for destination ``name`` (sends under way finish); False: unknown."""
+        dest = self._destinations.get(name)
+        if dest is None:
+            return False
+        if not dest.paused:
+            dest.paused = True
+            dest.resumed.clear()
+            log.info("destination paused", extra={"event": "delivery.paused", "destination": name})
+        return True
+
+    def resume(self, name: str) -> bool:
+        """Lease again for destination ``name``; False: unknown."""
+        dest = self._destinations.get(name)
+        if dest is None:
+            return False
+        if dest.paused:
+            dest.paused = False
+            dest.resumed.set()
+            _wake_all(dest)
+            log.info(
+                "destination resumed", extra={"event": "delivery.resumed", "destination": name}
+            )
+        return True
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Per destination: paused, breaker, schedule and the delivered/failed counters."""
+        return {
+            name: {
+                "paused": d.paused,
+                "breaker": "open" if d.breaker.is_open else "closed",
+                "schedule": "open" if d.schedule.is_open() else "closed",
+                "delivered": d.delivered,
+                "failed": d.failed,
+            }
+            for name, d in self._destinations.items()
+        }
+
     def stats(self) -> dict[str, dict[str, int]]:
         return {
             name: {
@@ -245,6 +288,7 @@ class Dispatcher:
                 "failed": d.failed,
                 "breaker_open": int(d.breaker.is_open),
                 "schedule_open": int(d.schedule.is_open()),
+                "paused": int(d.paused),
             }
             for name, d in self._destinations.items()
         }
@@ -289,6 +333,10 @@ class Dispatcher:
 
     async def _worker(self, dest: _Destination) -> None:
         while not self._stopping:
+            if dest.paused:  # jobs wait, no attempt spent; resume() or stop() wakes us
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(dest.resumed.wait(), 0.5)
+                continue
             closed_for = dest.schedule.seconds_until_open()
             if closed_for > 0:
                 if not dest.closed_logged:

@@ -14,6 +14,7 @@ from pydicom.datadict import tag_for_keyword
 from dicomgate.models import ConfigModel as _Model
 from dicomgate.models import check_ae_title as _check_ae_title
 from dicomgate.queue.traffic import Schedule, parse_schedule
+from dicomgate.security.dimse_models import DestinationTls
 
 DEFAULT_FOLDER_TEMPLATE = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
@@ -148,6 +149,10 @@ class DimseDestination(DestinationControls):
             " response. When it passes the association is aborted and the instances are"
             " retried later."
         ),
+    )
+    tls: DestinationTls | None = Field(
+        None,
+        description="DICOM TLS to this peer (PS3.15 Annex B); unset: plain DICOM.",
     )
     batch_max_instances: int = Field(
         16,

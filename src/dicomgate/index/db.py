@@ -22,6 +22,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import (
     Connection,
@@ -42,6 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from dicomgate import __version__
 from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_, IndexUnavailable
 from dicomgate.index.extract import InstanceRecord
@@ -56,6 +59,7 @@ from dicomgate.index.schema import (
     study,
 )
 from dicomgate.queue.jobs import JobState, NewJob, NewTimer
+from dicomgate.queue.notify import notify_statement
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +110,54 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
-def migrate(connection: Connection) -> None:
-    """Upgrade the schema on ``connection`` to the newest revision (idempotent)."""
+class SchemaTooNew(IndexUnavailable):
+    """The database was migrated by a newer dicomgate than this one."""
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of dicomgate knows."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package ships its migrations
+        raise RuntimeError("no migrations found")
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The schema revision of the database on ``connection`` (None: no schema yet)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def check_schema_not_newer(connection: Connection) -> None:
+    """Refuse a database whose revision this code does not know (a newer dicomgate's)."""
+    current = current_revision(connection)
+    if current is None:
+        return
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    try:
+        scripts.get_revision(current)
+    except CommandError:
+        raise SchemaTooNew(
+            f"database.url: the schema is at revision {current!r}, newer than this dicomgate"
+            f" {__version__} knows (up to {head_revision()!r}); run the newer dicomgate, or"
+            " restore a backup taken before it migrated"
+        ) from None
+
+
+def migrate(connection: Connection, revision: str = "head") -> None:
+    """Upgrade the schema on ``connection`` to ``revision`` (idempotent).
+
+    Raises :class:`SchemaTooNew` for a database migrated by a newer version.
+    """
+    check_schema_not_newer(connection)
+    command.upgrade(_alembic_config(connection), revision)
 
 
 def _set_sqlite_pragmas(durable: bool) -> Callable[[Any, ConnectionPoolEntry], None]:
@@ -185,6 +231,9 @@ class Index:
             with engine.connect() as connection:
                 migrate(connection)
                 connection.commit()
+        except SchemaTooNew:
+            engine.dispose()
+            raise
         except sa_exc.DBAPIError as error:
             engine.dispose()
             raise IndexUnavailable(f"cannot open database {shown}: {_one_line(error)}") from error
@@ -355,6 +404,8 @@ class Index:
                     self._upsert_timers(cursor, results, timers, now)
                 if audit is not None and (rows := audit(results)):
                     self._statements.insert_audit.executemany(cursor, rows)
+                if jobs and not self._sqlite:
+                    self._announce_jobs(cursor, results, jobs)
                 return results
             except self._dbapi.Error as error:
                 if self._engine.dialect.is_disconnect(
@@ -364,6 +415,22 @@ class Index:
                 raise
             finally:
                 cursor.close()
+
+    @staticmethod
+    def _announce_jobs(
+        cursor: Any, results: list[RecordResult], jobs: Sequence[Sequence[NewJob]]
+    ) -> None:
+        """PostgreSQL: wake the delivery workers of every node at commit (queue/notify.py)."""
+        names = sorted(
+            {
+                job.destination
+                for result, item_jobs in zip(results, jobs, strict=True)
+                if result.outcome is not Outcome.REJECTED
+                for job in item_jobs
+            }
+        )
+        if names:
+            cursor.execute(notify_statement(), (",".join(names),))
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Connection]:

@@ -140,7 +140,11 @@ class EventHandler(logging.Handler):
             "association.rejected",
             FAILURE,
             object=str(_get(record, "called_ae", "")),
-            detail={"reason": record.getMessage(), "called_ae": _get(record, "called_ae", "")},
+            detail={
+                "reason": record.getMessage(),
+                "code": str(_get(record, "reason", "") or ""),
+                "called_ae": _get(record, "called_ae", ""),
+            },
         )
 
     def _ended(self, record: logging.LogRecord, how: str) -> None:

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dicomgate.security.asgi import client_ip, has_body, header, log_denied, send_json
 from dicomgate.security.http_models import ApiKeyConfig, Permission
 from dicomgate.security.oidc import JwtVerifier, KeysUnavailable, TokenRejected
+from dicomgate.ui.access import is_ui_path, ui_requirement
 
 log = logging.getLogger("dicomgate.security")
 
@@ -70,6 +71,9 @@ def required_access(method: str, path: str, protect_metrics: bool = False) -> Re
     for prefix in ("/dicomweb", "/fhir"):
         if path == prefix or path.startswith(prefix + "/"):
             return Permission.READ if method in _READ_METHODS else Permission.WRITE
+    if is_ui_path(path):  # the web console: docs/security.md
+        need = ui_requirement(path)
+        return Access.OPEN if need == "open" else Permission(need)
     return Permission.ADMIN
 
 

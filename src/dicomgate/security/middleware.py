@@ -13,6 +13,7 @@ from dicomgate.security.http_auth import ApiKeyStore, AuthMiddleware
 from dicomgate.security.ip_filter import IpAllowList, IpFilterMiddleware
 from dicomgate.security.limits import BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
 from dicomgate.security.oidc import JwtVerifier
+from dicomgate.ui.access import UiSessionMiddleware
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -40,6 +41,7 @@ def install_http_security(app: FastAPI, http: HttpConfig) -> None:
             jwt_verifier=JwtVerifier(jwt_config) if jwt_config is not None else None,
             protect_metrics=http.auth.protect_metrics,
         )
+        app.add_middleware(UiSessionMiddleware)  # console cookie -> X-API-Key, before auth
     if limits.requests_per_second > 0:
         app.add_middleware(
             RateLimitMiddleware,

@@ -15,7 +15,8 @@ between leaves a file without a row (recovery may index it again, at worst one e
 delivery, DESIGN rule 3), never a row without a file. On PostgreSQL the candidate rows
 are locked ``FOR UPDATE SKIP LOCKED``: a job being created for an instance at the same
 moment (its foreign key locks the row) either makes the instance skipped or fails and is
-retried, so deletion never races delivery. Emptied store folders are removed; the
+retried, so deletion never races delivery. Nodes sharing a database sweep one at a time
+(a transaction-scoped advisory lock). Emptied store folders are removed; the
 committer re-creates a folder that vanished between its mkdir and its rename.
 """
 
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, exists, or_, select
+from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.index.schema import delivery_job, instance, patient, series, stable_timer, study
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomgate.retention")
 
 _BATCH = 500
+# Any 64-bit constant: one node at a time sweeps a shared PostgreSQL database (the lock
+# goes with the transaction, so a survivor takes over when a sweeping node dies).
+_RETENTION_LOCK_ID = 0x646963_6F6D72
 
 
 def _utcnow() -> datetime:
@@ -130,6 +134,13 @@ class Retention:
                 if not self._postgres:
                     connection = connection.execution_options(sqlite_immediate=True)
                 with connection.begin():
+                    if (
+                        self._postgres
+                        and not connection.execute(
+                            select(func.pg_try_advisory_xact_lock(_RETENTION_LOCK_ID))
+                        ).scalar_one()
+                    ):
+                        return []  # another node is sweeping right now
                     rows = connection.execute(query).all()
                     if not rows:
                         return []

@@ -1,0 +1,401 @@
+"""Protocol bridging for DIMSE clients (issue #5): C-FIND / C-MOVE / C-GET to a virtual AE
+title of the gateway answered by an upstream, with Orthanc as that upstream.
+
+* ``CLOUD``: Orthanc's DICOMweb (QIDO-RS / WADO-RS);
+* ``PROXY``: Orthanc's DIMSE port (C-FIND / C-MOVE relayed);
+* ``DEAD``, ``HANG``, ``BADURL``: upstreams that refuse connections, never answer, or
+  answer 404: the request fails with the right status and the gateway keeps serving.
+
+Answers through the gateway are compared with the answers ``findscu`` gets from Orthanc's
+own DIMSE port for the same query.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.multival import MultiValue
+from tests.conftest import (
+    AE_TITLE,
+    DICOMWEB_PLUGIN,
+    ORTHANC,
+    GatewayProcess,
+    dcmtk_env,
+    free_port,
+    needs_dcmtk,
+)
+from tests.integration.test_qr_scp import (
+    ALL_INSTANCES,
+    UID_ROOT,
+    Answer,
+    StoreSCP,
+    _keys,
+    write_corpus,
+)
+
+pytestmark = [pytest.mark.timeout(240), needs_dcmtk]
+
+STUDY_ROOT = "-S"
+ORTHANC_AET = "ORTHANC"
+
+
+@dataclass
+class Upstream:
+    http_port: int
+    dicom_port: int
+    proc: subprocess.Popen[bytes]
+
+
+def start_orthanc(root: Path, modalities: dict[str, list[Any]]) -> Upstream:
+    """Orthanc with DICOMweb and a DICOM port, knowing ``modalities`` (C-MOVE targets)."""
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "dicomgate-bridge-test",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": ORTHANC_AET,
+        "DicomServerEnabled": True,
+        "DicomModalities": modalities,
+        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowMove": True,
+        "DicomAlwaysAllowGet": True,
+        "DicomCheckModalityHost": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("wb")
+    proc = subprocess.Popen(
+        [str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            pytest.fail("Orthanc exited:\n" + (root / "orthanc.log").read_text())
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("Orthanc did not start")
+            time.sleep(0.1)
+    return Upstream(http_port, dicom_port, proc)
+
+
+def post_instance(upstream: Upstream, path: Path) -> None:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{upstream.http_port}/instances", data=path.read_bytes(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+def qr_tool(
+    tool: str, aec: str, port: int, keys: dict[str, str | None], *extra: str, out: Path | None
+) -> Answer:
+    args = [tool, "-d", "-to", "20", STUDY_ROOT, "-aet", "QRSCU", "-aec", aec]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.iterdir():
+            old.unlink()
+        args += ["-od", str(out)] + (["-X"] if tool == "findscu" else [])
+    proc = subprocess.run(
+        [*args, *extra, *_keys(keys), "127.0.0.1", str(port)],  # type: ignore[arg-type]
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    responses = []
+    if tool == "findscu" and out is not None:
+        responses = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    return Answer(proc.returncode, proc.stdout, responses)
+
+
+@dataclass
+class Site:
+    gw: GatewayProcess
+    orthanc: Upstream
+    scp: StoreSCP
+    files: dict[str, Path]  # SOP Instance UID -> the file loaded into Orthanc
+    hang: socket.socket
+    root: Path
+
+    def find(self, aec: str, keys: dict[str, str | None], name: str) -> Answer:
+        port = self.orthanc.dicom_port if aec == ORTHANC_AET else self.gw.dimse_port
+        return qr_tool("findscu", aec, port, keys, out=self.root / "find" / f"{name}-{aec}")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
+        pytest.skip("needs orthanc and orthanc-dicomweb")
+    root = tmp_path_factory.mktemp("bridge")
+    paths = write_corpus(root / "corpus")
+    scp = StoreSCP(root / "scp", "ARCHIVE")
+    orthanc = start_orthanc(root / "orthanc", {"archive": ["ARCHIVE", "127.0.0.1", scp.port]})
+    hang = socket.socket()  # accepts connections (backlog), never answers
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(8)
+    data = root / "gw" / "data"
+    (root / "gw").mkdir()
+    web = f"http://127.0.0.1:{orthanc.http_port}"
+    gw = GatewayProcess(
+        root=root / "gw",
+        config={
+            "storage": {"path": str(data)},
+            "database": {"url": f"sqlite:///{data}/index.db"},
+            "dimse": {
+                "ae_title": AE_TITLE,
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "check_called_ae": True,
+            },
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "destinations": {
+                "cloud": {"type": "dicomweb", "url": f"{web}/dicom-web"},
+                "badurl": {"type": "dicomweb", "url": f"{web}/no-such-root"},
+                "dead": {"type": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"},
+                "hang": {
+                    "type": "dicomweb",
+                    "url": f"http://127.0.0.1:{hang.getsockname()[1]}/dicom-web",
+                },
+                "orthanc_dimse": {
+                    "type": "dimse",
+                    "ae_title": ORTHANC_AET,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                },
+                "archive": {
+                    "type": "dimse",
+                    "ae_title": "ARCHIVE",
+                    "host": "127.0.0.1",
+                    "port": scp.port,
+                },
+            },
+            "query": {
+                "ae_titles": {
+                    "CLOUD": {"source": "cloud", "timeout": 10},
+                    "PROXY": {"source": "orthanc_dimse", "timeout": 10},
+                    "DEAD": {"source": "dead", "timeout": 2},
+                    "HANG": {"source": "hang", "timeout": 1},
+                    "BADURL": {"source": "badurl", "timeout": 5},
+                }
+            },
+        },
+    )
+    try:
+        for path in paths:
+            post_instance(orthanc, path)
+        gw.start()
+        yield Site(gw, orthanc, scp, {p.stem: p for p in paths}, hang, root)
+    finally:
+        gw.close_index()
+        if gw.proc is not None:
+            gw.terminate()
+        orthanc.proc.terminate()
+        orthanc.proc.wait(15)
+        scp.stop()
+        hang.close()
+
+
+def _rows(answer: Answer, keys: dict[str, str | None], unique: str) -> dict[str, dict[str, Any]]:
+    assert answer.final == 0x0000, answer.output[-3000:]
+    rows: dict[str, dict[str, Any]] = {}
+    for ds in answer.responses:
+        row: dict[str, Any] = {}
+        for keyword in keys:
+            value = ds.get(keyword, "")
+            if keyword == "ModalitiesInStudy":  # an unordered set
+                value = sorted(value) if isinstance(value, MultiValue) else [value]
+            row[keyword] = [str(v) for v in value] if isinstance(value, list) else str(value)
+        rows[str(ds[unique].value)] = row
+    return rows
+
+
+STUDY_KEYS: dict[str, str | None] = {
+    "QueryRetrieveLevel": "STUDY",
+    "StudyInstanceUID": None,
+    "PatientName": None,
+    "PatientID": None,
+    "StudyDate": None,
+    "StudyTime": None,
+    "AccessionNumber": None,
+    "StudyDescription": None,
+    "ModalitiesInStudy": None,
+    "NumberOfStudyRelatedInstances": None,
+}
+
+QUERIES: list[tuple[str, dict[str, str | None], str]] = [
+    ("all-studies", STUDY_KEYS, "StudyInstanceUID"),
+    ("date-range", {**STUDY_KEYS, "StudyDate": "20230101-20231231"}, "StudyInstanceUID"),
+    ("modality", {**STUDY_KEYS, "ModalitiesInStudy": "MR"}, "StudyInstanceUID"),
+    ("name-wildcard", {**STUDY_KEYS, "PatientName": "DOE*"}, "StudyInstanceUID"),
+    (
+        "series",
+        {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": UID_ROOT + "1",
+            "SeriesInstanceUID": None,
+            "Modality": None,
+            "SeriesNumber": None,
+            "NumberOfSeriesRelatedInstances": None,
+        },
+        "SeriesInstanceUID",
+    ),
+    (
+        "images",
+        {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": UID_ROOT + "1",
+            "SeriesInstanceUID": UID_ROOT + "1.1",
+            "SOPInstanceUID": None,
+            "SOPClassUID": None,
+            "InstanceNumber": None,
+        },
+        "SOPInstanceUID",
+    ),
+]
+
+
+@pytest.mark.parametrize("aec", ["CLOUD", "PROXY"])
+@pytest.mark.parametrize(("name", "keys", "unique"), QUERIES, ids=[q[0] for q in QUERIES])
+def test_find_through_bridge_equals_orthanc_direct(
+    site: Site, aec: str, name: str, keys: dict[str, str | None], unique: str
+) -> None:
+    direct = _rows(site.find(ORTHANC_AET, keys, name), keys, unique)
+    bridged = _rows(site.find(aec, keys, name), keys, unique)
+    assert direct, "the query matches something in Orthanc"
+    assert bridged == direct
+
+
+def test_find_answers_exactly_the_keys_asked(site: Site) -> None:
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "2",
+        "PatientID": None,
+    }
+    answer = site.find("CLOUD", keys, "exact")
+    assert answer.final == 0x0000, answer.output[-2000:]
+    (ds,) = answer.responses
+    assert {e.keyword for e in ds} == {"QueryRetrieveLevel", "StudyInstanceUID", "PatientID"}
+    assert ds.PatientID == "P2"
+
+
+def _same_pixels(received: Path, original: Path) -> None:
+    got, want = pydicom.dcmread(received), pydicom.dcmread(original)
+    assert got.SOPInstanceUID == want.SOPInstanceUID
+    assert got.PixelData == want.PixelData
+    assert got.PatientName == want.PatientName
+
+
+@pytest.mark.parametrize("aec", ["CLOUD", "PROXY"])
+def test_move_study_to_storescp(site: Site, aec: str) -> None:
+    site.scp.clear()
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "1",
+    }
+    answer = qr_tool("movescu", aec, site.gw.dimse_port, keys, "-aem", "ARCHIVE", out=None)
+    assert answer.final == 0x0000, answer.output[-3000:]
+    *pendings, final = answer.counts()
+    assert final[1:] == (4, 0, 0)  # completed, failed, warning
+    for remaining, completed, failed, warning in pendings:
+        assert remaining + completed + failed + warning == 4
+    received = site.scp.files()
+    assert sorted(received) == sorted(u for u in site.files if u.startswith(UID_ROOT + "1."))
+    for uid, path in received.items():
+        _same_pixels(path, site.files[uid])
+
+
+def test_move_series_and_image_levels_through_cloud(site: Site) -> None:
+    site.scp.clear()
+    series: dict[str, str | None] = {
+        "QueryRetrieveLevel": "SERIES",
+        "StudyInstanceUID": UID_ROOT + "2",
+        "SeriesInstanceUID": UID_ROOT + "2.1",
+    }
+    answer = qr_tool("movescu", "CLOUD", site.gw.dimse_port, series, "-aem", "ARCHIVE", out=None)
+    assert answer.final == 0x0000, answer.output[-3000:]
+    assert sorted(site.scp.files()) == [UID_ROOT + "2.1.1", UID_ROOT + "2.1.2"]
+    site.scp.clear()
+    image = {**series, "QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": UID_ROOT + "2.1.2"}
+    answer = qr_tool("movescu", "CLOUD", site.gw.dimse_port, image, "-aem", "ARCHIVE", out=None)
+    assert answer.final == 0x0000, answer.output[-3000:]
+    assert list(site.scp.files()) == [UID_ROOT + "2.1.2"]
+
+
+def test_move_to_unknown_destination_is_refused(site: Site) -> None:
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "1",
+    }
+    answer = qr_tool("movescu", "CLOUD", site.gw.dimse_port, keys, "-aem", "NOWHERE", out=None)
+    assert answer.final == 0xA801, answer.output[-2000:]
+
+
+@pytest.mark.parametrize("aec", ["CLOUD", "PROXY"])
+def test_get_study(site: Site, aec: str) -> None:
+    out = site.root / f"get-{aec}"
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "1",
+    }
+    answer = qr_tool("getscu", aec, site.gw.dimse_port, keys, out=out)
+    assert answer.final == 0x0000, answer.output[-3000:]
+    assert answer.counts()[-1][1:] == (4, 0, 0)
+    got = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in out.iterdir()}
+    assert len(got) == 4
+    for uid, path in got.items():
+        _same_pixels(path, site.files[uid])
+
+
+@pytest.mark.parametrize(
+    ("aec", "status"),
+    [("DEAD", 0xA700), ("HANG", 0xA700), ("BADURL", 0xC000)],
+)
+def test_upstream_failure_gets_a_status_and_the_gateway_keeps_serving(
+    site: Site, aec: str, status: int
+) -> None:
+    before = site.gw.log_count("bridge.upstream_failed")
+    answer = site.find(aec, STUDY_KEYS, f"fail-{aec}")
+    assert answer.final == status, answer.output[-2000:]
+    assert not answer.responses
+    site.gw.wait_log("bridge.upstream_failed", before + 1)
+    move_keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "1",
+    }
+    moved = qr_tool("movescu", aec, site.gw.dimse_port, move_keys, "-aem", "ARCHIVE", out=None)
+    assert moved.final == (0xA701 if status == 0xA700 else status), moved.output[-2000:]
+    # still serving: the same query through the live upstream answers in full
+    again = site.find("CLOUD", STUDY_KEYS, f"after-{aec}")
+    assert again.final == 0x0000 and len(again.responses) == 3
+
+
+def test_local_queries_stay_local(site: Site) -> None:
+    """The gateway's own AE title still answers from its (empty) store."""
+    answer = site.find(AE_TITLE, STUDY_KEYS, "local")
+    assert answer.final == 0x0000, answer.output[-2000:]
+    assert answer.responses == []
+    assert len(site.files) == ALL_INSTANCES

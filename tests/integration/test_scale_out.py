@@ -1,0 +1,473 @@
+"""Several gateway nodes on one PostgreSQL and one store folder, behind HAProxy (issue #8).
+
+Real everything on loopback: three ``dicomgate serve`` processes sharing one PostgreSQL
+database (127.0.0.1:5432) and one ``storage.path``, Debian's HAProxy in TCP mode in front
+of their DIMSE ports (and HTTP ports), DCMTK storescu as senders and storescp as the
+delivery destination. Also: schema migrations and the refusal of a newer schema.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import create_engine, text
+from tests.conftest import DICOMGATE, Corpus, GatewayProcess, dcmtk_env, free_port
+from tests.integration.test_queue_postgres import make_item
+
+from dicomgate.config import DuplicatePolicy
+from dicomgate.errors import DicomgateError
+from dicomgate.index.db import Index, current_revision, head_revision, migrate, normalize_url
+from dicomgate.queue import NewJob
+from dicomgate.queue.notify import JobListener
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        shutil.which("haproxy") is None or shutil.which("storescu") is None,
+        reason="needs haproxy and DCMTK (make peers)",
+    ),
+]
+
+NODES = 3
+STREAMS = 8
+LEASE_SECONDS = 4.0
+
+
+def _reset(url: str) -> None:
+    engine = create_engine(normalize_url(url))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE")
+        connection.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+
+
+# -- peers --------------------------------------------------------------------------------
+
+
+class Haproxy:
+    """HAProxy in the foreground from a generated config (never the system service)."""
+
+    def __init__(self, root: Path, nodes: list[GatewayProcess]) -> None:
+        self.dimse_port = free_port()
+        self.http_port = free_port()
+        dimse_servers = "\n".join(
+            f"  server n{i} 127.0.0.1:{gw.dimse_port} check port {gw.http_port}"
+            for i, gw in enumerate(nodes)
+        )
+        http_servers = "\n".join(
+            f"  server n{i} 127.0.0.1:{gw.http_port} check" for i, gw in enumerate(nodes)
+        )
+        self.config = root / "haproxy.cfg"
+        self.config.write_text(
+            f"""global
+  maxconn 256
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  default-server inter 300ms fall 2 rise 1
+frontend dimse
+  bind 127.0.0.1:{self.dimse_port}
+  default_backend dimse_nodes
+backend dimse_nodes
+  balance roundrobin
+  option httpchk GET /readyz
+{dimse_servers}
+frontend http
+  bind 127.0.0.1:{self.http_port}
+  default_backend http_nodes
+backend http_nodes
+  balance roundrobin
+  option httpchk GET /readyz
+{http_servers}
+""",
+            encoding="utf-8",
+        )
+        self.log = (root / "haproxy.log").open("wb")
+        self.proc = subprocess.Popen(
+            ["haproxy", "-f", str(self.config), "-db"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
+
+
+class Storescp:
+    """storescp keeping every receipt (``-uf``) and logging ``CALLING-AE FILE`` per receipt."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.out = root / "received"
+        self.out.mkdir()
+        self.receipts = root / "receipts.log"
+        self.receipts.touch()
+        self.log = (root / "storescp.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                "storescp",
+                "-aet",
+                "STORESCP",
+                "-uf",
+                "--output-directory",
+                str(self.out),
+                "--exec-on-reception",
+                f"echo #a #f >> {self.receipts}",
+                str(self.port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+        )
+
+    def received(self) -> list[tuple[str, str]]:
+        """(calling AE, SOP Instance UID) per receipt, in order."""
+        found = []
+        for line in self.receipts.read_text(encoding="utf-8").splitlines():
+            calling, _, name = line.strip().partition(" ")
+            if not name:
+                continue
+            ds = pydicom.dcmread(
+                self.out / name, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+            )
+            found.append((calling, str(ds.SOPInstanceUID)))
+        return found
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[Callable[[list[GatewayProcess]], Haproxy]]:
+    started: list[Haproxy] = []
+
+    def start(nodes: list[GatewayProcess]) -> Haproxy:
+        proxy = Haproxy(tmp_path, nodes)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Storescp]:
+    peer = Storescp(tmp_path)
+    yield peer
+    peer.stop()
+
+
+def _acknowledged(output: str) -> list[str]:
+    """Files storescu got a success response for (``-v`` output)."""
+    current: str | None = None
+    done = []
+    for line in output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            done.append(current)
+            current = None
+    return done
+
+
+def _wait_http(port: int, timeout: float = 10.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail("HAProxy does not forward HTTP to a ready node")
+        time.sleep(0.1)
+
+
+# -- the cluster test ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_stream", [25, pytest.param(200, marks=pytest.mark.slow)])
+def test_three_nodes_survive_kill9_of_one(
+    per_stream: int,
+    gateway: Callable[..., GatewayProcess],
+    database_url: str,
+    corpus: Corpus,
+    storescp: Storescp,
+    peers: Callable[[list[GatewayProcess]], Haproxy],
+    tmp_path: Path,
+) -> None:
+    _reset(database_url)
+    shared = tmp_path / "shared-store"
+    nodes = []
+    for n in range(NODES):
+        nodes.append(
+            gateway(
+                {
+                    "storage": {"path": str(shared)},
+                    "database": {"url": database_url},
+                    "node": {"name": f"node{n}"},
+                    "queue": {"lease_seconds": LEASE_SECONDS, "poll_interval": 0.5},
+                    "destinations": {
+                        "pacs": {
+                            "type": "dimse",
+                            "ae_title": "STORESCP",
+                            "host": "127.0.0.1",
+                            "port": storescp.port,
+                            "calling_ae_title": f"NODE{n}",
+                        }
+                    },
+                    "routes": [{"name": "all", "match": {}, "to": ["pacs"]}],
+                }
+            )
+        )
+    proxy = peers(nodes)
+    _wait_http(proxy.http_port)
+    streams = [
+        corpus.mr(f"scale-{per_stream}-{k}", per_stream, seed=800 + k) for k in range(STREAMS)
+    ]
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-v", "-to", "10", "-aec", nodes[0].ae_title]
+            + ["127.0.0.1", str(proxy.dimse_port)]
+            + [str(f) for f in files],
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for files in streams
+    ]
+    # kill -9 the middle node once about a quarter of the corpus is indexed.
+    index = nodes[0].index
+    victim = nodes[1]
+    deadline = time.monotonic() + 60
+    while index.count_instances() < STREAMS * per_stream // 4:
+        assert time.monotonic() < deadline, "ingest through HAProxy did not start"
+        time.sleep(0.01)
+    still_sending = sum(1 for s in senders if s.poll() is None)
+    victim.kill9()
+    victim.expected_exit = None
+    assert still_sending > 0, "the kill came after every stream had finished"
+
+    outputs = [s.communicate(timeout=120)[0] for s in senders]
+    acked = {
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        for out in outputs
+        for f in _acknowledged(out)
+    }
+    assert len(acked) >= STREAMS * per_stream // 4
+
+    # Every acknowledged instance has exactly one row (and it is current).
+    engine = index.engine
+    with engine.connect() as connection:
+        rows = Counter(
+            uid for (uid,) in connection.execute(text("SELECT sop_instance_uid FROM instance"))
+        )
+    assert all(rows[uid] == 1 for uid in acked), "an acknowledged instance is not indexed once"
+
+    # Every job gets done by the survivors, the dead node's leases included.
+    deadline = time.monotonic() + 60
+    while True:
+        with engine.connect() as connection:
+            states = dict(
+                connection.execute(
+                    text("SELECT state, count(*) FROM delivery_job GROUP BY state")
+                ).all()
+            )
+        if set(states) == {"done"}:
+            break
+        assert time.monotonic() < deadline, f"jobs not delivered: {states}"
+        time.sleep(0.2)
+    with engine.connect() as connection:
+        jobs = {
+            uid: (attempts, leased_by)
+            for uid, attempts, leased_by in connection.execute(
+                text(
+                    "SELECT i.sop_instance_uid, j.attempts, j.leased_by FROM delivery_job j"
+                    " JOIN instance i ON i.id = j.instance_pk"
+                )
+            )
+        }
+    received = storescp.received()
+    senders_of: dict[str, list[str]] = defaultdict(list)
+    for calling, uid in received:
+        senders_of[uid].append(calling)
+    assert acked <= set(senders_of), "an acknowledged instance was not delivered"
+    assert set(senders_of) == set(jobs), "a delivery without a job, or a job never delivered"
+    # No job was delivered by two nodes at once: a second receipt only for a job whose
+    # lease expired on the killed node and was taken over (attempt 2 by a survivor).
+    for uid, callers in senders_of.items():
+        if len(callers) > 1:
+            attempts, leased_by = jobs[uid]
+            assert len(callers) == 2 and callers[0] == "NODE1", (uid, callers)
+            assert attempts >= 2 and not str(leased_by).startswith("node1:"), (uid, jobs[uid])
+    # Node identity: leases name the node that delivered.
+    finishers = {str(leased_by).split(":")[0] for _, leased_by in jobs.values()}
+    assert finishers <= {"node0", "node1", "node2"} and finishers - {"node1"}
+    taken_over = sum(1 for attempts, _ in jobs.values() if attempts >= 2)
+    print(f"acked={len(acked)} jobs={len(jobs)} receipts={len(received)} over={taken_over}")
+    # Each node has its own spool and run marker in the shared store.
+    for n in range(NODES):
+        assert (shared / "nodes" / f"node{n}" / "spool").is_dir()
+    assert (shared / "nodes" / "node1" / ".dicomgate-running").exists()  # killed: unclean
+    # The killed node comes back under its name (its name lock died with it); commits were
+    # synchronous, so nothing is scanned or re-indexed.
+    victim.restart()
+    victim.expected_exit = 0
+    victim.wait_log("recovery.skipped")
+    assert victim.log_count("recovery.indexed") == 0
+    assert index.count_instances() == len(rows)
+
+
+def test_second_node_with_the_same_name_is_refused(
+    gateway: Callable[..., GatewayProcess], database_url: str, tmp_path: Path
+) -> None:
+    _reset(database_url)
+    shared = {"storage": {"path": str(tmp_path / "shared")}, "database": {"url": database_url}}
+    gateway({**shared, "node": {"name": "twin"}})
+    second = gateway({**shared, "node": {"name": "twin"}}, start=False)
+    result = subprocess.run(
+        [DICOMGATE, "serve", "--config", str(second.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "node.name" in result.stderr and "twin" in result.stderr
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+def test_migrate_from_first_revision_to_head(database_url: str) -> None:
+    _reset(database_url)
+    engine = create_engine(normalize_url(database_url))
+    try:
+        with engine.connect() as connection:
+            migrate(connection, "0001")
+            connection.commit()
+            assert current_revision(connection) == "0001"
+            tables = set(
+                connection.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                ).scalars()
+            )
+            assert "instance" in tables and "delivery_job" not in tables
+            migrate(connection)
+            connection.commit()
+            assert current_revision(connection) == head_revision()
+            tables = set(
+                connection.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                ).scalars()
+            )
+            assert {"instance", "delivery_job", "stable_timer", "audit_event"} <= tables
+    finally:
+        engine.dispose()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DICOMGATE, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_db_commands_and_refusal_of_a_newer_schema(
+    gateway: Callable[..., GatewayProcess], database_url: str, tmp_path: Path
+) -> None:
+    _reset(database_url)
+    gw = gateway({"database": {"url": database_url}}, start=False)
+    config = str(gw.config_path)
+    current = _cli("db", "current", "--config", config)
+    assert current.returncode == 0, current.stderr
+    assert "revision (empty)" in current.stdout and "run `dicomgate db migrate`" in current.stdout
+    migrated = _cli("db", "migrate", "--config", config)
+    assert migrated.returncode == 0, migrated.stderr
+    assert f"migrated from (empty) to {head_revision()}" in migrated.stdout
+    again = _cli("db", "migrate", "--config", config)
+    assert f"already at revision {head_revision()}" in again.stdout
+
+    # A newer dicomgate migrated the database: this one refuses to serve or to migrate.
+    engine = create_engine(normalize_url(database_url))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0999'")
+    engine.dispose()
+    for args in (("serve", "--config", config), ("db", "migrate", "--config", config)):
+        refused = _cli(*args)
+        assert refused.returncode == 1, refused
+        assert "database.url" in refused.stderr and "'0999'" in refused.stderr
+        assert "newer than this dicomgate" in refused.stderr
+    engine = create_engine(normalize_url(database_url))
+    with engine.connect() as connection:
+        assert current_revision(connection) == "0999"  # nothing was changed
+    engine.dispose()
+
+
+# -- LISTEN/NOTIFY and the node-name lock, in process -------------------------------------------
+
+
+def test_committed_jobs_wake_listeners_of_every_node(database_url: str) -> None:
+    """A commit that creates jobs notifies every listening node (and a rollback none)."""
+    _reset(database_url)
+    index = Index.open(database_url)
+    woken: dict[str, list[str]] = {"a": [], "b": []}
+    events = {name: threading.Event() for name in woken}
+
+    def on_jobs(node: str) -> Callable[[Sequence[str]], None]:
+        def wake(names: Sequence[str]) -> None:
+            woken[node].extend(names)
+            events[node].set()
+
+        return wake
+
+    listeners = [JobListener(index.engine.url, name, on_jobs(name)) for name in woken]
+    for listener in listeners:
+        listener.start()
+    try:
+        with pytest.raises(DicomgateError, match=r"node\.name: another live node named 'a'"):
+            JobListener(index.engine.url, "a", on_jobs("a")).start()
+        job = NewJob(destination="pacs", route="r")
+        index.record([make_item("5.1")], DuplicatePolicy.REJECT, [[job, NewJob("cloud", "r")]])
+        for name in woken:
+            assert events[name].wait(5), f"node {name} was not woken"
+        assert sorted(woken["a"]) == sorted(woken["b"]) == ["cloud", "pacs"]
+        for name in woken:
+            events[name].clear()
+            woken[name].clear()
+        # A rejected duplicate creates no job and announces nothing.
+        index.record([make_item("5.1")], DuplicatePolicy.REJECT, [[job]])
+        assert not events["a"].wait(1.5) and woken["a"] == []
+    finally:
+        for listener in listeners:
+            listener.stop()
+        index.close()
+    # The lock went with the connection: the name is free again.
+    index = Index.open(database_url)
+    again = JobListener(index.engine.url, "a", lambda names: None)
+    again.start()
+    again.stop()
+    index.close()
