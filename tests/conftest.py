@@ -302,6 +302,35 @@ class GatewayProcess:
         )
 
 
+def new_gateway(root: Path, overrides: Mapping[str, Any] | None = None) -> GatewayProcess:
+    """A gateway (not started) under ``root``: SQLite and store in ``root/data``, DIMSE and
+    HTTP on free 127.0.0.1 ports, ``overrides`` merged into that config."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    base: dict[str, Any] = {
+        "storage": {"path": str(data)},
+        "database": {"url": f"sqlite:///{data}/index.db"},
+        "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+    }
+    return GatewayProcess(root=root, config=_merge(base, overrides or {}))
+
+
+@contextlib.contextmanager
+def loaded_gateway(root: Path, files: list[Path]) -> Iterator[GatewayProcess]:
+    """A started gateway holding ``files`` (sent with storescu), for module-scoped
+    fixtures; stopped afterwards, and it must exit cleanly."""
+    gw = new_gateway(root)
+    gw.start()
+    try:
+        sent = gw.storescu(files)
+        assert sent.returncode == 0, sent.stdout
+        yield gw
+    finally:
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Factory: ``gateway(overrides=None, start=True)`` -> a running :class:`GatewayProcess`.
@@ -313,16 +342,7 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     def factory(overrides: Mapping[str, Any] | None = None, start: bool = True) -> GatewayProcess:
-        root = tmp_path / f"gw{len(started)}"
-        root.mkdir()
-        data = root / "data"
-        base: dict[str, Any] = {
-            "storage": {"path": str(data)},
-            "database": {"url": f"sqlite:///{data}/index.db"},
-            "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
-            "http": {"host": "127.0.0.1", "port": free_port()},
-        }
-        gw = GatewayProcess(root=root, config=_merge(base, overrides or {}))
+        gw = new_gateway(tmp_path / f"gw{len(started)}", overrides)
         started.append(gw)
         if start:
             gw.start()
@@ -391,48 +411,75 @@ class Orthanc:
             return json.loads(r.read())
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+@dataclass
+class OrthancProcess:
+    """An Orthanc started by :func:`launch_orthanc`."""
+
+    http_port: int
+    dicom_port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def launch_orthanc(
+    root: Path, extra: Mapping[str, Any] | None = None, args: tuple[str, ...] = ()
+) -> OrthancProcess:
+    """Start Orthanc with its DICOMweb plugin on free ports from a config generated under
+    ``root`` (``extra`` merged in; the ports and folders are ours) and wait for its REST
+    API. Skips when Orthanc or the plugin is not installed."""
     if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
         pytest.skip("needs orthanc and orthanc-dicomweb")
+    root.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config = {
         "Name": "dicomgate-test",
-        "StorageDirectory": str(tmp_path / "orthanc-db"),
-        "IndexDirectory": str(tmp_path / "orthanc-db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **(extra or {}),
+        "StorageDirectory": str(root / "orthanc-db"),
+        "IndexDirectory": str(root / "orthanc-db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
     }
-    config_path = tmp_path / "orthanc.json"
+    config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config))
-    log = (tmp_path / "orthanc.log").open("wb")
-    proc = subprocess.Popen([str(ORTHANC), str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-    server = Orthanc(http_port, proc)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("Orthanc exited:\n" + (tmp_path / "orthanc.log").read_text())
-            try:
-                server.get("/system")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("Orthanc did not start")
-                time.sleep(0.1)
-        yield server
-    finally:
-        proc.terminate()
+    log_path = root / "orthanc.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(ORTHANC), *args, str(config_path)], stdout=log, stderr=subprocess.STDOUT
+        )
+    server = OrthancProcess(http_port, dicom_port, proc, log_path)
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None:
+            pytest.fail("Orthanc exited:\n" + log_path.read_text())
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2):
+                return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                pytest.fail("Orthanc did not start")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    launched = launch_orthanc(tmp_path)
+    try:
+        yield Orthanc(launched.http_port, launched.proc)
+    finally:
+        launched.stop()
 
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"

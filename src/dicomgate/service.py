@@ -152,9 +152,8 @@ class Gateway:
             ),
             audit=self.observability.audit,
             work_dir=self.node_dir / "egress",
+            node=self.node,
         )
-        # Leases name the node (``leased_by``); the pid tells restarts apart.
-        self.dispatcher.worker_id = f"{self.node}:{os.getpid()}"
         if self.clustered:
             self.listener = JobListener(self.index.engine.url, self.node, self.dispatcher.notify)
             self.listener.start()  # a DicomgateError naming node.name if the name is taken

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -27,11 +26,11 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from tests.conftest import (
     AE_TITLE,
-    DICOMWEB_PLUGIN,
-    ORTHANC,
     Corpus,
     GatewayProcess,
+    OrthancProcess,
     free_port,
+    launch_orthanc,
 )
 
 UID = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
@@ -42,13 +41,8 @@ NOT_COMPARED = {"00081190", "00080005", "00080054", "00080056"}
 
 
 @dataclass
-class Pacs:
+class Pacs(OrthancProcess):
     """Orthanc with its DICOM server (C-FIND / C-GET open to our AE) and DICOMweb."""
-
-    http_port: int
-    dicom_port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
 
     def rest(self, path: str, data: bytes | None = None) -> Any:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data)
@@ -62,14 +56,6 @@ class Pacs:
     def dicomweb(self) -> DICOMwebClient:
         return DICOMwebClient(url=f"http://127.0.0.1:{self.http_port}/dicom-web")
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
 
 @pytest.fixture
 def gw_dimse_port() -> int:
@@ -79,53 +65,27 @@ def gw_dimse_port() -> int:
 
 @pytest.fixture
 def pacs(tmp_path: Path, gw_dimse_port: int) -> Iterator[Pacs]:
-    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
-        pytest.skip("needs orthanc and orthanc-dicomweb")
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "dicomgate-bridge-test",
-        "StorageDirectory": str(tmp_path / "orthanc-db"),
-        "IndexDirectory": str(tmp_path / "orthanc-db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "DicomServerEnabled": True,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowGet": True,
-        "DicomModalities": {
-            "dicomgate": {
-                "AET": AE_TITLE,
-                "Host": "127.0.0.1",
-                "Port": gw_dimse_port,
-                "AllowFind": True,
-                "AllowGet": True,
-            }
+    launched = launch_orthanc(
+        tmp_path,
+        {
+            "DicomAet": "ORTHANC",
+            "DicomServerEnabled": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomModalities": {
+                "dicomgate": {
+                    "AET": AE_TITLE,
+                    "Host": "127.0.0.1",
+                    "Port": gw_dimse_port,
+                    "AllowFind": True,
+                    "AllowGet": True,
+                }
+            },
         },
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    config_path = tmp_path / "orthanc.json"
-    config_path.write_text(json.dumps(config))
-    log_path = tmp_path / "orthanc.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(ORTHANC), "--verbose", str(config_path)], stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Pacs(http_port, dicom_port, proc, log_path)
+        ("--verbose",),
+    )
+    server = Pacs(launched.http_port, launched.dicom_port, launched.proc, launched.log)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("Orthanc exited:\n" + log_path.read_text())
-            try:
-                server.rest("/system")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("Orthanc did not start")
-                time.sleep(0.1)
         yield server
     finally:
         server.stop()

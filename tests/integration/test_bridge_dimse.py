@@ -12,10 +12,8 @@ own DIMSE port for the same query.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +28,10 @@ from tests.conftest import (
     DICOMWEB_PLUGIN,
     ORTHANC,
     GatewayProcess,
+    OrthancProcess,
     dcmtk_env,
     free_port,
+    launch_orthanc,
     needs_dcmtk,
 )
 from tests.integration.test_qr_scp import (
@@ -49,55 +49,26 @@ STUDY_ROOT = "-S"
 ORTHANC_AET = "ORTHANC"
 
 
-@dataclass
-class Upstream:
-    http_port: int
-    dicom_port: int
-    proc: subprocess.Popen[bytes]
+Upstream = OrthancProcess
 
 
 def start_orthanc(root: Path, modalities: dict[str, list[Any]]) -> Upstream:
     """Orthanc with DICOMweb and a DICOM port, knowing ``modalities`` (C-MOVE targets)."""
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "dicomgate-bridge-test",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": ORTHANC_AET,
-        "DicomServerEnabled": True,
-        "DicomModalities": modalities,
-        "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowMove": True,
-        "DicomAlwaysAllowGet": True,
-        "DicomCheckModalityHost": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("wb")
-    proc = subprocess.Popen(
-        [str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    return launch_orthanc(
+        root,
+        {
+            "Name": "dicomgate-bridge-test",
+            "DicomAet": ORTHANC_AET,
+            "DicomServerEnabled": True,
+            "DicomModalities": modalities,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomCheckModalityHost": False,
+        },
     )
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            pytest.fail("Orthanc exited:\n" + (root / "orthanc.log").read_text())
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("Orthanc did not start")
-            time.sleep(0.1)
-    return Upstream(http_port, dicom_port, proc)
 
 
 def post_instance(upstream: Upstream, path: Path) -> None:
@@ -213,8 +184,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         gw.close_index()
         if gw.proc is not None:
             gw.terminate()
-        orthanc.proc.terminate()
-        orthanc.proc.wait(15)
+        orthanc.stop()
         scp.stop()
         hang.close()
 

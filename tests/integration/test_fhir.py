@@ -10,7 +10,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
-from tests.conftest import AE_TITLE, GatewayProcess, free_port, needs_dcmtk
+from tests.conftest import GatewayProcess, loaded_gateway, needs_dcmtk
 from tests.qido_corpus import QueryCorpus, write_query_corpus
 
 pytestmark = needs_dcmtk
@@ -22,25 +22,8 @@ def served(
 ) -> Iterator[tuple[GatewayProcess, QueryCorpus]]:
     root = tmp_path_factory.mktemp("fhir")
     corpus = write_query_corpus(root / "corpus")
-    (root / "gw").mkdir()
-    data = root / "gw" / "data"
-    gw = GatewayProcess(
-        root=root / "gw",
-        config={
-            "storage": {"path": str(data)},
-            "database": {"url": f"sqlite:///{data}/index.db"},
-            "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
-            "http": {"host": "127.0.0.1", "port": free_port()},
-        },
-    )
-    gw.start()
-    try:
-        sent = gw.storescu(corpus.files)
-        assert sent.returncode == 0, sent.stdout
+    with loaded_gateway(root / "gw", corpus.files) as gw:
         yield gw, corpus
-    finally:
-        gw.close_index()
-        assert gw.terminate() == 0, gw.log_tail()
 
 
 def get(gw: GatewayProcess, path: str, **params: str) -> httpx.Response:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from tests.conftest import AE_TITLE, GatewayProcess, free_port, needs_dcmtk
+from tests.conftest import GatewayProcess, loaded_gateway, needs_dcmtk
 from tests.qido_corpus import QueryCorpus, write_query_corpus
 
 pytestmark = needs_dcmtk
@@ -26,25 +26,8 @@ def served(
 ) -> Iterator[tuple[GatewayProcess, QueryCorpus]]:
     root = tmp_path_factory.mktemp("qido")
     corpus = write_query_corpus(root / "corpus")
-    (root / "gw").mkdir()
-    data = root / "gw" / "data"
-    gw = GatewayProcess(
-        root=root / "gw",
-        config={
-            "storage": {"path": str(data)},
-            "database": {"url": f"sqlite:///{data}/index.db"},
-            "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
-            "http": {"host": "127.0.0.1", "port": free_port()},
-        },
-    )
-    gw.start()
-    try:
-        sent = gw.storescu(corpus.files)
-        assert sent.returncode == 0, sent.stdout
+    with loaded_gateway(root / "gw", corpus.files) as gw:
         yield gw, corpus
-    finally:
-        gw.close_index()
-        assert gw.terminate() == 0, gw.log_tail()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from dicomgate.queue import jobs as queue_jobs
 
 pytestmark = pytest.mark.postgres
 
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 

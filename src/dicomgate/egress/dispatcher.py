@@ -183,13 +183,15 @@ class Dispatcher:
         pipelines: Mapping[str, Pipeline] | None = None,
         work_dir: Path | None = None,
         audit: AuditTrail | None = None,
+        node: str | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
         self.poll_interval = poll_interval
         self.batch_wait = batch_wait
         self.timer_interval = timer_interval
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # Leases name the node (``leased_by``); the pid tells restarts apart.
+        self.worker_id = f"{node or socket.gethostname()}:{os.getpid()}"
         controls = controls or {}
         self.pipelines: Mapping[str, Pipeline] = pipelines or {}
         self.work_dir = work_dir or store.root / "egress"
