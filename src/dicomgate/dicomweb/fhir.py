@@ -8,8 +8,16 @@
   gateway has no Patient resources, so the id *is* the Patient ID). ``identifier`` is a
   token: ``urn:oid:<uid>`` (with or without the ``urn:dicom:uid|`` system) matches the
   Study Instance UID, any other value the Accession Number; a comma means "or".
-  ``_count`` pages (default 50, at most 1000). Any other parameter is a 400: a search
-  that silently ignored a criterion would return studies the caller did not ask for.
+  ``_count`` is the page size (default 50, at most 1000) and ``_offset`` the number of
+  matches to skip (default 0). ``total`` is the number of matches of the whole search,
+  not of the page, and a ``next`` link (the same search with ``_offset`` moved on by
+  ``_count``) is present while matches remain (FHIR R4 3.1.1.4 "Paging"); ``previous``
+  likewise once ``_offset`` is past 0. Any other parameter is a 400: a search that
+  silently ignored a criterion would return studies the caller did not ask for.
+
+The series and instances of the matched studies are fetched by Study Instance UID lists
+cut to fit the index's per-key limits (the limits that protect QIDO from oversized user
+input), so a patient with any number of studies can be searched.
 
 Each ImagingStudy carries a contained Endpoint (connectionType ``dicom-wado-rs``, address
 the gateway's ``/dicomweb``) referenced by the study and each series, so a client can
@@ -23,6 +31,7 @@ import json
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import Connection
@@ -30,7 +39,15 @@ from sqlalchemy import Connection
 from dicomgate.dicomweb.qido import public_base_url
 from dicomgate.dicomweb.server import PREFIX
 from dicomgate.errors import IndexUnavailable
-from dicomgate.index.query import InvalidQuery, Level, Match, QueryOptions, search
+from dicomgate.index.query import (
+    MAX_KEY_VALUE,
+    MAX_LIST_ITEMS,
+    InvalidQuery,
+    Level,
+    Match,
+    QueryOptions,
+    search,
+)
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -40,7 +57,8 @@ DEFAULT_COUNT = 50
 MAX_COUNT = 1000
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_SEARCH_PARAMS = {"patient", "identifier", "_count", "_format"}
+_SEARCH_PARAMS = {"patient", "identifier", "_count", "_offset", "_format"}
+MAX_OFFSET = 10**9
 _STUDY_FIELDS = (
     "StudyDescription",
     "StudyDate",
@@ -78,10 +96,12 @@ def router(gateway: Gateway) -> APIRouter:
             media_type=FHIR_JSON,
         )
 
-    def run(request: Request, keys: dict[str, str], count: int) -> list[dict[str, Any]]:
+    def run(
+        request: Request, keys: dict[str, str], count: int, offset: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
         base = public_base_url(request)
         with gateway.index.engine.connect() as connection:
-            return imaging_studies(connection, keys, base, count)
+            return imaging_studies(connection, keys, base, count, offset)
 
     @api.get("/ImagingStudy/{study_id}")
     def read_imaging_study(study_id: str, request: Request) -> Response:
@@ -89,7 +109,7 @@ def router(gateway: Gateway) -> APIRouter:
         try:
             if len(study_id) > 64 or not _UID_RE.match(study_id):
                 raise _FhirError(404, "not-found", f"no ImagingStudy {study_id!r}")
-            found = run(request, {"StudyInstanceUID": study_id}, 1)
+            found, _ = run(request, {"StudyInstanceUID": study_id}, 1)
             if not found:
                 raise _FhirError(404, "not-found", f"no ImagingStudy {study_id!r}")
         except _FhirError as error:
@@ -102,8 +122,8 @@ def router(gateway: Gateway) -> APIRouter:
     def search_imaging_study(request: Request) -> Response:
         """Search ImagingStudy by patient and identifier: a searchset Bundle."""
         try:
-            keys, count = _search_keys(request)
-            found = run(request, keys, count)
+            keys, count, offset = _search_keys(request)
+            found, total = run(request, keys, count, offset)
         except _FhirError as error:
             return respond(outcome(error.code, error.message), error.status)
         except InvalidQuery as error:
@@ -111,12 +131,20 @@ def router(gateway: Gateway) -> APIRouter:
         except IndexUnavailable as error:
             return respond(outcome("transient", f"index unavailable: {error}"), 503)
         base = public_base_url(request)
+        links = [{"relation": "self", "url": _page_url(request, base, count, offset)}]
+        if offset + len(found) < total:
+            links.append(
+                {"relation": "next", "url": _page_url(request, base, count, offset + count)}
+            )
+        if offset > 0:
+            previous = max(0, offset - count)
+            links.append({"relation": "previous", "url": _page_url(request, base, count, previous)})
         return respond(
             {
                 "resourceType": "Bundle",
                 "type": "searchset",
-                "total": len(found),
-                "link": [{"relation": "self", "url": str(request.url)}],
+                "total": total,
+                "link": links,
                 "entry": [
                     {
                         "fullUrl": f"{base}/fhir/ImagingStudy/{study['id']}",
@@ -139,14 +167,24 @@ def outcome(code: str, message: str) -> dict[str, Any]:
     }
 
 
-def _search_keys(request: Request) -> tuple[dict[str, str], int]:
+def _page_url(request: Request, base: str, count: int, offset: int) -> str:
+    """This search's URL (as the client reached us) for the page at ``offset``."""
+    params = [
+        (k, v) for k, v in request.query_params.multi_items() if k not in ("_count", "_offset")
+    ]
+    params += [("_count", str(count)), ("_offset", str(offset))]
+    return f"{base}{request.url.path}?{urlencode(params)}"
+
+
+def _search_keys(request: Request) -> tuple[dict[str, str], int, int]:
     keys: dict[str, str] = {}
     count = DEFAULT_COUNT
+    offset = 0
     params = request.query_params
     unknown = sorted(set(params) - _SEARCH_PARAMS)
     if unknown:
         raise _FhirError(400, "not-supported", f"unsupported search parameter(s): {unknown}")
-    for name in ("patient", "identifier", "_count"):
+    for name in ("patient", "identifier", "_count", "_offset"):
         if len(params.getlist(name)) > 1:
             raise _FhirError(400, "invalid", f"{name} is given more than once")
     if "_format" in params and params["_format"] not in ("json", "application/fhir+json"):
@@ -156,6 +194,11 @@ def _search_keys(request: Request) -> tuple[dict[str, str], int]:
         if not value.isdigit() or not 0 < int(value) <= MAX_COUNT:
             raise _FhirError(400, "invalid", f"_count must be 1..{MAX_COUNT}, not {value!r}")
         count = int(value)
+    if "_offset" in params:
+        value = params["_offset"]
+        if not value.isdigit() or int(value) > MAX_OFFSET:
+            raise _FhirError(400, "invalid", f"_offset must be 0..{MAX_OFFSET}, not {value!r}")
+        offset = int(value)
     if "patient" in params:
         patient = params["patient"].strip()
         patient = patient.removeprefix("Patient/")
@@ -190,38 +233,61 @@ def _search_keys(request: Request) -> tuple[dict[str, str], int]:
             keys["AccessionNumber"] = "\\".join(accessions)
     if not keys:
         raise _FhirError(400, "invalid", "give patient and/or identifier")
-    return keys, count
+    return keys, count, offset
 
 
 def imaging_studies(
-    connection: Connection, keys: Mapping[str, str], base: str, count: int
-) -> list[dict[str, Any]]:
-    """ImagingStudy resources of the studies matching ``keys`` (at most ``count``)."""
+    connection: Connection, keys: Mapping[str, str], base: str, count: int, offset: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """ImagingStudy resources of the page of matches of ``keys`` (at most ``count`` from
+    ``offset``) and the number of matches of the whole search."""
+    # Only the identifying columns: counting the matches costs no computed attributes.
+    total = len(search(connection, Level.STUDY, dict(keys)).matches)
     studies = search(
-        connection, Level.STUDY, dict(keys), QueryOptions(limit=count, include=_STUDY_FIELDS)
+        connection,
+        Level.STUDY,
+        dict(keys),
+        QueryOptions(limit=count, offset=offset, include=_STUDY_FIELDS),
     ).matches
     if not studies:
-        return []
-    uid_list = {"StudyInstanceUID": "\\".join(str(s.study_uid) for s in studies)}
-    all_series = search(
-        connection, Level.SERIES, uid_list, QueryOptions(include=_SERIES_FIELDS)
-    ).matches
-    all_instances = search(
-        connection,
-        Level.IMAGE,
-        uid_list,
-        QueryOptions(include=("SOPClassUID", "InstanceNumber")),
-    ).matches
+        return [], total
+    all_series: list[Match] = []
+    all_instances: list[Match] = []
+    for uid_list in _uid_lists([str(s.study_uid) for s in studies]):
+        key = {"StudyInstanceUID": uid_list}
+        all_series += search(
+            connection, Level.SERIES, key, QueryOptions(include=_SERIES_FIELDS)
+        ).matches
+        all_instances += search(
+            connection, Level.IMAGE, key, QueryOptions(include=("SOPClassUID", "InstanceNumber"))
+        ).matches
     instances_of: dict[str, list[Match]] = {}
     for found in all_instances:
         instances_of.setdefault(str(found.series_uid), []).append(found)
     series_of: dict[str, list[Match]] = {}
     for found in all_series:
         series_of.setdefault(str(found.study_uid), []).append(found)
-    return [
+    resources = [
         _imaging_study(study, series_of.get(str(study.study_uid), []), instances_of, base)
         for study in studies
     ]
+    return resources, total
+
+
+def _uid_lists(uids: list[str]) -> list[str]:
+    """``uids`` as backslash-joined key values each within the index's per-key limits."""
+    chunks: list[str] = []
+    current: list[str] = []
+    length = 0
+    for uid in uids:
+        if current and (length + 1 + len(uid) > MAX_KEY_VALUE or len(current) >= MAX_LIST_ITEMS):
+            chunks.append("\\".join(current))
+            current, length = [], 0
+        length += len(uid) + (1 if current else 0)
+        current.append(uid)
+    if current:
+        chunks.append("\\".join(current))
+    return chunks
 
 
 def _imaging_study(
