@@ -7,6 +7,7 @@ route delivered; a refused request must leave the index empty.
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import httpx
 import psutil
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
+from pydicom.errors import InvalidDicomError
 from tests.conftest import Corpus, GatewayProcess, bundled_file, wait_until
 
 from dicomgate.ingress.sniff import sniff
@@ -23,7 +26,8 @@ pytestmark = [pytest.mark.timeout(180)]
 
 Gateway = Callable[..., GatewayProcess]
 
-# The pydicom test files in every transfer syntax we expect to take as they are.
+# The pydicom test files, at least one in each transfer syntax pydicom bundles (checked by
+# test_bundled_covers_every_transfer_syntax_of_the_pydicom_test_files).
 BUNDLED = [
     "CT_small.dcm",  # explicit little endian
     "MR_small_implicit.dcm",
@@ -36,6 +40,8 @@ BUNDLED = [
     "JPGExtended.dcm",
     "image_dfl.dcm",  # deflated
     "SC_rgb_rle_2frame.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless SV1 (1.2.840.10008.1.2.4.70)
+    "JPEGLSNearLossless_08.dcm",  # JPEG-LS near-lossless (1.2.840.10008.1.2.4.81)
 ]
 
 
@@ -91,9 +97,12 @@ def test_dicomweb_client_stores_every_transfer_syntax_and_routes_them(
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets:  # the MR_small variants share one SOP Instance UID
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{uuid.uuid4().int}"
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):  # the JPEG-LS lossy files
+            if keyword not in ds:  # lack both, and an instance without them is refused
+                setattr(ds, keyword, f"2.25.{uuid.uuid4().int}")
     client = DICOMwebClient(url=gw.url("/dicomweb"))
-    answer = client.store_instances(datasets[:11])
-    answer2 = client.store_instances(datasets[11:])
+    answer = client.store_instances(datasets[: len(BUNDLED)])
+    answer2 = client.store_instances(datasets[len(BUNDLED) :])
     stored = referenced(answer.to_json_dict()) + referenced(answer2.to_json_dict())
     assert sorted(stored) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
     for path, ds in zip(files, datasets, strict=True):
@@ -107,6 +116,51 @@ def test_dicomweb_client_stores_every_transfer_syntax_and_routes_them(
             assert sent.PixelData == ds.PixelData, path.name
     share = tmp_path / "share"
     wait_until(lambda: len(list(share.rglob("*.dcm"))) == len(files), 30, "routed copies")
+
+
+def test_bundled_covers_every_transfer_syntax_of_the_pydicom_test_files() -> None:
+    folder = bundled_file("CT_small.dcm").parent
+    bundled: set[str] = set()
+    for path in folder.rglob("*.dcm"):
+        try:
+            with warnings.catch_warnings():  # some are deliberately odd; only the meta counts
+                warnings.simplefilter("ignore")
+                meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        except (InvalidDicomError, AttributeError, ValueError):
+            continue  # files without (usable) file meta carry no transfer syntax
+        if "TransferSyntaxUID" in meta:
+            bundled.add(str(meta.TransferSyntaxUID))
+    ours = {str(pydicom.dcmread(bundled_file(n)).file_meta.TransferSyntaxUID) for n in BUNDLED}
+    assert len(bundled) >= 12 and bundled <= ours, sorted(bundled - ours)
+
+
+def test_dicomweb_client_stores_to_one_study_and_a_stranger_fails(
+    stow_gateway: GatewayProcess, corpus: Corpus
+) -> None:
+    """``store_instances(..., study_instance_uid=)`` POSTs to /studies/{uid} (PS3.18 10.5.1):
+    the instance of another study fails with 0xA900, the others are stored."""
+    gw = stow_gateway
+    mine = [pydicom.dcmread(f) for f in corpus.mr("stow-client-study-a", 2, seed=96)]
+    stranger = pydicom.dcmread(corpus.mr("stow-client-study-b", 1, seed=97)[0])
+    study = str(mine[0].StudyInstanceUID)
+    assert str(stranger.StudyInstanceUID) != study
+    client = DICOMwebClient(url=gw.url("/dicomweb"))
+
+    answer = client.store_instances([*mine, stranger], study_instance_uid=study).to_json_dict()
+    assert sorted(referenced(answer)) == sorted(str(ds.SOPInstanceUID) for ds in mine)
+    assert failed_reasons(answer) == {str(stranger.SOPInstanceUID): 0xA900}
+    assert answer["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{study}")
+    for ds in mine:
+        row = gw.index.instance(str(ds.SOPInstanceUID))
+        assert row is not None and row["received_via"] == "stow"
+    assert gw.index.instance(str(stranger.SOPInstanceUID)) is None
+
+    # Nothing of that study: 409, which dicomweb-client raises, and still nothing stored.
+    with pytest.raises(requests.HTTPError) as raised:
+        client.store_instances([stranger], study_instance_uid=study)
+    assert raised.value.response is not None and raised.value.response.status_code == 409
+    assert failed_reasons(raised.value.response.json()) == {str(stranger.SOPInstanceUID): 0xA900}
+    assert gw.index.instance(str(stranger.SOPInstanceUID)) is None
 
 
 def test_raw_multipart_is_stored_byte_for_byte(
