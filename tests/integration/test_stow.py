@@ -149,7 +149,7 @@ def test_dicomweb_client_stores_to_one_study_and_a_stranger_fails(
     answer = client.store_instances([*mine, stranger], study_instance_uid=study).to_json_dict()
     assert sorted(referenced(answer)) == sorted(str(ds.SOPInstanceUID) for ds in mine)
     assert failed_reasons(answer) == {str(stranger.SOPInstanceUID): 0xA900}
-    assert answer["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{study}")
+    assert answer["00081190"]["Value"] == [gw.url(f"/dicomweb/studies/{study}")]
     for ds in mine:
         row = gw.index.instance(str(ds.SOPInstanceUID))
         assert row is not None and row["received_via"] == "stow"
@@ -161,6 +161,34 @@ def test_dicomweb_client_stores_to_one_study_and_a_stranger_fails(
     assert raised.value.response is not None and raised.value.response.status_code == 409
     assert failed_reasons(raised.value.response.json()) == {str(stranger.SOPInstanceUID): 0xA900}
     assert gw.index.instance(str(stranger.SOPInstanceUID)) is None
+
+
+def test_retrieve_urls_carry_the_port_the_client_reached(
+    stow_gateway: GatewayProcess, corpus: Corpus
+) -> None:
+    """dicomweb-client sends ``Host: 127.0.0.1`` without the port; the RetrieveURLs must
+    still point at this gateway (as QIDO's and FHIR's do), and work."""
+    gw = stow_gateway
+    ds = pydicom.dcmread(corpus.mr("stow-retrieve-url", 1, seed=98)[0])
+    client = DICOMwebClient(url=gw.url("/dicomweb"))
+    answer = client.store_instances([ds]).to_json_dict()
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    assert answer["00081190"]["Value"] == [gw.url(f"/dicomweb/studies/{study}")]
+    (item,) = answer["00081199"]["Value"]
+    url = item["00081190"]["Value"][0]
+    assert url == gw.url(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}")
+    fetched = httpx.get(url, headers={"accept": 'multipart/related; type="application/dicom"'})
+    assert fetched.status_code == 200 and str(sop).encode() in fetched.content
+    # Behind a proxy that forwards its own Host (with its port), the URLs name the proxy.
+    r = post(
+        gw,
+        multipart([corpus.mr("stow-retrieve-url", 1, seed=98)[0].read_bytes()]),
+        host="pacs.example.org:8443",
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["00081190"]["Value"] == [
+        f"http://pacs.example.org:8443/dicomweb/studies/{study}"
+    ]
 
 
 def test_raw_multipart_is_stored_byte_for_byte(

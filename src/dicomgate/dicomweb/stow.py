@@ -33,7 +33,8 @@ from dicomgate.dicomweb.multipart import (
     PartStart,
     parse_content_type,
 )
-from dicomgate.dicomweb.server import problem
+from dicomgate.dicomweb.qido import public_base_url
+from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.dimse.server import status_for
 from dicomgate.errors import DicomgateError, InvalidInstance, StoreFullError
 from dicomgate.ingest import IngestJob
@@ -288,7 +289,8 @@ async def store_instances(
     ]
     results = await asyncio.gather(*(gateway.ingestor.ingest(job) for job in jobs))
 
-    base = str(request.base_url).rstrip("/") + "/dicomweb"
+    # As QIDO and FHIR build theirs: the Host header lacks the port for some clients.
+    base = public_base_url(request) + PREFIX
     referenced: list[dict[str, Any]] = []
     failed = [
         {**_seq_item(f.sop_class_uid, f.sop_instance_uid), "00081197": _us(f.reason)}
