@@ -200,8 +200,8 @@ class WadoService:
                 raise WadoError(
                     406,
                     f"cannot send instances stored in {syntax} in any of the accepted "
-                    "representations (we transcode only to Explicit VR Little Endian, "
-                    f"{EXPLICIT_VR_LITTLE_ENDIAN})",
+                    'representations (multipart/related; type="application/dicom" with '
+                    "a transfer-syntax the transcoder writes, see docs/dicomweb.md)",
                 )
             plan[syntax] = target
         first: bytes | None = None
