@@ -18,7 +18,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.errors import InvalidDicomError
-from tests.conftest import Corpus, GatewayProcess, bundled_file, wait_until
+from tests.conftest import Corpus, GatewayProcess, Orthanc, bundled_file, wait_until
 
 from dicomgate.ingress.sniff import sniff
 
@@ -241,6 +241,56 @@ def test_duplicate_under_reject_policy_is_a_failed_instance(
     r = post(gw, multipart([f.read_bytes()]))
     assert r.status_code == 409
     assert list(failed_reasons(r.json()).values()) == [0x0111]
+
+
+@pytest.mark.parametrize("policy", ["keep_both", "overwrite"])
+def test_duplicate_stored_under_keep_both_or_overwrite_is_a_plain_success(
+    gateway: Gateway, corpus: Corpus, tmp_path: Path, policy: str
+) -> None:
+    """No WarningReason (0008,1196) for a duplicate the policy stores: C-STORE answers the
+    same duplicate 0x0000 Success (not a PS3.4 B.2.3 warning), and STOW mirrors it."""
+    gw = gateway({"storage": {"duplicates": policy}})
+    first = corpus.mr("stow-dup-stored", 1, seed=99)[0]
+    ds = pydicom.dcmread(first)
+    ds.StudyDescription = "SECOND VERSION"
+    second = tmp_path / "second.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    sop = str(ds.SOPInstanceUID)
+
+    assert post(gw, multipart([first.read_bytes()])).status_code == 200
+    r = post(gw, multipart([second.read_bytes()]))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["00081198"] == {"vr": "SQ"}
+    (item,) = answer["00081199"]["Value"]
+    assert item["00081155"]["Value"] == [sop] and "00081196" not in item
+    current = gw.index.instance(sop)
+    assert current is not None
+    assert pydicom.dcmread(gw.stored_path(current)).StudyDescription == "SECOND VERSION"
+    assert len(gw.index.instances(sop)) == (2 if policy == "keep_both" else 1)
+
+    # The DIMSE path for the same case: Success, which STOW's plain 200 mirrors.
+    sent = gw.storescu([first], "-v")
+    assert sent.returncode == 0 and "Received Store Response (Success)" in sent.stdout
+
+
+def test_orthanc_answers_a_duplicate_without_warning_reason_too(
+    orthanc: Orthanc, corpus: Corpus
+) -> None:
+    """The reference DICOMweb server agrees: a re-sent instance is a plain 200 item."""
+    f = corpus.mr("stow-dup-orthanc", 1, seed=100)[0]
+    url = f"http://127.0.0.1:{orthanc.http_port}/dicom-web/studies"
+    headers = {
+        "content-type": (
+            'multipart/related; type="application/dicom"; boundary=dicomgate-test-boundary'
+        ),
+        "accept": "application/dicom+json",
+    }
+    for _ in range(2):
+        r = httpx.post(url, content=multipart([f.read_bytes()]), headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        (item,) = r.json()["00081199"]["Value"]
+        assert "00081196" not in item
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,10 @@ FailedSOPSequence with its FailureReason, the C-STORE status codes of PS3.4 B.2.
 malformed body; 406 an Accept we cannot answer (we answer ``application/dicom+json``);
 415 a content type other than ``multipart/related; type="application/dicom"`` or
 ``application/dicom``; 507 the store is below ``storage.min_free_bytes``.
+
+No item carries WarningReason (0008,1196, PS3.18 10.5.3): the gateway never coerces or
+discards elements, and a duplicate that ``storage.duplicates`` stores is a success, as the
+C-STORE path answers it 0x0000 (docs/dicomweb.md records the decision).
 """
 
 from __future__ import annotations
