@@ -196,6 +196,7 @@ def test_search_a_patient_with_many_studies_pages_through_all(
         ({"patient": "QP1", "_count": "0"}, 400),
         ({"patient": "QP1", "_offset": "-1"}, 400),
         ({"patient": "QP1", "_offset": "x"}, 400),
+        ({"patient": "QP1", "_count": "\u00b2"}, 400),  # a digit to str.isdigit, not to int
         ({"patient": "QP1", "_format": "xml"}, 406),
     ],
 )

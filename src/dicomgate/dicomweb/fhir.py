@@ -173,7 +173,7 @@ def _page_url(request: Request, base: str, count: int, offset: int) -> str:
         (k, v) for k, v in request.query_params.multi_items() if k not in ("_count", "_offset")
     ]
     params += [("_count", str(count)), ("_offset", str(offset))]
-    return f"{base}{request.url.path}?{urlencode(params)}"
+    return f"{base}/fhir/ImagingStudy?{urlencode(params)}"
 
 
 def _search_keys(request: Request) -> tuple[dict[str, str], int, int]:
@@ -191,12 +191,12 @@ def _search_keys(request: Request) -> tuple[dict[str, str], int, int]:
         raise _FhirError(406, "not-supported", "only application/fhir+json is supported")
     if "_count" in params:
         value = params["_count"]
-        if not value.isdigit() or not 0 < int(value) <= MAX_COUNT:
+        if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= MAX_COUNT:
             raise _FhirError(400, "invalid", f"_count must be 1..{MAX_COUNT}, not {value!r}")
         count = int(value)
     if "_offset" in params:
         value = params["_offset"]
-        if not value.isdigit() or int(value) > MAX_OFFSET:
+        if not (value.isascii() and value.isdigit()) or int(value) > MAX_OFFSET:
             raise _FhirError(400, "invalid", f"_offset must be 0..{MAX_OFFSET}, not {value!r}")
         offset = int(value)
     if "patient" in params:
