@@ -52,8 +52,11 @@ def queue_router(queue: JobQueue) -> APIRouter:
 
     @router.get("/{job_id}")
     def show_job(job_id: int) -> Any:
+        """One job, with ``history``: its finished attempts and re-drives, oldest first."""
         row = queue.get(job_id)
-        return row if row is not None else _error(404, f"no job {job_id}")
+        if row is None:
+            return _error(404, f"no job {job_id}")
+        return {**row, "history": queue.history(job_id)}
 
     @router.post("/{job_id}/retry")
     def retry_job(job_id: int) -> Any:

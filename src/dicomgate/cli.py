@@ -645,12 +645,14 @@ def queue_list(
 
 @queue_app.command("show")
 def queue_show(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
-    """One job with every field (JSON)."""
+    """One job with every field and its history of attempts (JSON)."""
     import json
 
-    row = _open_queue(config).get(job_id)
+    queue = _open_queue(config)
+    row = queue.get(job_id)
     if row is None:
         raise _fail(f"no job {job_id}", 1)
+    row["history"] = queue.history(job_id)
     typer.echo(json.dumps(row, indent=2, default=str))
 
 

@@ -74,7 +74,7 @@ def test_plain_postgresql_url_uses_psycopg_and_migrates_once(
     index.ping()
     again = Index.open(database_url)
     try:
-        assert _scalar(again, "SELECT version_num FROM alembic_version") == "0003"
+        assert _scalar(again, "SELECT version_num FROM alembic_version") == "0004"
         with again.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, metadata) == []

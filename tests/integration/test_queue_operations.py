@@ -80,3 +80,21 @@ def test_dead_lettered_jobs_are_listed_and_redriven(
         30,
         "4 done jobs",
     )
+
+    # The job's history: both failed attempts, the re-drive, then the delivery.
+    status, shown = gw.http_get(f"/api/queue/{job['id']}")
+    assert status == 200 and shown["state"] == "done"
+    steps = [(h["attempt"], h["outcome"]) for h in shown["history"]]
+    assert steps == [(1, "failed"), (2, "dead"), (2, "redriven"), (1, "delivered")], steps
+    assert all(h["error"] for h in shown["history"][:2])  # why each attempt failed
+    assert shown["history"][3]["error"] is None and shown["history"][3]["node"]
+    show = subprocess.run(
+        [DICOMGATE, "queue", "show", "--config", str(gw.config_path), str(job["id"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert show.returncode == 0, show.stderr
+    printed = json.loads(show.stdout)
+    assert [(h["attempt"], h["outcome"]) for h in printed["history"]] == steps

@@ -120,7 +120,7 @@ def test_two_nodes_leasing_concurrently_get_each_job_exactly_once(
         barrier.wait()
         while jobs := queue.lease("pacs", 5, f"node-{name}"):
             taken[name].extend(job.id for job in jobs)
-            queue.complete([job.id for job in jobs])
+            queue.complete(jobs)
 
     threads = [
         threading.Thread(target=work, args=(name, node))

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from tests.conftest import Corpus, GatewayProcess, free_port, needs_dcmtk, wait_until
 
-from dicomgate.index.schema import instance, patient, series, study
+from dicomgate.index.schema import delivery_attempt, instance, patient, series, study
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
 
@@ -94,6 +94,8 @@ def test_relay_deletes_only_what_every_route_delivered(
     assert _stored(gw) == names
     assert _rows(gw, instance) == 2 and _rows(gw, series) == 1 and _rows(gw, study) == 1
     assert _rows(gw, patient) == 1
+    # The deleted instances' jobs took their history along; the dead jobs keep theirs.
+    assert _rows(gw, delivery_attempt) == 2 * 2
     study_folders = [p for p in (gw.data / "store").iterdir() if p.is_dir()]
     assert len(study_folders) == 1  # emptied study and series folders were removed
     assert gw.log_count("retention.deleted") >= 1

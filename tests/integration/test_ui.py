@@ -186,6 +186,14 @@ def test_retry_dead_job_from_the_queue_page_delivers_it(
         _wait(delivered)
         received = [p for p in (tmp_path / "pacs").iterdir() if p.is_file()]
         assert len(received) == 1
+        # The job's own history: the refused attempt, the operator's re-drive, the delivery.
+        history = page.locator("table", has=page.locator("caption", has_text="Attempts"))
+        rows = history.locator("tbody tr")
+        expect(rows).to_have_count(3)
+        outcomes = history.locator("tbody tr td:nth-child(2)").all_inner_texts()
+        assert outcomes == ["dead", "redriven", "delivered"], outcomes
+        expect(rows.nth(0)).to_contain_text("connection refused")
+        expect(rows.nth(2).locator("td").nth(5)).to_have_text("")
         page.goto(gw.url("/ui/queue?destination=pacs&state=done"))
         expect(page.locator("tr", has_text="ct-deid")).to_contain_text("done")
     finally:

@@ -115,7 +115,7 @@ def test_open_twice_keeps_data_and_schema(tmp_path: Path) -> None:
     second = Index.open(url)
     try:
         assert second.count_instances() == 1
-        assert _scalar(second, "SELECT version_num FROM alembic_version") == "0003"
+        assert _scalar(second, "SELECT version_num FROM alembic_version") == "0004"
     finally:
         second.close()
 

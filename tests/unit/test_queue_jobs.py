@@ -13,12 +13,13 @@ import pydantic
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, func, select
 
 from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_
 from dicomgate.index.db import Index, Outcome, StoredInstance, normalize_url
 from dicomgate.index.extract import extract_record
+from dicomgate.index.schema import delivery_attempt
 from dicomgate.queue import (
     Job,
     JobQueue,
@@ -249,7 +250,7 @@ def test_concurrent_leasers_never_share_a_job(index: Index, queue: JobQueue) -> 
 def test_complete_marks_done_and_counts(index: Index, queue: JobQueue) -> None:
     store(index, "7.1", NewJob("pacs", "r"), NewJob("cloud", "r"))
     job = lease_one(queue)
-    queue.complete([job.id])
+    queue.complete([job])
     queue.complete([])
     assert queue.counts() == {("pacs", "done"): 1, ("cloud", "pending"): 1}
     assert queue.destinations_with_due_jobs() == ["cloud"]
@@ -342,7 +343,7 @@ def test_default_policy_survives_a_six_hour_outage(index: Index, queue: JobQueue
 def test_fail_of_a_job_no_longer_leased_changes_nothing(index: Index, queue: JobQueue) -> None:
     store(index, "12.1", NewJob("pacs", "r"))
     job = lease_one(queue)
-    queue.complete([job.id])
+    queue.complete([job])
     assert queue.fail(job, "late failure") is JobState.DONE
     row = queue.get(job.id)
     assert row is not None and row["state"] == "done" and row["last_error"] is None
@@ -375,15 +376,16 @@ def test_retry_retry_dead_and_purge(index: Index, queue: JobQueue, clock: Clock)
     row = queue.get(first)
     assert row is not None and row["state"] == "pending" and row["attempts"] == 0
     assert queue.retry(10_000) is False
-    assert lease_one(queue).id == first
-    queue.complete([first])
+    redriven = lease_one(queue)
+    assert redriven.id == first
+    queue.complete([redriven])
     assert queue.retry(first) is False  # done is done
 
     assert queue.retry_dead("pacs") == 2
     assert queue.retry_dead() == 3
     assert queue.retry_dead() == 0
     for job in queue.lease("pacs", 10, "w"):
-        queue.complete([job.id])
+        queue.complete([job])
     assert queue.purge(state="done", destination="cloud") == 0
     assert queue.purge(state="done") == 3
     assert queue.counts() == {("cloud", "pending"): 3}
@@ -403,6 +405,62 @@ def test_a_redriven_job_gets_a_fresh_age_budget(index: Index, clock: Clock) -> N
     assert queue.fail(job, "down") is JobState.DEAD
     assert queue.retry(job.id)
     assert queue.fail(lease_one(queue), "down") is JobState.PENDING
+
+
+def _history_rows(index: Index) -> int:
+    with index.engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(delivery_attempt)).scalar())
+
+
+def test_history_records_each_attempt_and_redrive(index: Index, clock: Clock) -> None:
+    queue = make_queue(index, clock, max_attempts=2)
+    store(index, "15.5", NewJob("pacs", "r"))
+    first = queue.lease("pacs", 1, "node-a:1")[0]
+    leased_at = clock.now
+    clock.advance(3)
+    assert queue.fail(first, "connection refused") is JobState.PENDING
+    clock.advance(10)
+    assert queue.fail(queue.lease("pacs", 1, "node-b:2")[0], "0xA700") is JobState.DEAD
+    assert queue.retry(first.id)
+    clock.advance(1)
+    delivered = queue.lease("pacs", 1, "node-a:1")[0]
+    clock.advance(2)
+    queue.complete([delivered])
+    history = queue.history(first.id)
+    assert [(h["attempt"], h["outcome"], h["node"], h["error"]) for h in history] == [
+        (1, "failed", "node-a:1", "connection refused"),
+        (2, "dead", "node-b:2", "0xA700"),
+        (2, "redriven", "", None),  # the counter was 2 when the operator reset it
+        (1, "delivered", "node-a:1", None),
+    ]
+    assert history[0]["started_at"] == leased_at
+    assert (history[0]["finished_at"] - leased_at).total_seconds() == 3
+    assert (history[3]["finished_at"] - history[3]["started_at"]).total_seconds() == 2
+    assert queue.history(10_000) == []
+    # Not an attempt: a postponed lease (circuit open, rate limit) leaves no row.
+    store(index, "15.6", NewJob("pacs", "r"))
+    waiting = lease_one(queue)
+    queue.postpone([waiting.id], 5)
+    assert queue.history(waiting.id) == []
+
+
+def test_history_goes_with_its_jobs(index: Index, queue: JobQueue) -> None:
+    store(index, "15.7", NewJob("pacs", "r"), NewJob("cloud", "r"))
+    queue.complete([lease_one(queue)])
+    queue.fail(lease_one(queue, "cloud"), "refused", retryable=False)
+    assert queue.retry_dead("cloud") == 1
+    queue.fail(lease_one(queue, "cloud"), "refused", retryable=False)
+    assert _history_rows(index) == 4
+    assert queue.purge(state="dead") == 1
+    assert _history_rows(index) == 1
+    # A replaced version's done job, and its history, go with the old row (overwrite).
+    index.record(
+        [make_item("15.7", relpath="new.dcm")], DuplicatePolicy.OVERWRITE, [[NewJob("pacs", "r")]]
+    )
+    assert _history_rows(index) == 0
+    queue.complete([lease_one(queue)])
+    assert queue.purge(state="done") == 1
+    assert _history_rows(index) == 0
 
 
 # -- duplicates -------------------------------------------------------------------------------
@@ -428,7 +486,7 @@ def test_overwrite_keeps_leased_and_dead_jobs_and_drops_done_ones(
     store(index, "17.1", NewJob("pacs", "r"), NewJob("cloud", "r"), NewJob("share", "r"))
     in_flight = lease_one(queue, "pacs")
     queue.fail(lease_one(queue, "cloud"), "refused", retryable=False)
-    queue.complete([lease_one(queue, "share").id])
+    queue.complete([lease_one(queue, "share")])
     index.record(
         [make_item("17.1", relpath="new.dcm")],
         DuplicatePolicy.OVERWRITE,
@@ -445,7 +503,7 @@ def test_overwrite_keeps_leased_and_dead_jobs_and_drops_done_ones(
     current = index.instance("17.1")
     assert current is not None
     assert {row["instance_pk"] for row in queue.list()} == {current["instance_pk"]}
-    queue.complete([in_flight.id])
+    queue.complete([in_flight])
     assert lease_one(queue, "pacs").relpath == "new.dcm"
 
 

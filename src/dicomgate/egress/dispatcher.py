@@ -504,9 +504,10 @@ class Dispatcher:
                 if self.pipelines.get(job.route):
                     shutil.rmtree(self.work_dir / str(job.id), ignore_errors=True)
         by_id = _per_job(outcomes + refused)
-        done = [j.id for j in jobs if by_id.get(j.id) is not None and by_id[j.id].delivered]
-        if done:
-            await asyncio.to_thread(self.queue.complete, done)
+        delivered = [j for j in jobs if by_id.get(j.id) is not None and by_id[j.id].delivered]
+        done = [j.id for j in delivered]
+        if delivered:
+            await asyncio.to_thread(self.queue.complete, delivered)
         failed = [j for j in jobs if j.id not in done]
         dead: set[int] = set()
         for job in failed:
@@ -527,7 +528,7 @@ class Dispatcher:
                     else "delivery.failed",
                     "destination": dest.name,
                     "job": job.id,
-                    "attempt": job.attempts + 1,
+                    "attempt": job.attempts,  # counted at lease: this one included
                     "sop": uid_hash(job.sop_instance_uid),
                 },
             )

@@ -228,6 +228,30 @@ Index("ix_delivery_job_state_not_before", delivery_job.c.state, delivery_job.c.n
 # Re-pointing and cascading on instance deletion, and the "already has a job" check.
 Index("ix_delivery_job_instance_pk", delivery_job.c.instance_pk)
 
+# The history of one job: a row per finished delivery attempt (written in the transaction
+# that completes or fails the job, queue/jobs.py) and per operator re-drive, which resets the
+# job's ``attempts`` counter. Deleted with the job (purge, retention, overwrite) by cascade.
+delivery_attempt = Table(
+    "delivery_attempt",
+    metadata,
+    Column("id", SurrogateKey, primary_key=True, autoincrement=True),
+    Column(
+        "job_id",
+        SurrogateKey,
+        ForeignKey("delivery_job.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempt", Integer, nullable=False),  # the job's attempts counter for this try
+    Column("started_at", UtcDateTime(), nullable=False),  # when the job was leased
+    Column("finished_at", UtcDateTime(), nullable=False),
+    Column("outcome", String(CS), nullable=False),  # queue.jobs.AttemptOutcome
+    Column("error", Text),
+    Column("node", String(LO), nullable=False, server_default=""),  # the lease holder
+    sqlite_autoincrement=True,  # ids order the history
+)
+# A job's history, and the cascade when jobs are deleted.
+Index("ix_delivery_attempt_job_id", delivery_attempt.c.job_id)
+
 # A series_stable / study_stable trigger waiting for quiet: each new instance of the series
 # or study pushes ``deadline``; once it passes, one job per current instance and destination.
 stable_timer = Table(

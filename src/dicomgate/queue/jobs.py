@@ -6,9 +6,14 @@ has been quiet for its route's ``stable_after``. Workers then::
 
     jobs = queue.lease("pacs", 32, "node1-worker3")   # pending -> leased, attempts + 1
     ...deliver...
-    queue.complete([job.id for job in delivered])      # leased -> done
+    queue.complete(delivered)                          # leased -> done
     queue.fail(job, "association rejected")            # leased -> pending later, or dead
     queue.postpone(ids, 30.0)                          # leased -> pending, attempt not counted
+
+Each finished attempt (complete, fail) and each operator re-drive adds a row to
+``delivery_attempt`` in the same transaction: the job's history (:meth:`JobQueue.history`).
+A postponed lease was not tried and leaves none; nor does a lease lost by a crashed worker
+(the next attempt's number then skips one).
 
 Delivery is at-least-once: a worker that dies holding a lease loses it after
 ``lease_seconds`` and the job is leased again (its attempt counted). On PostgreSQL several
@@ -56,6 +61,7 @@ from sqlalchemy import exc as sa_exc
 from dicomgate.errors import IndexError_, IndexUnavailable
 from dicomgate.index.schema import (
     UtcDateTime,
+    delivery_attempt,
     delivery_job,
     instance,
     series,
@@ -80,6 +86,15 @@ class JobState(StrEnum):
     LEASED = "leased"  # a worker owns it until lease_until
     DONE = "done"  # delivered; kept for the operator and retention until purged
     DEAD = "dead"  # given up (max attempts, max age or a permanent error); re-drivable
+
+
+class AttemptOutcome(StrEnum):
+    """How a row of a job's history ended."""
+
+    DELIVERED = "delivered"  # the destination acknowledged it: the job is done
+    FAILED = "failed"  # to be retried after a back-off
+    DEAD = "dead"  # failed and given up: the job is dead-lettered
+    REDRIVEN = "redriven"  # an operator re-drove the job: its attempts start again at 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,8 @@ class Job:
     size: int  # bytes
     study_instance_uid: str
     series_instance_uid: str
+    leased_at: datetime  # UTC; when this attempt began (its history row's started_at)
+    leased_by: str  # the worker that holds the lease (its history row's node)
 
 
 def backoff(attempts: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
@@ -156,7 +173,7 @@ def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
         yield unique[start : start + _ID_CHUNK]
 
 
-def _job(row: Any, attempts: int) -> Job:
+def _job(row: Any, attempts: int, leased_at: datetime, worker: str) -> Job:
     """A :class:`Job` from a row of ``_JOB_COLUMNS`` and its attempts, this lease counted."""
     return Job(
         id=row.id,
@@ -173,7 +190,23 @@ def _job(row: Any, attempts: int) -> Job:
         size=row.size,
         study_instance_uid=row.study_instance_uid,
         series_instance_uid=row.series_instance_uid,
+        leased_at=leased_at,
+        leased_by=worker,
     )
+
+
+def _attempt_row(
+    job: Job, outcome: AttemptOutcome, error: str | None, now: datetime
+) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "attempt": job.attempts,
+        "started_at": job.leased_at,
+        "finished_at": now,
+        "outcome": outcome.value,
+        "error": error,
+        "node": job.leased_by,
+    }
 
 
 def _best(
@@ -283,6 +316,16 @@ _COMPLETE = (
         delivery_job.c.state.in_([JobState.LEASED.value, JobState.PENDING.value]),
     )
     .values(state=JobState.DONE.value, lease_until=None, updated_at=bindparam("p_now"))
+    .returning(delivery_job.c.id)
+)
+_RECORD_ATTEMPTS = insert(delivery_attempt)
+_HISTORY_COLUMNS = (
+    delivery_attempt.c.attempt,
+    delivery_attempt.c.outcome,
+    delivery_attempt.c.started_at,
+    delivery_attempt.c.finished_at,
+    delivery_attempt.c.error,
+    delivery_attempt.c.node,
 )
 
 
@@ -340,7 +383,7 @@ class JobQueue:
                 rows = _best(connection, _EXPIRED_LOCKED, _PENDING_LOCKED, due, limit)
                 for chunk in _chunks([row.id for row in rows]):
                     connection.execute(_LEASE, {**lease, "ids": chunk})
-            return [_job(row, row.attempts + 1) for row in rows]
+            return [_job(row, row.attempts + 1, now, worker[:64]) for row in rows]
         # SQLite: read outside the write lock, then lease what is still due in one UPDATE.
         attempts: dict[int, int] = {}
         with self._lease_locks.setdefault(destination, threading.Lock()):
@@ -353,16 +396,24 @@ class JobQueue:
                     result = connection.execute(_LEASE_DUE, {**lease, "ids": chunk})
                     attempts.update((r.id, r.attempts) for r in result)
         # A job missing from ``attempts`` was leased by another process in between.
-        return [_job(row, attempts[row.id]) for row in rows if row.id in attempts]
+        return [_job(row, attempts[row.id], now, worker[:64]) for row in rows if row.id in attempts]
 
-    def complete(self, job_ids: Sequence[int]) -> None:
-        """Mark delivered jobs done (a job no longer leased, e.g. re-driven, too)."""
-        if not job_ids:
+    def complete(self, jobs: Sequence[Job]) -> None:
+        """Mark delivered jobs done (a job whose lease expired meanwhile too) and add a
+        ``delivered`` row to each one's history, in one transaction."""
+        if not jobs:
             return
         now = self._clock()
+        by_id = {job.id: job for job in jobs}
         with self._write() as connection:
-            for chunk in _chunks(job_ids):
-                connection.execute(_COMPLETE, {"ids": chunk, "p_now": now})
+            for chunk in _chunks(list(by_id)):
+                done = connection.execute(_COMPLETE, {"ids": chunk, "p_now": now}).scalars()
+                rows = [
+                    _attempt_row(by_id[job_id], AttemptOutcome.DELIVERED, None, now)
+                    for job_id in done
+                ]
+                if rows:  # only jobs still there: a deleted one would break the foreign key
+                    connection.execute(_RECORD_ATTEMPTS, rows)
 
     def fail(self, job: Job, error: str, *, retryable: bool = True) -> JobState:
         """Record a failed attempt of a leased job; returns its new state.
@@ -401,6 +452,10 @@ class JobQueue:
                     last_error=error[:_ERROR_MAX],
                     updated_at=now,
                 )
+            )
+            outcome = AttemptOutcome.DEAD if state is JobState.DEAD else AttemptOutcome.FAILED
+            connection.execute(
+                _RECORD_ATTEMPTS, _attempt_row(job, outcome, error[:_ERROR_MAX], now)
             )
         if state is JobState.DEAD:
             log.warning(
@@ -497,6 +552,13 @@ class JobQueue:
         with self._read() as connection:
             return {(row[0], row[1]): int(row[2]) for row in connection.execute(query)}
 
+    def history(self, job_id: int) -> list[dict[str, Any]]:
+        """The job's finished attempts and re-drives, oldest first (empty for no such job)."""
+        a = delivery_attempt.c
+        query = select(*_HISTORY_COLUMNS).where(a.job_id == job_id).order_by(a.id)
+        with self._read() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
     def list(
         self,
         *,
@@ -540,7 +602,8 @@ class JobQueue:
         return self._redrive(condition)
 
     def purge(self, *, state: str, destination: str | None = None) -> int:
-        """Delete done or dead jobs (of ``destination``); returns how many."""
+        """Delete done or dead jobs (of ``destination``), their history with them (ON DELETE
+        CASCADE); returns how many."""
         chosen = JobState(state)
         if chosen not in (JobState.DONE, JobState.DEAD):
             raise ValueError(f"only done or dead jobs can be purged, not {chosen.value!r}")
@@ -580,6 +643,19 @@ class JobQueue:
 
     def _redrive(self, condition: Any) -> int:
         now = self._clock()
+        j = delivery_job.c
+        # The history keeps what the reset counter forgets: one "redriven" row per job.
+        marks = insert(delivery_attempt).from_select(
+            ["job_id", "attempt", "started_at", "finished_at", "outcome", "node"],
+            select(
+                j.id,
+                j.attempts,
+                literal(now, UtcDateTime()),
+                literal(now, UtcDateTime()),
+                literal(AttemptOutcome.REDRIVEN.value),
+                literal(""),
+            ).where(condition),
+        )
         stmt = (
             update(delivery_job)
             .where(condition)
@@ -593,6 +669,9 @@ class JobQueue:
             )
         )
         with self._write() as connection:
+            if self._postgres:  # the rows stay as read until both statements ran
+                connection.execute(select(j.id).where(condition).with_for_update())
+            connection.execute(marks)
             count = int(connection.execute(stmt).rowcount)
         if count:
             log.info("jobs re-driven", extra={"event": "queue.redriven", "jobs": count})
@@ -734,6 +813,7 @@ def _database_error(error: sa_exc.DBAPIError) -> IndexError_:
 
 
 __all__ = [
+    "AttemptOutcome",
     "Job",
     "JobQueue",
     "JobState",

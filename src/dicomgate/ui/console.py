@@ -517,20 +517,28 @@ def console_router(gateway: Gateway, secret: bytes) -> APIRouter:
         if job is None:
             return console.page(request, f"Job {job_id}", "<p>No such job.</p>", status=404)
         fields = "".join(f"<div><dt>{e(k)}</dt><dd>{e(v)}</dd></div>" for k, v in job.items())
-        history = ""
-        audit = gateway.observability.audit
-        if audit is not None:
-            events = audit.query(
-                AuditQuery(event="delivery.", study=job["study_instance_uid"], limit=200)
-            )
-            rows = [
-                [e(ev["time"]), e(ev["event"]), e(ev["outcome"]), e(json.dumps(ev["detail"]))]
-                for ev in events
-                if ev["detail"].get("destination") in (None, job["destination"])
+        rows = [
+            [
+                str(a["attempt"]),
+                f'<span class="outcome-{e(a["outcome"])}">{e(a["outcome"])}</span>',
+                e(a["started_at"]),
+                e(a["finished_at"]),
+                e(a["node"] or "-"),
+                e(a["error"] or ""),
             ]
-            history = "<h2>Delivery history of the study (audit trail)</h2>" + _table(
-                ["Time", "Event", "Outcome", "Detail"], rows, empty="No audit events."
+            for a in gateway.queue.history(job_id)
+        ]
+        history = (
+            '<section aria-labelledby="h-history"><h2 id="h-history">History</h2>'
+            + _table(
+                ["Attempt", "Outcome", "Started", "Finished", "Node", "Error"],
+                rows,
+                caption="Attempts and re-drives, oldest first",
+                empty="No attempt has finished yet.",
             )
+            + f'<p><a href="/ui/audit?study={quote(str(job["study_instance_uid"]))}">'
+            "The study in the audit trail</a></p></section>"
+        )
         retry = ""
         if job["state"] in ("dead", "pending"):
             retry = (
