@@ -10,7 +10,9 @@ A unit test fails while the committed page and :func:`render_reference` differ.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from pydantic.fields import FieldInfo
 
 from dicomgate.config import ENV_PREFIX, GatewayConfig, parse_config
 from dicomgate.errors import ConfigError
+from dicomgate.processing.pipeline import STEPS
 
 REGENERATE = "python -m dicomgate.config_reference > docs/configuration.md"
 EXAMPLE_FILE = "examples/dicomgate.yaml"
@@ -49,6 +52,11 @@ routes:
       - deidentify: {profile: basic, secret_env: DEID_SECRET}
     to: [share]
 """
+
+# Placeholders for the keys of mapping-valued fields whose values are sections.
+_KEY_PLACEHOLDERS = {"move_destinations": "<AE>", "ae_titles": "<AE>"}
+# List fields whose items are one-key mappings naming a processing step (pipeline.STEPS).
+_STEP_LISTS = ("routes[].pipeline",)
 
 _SECONDS_SUFFIXES = ("_timeout", "_grace")
 _BYTES_SUFFIXES = ("_bytes", "_pdu_size")
@@ -99,18 +107,40 @@ def reference_sections(model: type[BaseModel] = GatewayConfig) -> list[Reference
                 )
         elif origin is list and _is_model(_unwrap(args[0])):
             member = _unwrap(args[0])
-            sections.append(
-                ReferenceSection(
-                    name,
-                    2,
-                    _intro(field, member),
-                    tuple(_rows(member, f"{name}[]")),
-                    _example(name),
-                )
-            )
+            rows = tuple(_rows(member, f"{name}[]"))
+            sections.append(ReferenceSection(name, 2, _intro(field, member), rows, _example(name)))
+            for row in rows:
+                if row.key in _STEP_LISTS:
+                    sections.extend(step_sections(row.key))
         else:
             row = _row(name, field)
             sections.append(ReferenceSection(name, 2, row.description, (row,)))
+    return sections
+
+
+def step_models() -> dict[str, tuple[type[Any], type[BaseModel]]]:
+    """Per processing step name: its class and the model of its options (``Step.Config``)."""
+    out: dict[str, tuple[type[Any], type[BaseModel]]] = {}
+    for name, target in STEPS.items():
+        module_name, _, class_name = target.partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        out[name] = (cls, cls.Config)
+    return out
+
+
+def step_sections(key: str) -> list[ReferenceSection]:
+    """One section per processing step: the options of ``- STEP: {...}`` in list ``key``."""
+    sections = []
+    for name, (cls, model) in step_models().items():
+        summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0]
+        summary = " ".join(re.sub(r"\s*\(see the module docstring\)", "", summary).split())
+        intro = (
+            f"`- {name}: {{...}}` in `{key}` (and in the files of `dicomgate process"
+            f" --pipeline`): {summary.rstrip('.')}. How it works:"
+            f" [processing.md](processing.md#{name})."
+        )
+        rows = tuple(_rows(model, f"{key}[].{name}"))
+        sections.append(ReferenceSection(f"Pipeline step `{name}`", 3, intro, rows))
     return sections
 
 
@@ -208,19 +238,22 @@ def _intro(field: FieldInfo | None, model: type[BaseModel] | None) -> str:
 def _rows(model: type[BaseModel], prefix: str) -> list[ReferenceRow]:
     rows: list[ReferenceRow] = []
     for name, field in model.model_fields.items():
+        written = field.alias or name  # what the file says: copy, from
         annotation = _unwrap(field.annotation)
         if _is_model(annotation):
-            rows.extend(_rows(annotation, f"{prefix}.{name}"))
+            rows.extend(_rows(annotation, f"{prefix}.{written}"))
         else:
-            rows.append(_row(f"{prefix}.{name}", field))
-            inner, suffix = _inner_model(annotation)  # an optional section, a list of them
+            rows.append(_row(f"{prefix}.{written}", field))
+            # An optional section, a list of them, a mapping of them.
+            inner, suffix = _inner_model(annotation, _KEY_PLACEHOLDERS.get(name, "<name>"))
             if inner is not None:
-                rows.extend(_rows(inner, f"{prefix}.{name}{suffix}"))
+                rows.extend(_rows(inner, f"{prefix}.{written}{suffix}"))
     return rows
 
 
-def _inner_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
-    """(M, "") for ``M | None``, (M, "[]") for ``list[M]``, else (None, "")."""
+def _inner_model(annotation: Any, placeholder: str) -> tuple[type[BaseModel] | None, str]:
+    """(M, "") for ``M | None``, (M, "[]") for ``list[M]``, (M, ".<key>") for
+    ``dict[str, M]``, else (None, "")."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, types.UnionType):
         members = [_unwrap(arg) for arg in args if arg is not type(None)]
@@ -228,6 +261,8 @@ def _inner_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
             return members[0], ""
     if origin is list and _is_model(_unwrap(args[0])):
         return _unwrap(args[0]), "[]"
+    if origin is dict and _is_model(_unwrap(args[1])):
+        return _unwrap(args[1]), f".{placeholder}"
     return None, ""
 
 
@@ -252,6 +287,8 @@ def _type_name(annotation: Any, name: str) -> str:
         return " | ".join(f"`{member.value}`" for member in annotation)
     if origin is list:
         return f"list of {_type_name(args[0], name)}"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return "[" + ", ".join(_type_name(arg, name) for arg in args) + "]"
     if origin is dict or annotation is dict:
         return "mapping"
     if annotation is bool:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,13 +25,32 @@ from dicomgate.config_reference import (
     reference_sections,
     render_reference,
 )
+from dicomgate.processing.pipeline import STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
 
 
+def _sections_in(annotation: Any) -> list[tuple[str, type[BaseModel]]]:
+    """The models a field's value holds, with the key suffix that reaches them: a section
+    (""), an optional one (""), a list of them ("[]"), a mapping of them (".<*>")."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [("", annotation)]
+    if origin in (typing.Union, types.UnionType):
+        return [hit for arg in args for hit in _sections_in(arg)]
+    if origin is list:
+        return [("[]" + suffix, model) for suffix, model in _sections_in(args[0])]
+    if origin is dict:
+        return [(".<*>" + suffix, model) for suffix, model in _sections_in(args[1])]
+    return []
+
+
 def _leaf_fields() -> list[tuple[str, FieldInfo]]:
-    """Every key a user can write, with its dotted name as the reference spells it."""
+    """Every key a user can write, with its dotted name as the reference spells it (the
+    keys of a mapping of sections as ``<*>``), pipeline step options included."""
     models: list[tuple[str, type[BaseModel]]] = []
     for name, field in GatewayConfig.model_fields.items():
         annotation = field.annotation
@@ -35,22 +58,32 @@ def _leaf_fields() -> list[tuple[str, FieldInfo]]:
             models.append((name, annotation))
         elif name == "destinations":
             union = typing.get_args(Destination)[0]
-            models.extend((f"{name}.<name>", kind) for kind in typing.get_args(union))
+            models.extend((f"{name}.<*>", kind) for kind in typing.get_args(union))
         elif name == "routes":
             models.append((f"{name}[]", RouteConfig))
         else:
             pytest.fail(f"top-level key {name!r} has a shape this test does not know")
+    for step in STEPS:  # `- STEP: {...}` items of routes[].pipeline, by Step.Config
+        module, _, cls = STEPS[step].partition(":")
+        config = getattr(importlib.import_module(module), cls).Config
+        models.append((f"routes[].pipeline[].{step}", config))
     leaves: list[tuple[str, FieldInfo]] = []
     while models:
         prefix, model = models.pop(0)
         assert issubclass(model, BaseModel)
         for name, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                models.append((f"{prefix}.{name}", annotation))  # nested section
-            else:
-                leaves.append((f"{prefix}.{name}", field))
+            key = f"{prefix}.{field.alias or name}"
+            inner = _sections_in(field.annotation)
+            if not (isinstance(field.annotation, type) and inner):
+                leaves.append((key, field))  # a value (an optional section is one too)
+            models.extend((key + suffix, sub) for suffix, sub in inner)
     return leaves
+
+
+def _reference_keys() -> set[str]:
+    """The keys of the reference's tables, placeholders written ``<*>``."""
+    keys = {row.key for section in reference_sections() for row in section.rows}
+    return {re.sub(r"<[^>]+>", "<*>", key) for key in keys}
 
 
 def test_committed_reference_is_up_to_date() -> None:
@@ -74,9 +107,32 @@ def test_every_section_has_an_introduction() -> None:
 
 
 def test_reference_mentions_every_key() -> None:
-    text = render_reference()
-    missing = [key for key, _ in _leaf_fields() if f"| `{key}` |" not in text]
+    keys = _reference_keys()
+    missing = [key for key, _ in _leaf_fields() if key not in keys]
     assert missing == [], f"keys absent from the reference: {missing}"
+    text = render_reference()
+    assert all(f"| `{row.key}` |" in text for s in reference_sections() for row in s.rows)
+
+
+def test_reference_reaches_inside_mappings_and_pipeline_steps() -> None:
+    keys = {row.key for section in reference_sections() for row in section.rows}
+    for key in (
+        "dimse.move_destinations.<AE>.host",
+        "dimse.move_destinations.<AE>.port",
+        "query.ae_titles.<AE>.source",
+        "query.ae_titles.<AE>.timeout",
+        "destinations.<name>.auth.bearer",
+        "destinations.<name>.auth.bearer_file",
+        "destinations.<name>.auth.basic.username",
+        "routes[].pipeline[].deidentify.secret_env",
+        "routes[].pipeline[].deidentify.burned_in.masks[].rectangles",
+        "routes[].pipeline[].standardize.rules[].copy.from",
+        "routes[].pipeline[].transcode.transfer_syntax",
+        "routes[].pipeline[].split.new_series",
+    ):
+        assert key in keys, key
+    titles = [s.title for s in reference_sections() if s.level == 3]
+    assert [f"Pipeline step `{step}`" for step in STEPS] == [t for t in titles if "step" in t]
 
 
 def test_defaults_shown_are_the_defaults() -> None:

@@ -102,7 +102,7 @@ def _httpx_auth(auth: HttpAuth | None) -> tuple[httpx.Auth | None, dict[str, str
         return None, {"Authorization": f"Bearer {auth.bearer}"}
     if auth.bearer_file is not None:
         return BearerFileAuth(auth.bearer_file), {}
-    assert auth.basic is not None  # parse_auth sets exactly one
+    assert auth.basic is not None  # DicomwebAuth sets exactly one
     return httpx.BasicAuth(auth.basic.username, auth.basic.password), {}
 
 

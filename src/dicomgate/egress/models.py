@@ -5,10 +5,10 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
 from dicomgate.models import ConfigModel as _Model
@@ -193,29 +193,48 @@ _AUTH_HELP = (
 )
 
 
-def parse_auth(value: dict[str, Any] | None) -> HttpAuth | None:
-    """Check the shape of an ``auth:`` mapping and return it typed; ``ValueError`` names
-    what is wrong."""
-    if value is None:
-        return None
-    if len(value) != 1:
-        raise ValueError(_AUTH_HELP)
-    ((kind, setting),) = value.items()
-    if kind in ("bearer", "bearer_file"):
-        if not isinstance(setting, str) or not setting.strip():
-            raise ValueError(f"auth.{kind} must be a non-empty string")
-        if kind == "bearer":
-            return HttpAuth(bearer=setting.strip())
-        return HttpAuth(bearer_file=Path(setting))
-    if kind == "basic":
-        if (
-            not isinstance(setting, dict)
-            or set(setting) != {"username", "password"}
-            or not all(isinstance(v, str) for v in setting.values())
-        ):
-            raise ValueError("auth.basic takes exactly {username: U, password: P} (strings)")
-        return HttpAuth(basic=BasicAuth(setting["username"], setting["password"]))
-    raise ValueError(f"unknown auth kind {kind!r}: {_AUTH_HELP}")
+class BasicCredentials(_Model):
+    """HTTP basic authentication (RFC 7617)."""
+
+    username: str = Field(description="User name.")
+    password: str = Field(description="Password; keep it out of the file (environment).")
+
+
+class DicomwebAuth(_Model):
+    """How a DICOMweb destination authenticates: exactly one of its keys."""
+
+    bearer: str | None = Field(
+        None, description="A static token, sent as `Authorization: Bearer TOKEN`."
+    )
+    bearer_file: Path | None = Field(
+        None,
+        description=(
+            "A file holding the token, read again whenever it changes (for tokens refreshed"
+            " by another program)."
+        ),
+    )
+    basic: BasicCredentials | None = Field(
+        None, description="`{username: U, password: P}`: HTTP basic authentication."
+    )
+
+    @field_validator("bearer", "bearer_file", mode="before")
+    @classmethod
+    def _non_empty(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a non-empty string")
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DicomwebAuth:
+        given = [v for v in (self.bearer, self.bearer_file, self.basic) if v is not None]
+        if len(given) != 1:
+            raise ValueError(_AUTH_HELP)
+        return self
+
+    def typed(self) -> HttpAuth:
+        if self.basic is not None:
+            return HttpAuth(basic=BasicAuth(self.basic.username, self.basic.password))
+        return HttpAuth(bearer=self.bearer, bearer_file=self.bearer_file)
 
 
 class DicomwebDestination(DestinationControls):
@@ -228,13 +247,12 @@ class DicomwebDestination(DestinationControls):
             " `https://example.org/dicomWeb`."
         )
     )
-    auth: dict[str, Any] | None = Field(
+    auth: DicomwebAuth | None = Field(
         None,
         description=(
-            "How to authenticate: `{bearer: TOKEN}` (a static token), `{bearer_file: PATH}`"
-            " (a token read from a file, read again whenever the file changes, for tokens"
-            " refreshed by another program) or `{basic: {username: U, password: P}}`. Unset:"
-            " no authentication. Keep secrets out of the file with the environment overrides."
+            "How to authenticate, one of: `{bearer: TOKEN}`, `{bearer_file: PATH}` or"
+            " `{basic: {username: U, password: P}}`. Unset: no authentication. Keep secrets"
+            " out of the file with the environment overrides."
         ),
     )
     headers: dict[str, str] = Field(
@@ -278,16 +296,10 @@ class DicomwebDestination(DestinationControls):
             raise ValueError("the URL must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("auth")
-    @classmethod
-    def _auth_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        parse_auth(value)
-        return value
-
     @property
     def parsed_auth(self) -> HttpAuth | None:
-        """The ``auth`` setting, typed."""
-        return parse_auth(self.auth)
+        """The ``auth`` setting, as the HTTP client takes it."""
+        return None if self.auth is None else self.auth.typed()
 
 
 _FORMATTER = string.Formatter()
