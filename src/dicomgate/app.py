@@ -56,8 +56,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
 
     install_api(app, gateway.queue, gateway.dispatcher)
-    install_http_security(app, gateway.config.http)  # before observability: it stays outermost
+    # Before observability: it stays outermost.
+    jwt_verifier = install_http_security(app, gateway.config.http)
     install_observability(app, gateway)  # /metrics, /api/audit, HTTP metrics middleware
     install_dicomweb(app, gateway)
-    install_ui(app, gateway)  # the web console at /ui
+    install_ui(app, gateway, jwt_verifier)  # the web console at /ui
     return app

@@ -20,6 +20,7 @@ from playwright.sync_api import (
 )
 from tests.conftest import GatewayProcess, bundled_file, free_port
 from tests.integration.test_routing_delivery import StoreSCP
+from tests.jwt_tokens import AUDIENCE, ISSUER, SigningKey, hs256_with_public_key, jwks_server
 
 from dicomgate.security.http_auth import hash_api_key, new_api_key
 
@@ -299,3 +300,49 @@ def test_login_with_api_key_and_permissions(
         refused = client.post("/ui/queue/retry-dead", data={"destination": "pacs"})
         assert refused.status_code == 403
         assert client.get("/ui/api/overview").json()["destinations"][0]["destination"] == "pacs"
+
+
+def test_login_with_an_oidc_token_when_no_api_key_is_configured(
+    gateway: Callable[..., GatewayProcess], monkeypatch: pytest.MonkeyPatch, page: Page
+) -> None:
+    """A site on OIDC only signs in with a bearer JWT, checked like one sent to the API."""
+    key, stranger = SigningKey.rsa("idp-1"), SigningKey.rsa("idp-other")
+    with jwks_server([key]) as idp:
+        jwt = {"jwks_url": idp.url, "issuer": ISSUER, "audience": AUDIENCE}
+        gw, _ = _console_gateway(gateway, monkeypatch, http={"auth": {"jwt": jwt}})
+        now = int(time.time())
+        refused = {
+            "expired": key.token(scope="read admin", exp=now - 60, iat=now - 600, nbf=now - 600),
+            "another audience": key.token(scope="read admin", aud="another-service"),
+            "unknown signer": stranger.token(scope="read admin"),
+            "HS256 with the public key": hs256_with_public_key(key, scope="read admin"),
+        }
+        page.goto(gw.url("/ui/queue"))
+        expect(page).to_have_url(re.compile(r"/ui/login\?next=/ui/queue$"))
+        for case, token in refused.items():
+            page.get_by_label("API key or access token").fill(token)
+            page.get_by_role("button", name="Sign in").click()
+            alert = page.get_by_role("alert")
+            expect(alert).to_have_text("This access token is not valid or has expired.")
+            assert page.locator("h1").inner_text() == "Sign in", case
+        page.get_by_label("API key or access token").fill("dgk_not_a_token")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("alert")).to_have_text("This API key is not valid.")
+
+        token = key.token(scope="openid read admin", exp=now + 600)
+        page.get_by_label("API key or access token").fill(token)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("h1")).to_have_text("Queue")
+        cookie = next(c for c in page.context.cookies() if c["name"] == "dicomgate_session")
+        assert cookie["httpOnly"] and cookie["path"] == "/ui"
+        assert now + 500 < cookie["expires"] <= now + 601  # dropped when the token expires
+        page.goto(gw.url("/ui/audit"))
+        expect(page.locator("h1")).to_have_text("Audit")
+        page.get_by_role("button", name="Sign out").click()
+
+        # Permissions come from the token's scopes, as on the API: read only, no Queue.
+        page.get_by_label("API key or access token").fill(key.token(scope="openid read"))
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("h1")).to_have_text("Overview")
+        assert page.goto(gw.url("/ui/queue")).status == 403  # type: ignore[union-attr]
+    assert gw.log_count("auth.denied") >= len(refused) + 1

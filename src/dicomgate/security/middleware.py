@@ -21,11 +21,13 @@ if TYPE_CHECKING:
     from dicomgate.config import HttpConfig
 
 
-def install_http_security(app: FastAPI, http: HttpConfig) -> None:
-    """Add the middleware ``http`` asks for (Starlette runs the last added first).
+def install_http_security(app: FastAPI, http: HttpConfig) -> JwtVerifier | None:
+    """Add the middleware ``http`` asks for (Starlette runs the last added first); returns
+    the JWT verifier, for the console's sign-in form to share.
 
     Raises ``ValueError`` for static JWT keys that cannot be read.
     """
+    verifier: JwtVerifier | None = None
     limits = http.limits
     app.add_middleware(
         BodyLimitMiddleware,
@@ -35,13 +37,14 @@ def install_http_security(app: FastAPI, http: HttpConfig) -> None:
     )
     if http.auth is not None:
         jwt_config = http.auth.jwt
+        verifier = JwtVerifier(jwt_config) if jwt_config is not None else None
         app.add_middleware(
             AuthMiddleware,
             api_keys=ApiKeyStore(http.auth.api_keys),
-            jwt_verifier=JwtVerifier(jwt_config) if jwt_config is not None else None,
+            jwt_verifier=verifier,
             protect_metrics=http.auth.protect_metrics,
         )
-        app.add_middleware(UiSessionMiddleware)  # console cookie -> X-API-Key, before auth
+        app.add_middleware(UiSessionMiddleware)  # console cookie -> Bearer, before auth
     if limits.requests_per_second > 0:
         app.add_middleware(
             RateLimitMiddleware,
@@ -49,3 +52,4 @@ def install_http_security(app: FastAPI, http: HttpConfig) -> None:
         )
     if http.allowed_ips:
         app.add_middleware(IpFilterMiddleware, allowed=IpAllowList(http.allowed_ips))
+    return verifier

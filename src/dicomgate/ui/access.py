@@ -1,11 +1,12 @@
 """Who may open which console page, the login cookie, and the CSRF token of its forms.
 
-With ``http.auth`` configured, a browser signs in on ``/ui/login`` with an API key; the key
-is kept in an HttpOnly, ``SameSite=Strict`` cookie scoped to ``/ui`` (``Secure`` over TLS),
-and :class:`UiSessionMiddleware` presents it as ``X-API-Key`` to the authentication
-middleware, so the console is checked exactly like the API: ``admin`` for the Queue and
-Audit pages, ``read`` for the rest. Every POST carries a form token (HMAC of the cookie under
-a per-process secret) that a page of another site cannot read.
+With ``http.auth`` configured, a browser signs in on ``/ui/login`` with an API key or a
+bearer JWT of the identity provider (:mod:`dicomgate.ui.signin`); it is kept in an HttpOnly,
+``SameSite=Strict`` cookie scoped to ``/ui`` (``Secure`` over TLS; a token's cookie expires
+with the token), and :class:`UiSessionMiddleware` presents it as ``Authorization: Bearer`` to
+the authentication middleware, so the console is checked exactly like the API: ``admin`` for
+the Queue and Audit pages, ``read`` for the rest. Every POST carries a form token (HMAC of
+the cookie under a per-process secret) that a page of another site cannot read.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def csrf_ok(secret: bytes, session: str | None, presented: str) -> bool:
 
 
 class UiSessionMiddleware:
-    """For ``/ui`` requests: the session cookie becomes an ``X-API-Key`` header; a browser's
+    """For ``/ui`` requests: the session cookie becomes an ``Authorization: Bearer`` header
+    (an API key or a JWT, as the API takes them); a browser's
     page request without any credential is sent to the login page instead of a 401 (other
     clients, e.g. ``dicomgate status``, get the API's 401)."""
 
@@ -76,7 +78,8 @@ class UiSessionMiddleware:
         session = cookie_value(scope)
         if not has_credential and session is not None:
             scope = dict(scope)
-            scope["headers"] = [*headers, (b"x-api-key", session.encode("latin-1"))]
+            bearer = b"Bearer " + session.encode("latin-1")
+            scope["headers"] = [*headers, (b"authorization", bearer)]
         elif (
             not has_credential
             and scope["method"] == "GET"

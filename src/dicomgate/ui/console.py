@@ -33,10 +33,12 @@ from dicomgate.routing.matcher import RECEIVED_VIA, MatchContext
 from dicomgate.security.http_auth import ApiKeyStore
 from dicomgate.ui import data
 from dicomgate.ui.access import SESSION_COOKIE, cookie_value, csrf_ok, csrf_token
+from dicomgate.ui.signin import check_sign_in
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
+    from dicomgate.security.oidc import JwtVerifier
     from dicomgate.service import Gateway
 
 _PAGES: tuple[tuple[str, str], ...] = (
@@ -77,9 +79,12 @@ def _table(headers: list[str], rows: list[list[str]], caption: str = "", empty: 
 class Console:
     """The pages of one gateway; ``secret`` signs the CSRF tokens (new at each start)."""
 
-    def __init__(self, gateway: Gateway, secret: bytes) -> None:
+    def __init__(
+        self, gateway: Gateway, secret: bytes, jwt_verifier: JwtVerifier | None = None
+    ) -> None:
         self.gateway = gateway
         self.secret = secret
+        self.jwt_verifier = jwt_verifier
         auth = gateway.config.http.auth
         self.keys = ApiKeyStore(auth.api_keys) if auth is not None else None
         self.secure_cookie = gateway.config.http.tls is not None
@@ -425,9 +430,11 @@ def _read_upload(payload: bytes) -> Dataset:
         return pydicom.dcmread(io.BytesIO(payload), force=True)
 
 
-def console_router(gateway: Gateway, secret: bytes) -> APIRouter:
-    """The ``/ui`` routes bound to ``gateway``."""
-    console = Console(gateway, secret)
+def console_router(
+    gateway: Gateway, secret: bytes, jwt_verifier: JwtVerifier | None = None
+) -> APIRouter:
+    """The ``/ui`` routes bound to ``gateway`` (``jwt_verifier``: the HTTP stack's, if any)."""
+    console = Console(gateway, secret, jwt_verifier)
     router = APIRouter(prefix="/ui", include_in_schema=False)
 
     @router.get("/static/{name}")
@@ -438,21 +445,26 @@ def console_router(gateway: Gateway, secret: bytes) -> APIRouter:
         return Response(text, media_type=_STATIC[name], headers={"cache-control": "max-age=300"})
 
     @router.get("/login")
-    def login_page(request: Request, next: str = "/ui", error: str = "") -> HTMLResponse:
+    def login_page(
+        request: Request, next: str = "/ui", error: str = "", status: int = 401
+    ) -> HTMLResponse:
         if console.keys is None:
             body = "<p>The HTTP interface has no authentication configured: no sign-in.</p>"
             return console.page(request, "Sign in", body + '<p><a href="/ui">Overview</a></p>')
         alert = f'<p class="error" role="alert">{e(error)}</p>' if error else ""
+        jwt = console.jwt_verifier is not None
         body = (
             f'{alert}<form method="post" action="/ui/login" class="login">'
             f"{console.hidden_token(request)}"
             f'<input type="hidden" name="next" value="{e(next)}">'
-            '<label>API key <input type="password" name="api_key" autocomplete="current-password"'
-            " required autofocus></label>"
+            '<label>API key or access token <input type="password" name="api_key"'
+            ' autocomplete="current-password" required autofocus></label>'
             '<button type="submit">Sign in</button></form>'
-            "<p>Create a key with <code>dicomgate keys new --scopes read,admin</code>.</p>"
+            "<p>Create a key with <code>dicomgate keys new --scopes read,admin</code>"
+            + (", or paste an access token (JWT) from your identity provider" if jwt else "")
+            + ".</p>"
         )
-        return console.page(request, "Sign in", body, status=401 if error else 200)
+        return console.page(request, "Sign in", body, status=status if error else 200)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
@@ -463,12 +475,16 @@ def console_router(gateway: Gateway, secret: bytes) -> APIRouter:
         if not target.startswith("/ui") or target.startswith("//"):
             target = "/ui"
         key = str(fields.get("api_key", "")).strip()
-        if console.keys is None or not key or console.keys.lookup(key) is None:
-            return login_page(request, next=target, error="This API key is not valid.")
+        if console.keys is None:
+            return login_page(request, next=target, error="No sign-in is configured.")
+        verdict = await check_sign_in(request.scope, key, console.keys, console.jwt_verifier)
+        if not verdict.accepted:
+            return login_page(request, next=target, error=verdict.problem, status=verdict.status)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
             key,
+            max_age=verdict.max_age,
             path="/ui",
             httponly=True,
             samesite="strict",
@@ -721,6 +737,6 @@ def console_router(gateway: Gateway, secret: bytes) -> APIRouter:
     return router
 
 
-def install_ui(app: FastAPI, gateway: Gateway) -> None:
+def install_ui(app: FastAPI, gateway: Gateway, jwt_verifier: JwtVerifier | None = None) -> None:
     """Mount the console at ``/ui`` (a new CSRF secret per process)."""
-    app.include_router(console_router(gateway, secrets.token_bytes(32)))
+    app.include_router(console_router(gateway, secrets.token_bytes(32), jwt_verifier))
