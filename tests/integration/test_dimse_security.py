@@ -259,6 +259,42 @@ def test_tls_only_reload_and_version(gateway: Gateway, pki: ClientCa) -> None:
     assert served_serial(gw, pki) == second
 
 
+def _client_with_cert(ca: Ca, cert: Path, key: Path) -> ssl.SSLContext:
+    context = ca.client_context()
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_tls_reload_removes_a_ca(gateway: Gateway, pki: ClientCa, tmp_path: Path) -> None:
+    gw = gateway({"dimse": {"tls": tls_config(pki, require_client_cert=True, check_interval=0)}})
+    cert, key = pki.issue_client("modality", pki.folder)
+    ca_a = tmp_path / "ca-a.pem"  # DCMTK checks the server's certificate (CA-A) with it
+    ca_a.write_bytes(pki.path.read_bytes())
+    trust = ("+cf", str(ca_a))
+    assert dcmtk("echoscu", gw, "+tls", str(key), str(cert), *trust).returncode == 0
+
+    # An association opened with the CA-A certificate before the reload outlives it.
+    raw = connect(tls_port(gw))
+    with _client_with_cert(pki, cert, key).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        assert associate(tls, gw.ae_title)[0] == 0x02
+        folder_b = tmp_path / "ca-b"
+        folder_b.mkdir()
+        ca_b = ClientCa(folder_b)
+        new_cert, new_key = ca_b.issue_client("newmodality", folder_b)
+        pki.path.write_bytes(ca_b.path.read_bytes())  # dimse.tls.ca now holds CA-B only
+        os.kill(gw.pid, signal.SIGHUP)
+        gw.wait_log("tls.reloaded")
+        tls.sendall(release_rq())
+        assert read_pdu(tls)[0] == 0x06
+
+    # New associations: the CA-A client is refused, the CA-B one accepted (the server's own
+    # certificate is still CA-A's).
+    refused = dcmtk("echoscu", gw, "+tls", str(key), str(cert), *trust)
+    assert refused.returncode != 0, refused.stdout
+    ok = dcmtk("echoscu", gw, "+tls", str(new_key), str(new_cert), *trust)
+    assert ok.returncode == 0, ok.stdout
+
+
 def test_tls_refuses_to_start_without_its_ca(gateway: Gateway, pki: ClientCa) -> None:
     config = tls_config(pki, require_client_cert=True)
     config.pop("ca")

@@ -51,6 +51,7 @@ from dicomgate.dimse.negotiation import (
     negotiate_roles,
 )
 from dicomgate.dimse.qr import QueryRetrieve, Request, move_targets
+from dicomgate.dimse.tls_listener import TlsListener, handshake_reason
 from dicomgate.errors import (
     DicomgateError,
     DuplicateRejected,
@@ -297,7 +298,7 @@ class DimseServer:
         # DICOM TLS (PS3.15 B.1): its own listener; the context is loaded in start().
         self.tls: ServerTls | None = None
         self.tls_port = config.tls.port if config.tls is not None else 0
-        self._tls_server: asyncio.Server | None = None
+        self._tls_listener: TlsListener | None = None
         self._tls_watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._allowed_ips = IpAllowList(config.allowed_ips) if config.allowed_ips else None
@@ -305,8 +306,10 @@ class DimseServer:
 
     @property
     def listening(self) -> bool:
-        servers = [s for s in (self._server, self._tls_server) if s is not None]
-        return bool(servers) and all(s.is_serving() for s in servers)
+        serving = [s.is_serving() for s in (self._server,) if s is not None]
+        if self._tls_listener is not None:
+            serving.append(self._tls_listener.serving)
+        return bool(serving) and all(serving)
 
     async def start(self) -> None:
         """Listen on ``dimse.port`` (unless ``tls.plain`` is false) and ``dimse.tls.port``.
@@ -316,9 +319,10 @@ class DimseServer:
         """
         cfg = self.config
         if cfg.tls is not None:
-            # asyncio does the handshake (bounded by acse_timeout) before _on_connection; the
-            # context is reloaded in place, as for HTTPS.
-            self.tls = ServerTls(cfg.tls, section="dimse.tls")
+            # Each handshake (tls_listener.py, bounded by acse_timeout) takes the context of
+            # the moment; a reload builds a fresh one and swaps it in, so a CA removed from
+            # the bundle is no longer trusted (loading into a context only adds CAs).
+            self.tls = ServerTls(cfg.tls, section="dimse.tls", swap=True)
             self.tls.load()
         if cfg.tls is None or cfg.tls.plain:
             self._server = await self._listen(cfg.port, secure=False)
@@ -331,14 +335,24 @@ class DimseServer:
                 extra={"event": "dimse.listening"},
             )
         if cfg.tls is not None and self.tls is not None:
+            tls = self.tls
+            self._tls_listener = TlsListener(
+                cfg.host,
+                cfg.tls.port,
+                lambda: tls.context,
+                handshake_timeout=cfg.acse_timeout,
+                allows=lambda peer_ip: not self._ip_refused(peer_ip),
+                on_connected=lambda r, w, peer_ip: self._on_connection(r, w, secure=True),
+                on_refused=self._handshake_failed,
+            )
             try:
-                self._tls_server = await self._listen(cfg.tls.port, secure=True)
+                await self._tls_listener.start()
             except OSError as exc:
                 raise DicomgateError(
                     f"dimse.tls.port: cannot listen on {cfg.host}:{cfg.tls.port}:"
                     f" {exc.strerror or exc}"
                 ) from exc
-            self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+            self.tls_port = self._tls_listener.port
             log.info(
                 "listening for DICOM TLS on %s:%d as %s",
                 cfg.host,
@@ -362,8 +376,6 @@ class DimseServer:
             limit=_READ_CHUNK,
             reuse_address=True,
             backlog=128,
-            ssl=self.tls.context if secure and self.tls is not None else None,
-            ssl_handshake_timeout=self.config.acse_timeout if secure else None,
         )
 
     def reload_tls(self, why: str = "sighup") -> None:
@@ -376,9 +388,10 @@ class DimseServer:
         self._stopping.set()
         if self._tls_watch is not None:
             self._tls_watch.cancel()
-        for server in (self._server, self._tls_server):
-            if server is not None:
-                server.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
+        if self._server is not None:
+            self._server.close()
         if self._tasks:
             log.info(
                 "waiting up to %.0f s for %d associations",
@@ -391,10 +404,9 @@ class DimseServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        for server in (self._server, self._tls_server):
-            if server is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server.wait_closed(), 5)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
         log.info("stopped", extra={"event": "dimse.stopped"})
 
     # -- connection handling ------------------------------------------------------------
@@ -405,17 +417,7 @@ class DimseServer:
         """A new connection (on the TLS port: after the handshake, ``secure``)."""
         peer = writer.get_extra_info("peername")
         peer_ip = str(peer[0]) if peer else "?"
-        if self._allowed_ips is not None and not self._allowed_ips.allows(peer_ip):
-            # dimse.allowed_ips: closed before anything is read or sent (docs/security.md).
-            log.warning(
-                "connection refused: %s is not in dimse.allowed_ips",
-                peer_ip,
-                extra={
-                    "event": "association.rejected",
-                    "reason": "ip_not_allowed",
-                    "peer": peer_ip,
-                },
-            )
+        if not secure and self._ip_refused(peer_ip):  # TLS: checked before the handshake
             writer.transport.abort()
             return
         sock = writer.get_extra_info("socket")
@@ -427,6 +429,30 @@ class DimseServer:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _ip_refused(self, peer_ip: str) -> bool:
+        """dimse.allowed_ips: a refused peer is closed before anything is read or sent
+        (docs/security.md)."""
+        if self._allowed_ips is None or self._allowed_ips.allows(peer_ip):
+            return False
+        log.warning(
+            "connection refused: %s is not in dimse.allowed_ips",
+            peer_ip,
+            extra={"event": "association.rejected", "reason": "ip_not_allowed", "peer": peer_ip},
+        )
+        return True
+
+    def _handshake_failed(self, peer_ip: str, exc: BaseException) -> None:
+        log.warning(
+            "DICOM TLS handshake failed: %s",
+            exc,
+            extra={
+                "event": "association.rejected",
+                "reason": "tls_handshake_failed",
+                "tls_error": handshake_reason(exc),
+                "peer": peer_ip,
+            },
+        )
 
     async def _serve(self, assoc: _Association) -> None:
         counted = False

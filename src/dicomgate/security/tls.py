@@ -7,10 +7,15 @@ the new certificate and open ones keep theirs. A new pair is first loaded into a
 context; if it does not load (a renewal half-written, a key that does not match), the
 error is logged and the previous certificate stays in use.
 
-The DICOM listener asks for :attr:`ServerTls.context` for each connection, so there the
-scratch context simply replaces the old one (``swap=True``): a CA removed from the bundle
-is no longer trusted either. DICOM TLS (PS3.15 B.1, BCP 195): TLS 1.2 or later, the BCP 195
-cipher suites unless configured, client certificates checked against ``ca``.
+Loading into the same context can only add CAs (OpenSSL has no way to remove one from a
+context's trust store), which is harmless for HTTPS (no client certificates) but not for
+DICOM TLS. The DICOM listener (:mod:`dicomgate.dimse.tls_listener`) does each handshake
+itself with :attr:`ServerTls.context` of the moment, so there the scratch context replaces
+the old one (``swap=True``): new associations are checked against the new bundle only (a
+CA removed from it is no longer trusted), open ones continue.
+
+DICOM TLS (PS3.15 B.1, BCP 195): TLS 1.2 or later, the BCP 195 cipher suites unless
+configured, client certificates checked against ``ca``.
 """
 
 from __future__ import annotations
