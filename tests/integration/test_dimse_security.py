@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import (
     DICOMGATE,
     Corpus,
@@ -133,6 +135,18 @@ def audit(gw: GatewayProcess, **filters: str) -> list[dict[str, Any]]:
     return events
 
 
+def tls_failures(gw: GatewayProcess) -> float:
+    with urllib.request.urlopen(gw.url("/metrics"), timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dicomgate_auth_failures_total" and sample.labels == {
+                "kind": "dimse_tls"
+            }:
+                return float(sample.value)
+    return 0.0
+
+
 def rejected_codes(gw: GatewayProcess) -> list[str]:
     return [e["detail"].get("code", "") for e in audit(gw, event="association.rejected")]
 
@@ -208,6 +222,24 @@ def test_tls_with_dcmtk_and_mutual_tls(
 
     accepted = audit(gw, event="association.accepted")
     assert len(accepted) == 2 and {e["actor"] for e in accepted} == {"ECHOSCU", "STORESCU"}
+    # Every refused handshake left an audit row (with the peer, no certificate detail), a
+    # log line and a metric increment.
+    wait_until(lambda: len(rejected_codes(gw)) == 4, 10, "4 rejected handshakes audited")
+    rejected = audit(gw, event="association.rejected")
+    assert {e["detail"]["code"] for e in rejected} == {"tls_handshake_failed"}
+    assert {e["source_ip"] for e in rejected} == {"127.0.0.1"}
+    assert {e["outcome"] for e in rejected} == {"failure"}
+    errors = sorted(e["detail"]["tls_error"] for e in rejected)
+    assert errors == sorted(
+        [
+            "no_client_certificate",
+            "certificate_expired",
+            "unknown_ca",
+            "client_refused_our_certificate",
+        ]
+    ), errors
+    assert gw.log_count("association.rejected") == 4
+    assert tls_failures(gw) == 4
     # The plain listener is still there (tls.plain defaults to true).
     assert gw.echoscu().returncode == 0
 

@@ -42,6 +42,8 @@ def handshake_reason(exc: BaseException) -> str:
         reason = (exc.reason or "").lower()
         if "peer_did_not_return_a_certificate" in reason or "certificate required" in reason:
             return "no_client_certificate"
+        if "alert" in reason and ("ca" in reason or "certificate" in reason):
+            return "client_refused_our_certificate"  # the client does not trust dimse.tls.cert
         if "version" in reason or "protocol" in reason:
             return "protocol_version"
         if "cipher" in reason:

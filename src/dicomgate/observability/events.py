@@ -135,16 +135,21 @@ class EventHandler(logging.Handler):
     def _rejected(self, record: logging.LogRecord) -> None:
         m = self.metrics
         m.associations.labels(m.ae(_get(record, "calling_ae", "")), "rejected").inc()
+        detail = {
+            "reason": record.getMessage(),
+            "code": str(_get(record, "reason", "") or ""),
+            "called_ae": _get(record, "called_ae", ""),
+        }
+        tls_error = _get(record, "tls_error")
+        if tls_error is not None:  # refused in the DICOM TLS handshake: an authentication
+            m.auth_failures.labels("dimse_tls").inc()
+            detail["tls_error"] = str(tls_error)
         self._audit(
             record,
             "association.rejected",
             FAILURE,
             object=str(_get(record, "called_ae", "")),
-            detail={
-                "reason": record.getMessage(),
-                "code": str(_get(record, "reason", "") or ""),
-                "called_ae": _get(record, "called_ae", ""),
-            },
+            detail=detail,
         )
 
     def _ended(self, record: logging.LogRecord, how: str) -> None:
