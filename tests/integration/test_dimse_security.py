@@ -318,6 +318,10 @@ def test_tls_reload_removes_a_ca(gateway: Gateway, pki: ClientCa, tmp_path: Path
         gw.wait_log("tls.reloaded")
         tls.sendall(release_rq())
         assert read_pdu(tls)[0] == 0x06
+    wait_until(lambda: bool(audit(gw, event="tls.reloaded")), 10, "tls.reloaded audited")
+    [reloaded] = audit(gw, event="tls.reloaded")
+    assert (reloaded["object"], reloaded["outcome"]) == ("dimse.tls", "success")
+    assert reloaded["detail"]["trigger"] == "sighup"
 
     # New associations: the CA-A client is refused, the CA-B one accepted (the server's own
     # certificate is still CA-A's).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -23,7 +24,14 @@ import pydicom
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import Corpus, GatewayProcess, free_port, needs_dcmtk, wait_until
+from tests.conftest import (
+    Corpus,
+    GatewayProcess,
+    dcmtk_env,
+    free_port,
+    needs_dcmtk,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.timeout(180), needs_dcmtk]
 
@@ -306,3 +314,38 @@ def test_audit_messages_reach_a_syslog_repository(
     assert sop is not None and sop.get("NumberOfInstances") in ("1", "2")
     source = root.find("AuditSourceIdentification")
     assert source is not None and source.get("AuditSourceID") == "gw-test"
+
+
+def test_dimse_permission_refusals_are_audited_and_counted(
+    gateway: Gateway, corpus: Corpus
+) -> None:
+    gw = gateway({"dimse": {"allow": {"store": ["CT*"], "find": ["VIEWER*"]}}})
+    files = corpus.mr("refused", 2, seed=713)
+    refused = gw.storescu(files, "-aet", "STORESCU")
+    assert "0x0124" in refused.stdout or refused.returncode != 0, refused.stdout
+    find = subprocess.run(
+        [
+            *("findscu", "-v", "-S", "-to", "10", "-aec", gw.ae_title, "-aet", "FINDSCU"),
+            *("-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"),
+            *("127.0.0.1", str(gw.dimse_port)),
+        ],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Status: 0x124" in find.stderr, find.stderr
+
+    # storescu stops at the first refusal: one row.
+    wait_until(lambda: len(_audit(gw, event="instance.refused")) == 1, 10, "refusal audited")
+    rows = _audit(gw, event="instance.refused")
+    assert {(r["actor"], r["source_ip"], r["outcome"]) for r in rows} == {
+        ("STORESCU", "127.0.0.1", "failure")
+    }
+    assert {(r["detail"]["reason"], r["detail"]["status"]) for r in rows} == {
+        ("not_authorized", "0x0124")
+    }
+    wait_until(lambda: bool(_audit(gw, event="query", outcome="failure")), 10, "query audited")
+    assert _value(_metrics(gw), "dicomgate_auth_failures_total", kind="dimse") == 2
+    assert gw.index.count_instances() == 0

@@ -967,7 +967,14 @@ class DimseServer:
                     error,
                     extra={
                         "event": "instance.refused",
+                        "reason": (
+                            "not_authorized"
+                            if isinstance(error, NotAuthorized)
+                            else type(error).__name__
+                        ),
+                        "status": f"0x{status:04X}",
                         "calling_ae": assoc.calling_ae,
+                        "peer": assoc.peer_ip,
                         "sop": uid_hash(command.affected_sop_instance_uid),
                     },
                 )

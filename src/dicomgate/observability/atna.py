@@ -17,8 +17,7 @@ query                          Query (110112)                                   
 association.rejected           Security Alert (110113), Node Authentication      E
 auth.denied                    User Authentication (110114), Login (110122)      E
 application.start / .stop      Application Activity (110100), 110120 / 110121    E
-config.*                       Security Alert (110113), Software Configuration   E
-export                         Export (110106)                                   R
+tls.reloaded / .reload_failed  Security Alert (110113), Software Configuration   E
 =============================  ================================================  ======
 
 Other kinds (association.accepted, stow.request, ...) stay in the database only.
@@ -60,7 +59,6 @@ class Code:
 
 APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
-EXPORT = Code("110106", "DCM", "Export")
 QUERY = Code("110112", "DCM", "Query")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
@@ -96,10 +94,8 @@ def _kind(event: str) -> tuple[Code, Code | None, str] | None:
         return APPLICATION_ACTIVITY, APPLICATION_START, "E"
     if event == "application.stop":
         return APPLICATION_ACTIVITY, APPLICATION_STOP, "E"
-    if event.startswith("config."):
+    if event in ("tls.reloaded", "tls.reload_failed"):  # certificates: configuration
         return SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"
-    if event == "export":
-        return EXPORT, None, "R"
     return None
 
 
@@ -147,7 +143,7 @@ def audit_message(event: AuditEvent, node: str) -> bytes | None:
     if event_id is INSTANCES_TRANSFERRED and action == "C":
         _participant(root, event.actor, True, SOURCE_ROLE, event.source_ip)
         _participant(root, me, False, DESTINATION_ROLE, node)
-    elif event_id is INSTANCES_TRANSFERRED or event_id is EXPORT:
+    elif event_id is INSTANCES_TRANSFERRED:
         _participant(root, me, event.event != "retrieve", SOURCE_ROLE, node)
         destination = event.object if event.event.startswith("delivery.") else event.actor
         _participant(

@@ -64,7 +64,7 @@ class EventHandler(logging.Handler):
             "association.aborted": lambda r: self._ended(r, "aborted"),
             "association.lost": lambda r: self._ended(r, "lost"),
             "instance.stored": self._stored,
-            "instance.refused": lambda r: self._refused(r, str(_get(r, "reason") or "refused")),
+            "instance.refused": self._instance_refused,
             "instance.duplicate_rejected": lambda r: self._refused(r, "duplicate"),
             "stow.request": self._stow,
             "stow.refused": self._stow_refused,
@@ -86,8 +86,8 @@ class EventHandler(logging.Handler):
             "queue.orphaned": lambda r: self._audit(r, "queue.orphaned", FAILURE),
             "gateway.ready": lambda r: self._audit(r, "application.start", SUCCESS),
             "gateway.stopping": lambda r: self._audit(r, "application.stop", SUCCESS),
-            "config.reloaded": lambda r: self._audit(r, "config.reloaded", SUCCESS),
-            "config.reload_failed": lambda r: self._audit(r, "config.reload_failed", FAILURE),
+            "tls.reloaded": lambda r: self._tls_reload(r, SUCCESS),
+            "tls.reload_failed": lambda r: self._tls_reload(r, FAILURE),
         }
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -183,6 +183,17 @@ class EventHandler(logging.Handler):
         m = self.metrics
         m.instances_refused.labels(m.ae(_get(record, "calling_ae", "")), reason[:64]).inc()
 
+    def _instance_refused(self, record: logging.LogRecord) -> None:
+        reason = str(_get(record, "reason") or "refused")
+        self._refused(record, reason)
+        if reason == "not_authorized":  # dimse.allow.store: 0x0124
+            self.metrics.auth_failures.labels("dimse").inc()
+        detail: dict[str, Any] = {"reason": reason, "message": record.getMessage()}
+        for name in ("status", "sop"):  # sop: the hash of the SOP Instance UID
+            if _get(record, name) is not None:
+                detail[name] = str(_get(record, name))
+        self._audit(record, "instance.refused", FAILURE, detail=detail)
+
     def _stow(self, record: logging.LogRecord) -> None:
         m = self.metrics
         stored, failed = _number(record, "stored"), _number(record, "failed")
@@ -235,6 +246,8 @@ class EventHandler(logging.Handler):
     def _query(self, record: logging.LogRecord, service: str, outcome: str) -> None:
         result = "refused" if outcome == FAILURE else "answered"
         self.metrics.queries.labels(service, result).inc()
+        if outcome == FAILURE and str(_get(record, "status", "")).upper() == "0X0124":
+            self.metrics.auth_failures.labels("dimse").inc()  # dimse.allow.<service>
         kind = "query" if service == "find" else "retrieve"
         self._audit(
             record,
@@ -244,6 +257,21 @@ class EventHandler(logging.Handler):
             detail={
                 "service": service,
                 "status": _get(record, "status"),
+                "message": record.getMessage(),
+            },
+        )
+
+    def _tls_reload(self, record: logging.LogRecord, outcome: str) -> None:
+        self._audit(
+            record,
+            "tls.reloaded" if outcome == SUCCESS else "tls.reload_failed",
+            outcome,
+            actor="dicomgate",
+            object=str(_get(record, "listener", "") or ""),
+            detail={
+                "trigger": str(_get(record, "trigger", "") or ""),
+                "subject": str(_get(record, "subject", "") or ""),
+                "not_after": str(_get(record, "not_after", "") or ""),
                 "message": record.getMessage(),
             },
         )
