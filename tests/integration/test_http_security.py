@@ -285,6 +285,36 @@ def test_api_keys_from_the_command_line(gateway: Gateway, corpus: Corpus) -> Non
     for secret in (viewer, uploader, admin):
         assert secret not in log
 
+    # ... and an audit row with the path (never the query string) and the status. The
+    # audit trail itself is admin only.
+    audit = gw.url("/api/audit")
+    assert httpx.get(audit, headers={"X-API-Key": viewer}).status_code == 403
+    hidden = httpx.get(
+        gw.url("/dicomweb/studies/1.2.3.4/series"), params={"PatientName": "SECRET^NAME"}
+    )
+    assert hidden.status_code == 401
+    gw.wait_log("auth.denied", 13)
+    assert "1.2.3.4" not in gw.log_text()  # the log line has the area only
+
+    def denied() -> list[dict[str, Any]]:
+        query = {"event": "auth.denied", "limit": "100"}
+        response = httpx.get(audit, params=query, headers={"X-API-Key": admin}, timeout=10)
+        assert response.status_code == 200, response.text
+        rows: list[dict[str, Any]] = response.json()["events"]
+        return rows
+
+    wait_until(lambda: len(denied()) == 13, 10, "13 auth.denied audit rows")
+    rows = denied()
+    assert all(row["outcome"] == "failure" and row["source_ip"] == "127.0.0.1" for row in rows)
+    by_path = {(row["object"], row["detail"]["status"], row["detail"]["reason"]) for row in rows}
+    assert ("/dicomweb/studies/1.2.3.4/series", 401, "missing_credentials") in by_path
+    assert ("/api/audit", 403, "permission_missing") in by_path
+    assert ("/api/queue", 403, "permission_missing") in by_path
+    assert ("/fhir/ImagingStudy", 401, "missing_credentials") in by_path
+    assert not any("SECRET" in str(row) for row in rows)
+    viewer_rows = [row for row in rows if row["actor"] == "viewer"]
+    assert {row["detail"]["permission"] for row in viewer_rows} == {"write", "admin"}
+
 
 # -- JWT / OIDC ------------------------------------------------------------------------------
 

@@ -282,8 +282,13 @@ class EventHandler(logging.Handler):
             record,
             "auth.denied",
             FAILURE,
-            object=str(_get(record, "path", "") or _get(record, "route", "") or ""),
-            detail={"reason": record.getMessage()},
+            object=str(_get(record, "audit_path", "") or _get(record, "area", "") or ""),
+            detail={
+                "reason": str(_get(record, "reason", "") or record.getMessage()),
+                "status": _get(record, "status"),
+                "method": str(_get(record, "method", "") or ""),
+                **({"permission": p} if (p := _get(record, "permission")) else {}),
+            },
         )
 
 

@@ -2,6 +2,8 @@
 
 Every log call passes ``extra={"event": "instance.stored", ...}``. Identifiers that could
 point at a patient are never logged; UIDs are logged as :func:`uid_hash` (DESIGN rule 5).
+Fields named ``audit_*`` are for the audit trail only (which may hold PHI, e.g. a request
+path with UIDs): the formatters here never print them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+AUDIT_ONLY = "audit_"  # prefix of the fields that reach the audit trail, never a log line
 
 
 def uid_hash(value: str) -> str:
@@ -22,7 +25,11 @@ def uid_hash(value: str) -> str:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and k != "event"}
+    return {
+        k: v
+        for k, v in vars(record).items()
+        if k not in _STANDARD and k != "event" and not k.startswith(AUDIT_ONLY)
+    }
 
 
 class JsonFormatter(logging.Formatter):

@@ -74,7 +74,12 @@ async def send_json(
 
 
 def log_denied(scope: Scope, status: int, reason: str, **fields: Any) -> None:
-    """One ``auth.denied`` line: the reason category, the client, where it went."""
+    """One ``auth.denied`` line: the reason category, the client, where it went.
+
+    The log line has the first path segment only (``area``); the audit row gets the whole
+    path as ``audit_path`` (never printed, :mod:`dicomgate.observability.logging`), without
+    the query string, which may hold patient names or IDs.
+    """
     log.warning(
         "HTTP request denied: %s",
         reason,
@@ -86,6 +91,7 @@ def log_denied(scope: Scope, status: int, reason: str, **fields: Any) -> None:
             "client_ip": client_ip(scope),
             "method": scope.get("method", ""),
             "area": area(str(scope.get("path", ""))),
+            "audit_path": str(scope.get("path", ""))[:1024],  # ASGI: path has no query
             **fields,
         },
     )
