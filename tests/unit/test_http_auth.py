@@ -26,6 +26,7 @@ from tests.jwt_tokens import (  # noqa: E402
 
 from dicomgate.config import parse_config  # noqa: E402
 from dicomgate.errors import ConfigError  # noqa: E402
+from dicomgate.observability.logging import JsonFormatter, TextFormatter  # noqa: E402
 from dicomgate.security.http_auth import (  # noqa: E402
     Access,
     ApiKeyStore,
@@ -488,9 +489,13 @@ def test_denials_are_logged_without_the_credential(caplog: pytest.LogCaptureFixt
     ]
     assert records[0].client_ip == "10.0.0.9"  # type: ignore[attr-defined]
     assert records[1].actor == "viewer"  # type: ignore[attr-defined]
-    text = caplog.text + " ".join(str(vars(r)) for r in records)
+    formatters = (JsonFormatter(), TextFormatter())
+    text = caplog.text + " ".join(f.format(r) for r in records for f in formatters)
     assert secret not in text and keys["viewer"] not in text
     assert "1.2.3" not in text  # the path's UIDs are not logged, only its area
+    assert "area=dicomweb" in text
+    # The whole path travels to the audit trail only.
+    assert records[0].audit_path == "/dicomweb/studies/1.2.3"  # type: ignore[attr-defined]
 
 
 def test_ip_filter_middleware() -> None:
