@@ -1,5 +1,5 @@
 """Admin API under ``/api``: the delivery queue and the destinations (JSON); `admin`
-permission once `http.auth` is set.
+permission when `http.auth` is set, 127.0.0.1/::1 only when it is not (docs/security.md).
 
 ``GET /api/destinations`` lists each destination's state; ``POST
 /api/destinations/{name}/pause`` and ``/resume`` stop and restart its deliveries (jobs wait

@@ -433,6 +433,35 @@ def test_ip_allow_list(gateway: Gateway) -> None:
     assert f"client_ip={SECOND_LOOPBACK}" in gw.log_text()
 
 
+def test_admin_api_is_local_only_without_auth(gateway: Gateway) -> None:
+    gw = gateway()  # no http.auth: open, except /api for non-local clients
+    with from_second_loopback() as other:
+        for path in ("/api/audit", "/api/queue", "/api"):
+            response = other.get(gw.url(path))
+            assert response.status_code == 403, path
+            assert "configure http.auth" in response.json()["error"]
+        assert other.post(gw.url("/api/queue/retry-dead")).status_code == 403
+        assert other.get(gw.url("/dicomweb/studies")).status_code == 200
+        assert other.get(gw.url("/healthz")).status_code == 200
+    assert httpx.get(gw.url("/api/queue")).status_code == 200  # from 127.0.0.1
+    gw.wait_log("auth.denied", 4)
+
+    def denied() -> list[dict[str, Any]]:
+        response = httpx.get(gw.url("/api/audit"), params={"event": "auth.denied"}, timeout=10)
+        assert response.status_code == 200, response.text
+        rows: list[dict[str, Any]] = response.json()["events"]
+        return rows
+
+    wait_until(lambda: len(denied()) == 4, 10, "4 auth.denied rows")
+    assert {(r["object"], r["source_ip"]) for r in denied()} == {
+        ("/api/audit", SECOND_LOOPBACK),
+        ("/api/queue", SECOND_LOOPBACK),
+        ("/api", SECOND_LOOPBACK),
+        ("/api/queue/retry-dead", SECOND_LOOPBACK),
+    }
+    assert {r["detail"]["reason"] for r in denied()} == {"admin_needs_auth"}
+
+
 def test_trusted_proxy_forwards_the_client_address(gateway: Gateway) -> None:
     gw = gateway(
         {

@@ -1,4 +1,8 @@
-"""``GET /api/audit``: the audit trail, newest first (JSON). Admin only once auth lands.
+"""``GET /api/audit``: the audit trail, newest first (JSON), which holds PHI.
+
+Access: with ``http.auth``, the ``admin`` permission (:mod:`dicomgate.security.http_auth`);
+without it, 127.0.0.1 and ::1 only, like the rest of ``/api``
+(:class:`dicomgate.security.ip_filter.LocalAdminMiddleware`, docs/security.md).
 
 Filters (all optional, combined): ``since`` / ``until`` (ISO 8601; a time without offset is
 UTC), ``event`` (exact kind, or a prefix ending in ``.`` or ``*``: ``delivery.``),

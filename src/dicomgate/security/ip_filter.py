@@ -48,3 +48,46 @@ class IpFilterMiddleware:
             await send_json(send, 403, "forbidden", close=has_body(scope))
             return
         await self.app(scope, receive, send)
+
+
+_LOCAL_HOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+def is_local_host(address: str) -> bool:
+    """Whether ``address`` is this host's own 127.0.0.1 or ::1 (IPv4-mapped included).
+
+    Deliberately not all of 127.0.0.0/8: other loopback addresses are often given to
+    containers or tunnels that forward remote clients.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip in _LOCAL_HOST
+
+
+ADMIN_PREFIX = "/api"
+LOCAL_ADMIN_ONLY = (
+    "the admin API (/api) answers only local clients while HTTP authentication is off:"
+    " configure http.auth with an admin API key or token (docs/security.md)"
+)
+
+
+class LocalAdminMiddleware:
+    """Without ``http.auth``: ``/api`` (queue operations, the audit trail with its PHI)
+    answers 127.0.0.1 and ::1 only, others get 403 naming the fix (docs/security.md)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = str(scope.get("path", ""))
+            admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+            if admin and not is_local_host(client_ip(scope)):
+                log_denied(scope, 403, "admin_needs_auth")
+                await send_json(send, 403, LOCAL_ADMIN_ONLY, close=has_body(scope))
+                return
+        await self.app(scope, receive, send)

@@ -1,8 +1,9 @@
 """The HTTP security stack, installed on the app from ``http`` of the config.
 
 Order, outermost first: IP allow-list (403) -> rate limit (429) -> authentication and
-permissions (401/403) -> body limits (413/408) -> the app. A refused client costs a lookup,
-not a credential check; an unauthenticated upload is refused before its body is read.
+permissions (401/403), or without ``http.auth`` the local-only admin API (403) -> body
+limits (413/408) -> the app. A refused client costs a lookup, not a credential check; an
+unauthenticated upload is refused before its body is read.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dicomgate.security.http_auth import ApiKeyStore, AuthMiddleware
-from dicomgate.security.ip_filter import IpAllowList, IpFilterMiddleware
+from dicomgate.security.ip_filter import IpAllowList, IpFilterMiddleware, LocalAdminMiddleware
 from dicomgate.security.limits import BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
 from dicomgate.security.oidc import JwtVerifier
 from dicomgate.ui.access import UiSessionMiddleware
@@ -45,6 +46,8 @@ def install_http_security(app: FastAPI, http: HttpConfig) -> JwtVerifier | None:
             protect_metrics=http.auth.protect_metrics,
         )
         app.add_middleware(UiSessionMiddleware)  # console cookie -> Bearer, before auth
+    else:
+        app.add_middleware(LocalAdminMiddleware)  # /api: loopback clients only
     if limits.requests_per_second > 0:
         app.add_middleware(
             RateLimitMiddleware,
