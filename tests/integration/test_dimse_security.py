@@ -489,9 +489,5 @@ def _abuse(gw: GatewayProcess, corpus: Corpus, rapid: int, half_open: int) -> No
 
 
 def test_abuse_while_a_legitimate_sender_is_served(abused: GatewayProcess, corpus: Corpus) -> None:
-    _abuse(abused, corpus, rapid=2000, half_open=500)
-
-
-@pytest.mark.slow
-def test_abuse_ten_thousand_associations(abused: GatewayProcess, corpus: Corpus) -> None:
+    # The 10^4 rapid associations: ~10 s here (2 cores), so CI runs the full count.
     _abuse(abused, corpus, rapid=10_000, half_open=1000)
