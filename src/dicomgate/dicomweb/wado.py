@@ -454,7 +454,8 @@ def router(gateway: Gateway) -> APIRouter:
     from dicomgate.dicomweb.wado_uri import install_wado_uri
 
     service = WadoService(gateway)
-    api = APIRouter()
+    # The tag is how observability/http.py recognises a retrieval (audit row, wado queries).
+    api = APIRouter(tags=["WADO-RS"])
     instance_path = "/studies/{study}/series/{series}/instances/{sop}"
 
     async def run(work: Callable[[], Awaitable[Response]]) -> Response:

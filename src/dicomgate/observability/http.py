@@ -86,16 +86,19 @@ class ObservabilityMiddleware:
         m = self.metrics
         m.http_requests.labels(method, template, str(status)).inc()
         m.http_seconds.labels(method, template).observe(seconds)
-        if self.audit is None or method != "GET" or route is None:
+        if method != "GET" or route is None:
             return
         tags = [str(t) for t in getattr(route, "tags", None) or []]
         if "QIDO-RS" in tags or "FHIR" in tags:
-            kind = "query"
+            kind, service = "query", "qido" if "QIDO-RS" in tags else "fhir"
         elif any(t.startswith("WADO") for t in tags):
-            if any(part in template for part in _NOT_AUDITED):
-                return
-            kind = "retrieve"
+            kind, service = "retrieve", "wado"  # WADO-RS and WADO-URI, frames included
         else:
+            return
+        m.queries.labels(service, "answered" if status < 400 else "refused").inc()
+        if self.audit is None or (
+            kind == "retrieve" and any(part in template for part in _NOT_AUDITED)
+        ):
             return
         params = scope.get("path_params") or {}
         client = scope.get("client")

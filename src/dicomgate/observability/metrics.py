@@ -136,8 +136,8 @@ class Metrics:
         )
         self.queries = Counter(
             "dicomgate_queries",
-            "Query/retrieve requests answered or refused, by service (find, move, get, qido,"
-            " wado) and result.",
+            "Query/retrieve requests answered or refused, by service (find, move, get: DIMSE;"
+            " qido, wado, fhir: HTTP GETs, WADO frames and renderings included) and result.",
             ["service", "result"],
             registry=r,
         )
@@ -176,7 +176,8 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "dicomgate_auth_failures",
-            "Refused authentications and authorizations (HTTP auth, DIMSE permissions).",
+            "Refused authentications and authorizations, by kind: http (auth.denied), dimse"
+            " (dimse.allow refusals, 0x0124), dimse_tls (refused DICOM TLS handshakes).",
             ["kind"],
             registry=r,
         )
