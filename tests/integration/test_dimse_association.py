@@ -422,3 +422,39 @@ def test_tls_peer_with_an_unknown_ca_is_refused(
     assert (outcome.delivered, outcome.retryable) == (False, True)
     assert outcome.error.startswith("TLS handshake failed"), outcome.error
     assert not scp.received()
+
+
+def test_tls_files_are_read_again_when_they_change(
+    storescp: Callable[..., StoreScp], pki: ClientCa, tmp_path: Path
+) -> None:
+    """A destination's CA bundle fixed on disk is used by the next association, without a
+    restart (and a broken file then leaves the working context in place)."""
+    scp = _tls_scp(storescp, pki)
+    bundle = tmp_path / "destination-ca.pem"
+    other = tmp_path / "other"
+    other.mkdir()
+    bundle.write_bytes(ClientCa(other).path.read_bytes())  # the wrong CA first
+    tls = {
+        "ca": str(bundle),
+        "cert": str(pki.folder / "dicomgate.crt"),
+        "key": str(pki.folder / "dicomgate.key"),
+    }
+
+    async def run() -> list[list[Outcome]]:
+        sender = DimseSender("pacs", _model(scp.port, tls=tls), calling_ae="DICOMGATE")
+        try:
+            results = [await sender.send([delivery_of(bundled_file("CT_small.dcm"), 0)])]
+            bundle.write_bytes(pki.path.read_bytes())  # the right CA
+            results.append(await sender.send([delivery_of(bundled_file("MR_small.dcm"), 1)]))
+            await sender.close()
+            bundle.write_text("not a certificate")  # a broken edit: the last good one stays
+            results.append(await sender.send([delivery_of(bundled_file("CT_small.dcm"), 2)]))
+            return results
+        finally:
+            await sender.close()
+
+    first, second, third = asyncio.run(run())
+    assert first[0].error.startswith("TLS handshake failed"), first[0].error
+    assert second == [Outcome(1, True)]
+    assert third == [Outcome(2, True)]
+    assert len(scp.received()) == 2

@@ -27,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,21 @@ _REAP_MIN_INTERVAL = 0.05
 _REAP_MAX_INTERVAL = 5.0
 _RECENT_CONTEXTS = 512  # how many recently used contexts are remembered
 _RELEASE_TIMEOUT = 5.0  # s; a peer slower than this to answer A-RELEASE is aborted
+
+_Signature = tuple[tuple[int, int, int], ...]
+
+
+def _files_signature(paths: Iterable[str | Path]) -> _Signature:
+    """(mtime, size, inode) of each file; a missing file counts as (0, 0, 0)."""
+    signature = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            signature.append((0, 0, 0))
+        else:
+            signature.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return tuple(signature)
 
 
 def outcome_of_status(job_id: int, code: int, comment: str = "") -> Outcome:
@@ -165,6 +181,8 @@ class DimseSender:
         self._recent: dict[ContextSpec, None] = {}  # insertion order = least recent first
         self._reaper: asyncio.Task[None] | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._ssl_signature: _Signature = ()  # of the files self._ssl was built from
+        self._ssl_failed: _Signature | None = None  # of files that did not load
 
     # ------------------------------------------------------------------ public
 
@@ -286,14 +304,35 @@ class DimseSender:
             raise
 
     def _ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for a new association, rebuilt when ``tls.cert``/``key``/``ca``
+        changed on disk (a renewal, a CA bundle edited; SIGHUP needs nothing more). A
+        renewal that does not load is logged once and the previous context stays in use."""
         tls = self._model.tls
         if tls is None:
             return None
-        if self._ssl is None:
-            try:
-                self._ssl = client_ssl_context(tls)
-            except (OSError, ssl.SSLError) as exc:
+        signature = _files_signature(p for p in (tls.cert, tls.key, tls.ca) if p is not None)
+        if self._ssl is not None and signature in (self._ssl_signature, self._ssl_failed):
+            return self._ssl
+        try:
+            context = client_ssl_context(tls)
+        except (OSError, ssl.SSLError) as exc:
+            if self._ssl is None:
                 raise AssociationError(f"TLS settings unusable: {exc}") from None
+            self._ssl_failed = signature
+            LOGGER.error(
+                "TLS files of destination %s do not load; the previous ones stay in use: %s",
+                self.name,
+                exc,
+                extra={"event": "egress.tls_reload_failed", "destination": self.name},
+            )
+            return self._ssl
+        if self._ssl is not None:
+            LOGGER.info(
+                "TLS files of destination %s read again",
+                self.name,
+                extra={"event": "egress.tls_reloaded", "destination": self.name},
+            )
+        self._ssl, self._ssl_signature, self._ssl_failed = context, signature, None
         return self._ssl
 
     async def _connect(self, proposal: list[ContextSpec]) -> _Link:
