@@ -137,22 +137,6 @@ REFUSED: dict[str, set[str]] = {
     "rtdose_rle_1frame.dcm": _ABOVE_16_BITS,
 }
 
-# A representative subset for the default run (the full matrix is below, marked slow).
-QUICK = [
-    "CT_small.dcm",
-    "MR_small_bigendian.dcm",
-    "JPGExtended.dcm",
-    "J2K_pixelrep_mismatch.dcm",
-    "SC_rgb_jpeg_dcmtk.dcm",
-    "SC_rgb_rle_2frame.dcm",
-    "SC_ybr_full_422_uncompressed.dcm",
-    "examples_palette.dcm",
-    "image_dfl.dcm",
-    "rtdose.dcm",
-    "test-SR.dcm",
-    "MR_truncated.dcm",
-]
-
 
 def _uid(keyword: str) -> str:
     return str(getattr(pydicom.uid, keyword))
@@ -242,13 +226,7 @@ def test_every_bundled_file_is_in_a_table_or_transcodes() -> None:
     assert not unknown, f"tables name files pydicom no longer bundles: {unknown}"
 
 
-@pytest.mark.parametrize("target", TARGET_NAMES)
-@pytest.mark.parametrize("name", QUICK)
-def test_transcode_matrix_quick(name: str, target: str, tmp_path: Path) -> None:
-    check_pair(name, target, tmp_path)
-
-
-@pytest.mark.slow
+# Every bundled file to every target (~10 s): run by default, so CI checks every pair.
 @pytest.mark.parametrize("target", TARGET_NAMES)
 @pytest.mark.parametrize("name", ALL_FILES)
 def test_transcode_matrix_full(name: str, target: str, tmp_path: Path) -> None:
