@@ -428,7 +428,36 @@ def test_find_query_table(
         )
         if level == "IMAGE":
             unique = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
+        if model == PATIENT_ROOT and level != "PATIENT":  # the top level's key (PS3.4 C.6.1)
+            unique = unique | {"PatientID"}
         assert {e.keyword for e in ds} == set(keys) | unique | {"QueryRetrieveLevel"}
+
+
+@pytest.mark.parametrize(
+    ("level", "keys", "patient_ids"),
+    [
+        ("STUDY", {"StudyInstanceUID": ""}, ["P1", "P2", "P1"]),
+        ("SERIES", {"StudyInstanceUID": S1, "SeriesInstanceUID": ""}, ["P1", "P1"]),
+        (
+            "IMAGE",
+            {"StudyInstanceUID": S2, "SeriesInstanceUID": f"{S2}.1", "SOPInstanceUID": ""},
+            ["P2", "P2"],
+        ),
+    ],
+)
+def test_find_patient_root_answers_carry_patient_id(
+    site: Site, tmp_path: Path, level: str, keys: dict[str, str], patient_ids: list[str]
+) -> None:
+    """Patient Root matches below PATIENT level hold Patient ID even when it was not asked
+    (the unique key of the level above, PS3.4 C.6.1); Study Root matches do not."""
+    identifier = {"QueryRetrieveLevel": level, **keys}
+    answer = findscu(site.gw, PATIENT_ROOT, identifier, tmp_path / "p")
+    assert answer.final == 0x0000, answer.output[-2000:]
+    assert answer.values("PatientID") == patient_ids
+    study_root = findscu(site.gw, STUDY_ROOT, identifier, tmp_path / "s")
+    assert study_root.final == 0x0000
+    assert len(study_root.responses) == len(patient_ids)
+    assert all("PatientID" not in ds for ds in study_root.responses)
 
 
 def test_find_optional_keys_and_character_set(site: Site, tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ never interleave.
   its page is read, never after building the whole answer. The response identifier holds
   the keys asked (those we support), the unique keys of the level and above, the
   Query/Retrieve Level, and Specific Character Set ``ISO_IR 192`` when a value is not ASCII
-  (C.4.1.1.3.2).
+  (C.4.1.1.3.2). In the Patient Root model the unique keys above include Patient ID
+  (C.4.1.2, C.6.1), in Study Root they do not.
 * **C-MOVE** (C.4.2): sub-operations are C-STORE-RQs to the move destination, sent by a
   pooled pynetdicom sender (``egress/dimse.py``) with our AE title, the Move Originator AE
   Title and Message ID. A pending response follows each batch of up to
@@ -313,10 +314,18 @@ class QueryRetrieve:
             raise _Refusal(Status.UNABLE_TO_PROCESS, str(exc)[:64]) from None
         retrieve_ae = keys.pop(_RETRIEVE_AE_TITLE, None) is not None
         implicit = request.transfer_syntax == ImplicitVRLittleEndian
+        # In the Patient Root (and Patient/Study Only) model the patient is the top level:
+        # its unique key, Patient ID, identifies every lower-level match too (PS3.4 C.4.1.2,
+        # C.6.1).
+        include = (
+            ("PatientID",) if "PATIENT" in request.model.value and level_text != "PATIENT" else ()
+        )
         sent = 0
         offset = 0
         while True:
-            options = QueryOptions(fuzzy=request.fuzzy, limit=FIND_PAGE, offset=offset)
+            options = QueryOptions(
+                fuzzy=request.fuzzy, limit=FIND_PAGE, offset=offset, include=include
+            )
             result = await self._search(level, keys, options)
             pending = Status.PENDING_WARNING if result.warnings else Status.PENDING
             for match in result.matches:
