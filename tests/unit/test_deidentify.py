@@ -80,6 +80,7 @@ PHI = [
     "PRIVATE SECRET NOTE",
     "HEARTSURGEON",
     "REQ-77-PHI",
+    "BADGE-31337",  # a person's code inside PersonIdentificationCodeSequence
 ]
 
 
@@ -153,8 +154,55 @@ def phi_dataset(patient_id: str = "PID-778899", study: str = "1") -> Dataset:
                 item(CodeValue="121008", CodingSchemeDesignator="DCM", CodeMeaning="Person")
             ],
             PersonName="HEARTSURGEON^JOHNATHAN",
+        ),
+        # Attributes Table E.1-1 does not list, inside sequences it replaces or cleans.
+        item(
+            RelationshipType="CONTAINS",
+            ValueType="TEXT",
+            ConceptNameCodeSequence=[
+                item(CodeValue="121106", CodingSchemeDesignator="DCM", CodeMeaning="Comment")
+            ],
+            TextValue="SMITHERSON (PID-778899) seen on 20190315 by DR^NOSYPARKER",
+            ContentSequence=[
+                item(
+                    RelationshipType="HAS PROPERTIES",
+                    ValueType="TEXT",
+                    TextValue="JOHNATHAN born 19610704, ACC-PHI-4321",
+                )
+            ],
+        ),
+    ]
+    ds.OperatorIdentificationSequence = [
+        item(
+            PersonIdentificationCodeSequence=[
+                item(CodeValue="BADGE-31337", CodingSchemeDesignator="99HOSP", CodeMeaning="ID")
+            ]
         )
     ]
+    ds.GraphicAnnotationSequence = [
+        item(
+            GraphicLayer="LAYER1",
+            TextObjectSequence=[
+                item(
+                    UnformattedTextValue="marked by OPERATOR^OTTO for SMITHERSON",
+                    AnchorPointAnnotationUnits="PIXEL",
+                    AnchorPoint=[2.0, 2.0],
+                )
+            ],
+            GraphicObjectSequence=[
+                item(
+                    GraphicAnnotationUnits="PIXEL",
+                    GraphicDimensions=2,
+                    NumberOfGraphicPoints=2,
+                    GraphicData=[1.0, 1.0, 4.0, 4.0],
+                    GraphicType="POLYLINE",
+                )
+            ],
+        )
+    ]
+    # Instance UIDs of attributes the table does not list: mapped like U.
+    ds.MultiFrameSourceSOPInstanceUID = f"1.2.826.0.1.3680043.2.1125.{study}.3.7"
+    ds.SOPInstanceUIDOfConcatenationSource = sop
     block = ds.private_block(0x0011, "ACME PRIVATE", create=True)
     block.add_new(0x01, "LO", "PRIVATE SECRET NOTE")
     block.add_new(0x02, "LO", "SMITHERSON")
@@ -235,6 +283,56 @@ def test_basic_profile_actions_on_the_phi_corpus() -> None:
     assert [e.tag for e in out if e.tag.group == 0x6000] == []
     assert out.PixelData == src.PixelData
     assert out.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+def test_unlisted_attributes_inside_replaced_sequences_get_dummies() -> None:
+    """ContentSequence, PersonIdentificationCodeSequence and GraphicAnnotationSequence are
+    D in the Basic Profile: what Table E.1-1 does not list inside them (TextValue,
+    CodeValue, UnformattedTextValue) becomes a dummy; the structure stays parseable."""
+    out, _ = roundtrip(step().apply(phi_dataset())[0])
+    text = out.ContentSequence[1]
+    assert (text.RelationshipType, text.ValueType) == ("CONTAINS", "TEXT")  # CS kept
+    assert text.TextValue == "ANONYMIZED"
+    assert text.ContentSequence[0].TextValue == "ANONYMIZED"  # two deep
+    assert text.ConceptNameCodeSequence[0].CodeMeaning == "ANONYMIZED"
+    code = out.OperatorIdentificationSequence[0].PersonIdentificationCodeSequence[0]
+    assert code.CodeValue == "ANONYMIZED"
+    annotation = out.GraphicAnnotationSequence[0]
+    assert annotation.TextObjectSequence[0].UnformattedTextValue == "ANONYMIZED"
+    assert annotation.TextObjectSequence[0].AnchorPoint == [2.0, 2.0]  # numbers kept
+    assert annotation.GraphicObjectSequence[0].GraphicData == [1.0, 1.0, 4.0, 4.0]
+
+
+def test_clean_options_scrub_unlisted_text_inside_their_sequences() -> None:
+    options = ["clean_structured_content", "clean_graphics"]
+    out, _ = roundtrip(step(options=options).apply(phi_dataset())[0])
+    text = out.ContentSequence[1]
+    # Identifiers the data set spells out are removed; the rest of the text stays.
+    assert text.TextValue == "( ) seen on by DR^"
+    assert text.ContentSequence[0].TextValue == "born ,"
+    assert text.ConceptNameCodeSequence[0].CodeMeaning == "Comment"
+    annotation = out.GraphicAnnotationSequence[0]
+    assert annotation.TextObjectSequence[0].UnformattedTextValue == "marked by ^ for"
+    assert annotation.GraphicLayer == "LAYER1"
+    # PersonIdentificationCodeSequence has no clean option: still dummies.
+    code = out.OperatorIdentificationSequence[0].PersonIdentificationCodeSequence[0]
+    assert code.CodeValue == "ANONYMIZED"
+
+
+def test_unlisted_instance_uids_are_mapped_and_class_uids_kept() -> None:
+    src = phi_dataset()
+    src.ReferencedImageSequence[0].ReferencedSOPClassUID = "1.2.3.999.1"  # a private class
+    src.ReferencedImageSequence[0].SpecimenUID = "1.2.826.0.1.3680043.2.1125.1.3.8"
+    deid = step()
+    out, _ = roundtrip(deid.apply(copy.deepcopy(src))[0])
+    assert out.SOPInstanceUIDOfConcatenationSource == out.SOPInstanceUID  # still coherent
+    assert out.MultiFrameSourceSOPInstanceUID == deid.map_uid(src.MultiFrameSourceSOPInstanceUID)
+    ref = out.ReferencedImageSequence[0]
+    assert ref.ReferencedSOPClassUID == "1.2.3.999.1"  # a class names no one
+    assert ref.SpecimenUID == deid.map_uid("1.2.826.0.1.3680043.2.1125.1.3.8")
+    assert out.SOPClassUID == src.SOPClassUID
+    kept, _ = roundtrip(step(options=["retain_uids"]).apply(copy.deepcopy(src))[0])
+    assert kept.MultiFrameSourceSOPInstanceUID == src.MultiFrameSourceSOPInstanceUID
 
 
 def test_options_retain_what_they_say() -> None:
@@ -486,6 +584,67 @@ def test_compressed_secondary_capture_is_decoded_and_masked() -> None:
     pixels = out.pixel_array
     assert (pixels[0:10, 0:20] == pixels[0:10, 0:20].min()).all()
     assert pixels.shape[-1] == 3
+
+
+def test_masking_compressed_pixels_is_deterministic() -> None:
+    """Decoding to mask must not mint a random SOP Instance UID (pydicom's decompress()
+    does by default): the same input and secret give byte-identical output."""
+    rule = {"rectangles": [[0, 0, 20, 10]]}
+    outputs = []
+    for _ in range(2):
+        src = pydicom.dcmread(bundled_file("SC_rgb_jpeg_dcmtk.dcm"))
+        deid = step(burned_in={"masks": [rule]})
+        out = deid.apply(src)[0]
+        outputs.append(roundtrip(out)[1])
+        assert out.SOPInstanceUID == deid.map_uid(
+            pydicom.dcmread(bundled_file("SC_rgb_jpeg_dcmtk.dcm")).SOPInstanceUID
+        )
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_ybr_full_422_uncompressed.dcm",  # native, subsampled chroma
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline, YBR_FULL
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",  # JPEG baseline, YBR_FULL_422
+        "GDCMJ2K_TextGBR.dcm",  # JPEG 2000, YBR_RCT
+        "SC_rgb_rle_2frame.dcm",  # RLE, two frames
+    ],
+)
+def test_masked_colour_images_stay_valid(name: str) -> None:
+    """The masked output decodes to the source image with the rectangle black, whatever
+    the colour model and transfer syntax; the attributes describe what was written."""
+    src = pydicom.dcmread(bundled_file(name))
+    expected = src.pixel_array.astype(int)  # as RGB, pydicom's default
+    rule = {"rectangles": [[0, 0, 10, 6]]}
+    out, _ = roundtrip(step(burned_in={"masks": [rule]}).apply(copy.deepcopy(src))[0])
+    assert not out.file_meta.TransferSyntaxUID.is_compressed
+    assert out.PhotometricInterpretation in ("RGB", "YBR_FULL")
+    assert out.get("PlanarConfiguration", 0) == 0
+    got = out.pixel_array.astype(int)
+    assert got.shape == expected.shape
+    frames = got if int(out.get("NumberOfFrames", 1) or 1) > 1 else got[None, ...]
+    wanted = expected if expected.ndim == frames.ndim else expected[None, ...]
+    assert (frames[:, 0:6, 0:10] <= 2).all()  # black (YCbCr round-trip error <= 2)
+    assert abs(frames[:, 6:, :] - wanted[:, 6:, :]).max() <= 2
+    assert abs(frames[:, :, 10:] - wanted[:, :, 10:]).max() <= 2
+
+
+def test_masking_colour_by_plane_native_pixels() -> None:
+    src = pydicom.dcmread(bundled_file("SC_rgb_small_odd.dcm"))
+    planes = src.pixel_array.transpose(2, 0, 1).copy()  # R plane, G plane, B plane
+    src.PlanarConfiguration = 1
+    src.PixelData = planes.tobytes()
+    expected = src.pixel_array.copy()
+    out, _ = roundtrip(
+        step(burned_in={"masks": [{"rectangles": [[0, 0, 1, 1]]}]}).apply(copy.deepcopy(src))[0]
+    )
+    assert out.PlanarConfiguration == 0
+    got = out.pixel_array
+    assert (got[0, 0] == 0).all()
+    expected[0, 0] = 0
+    assert (got == expected).all()
 
 
 # --------------------------------------------------------------------------- the table

@@ -10,6 +10,9 @@ PS3.15 Table E.1-1 (the generated :mod:`dicomgate.processing.ps315_tables`, edit
 * the compound actions (``X/Z``, ``X/D``, ``Z/D``, ``X/Z/D``, ``X/Z/U*``) keep the
   attribute (zero length, or a dummy when it had a value, so a Type 1 attribute stays
   valid) -- the output must stay a valid instance of its IOD;
+* an attribute without a row of its own inside a sequence being replaced (D) or cleaned
+  (C, U*) gets a dummy or is cleaned too (coded values, numbers and structure stay), and
+  every instance UID is mapped, listed or not (see :meth:`Deidentify._inherit`);
 * private attributes are removed, except the configured safe ones with
   ``retain_safe_private``; curves (50xx) and overlays (60xx) are removed whole unless
   ``clean_graphics``.
@@ -31,7 +34,7 @@ import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -39,11 +42,14 @@ from pydantic import Field, field_validator, model_validator
 from pydicom import Dataset
 from pydicom import config as pydicom_config
 from pydicom._dicom_dict import DicomDictionary
+from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomgate import __version__
 from dicomgate.models import ConfigModel
@@ -205,6 +211,9 @@ class DeidentifyConfig(ConfigModel):
 
 # Resolved operations (one per tag, decided when the step is built).
 _REMOVE, _EMPTY, _DUMMY, _DUMMY_OR_EMPTY, _UID, _UID_OR_EMPTY, _CLEAN, _SHIFT, _KEEP = range(9)
+#: An instance UID the table does not list (e.g. MultiFrameSourceSOPInstanceUID): mapped
+#: like ``U`` so that it neither leaks the original nor breaks a reference.
+_UID_REF = 9
 _OPS = {
     "X": _REMOVE,
     "Z": _EMPTY,
@@ -252,6 +261,10 @@ _DUMMIES: dict[str, Any] = {
 }
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _STRING_VRS = _TEXT_VRS | {"AS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}
+#: VRs an inherited action leaves alone: coded enumerations, ages and numbers.
+_KEPT_VRS = frozenset(
+    {"CS", "AS", "DS", "IS", "AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"}
+)
 
 _PATIENT_ID = BaseTag(0x00100020)
 _PATIENT_NAME = BaseTag(0x00100010)
@@ -265,6 +278,37 @@ _FAMILIES = {
     "US": ("1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.1"),
     "SC": ("1.2.840.10008.5.1.4.1.1.7",),
 }
+
+
+#: UI attributes that name a class, syntax or standard resource, not an instance: kept.
+_KEPT_UID_KEYWORDS = re.compile(
+    r"Class|TransferSyntax|CodingScheme|ContextGroupExtensionCreator|^ContextUID$|"
+    r"MappingResource|CreatorVersion|PrivateInformationCreator|SegmentationTemplate"
+)
+
+
+@functools.cache
+def _kept_uid_tags() -> frozenset[int]:
+    """Public UI attributes naming a SOP class, transfer syntax, coding scheme, ..."""
+    return frozenset(
+        tag
+        for tag, entry in DicomDictionary.items()
+        if entry[0] == "UI" and _KEPT_UID_KEYWORDS.search(entry[4])
+    )
+
+
+@functools.cache
+def _untabled_instance_uids() -> frozenset[int]:
+    """Public UI attributes that Table E.1-1 does not list and that hold instance UIDs
+    (references, frames of reference, ...), from the data dictionary."""
+    return frozenset(
+        tag
+        for tag, entry in DicomDictionary.items()
+        if entry[0] == "UI"
+        and tag not in table.BASIC_PROFILE
+        and tag >> 16 != 0x0002
+        and tag not in _kept_uid_tags()
+    )
 
 
 @functools.cache
@@ -300,6 +344,8 @@ def compile_actions(options: Iterable[str]) -> tuple[dict[int, int], list[tuple[
             if overrides.get(tag) not in (_CLEAN, _SHIFT):
                 overrides[tag] = op
     ops.update(overrides)
+    if "retain_uids" not in chosen:
+        ops.update(dict.fromkeys(_untabled_instance_uids() - ops.keys(), _UID_REF))
     groups = [(mask, value, _OPS[action]) for mask, value, action, _ in table.BASIC_PROFILE_GROUPS]
     for option, mask, value, action in table.OPTION_GROUPS:
         if option in chosen:
@@ -461,8 +507,14 @@ class Deidentify(Step):
         self._mark(ds, masked)
         return [ds]
 
-    def _walk(self, ds: Dataset, state: _Instance) -> None:
-        """Apply the actions to every element of ``ds`` and, recursively, of its items."""
+    def _walk(self, ds: Dataset, state: _Instance, inherited: int | None = None) -> None:
+        """Apply the actions to every element of ``ds`` and, recursively, of its items.
+
+        ``inherited`` is the action of the enclosing sequence (``_DUMMY`` or ``_CLEAN``)
+        when one of them is being replaced or cleaned: an attribute inside it that the
+        table does not list (TextValue in a ContentSequence, CodeValue in a
+        PersonIdentificationCodeSequence, UnformattedTextValue in a GraphicAnnotation
+        Sequence, ...) gets that action too instead of passing through unchanged."""
         ops = self._ops
         sequences = _sequence_tags()
         raw = ds._dict  # elements as read: values we keep are never decoded
@@ -474,10 +526,13 @@ class Deidentify(Step):
             op = ops.get(tag)
             if op is None and 0x5000 <= group <= 0x60FF:
                 op = self._repeating_op(tag)
+            if op is None and inherited is not None:
+                self._inherit(ds, tag, inherited, state)
+                continue
             if op is None or op == _KEEP:
                 if tag in sequences or raw[tag].VR == "SQ":
                     for item in ds[tag].value:
-                        self._walk(item, state)
+                        self._walk(item, state, inherited)
                 continue
             self._act(ds, tag, op, state)
 
@@ -502,26 +557,76 @@ class Deidentify(Step):
             if op == _EMPTY:
                 raw[tag] = _element(tag, "SQ", Sequence())
             else:  # D, C, U*: keep the items, each attribute in them gets its own action
+                # A reference sequence (U*) keeps its content like a cleaned one.
+                inner = _DUMMY if op in (_DUMMY, _DUMMY_OR_EMPTY) else _CLEAN
                 for item in ds[tag].value:
-                    self._walk(item, state)
+                    self._walk(item, state, inner)
             return
         if op == _EMPTY or (op in (_DUMMY_OR_EMPTY, _UID_OR_EMPTY) and _is_empty(elem)):
             raw[tag] = _element(tag, vr, "" if vr in _STRING_VRS else None)
         elif vr == "UI" and op != _CLEAN and op != _SHIFT:
-            uids = [self.map_uid(v) if v else v for v in _strings(elem)]
-            raw[tag] = _element(tag, vr, uids[0] if len(uids) == 1 else uids)
+            self._map_uids(raw, tag, elem)
         elif op in (_DUMMY, _DUMMY_OR_EMPTY, _UID, _UID_OR_EMPTY):
             raw[tag] = _element(tag, vr, _DUMMIES.get(vr))
         elif op == _SHIFT:
             if state.date_shift is not None and vr in ("DA", "DT"):
                 days = [_shift(v, vr, state.date_shift) for v in _strings(elem)]
                 raw[tag] = _element(tag, vr, days[0] if len(days) == 1 else days)
+        elif op == _UID_REF:
+            pass  # an instance-UID attribute written with another VR: left as it is
         elif vr in _TEXT_VRS and state.scrub is not None:  # _CLEAN of free text
-            value = ds[tag].value  # decoded with the data set's character set
-            if isinstance(value, str):
-                raw[tag] = _element(tag, vr, _scrub(value, state.scrub))
-            elif value is not None:
-                raw[tag] = _element(tag, vr, [_scrub(str(v), state.scrub) for v in value])
+            self._scrub_text(ds, tag, vr, state.scrub)
+
+    def _inherit(self, ds: Dataset, tag: BaseTag, inherited: int, state: _Instance) -> None:
+        """An attribute the table does not list, inside a sequence being replaced with
+        dummies (``_DUMMY``) or cleaned (``_CLEAN``).
+
+        Coded enumerations (CS) and numbers stay, so the structure of a content tree or
+        graphic annotation still parses; UIDs are mapped (kept with retain_uids); dates
+        and times follow the temporal option; free text becomes a dummy (``_DUMMY``) or is
+        scrubbed of the patient's identifiers (``_CLEAN``); binary and unknown (UN)
+        values are emptied, as they cannot be cleaned."""
+        raw = ds._dict
+        elem = raw[tag]
+        vr = _vr_of(elem, tag)
+        if vr == "SQ":
+            for item in ds[tag].value:
+                self._walk(item, state, inherited)
+        elif vr in _KEPT_VRS or _is_empty(elem):
+            return
+        elif vr == "UI":
+            if "retain_uids" not in self._opts and tag not in _kept_uid_tags():
+                self._map_uids(raw, tag, elem)
+        elif vr in ("DA", "DT", "TM"):
+            if self._full_dates:
+                return
+            if state.date_shift is not None:
+                if vr != "TM":
+                    days = [_shift(v, vr, state.date_shift) for v in _strings(elem)]
+                    raw[tag] = _element(tag, vr, days[0] if len(days) == 1 else days)
+            else:
+                raw[tag] = _element(tag, vr, _DUMMIES[vr])
+        elif vr in _TEXT_VRS or vr == "UR":
+            if inherited == _CLEAN:
+                if state.scrub is not None:
+                    self._scrub_text(ds, tag, vr, state.scrub)
+            else:
+                raw[tag] = _element(tag, vr, _DUMMIES[vr])
+        elif vr == "UN" or inherited == _DUMMY:
+            raw[tag] = _element(tag, vr, None)
+
+    def _map_uids(self, raw: MutableMapping[BaseTag, Any], tag: BaseTag, elem: Any) -> None:
+        """Each value replaced by its keyed UID; well-known (registered) UIDs stay."""
+        uids = [self.map_uid(v) if v and v not in UID_dictionary else v for v in _strings(elem)]
+        raw[tag] = _element(tag, "UI", uids[0] if len(uids) == 1 else uids)
+
+    @staticmethod
+    def _scrub_text(ds: Dataset, tag: BaseTag, vr: str, pattern: re.Pattern[str]) -> None:
+        value = ds[tag].value  # decoded with the data set's character set
+        if isinstance(value, str):
+            ds._dict[tag] = _element(tag, vr, _scrub(value, pattern))
+        elif value is not None:
+            ds._dict[tag] = _element(tag, vr, [_scrub(str(v), pattern) for v in value])
 
     def _private(self, ds: Dataset, tag: BaseTag) -> None:
         """Private attributes go unless retain_safe_private lists them (PS3.15 E.3.10)."""
@@ -723,26 +828,40 @@ def _matches(match: MaskMatch, ds: Dataset) -> bool:
 
 
 def _mask_pixels(ds: Dataset, rectangles: list[tuple[int, int, int, int]]) -> None:
-    """Paint ``rectangles`` with the darkest value on every frame and sample; compressed
-    pixel data is decoded first (the output is then native explicit VR little endian)."""
+    """Paint ``rectangles`` black on every frame.
+
+    The pixels are decoded without colour conversion and written back as native data
+    (compressed input leaves as explicit VR little endian) with what the decoder reports:
+    a subsampled YBR_FULL_422 image comes back as full-resolution YBR_FULL, JPEG 2000's
+    YBR_ICT/RCT as RGB, colour-by-plane as colour-by-pixel. The SOP Instance UID is not
+    regenerated here (the UID mapping decides it), so the output stays a pure function
+    of the input and the secret."""
     if _PIXEL_DATA[0] not in ds._dict:
         raise ProcessingError("burned_in_annotation", "float pixel data cannot be masked")
     try:
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.decompress()
-        arr = ds.pixel_array.copy()
+        decoder: Any = get_decoder(ds.file_meta.TransferSyntaxUID)  # its kwargs are untyped
+        arr, meta = decoder.as_array(ds, as_rgb=False)
+        arr = arr.copy()
     except Exception as exc:  # any codec failure: refuse rather than send unmasked pixels
         raise ProcessingError(
             "burned_in_annotation", f"cannot decode the pixel data to mask it: {exc}"
         ) from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(meta["photometric_interpretation"])
+    if photometric == "YBR_FULL_422":  # the decoder returns every chroma sample
+        photometric = "YBR_FULL"
+    elif photometric in ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"):  # not valid native
+        arr = decoder.as_array(ds, as_rgb=True)[0].copy()
+        photometric = "RGB"
+    frames = int(meta.get("number_of_frames", 1) or 1)
     view = arr if frames > 1 else arr[None, ...]
-    mono1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
-    dark = view.max() if mono1 else view.min()
+    if arr.ndim - (frames > 1) == 3:  # colour: black is 0, in YCbCr with neutral chroma
+        black: Any = [0, 0, 0]
+        if photometric.startswith("YBR"):
+            black[1] = black[2] = 1 << (int(meta["bits_stored"]) - 1)
+    else:
+        black = view.max() if photometric == "MONOCHROME1" else view.min()
     for x, y, w, h in rectangles:
-        if samples > 1:
-            view[:, y : y + h, x : x + w, :] = dark
-        else:
-            view[:, y : y + h, x : x + w] = dark
-    ds.PixelData = arr.tobytes()
+        view[:, y : y + h, x : x + w] = black
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(arr, photometric, int(meta["bits_stored"]), generate_instance_uid=False)
