@@ -569,7 +569,10 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config 
 
 @app.command()
 def process(
-    inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive)")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="DICOM files or folders (recursive); then OUT unless --out is given"),
+    ],
     pipeline: Annotated[
         Path,
         typer.Option(
@@ -577,12 +580,20 @@ def process(
             help="YAML file with the steps, the same list as a route's `pipeline:`",
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Folder the results are written into")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder the results are written into (or the last argument)"),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on a terminal")] = True,
 ) -> None:
-    """Run a processing pipeline (deidentify, standardize, transcode, split) over files."""
+    """Run a processing pipeline (deidentify, standardize, transcode, split) over files:
+    `dicomgate process --pipeline FILE IN... OUT` (or `--out OUT`)."""
     from dicomgate.processing.batch import run_batch
 
+    if out is None:
+        if len(inputs) < 2:
+            raise _fail("give the output folder: process --pipeline FILE IN... OUT")
+        *inputs, out = inputs
     for path in inputs:
         if not path.exists():
             raise _fail(f"{path}: no such file or folder")
