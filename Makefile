@@ -41,6 +41,13 @@ peers:
 
 test: install-test
 	TCP_NODELAY=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	@# The database-heavy modules again, each gateway on a fresh PostgreSQL database
+	@# (TEST_DATABASE=postgresql, tests/conftest.py); about 3 minutes here.
+	TEST_DATABASE=postgresql TCP_NODELAY=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS) \
+	  tests/integration/test_routing_delivery.py tests/integration/test_queue_operations.py \
+	  tests/integration/test_crash_recovery.py tests/integration/test_retention.py \
+	  tests/integration/test_delivery_failures.py tests/integration/test_qido.py \
+	  tests/integration/test_destination_pause.py
 
 test-slow: install-test
 	TCP_NODELAY=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)

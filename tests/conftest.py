@@ -45,6 +45,63 @@ needs_dcmtk = pytest.mark.skipif(
     shutil.which("storescu") is None or shutil.which("echoscu") is None, reason="needs DCMTK"
 )
 
+# ``TEST_DATABASE=postgresql`` gives every gateway a test starts (unless the test sets
+# ``database.url`` itself) a fresh PostgreSQL database instead of SQLite; ``make test``
+# re-runs the database-heavy integration modules that way. (Not a ``DICOMGATE_`` name: the
+# gateway reads those as configuration.)
+TEST_DB = os.environ.get("TEST_DATABASE", "sqlite").strip().lower() or "sqlite"
+if TEST_DB not in ("sqlite", "postgresql"):
+    raise pytest.UsageError(f"TEST_DATABASE must be sqlite or postgresql, not {TEST_DB!r}")
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+
+def sqlite_only(why: str) -> pytest.MarkDecorator:
+    """Skip under ``TEST_DATABASE=postgresql``: the test is about SQLite itself
+    (``why`` says how), so there is nothing of PostgreSQL for it to check."""
+    return pytest.mark.skipif(TEST_DB == "postgresql", reason=f"SQLite-only: {why}")
+
+
+def pg_admin() -> Any:
+    """An autocommit connection to the PostgreSQL server on 127.0.0.1:5432.
+
+    The server is part of the test environment: unreachable is a failure, not a skip.
+    """
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_DSN, autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.fail(
+            "PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth) is unreachable: "
+            + str(error).splitlines()[0]
+        )
+
+
+def create_pg_database() -> tuple[str, str]:
+    """(name, URL) of a new, empty PostgreSQL database; drop it with drop_pg_database."""
+    name = f"dicomgate_test_{uuid.uuid4().hex[:12]}"
+    with pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    _created_databases.add(name)
+    return name, f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg_database(name: str) -> None:
+    with pg_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _created_databases.discard(name)
+
+
+_created_databases: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_leftover_pg_databases() -> Iterator[None]:
+    """Databases made for gateways that no fixture stopped (a test that errored early)."""
+    yield
+    for name in sorted(_created_databases):
+        drop_pg_database(name)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``slow`` tests run only when selected (``-m slow``); CI runs the bounded ones."""
@@ -98,6 +155,7 @@ class GatewayProcess:
     config: dict[str, Any]
     expected_exit: int | None = 0  # checked at teardown; None: do not check
     proc: subprocess.Popen[bytes] | None = None
+    pg_database: str | None = None  # the PostgreSQL database made for it, dropped by release
     _index: Index | None = field(default=None, repr=False)
     _log_fh: Any = field(default=None, repr=False)
 
@@ -114,6 +172,20 @@ class GatewayProcess:
     @property
     def data(self) -> Path:
         return Path(self.config["storage"]["path"])
+
+    @property
+    def node_dir(self) -> Path:
+        """What is this node's own: ``storage.path`` with SQLite, ``storage.path/nodes/<name>``
+        with PostgreSQL (where nodes may share the store folder)."""
+        if not self.db_url.startswith("postgres"):
+            return self.data
+        from dicomgate.config import NodeConfig
+
+        return self.data / "nodes" / NodeConfig(**self.config.get("node", {})).resolved_name()
+
+    @property
+    def spool(self) -> Path:
+        return self.node_dir / "spool"
 
     @property
     def ae_title(self) -> str:
@@ -261,6 +333,13 @@ class GatewayProcess:
             self._index.close()
             self._index = None
 
+    def release(self) -> None:
+        """After the last stop: drop the PostgreSQL database made for this gateway."""
+        self.close_index()
+        if self.pg_database is not None:
+            drop_pg_database(self.pg_database)
+            self.pg_database = None
+
     def stored_path(self, row: Mapping[str, Any]) -> Path:
         return self.data / str(row["relpath"])
 
@@ -304,7 +383,10 @@ class GatewayProcess:
 
 def new_gateway(root: Path, overrides: Mapping[str, Any] | None = None) -> GatewayProcess:
     """A gateway (not started) under ``root``: SQLite and store in ``root/data``, DIMSE and
-    HTTP on free 127.0.0.1 ports, ``overrides`` merged into that config."""
+    HTTP on free 127.0.0.1 ports, ``overrides`` merged into that config.
+
+    Under ``TEST_DATABASE=postgresql`` the database is a fresh PostgreSQL database
+    (unless ``overrides`` names one), dropped by :meth:`GatewayProcess.release`."""
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data"
     base: dict[str, Any] = {
@@ -313,7 +395,12 @@ def new_gateway(root: Path, overrides: Mapping[str, Any] | None = None) -> Gatew
         "dimse": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port()},
         "http": {"host": "127.0.0.1", "port": free_port()},
     }
-    return GatewayProcess(root=root, config=_merge(base, overrides or {}))
+    pg_database = None
+    if TEST_DB == "postgresql" and "url" not in (overrides or {}).get("database", {}):
+        pg_database, base["database"]["url"] = create_pg_database()
+    gw = GatewayProcess(root=root, config=_merge(base, overrides or {}))
+    gw.pg_database = pg_database
+    return gw
 
 
 @contextlib.contextmanager
@@ -328,7 +415,9 @@ def loaded_gateway(root: Path, files: list[Path]) -> Iterator[GatewayProcess]:
         yield gw
     finally:
         gw.close_index()
-        assert gw.terminate() == 0, gw.log_tail()
+        code = gw.terminate()
+        gw.release()
+        assert code == 0, gw.log_tail()
 
 
 @pytest.fixture
@@ -355,11 +444,13 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     failures = []
     for gw in started:
         gw.close_index()
-        if gw.proc is None:
-            continue
-        code = gw.terminate()
-        if gw.expected_exit is not None and code != gw.expected_exit:
-            failures.append(f"gateway exited {code}, expected {gw.expected_exit}:\n{gw.log_tail()}")
+        if gw.proc is not None:
+            code = gw.terminate()
+            if gw.expected_exit is not None and code != gw.expected_exit:
+                failures.append(
+                    f"gateway exited {code}, expected {gw.expected_exit}:\n{gw.log_tail()}"
+                )
+        gw.release()
     if failures:
         pytest.fail("\n".join(failures))
 
@@ -482,28 +573,17 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         launched.stop()
 
 
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-
-
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
     """A fresh PostgreSQL database per test module on 127.0.0.1:5432, dropped afterwards.
 
-    Skips (with the reason) only when the server is unreachable.
+    Fails (with the reason) when the server is unreachable: it is part of the test setup.
     """
-    import psycopg
-
+    name, url = create_pg_database()
     try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {error}".splitlines()[0])
-    name = f"dicomgate_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield url
+    finally:
+        drop_pg_database(name)
 
 
 def sop_uid_of(path: Path) -> str:

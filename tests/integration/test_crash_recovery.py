@@ -13,7 +13,14 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from tests.conftest import Corpus, GatewayProcess, dcmtk_env, needs_dcmtk, sop_uid_of
+from tests.conftest import (
+    TEST_DB,
+    Corpus,
+    GatewayProcess,
+    dcmtk_env,
+    needs_dcmtk,
+    sop_uid_of,
+)
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
 
@@ -61,7 +68,7 @@ def test_kill9_mid_stream_loses_no_acknowledged_instance(gateway: Gateway, corpu
 
     # What the dead process left in the spool: its half-received instance(s) and its pool
     # of pre-created spool files.
-    leftovers = {p.name for p in (gw.data / "spool").iterdir()}
+    leftovers = {p.name for p in gw.spool.iterdir()}
     assert leftovers, "a killed gateway leaves spool files; none found"
 
     gw.restart()
@@ -79,18 +86,32 @@ def test_kill9_mid_stream_loses_no_acknowledged_instance(gateway: Gateway, corpu
         assert stored.stat().st_size == row["size"]
     # Nothing half-received survives: the old spool files are gone (the new process keeps
     # a pool of pre-created, still empty spool files there) and the store holds no parts.
-    spool_now = list((gw.data / "spool").iterdir())
+    spool_now = list(gw.spool.iterdir())
     assert not leftovers & {p.name for p in spool_now}
     assert [p.stat().st_size for p in spool_now] == [0] * len(spool_now)
     assert gw.log_count("store.spool_recovered") == 1
     assert f"removed {len(leftovers)} half-received spool files" in gw.log_text()
     assert list((gw.data / "store").rglob("*.part")) == []
-    # Every file in the store is indexed (no orphan the index does not know about).
     indexed = gw.index.count_instances(current_only=False)
-    assert len(list((gw.data / "store").rglob("*.dcm"))) == indexed
     assert indexed >= len(acked)
+    in_store = {sop_uid_of(p): p for p in (gw.data / "store").rglob("*.dcm")}
+    orphans = {uid for uid in in_store if gw.index.instance(uid) is None}
+    if TEST_DB == "sqlite":
+        # The recovery scan indexed every file the lost rows named: no orphan is left.
+        assert not orphans
+    else:
+        # PostgreSQL: no recovery scan (it would race other nodes' renames in a shared
+        # store). A file renamed into the store whose commit the kill prevented stays
+        # unindexed until the sender sends it again; it was never acknowledged.
+        assert not orphans & {sop_uid_of(by_name[name]) for name in acked}
+    assert len(in_store) == indexed + len(orphans)
 
-    # And the restarted gateway takes the rest of the stream.
+    # And the restarted gateway takes the rest of the stream. The store never replaces a
+    # file, so under PostgreSQL a resent orphan is stored beside it (<sop>.<sha>.dcm) and
+    # the orphan stays on disk, known to no row (a leak of at most the batch in flight at
+    # the kill; reported on issue #8).
     result = gw.storescu(files)
     assert result.returncode == 0, result.stdout[-2000:]
     assert gw.index.count_instances() == len(files)
+    files_now = len(list((gw.data / "store").rglob("*.dcm")))
+    assert files_now == gw.index.count_instances(current_only=False) + len(orphans)

@@ -365,6 +365,6 @@ def test_data_set_that_stalls_is_aborted_after_dimse_timeout(gateway: Gateway) -
     peer.close()
     gw.wait_log("association.aborted")
     assert gw.index.count_instances() == 0
-    spool = gw.data / "spool"
+    spool = gw.spool
     assert all(p.stat().st_size == 0 for p in spool.iterdir()), "half data set left in spool"
     assert_still_serves(gw)

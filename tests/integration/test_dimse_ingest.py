@@ -412,4 +412,4 @@ def test_sigterm_during_storescu(gateway: Gateway, corpus: Corpus) -> None:
         assert row is not None, f"{name} acknowledged but not indexed"
         assert_indexed_as_stored(gw, row)
     assert gw.log_count("gateway.stopped") == 1
-    assert list((gw.data / "spool").glob("*.part")) == []
+    assert list(gw.spool.glob("*.part")) == []

@@ -342,7 +342,7 @@ def test_malformed_requests_store_nothing(
     assert r.json()["error"]
     assert gw.index.count_instances() == 0
     assert not list((gw.data / "store").rglob("*.dcm"))
-    assert not [p for p in (gw.data / "spool").iterdir() if p.stat().st_size > 0]
+    assert not [p for p in gw.spool.iterdir() if p.stat().st_size > 0]
     # ...and the gateway keeps serving.
     assert post(gw, multipart(good)).status_code == 200
 
