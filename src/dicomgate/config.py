@@ -37,7 +37,7 @@ from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.matcher import Router
 from dicomgate.routing.models import RouteConfig, parse_duration
 from dicomgate.security.dimse_access import is_network as _is_network
-from dicomgate.security.dimse_models import DimseTlsConfig
+from dicomgate.security.dimse_models import DestinationTls, DimseTlsConfig
 from dicomgate.security.http_models import (
     HttpAuthConfig,
     HttpLimitsConfig,
@@ -207,6 +207,13 @@ class MoveDestinationConfig(_Model):
 
     host: str = Field(description="Host name or IP address of the move destination.")
     port: int = Field(ge=1, le=65535, description="DICOM TCP port of the move destination.")
+    tls: DestinationTls | None = Field(
+        None,
+        description=(
+            "DICOM TLS to this move destination (PS3.15 Annex B), the same options as a"
+            " `dimse` destination's `tls`; unset: plain DICOM."
+        ),
+    )
 
 
 class DimseAllowConfig(_Model):

@@ -173,6 +173,7 @@ def move_targets(
                 "host": where.host,
                 "port": where.port,
                 "dimse_timeout": config.move_timeout,
+                "tls": where.tls,
             }
         )
         out[title] = MoveTarget(model)
@@ -490,7 +491,10 @@ class QueryRetrieve:
             return
         sender = DimseSender(
             f"c-move:{destination}",
-            target.model,
+            # Batches go one after the other: one association, replaced when a batch needs
+            # contexts it lacks; a second one would wait behind the first at a receiver
+            # serving one association at a time (DCMTK storescp) until idle_timeout.
+            target.model.model_copy(update={"max_associations": 1}),
             calling_ae=target.model.calling_ae_title or self.config.ae_title,
             move_originator=(request.calling_ae, request.command.message_id),
         )
