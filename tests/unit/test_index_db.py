@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom.data import get_testdata_file
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_, IndexUnavailable
@@ -368,3 +368,105 @@ def test_duplicate_lookup_uses_the_uid_index(index: Index) -> None:
     # PostgreSQL may take the partial unique index of current rows: just as good.
     names = ("ix_instance_sop_instance_uid", "uq_instance_current_sop_instance_uid")
     assert any(name in str(row) for row in plan for name in names[: 2 if postgres else 1]), plan
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_rows_written_by_the_first_revision_survive_migrating_to_head(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A database that an old dicomgate filled: rows written with the 0001 schema (and a
+    job with 0002's), migrated up to head, are read back by today's index and queue."""
+    from dicomgate.config import QueueConfig
+    from dicomgate.index.db import current_revision, head_revision, migrate
+    from dicomgate.index.query import Level, search
+    from dicomgate.queue import JobQueue
+
+    url = _fresh_postgres(request) if backend == "postgresql" else f"sqlite:///{tmp_path}/i.db"
+    engine = create_engine(normalize_url(url))
+    received = T0
+    try:
+        with engine.connect() as connection:
+            migrate(connection, "0001")
+            connection.commit()
+            assert current_revision(connection) == "0001"
+            for sql in (
+                "INSERT INTO patient (id, patient_id, issuer_of_patient_id, patient_name,"
+                " patient_name_search, patient_birth_date, patient_sex)"
+                " VALUES (7, 'PID-0001', '', 'Doe^Jane', 'DOE^JANE', '19700102', 'F')",
+                "INSERT INTO study (id, study_instance_uid, patient_pk, study_date,"
+                " accession_number, study_description, last_received_at)"
+                " VALUES (8, '1.2.840.99.1', 7, '20240501', 'ACC-1', 'Old study', :t)",
+                "INSERT INTO series (id, series_instance_uid, study_pk, modality, series_number)"
+                " VALUES (9, '1.2.840.99.1.1', 8, 'MR', 3)",
+                "INSERT INTO instance (id, sop_instance_uid, series_pk, sop_class_uid,"
+                " instance_number, rows, columns, transfer_syntax_uid, relpath, size, sha256,"
+                " calling_ae, called_ae, received_via, received_at, is_current)"
+                " VALUES (10, '1.2.840.99.1.1.1', 9, '1.2.840.10008.5.1.4.1.1.4', 1, 64, 64,"
+                " '1.2.840.10008.1.2.1', 'old/one.dcm', 4242, :sha, 'OLDMOD', 'DICOMGATE',"
+                " 'dimse', :t, true)",
+            ):
+                connection.execute(text(sql), {"t": received, "sha": "cd" * 32})
+            connection.commit()
+            # 0002 brought the queue: a job an old node left pending.
+            migrate(connection, "0002")
+            connection.execute(
+                text(
+                    "INSERT INTO delivery_job (instance_pk, destination, route, state,"
+                    " attempts, not_before, created_at, updated_at)"
+                    " VALUES (10, 'pacs', 'all', 'pending', 0, :t, :t, :t)"
+                ),
+                {"t": received},
+            )
+            connection.commit()
+            migrate(connection)
+            connection.commit()
+            assert current_revision(connection) == head_revision()
+    finally:
+        engine.dispose()
+
+    idx = Index.open(url)  # what a new node does at start-up: nothing left to migrate
+    try:
+        row = idx.instance("1.2.840.99.1.1.1")
+        assert row is not None
+        assert (row["relpath"], row["size"], row["sha256"]) == ("old/one.dcm", 4242, "cd" * 32)
+        assert (row["calling_ae"], row["received_via"]) == ("OLDMOD", "dimse")
+        assert (row["study_instance_uid"], row["series_instance_uid"]) == (
+            "1.2.840.99.1",
+            "1.2.840.99.1.1",
+        )
+        assert (row["patient_id"], row["patient_name"], row["modality"]) == (
+            "PID-0001",
+            "Doe^Jane",
+            "MR",
+        )
+        assert idx.count_instances() == 1
+        with idx.engine.connect() as connection:
+            found = search(connection, Level.STUDY, {"PatientID": "PID-0001"})
+        assert [m.study_uid for m in found.matches] == ["1.2.840.99.1"]
+        # A new instance of the old study joins the old rows (no second patient/study).
+        idx.record(
+            [
+                make_item(
+                    "1.2.840.99.1.1.2",
+                    series_uid="1.2.840.99.1.1",
+                    study_uid="1.2.840.99.1",
+                    PatientID="PID-0001",
+                )
+            ],
+            DuplicatePolicy.REJECT,
+        )
+        assert _scalar(idx, "SELECT count(*) FROM study") == 1
+        assert _scalar(idx, "SELECT count(*) FROM series") == 1
+        # The old pending job is leased and completed, its history in 0004's table.
+        queue = JobQueue(idx.engine, QueueConfig())
+        jobs = queue.lease("pacs", 10, "node-new:1")
+        assert [(j.destination, j.attempts, j.relpath) for j in jobs] == [
+            ("pacs", 1, "old/one.dcm")
+        ]
+        queue.complete(jobs)
+        assert _scalar(idx, "SELECT state FROM delivery_job") == "done"
+        assert _scalar(idx, "SELECT outcome FROM delivery_attempt") == "delivered"
+    finally:
+        idx.close()
