@@ -28,13 +28,16 @@ from dicomgate.index.db import Index, current_revision, head_revision, migrate, 
 from dicomgate.queue import NewJob
 from dicomgate.queue.notify import JobListener
 
-pytestmark = [
-    pytest.mark.postgres,
-    pytest.mark.skipif(
-        shutil.which("haproxy") is None or shutil.which("storescu") is None,
-        reason="needs haproxy and DCMTK (make peers)",
-    ),
-]
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(autouse=True)
+def _peers_installed() -> None:
+    """HAProxy and DCMTK are test peers (``make peers``): missing is a failure."""
+    missing = [tool for tool in ("haproxy", "storescu", "storescp") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"not installed: {', '.join(missing)} (run `make peers`)")
+
 
 NODES = 3
 STREAMS = 8
