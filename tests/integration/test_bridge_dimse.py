@@ -12,10 +12,11 @@ own DIMSE port for the same query.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.conftest import (
     AE_TITLE,
     DICOMWEB_PLUGIN,
     ORTHANC,
+    Corpus,
     GatewayProcess,
     OrthancProcess,
     dcmtk_env,
@@ -53,7 +55,8 @@ Upstream = OrthancProcess
 
 
 def start_orthanc(root: Path, modalities: dict[str, list[Any]]) -> Upstream:
-    """Orthanc with DICOMweb and a DICOM port, knowing ``modalities`` (C-MOVE targets)."""
+    """Orthanc with DICOMweb and a DICOM port, knowing ``modalities`` (C-MOVE targets);
+    ``--trace-dicom`` logs each incoming DIMSE message (its SOP class among them)."""
     return launch_orthanc(
         root,
         {
@@ -68,6 +71,7 @@ def start_orthanc(root: Path, modalities: dict[str, list[Any]]) -> Upstream:
             "DicomAlwaysAllowGet": True,
             "DicomCheckModalityHost": False,
         },
+        ("--verbose", "--trace-dicom"),
     )
 
 
@@ -80,9 +84,15 @@ def post_instance(upstream: Upstream, path: Path) -> None:
 
 
 def qr_tool(
-    tool: str, aec: str, port: int, keys: dict[str, str | None], *extra: str, out: Path | None
+    tool: str,
+    aec: str,
+    port: int,
+    keys: dict[str, str | None],
+    *extra: str,
+    out: Path | None,
+    model: str = STUDY_ROOT,
 ) -> Answer:
-    args = [tool, "-d", "-to", "20", STUDY_ROOT, "-aet", "QRSCU", "-aec", aec]
+    args = [tool, "-d", "-to", "20", model, "-aet", "QRSCU", "-aec", aec]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for old in out.iterdir():
@@ -112,9 +122,18 @@ class Site:
     hang: socket.socket
     root: Path
 
-    def find(self, aec: str, keys: dict[str, str | None], name: str) -> Answer:
+    def find(
+        self, aec: str, keys: dict[str, str | None], name: str, model: str = STUDY_ROOT
+    ) -> Answer:
         port = self.orthanc.dicom_port if aec == ORTHANC_AET else self.gw.dimse_port
-        return qr_tool("findscu", aec, port, keys, out=self.root / "find" / f"{name}-{aec}")
+        out = self.root / "find" / f"{name}-{aec}{model}"
+        return qr_tool("findscu", aec, port, keys, out=out, model=model)
+
+    def orthanc_log_mark(self) -> int:
+        return len(self.orthanc.log.read_bytes())
+
+    def orthanc_log_since(self, mark: int) -> str:
+        return self.orthanc.log.read_bytes()[mark:].decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +160,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 "host": "127.0.0.1",
                 "port": free_port(),
                 "check_called_ae": True,
+                # Known to the gateway only, not to Orthanc (the same storescp).
+                "move_destinations": {"HIDDEN": {"host": "127.0.0.1", "port": scp.port}},
             },
             "http": {"host": "127.0.0.1", "port": free_port()},
             "destinations": {
@@ -163,6 +184,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                     "host": "127.0.0.1",
                     "port": scp.port,
                 },
+                "pacs_down": {
+                    "type": "dimse",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": free_port(),  # nothing listens there
+                },
             },
             "query": {
                 "ae_titles": {
@@ -171,6 +198,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                     "DEAD": {"source": "dead", "timeout": 2},
                     "HANG": {"source": "hang", "timeout": 1},
                     "BADURL": {"source": "badurl", "timeout": 5},
+                    "PACSDOWN": {"source": "pacs_down", "timeout": 5},
+                    # The requestor's VIEWER is the PACS's ARCHIVE.
+                    "MAPPED": {
+                        "source": "orthanc_dimse",
+                        "timeout": 10,
+                        "move_destination_map": {"VIEWER": "ARCHIVE"},
+                    },
+                    # C-GET from the PACS, C-STORE to our own move destinations.
+                    "FORWARD": {"source": "orthanc_dimse", "timeout": 10, "move": "forward"},
                 }
             },
         },
@@ -369,3 +405,165 @@ def test_local_queries_stay_local(site: Site) -> None:
     assert answer.final == 0x0000, answer.output[-2000:]
     assert answer.responses == []
     assert len(site.files) == ALL_INSTANCES
+
+
+# -- information model, Move Destination translation, DIMSE upstream down -------------------
+
+PATIENT_ROOT = "-P"
+
+
+def requested_classes(orthanc_log: str) -> set[str]:
+    """The Q/R SOP classes of the requests Orthanc received and sent (DCMTK's names)."""
+    found = re.findall(r"Affected SOP Class UID\s*:\s*=?(\w+)", orthanc_log)
+    return {name for name in found if name.endswith("QueryRetrieveInformationModel")}
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": None, "StudyDate": None},
+        {
+            "QueryRetrieveLevel": "IMAGE",
+            "PatientID": "P1",
+            "StudyInstanceUID": UID_ROOT + "1",
+            "SeriesInstanceUID": UID_ROOT + "1.1",
+            "SOPInstanceUID": None,
+        },
+    ],
+    ids=["study", "image"],
+)
+def test_proxy_find_keeps_the_requestors_information_model(
+    site: Site, keys: dict[str, str | None]
+) -> None:
+    """A Patient Root C-FIND goes to the PACS as a Patient Root C-FIND (not as Study Root
+    because of its level), and its matches carry Patient ID (PS3.4 C.6.1)."""
+    unique = "StudyInstanceUID" if keys["QueryRetrieveLevel"] == "STUDY" else "SOPInstanceUID"
+    mark = site.orthanc_log_mark()
+    bridged = site.find("PROXY", keys, "model", PATIENT_ROOT)
+    seen = requested_classes(site.orthanc_log_since(mark))
+    assert seen == {"FINDPatientRootQueryRetrieveInformationModel"}
+    direct = site.find(ORTHANC_AET, {**keys, "PatientID": keys.get("PatientID")}, "model")
+    with_pid = {**keys, "PatientID": None}
+    assert _rows(bridged, with_pid, unique) == _rows(direct, with_pid, unique)
+    assert all(ds.PatientID in ("P1", "P2") for ds in bridged.responses)
+
+    mark = site.orthanc_log_mark()
+    study_root = site.find("PROXY", keys, "model-s", STUDY_ROOT)
+    seen = requested_classes(site.orthanc_log_since(mark))
+    assert seen == {"FINDStudyRootQueryRetrieveInformationModel"}
+    assert study_root.final == 0x0000
+
+
+def test_proxy_move_destination_is_translated(site: Site) -> None:
+    """``move_destination_map``: the requestor's VIEWER is ARCHIVE on the PACS; without the
+    map (PROXY) the PACS does not know VIEWER and refuses."""
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "2",
+    }
+    site.scp.clear()
+    refused = qr_tool("movescu", "PROXY", site.gw.dimse_port, keys, "-aem", "VIEWER", out=None)
+    assert refused.final == 0xC000, refused.output[-2000:]  # Orthanc: unknown destination
+    assert site.scp.files() == {}
+    moved = qr_tool("movescu", "MAPPED", site.gw.dimse_port, keys, "-aem", "VIEWER", out=None)
+    assert moved.final == 0x0000, moved.output[-3000:]
+    assert sorted(site.scp.files()) == [UID_ROOT + "2.1.1", UID_ROOT + "2.1.2"]
+
+
+def test_proxy_forward_moves_through_the_gateway(site: Site) -> None:
+    """``move: forward``: the PACS is asked for a C-GET by our AE title; the instances go
+    to HIDDEN, a move destination only the gateway knows, with pending counts."""
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "1",
+    }
+    site.scp.clear()
+    mark = site.orthanc_log_mark()
+    moved = qr_tool("movescu", "FORWARD", site.gw.dimse_port, keys, "-aem", "HIDDEN", out=None)
+    assert moved.final == 0x0000, moved.output[-3000:]
+    assert moved.counts()[-1][1:] == (4, 0, 0)
+    # A Study Root C-GET by our AE title (no C-MOVE: the PACS does not know HIDDEN)
+    assert requested_classes(site.orthanc_log_since(mark)) == {
+        "GETStudyRootQueryRetrieveInformationModel"
+    }
+    received = site.scp.files()
+    assert sorted(received) == sorted(u for u in site.files if u.startswith(UID_ROOT + "1."))
+    for uid, path in received.items():
+        _same_pixels(path, site.files[uid])
+    unknown = qr_tool("movescu", "FORWARD", site.gw.dimse_port, keys, "-aem", "NOWHERE", out=None)
+    assert unknown.final == 0xA801, unknown.output[-2000:]
+
+
+def test_dimse_upstream_down_gets_a_status_and_the_gateway_keeps_serving(site: Site) -> None:
+    """A DIMSE upstream on a closed port: C-FIND 0xA700, C-MOVE and C-GET 0xA701, each
+    logged with the cause; the gateway answers the next query in full."""
+    before = site.gw.log_count("bridge.upstream_failed")
+    found = site.find("PACSDOWN", STUDY_KEYS, "down")
+    assert found.final == 0xA700, found.output[-2000:]
+    assert not found.responses
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "STUDY",
+        "StudyInstanceUID": UID_ROOT + "1",
+    }
+    moved = qr_tool("movescu", "PACSDOWN", site.gw.dimse_port, keys, "-aem", "ARCHIVE", out=None)
+    assert moved.final == 0xA701, moved.output[-2000:]
+    got = qr_tool("getscu", "PACSDOWN", site.gw.dimse_port, keys, out=site.root / "get-down")
+    assert got.final == 0xA701, got.output[-2000:]
+    assert list((site.root / "get-down").iterdir()) == []
+    site.gw.wait_log("bridge.upstream_failed", before + 3)
+    assert "pacs_down" in site.gw.log_text()
+    again = site.find("PROXY", STUDY_KEYS, "after-down")
+    assert again.final == 0x0000 and len(again.responses) == 3
+
+
+def test_proxy_passes_a_cancel_on_to_the_pacs(
+    gateway: Callable[..., GatewayProcess], corpus: Corpus, tmp_path: Path
+) -> None:
+    """movescu's C-CANCEL-RQ during a relayed C-MOVE reaches the PACS (here another
+    dicomgate, which stops between two batches of sub-operations); the PACS's Cancel
+    answer, with its counts, comes back through the proxy."""
+    files = corpus.mr("bridge-cancel", 200, seed=5201)
+    scp = StoreSCP(tmp_path / "scp", "ARCHIVE")
+    try:
+        pacs = gateway(
+            {
+                "dimse": {
+                    "ae_title": "UPSTREAM",
+                    "move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": scp.port}},
+                }
+            }
+        )
+        assert pacs.storescu(files).returncode == 0
+        proxy = gateway(
+            {
+                "destinations": {
+                    "pacs": {
+                        "type": "dimse",
+                        "ae_title": "UPSTREAM",
+                        "host": "127.0.0.1",
+                        "port": pacs.dimse_port,
+                    }
+                },
+                "query": {"ae_titles": {"PROXY": {"source": "pacs", "timeout": 10}}},
+            }
+        )
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        keys: dict[str, str | None] = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+        answer = qr_tool(
+            "movescu", "PROXY", proxy.dimse_port, keys, "-aem", "ARCHIVE", "--cancel", "1", out=None
+        )
+        assert answer.final == 0xFE00, answer.output[-3000:]
+        remaining, completed, failed, _ = answer.counts()[-1]
+        assert remaining > 0 and 0 < completed < len(files) and failed == 0
+        assert completed + remaining == len(files)
+        assert "cancel requested" in pacs.log_text()  # the PACS got the C-CANCEL-RQ
+        proxy.wait_log("move.answered")
+        assert "cancel passed on" in proxy.log_text()
+        assert len(scp.files()) == completed
+        # The next move through the proxy runs to its end.
+        scp.clear()
+        full = qr_tool("movescu", "PROXY", proxy.dimse_port, keys, "-aem", "ARCHIVE", out=None)
+        assert full.final == 0x0000, full.output[-3000:]
+        assert len(scp.files()) == len(files)
+    finally:
+        scp.stop()

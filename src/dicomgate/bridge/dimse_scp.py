@@ -11,9 +11,12 @@ decoded and checked exactly as for local queries; then:
   arrives and sent on at once to the move destination (a pending response after each
   :data:`~dicomgate.dimse.qr.RETRIEVE_BATCH` instances or
   :data:`~dicomgate.dimse.qr.PENDING_INTERVAL` seconds).
-* **C-MOVE** to a ``dimse`` source: relayed, Move Destination unchanged (the PACS sends
-  the instances to that AE title itself, so it must know it); the PACS's pending and
-  final responses are relayed.
+* **C-MOVE** to a ``dimse`` source, ``move: relay``: relayed in the requestor's model,
+  Move Destination translated by ``move_destination_map`` (the PACS sends the instances
+  to that AE title itself, so it must know it); the PACS's pending and final responses
+  are relayed, and a C-CANCEL-RQ of the requestor is passed on (PS3.4 C.4.2.3.2).
+  ``move: forward``: C-GET from the PACS, each instance C-STOREd to the move destination
+  (one of ours) as it arrives, as for a ``dicomweb`` source.
 * **C-GET**: the source's instances (WADO-RS, or C-GET on the PACS) go back over the
   requestor's association as they arrive.
 
@@ -39,9 +42,11 @@ from pynetdicom.dsutils import encode
 from dicomgate.bridge.sources import (
     DimseSource,
     QuerySourceClient,
+    Relay,
     Retrieved,
     UpstreamFailed,
     remove_spooled,
+    sop_class_for,
 )
 from dicomgate.dimse.commands import Status, SubOperations, encode_response, encode_store_rq
 from dicomgate.dimse.qr import (
@@ -66,14 +71,26 @@ log = logging.getLogger("dicomgate.bridge")
 _QUERY_LEVEL = 0x00080052
 _CHARSET = 0x00080005
 _RETRIEVE_AE = 0x00080054
+_CANCEL_POLL = 0.05  # s; how often a relayed C-MOVE looks for the requestor's C-CANCEL-RQ
 
 
 class BridgedQR:
     """Serves Q/R requests from one upstream source (see the module docstring)."""
 
-    def __init__(self, source: QuerySourceClient, timeout: float) -> None:
+    def __init__(
+        self,
+        source: QuerySourceClient,
+        timeout: float,
+        *,
+        move: str = "relay",
+        move_destination_map: Mapping[str, str] | None = None,
+    ) -> None:
         self.source = source
         self.timeout = timeout
+        # A dimse source: ``relay`` the C-MOVE to the PACS, or ``forward`` (C-GET from the
+        # PACS, C-STORE to the move destination ourselves).
+        self.move_mode = move
+        self.move_destination_map = dict(move_destination_map or {})
 
     async def serve(self, qr: QueryRetrieve, request: Request, channel: Channel) -> None:
         """Answer ``request``; raises ``_Refusal`` for a failure before any answer."""
@@ -107,7 +124,11 @@ class BridgedQR:
         _level, level_text = identifier_level(ds, request.model)
         implicit = request.transfer_syntax == ImplicitVRLittleEndian
         sent = 0
-        matches = self.source.find(level_text, ds)
+        if "PATIENT" in request.model.value and level_text != "PATIENT":
+            # Patient Root: Patient ID, the patient level's unique key, is returned with
+            # every match (PS3.4 C.6.1), asked or not.
+            ds.setdefault("PatientID", None)
+        matches = self.source.find(level_text, ds, request.model)
         try:
             async for match in matches:
                 if request.cancelled:
@@ -144,7 +165,7 @@ class BridgedQR:
 
     async def move(self, qr: QueryRetrieve, request: Request, channel: Channel) -> None:
         destination = request.command.move_destination
-        if isinstance(self.source, DimseSource):
+        if isinstance(self.source, DimseSource) and self.move_mode == "relay":
             await self._relay_move(qr, request, channel, destination)
             return
         target = qr.targets.get(destination)
@@ -154,7 +175,11 @@ class BridgedQR:
             )
         sender = DimseSender(
             f"c-move:{destination}",
-            target.model,
+            # Instances are sent one at a time: one association, replaced (not joined by a
+            # second one) when an instance needs a context it lacks. A receiver serving one
+            # association at a time (DCMTK storescp) would otherwise hold the second one
+            # back until the pool released the first, idle_timeout later.
+            target.model.model_copy(update={"max_associations": 1}),
             calling_ae=target.model.calling_ae_title or qr.config.ae_title,
             move_originator=(request.calling_ae, request.command.message_id),
         )
@@ -182,25 +207,59 @@ class BridgedQR:
     async def _relay_move(
         self, qr: QueryRetrieve, request: Request, channel: Channel, destination: str
     ) -> None:
+        """C-MOVE relayed to the PACS, Move Destination translated by
+        ``move_destination_map``; a C-CANCEL-RQ of the requestor is passed on (PS3.4
+        C.4.2.3.2) and the PACS's answer to it relayed."""
         assert isinstance(self.source, DimseSource)
         ds = decode_identifier(request.identifier, request.transfer_syntax)
-        identifier_level(ds, request.model)
+        level, _ = identifier_level(ds, request.model)
         implicit = request.transfer_syntax == ImplicitVRLittleEndian
-        responses = self.source.move_raw(ds, request.command.affected_sop_class_uid, destination)
+        upstream_destination = self.move_destination_map.get(destination, destination)
+        relay = Relay()
+        responses = self.source.move_raw(
+            ds, sop_class_for(request.model, level.name, "move"), upstream_destination, relay
+        )
         final: tuple[Dataset, Dataset | None] | None = None
+        cancel_asked = 0.0  # when the requestor's C-CANCEL-RQ was passed on
+        next_response: asyncio.Future[tuple[Dataset, Dataset | None]] | None = None
         try:
-            async for status, found in responses:
+            while True:
+                if next_response is None:
+                    next_response = asyncio.ensure_future(anext(responses))
+                done, _ = await asyncio.wait({next_response}, timeout=_CANCEL_POLL)
+                if request.cancelled and not cancel_asked:
+                    cancel_asked = time.monotonic()
+                    relay.cancel()  # queues the C-CANCEL-RQ; does not block
+                if not done:
+                    if cancel_asked and time.monotonic() - cancel_asked > self.timeout:
+                        break  # the PACS ignores the cancel: answer it ourselves
+                    continue
+                try:
+                    status, found = next_response.result()
+                except StopAsyncIteration:
+                    break
+                next_response = None
                 code = int(status.get("Status", 0xC000))
-                counts = _counts(status)
                 if code in (0xFF00, 0xFF01):
-                    await qr._pending(request, channel, counts)
+                    await qr._pending(request, channel, _counts(status))
                     continue
                 final = (status, found)
                 break
         except UpstreamFailed as exc:
-            raise self._failed(request, exc, retrieve=True) from None
+            if not cancel_asked:
+                raise self._failed(request, exc, retrieve=True) from None
         finally:
+            if next_response is not None and not next_response.done():
+                next_response.cancel()
             await responses.aclose()  # type: ignore[attr-defined]
+        if final is None and cancel_asked:
+            log.info(
+                "C-MOVE relayed to %s: cancelled, no final answer from it",
+                self.source.name,
+                extra={"event": "move.answered", "calling_ae": request.calling_ae},
+            )
+            await qr._final(request, channel, Status.CANCEL, counts=SubOperations(None))
+            return
         if final is None:
             missing = UpstreamFailed(f"{self.source.name} sent no final C-MOVE response")
             raise self._failed(request, missing, retrieve=True)
@@ -213,6 +272,13 @@ class BridgedQR:
                 code,
                 extra={"event": "bridge.upstream_failed", "source": self.source.name},
             )
+        log.info(
+            "C-MOVE relayed to %s: 0x%04X%s",
+            self.source.name,
+            code,
+            ", cancel passed on" if relay.cancel_sent else "",
+            extra={"event": "move.answered", "calling_ae": request.calling_ae},
+        )
         await qr._final(
             request,
             channel,
@@ -243,11 +309,10 @@ class BridgedQR:
         ds = decode_identifier(request.identifier, request.transfer_syntax)
         _level, level_text = identifier_level(ds, request.model)
         try:
-            retrieval = await self.source.retrieve(level_text, ds)
+            retrieval = await self.source.retrieve(level_text, ds, request.model)
         except UpstreamFailed as exc:
             raise self._failed(request, exc, retrieve=True) from None
-        total = retrieval.total
-        counts = SubOperations(total if total is not None else 0)
+        counts = SubOperations(retrieval.total if retrieval.total is not None else 0)
         failed_uids: list[str] = []
         last_pending = time.monotonic()
         since_pending = 0
@@ -261,8 +326,6 @@ class BridgedQR:
                     delivered, warning = await send_one(item)
                 finally:
                     remove_spooled(item)
-                assert counts.remaining is not None
-                counts.remaining = max(counts.remaining - 1, 0)
                 if not delivered:
                     counts.failed += 1
                     failed_uids.append(item.sop_instance_uid)
@@ -270,6 +333,8 @@ class BridgedQR:
                     counts.warning += 1
                 else:
                     counts.completed += 1
+                done = counts.completed + counts.failed + counts.warning
+                counts.remaining = max((retrieval.total or 0) - done, 0)
                 since_pending += 1
                 now = time.monotonic()
                 if since_pending >= RETRIEVE_BATCH or now - last_pending >= PENDING_INTERVAL:
@@ -384,13 +449,15 @@ def build_bridges(
     from dicomgate.bridge.sources import DicomwebSource
     from dicomgate.egress.models import DicomwebDestination, DimseDestination
 
-    made: dict[tuple[str, float], BridgedQR] = {}
+    made: dict[tuple[Any, ...], BridgedQR] = {}
 
-    def bridge(source: str, timeout: float) -> BridgedQR | None:
+    def bridge(entry: Any) -> BridgedQR | None:
+        source, timeout = entry.source, entry.timeout
         if source == "local":
             return None
-        if (source, timeout) in made:
-            return made[(source, timeout)]
+        key = (source, timeout, entry.move, tuple(sorted(entry.move_destination_map.items())))
+        if key in made:
+            return made[key]
         model = destinations[source]
         client: QuerySourceClient
         if isinstance(model, DicomwebDestination):
@@ -401,11 +468,16 @@ def build_bridges(
             )
         else:  # config validation refuses other kinds
             raise ValueError(f"destination {source!r} cannot answer queries")
-        made[(source, timeout)] = BridgedQR(client, timeout)
-        return made[(source, timeout)]
+        made[key] = BridgedQR(
+            client,
+            timeout,
+            move=entry.move,
+            move_destination_map=entry.move_destination_map,
+        )
+        return made[key]
 
-    by_ae = {t: bridge(q.source, q.timeout) for t, q in query.ae_titles.items()}
-    default = bridge(query.dimse.source, query.dimse.timeout)
+    by_ae = {t: bridge(q) for t, q in query.ae_titles.items()}
+    default = bridge(query.dimse)
     return by_ae, default
 
 

@@ -10,7 +10,7 @@ from dicomgate.models import check_ae_title
 LOCAL = "local"
 
 
-class QuerySource(_Model):
+class _Source(_Model):
     """Where one entry point's queries and retrieves are answered."""
 
     source: str = Field(
@@ -31,7 +31,44 @@ class QuerySource(_Model):
     )
 
 
-class DicomwebQuerySource(QuerySource):
+class QuerySource(_Source):
+    """Where C-FIND / C-MOVE / C-GET to one (virtual) AE title are answered."""
+
+    move: str = Field(
+        "relay",
+        description=(
+            "With a `dimse` source, how a C-MOVE is passed on. `relay`: the C-MOVE goes to"
+            " the PACS with the Move Destination translated by `move_destination_map`; the"
+            " PACS sends the instances itself, so it must know that AE title and its"
+            " address. `forward`: the gateway C-GETs the instances from the PACS (which"
+            " must allow C-GET to our AE title) and sends them on to the move destination,"
+            " which must be one of the gateway's move destinations; the PACS needs to know"
+            " only the gateway."
+        ),
+    )
+    move_destination_map: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "`move: relay`: Move Destinations as the requestor names them -> as the PACS"
+            " knows them, e.g. `{VIEWER: WS01_VIEWER}`. An AE title not listed is passed on"
+            " unchanged."
+        ),
+    )
+
+    @field_validator("move")
+    @classmethod
+    def _move(cls, value: str) -> str:
+        if value not in ("relay", "forward"):
+            raise ValueError("use relay or forward")
+        return value
+
+    @field_validator("move_destination_map")
+    @classmethod
+    def _move_map(cls, value: dict[str, str]) -> dict[str, str]:
+        return {check_ae_title(k): check_ae_title(v) for k, v in value.items()}
+
+
+class DicomwebQuerySource(_Source):
     """Where QIDO-RS / WADO-RS requests to this gateway are answered."""
 
     retrieve: str = Field(

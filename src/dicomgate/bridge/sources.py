@@ -46,8 +46,10 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicomgate.dicomweb.multipart import (
@@ -57,6 +59,7 @@ from dicomgate.dicomweb.multipart import (
     PartStart,
     parse_content_type,
 )
+from dicomgate.dimse.negotiation import QRModel
 from dicomgate.dimse.scu import _AssociationFailed, _open_association
 from dicomgate.egress.base import http_transport
 from dicomgate.egress.dicomweb import _httpx_auth
@@ -71,12 +74,14 @@ __all__ = [
     "DimseSource",
     "LocalSource",
     "QuerySourceClient",
+    "Relay",
     "Retrieval",
     "Retrieved",
     "UpstreamFailed",
     "qido_params",
     "query_string",
     "remove_spooled",
+    "sop_class_for",
 ]
 
 QIDO_PAGE = 1000  # matches asked per QIDO-RS request (limit / offset paging)
@@ -119,7 +124,8 @@ class Retrieved:
 
 @dataclass
 class Retrieval:
-    """What a retrieve brings: ``total`` instances (None: unknown), as they arrive."""
+    """What a retrieve brings: ``total`` instances (None: unknown; a source may learn it
+    during the retrieve, e.g. from a PACS's pending C-GET responses), as they arrive."""
 
     total: int | None
     instances: AsyncIterator[Retrieved]
@@ -130,9 +136,13 @@ class QuerySourceClient(Protocol):
 
     name: str
 
-    def find(self, level: str, identifier: Dataset) -> AsyncIterator[Dataset]: ...
+    def find(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> AsyncIterator[Dataset]: ...
 
-    async def retrieve(self, level: str, identifier: Dataset) -> Retrieval: ...
+    async def retrieve(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> Retrieval: ...
 
     async def close(self) -> None: ...
 
@@ -150,7 +160,9 @@ class LocalSource:
         self.store = store
         self.page = page
 
-    async def find(self, level: str, identifier: Dataset) -> AsyncIterator[Dataset]:
+    async def find(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> AsyncIterator[Dataset]:
         from dicomgate.index.query import Level
 
         keys = identifier_keys(identifier)
@@ -170,7 +182,9 @@ class LocalSource:
                 return
             offset += self.page
 
-    async def retrieve(self, level: str, identifier: Dataset) -> Retrieval:
+    async def retrieve(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> Retrieval:
         keys = {k: v for k, v in identifier_keys(identifier).items() if v.strip() not in ("", "*")}
 
         def run() -> Any:
@@ -338,7 +352,9 @@ class DicomwebSource:
                 return
             offset += len(items)
 
-    async def find(self, level: str, identifier: Dataset) -> AsyncIterator[Dataset]:
+    async def find(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> AsyncIterator[Dataset]:
         path, in_path = self._qido_path(level, identifier)
         params = [(k, v) for k, v in qido_params(identifier) if k not in in_path]
         if level == "PATIENT":  # QIDO-RS has no patient resource: distinct patients of studies
@@ -396,7 +412,9 @@ class DicomwebSource:
                 total = None
         return targets, total
 
-    async def retrieve(self, level: str, identifier: Dataset) -> Retrieval:
+    async def retrieve(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> Retrieval:
         targets, total = await self._targets(level, identifier)
 
         async def instances() -> AsyncIterator[Retrieved]:
@@ -536,6 +554,79 @@ def _status_of(status: Dataset) -> tuple[int, str]:
     return int(status.get("Status", 0xC000)), str(status.get("ErrorComment", "") or "")
 
 
+_RELAY_MSG_ID = 1  # the Message ID of a relayed request on its own association
+
+
+class Relay:
+    """A request relayed to a PACS on an association of its own, which another thread may
+    cancel: :meth:`cancel` sends a C-CANCEL-RQ for it (PS3.7 9.3.2.3), at once when the PACS
+    has answered once already (so that the request is known to have gone out), else after
+    its first response."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._assoc: Association | None = None
+        self._sop_class = ""
+        self._answered = False
+        self._wanted = False
+        self._sent = False
+
+    def attach(self, assoc: Association, sop_class: str) -> None:
+        with self._lock:
+            self._assoc, self._sop_class = assoc, sop_class
+
+    def detach(self) -> None:
+        with self._lock:
+            self._assoc = None
+
+    def answered(self) -> None:
+        """The PACS sent a response to the request (called on the relaying thread)."""
+        with self._lock:
+            self._answered = True
+            self._send_locked()
+
+    def cancel(self) -> None:
+        """Ask the PACS to stop (thread-safe; sends one C-CANCEL-RQ at most)."""
+        with self._lock:
+            self._wanted = True
+            self._send_locked()
+
+    @property
+    def cancel_sent(self) -> bool:
+        return self._sent
+
+    def _send_locked(self) -> None:
+        assoc = self._assoc
+        if not (self._wanted and self._answered) or self._sent or assoc is None:
+            return
+        if assoc.is_established:  # pynetdicom queues the message: safe from any thread
+            assoc.send_c_cancel(_RELAY_MSG_ID, query_model=self._sop_class)
+            self._sent = True
+
+
+_MODEL_SOP_CLASSES = {
+    ("patient", "find"): PatientRootQueryRetrieveInformationModelFind,
+    ("patient", "move"): PatientRootQueryRetrieveInformationModelMove,
+    ("patient", "get"): PatientRootQueryRetrieveInformationModelGet,
+    ("study", "find"): StudyRootQueryRetrieveInformationModelFind,
+    ("study", "move"): StudyRootQueryRetrieveInformationModelMove,
+    ("study", "get"): StudyRootQueryRetrieveInformationModelGet,
+}
+
+
+def sop_class_for(model: QRModel | None, level: str, service: str) -> str:
+    """The SOP class to relay a request with: the requestor's information model (PS3.4
+    C.6.1 / C.6.2), so that the PACS answers with the keys of that model (Patient ID in
+    Patient Root). The retired Patient/Study Only model goes upstream as Patient Root (its
+    levels and keys are a subset); without a model (DICOMweb callers), Patient Root for a
+    PATIENT level request and Study Root otherwise."""
+    if model is None:
+        root = "patient" if level == "PATIENT" else "study"
+    else:
+        root = "study" if model is QRModel.STUDY_ROOT else "patient"
+    return str(_MODEL_SOP_CLASSES[(root, service)])
+
+
 class DimseSource:
     """C-FIND / C-MOVE / C-GET relayed to a ``dimse`` destination (a PACS)."""
 
@@ -569,18 +660,25 @@ class DimseSource:
         self,
         send: Callable[[Association], Iterator[tuple[Dataset, Dataset | None]]],
         sop_class: str,
+        relay: Relay | None = None,
     ) -> Callable[[Callable[[Any], None], threading.Event], None]:
         def work(put: Callable[[Any], None], stop: threading.Event) -> None:
             assoc = self._associate([build_context(sop_class)])
+            if relay is not None:
+                relay.attach(assoc, sop_class)
             try:
                 for status, identifier in send(assoc):
                     if not status:  # no response in time, or the association went away
                         raise UpstreamFailed(f"{self.name}: no response (timeout or abort)")
+                    if relay is not None:
+                        relay.answered()
                     put((status, identifier))
                     if stop.is_set():
                         assoc.abort()
                         return
             finally:
+                if relay is not None:
+                    relay.detach()
                 if assoc.is_established:
                     assoc.release()
 
@@ -594,12 +692,10 @@ class DimseSource:
         async for item in _from_thread(work):
             yield item
 
-    async def find(self, level: str, identifier: Dataset) -> AsyncIterator[Dataset]:
-        sop_class = str(
-            PatientRootQueryRetrieveInformationModelFind
-            if level == "PATIENT"
-            else StudyRootQueryRetrieveInformationModelFind
-        )
+    async def find(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> AsyncIterator[Dataset]:
+        sop_class = sop_class_for(model, level, "find")
         async for status, found in self.find_raw(identifier, sop_class):
             code, comment = _status_of(status)
             if code in (0xFF00, 0xFF01) and found is not None:
@@ -612,23 +708,24 @@ class DimseSource:
                 )
 
     async def move_raw(
-        self, identifier: Dataset, sop_class: str, destination: str
+        self, identifier: Dataset, sop_class: str, destination: str, relay: Relay | None = None
     ) -> AsyncIterator[tuple[Dataset, Dataset | None]]:
         """Each C-MOVE response (status, identifier) of the PACS, which sends the
-        instances itself to ``destination`` (an AE title it must know)."""
+        instances itself to ``destination`` (an AE title it must know). ``relay.cancel()``
+        sends the PACS a C-CANCEL-RQ for it."""
         work = self._responses(
-            lambda a: a.send_c_move(identifier, destination, sop_class), sop_class
+            lambda a: a.send_c_move(identifier, destination, sop_class, msg_id=_RELAY_MSG_ID),
+            sop_class,
+            relay,
         )
         async for item in _from_thread(work):
             yield item
 
-    async def retrieve(self, level: str, identifier: Dataset) -> Retrieval:
+    async def retrieve(
+        self, level: str, identifier: Dataset, model: QRModel | None = None
+    ) -> Retrieval:
         """C-GET on the PACS; each instance it sends is spooled, then handed on."""
-        sop_class = str(
-            PatientRootQueryRetrieveInformationModelGet
-            if level == "PATIENT"
-            else StudyRootQueryRetrieveInformationModelGet
-        )
+        sop_class = sop_class_for(model, level, "get")
         spool = self.spool_dir
 
         def work(put: Callable[[Any], None], stop: threading.Event) -> None:
@@ -675,6 +772,16 @@ class DimseSource:
                     if not status:
                         raise UpstreamFailed(f"{self.name}: no C-GET response (timeout or abort)")
                     code, comment = _status_of(status)
+                    if code in (0xFF00, 0xFF01):  # the PACS's counts: how many in all
+                        retrieval.total = sum(
+                            int(status.get(k) or 0)
+                            for k in (
+                                "NumberOfRemainingSuboperations",
+                                "NumberOfCompletedSuboperations",
+                                "NumberOfFailedSuboperations",
+                                "NumberOfWarningSuboperations",
+                            )
+                        )
                     if code not in (0xFF00, 0x0000, 0xB000, 0xFE00):
                         raise UpstreamFailed(
                             f"{self.name} answered C-GET 0x{code:04X} {comment}".strip(),
@@ -692,7 +799,8 @@ class DimseSource:
             async for item in _from_thread(work):
                 yield item
 
-        return Retrieval(None, instances())
+        retrieval = Retrieval(None, instances())
+        return retrieval
 
     async def close(self) -> None:
         return None
