@@ -8,6 +8,7 @@ delivery destination. Also: schema migrations and the refusal of a newer schema.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import threading
@@ -142,15 +143,19 @@ class Storescp:
 
     def received(self) -> list[tuple[str, str]]:
         """(calling AE, SOP Instance UID) per receipt, in order."""
+        return [(calling, uid) for calling, uid, _ in self.receipts_timed()]
+
+    def receipts_timed(self) -> list[tuple[str, str, float]]:
+        """(calling AE, SOP Instance UID, time the file was written) per receipt. ``-uf``
+        keeps every receipt in its own file, so its mtime is when that copy arrived."""
         found = []
         for line in self.receipts.read_text(encoding="utf-8").splitlines():
             calling, _, name = line.strip().partition(" ")
             if not name:
                 continue
-            ds = pydicom.dcmread(
-                self.out / name, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
-            )
-            found.append((calling, str(ds.SOPInstanceUID)))
+            path = self.out / name
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            found.append((calling, str(ds.SOPInstanceUID), path.stat().st_mtime))
         return found
 
     def stop(self) -> None:
@@ -240,6 +245,9 @@ def test_three_nodes_survive_kill9_of_one(
                             "host": "127.0.0.1",
                             "port": storescp.port,
                             "calling_ae_title": f"NODE{n}",
+                            # Slower than ingest, so a backlog builds and every node holds
+                            # leases while the streams arrive (the victim's are taken over).
+                            "rate_limit": {"instances_per_second": 25},
                         }
                     },
                     "routes": [{"name": "all", "match": {}, "to": ["pacs"]}],
@@ -270,10 +278,17 @@ def test_three_nodes_survive_kill9_of_one(
     while index.count_instances() < STREAMS * per_stream // 4:
         assert time.monotonic() < deadline, "ingest through HAProxy did not start"
         time.sleep(0.01)
+    while not _leases_of(index, "node1"):
+        assert time.monotonic() < deadline, "node1 never held a lease"
+        time.sleep(0.01)
     still_sending = sum(1 for s in senders if s.poll() is None)
     victim.kill9()
+    killed_at = time.time()  # node1 is dead from here on: it sends nothing after
     victim.expected_exit = None
     assert still_sending > 0, "the kill came after every stream had finished"
+    # What node1 held when it died: jobs leased to it, until their lease expires.
+    dead_leases = _leases_of(index, "node1")
+    assert dead_leases, "node1 held no lease at its death: nothing to take over"
 
     outputs = [s.communicate(timeout=120)[0] for s in senders]
     acked = {
@@ -332,6 +347,39 @@ def test_three_nodes_survive_kill9_of_one(
     assert finishers <= {"node0", "node1", "node2"} and finishers - {"node1"}
     taken_over = sum(1 for attempts, _ in jobs.values() if attempts >= 2)
     print(f"acked={len(acked)} jobs={len(jobs)} receipts={len(received)} over={taken_over}")
+
+    # Take-over: every job node1 held at its death was delivered by a survivor, leased
+    # only once node1's lease had expired (its history says who and when).
+    history = _attempts(index)
+    for job_id, lease_until in dead_leases.items():
+        tried = history[job_id]
+        delivered = [r for r in tried if r[3] == "delivered"]
+        assert len(delivered) == 1, (job_id, tried)
+        node, started, _finished, _, attempt = delivered[0]
+        assert not node.startswith("node1:") and attempt >= 2, (job_id, tried)
+        assert started >= lease_until - 0.01, (job_id, started, lease_until)
+    # No job was delivered by two nodes at the same time, from the destination's side:
+    # node1's copies arrived before it died, and a survivor's copy arrived inside that
+    # survivor's attempt (leased ... finished), which began after the earlier copy.
+    uid_job = _job_ids(index)
+    timed: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for calling, uid, at in storescp.receipts_timed():
+        timed[uid].append((at, calling))
+    slack = 0.05  # the file's mtime against the gateway's clock readings (same host)
+    for uid, copies in timed.items():
+        copies.sort()
+        tried = history[uid_job[uid]]
+        for at, calling in copies:
+            if calling == "NODE1":
+                assert at <= killed_at + slack, (uid, copies)
+                continue
+            node = f"node{calling.removeprefix('NODE')}:"
+            assert any(
+                r[0].startswith(node) and r[1] - slack <= at <= r[2] + slack for r in tried
+            ), (uid, at, calling, tried)
+        for (first, _), (second, calling) in itertools.pairwise(copies):
+            start = min(r[1] for r in tried if r[0].startswith(f"node{calling[4:]}:"))
+            assert first <= start + slack <= second + 2 * slack, (uid, copies, tried)
     # Each node has its own spool and run marker in the shared store.
     for n in range(NODES):
         assert (shared / "nodes" / f"node{n}" / "spool").is_dir()
@@ -343,6 +391,48 @@ def test_three_nodes_survive_kill9_of_one(
     victim.wait_log("recovery.skipped")
     assert victim.log_count("recovery.indexed") == 0
     assert index.count_instances() == len(rows)
+
+
+def _leases_of(index: Index, node: str) -> dict[int, float]:
+    """Job id -> lease expiry (epoch seconds) of the jobs ``node`` holds right now."""
+    with index.engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT id, lease_until FROM delivery_job"
+                " WHERE state = 'leased' AND leased_by LIKE :node"
+            ),
+            {"node": f"{node}:%"},
+        ).all()
+    return {job_id: until.timestamp() for job_id, until in rows}
+
+
+def _attempts(index: Index) -> dict[int, list[tuple[str, float, float, str, int]]]:
+    """Job id -> its delivery_attempt rows: (node, started, finished, outcome, attempt)."""
+    history: dict[int, list[tuple[str, float, float, str, int]]] = defaultdict(list)
+    with index.engine.connect() as connection:
+        for job_id, node, started, finished, outcome, attempt in connection.execute(
+            text(
+                "SELECT job_id, node, started_at, finished_at, outcome, attempt"
+                " FROM delivery_attempt ORDER BY id"
+            )
+        ):
+            history[job_id].append(
+                (node, started.timestamp(), finished.timestamp(), outcome, attempt)
+            )
+    return history
+
+
+def _job_ids(index: Index) -> dict[str, int]:
+    with index.engine.connect() as connection:
+        return {
+            uid: job_id
+            for uid, job_id in connection.execute(
+                text(
+                    "SELECT i.sop_instance_uid, j.id FROM delivery_job j"
+                    " JOIN instance i ON i.id = j.instance_pk"
+                )
+            )
+        }
 
 
 def test_second_node_with_the_same_name_is_refused(
