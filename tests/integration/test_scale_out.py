@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from tests.conftest import DICOMGATE, Corpus, GatewayProcess, dcmtk_env, free_port
 from tests.integration.test_queue_postgres import make_item
 
@@ -564,3 +564,138 @@ def test_committed_jobs_wake_listeners_of_every_node(database_url: str) -> None:
     again.start()
     again.stop()
     index.close()
+
+
+# -- the singletons (stable timers, retention) move to a survivor --------------------------------
+
+_HOLD_LOCK = """
+import sys, time, psycopg
+connection = psycopg.connect(sys.argv[1])  # a transaction stays open: the lock is held
+connection.execute("SELECT pg_advisory_xact_lock(%s)", (int(sys.argv[2]),))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_lock(url: str, lock_id: int) -> subprocess.Popen[str]:
+    """A process in the middle of a singleton pass: it holds the pass's transaction-scoped
+    advisory lock (as a node does while it fires timers or sweeps) until killed."""
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, url, str(lock_id)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _count(engine: Engine, sql: str) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text(sql)).scalar_one())
+
+
+def test_stable_timers_and_retention_move_to_a_survivor_after_kill9(
+    gateway: Callable[..., GatewayProcess],
+    database_url: str,
+    corpus: Corpus,
+    storescp: Storescp,
+    tmp_path: Path,
+) -> None:
+    """While one holder has the timer lock (or the retention lock), no node fires timers
+    (or sweeps); ``kill -9`` of that holder and of the node that received the study, and the
+    surviving node does both: fires the study's timer, delivers, then deletes it (relay)."""
+    from dicomgate.queue.jobs import _TIMER_LOCK_ID
+    from dicomgate.store.retention import _RETENTION_LOCK_ID
+
+    _reset(database_url)
+    shared = tmp_path / "shared-store"
+    nodes = [
+        gateway(
+            {
+                "storage": {
+                    "path": str(shared),
+                    "retention": "relay",
+                    "keep_for": 0,
+                    "retention_interval": 0.2,
+                },
+                "database": {"url": database_url},
+                "node": {"name": f"node{n}"},
+                "queue": {"poll_interval": 0.5},
+                "destinations": {
+                    "pacs": {
+                        "type": "dimse",
+                        "ae_title": "STORESCP",
+                        "host": "127.0.0.1",
+                        "port": storescp.port,
+                        "calling_ae_title": f"NODE{n}",
+                    }
+                },
+                "routes": [
+                    {
+                        "name": "study",
+                        "match": {},
+                        "trigger": "study_stable",
+                        "stable_after": "2s",
+                        "to": ["pacs"],
+                    }
+                ],
+            }
+        )
+        for n in range(2)
+    ]
+    receiver, survivor = nodes
+    engine = receiver.index.engine
+    timer_holder = _hold_lock(database_url, _TIMER_LOCK_ID)
+    retention_holder = _hold_lock(database_url, _RETENTION_LOCK_ID)
+    try:
+        files = corpus.mr("handover", 4, seed=901)
+        sent = receiver.storescu(files)
+        assert sent.returncode == 0, sent.stdout
+        # Past stable_after and several timer passes (1 s) of both nodes: the timer is
+        # due, but the lock is taken, so nobody fires it.
+        time.sleep(2 + 3)
+        assert _count(engine, "SELECT count(*) FROM stable_timer") == 1
+        assert _count(engine, "SELECT count(*) FROM delivery_job") == 0
+
+        # The lock holder and the node that received the study die.
+        timer_holder.kill()
+        timer_holder.wait(10)
+        receiver.kill9()
+        receiver.expected_exit = None
+        deadline = time.monotonic() + 30
+        while _count(engine, "SELECT count(*) FROM delivery_job WHERE state = 'done'") < 4:
+            assert time.monotonic() < deadline, survivor.log_tail()
+            time.sleep(0.2)
+        assert _count(engine, "SELECT count(*) FROM stable_timer") == 0
+        with engine.connect() as connection:
+            leased_by = set(
+                connection.execute(text("SELECT leased_by FROM delivery_job")).scalars()
+            )
+        assert {str(n).split(":")[0] for n in leased_by} == {"node1"}
+        assert survivor.log_count("route.stable_fired") >= 1
+        assert receiver.log_count("route.stable_fired") == 0
+        assert sorted(uid for _, uid in storescp.received()) == sorted(
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+        )
+        assert {calling for calling, _ in storescp.received()} == {"NODE1"}
+
+        # Delivered and keep_for 0: deletable, but the retention lock is taken.
+        time.sleep(2)  # ten retention intervals
+        assert _count(engine, "SELECT count(*) FROM instance") == 4
+        assert len(list((shared / "store").rglob("*.dcm"))) == 4
+        retention_holder.kill()
+        retention_holder.wait(10)
+        deadline = time.monotonic() + 30
+        while _count(engine, "SELECT count(*) FROM instance") > 0:
+            assert time.monotonic() < deadline, survivor.log_tail()
+            time.sleep(0.2)
+        survivor.wait_log("retention.deleted")
+        assert receiver.log_count("retention.deleted") == 0
+        assert list((shared / "store").rglob("*.dcm")) == []
+    finally:
+        for holder in (timer_holder, retention_holder):
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
