@@ -132,7 +132,7 @@ def test_large_instance_small_sizes(tmp_path: Path) -> None:
     assert not (tmp_path / "huge.dcm").exists()
 
 
-@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="DCMTK dcmdump not installed")
+@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="needs DCMTK dcmdump")
 def test_dcmtk_accepts_files(tmp_path: Path) -> None:
     files = [
         make_mr_series(tmp_path / "mr", 1)[0],
@@ -145,7 +145,7 @@ def test_dcmtk_accepts_files(tmp_path: Path) -> None:
         assert "E:" not in run.stderr, run.stderr
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dicom3tools")
 def test_dciodvfy_finds_no_errors(tmp_path: Path) -> None:
     files = [
         make_mr_series(tmp_path / "mr", 1)[0],
