@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from dicomgate import __version__
 from dicomgate.api import install_api
 from dicomgate.dicomweb.server import install_dicomweb
-from dicomgate.errors import IndexUnavailable
+from dicomgate.observability.health import readiness
 from dicomgate.observability.http import install_observability
 from dicomgate.security.middleware import install_http_security
 from dicomgate.ui.console import install_ui
@@ -40,20 +40,9 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """Ready: the index answers, the store is writable and DIMSE is listening."""
-        checks: dict[str, str] = {}
-        try:
-            gateway.index.ping()
-            checks["database"] = "ok"
-        except IndexUnavailable as exc:
-            checks["database"] = f"failed: {exc}"
-        checks["store"] = "ok" if gateway.store.writable() else "failed: not writable"
-        checks["dimse"] = "ok" if gateway.dimse.listening else "failed: not listening"
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
+        """Ready: every component answers (docs/observability.md, *Health*)."""
+        status, body = readiness(gateway)
+        return JSONResponse(body, status_code=status)
 
     install_api(app, gateway.queue, gateway.dispatcher)
     # Before observability: it stays outermost.

@@ -25,13 +25,15 @@ Other kinds (association.accepted, stow.request, ...) stay in the database only.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 
 from dicomgate.observability.audit import SUCCESS, AuditEvent
 from dicomgate.observability.models import SyslogConfig
@@ -39,6 +41,7 @@ from dicomgate.observability.models import SyslogConfig
 _PRI = 10 * 8 + 5  # authpriv.notice
 _MSGID = "IHE+RFC-3881"
 _TIMEOUT = 5.0
+_PROBE_EVERY = 5.0  # seconds between two connection attempts to a repository that failed
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,33 @@ def syslog_frame(xml: bytes, *, hostname: str, app_name: str, when: str, procid:
     return header.encode("ascii", "replace") + b"\xef\xbb\xbf" + xml
 
 
+@dataclass(frozen=True)
+class SyslogHealth:
+    """What ``/readyz`` says of the audit repository connection."""
+
+    error: str | None  # the last send's or connection attempt's error; None = working
+    failing_since: datetime | None
+    sent: int  # messages sent since start
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """A repository never writes to us (RFC 6587/5425 are one-way): a readable socket has
+    been closed, unless TLS 1.3 session tickets made it readable."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        sock.setblocking(False)
+        data = sock.recv(1)
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(_TIMEOUT)
+    return data == b""
+
+
 class SyslogSender:
     """Sends audit messages to one repository. Used by the audit writer thread only."""
 
@@ -206,6 +236,37 @@ class SyslogSender:
         self.procid = procid
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._error: str | None = None
+        self._failing_since: datetime | None = None
+        self._sent = 0
+        self._last_probe = 0.0
+
+    def health(self) -> SyslogHealth:
+        return SyslogHealth(self._error, self._failing_since, self._sent)
+
+    def probe_if_failing(self) -> None:
+        """While the last attempt failed, try to connect again every few seconds (TCP, TLS),
+        so ``/readyz`` sees a repository that is back without waiting for an audit event.
+        The connection made is kept for the next message."""
+        if self._error is None or self.config.protocol == "udp":
+            return
+        now = time.monotonic()
+        if now - self._last_probe < _PROBE_EVERY:
+            return
+        self._last_probe = now
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = self._connect()
+            except OSError as exc:
+                self._failed(exc)
+                return
+            self._error = self._failing_since = None
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = datetime.now(UTC)
+        self._error = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
 
     def __call__(self, events: Sequence[AuditEvent]) -> None:
         """Send every event that has a DICOM audit message; raises OSError on failure."""
@@ -227,8 +288,14 @@ class SyslogSender:
         if not frames:
             return
         with self._lock:
-            for frame in frames:
-                self._send(frame)
+            try:
+                for frame in frames:
+                    self._send(frame)
+                    self._sent += 1
+            except OSError as exc:
+                self._failed(exc)
+                raise
+            self._error = self._failing_since = None
 
     def _send(self, frame: bytes) -> None:
         if self.config.protocol == "udp":
@@ -238,6 +305,8 @@ class SyslogSender:
         data = str(len(frame)).encode("ascii") + b" " + frame  # RFC 6587 octet counting
         for attempt in range(2):  # a repository may have closed an idle connection
             try:
+                if self._sock is not None and _closed_by_peer(self._sock):
+                    self._drop()  # the repository restarted: do not write into the void
                 if self._sock is None:
                     self._sock = self._connect()
                 self._sock.sendall(data)
@@ -276,4 +345,4 @@ class SyslogSender:
                 self._sock = None
 
 
-__all__ = ["SyslogSender", "audit_message", "syslog_frame"]
+__all__ = ["SyslogHealth", "SyslogSender", "audit_message", "syslog_frame"]

@@ -47,6 +47,7 @@ _PRUNE_EVERY = 3600.0  # seconds between two retention sweeps
 _PRUNE_BATCH = 2000  # rows deleted per transaction
 _BACKLOG_MAX = 100_000  # events held while the database is down; more are dropped (counted)
 _DETAIL_MAX = 16_000  # characters of the JSON detail kept
+_RECHECK_EVERY = 2.0  # seconds between two looks at a database that failed a write
 
 
 def _utcnow() -> datetime:
@@ -92,6 +93,17 @@ class AuditEvent:
 
 
 @dataclass(frozen=True)
+class AuditHealth:
+    """What ``/readyz`` says of the audit writer."""
+
+    alive: bool  # the writer thread runs
+    backlog: int  # events queued, not yet written (or forwarded)
+    dropped: int  # events lost since start: database writes that failed, backlog full
+    error: str | None  # the last database write's error, None once writing works
+    failing_since: datetime | None
+
+
+@dataclass(frozen=True)
 class AuditQuery:
     """Filters of :meth:`AuditTrail.query` (``/api/audit``); all optional, combined by AND."""
 
@@ -121,6 +133,7 @@ class AuditTrail:
         forward: Sink | None = None,
         on_recorded: Callable[[str], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._engine = engine
@@ -129,6 +142,7 @@ class AuditTrail:
         self._forward = forward
         self._on_recorded = on_recorded
         self._on_failure = on_failure
+        self._on_idle = on_idle  # the writer thread has nothing to write (~every 0.5 s)
         self._clock = clock
         self._sqlite = engine.dialect.name == "sqlite"
         self._queue: queue.SimpleQueue[tuple[AuditEvent, bool] | None] = queue.SimpleQueue()
@@ -136,6 +150,11 @@ class AuditTrail:
         self._backlog_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        # The last write's error (None once one succeeds), when failing began, events lost.
+        self._write_error: str | None = None
+        self._failing_since: datetime | None = None
+        self._dropped = 0
+        self._last_recheck = 0.0
 
     # -- writing ------------------------------------------------------------------------
 
@@ -150,6 +169,19 @@ class AuditTrail:
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
+
+    def health(self) -> AuditHealth:
+        """The writer's state for ``/readyz``."""
+        thread = self._thread
+        with self._backlog_lock:
+            backlog = self._backlog
+        return AuditHealth(
+            alive=thread is not None and thread.is_alive(),
+            backlog=backlog,
+            dropped=self._dropped,
+            error=self._write_error,
+            failing_since=self._failing_since,
+        )
 
     def record(self, *events: AuditEvent) -> None:
         """Queue events for the writer thread (never blocks, never raises)."""
@@ -180,6 +212,7 @@ class AuditTrail:
     def _enqueue(self, event: AuditEvent, *, stored: bool) -> None:
         with self._backlog_lock:
             if self._backlog >= _BACKLOG_MAX:
+                self._dropped += 1
                 if self._on_failure is not None:
                     self._on_failure("database")
                 return
@@ -192,7 +225,7 @@ class AuditTrail:
             try:
                 first = self._queue.get(timeout=_FLUSH_EVERY)
             except queue.Empty:
-                self._maybe_prune()
+                self._idle()
                 continue
             items: list[tuple[AuditEvent, bool]] = []
             if first is None:
@@ -225,10 +258,13 @@ class AuditTrail:
                         if attempt == 2:
                             raise
                         time.sleep(0.2 * (attempt + 1))
+                self._write_error = self._failing_since = None
                 if self._on_recorded is not None:
                     for event in new:
                         self._on_recorded(event.event)
         except Exception as exc:  # the writer thread must survive the database going away
+            self._failed(exc)
+            self._dropped += len(new)
             log.error(
                 "cannot write %d audit events: %s",
                 len(new),
@@ -252,6 +288,29 @@ class AuditTrail:
                         self._on_failure("syslog")
         with self._backlog_lock:
             self._backlog -= len(items)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = self._clock()
+        self._write_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+    def _idle(self) -> None:
+        """Nothing to write: prune, look again at a database that failed, run ``on_idle``."""
+        self._maybe_prune()
+        now = time.monotonic()
+        if self._write_error is not None and now - self._last_recheck >= _RECHECK_EVERY:
+            self._last_recheck = now
+            try:  # the table answers again: the next events will be written
+                with self._transaction() as connection:
+                    connection.execute(select(audit_event.c.id).limit(1)).all()
+                self._write_error = self._failing_since = None
+            except Exception as exc:
+                self._failed(exc)
+        if self._on_idle is not None:
+            try:
+                self._on_idle()
+            except Exception as exc:  # a hook must not stop the writer
+                log.warning("audit idle hook failed: %s", exc, extra={"event": "audit.idle_failed"})
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         with self._transaction() as connection:
@@ -340,4 +399,4 @@ class AuditTrail:
             raise IndexUnavailable(str(error.orig or error).splitlines()[0]) from error
 
 
-__all__ = ["FAILURE", "SUCCESS", "AuditEvent", "AuditQuery", "AuditTrail"]
+__all__ = ["FAILURE", "SUCCESS", "AuditEvent", "AuditHealth", "AuditQuery", "AuditTrail"]

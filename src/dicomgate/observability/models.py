@@ -77,6 +77,15 @@ class SyslogConfig(_Model):
         None, description="With `tls`: PEM certificate of this node, if the repository asks."
     )
     key: str | None = Field(None, description="With `tls`: PEM private key of `cert`.")
+    required: bool = Field(
+        False,
+        description=(
+            "`true`: `/readyz` answers 503 while the repository cannot be reached (TCP, TLS),"
+            " for sites whose policy is no audit repository, no service. `false`: the"
+            " gateway keeps serving (audit rows are still written to the database) and"
+            " `/readyz` answers 200 with status `degraded`, naming `syslog`."
+        ),
+    )
     app_name: str = Field(
         "dicomgate",
         max_length=48,

@@ -44,6 +44,7 @@ class Observability:
                 forward=self.syslog,
                 on_recorded=lambda kind: self.metrics.audit_events.labels(kind).inc(),
                 on_failure=lambda sink: self.metrics.audit_failures.labels(sink).inc(),
+                on_idle=self.syslog.probe_if_failing if self.syslog is not None else None,
             )
         self.handler = EventHandler(self.metrics, self.audit)
         self._logger = logging.getLogger("dicomgate")
