@@ -943,3 +943,180 @@ def test_move_to_a_configured_dimse_destination(tmp_path: Path) -> None:
         gw.close_index()
         scp.stop()
         assert gw.terminate() == 0, gw.log_tail()
+
+
+# -- pending counts, cancel and partial failure on a larger study ----------------------------
+
+_MOVE_STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.2"
+_GET_STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.3"
+BIG = 100  # instances: six batches of RETRIEVE_BATCH (16) and a rest
+
+
+@dataclass
+class GetAnswer:
+    """What a pynetdicom C-GET requestor saw: (status, remaining, completed, failed,
+    warning, Failed SOP Instance UID List) per response, and the instances it stored."""
+
+    responses: list[tuple[int, int | None, int, int, int, list[str]]]
+    stored: list[str]
+
+
+def pynetdicom_get(
+    gw: GatewayProcess,
+    identifier: dict[str, str],
+    storage_classes: list[str],
+    cancel_after: int | None = None,
+) -> GetAnswer:
+    """C-GET with pynetdicom as the requestor, taking the SCP role for ``storage_classes``
+    only; a C-CANCEL-RQ after ``cancel_after`` pending responses."""
+    from pynetdicom import AE, build_role, evt
+
+    ae = AE(ae_title="PYGETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(_GET_STUDY_ROOT)
+    for sop_class in storage_classes:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+    stored: list[str] = []
+
+    def on_store(event: Any) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        gw.dimse_port,
+        ae_title=gw.ae_title,
+        ext_neg=[build_role(c, scp_role=True) for c in storage_classes],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    ds = Dataset()
+    for key, value in identifier.items():
+        setattr(ds, key, value)
+    responses: list[tuple[int, int | None, int, int, int, list[str]]] = []
+    try:
+        for status, found in assoc.send_c_get(ds, _GET_STUDY_ROOT, msg_id=7):
+            assert "Status" in status, "no C-GET response in time"
+            failed_list = found.get("FailedSOPInstanceUIDList", []) if found else []
+            remaining = status.get("NumberOfRemainingSuboperations")
+            responses.append(
+                (
+                    int(status.Status),
+                    int(remaining) if remaining is not None else None,
+                    int(status.get("NumberOfCompletedSuboperations") or 0),
+                    int(status.get("NumberOfFailedSuboperations") or 0),
+                    int(status.get("NumberOfWarningSuboperations") or 0),
+                    [failed_list] if isinstance(failed_list, str) else list(failed_list),
+                )
+            )
+            pendings = sum(1 for r in responses if r[0] == 0xFF00)
+            if cancel_after is not None and pendings == cancel_after and status.Status == 0xFF00:
+                assoc.send_c_cancel(7, query_model=_GET_STUDY_ROOT)
+    finally:
+        assoc.release()
+    return GetAnswer(responses, stored)
+
+
+@dataclass
+class BigStudy:
+    gw: GatewayProcess
+    scp: StoreSCP
+    study: str
+    files: list[Path]
+
+
+@pytest.fixture
+def big_study(tmp_path: Path, corpus: Any) -> Iterator[BigStudy]:
+    """A gateway holding one MR study of :data:`BIG` instances, storescp as ARCHIVE."""
+    files = corpus.mr("qr-big", BIG, seed=5301)
+    scp = StoreSCP(tmp_path / "scp", "ARCHIVE")
+    gw = start_gateway(
+        tmp_path / "gw",
+        {"move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": scp.port}}},
+    )
+    try:
+        assert gw.storescu(files).returncode == 0
+        gw.close_index()
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        yield BigStudy(gw, scp, study, files)
+    finally:
+        gw.close_index()
+        scp.stop()
+        assert gw.terminate() == 0, gw.log_tail()
+
+
+def test_move_and_get_pending_responses_carry_sub_operation_counts(
+    big_study: BigStudy, tmp_path: Path
+) -> None:
+    gw, scp, study = big_study.gw, big_study.scp, big_study.study
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+    moved = movescu(gw, STUDY_ROOT, keys, "ARCHIVE")
+    assert moved.final == 0x0000, moved.output[-2000:]
+    *pendings, final = moved.counts()
+    # One pending response per batch of 16 sub-operations: remaining, completed, 0, 0.
+    assert pendings == [(BIG - n, n, 0, 0) for n in range(16, BIG, 16)]
+    assert moved.statuses() == [0xFF00] * len(pendings) + [0x0000]
+    assert final == (-1, BIG, 0, 0)
+    assert len(scp.files()) == BIG
+
+    got = getscu(gw, STUDY_ROOT, keys, tmp_path / "get")
+    assert got.final == 0x0000, got.output[-2000:]
+    *pendings, final = got.counts()
+    assert len(pendings) >= BIG // 16  # every 16 sub-operations (or 0.5 s)
+    assert all(r + c == BIG and f == w == 0 for r, c, f, w in pendings)
+    assert [c for _, c, _, _ in pendings] == sorted({c for _, c, _, _ in pendings})
+    assert final[1:] == (BIG, 0, 0)
+    assert len(list((tmp_path / "get").iterdir())) == BIG
+
+
+def test_move_and_get_cancel(big_study: BigStudy) -> None:
+    """movescu --cancel 1 and a pynetdicom C-GET cancelled after its first pending
+    response: the final response is 0xFE00 with the counts so far, the rest is not sent."""
+    gw, scp, study = big_study.gw, big_study.scp, big_study.study
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+    scp.clear()
+    moved = movescu(gw, STUDY_ROOT, keys, "ARCHIVE", "--cancel", "1")
+    assert moved.final == 0xFE00, moved.output[-2000:]
+    remaining, completed, failed, warning = moved.counts()[-1]
+    assert remaining > 0 and 16 <= completed < BIG and remaining + completed == BIG
+    assert failed == warning == 0
+    assert len(scp.files()) == completed
+
+    got = pynetdicom_get(gw, keys, [MRImageStorage], cancel_after=1)
+    status, remaining_get, completed_get, failed_get, _, _ = got.responses[-1]
+    assert status == 0xFE00, got.responses
+    assert remaining_get is not None and remaining_get > 0
+    assert completed_get + remaining_get == BIG and failed_get == 0
+    assert len(got.stored) == completed_get < BIG
+    assert gw.log_text().count("cancel requested") >= 2
+    assert_serving(gw)
+
+
+def test_get_partial_failure(big_study: BigStudy, site: Site, tmp_path: Path) -> None:
+    """C-GET 0xB000 with the Failed SOP Instance UID List: a requestor taking the SCP role
+    for CT only gets the CT of a CT+MR study; a file missing from the store fails alone."""
+    mixed = pynetdicom_get(
+        site.gw, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": S1}, [CTImageStorage]
+    )
+    status, _, completed, failed, _, failed_uids = mixed.responses[-1]
+    assert (status, completed, failed) == (0xB000, 1, 3), mixed.responses
+    assert sorted(failed_uids) == [f"{S1}.1.{i}" for i in (1, 2, 3)]  # the MR instances
+    assert mixed.stored == [f"{S1}.2.1"]
+
+    gw, study = big_study.gw, big_study.study
+    lost_uid = str(pydicom.dcmread(big_study.files[10], stop_before_pixels=True).SOPInstanceUID)
+    lost = gw.index.instance(lost_uid)
+    assert lost is not None
+    gw.stored_path(lost).unlink()
+    gw.close_index()
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+    got = getscu(gw, STUDY_ROOT, keys, tmp_path / "get")
+    assert got.final == 0xB000, got.output[-2000:]
+    assert got.counts()[-1][1:] == (BIG - 1, 1, 0)
+    assert len(list((tmp_path / "get").iterdir())) == BIG - 1
+    # getscu 3.6.7 does not print the final response's data set: the list, with pynetdicom.
+    listed = pynetdicom_get(gw, keys, [MRImageStorage])
+    assert listed.responses[-1][0] == 0xB000
+    assert listed.responses[-1][5] == [lost_uid]
+    assert len(listed.stored) == BIG - 1 and lost_uid not in listed.stored
+    assert_serving(gw)

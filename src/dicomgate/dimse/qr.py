@@ -24,7 +24,8 @@ never interleave.
   file is streamed from disk in PDUs no larger than the requestor accepts. A file whose
   transfer syntax the requestor did not accept for its class is decompressed / re-encoded
   to an uncompressed syntax it accepted (the one case where a whole instance is read into
-  memory, as in egress), else that sub-operation fails.
+  memory, as in egress), else that sub-operation fails. A pending response follows every
+  :data:`RETRIEVE_BATCH` sub-operations or :data:`PENDING_INTERVAL` seconds.
 
 Final statuses: C-FIND 0x0000 / 0xFE00 (cancelled) / 0xA900 / 0xC000 / 0xA700; C-MOVE and
 C-GET 0x0000, 0xB000 (some failed; Failed SOP Instance UID List in the identifier), 0xA702
@@ -84,7 +85,7 @@ log = logging.getLogger("dicomgate.dimse.qr")
 
 FIND_PAGE = 500  # matches read from the index at a time
 RETRIEVE_BATCH = 16  # C-MOVE sub-operations per batch; a pending response after each
-PENDING_INTERVAL = 0.5  # s; C-GET: a pending response at least this often
+PENDING_INTERVAL = 0.5  # s; C-GET: a pending response at least this often (or per batch)
 _YIELD_EVERY = 8  # pending C-FIND responses between two turns of the event loop
 _QUERY_LEVEL = 0x00080052
 _RETRIEVE_AE_TITLE = "RetrieveAETitle"
@@ -550,6 +551,7 @@ class QueryRetrieve:
         counts = SubOperations(len(files))
         failed_uids: list[str] = []
         last_pending = time.monotonic()
+        since_pending = 0
         for f in files:
             if request.cancelled:
                 break
@@ -566,9 +568,12 @@ class QueryRetrieve:
             else:
                 counts.failed += 1
                 failed_uids.append(f.sop_instance_uid)
+            since_pending += 1
             now = time.monotonic()
-            if counts.remaining and now - last_pending >= PENDING_INTERVAL:
-                last_pending = now
+            if counts.remaining and (
+                since_pending >= RETRIEVE_BATCH or now - last_pending >= PENDING_INTERVAL
+            ):
+                last_pending, since_pending = now, 0
                 await self._pending(request, channel, counts)
         await self._retrieve_final(request, channel, counts, failed_uids)
 
