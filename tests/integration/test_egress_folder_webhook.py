@@ -46,6 +46,33 @@ def test_folder_writes_the_template_path_and_overwrites(tmp_path: Path, corpus: 
     assert sum(1 for p in out.rglob("*.dcm")) == len(files)
 
 
+def test_folder_files_are_readable_by_the_folder_s_other_users(tmp_path: Path) -> None:
+    """A share or research drop box is read by other programs: files get 0666 less the
+    umask, as any file the gateway creates (not tempfile's owner-only 0600)."""
+    source = bundled_file("MR_small.dcm")
+    out = tmp_path / "share"
+    sender = build_sender(
+        "share",
+        FolderDestination(type="folder", path=out, template="{SOPInstanceUID}.dcm"),
+        calling_ae="GW",
+        gateway_base_url="http://gw",
+    )
+    modes = []
+    old = os.umask(0o022)
+    try:
+        for job_id, umask in ((1, 0o022), (2, 0o007)):  # the second one replaces the first
+            os.umask(umask)
+            assert asyncio.run(sender.send([delivery_of(source, job_id)])) == [
+                Outcome(job_id, True)
+            ]
+            (written,) = out.glob("*.dcm")
+            modes.append(stat.S_IMODE(written.stat().st_mode))
+    finally:
+        os.umask(old)
+    assert modes == [0o644, 0o660]
+    assert written.read_bytes() == source.read_bytes()
+
+
 def test_folder_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
     source = bundled_file("MR_small.dcm")
     ds = pydicom.dcmread(source, stop_before_pixels=True)

@@ -3,6 +3,9 @@
 The file is copied to a temporary name in its final folder, flushed to disk and renamed
 over the final name, so a reader of the folder never sees a partial file. An existing file
 of the same name is replaced: delivery is at least once, and a repeat is the same file.
+Files get the permissions of any file the gateway creates (``0666`` less its umask, like
+``cp``), not ``tempfile``'s owner-only ``0600``: the folder is there for other programs and
+users (a share, a research drop box) to read.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,10 +80,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
+    """A new, empty hidden file in `folder` for `name`, opened for writing: mode 0666 less
+    the umask (``tempfile.mkstemp`` would make it 0600, unreadable to the folder's other
+    users), ``O_EXCL`` so that two writers never share one."""
+    while True:
+        tmp_name = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_name
+        except FileExistsError:
+            continue
+
+
 def write_atomically(source: Path, target: Path) -> None:
     """Copy `source` to `target` via a flushed temporary file and a rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = _create_temporary(target.parent, target.name)
     try:
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
             shutil.copyfileobj(src, out, _COPY_CHUNK)
