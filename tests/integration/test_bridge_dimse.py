@@ -12,9 +12,12 @@ own DIMSE port for the same query.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -567,3 +570,92 @@ def test_proxy_passes_a_cancel_on_to_the_pacs(
         assert len(scp.files()) == len(files)
     finally:
         scp.stop()
+
+
+# -- streaming: the first instance reaches the destination during the download -------------
+
+
+class SlowLink:
+    """A TCP relay on a free port in front of ``port`` that sends the server's bytes on at
+    about ``rate`` bytes per second; :attr:`last_byte` is when it relayed the last one."""
+
+    def __init__(self, port: int, rate: int) -> None:
+        self.target, self.chunk = port, max(rate // 20, 1024)  # 20 chunks a second
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.last_byte = 0.0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        try:
+            while data := src.recv(self.chunk if slow else 65536):
+                dst.sendall(data)
+                if slow:
+                    self.last_byte = time.time()
+                    time.sleep(0.05)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+def test_bridged_move_streams_instances_while_the_study_downloads(
+    gateway: Callable[..., GatewayProcess], corpus: Corpus, tmp_path: Path
+) -> None:
+    """C-MOVE through a DICOMweb source: the first instance is stored by storescp while
+    the WADO-RS answer is still arriving (a 4 MB study over a ~1.3 MB/s link), not after
+    the whole study was downloaded."""
+    files = corpus.ct("bridge-stream", 8, seed=5401)  # ~514 KB each
+    orthanc = launch_orthanc(tmp_path / "orthanc")
+    scp = StoreSCP(tmp_path / "scp", "ARCHIVE")
+    link = SlowLink(orthanc.http_port, rate=1_300_000)
+    try:
+        for path in files:
+            post_instance(orthanc, path)
+        gw = gateway(
+            {
+                "destinations": {
+                    "slow": {"type": "dicomweb", "url": f"http://127.0.0.1:{link.port}/dicom-web"},
+                    "archive": {
+                        "type": "dimse",
+                        "ae_title": "ARCHIVE",
+                        "host": "127.0.0.1",
+                        "port": scp.port,
+                    },
+                },
+                "query": {"ae_titles": {"SLOW": {"source": "slow", "timeout": 20}}},
+            }
+        )
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        keys: dict[str, str | None] = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+        moved = qr_tool("movescu", "SLOW", gw.dimse_port, keys, "-aem", "ARCHIVE", out=None)
+        assert moved.final == 0x0000, moved.output[-3000:]
+        received = sorted(p.stat().st_mtime for p in scp.folder.iterdir())
+        assert len(received) == len(files)
+        # The download took ~3 s; the first instance was stored well before its end.
+        assert link.last_byte - received[0] > 1.0, (received, link.last_byte)
+        # ... and pending responses went out meanwhile (every 0.5 s at least).
+        assert len(moved.counts()) >= 3
+    finally:
+        link.close()
+        scp.stop()
+        orthanc.stop()
