@@ -689,9 +689,30 @@ def parse_config(
     # Compiling the routes checks all of them (destinations, match keys, regexes, ranges,
     # durations); its ConfigError names the key itself, e.g. routes[2].match.Modality.
     Router.compile(config.routes, config.destinations)
+    _check_webhook_routes(config)
     _check_query_sources(config)
     build_pipelines(config, StepContext(environ=environ, base_dir=base_dir or Path(".")))
     return config
+
+
+def _check_webhook_routes(config: GatewayConfig) -> None:
+    """A route with a pipeline sends no webhook: a notification is a WADO-RS URL of the
+    gateway's store, which holds the originals only, never the processed copies (a
+    de-identified UID would answer 404; the original would hand over what the pipeline
+    removed)."""
+    for i, route in enumerate(config.routes):
+        if not route.pipeline:
+            continue
+        for name in route.to:
+            dest = config.destinations.get(name)
+            if dest is not None and dest.type == "webhook":
+                raise ConfigError(
+                    f"routes[{i}].to",
+                    f"destination {name!r} is a webhook, whose notification points at the"
+                    " stored original, not at this route's processed copy: send the copies to"
+                    " a dimse, dicomweb or folder destination, and notify from a route"
+                    " without pipeline",
+                )
 
 
 def _check_query_sources(config: GatewayConfig) -> None:
