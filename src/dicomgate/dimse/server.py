@@ -344,6 +344,7 @@ class DimseServer:
                 allows=lambda peer_ip: not self._ip_refused(peer_ip),
                 on_connected=lambda r, w, peer_ip: self._on_connection(r, w, secure=True),
                 on_refused=self._handshake_failed,
+                on_probe=self._probed,
             )
             try:
                 await self._tls_listener.start()
@@ -441,6 +442,23 @@ class DimseServer:
             extra={"event": "association.rejected", "reason": "ip_not_allowed", "peer": peer_ip},
         )
         return True
+
+    def _probed(self, peer_ip: str) -> None:
+        """A TCP connection closed before any byte: a load balancer's health check, most
+        likely. Not a refused handshake (no audit row, no warning): DEBUG, and counted
+        (``dicomgate_dimse_tls_probes_total``) by the events handler, which is handed the
+        record even below the logger's level."""
+        record = log.makeRecord(
+            log.name,
+            logging.DEBUG,
+            __file__,
+            0,
+            "connection to the DICOM TLS port closed before any byte (a health check?)",
+            (),
+            None,
+            extra={"event": "dimse.tls_probe", "peer": peer_ip},
+        )
+        log.handle(record)
 
     def _handshake_failed(self, peer_ip: str, exc: BaseException) -> None:
         log.warning(

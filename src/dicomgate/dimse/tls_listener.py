@@ -7,6 +7,11 @@ level only). Here each accepted socket is wrapped with the context of the moment
 longer trusted), and a refused handshake is reported to ``on_refused`` with the peer's
 address. Upgrading a plain stream with ``start_tls`` instead is racy under uvloop: the
 ClientHello may already sit in the plain reader's buffer.
+
+A connection closed before its first byte (a load balancer's TCP health check, a port
+scan) is not a handshake: it goes to ``on_probe``, not ``on_refused``. We wait for the
+first byte (or the end) with the socket still ours and peek at it, so the TLS layer then
+reads the ClientHello from the kernel as usual.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("dicomgate.dimse")
@@ -54,6 +60,11 @@ def handshake_reason(exc: BaseException) -> str:
     return type(exc).__name__[:48]
 
 
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class TlsListener:
     """Listening sockets on ``host:port`` whose connections are wrapped in TLS one by one."""
 
@@ -67,6 +78,7 @@ class TlsListener:
         allows: Callable[[str], bool],
         on_connected: Connected,
         on_refused: Callable[[str, BaseException], None],
+        on_probe: Callable[[str], None] | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
@@ -75,6 +87,7 @@ class TlsListener:
         self.allows = allows
         self.on_connected = on_connected
         self.on_refused = on_refused
+        self.on_probe = on_probe
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -140,13 +153,20 @@ class TlsListener:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_READ_LIMIT)
         protocol = asyncio.StreamReaderProtocol(reader)
+        started = time.monotonic()
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not await self._first_byte(conn):
+                conn.close()
+                if self.on_probe is not None:
+                    self.on_probe(peer_ip)
+                return
+            left = self.handshake_timeout - (time.monotonic() - started)
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol,
                 conn,
                 ssl=self.context(),
-                ssl_handshake_timeout=self.handshake_timeout,
+                ssl_handshake_timeout=max(left, 0.001),
             )
         except (OSError, ConnectionError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             conn.close()
@@ -154,6 +174,30 @@ class TlsListener:
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         self.on_connected(reader, writer, peer_ip)
+
+    async def _first_byte(self, conn: socket.socket) -> bool:
+        """Wait for the client's first byte: True when one came (left unread), False when
+        the connection ended without any. TimeoutError (taking longer than the handshake
+        timeout) when neither happened."""
+        loop = asyncio.get_running_loop()
+        fd = conn.fileno()
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                while True:
+                    readable: asyncio.Future[None] = loop.create_future()
+                    loop.add_reader(fd, _set_done, readable)
+                    try:
+                        await readable
+                    finally:
+                        loop.remove_reader(fd)
+                    try:
+                        return conn.recv(1, socket.MSG_PEEK) != b""
+                    except BlockingIOError:
+                        continue
+                    except ConnectionError:  # a reset before any byte: a probe as well
+                        return False
+        except TimeoutError:
+            raise TimeoutError("the TLS handshake is taking longer than allowed") from None
 
     def close(self) -> None:
         """Stop accepting (connections already handed over are not touched)."""

@@ -60,6 +60,7 @@ class EventHandler(logging.Handler):
         self._updates: dict[str, Update] = {
             "association.accepted": self._accepted,
             "association.rejected": self._rejected,
+            "dimse.tls_probe": lambda r: m.tls_probes.inc(),
             "association.released": lambda r: self._ended(r, "released"),
             "association.aborted": lambda r: self._ended(r, "aborted"),
             "association.lost": lambda r: self._ended(r, "lost"),

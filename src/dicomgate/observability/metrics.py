@@ -181,6 +181,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.tls_probes = Counter(
+            "dicomgate_dimse_tls_probes",
+            "TCP connections to the DICOM TLS port closed before their first byte (load"
+            " balancer health checks, port scans); not audited, logged at DEBUG only.",
+            registry=r,
+        )
         self.retention_deleted = Counter(
             "dicomgate_retention_deleted_instances",
             "Instances deleted by retention (storage.retention: relay).",
