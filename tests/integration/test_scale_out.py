@@ -310,7 +310,7 @@ def test_three_nodes_survive_kill9_of_one(
     deadline = time.monotonic() + 60
     while True:
         with engine.connect() as connection:
-            states = dict(
+            states: dict[str, int] = dict(
                 connection.execute(
                     text("SELECT state, count(*) FROM delivery_job GROUP BY state")
                 ).all()

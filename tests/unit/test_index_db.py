@@ -378,10 +378,9 @@ def test_rows_written_by_the_first_revision_survive_migrating_to_head(
 ) -> None:
     """A database that an old dicomgate filled: rows written with the 0001 schema (and a
     job with 0002's), migrated up to head, are read back by today's index and queue."""
-    from dicomgate.config import QueueConfig
     from dicomgate.index.db import current_revision, head_revision, migrate
     from dicomgate.index.query import Level, search
-    from dicomgate.queue import JobQueue
+    from dicomgate.queue import JobQueue, QueueConfig
 
     url = _fresh_postgres(request) if backend == "postgresql" else f"sqlite:///{tmp_path}/i.db"
     engine = create_engine(normalize_url(url))
