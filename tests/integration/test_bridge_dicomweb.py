@@ -322,3 +322,50 @@ def test_retrieve_move_ingests_into_our_store_then_serves_it(
     assert gw.log_count("bridge.retrieved") == 1
     client.retrieve_series_metadata(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
     assert gw.log_count("bridge.retrieved") == 1  # all local now: no second C-MOVE
+
+
+def test_retrieve_move_streams_before_the_move_ends(
+    gateway: Callable[..., GatewayProcess], corpus: Corpus, tmp_path: Path
+) -> None:
+    """``retrieve: move``: WADO-RS sends each instance once it is stored, while the PACS is
+    still sending the rest (its C-STOREs cross a ~1.3 MB/s link: 8 CT, ~4 MB, ~3 s), not
+    after the final C-MOVE response."""
+    from tests.integration.test_bridge_dimse import SlowLink
+
+    files = corpus.ct("bridge-stream", 8, seed=5401)  # ~514 KB each
+    gw_port = free_port()
+    link = SlowLink(gw_port, rate=1_300_000, slow_replies=False)  # Orthanc -> gateway
+    launched = launch_orthanc(
+        tmp_path / "orthanc",
+        {
+            "DicomAet": "ORTHANC",
+            "DicomServerEnabled": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomModalities": {
+                "dicomgate": {"AET": AE_TITLE, "Host": "127.0.0.1", "Port": link.port}
+            },
+        },
+    )
+    pacs = Pacs(launched.http_port, launched.dicom_port, launched.proc, launched.log)
+    try:
+        pacs.upload(files)
+        gw = bridged(gateway, pacs.dicom_port, gw_port, retrieve="move", timeout=20)
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        request = urllib.request.Request(
+            gw.url(f"/dicomweb/studies/{study}"),
+            headers={"Accept": 'multipart/related; type="application/dicom"'},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+            head = response.read(65536)
+            first_bytes = time.time()
+            body = head + response.read()
+        assert body.count(b"Content-Type: application/dicom") == len(files)
+        # The first instance reached the client well before the last C-STORE's data had
+        # crossed the link, so before the PACS could send its final C-MOVE response.
+        assert link.last_byte - first_bytes > 1.0, (first_bytes, link.last_byte)
+        gw.wait_log("bridge.retrieved")
+        assert gw.index.count_instances() == len(files)  # ingested, as before
+    finally:
+        link.close()
+        pacs.stop()

@@ -576,11 +576,13 @@ def test_proxy_passes_a_cancel_on_to_the_pacs(
 
 
 class SlowLink:
-    """A TCP relay on a free port in front of ``port`` that sends the server's bytes on at
-    about ``rate`` bytes per second; :attr:`last_byte` is when it relayed the last one."""
+    """A TCP relay on a free port in front of ``port`` that passes the server's bytes on (or,
+    with ``slow_replies=False``, the client's) at about ``rate`` bytes per second, the
+    other direction at full speed; :attr:`last_byte` is when it relayed the last slow one."""
 
-    def __init__(self, port: int, rate: int) -> None:
+    def __init__(self, port: int, rate: int, *, slow_replies: bool = True) -> None:
         self.target, self.chunk = port, max(rate // 20, 1024)  # 20 chunks a second
+        self.slow_replies = slow_replies
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
@@ -595,9 +597,14 @@ class SlowLink:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            slow = self.slow_replies
+            for src, dst, throttled in ((client, server, not slow), (server, client, slow)):
+                threading.Thread(target=self._pump, args=(src, dst, throttled), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
         try:

@@ -4,7 +4,9 @@ The QIDO-RS and WADO-RS modules only dispatch here when :func:`bridge_for` retur
 bridge; everything about the upstream (C-FIND, C-GET, the retrieve cache, failure
 statuses) lives in :mod:`dicomgate.bridge`. WADO-RS is then served by the usual WADO code
 from the cached files (:class:`dicomgate.dicomweb.catalog.StoredRef` with a ``relpath``
-under ``<storage.path>/cache/``); a retrieve streams each instance as it arrives.
+under ``<storage.path>/cache/``); a retrieve streams each instance as it arrives. With
+``retrieve: move`` the instances arrive through the normal ingest path, and a retrieve
+streams each one as soon as it is indexed, while the C-MOVE still runs.
 
 Failures: 502 (PACS down, association refused or aborted, failure status), 504 (no answer
 within ``query.dicomweb.timeout``), 404 (the PACS has no such study/series/instance), each
@@ -44,6 +46,7 @@ __all__ = ["DicomwebBridge", "bridge_for"]
 log = logging.getLogger(__name__)
 
 _NO_MORE = object()
+_ARRIVAL_POLL = 0.1  # s; how often a streamed ``retrieve: move`` looks for new instances
 
 
 def bridge_for(gateway: Gateway) -> DicomwebBridge | None:
@@ -188,11 +191,22 @@ class DicomwebBridge:
         our AE title unless every instance the PACS lists is already here (blocking)."""
         try:
             found = self.upstream.instances_of(study, series, sop)
-            if self._local_instances is not None:
-                here = {r.sop_instance_uid for r in self._local_instances(study, series, sop)}
-                if {uid for _, uid, _ in found} <= here:
-                    return
-            assert self.move_to is not None
+        except UpstreamFailed as exc:
+            self._failed("C-FIND", exc, study)
+            raise
+        if {uid for _, uid, _ in found} <= self._here(study, series, sop):
+            return
+        self._move(study, series, sop)
+
+    def _here(self, study: str, series: str | None, sop: str | None) -> set[str]:
+        if self._local_instances is None:
+            return set()
+        return {r.sop_instance_uid for r in self._local_instances(study, series, sop)}
+
+    def _move(self, study: str, series: str | None, sop: str | None) -> None:
+        """C-MOVE the resource to our AE title; returns once the PACS reports the end."""
+        assert self.move_to is not None
+        try:
             count = self.upstream.move(study, series, sop, self.move_to)
         except UpstreamFailed as exc:
             self._failed("C-MOVE", exc, study)
@@ -208,6 +222,62 @@ class DicomwebBridge:
                 "study": uid_hash(study),
             },
         )
+
+    async def retrieve_moved(
+        self,
+        service: WadoService,
+        request: Request,
+        study: str,
+        series: str | None,
+        sop: str | None,
+    ) -> Response:
+        """``retrieve: move`` WADO-RS retrieve, streamed: the C-MOVE runs in the background
+        and each instance is sent to the client once it is stored and indexed, without
+        waiting for the PACS's final C-MOVE response (WadoError for a clean failure)."""
+        from dicomgate.dicomweb.wado import WadoError
+
+        try:
+            found = await asyncio.to_thread(self.upstream.instances_of, study, series, sop)
+        except UpstreamFailed as exc:
+            self._failed("C-FIND", exc, study)
+            raise _wado_error(exc) from None
+        except UpstreamNotFound as exc:
+            raise _wado_error(exc) from None
+
+        def local() -> list[StoredRef]:
+            return self._local_instances(study, series, sop) if self._local_instances else []
+
+        here = await asyncio.to_thread(local)
+        if {uid for _, uid, _ in found} <= {r.sop_instance_uid for r in here}:
+            return await service.retrieve(request, here)  # nothing to move
+        move = asyncio.ensure_future(asyncio.to_thread(self._move, study, series, sop))
+        # A client that goes away does not stop the C-MOVE (its instances are ingested):
+        # its outcome is logged by _move, so it needs no one to await it.
+        move.add_done_callback(lambda task: task.cancelled() or task.exception())
+        sent: set[str] = set()
+
+        async def arrivals() -> AsyncIterator[StoredRef]:
+            """The resource's instances in the store, each once, as they are indexed."""
+            while True:
+                finished = move.done()
+                for ref in await asyncio.to_thread(local):
+                    if ref.sop_instance_uid not in sent:
+                        sent.add(ref.sop_instance_uid)
+                        yield ref
+                if finished:
+                    move.result()  # UpstreamFailed: the PACS failed or aborted
+                    return
+                await asyncio.wait({move}, timeout=_ARRIVAL_POLL)
+
+        refs = arrivals()
+        try:
+            first = await anext(refs, None)
+        except UpstreamFailed as exc:
+            raise _wado_error(exc) from None
+        if first is None:
+            what = "instance" if sop else "series" if series else "study"
+            raise WadoError(404, f"unknown {what}")
+        return await _stream(service, request, first, refs)
 
     def open(self, study: str, series: str | None, sop: str | None) -> Lease:
         return self.cache.open((study, series, sop), self._fetch)
@@ -234,11 +304,8 @@ class DicomwebBridge:
         sop: str | None,
     ) -> Response:
         """WADO-RS retrieve, streamed as instances arrive (WadoError for a clean failure)."""
-        from dicomgate.dicomweb.negotiate import choose_instance_syntax
-        from dicomgate.dicomweb.streaming import Multipart, file_chunks
-        from dicomgate.dicomweb.wado import WadoError, _accept
+        from dicomgate.dicomweb.wado import WadoError
 
-        accept = _accept(request)
         lease = await asyncio.to_thread(self.open, study, series, sop)
         refs: Iterator[StoredRef] = lease.iterate()
 
@@ -255,41 +322,63 @@ class DicomwebBridge:
             what = "instance" if sop else "series" if series else "study"
             raise WadoError(404, f"unknown {what}")
         assert isinstance(first, StoredRef)
-        target = choose_instance_syntax(accept, first.transfer_syntax_uid)
-        if target is None:
-            lease.close()
-            raise WadoError(406, f"cannot send instances stored in {first.transfer_syntax_uid}")
-        writer = Multipart("application/dicom")
 
-        async def body() -> AsyncIterator[bytes]:
-            ref: object = first
+        async def rest() -> AsyncIterator[StoredRef]:
             try:
-                while isinstance(ref, StoredRef):
-                    syntax = choose_instance_syntax(accept, ref.transfer_syntax_uid)
-                    if syntax is None:
-                        log.warning(
-                            "an upstream instance cannot be sent as accepted; skipped",
-                            extra={"event": "bridge.instance_skipped"},
-                        )
-                    else:
-                        yield writer.part(f"application/dicom; transfer-syntax={syntax}")
-                        if syntax == ref.transfer_syntax_uid:
-                            async for chunk in file_chunks(service.path_of(ref)):
-                                yield chunk
-                        else:
-                            yield await service.transcode_instance(ref, syntax)
-                    ref = await asyncio.to_thread(next_ref)
-                yield writer.close()
-            except (UpstreamFailed, UpstreamNotFound) as exc:
-                # Headers are gone: the client sees a truncated multipart body.
-                log.warning(
-                    "retrieve cut short: %s", exc, extra={"event": "bridge.retrieve_cut_short"}
-                )
-                raise
+                while isinstance(ref := await asyncio.to_thread(next_ref), StoredRef):
+                    yield ref
             finally:
                 lease.close()
 
-        return StreamingResponse(body(), headers={"Content-Type": writer.content_type})
+        try:
+            return await _stream(service, request, first, rest())
+        except BaseException:
+            lease.close()
+            raise
+
+
+async def _stream(
+    service: WadoService, request: Request, first: StoredRef, rest: AsyncIterator[StoredRef]
+) -> Response:
+    """A multipart/related answer of ``first`` then ``rest``, each instance sent as soon as
+    ``rest`` hands it over; an upstream failure after the first ends the body early."""
+    from dicomgate.dicomweb.negotiate import choose_instance_syntax
+    from dicomgate.dicomweb.streaming import Multipart, file_chunks
+    from dicomgate.dicomweb.wado import WadoError, _accept
+
+    accept = _accept(request)
+    target = choose_instance_syntax(accept, first.transfer_syntax_uid)
+    if target is None:
+        raise WadoError(406, f"cannot send instances stored in {first.transfer_syntax_uid}")
+    writer = Multipart("application/dicom")
+
+    async def body() -> AsyncIterator[bytes]:
+        ref: StoredRef | None = first
+        try:
+            while ref is not None:
+                syntax = choose_instance_syntax(accept, ref.transfer_syntax_uid)
+                if syntax is None:
+                    log.warning(
+                        "an upstream instance cannot be sent as accepted; skipped",
+                        extra={"event": "bridge.instance_skipped"},
+                    )
+                else:
+                    yield writer.part(f"application/dicom; transfer-syntax={syntax}")
+                    if syntax == ref.transfer_syntax_uid:
+                        async for chunk in file_chunks(service.path_of(ref)):
+                            yield chunk
+                    else:
+                        yield await service.transcode_instance(ref, syntax)
+                ref = await anext(rest, None)
+            yield writer.close()
+        except (UpstreamFailed, UpstreamNotFound) as exc:
+            # Headers are gone: the client sees a truncated multipart body.
+            log.warning("retrieve cut short: %s", exc, extra={"event": "bridge.retrieve_cut_short"})
+            raise
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(body(), headers={"Content-Type": writer.content_type})
 
 
 def _wado_error(exc: UpstreamFailed | UpstreamNotFound) -> Exception:

@@ -467,8 +467,10 @@ def router(gateway: Gateway) -> APIRouter:
     async def retrieve(
         request: Request, study: str, series: str | None = None, sop: str | None = None
     ) -> Response:
-        if service.bridge is not None and service.bridge.move_to is None:  # C-GET: streamed
-            return await service.bridge.retrieve(service, request, study, series, sop)
+        if service.bridge is not None:  # streamed as the instances arrive from the PACS
+            if service.bridge.move_to is None:  # C-GET into the retrieve cache
+                return await service.bridge.retrieve(service, request, study, series, sop)
+            return await service.bridge.retrieve_moved(service, request, study, series, sop)
         return await service.retrieve(request, await service.instances(study, series, sop))
 
     @api.get("/studies/{study}")
