@@ -457,6 +457,22 @@ def test_proxy_find_keeps_the_requestors_information_model(
     assert study_root.final == 0x0000
 
 
+def test_patient_root_find_through_cloud_carries_patient_id(site: Site) -> None:
+    """Patient Root at SERIES level through a DICOMweb source: Patient ID is asked of the
+    QIDO-RS service and returned with each match (PS3.4 C.6.1), not only the keys asked."""
+    keys: dict[str, str | None] = {
+        "QueryRetrieveLevel": "SERIES",
+        "PatientID": None,
+        "StudyInstanceUID": UID_ROOT + "1",
+        "SeriesInstanceUID": None,
+    }
+    asked = {k: v for k, v in keys.items() if k != "PatientID"}
+    answer = site.find("CLOUD", asked, "pid-cloud", PATIENT_ROOT)
+    direct = site.find(ORTHANC_AET, keys, "pid-cloud", PATIENT_ROOT)
+    assert _rows(answer, keys, "SeriesInstanceUID") == _rows(direct, keys, "SeriesInstanceUID")
+    assert [ds.PatientID for ds in answer.responses] == ["P1", "P1"]
+
+
 def test_proxy_move_destination_is_translated(site: Site) -> None:
     """``move_destination_map``: the requestor's VIEWER is ARCHIVE on the PACS; without the
     map (PROXY) the PACS does not know VIEWER and refuses."""
