@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -98,3 +99,30 @@ def test_dead_lettered_jobs_are_listed_and_redriven(
     assert show.returncode == 0, show.stderr
     printed = json.loads(show.stdout)
     assert [(h["attempt"], h["outcome"]) for h in printed["history"]] == steps
+
+    # A done job cannot be re-driven; done jobs are purged (CLI), dead ones by the API.
+    refused = urllib.request.Request(gw.url(f"/api/queue/{job['id']}/retry"), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as conflict:
+        urllib.request.urlopen(refused, timeout=5)
+    assert conflict.value.code == 409
+    conflict.value.close()
+    purged = subprocess.run(
+        [DICOMGATE, "queue", "purge", "--config", str(gw.config_path), "--destination", "share"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.strip() == "4 done jobs deleted"
+    assert gw.http_get("/api/queue")[1] == {"counts": {}, "jobs": []}
+    assert gw.http_get(f"/api/queue/{job['id']}")[0] == 404  # its history went with it
+    assert len(list(target.rglob("*.dcm"))) == 4  # purging forgets jobs, not images
+    delete = urllib.request.Request(gw.url("/api/queue?state=dead"), method="DELETE")
+    with urllib.request.urlopen(delete, timeout=5) as resp:
+        assert json.loads(resp.read()) == {"deleted": 0}
+    pending = urllib.request.Request(gw.url("/api/queue?state=pending"), method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as bad_state:
+        urllib.request.urlopen(pending, timeout=5)
+    assert bad_state.value.code == 400
+    bad_state.value.close()
