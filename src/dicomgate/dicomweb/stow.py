@@ -11,8 +11,10 @@ sent after every accepted instance is durable and indexed with its route jobs (r
 Statuses: 200 all stored; 202 some stored, some failed; 409 none stored (each failure in
 FailedSOPSequence with its FailureReason, the C-STORE status codes of PS3.4 B.2.3); 400
 malformed body; 406 an Accept we cannot answer (we answer ``application/dicom+json``);
-415 a content type other than ``multipart/related; type="application/dicom"`` or
-``application/dicom``; 507 the store is below ``storage.min_free_bytes``.
+415 a content type other than ``multipart/related; type="application/dicom"``,
+``application/dicom`` or ``multipart/related; type="application/dicom+json"`` (metadata
+and bulk data, :mod:`dicomgate.dicomweb.stow_json`); 507 the store is below
+``storage.min_free_bytes``.
 
 No item carries WarningReason (0008,1196, PS3.18 10.5.3): the gateway never coerces or
 discards elements, and a duplicate that ``storage.duplicates`` stores is a success, as the
@@ -39,6 +41,7 @@ from dicomgate.dicomweb.multipart import (
 )
 from dicomgate.dicomweb.qido import public_base_url
 from dicomgate.dicomweb.server import PREFIX, problem
+from dicomgate.dicomweb.stow_json import JsonStager, MetadataError
 from dicomgate.dimse.server import status_for
 from dicomgate.errors import DicomgateError, InvalidInstance, StoreFullError
 from dicomgate.ingest import IngestJob
@@ -182,11 +185,12 @@ def _accepts_json(accept: str | None) -> bool:
     return False
 
 
-def _boundary(request: Request) -> str | None:
-    """The multipart boundary; None for a single application/dicom body."""
+def _boundary(request: Request) -> tuple[str | None, str]:
+    """(the multipart boundary, the part type); no boundary for a single application/dicom
+    body."""
     media, params = parse_content_type(request.headers.get("content-type", ""))
     if media == DICOM:
-        return None
+        return None, DICOM
     if media != "multipart/related":
         raise _Refused(
             415,
@@ -194,19 +198,24 @@ def _boundary(request: Request) -> str | None:
             ' type="application/dicom" or application/dicom',
         )
     part_type = params.get("type", DICOM).lower()
-    if part_type != DICOM:
+    if part_type not in (DICOM, DICOM_JSON):
         raise _Refused(
             415,
-            f'multipart/related type={part_type} is not supported; use type="application/dicom"',
+            f"multipart/related type={part_type} is not supported; use"
+            ' type="application/dicom" (or "application/dicom+json" with bulk data parts)',
         )
     boundary = params.get("boundary")
     if not boundary:
         raise _Refused(400, "multipart/related without a boundary parameter")
-    return boundary
+    return boundary, part_type
 
 
 async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
-    boundary = _boundary(request)
+    boundary, part_type = _boundary(request)
+    if part_type == DICOM_JSON:
+        assert boundary is not None
+        await _receive_json(gateway, request, stager, boundary)
+        return
     if boundary is None:  # one application/dicom body
         stager.start(PartStart({"content-type": DICOM}))
         async for chunk in request.stream():
@@ -231,6 +240,44 @@ async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
         parser.close()
     except MultipartError as exc:
         raise _Refused(400, f"malformed multipart body: {exc}") from None
+
+
+async def _receive_json(gateway: Gateway, request: Request, stager: _Stager, boundary: str) -> None:
+    """A metadata + bulk data request (:mod:`dicomgate.dicomweb.stow_json`): its
+    instances are built into spool files and staged like application/dicom parts."""
+    parts = JsonStager(gateway.store, stager.private)
+    try:
+        try:
+            parser = MultipartParser(boundary)
+            async for chunk in request.stream():
+                for event in parser.feed(chunk):
+                    if isinstance(event, bytes):
+                        stager.bytes += len(event)
+                        parts.data(event)
+                    elif isinstance(event, PartStart):
+                        parts.start(event)
+                    else:
+                        parts.end()
+            parser.close()
+        except MultipartError as exc:
+            raise _Refused(400, f"malformed multipart body: {exc}") from None
+        except MetadataError as exc:
+            raise _Refused(400, str(exc)) from None
+        try:
+            built, unbuilt = await asyncio.to_thread(parts.build)
+        except MetadataError as exc:
+            raise _Refused(400, str(exc)) from None
+    finally:
+        parts.discard()
+    for b in built:
+        stager.staged.append(_Staged(b.spool, b.sniffed.data_offset, b.sniffed))
+    for u in unbuilt:
+        log.warning(
+            "STOW-RS metadata instance refused: %s",
+            u.why,
+            extra={"event": "stow.instance_refused", "sop": uid_hash(u.sop_instance_uid)},
+        )
+        stager.failed.append(_Failed(u.sop_class_uid, u.sop_instance_uid, u.reason))
 
 
 def _seq_item(sop_class: str, sop_instance: str) -> dict[str, Any]:
