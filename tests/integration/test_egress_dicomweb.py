@@ -138,3 +138,65 @@ def test_partial_failure_from_the_server(http_server: RecordingServer, corpus: C
     outcomes = _send(http_server.url, deliveries)
     assert outcomes[0] == Outcome(0, True)
     assert (outcomes[1].delivered, outcomes[1].retryable) == (False, False)
+
+
+def test_basic_auth_against_an_orthanc_that_requires_it(tmp_path: Path, corpus: Corpus) -> None:
+    """Orthanc with HTTP authentication on: the right user stores, a wrong password is
+    refused with 401 (retried: credentials are fixed by the operator, not the instance)."""
+    import subprocess
+    import time
+
+    import httpx
+    import pytest
+    from tests.conftest import DICOMWEB_PLUGIN, ORTHANC
+
+    if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
+        pytest.fail("needs orthanc and orthanc-dicomweb (test peers)")
+    port = free_port()
+    user = ("gateway", "s3cret-pw")
+    config = tmp_path / "orthanc.json"
+    config.write_text(
+        json.dumps(
+            {
+                "Name": "dicomgate-basic-auth",
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": True,
+                "RegisteredUsers": {user[0]: user[1]},
+                "Plugins": [str(DICOMWEB_PLUGIN)],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                "StorageDirectory": str(tmp_path / "db"),
+                "IndexDirectory": str(tmp_path / "db"),
+                "HttpPort": port,
+                "DicomPort": free_port(),
+            }
+        )
+    )
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen([str(ORTHANC), str(config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{base}/system", auth=user, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "Orthanc did not start"
+            time.sleep(0.1)
+        files = corpus.mr("egress-stow-basic", 3, seed=33)
+        deliveries = [delivery_of(f, n) for n, f in enumerate(files)]
+        wrong = {"basic": {"username": user[0], "password": "wrong"}}
+        refused = _send(f"{base}/dicom-web", deliveries, auth=wrong)
+        assert [(o.delivered, o.retryable, o.error) for o in refused] == [
+            (False, True, "HTTP 401")
+        ] * 3
+        right = {"basic": {"username": user[0], "password": user[1]}}
+        assert _send(f"{base}/dicom-web", deliveries, auth=right) == [
+            Outcome(n, True) for n in range(3)
+        ]
+        assert len(httpx.get(f"{base}/instances", auth=user, timeout=10).json()) == 3
+        assert httpx.get(f"{base}/instances", timeout=10).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(15)
