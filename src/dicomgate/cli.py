@@ -646,7 +646,7 @@ def queue_list(
     destination: Annotated[str | None, typer.Option(help="destination name")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 50,
 ) -> None:
-    """Counts per destination and state, then the newest jobs matching the filters."""
+    """Counts per destination and state, then the oldest jobs matching the filters (by id)."""
     queue = _open_queue(config)
     counts = queue.counts()
     for (dest, st), n in sorted(counts.items()):
