@@ -641,6 +641,52 @@ class SlowLink:
         self.listener.close()
 
 
+def test_cancelled_bridged_find_sends_the_pacs_a_cancel(
+    gateway: Callable[..., GatewayProcess], corpus: Corpus, tmp_path: Path
+) -> None:
+    """findscu cancels a C-FIND relayed to a PACS (another dicomgate behind a slow link, so
+    it is still answering): the proxy answers 0xFE00 at once and passes a C-CANCEL-RQ on to
+    the PACS, reads it out to its final response and releases the association instead of
+    aborting it; the next query through the proxy is answered in full."""
+    files = corpus.mr("bridge-find-cancel", 60, seed=5202)
+    pacs = gateway({"dimse": {"ae_title": "UPSTREAM"}})
+    assert pacs.storescu(files).returncode == 0
+    link = SlowLink(pacs.dimse_port, rate=8_000)  # the PACS's answers at ~8 KB/s
+    try:
+        proxy = gateway(
+            {
+                "destinations": {
+                    "pacs": {
+                        "type": "dimse",
+                        "ae_title": "UPSTREAM",
+                        "host": "127.0.0.1",
+                        "port": link.port,
+                    }
+                },
+                "query": {"ae_titles": {"PROXY": {"source": "pacs", "timeout": 20}}},
+            }
+        )
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        keys: dict[str, str | None] = {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": None,
+            "SOPInstanceUID": None,
+        }
+        released = pacs.log_count("association.released")
+        answer = qr_tool(
+            "findscu", "PROXY", proxy.dimse_port, keys, "--cancel", "1", out=tmp_path / "f"
+        )
+        assert answer.final == 0xFE00, answer.output[-3000:]
+        assert 1 <= len(answer.responses) < len(files)
+        pacs.wait_log("dimse.cancel", timeout=20)  # the PACS got the C-CANCEL-RQ ...
+        pacs.wait_log("association.released", released + 1, timeout=20)  # ... and a release
+        whole = qr_tool("findscu", "PROXY", proxy.dimse_port, keys, out=tmp_path / "g")
+        assert whole.final == 0x0000 and len(whole.responses) == len(files)
+    finally:
+        link.close()
+
+
 def test_bridged_move_streams_instances_while_the_study_downloads(
     gateway: Callable[..., GatewayProcess], corpus: Corpus, tmp_path: Path
 ) -> None:

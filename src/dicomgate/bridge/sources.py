@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -666,15 +667,29 @@ class DimseSource:
             assoc = self._associate([build_context(sop_class)])
             if relay is not None:
                 relay.attach(assoc, sop_class)
+            cancelled_at = 0.0
             try:
                 for status, identifier in send(assoc):
                     if not status:  # no response in time, or the association went away
+                        if cancelled_at:
+                            return  # the PACS stopped answering after our cancel: done
                         raise UpstreamFailed(f"{self.name}: no response (timeout or abort)")
                     if relay is not None:
                         relay.answered()
-                    put((status, identifier))
-                    if stop.is_set():
+                    if not stop.is_set():
+                        put((status, identifier))
+                        continue
+                    # The consumer is gone (the requester cancelled, or a QIDO limit was
+                    # reached): ask the PACS to stop (PS3.7 9.3.2.3) and read on to its
+                    # final response, so the association can be released, not aborted.
+                    if relay is None:
                         assoc.abort()
+                        return
+                    if not cancelled_at:
+                        cancelled_at = time.monotonic()
+                        relay.cancel()
+                    elif time.monotonic() - cancelled_at > self.timeout:
+                        assoc.abort()  # the PACS ignores the cancel
                         return
             finally:
                 if relay is not None:
@@ -687,8 +702,13 @@ class DimseSource:
     async def find_raw(
         self, identifier: Dataset, sop_class: str
     ) -> AsyncIterator[tuple[Dataset, Dataset | None]]:
-        """Each C-FIND response (status, identifier) of the PACS."""
-        work = self._responses(lambda a: a.send_c_find(identifier, sop_class), sop_class)
+        """Each C-FIND response (status, identifier) of the PACS; leaving the iteration
+        early sends the PACS a C-CANCEL-RQ."""
+        work = self._responses(
+            lambda a: a.send_c_find(identifier, sop_class, msg_id=_RELAY_MSG_ID),
+            sop_class,
+            Relay(),
+        )
         async for item in _from_thread(work):
             yield item
 
