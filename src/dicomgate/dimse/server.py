@@ -12,6 +12,10 @@ C-FIND, C-MOVE and C-GET (``qr.py``) run as tasks beside the read loop, which ke
 so that it sees a C-CANCEL-RQ and, for C-GET, the C-STORE-RSPs of the sub-operations. While
 an operation runs, every message is written under the association's write lock, so the
 fragments of two messages never interleave; C-STORE and C-ECHO take no lock otherwise.
+
+This module is the listeners and the association/PDU state machine; what each command
+does is in ``messages.py`` (the base class of :class:`DimseServer`), the per-association
+state in ``session.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -33,231 +35,38 @@ from dicomgate.bridge.dimse_scp import build_bridges
 from dicomgate.bridge.models import QueryConfig
 from dicomgate.config import DimseConfig
 from dicomgate.dimse import pdu
-from dicomgate.dimse.commands import (
-    Command,
-    CommandError,
-    CommandField,
-    Status,
-    decode_command,
-    encode_response,
-)
+from dicomgate.dimse.messages import DimseMessages
 from dicomgate.dimse.negotiation import (
-    QR_SOP_CLASSES,
-    VERIFICATION,
-    QRService,
     ae_matches,
     negotiate,
     negotiate_extended,
     negotiate_roles,
 )
-from dicomgate.dimse.qr import QueryRetrieve, Request, move_targets
+from dicomgate.dimse.qr import QueryRetrieve, move_targets
+from dicomgate.dimse.session import READ_CHUNK as _READ_CHUNK
+from dicomgate.dimse.session import Abort as _Abort
+from dicomgate.dimse.session import Association as _Association
+from dicomgate.dimse.session import Incoming as _Incoming
+from dicomgate.dimse.session import NotAuthorized, status_for
+from dicomgate.dimse.session import PduBody as _PduBody
+from dicomgate.dimse.session import PeerGone as _PeerGone
+from dicomgate.dimse.session import reject_code as _reject_code
 from dicomgate.dimse.tls_listener import TlsListener, handshake_reason
-from dicomgate.errors import (
-    DicomgateError,
-    DuplicateRejected,
-    IndexUnavailable,
-    InvalidInstance,
-    StoreError,
-)
-from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
-from dicomgate.observability.logging import uid_hash
+from dicomgate.errors import DicomgateError
+from dicomgate.ingest import Ingestor
 from dicomgate.security.dimse_access import AeHostBinding
 from dicomgate.security.ip_filter import IpAllowList
 from dicomgate.security.tls import ServerTls
-from dicomgate.store.filestore import SpoolFile
-from dicomgate.store.part10 import arrival_json, encode_file_meta
 
 log = logging.getLogger("dicomgate.dimse")
 
 _MAX_RQ_LENGTH = 1 << 20  # an A-ASSOCIATE-RQ larger than 1 MiB is not a real one
 _MAX_COMMAND_LENGTH = 1 << 16
-_READ_CHUNK = 1 << 20
 _WHOLE_PDU = 1 << 20  # P-DATA-TF PDUs up to this size are read in one call
 _DRAIN_ABOVE = 1 << 18
-_MAX_IDENTIFIER = 1 << 20  # a C-FIND/C-MOVE/C-GET identifier larger than this is refused
-_QR_SERVICES = {
-    CommandField.C_FIND_RQ: QRService.FIND,
-    CommandField.C_MOVE_RQ: QRService.MOVE,
-    CommandField.C_GET_RQ: QRService.GET,
-}
 
 
-class NotAuthorized(DicomgateError):
-    """The calling AE may not use this service (``dimse.allow``)."""
-
-
-class _PduBody:
-    """The body of one P-DATA-TF PDU: read whole when small, else from the socket."""
-
-    def __init__(self, data: bytes | None) -> None:
-        self.view = memoryview(data) if data is not None else None
-        self.pos = 0
-
-    def take(self, n: int) -> memoryview:
-        assert self.view is not None
-        out = self.view[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-
-class _Abort(Exception):
-    """Abort the association with an A-ABORT carrying ``reason``."""
-
-    def __init__(self, message: str, reason: pdu.AbortReason) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class _PeerGone(Exception):
-    """The peer closed, aborted or timed out; nothing more to send."""
-
-
-def _reject_code(source: int, reason: int) -> str:
-    """A short, stable ``reason`` for the ``association.rejected`` event (audit, metrics)."""
-    if source == pdu.RejectSource.SERVICE_PROVIDER_PRESENTATION:
-        return "limit"
-    if source == pdu.RejectSource.SERVICE_USER:
-        if reason == pdu.RejectReason.CALLED_AE_NOT_RECOGNIZED:
-            return "called_ae"
-        if reason == pdu.RejectReason.CALLING_AE_NOT_RECOGNIZED:
-            return "calling_ae"
-        if reason == pdu.RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED:
-            return "application_context"
-    return "protocol_version"
-
-
-def status_for(error: DicomgateError) -> int:
-    """Map an ingest error to a C-STORE failure status (PS3.4 B.2.3)."""
-    if isinstance(error, NotAuthorized):
-        return Status.NOT_AUTHORIZED
-    if isinstance(error, InstanceMismatch):
-        return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    if isinstance(error, InvalidInstance):
-        return Status.CANNOT_UNDERSTAND
-    if isinstance(error, DuplicateRejected):
-        return Status.DUPLICATE_SOP_INSTANCE
-    if isinstance(error, StoreError | IndexUnavailable):
-        return Status.OUT_OF_RESOURCES
-    return Status.PROCESSING_FAILURE
-
-
-@dataclass
-class _Incoming:
-    """A C-STORE whose data set is being received."""
-
-    context_id: int
-    command: Command
-    spool: SpoolFile | None  # None: refused up front, the data set is read and dropped
-    data_offset: int = 0
-    error: DicomgateError | None = None
-    fragments: int = 0
-    identifier: bytearray | None = None  # C-FIND/C-MOVE/C-GET: the identifier, collected
-
-
-@dataclass
-class _Association:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    peer_ip: str
-    calling_ae: str = ""
-    called_ae: str = ""
-    peer_max_pdu: int = 0
-    contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (sop, ts)
-    stored: int = 0
-    failed: int = 0
-    may_store: bool = True  # dimse.allow.store, decided once per association
-    scp_role_classes: set[str] = field(default_factory=set)  # requestor took the SCP role
-    fuzzy_contexts: set[int] = field(default_factory=set)  # C-FIND: fuzzy PN negotiated
-    # Q/R operations running, by Message ID; C-STORE-RSPs awaited by C-GET sub-operations.
-    operations: dict[int, tuple[Request, asyncio.Task[None]]] = field(default_factory=dict)
-    store_waiters: dict[int, asyncio.Future[Command]] = field(default_factory=dict)
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_operation_end: float = 0.0
-    message_id: int = 0  # of the sub-operations we request (C-GET)
-
-
-class _Channel:
-    """The :class:`dicomgate.dimse.qr.Channel` of one association."""
-
-    def __init__(self, server: DimseServer, assoc: _Association) -> None:
-        self.server = server
-        self.assoc = assoc
-        self.peer_max_pdu = assoc.peer_max_pdu
-
-    async def send(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
-        limit = self.assoc.peer_max_pdu
-        data = pdu.encode_p_data(context_id, command, command=True, max_pdu_length=limit)
-        if dataset is not None:
-            data += pdu.encode_p_data(context_id, dataset, command=False, max_pdu_length=limit)
-        async with self.assoc.write_lock:
-            await self.server._send(self.assoc, data)
-
-    def storage_contexts(self, sop_class_uid: str) -> list[tuple[int, str]]:
-        if sop_class_uid not in self.assoc.scp_role_classes:
-            return []
-        return [(cid, ts) for cid, (sop, ts) in self.assoc.contexts.items() if sop == sop_class_uid]
-
-    def next_message_id(self) -> int:
-        self.assoc.message_id = self.assoc.message_id % 0xFFFF + 1
-        return self.assoc.message_id
-
-    async def store(
-        self,
-        context_id: int,
-        command: bytes,
-        message_id: int,
-        dataset: bytes | tuple[Path, int],
-        timeout: float,
-    ) -> Command:
-        assoc = self.assoc
-        future: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
-        assoc.store_waiters[message_id] = future
-        try:
-            async with assoc.write_lock:
-                await self._write_store(context_id, command, dataset)
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            assoc.store_waiters.pop(message_id, None)
-
-    async def _write_store(
-        self, context_id: int, command: bytes, dataset: bytes | tuple[Path, int]
-    ) -> None:
-        send, assoc = self.server._send, self.assoc
-        limit = assoc.peer_max_pdu
-        await send(
-            assoc, pdu.encode_p_data(context_id, command, command=True, max_pdu_length=limit)
-        )
-        if isinstance(dataset, bytes):
-            await send(
-                assoc, pdu.encode_p_data(context_id, dataset, command=False, max_pdu_length=limit)
-            )
-            return
-        # Stream the stored file: 1 MiB reads, PDUs no larger than the peer accepts.
-        path, offset = dataset
-        fragment = min((limit or _READ_CHUNK) - 6, _READ_CHUNK - 6)
-        block_size = _READ_CHUNK - _READ_CHUNK % fragment  # whole fragments per read
-        with path.open("rb") as fh:
-            left = await asyncio.to_thread(lambda: fh.seek(0, 2) - offset)
-            fh.seek(offset)
-            if left <= 0:
-                await send(assoc, pdu.encode_pdv_pdu(context_id, b"", command=False, last=True))
-                return
-            while left > 0:
-                block = await asyncio.to_thread(fh.read, min(left, block_size))
-                if not block:
-                    raise OSError("stored file shorter than its size")
-                left -= len(block)
-                view = memoryview(block)
-                out = []
-                for start in range(0, len(view), fragment):
-                    chunk = view[start : start + fragment]
-                    last = left == 0 and start + fragment >= len(view)
-                    out.append(pdu.encode_pdv_pdu(context_id, chunk, command=False, last=last))
-                await send(assoc, b"".join(out))
-
-
-class DimseServer:
+class DimseServer(DimseMessages):
     """Accepts associations; serves C-ECHO and C-STORE into an :class:`Ingestor`, and
     C-FIND, C-MOVE and C-GET from its index and store (``qr.py``).
 
@@ -818,297 +627,5 @@ class DimseServer:
                 task.cancel()
             raise
 
-    async def _receive_fragment(self, assoc: _Association, incoming: _Incoming, n: int) -> None:
-        """Copy ``n`` bytes of data set from the socket to the spool file, in chunks."""
-        while n > 0:
-            chunk = await self._read(assoc, min(n, _READ_CHUNK), self.config.dimse_timeout)
-            n -= len(chunk)
-            self._write_fragment(incoming, chunk)
 
-    @staticmethod
-    def _write_fragment(incoming: _Incoming, data: bytes | memoryview) -> None:
-        incoming.fragments += 1
-        if incoming.spool is None:
-            if incoming.identifier is not None:
-                if len(incoming.identifier) + len(data) > _MAX_IDENTIFIER:
-                    incoming.identifier = None
-                    incoming.error = InvalidInstance("identifier larger than 1 MiB")
-                else:
-                    incoming.identifier += data
-            return
-        try:
-            incoming.spool.write(data)
-        except StoreError as exc:
-            incoming.spool.discard()
-            incoming.spool = None
-            incoming.error = exc
-
-    async def _on_command(
-        self, assoc: _Association, context_id: int, raw: bytes
-    ) -> _Incoming | None:
-        try:
-            command = decode_command(raw)
-        except CommandError as exc:
-            raise _Abort(
-                f"undecodable command set: {exc}", pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE
-            ) from None
-        sop_class, transfer_syntax = assoc.contexts[context_id]
-        field_ = command.command_field
-        if field_ == CommandField.C_ECHO_RQ:
-            await self._respond(
-                assoc,
-                context_id,
-                encode_response(
-                    CommandField.C_ECHO_RSP,
-                    command.message_id,
-                    Status.SUCCESS,
-                    sop_class_uid=VERIFICATION,
-                ),
-            )
-            log.debug("echo", extra={"event": "echo.answered", "calling_ae": assoc.calling_ae})
-            if command.has_dataset:
-                return _Incoming(context_id, command, None)
-            return None
-        if field_ == CommandField.C_STORE_RQ and command.has_dataset:
-            incoming = _Incoming(context_id, command, None)
-            if not assoc.may_store:
-                incoming.error = NotAuthorized(f"{assoc.calling_ae!r} may not store here")
-                return incoming
-            if command.affected_sop_class_uid != sop_class:
-                incoming.error = InstanceMismatch(
-                    "Affected SOP Class UID differs from the presentation context's"
-                )
-                return incoming
-            try:
-                self.ingestor.store.check_space()
-                spool = self.ingestor.store.new_spool()
-                header = encode_file_meta(
-                    sop_class,
-                    command.affected_sop_instance_uid,
-                    transfer_syntax,
-                    assoc.calling_ae,
-                    arrival_json(assoc.calling_ae, assoc.called_ae, assoc.peer_ip, "dimse"),
-                )
-                spool.write(header)
-            except StoreError as exc:
-                incoming.error = exc
-                return incoming
-            incoming.spool = spool
-            incoming.data_offset = len(header)
-            return incoming
-        if field_ in _QR_SERVICES:
-            incoming = _Incoming(context_id, command, None, identifier=bytearray())
-            if command.has_dataset:
-                return incoming
-            await self._start_operation(assoc, incoming)
-            return None
-        if field_ == CommandField.C_STORE_RSP and command.message_id_responded_to is not None:
-            waiter = assoc.store_waiters.pop(command.message_id_responded_to, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(command)
-                return None
-        if field_ == CommandField.C_CANCEL_RQ:
-            # PS3.7 9.3.2.3: no response; the operation ends with status Cancel (0xFE00).
-            running = assoc.operations.get(command.message_id_responded_to or 0)
-            if running is not None:
-                running[0].cancelled = True
-            log.info(
-                "cancel requested",
-                extra={"event": "dimse.cancel", "calling_ae": assoc.calling_ae},
-            )
-            return None
-        # Anything else: PS3.7 C.4.2 "unrecognized operation", data set (if any) dropped.
-        log.warning(
-            "unsupported command 0x%04X",
-            field_,
-            extra={"event": "dimse.unsupported_command", "calling_ae": assoc.calling_ae},
-        )
-        incoming = _Incoming(context_id, command, None)
-        incoming.error = DicomgateError("unrecognized operation")
-        if command.has_dataset:
-            return incoming
-        await self._reply_unsupported(assoc, incoming)
-        return None
-
-    async def _reply_unsupported(self, assoc: _Association, incoming: _Incoming) -> None:
-        command = incoming.command
-        await self._respond(
-            assoc,
-            incoming.context_id,
-            encode_response(
-                command.command_field | 0x8000,
-                command.message_id,
-                Status.UNRECOGNIZED_OPERATION,
-                sop_class_uid=command.affected_sop_class_uid,
-            ),
-        )
-
-    async def _finish_store(self, assoc: _Association, incoming: _Incoming) -> None:
-        command = incoming.command
-        if command.command_field == CommandField.C_ECHO_RQ:
-            return
-        if command.command_field != CommandField.C_STORE_RQ:
-            if command.command_field in _QR_SERVICES:
-                await self._start_operation(assoc, incoming)
-                return
-            await self._reply_unsupported(assoc, incoming)
-            return
-        error = incoming.error
-        if error is None and incoming.spool is not None:
-            sop_class, transfer_syntax = assoc.contexts[incoming.context_id]
-            loop = asyncio.get_running_loop()
-            job = IngestJob(
-                spool=incoming.spool,
-                data_offset=incoming.data_offset,
-                transfer_syntax=transfer_syntax,
-                sop_class_uid=sop_class,
-                sop_instance_uid=command.affected_sop_instance_uid,
-                calling_ae=assoc.calling_ae,
-                called_ae=assoc.called_ae,
-                source_ip=assoc.peer_ip,
-                received_via="dimse",
-                loop=loop,
-                future=loop.create_future(),
-            )
-            incoming.spool = None  # owned by the ingestor from here on
-            error = await self.ingestor.ingest(job)
-        if error is None:
-            assoc.stored += 1
-            status, comment = int(Status.SUCCESS), ""
-        else:
-            assoc.failed += 1
-            status = status_for(error)
-            comment = str(error)
-            if incoming.error is not None:  # refused before the ingestor saw it
-                log.warning(
-                    "instance refused: %s",
-                    error,
-                    extra={
-                        "event": "instance.refused",
-                        "reason": (
-                            "not_authorized"
-                            if isinstance(error, NotAuthorized)
-                            else type(error).__name__
-                        ),
-                        "status": f"0x{status:04X}",
-                        "calling_ae": assoc.calling_ae,
-                        "peer": assoc.peer_ip,
-                        "sop": uid_hash(command.affected_sop_instance_uid),
-                    },
-                )
-        await self._respond(
-            assoc,
-            incoming.context_id,
-            encode_response(
-                CommandField.C_STORE_RSP,
-                command.message_id,
-                status,
-                sop_class_uid=command.affected_sop_class_uid,
-                sop_instance_uid=command.affected_sop_instance_uid,
-                error_comment=comment,
-            ),
-        )
-
-    async def _respond(self, assoc: _Association, context_id: int, command: bytes) -> None:
-        data = pdu.encode_p_data(
-            context_id, command, command=True, max_pdu_length=assoc.peer_max_pdu
-        )
-        if assoc.operations:  # an operation may be half-way through writing a message
-            async with assoc.write_lock:
-                await self._send(assoc, data)
-        else:
-            await self._send(assoc, data)
-
-    # -- Query/Retrieve -----------------------------------------------------------------
-
-    async def _start_operation(self, assoc: _Association, incoming: _Incoming) -> None:
-        """Check a C-FIND/C-MOVE/C-GET request, then serve it as a task (``qr.py``)."""
-        command, context_id = incoming.command, incoming.context_id
-        service = _QR_SERVICES[CommandField(command.command_field)]
-        sop_class, transfer_syntax = assoc.contexts[context_id]
-        known = QR_SOP_CLASSES.get(sop_class)
-        status, comment = 0, ""
-        if known is None or known[1] is not service:
-            status, comment = Status.SOP_CLASS_NOT_SUPPORTED, "not this context's service"
-        elif command.affected_sop_class_uid != sop_class:
-            status, comment = Status.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from context's"
-        elif command.message_id in assoc.operations:
-            status, comment = Status.DUPLICATE_INVOCATION, "Message ID already in use"
-        elif not ae_matches(assoc.calling_ae, getattr(self.config.allow, service.value)):
-            status, comment = Status.NOT_AUTHORIZED, f"{assoc.calling_ae} may not {service.value}"
-        elif incoming.error is not None:
-            status, comment = Status.UNABLE_TO_PROCESS, str(incoming.error)
-        if status:
-            log.warning(
-                "%s refused: %s",
-                service.value,
-                comment,
-                extra={
-                    "event": f"{service.value}.refused",
-                    "calling_ae": assoc.calling_ae,
-                    "status": f"0x{status:04X}",
-                },
-            )
-            await self._respond(
-                assoc,
-                context_id,
-                encode_response(
-                    command.command_field | 0x8000,
-                    command.message_id,
-                    status,
-                    sop_class_uid=command.affected_sop_class_uid,
-                    error_comment=comment,
-                ),
-            )
-            return
-        assert known is not None
-        request = Request(
-            context_id=context_id,
-            command=command,
-            identifier=bytes(incoming.identifier or b""),
-            transfer_syntax=transfer_syntax,
-            model=known[0],
-            service=service,
-            calling_ae=assoc.calling_ae,
-            called_ae=assoc.called_ae,
-            fuzzy=context_id in assoc.fuzzy_contexts,
-        )
-        task = asyncio.get_running_loop().create_task(self._run_operation(assoc, request))
-        assoc.operations[command.message_id] = (request, task)
-
-    async def _run_operation(self, assoc: _Association, request: Request) -> None:
-        try:
-            await self.qr.serve(request, _Channel(self, assoc))
-        except _PeerGone:
-            assoc.writer.transport.abort()  # the reader ends the association
-        except TimeoutError:
-            log.warning(
-                "no C-STORE response from the C-GET requestor in time",
-                extra={"event": "association.aborted", "calling_ae": assoc.calling_ae},
-            )
-            with contextlib.suppress(_PeerGone):
-                await self._send(assoc, pdu.encode_abort(pdu.AbortReason.NOT_SPECIFIED))
-            assoc.writer.transport.abort()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception(
-                "%s failed",
-                request.service.value,
-                extra={"event": "association.internal_error", "calling_ae": assoc.calling_ae},
-            )
-            with contextlib.suppress(_PeerGone):
-                await self._send(assoc, pdu.encode_abort(pdu.AbortReason.NOT_SPECIFIED))
-            assoc.writer.transport.abort()
-        finally:
-            assoc.operations.pop(request.command.message_id, None)
-            assoc.last_operation_end = time.monotonic()
-
-    @staticmethod
-    async def _end_operations(assoc: _Association) -> None:
-        """Cancel what is still running (a release during an operation) and wait for it."""
-        tasks = [task for _, task in assoc.operations.values()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+__all__ = ["DimseServer", "NotAuthorized", "status_for"]

@@ -1,0 +1,359 @@
+"""The DIMSE message layer of the acceptor (``server.py``): each command of an established
+association — C-ECHO (PS3.7 9.1.5), C-STORE (PS3.4 B.2.3) with its data set copied to the
+spool file fragment by fragment, C-FIND/C-MOVE/C-GET handed to ``qr.py`` as tasks, C-CANCEL
+(PS3.7 9.3.2.3) and unrecognized operations (PS3.7 C.4.2). The association and PDU state
+machine that calls these methods is :class:`dicomgate.dimse.server.DimseServer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from dicomgate.config import DimseConfig
+from dicomgate.dimse import pdu
+from dicomgate.dimse.commands import (
+    CommandError,
+    CommandField,
+    Status,
+    decode_command,
+    encode_response,
+)
+from dicomgate.dimse.negotiation import QR_SOP_CLASSES, VERIFICATION, QRService, ae_matches
+from dicomgate.dimse.qr import QueryRetrieve, Request
+from dicomgate.dimse.session import READ_CHUNK as _READ_CHUNK
+from dicomgate.dimse.session import Abort as _Abort
+from dicomgate.dimse.session import Association as _Association
+from dicomgate.dimse.session import Channel as _Channel
+from dicomgate.dimse.session import Incoming as _Incoming
+from dicomgate.dimse.session import NotAuthorized, status_for
+from dicomgate.dimse.session import PeerGone as _PeerGone
+from dicomgate.errors import DicomgateError, InvalidInstance, StoreError
+from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
+from dicomgate.observability.logging import uid_hash
+from dicomgate.store.part10 import arrival_json, encode_file_meta
+
+log = logging.getLogger("dicomgate.dimse")
+
+_MAX_IDENTIFIER = 1 << 20  # a C-FIND/C-MOVE/C-GET identifier larger than this is refused
+QR_SERVICES = {
+    CommandField.C_FIND_RQ: QRService.FIND,
+    CommandField.C_MOVE_RQ: QRService.MOVE,
+    CommandField.C_GET_RQ: QRService.GET,
+}
+_QR_SERVICES = QR_SERVICES
+
+
+class DimseMessages:
+    """Command handling of :class:`~dicomgate.dimse.server.DimseServer` (its base class),
+    which provides the attributes below and the socket I/O."""
+
+    config: DimseConfig
+    ingestor: Ingestor
+    qr: QueryRetrieve
+
+    async def _send(self, assoc: _Association, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _read(self, assoc: _Association, n: int, timeout: float) -> bytes:
+        raise NotImplementedError
+
+    async def _receive_fragment(self, assoc: _Association, incoming: _Incoming, n: int) -> None:
+        """Copy ``n`` bytes of data set from the socket to the spool file, in chunks."""
+        while n > 0:
+            chunk = await self._read(assoc, min(n, _READ_CHUNK), self.config.dimse_timeout)
+            n -= len(chunk)
+            self._write_fragment(incoming, chunk)
+
+    @staticmethod
+    def _write_fragment(incoming: _Incoming, data: bytes | memoryview) -> None:
+        incoming.fragments += 1
+        if incoming.spool is None:
+            if incoming.identifier is not None:
+                if len(incoming.identifier) + len(data) > _MAX_IDENTIFIER:
+                    incoming.identifier = None
+                    incoming.error = InvalidInstance("identifier larger than 1 MiB")
+                else:
+                    incoming.identifier += data
+            return
+        try:
+            incoming.spool.write(data)
+        except StoreError as exc:
+            incoming.spool.discard()
+            incoming.spool = None
+            incoming.error = exc
+
+    async def _on_command(
+        self, assoc: _Association, context_id: int, raw: bytes
+    ) -> _Incoming | None:
+        try:
+            command = decode_command(raw)
+        except CommandError as exc:
+            raise _Abort(
+                f"undecodable command set: {exc}", pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE
+            ) from None
+        sop_class, transfer_syntax = assoc.contexts[context_id]
+        field_ = command.command_field
+        if field_ == CommandField.C_ECHO_RQ:
+            await self._respond(
+                assoc,
+                context_id,
+                encode_response(
+                    CommandField.C_ECHO_RSP,
+                    command.message_id,
+                    Status.SUCCESS,
+                    sop_class_uid=VERIFICATION,
+                ),
+            )
+            log.debug("echo", extra={"event": "echo.answered", "calling_ae": assoc.calling_ae})
+            if command.has_dataset:
+                return _Incoming(context_id, command, None)
+            return None
+        if field_ == CommandField.C_STORE_RQ and command.has_dataset:
+            incoming = _Incoming(context_id, command, None)
+            if not assoc.may_store:
+                incoming.error = NotAuthorized(f"{assoc.calling_ae!r} may not store here")
+                return incoming
+            if command.affected_sop_class_uid != sop_class:
+                incoming.error = InstanceMismatch(
+                    "Affected SOP Class UID differs from the presentation context's"
+                )
+                return incoming
+            try:
+                self.ingestor.store.check_space()
+                spool = self.ingestor.store.new_spool()
+                header = encode_file_meta(
+                    sop_class,
+                    command.affected_sop_instance_uid,
+                    transfer_syntax,
+                    assoc.calling_ae,
+                    arrival_json(assoc.calling_ae, assoc.called_ae, assoc.peer_ip, "dimse"),
+                )
+                spool.write(header)
+            except StoreError as exc:
+                incoming.error = exc
+                return incoming
+            incoming.spool = spool
+            incoming.data_offset = len(header)
+            return incoming
+        if field_ in _QR_SERVICES:
+            incoming = _Incoming(context_id, command, None, identifier=bytearray())
+            if command.has_dataset:
+                return incoming
+            await self._start_operation(assoc, incoming)
+            return None
+        if field_ == CommandField.C_STORE_RSP and command.message_id_responded_to is not None:
+            waiter = assoc.store_waiters.pop(command.message_id_responded_to, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(command)
+                return None
+        if field_ == CommandField.C_CANCEL_RQ:
+            # PS3.7 9.3.2.3: no response; the operation ends with status Cancel (0xFE00).
+            running = assoc.operations.get(command.message_id_responded_to or 0)
+            if running is not None:
+                running[0].cancelled = True
+            log.info(
+                "cancel requested",
+                extra={"event": "dimse.cancel", "calling_ae": assoc.calling_ae},
+            )
+            return None
+        # Anything else: PS3.7 C.4.2 "unrecognized operation", data set (if any) dropped.
+        log.warning(
+            "unsupported command 0x%04X",
+            field_,
+            extra={"event": "dimse.unsupported_command", "calling_ae": assoc.calling_ae},
+        )
+        incoming = _Incoming(context_id, command, None)
+        incoming.error = DicomgateError("unrecognized operation")
+        if command.has_dataset:
+            return incoming
+        await self._reply_unsupported(assoc, incoming)
+        return None
+
+    async def _reply_unsupported(self, assoc: _Association, incoming: _Incoming) -> None:
+        command = incoming.command
+        await self._respond(
+            assoc,
+            incoming.context_id,
+            encode_response(
+                command.command_field | 0x8000,
+                command.message_id,
+                Status.UNRECOGNIZED_OPERATION,
+                sop_class_uid=command.affected_sop_class_uid,
+            ),
+        )
+
+    async def _finish_store(self, assoc: _Association, incoming: _Incoming) -> None:
+        command = incoming.command
+        if command.command_field == CommandField.C_ECHO_RQ:
+            return
+        if command.command_field != CommandField.C_STORE_RQ:
+            if command.command_field in _QR_SERVICES:
+                await self._start_operation(assoc, incoming)
+                return
+            await self._reply_unsupported(assoc, incoming)
+            return
+        error = incoming.error
+        if error is None and incoming.spool is not None:
+            sop_class, transfer_syntax = assoc.contexts[incoming.context_id]
+            loop = asyncio.get_running_loop()
+            job = IngestJob(
+                spool=incoming.spool,
+                data_offset=incoming.data_offset,
+                transfer_syntax=transfer_syntax,
+                sop_class_uid=sop_class,
+                sop_instance_uid=command.affected_sop_instance_uid,
+                calling_ae=assoc.calling_ae,
+                called_ae=assoc.called_ae,
+                source_ip=assoc.peer_ip,
+                received_via="dimse",
+                loop=loop,
+                future=loop.create_future(),
+            )
+            incoming.spool = None  # owned by the ingestor from here on
+            error = await self.ingestor.ingest(job)
+        if error is None:
+            assoc.stored += 1
+            status, comment = int(Status.SUCCESS), ""
+        else:
+            assoc.failed += 1
+            status = status_for(error)
+            comment = str(error)
+            if incoming.error is not None:  # refused before the ingestor saw it
+                log.warning(
+                    "instance refused: %s",
+                    error,
+                    extra={
+                        "event": "instance.refused",
+                        "reason": (
+                            "not_authorized"
+                            if isinstance(error, NotAuthorized)
+                            else type(error).__name__
+                        ),
+                        "status": f"0x{status:04X}",
+                        "calling_ae": assoc.calling_ae,
+                        "peer": assoc.peer_ip,
+                        "sop": uid_hash(command.affected_sop_instance_uid),
+                    },
+                )
+        await self._respond(
+            assoc,
+            incoming.context_id,
+            encode_response(
+                CommandField.C_STORE_RSP,
+                command.message_id,
+                status,
+                sop_class_uid=command.affected_sop_class_uid,
+                sop_instance_uid=command.affected_sop_instance_uid,
+                error_comment=comment,
+            ),
+        )
+
+    async def _respond(self, assoc: _Association, context_id: int, command: bytes) -> None:
+        data = pdu.encode_p_data(
+            context_id, command, command=True, max_pdu_length=assoc.peer_max_pdu
+        )
+        if assoc.operations:  # an operation may be half-way through writing a message
+            async with assoc.write_lock:
+                await self._send(assoc, data)
+        else:
+            await self._send(assoc, data)
+
+    # -- Query/Retrieve -----------------------------------------------------------------
+
+    async def _start_operation(self, assoc: _Association, incoming: _Incoming) -> None:
+        """Check a C-FIND/C-MOVE/C-GET request, then serve it as a task (``qr.py``)."""
+        command, context_id = incoming.command, incoming.context_id
+        service = _QR_SERVICES[CommandField(command.command_field)]
+        sop_class, transfer_syntax = assoc.contexts[context_id]
+        known = QR_SOP_CLASSES.get(sop_class)
+        status, comment = 0, ""
+        if known is None or known[1] is not service:
+            status, comment = Status.SOP_CLASS_NOT_SUPPORTED, "not this context's service"
+        elif command.affected_sop_class_uid != sop_class:
+            status, comment = Status.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from context's"
+        elif command.message_id in assoc.operations:
+            status, comment = Status.DUPLICATE_INVOCATION, "Message ID already in use"
+        elif not ae_matches(assoc.calling_ae, getattr(self.config.allow, service.value)):
+            status, comment = Status.NOT_AUTHORIZED, f"{assoc.calling_ae} may not {service.value}"
+        elif incoming.error is not None:
+            status, comment = Status.UNABLE_TO_PROCESS, str(incoming.error)
+        if status:
+            log.warning(
+                "%s refused: %s",
+                service.value,
+                comment,
+                extra={
+                    "event": f"{service.value}.refused",
+                    "calling_ae": assoc.calling_ae,
+                    "status": f"0x{status:04X}",
+                },
+            )
+            await self._respond(
+                assoc,
+                context_id,
+                encode_response(
+                    command.command_field | 0x8000,
+                    command.message_id,
+                    status,
+                    sop_class_uid=command.affected_sop_class_uid,
+                    error_comment=comment,
+                ),
+            )
+            return
+        assert known is not None
+        request = Request(
+            context_id=context_id,
+            command=command,
+            identifier=bytes(incoming.identifier or b""),
+            transfer_syntax=transfer_syntax,
+            model=known[0],
+            service=service,
+            calling_ae=assoc.calling_ae,
+            called_ae=assoc.called_ae,
+            fuzzy=context_id in assoc.fuzzy_contexts,
+        )
+        task = asyncio.get_running_loop().create_task(self._run_operation(assoc, request))
+        assoc.operations[command.message_id] = (request, task)
+
+    async def _run_operation(self, assoc: _Association, request: Request) -> None:
+        try:
+            await self.qr.serve(request, _Channel(self, assoc))
+        except _PeerGone:
+            assoc.writer.transport.abort()  # the reader ends the association
+        except TimeoutError:
+            log.warning(
+                "no C-STORE response from the C-GET requestor in time",
+                extra={"event": "association.aborted", "calling_ae": assoc.calling_ae},
+            )
+            with contextlib.suppress(_PeerGone):
+                await self._send(assoc, pdu.encode_abort(pdu.AbortReason.NOT_SPECIFIED))
+            assoc.writer.transport.abort()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "%s failed",
+                request.service.value,
+                extra={"event": "association.internal_error", "calling_ae": assoc.calling_ae},
+            )
+            with contextlib.suppress(_PeerGone):
+                await self._send(assoc, pdu.encode_abort(pdu.AbortReason.NOT_SPECIFIED))
+            assoc.writer.transport.abort()
+        finally:
+            assoc.operations.pop(request.command.message_id, None)
+            assoc.last_operation_end = time.monotonic()
+
+    @staticmethod
+    async def _end_operations(assoc: _Association) -> None:
+        """Cancel what is still running (a release during an operation) and wait for it."""
+        tasks = [task for _, task in assoc.operations.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+
+__all__ = ["QR_SERVICES", "DimseMessages"]
