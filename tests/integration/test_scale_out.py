@@ -9,7 +9,9 @@ delivery destination. Also: schema migrations and the refusal of a newer schema.
 from __future__ import annotations
 
 import itertools
+import random
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -43,6 +45,23 @@ def _peers_installed() -> None:
 NODES = 3
 STREAMS = 8
 LEASE_SECONDS = 4.0
+
+
+def _listen_port() -> int:
+    """A free 127.0.0.1 port below the kernel's ephemeral range. A node killed and
+    restarted on its ports must find them free: while it is dead, a port from
+    ``free_port()`` (ephemeral) can become the source port of any new connection, such
+    as one of HAProxy's health checks."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(10000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def _reset(url: str) -> None:
@@ -237,6 +256,8 @@ def test_three_nodes_survive_kill9_of_one(
                     "storage": {"path": str(shared)},
                     "database": {"url": database_url},
                     "node": {"name": f"node{n}"},
+                    "dimse": {"port": _listen_port()},
+                    "http": {"port": _listen_port()},
                     "queue": {"lease_seconds": LEASE_SECONDS, "poll_interval": 0.5},
                     "destinations": {
                         "pacs": {
