@@ -377,9 +377,19 @@ class Ingestor:
             return [], []
         jobs: list[NewJob] = []
         timers: list[NewTimer] = []
+        # One job per (destination, pipeline): two matching routes that send the instance
+        # unchanged (or through the same steps) to one destination deliver it once, at the
+        # higher of their priorities, under the first route's name.
+        by_target: dict[tuple[str, str], int] = {}
         for d in decisions:
             if d.trigger == "instance":
-                jobs += [NewJob(dest, d.route, d.priority) for dest in d.destinations]
+                for dest in d.destinations:
+                    seen = by_target.get((dest, d.pipeline_key))
+                    if seen is None:
+                        by_target[(dest, d.pipeline_key)] = len(jobs)
+                        jobs.append(NewJob(dest, d.route, d.priority))
+                    elif d.priority > jobs[seen].priority:
+                        jobs[seen] = NewJob(dest, jobs[seen].route, d.priority)
             else:
                 level = "series" if d.trigger == "series_stable" else "study"
                 uid = record.series_uid if level == "series" else record.study_uid

@@ -164,3 +164,44 @@ def test_check_config_refuses_bad_steps(tmp_path: Path, step: dict[str, Any]) ->
     )
     assert result.returncode == 2
     assert "routes[0].pipeline[0]" in result.stderr
+
+
+@needs_dcmtk
+def test_two_routes_to_one_destination_make_one_job_per_pipeline(
+    gateway: Any, corpus: Corpus, tmp_path: Path
+) -> None:
+    """Two routes without a pipeline that both match send each instance to their common
+    destination ONCE (one job per instance and destination, at the higher priority); a third
+    route to it with a pipeline is another delivery (another content)."""
+    files = corpus.mr("routes-dedupe", 3, seed=612)
+    share = tmp_path / "share"
+    gw = gateway(
+        {
+            "destinations": {"share": {"type": "folder", "path": str(share),
+                                       "template": "{InstitutionName}/{SOPInstanceUID}.dcm"}},
+            "routes": [
+                {"name": "by-modality", "match": {"Modality": "MR"}, "to": ["share"]},
+                {"name": "everything", "priority": "high", "to": ["share"]},
+                {
+                    "name": "tagged",
+                    "pipeline": [{"standardize": {"rules": [
+                        {"set": {"tag": "InstitutionName", "value": "Tagged"}}]}}],
+                    "to": ["share"],
+                },
+            ],
+        }
+    )  # fmt: skip
+    assert gw.storescu(files).returncode == 0
+    wait_until(lambda: len(list(share.rglob("*.dcm"))) == 2 * len(files), 60, "the deliveries")
+
+    def jobs() -> list[dict[str, Any]]:
+        status, body = gw.http_get("/api/queue?destination=share")
+        assert status == 200, body
+        found: list[dict[str, Any]] = body["jobs"]
+        return found
+
+    wait_until(lambda: all(j["state"] == "done" for j in jobs()), 30, "every job done")
+    assert len(jobs()) == 2 * len(files)  # not 3 per instance
+    assert sorted({j["route"] for j in jobs()}) == ["by-modality", "tagged"]
+    assert {j["priority"] for j in jobs() if j["route"] == "by-modality"} == {10}
+    assert len(list((share / "Tagged").glob("*.dcm"))) == len(files)

@@ -13,6 +13,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicomgate.errors import ConfigError
 from dicomgate.routing.matcher import MatchContext, RouteDecision, Router
 from dicomgate.routing.models import RouteConfig
 
@@ -153,6 +154,16 @@ def test_numbers() -> None:
     assert _matches({"SliceThickness": {"le": 2.5, "gt": "1"}})
     assert not _matches({"SliceThickness": {"lt": 2.5}})
     assert _matches({"SeriesNumber": {"not": {"range": [10, 20]}}})
+    # The "lo-hi" form dates use works on numeric attributes too (ends included).
+    assert _matches({"SeriesNumber": "1-10"})
+    assert _matches({"SeriesNumber": "3-3"})
+    assert not _matches({"SeriesNumber": "4-10"})
+    assert _matches({"SeriesNumber": "2-"})
+    assert not _matches({"SeriesNumber": "4-"})
+    assert _matches({"SliceThickness": "2-2.5"})
+    assert _matches({"SeriesNumber": ["10-20", "1-3"]})
+    with pytest.raises(ConfigError, match="empty range"):
+        _matches({"SeriesNumber": "10-1"})
 
 
 @pytest.mark.parametrize(

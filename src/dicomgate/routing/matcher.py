@@ -18,7 +18,8 @@ The match language (the reference in ``docs/configuration.md`` is rendered from
   ``ci:`` prefix or ``{value: ..., ignore_case: true}`` for case-insensitive text; a list
   (any of); ``{not: ...}``; ``{eq: ...}`` (literal, no wildcards); numeric comparisons
   ``{gt, ge, lt, le}`` and ``{range: [lo, hi]}``; DICOM range matching ``"lo-hi"`` on DA,
-  DT and TM attributes (PS3.4 C.2.2.2.5); ``""`` matches an empty or missing attribute,
+  DT and TM attributes (PS3.4 C.2.2.2.5) and the same form on numeric attributes
+  (``SeriesNumber: "1-10"``, ``"100-"``); ``""`` matches an empty or missing attribute,
   which nothing else but ``not`` matches. Multi-valued attributes match when any value does.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import json
 import math
 import operator
 import re
@@ -74,6 +76,9 @@ class RouteDecision:
     trigger: Trigger  # "instance" | "series_stable" | "study_stable"
     stable_after: float  # seconds of quiet before a *_stable trigger fires
     priority: int  # higher first: high = 10, normal = 0, low = -10, or the route's int
+    # The route's pipeline as canonical JSON ("" for none): two routes sending an instance
+    # to the same destination through the same pipeline make ONE delivery job.
+    pipeline_key: str = ""
 
 
 # -- values of one attribute ---------------------------------------------------------------
@@ -485,6 +490,10 @@ def _range_list(spec: object, kind: Kind, path: str) -> Test:
     return _comparisons(bounds, kind, path)
 
 
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER_RANGE = re.compile(rf"\s*(?P<low>{_NUMBER})?\s*-\s*(?P<high>{_NUMBER})?\s*")
+
+
 def _dicom_range(spec: str, kind: Kind, path: str) -> Test:
     """PS3.4 C.2.2.2.5 range matching: ``lo-hi``, ``lo-`` or ``-hi``, ends included."""
     low, sep, high = spec.partition("-")
@@ -561,6 +570,11 @@ def _string_condition(spec: str, kind: Kind, path: str, *, ignore_case: bool) ->
             text_check = _text_check(spec, path, False)
             text_test, number_test = _on_text(text_check), _on_number(lambda v: v == number)
             return lambda values: number_test(values) or text_test(values)
+        numeric_range = _NUMBER_RANGE.fullmatch(spec)
+        if kind == "number" and numeric_range and (numeric_range["low"] or numeric_range["high"]):
+            # SeriesNumber: "1-10", the range form dates use; ends included.
+            bounds = {"ge": numeric_range["low"], "le": numeric_range["high"]}
+            return _comparisons({k: v for k, v in bounds.items() if v}, kind, path)
     return _on_text(_text_check(spec, path, ignore_case))
 
 
@@ -731,6 +745,11 @@ class Router:
                 trigger=route.trigger,
                 stable_after=stable_after,
                 priority=_priority(route.priority, f"{prefix}.priority"),
+                pipeline_key=(
+                    json.dumps(route.pipeline, sort_keys=True, default=str)
+                    if route.pipeline
+                    else ""
+                ),
             )
             predicate = _match_predicate(route.match, f"{prefix}.match")
             compiled.append(_CompiledRoute(decision, predicate, route.final, route.fallback))

@@ -66,7 +66,8 @@ MATCH_DESCRIPTION = (
     " `{not: CT}` or `{not: [CT, MR]}`;"
     ' `{eq: "A*B"}` for text taken literally;'
     " numeric comparisons on number attributes (`SeriesNumber: {ge: 1, lt: 100}`,"
-    " `SliceThickness: {range: [0.5, 2]}`, both ends included, `null` for an open end);"
+    " `SliceThickness: {range: [0.5, 2]}`, both ends included, `null` for an open end;"
+    ' or the range form dates use, `SeriesNumber: "1-10"`, `"100-"`);'
     ' DICOM ranges on dates and times (`StudyDate: "20260101-20261231"`,'
     ' `"20260101-"`, `"-20261231"`, `StudyTime: "0800-1800"`; bounds compare at their'
     ' own precision, so `"2026-"` means from 2026 on; `{ge:, lt:}` work too);'
@@ -104,7 +105,16 @@ class RouteConfig(_Model):
     )
     to: list[str] = Field(
         min_length=1,
-        description="Names of destinations (keys of `destinations`) to send to; at least one.",
+        description=(
+            "Names of destinations (keys of `destinations`) to send to; at least one. When"
+            " several matching routes send an instance to the same destination with the same"
+            " `pipeline` (none, or identical steps), it is delivered once: one job, at the"
+            " highest of their priorities, named after the first of them; with different"
+            " pipelines each processed copy is its own delivery. (`*_stable` triggers are"
+            " per route: two stable routes to one destination deliver twice.) A route with a"
+            " `pipeline` cannot send to a `webhook` destination: notifications link to the"
+            " stored original."
+        ),
     )
     final: bool = Field(
         False,
