@@ -11,6 +11,7 @@ import copy
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -516,11 +517,36 @@ class HttpConfig(_Model):
         default_factory=HttpLimitsConfig,
         description="Request size, rate and time limits.",
     )
+    public_url: str | None = Field(
+        None,
+        description=(
+            "The URL other systems reach this gateway's HTTP port by, e.g."
+            " `https://gateway.hospital.org:8443` (behind a reverse proxy or a load"
+            " balancer: theirs). Webhook notifications link to WADO-RS under it. Unset:"
+            " built from `host` and `port`, with `127.0.0.1` for a wildcard `host` -- only"
+            " reachable from this machine, so a gateway with a webhook destination and a"
+            " wildcard `host` logs a warning at start-up. Responses to HTTP requests (STOW-RS"
+            " and QIDO-RS RetrieveURLs, BulkDataURIs, FHIR endpoints) follow the request's"
+            " `Host` header, not this key."
+        ),
+    )
 
     @field_validator("allowed_ips", "trusted_proxies")
     @classmethod
     def _networks(cls, values: list[str]) -> list[str]:
         return parse_networks(values)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urllib.parse.urlsplit(value.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{value!r}: expected http(s)://host[:port][/path]")
+        if parsed.query or parsed.fragment:
+            raise ValueError(f"{value!r}: no query or fragment")
+        return value.strip().rstrip("/")
 
 
 class LoggingConfig(_Model):

@@ -132,8 +132,17 @@ class Gateway:
         self.queue = JobQueue(
             self.index.engine, self.config.queue, write_lock=self.index.write_lock
         )
-        scheme = "https" if self.config.http.tls is not None else "http"
-        base_url = f"{scheme}://{_display_host(self.config.http.host)}:{self.config.http.port}"
+        http = self.config.http
+        scheme = "https" if http.tls is not None else "http"
+        base_url = http.public_url or f"{scheme}://{_display_host(http.host)}:{http.port}"
+        webhooks = [n for n, d in self.config.destinations.items() if d.type == "webhook"]
+        if webhooks and http.public_url is None and _display_host(http.host) != http.host:
+            log.warning(
+                "webhook notifications link to %s, reachable from this machine only; set"
+                " http.public_url to the address receivers use",
+                base_url,
+                extra={"event": "config.public_url_missing", "destinations": webhooks},
+            )
         senders = {
             name: build_sender(
                 name, model, calling_ae=self.config.dimse.ae_title, gateway_base_url=base_url

@@ -83,6 +83,29 @@ def test_notification_urls_fetch_the_instances_back(
     )
 
 
+def test_notifications_use_http_public_url(
+    gateway: Callable[..., GatewayProcess], http_server: RecordingServer, corpus: Corpus
+) -> None:
+    """With `http.public_url` (the name receivers reach the gateway by), the links are
+    built on it -- here `localhost` and the gateway's port, not the listening address."""
+    files = corpus.mr("webhook-public-url", 1, seed=612)
+    gw = gateway(
+        {
+            "destinations": {"ai": {"type": "webhook", "url": http_server.url + "/hook"}},
+            "routes": [{"name": "to-ai", "to": ["ai"]}],
+        },
+        start=False,
+    )
+    gw.config["http"]["public_url"] = f"http://localhost:{gw.config['http']['port']}/"
+    gw.start()
+    assert gw.storescu(files).returncode == 0
+    wait_until(lambda: len(http_server.requests) == 1, 30, "the notification")
+    note = json.loads(http_server.requests[0].body)
+    assert note["wado_rs"].startswith(f"http://localhost:{gw.config['http']['port']}/dicomweb/")
+    (part,) = _wado_parts(note["wado_rs"])
+    assert pydicom.dcmread(io.BytesIO(part)).SOPInstanceUID == note["sop_instance_uid"]
+
+
 def test_a_route_with_a_pipeline_cannot_notify_a_webhook(tmp_path: Path) -> None:
     """The notification names the stored original; a processed copy is never stored, so
     its URL would answer 404 (new UIDs) or hand over what the pipeline removed."""

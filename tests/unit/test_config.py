@@ -155,6 +155,18 @@ def test_bad_http_port() -> None:
     assert _error({"http": {"port": 70000}}).key == "http.port"
 
 
+@pytest.mark.parametrize(
+    "url", ["gateway.example.org", "ftp://gateway", "https://", "http://gw/?a=1", "http://gw/#x"]
+)
+def test_bad_http_public_url(url: str) -> None:
+    assert _error({"http": {"public_url": url}}).key == "http.public_url"
+
+
+def test_http_public_url_loses_its_trailing_slash() -> None:
+    config = parse_config({"http": {"public_url": "https://gw.example.org:8443/base/"}}, {})
+    assert config.http.public_url == "https://gw.example.org:8443/base"
+
+
 def test_bad_allowed_calling_pattern() -> None:
     assert _error({"dimse": {"allowed_calling_aets": ["A\\B"]}}).key.startswith(
         "dimse.allowed_calling_aets"

@@ -353,7 +353,13 @@ class WebhookDestination(DestinationControls):
     """Notify an HTTP endpoint (e.g. an AI engine) about received instances."""
 
     type: Literal["webhook"] = Field(description="Destination kind: `webhook`.")
-    url: str = Field(description="URL of the endpoint to notify.")
+    url: str = Field(
+        description=(
+            "URL of the endpoint to notify. The JSON names the UIDs and a `wado_rs` link to"
+            " fetch the instance back, under `http.public_url` (set it to the gateway's"
+            " name as the receiver reaches it)."
+        )
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, description="Extra HTTP headers sent with every notification."
     )
