@@ -131,6 +131,18 @@ class StorageConfig(_Model):
         gt=0,
         description="Seconds between two looks for instances `retention: relay` may delete.",
     )
+    recovery_grace: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "PostgreSQL (shared store): seconds after start-up before a node that did not stop"
+            " cleanly looks for the files it had moved into the store without committing"
+            " their rows (a `kill -9` mid-commit; never acknowledged). Only files older than"
+            " its start are considered, and only after this grace, so that another node's"
+            " commit in flight is never mistaken for one; each is indexed and routed, or"
+            " removed when a byte-identical copy is already indexed (the sender resent it)."
+        ),
+    )
     min_free_bytes: int = Field(
         256 * 1024 * 1024,
         ge=0,

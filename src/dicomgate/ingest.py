@@ -146,9 +146,20 @@ class Ingestor:
                 digest.update(chunk)
         record = extract_record(meta)
         relpath = path.relative_to(self.store.root).as_posix()
-        if any(
-            row.get("relpath") == relpath for row in self.index.instances(record.sop_instance_uid)
-        ):
+        rows = self.index.instances(record.sop_instance_uid)
+        if any(row.get("relpath") == relpath for row in rows):
+            return False
+        if any(row.get("sha256") == digest.hexdigest() for row in rows):
+            # A byte-identical copy is indexed (the sender resent what was never
+            # acknowledged): this one is a leftover, not an instance to keep twice.
+            path.unlink(missing_ok=True)
+            log.info(
+                "removed an unindexed copy of an indexed instance",
+                extra={
+                    "event": "recovery.duplicate_removed",
+                    "sop": uid_hash(record.sop_instance_uid),
+                },
+            )
             return False
         item = StoredInstance(
             record=record,

@@ -7,6 +7,13 @@ records its time in a marker file. A marker found at start-up means the last run
 stop cleanly: every store file newer than the last barrier (minus a margin) is checked
 against the index and indexed if its row was lost; files that are not complete DICOM
 instances (torn by a power cut before they were acknowledged) move to ``quarantine/``.
+
+With PostgreSQL commits are synchronous, so no acknowledged row is ever lost; but a node
+killed between moving a file into the (shared) store and committing its row leaves that
+never-acknowledged file without a row. The same scan finds it, run ``storage.recovery_grace``
+seconds after start-up and limited to files older than the start, so that another node's
+commit still in flight (milliseconds old) is never taken for one. A file whose instance is
+already indexed with the same bytes (the sender resent it) is removed instead of indexed.
 """
 
 from __future__ import annotations
@@ -63,8 +70,9 @@ class RunMarker:
         self.path.unlink(missing_ok=True)
 
 
-def candidate_files(store_dir: Path, since: float) -> list[Path]:
-    """Store files modified at or after ``since``; folders older than that are skipped."""
+def candidate_files(store_dir: Path, since: float, until: float | None = None) -> list[Path]:
+    """Store files modified at or after ``since`` (and before ``until``); folders older
+    than ``since`` are skipped."""
     found: list[Path] = []
     if not store_dir.is_dir():
         return found
@@ -77,15 +85,21 @@ def candidate_files(store_dir: Path, since: float) -> list[Path]:
             if series.stat().st_mtime < since:
                 continue  # a rename into it would have touched its mtime
             for entry in os.scandir(series.path):
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime >= since:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                mtime = entry.stat().st_mtime
+                if mtime >= since and (until is None or mtime < until):
                     found.append(Path(entry.path))
     return found
 
 
-def recover(store_root: Path, since: float, adopt: Callable[[Path], bool]) -> RecoveryReport:
-    """Index lost rows for files newer than ``since`` (see module docstring)."""
+def recover(
+    store_root: Path, since: float, adopt: Callable[[Path], bool], until: float | None = None
+) -> RecoveryReport:
+    """Index lost rows for files newer than ``since`` (and older than ``until``; see the
+    module docstring)."""
     started = time.monotonic()
-    files = candidate_files(Path(store_root) / "store", since - MARGIN_SECONDS)
+    files = candidate_files(Path(store_root) / "store", since - MARGIN_SECONDS, until)
     indexed = quarantined = 0
     quarantine = Path(store_root) / "quarantine"
     for path in files:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +107,25 @@ class Gateway:
         self.folder: FolderWatcher | None = None
         self.http_tls: ServerTls | None = None
 
+    def _late_recovery(self, since: float, started: float) -> None:
+        grace = self.config.storage.recovery_grace
+        log.info(
+            "previous run of node %s did not stop cleanly; commits are synchronous, looking"
+            " for uncommitted store files in %.0f s",
+            self.node,
+            grace,
+            extra={"event": "recovery.scheduled"},
+        )
+
+        def run() -> None:
+            time.sleep(grace)
+            try:
+                recover(self.config.storage.path, since, self.ingestor.adopt, until=started)
+            except Exception:  # never take the node down; the files stay where they are
+                log.exception("late recovery failed", extra={"event": "recovery.failed"})
+
+        threading.Thread(target=run, name="dicomgate-recovery", daemon=True).start()
+
     def open(self) -> None:
         """Check the store and open the index (runs migrations). Raises on failure."""
         removed = self.store.open()
@@ -180,14 +200,11 @@ class Gateway:
         if since is not None and self.index.relaxed_commits:
             recover(self.config.storage.path, since, self.ingestor.adopt)
         elif since is not None:
-            # Synchronous commits (PostgreSQL): no acknowledged row can be lost, and a scan of
-            # a shared store would race the other nodes' renames. Nothing to recover.
-            log.info(
-                "previous run of node %s did not stop cleanly; commits are synchronous,"
-                " nothing to recover",
-                self.node,
-                extra={"event": "recovery.skipped"},
-            )
+            # Synchronous commits (PostgreSQL): no acknowledged row can be lost, but a file
+            # moved into the store whose commit the crash prevented has no row. Look for
+            # those later, among files older than this start only: a scan now would race
+            # the other nodes' renames into the shared store (recovery.py).
+            self._late_recovery(since, time.time())
         self.marker.write(time.time())
         self.dimse = DimseServer(
             self.config.dimse,
