@@ -8,7 +8,7 @@ CONFIG ?= examples/dicomgate.yaml
 DEBIAN_PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium haproxy
 PYTEST_ARGS ?=
 
-.PHONY: run install install-test peers test test-slow lint bench clean
+.PHONY: run install install-test peers test test-postgres test-slow lint bench clean
 
 $(BIN)/dicomgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test: install-test
 	  tests/integration/test_crash_recovery.py tests/integration/test_retention.py \
 	  tests/integration/test_delivery_failures.py tests/integration/test_qido.py \
 	  tests/integration/test_destination_pause.py
+
+# The whole suite on PostgreSQL (every gateway a test starts gets its own database);
+# about as long as `make test`'s first pass.
+test-postgres: install-test
+	TEST_DATABASE=postgresql TCP_NODELAY=1 $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install-test
 	TCP_NODELAY=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)

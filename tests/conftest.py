@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -113,12 +114,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port that was free on 127.0.0.1 a moment ago, BELOW the kernel's ephemeral
+    range: a server started on it later (a destination that comes "up" mid-test, a node
+    restarted after kill -9) must find it free. An ephemeral port can meanwhile become the
+    source port of any outgoing connection -- even of a connect to that very port while
+    nothing listens there, which TCP completes as a self-connection (seen in CI: a
+    gateway retrying a down storescp held the port storescp was about to bind)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def dcmtk_env() -> dict[str, str]:

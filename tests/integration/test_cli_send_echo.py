@@ -23,6 +23,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_
 from pynetdicom import AE, build_context, evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+from tests.conftest import free_port
 
 from dicomgate.dimse import scu
 
@@ -52,10 +53,7 @@ def _testfile(name: str) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_port()
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -9,9 +9,7 @@ delivery destination. Also: schema migrations and the refusal of a newer schema.
 from __future__ import annotations
 
 import itertools
-import random
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -48,20 +46,9 @@ LEASE_SECONDS = 4.0
 
 
 def _listen_port() -> int:
-    """A free 127.0.0.1 port below the kernel's ephemeral range. A node killed and
-    restarted on its ports must find them free: while it is dead, a port from
-    ``free_port()`` (ephemeral) can become the source port of any new connection, such
-    as one of HAProxy's health checks."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(100):
-        port = random.randrange(10000, low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port below the ephemeral range")
+    """A free port below the ephemeral range (see conftest.free_port): a node killed and
+    restarted on its ports must find them free."""
+    return free_port()
 
 
 def _reset(url: str) -> None:
