@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import Engine, create_engine, text
-from tests.conftest import DICOMGATE, Corpus, GatewayProcess, dcmtk_env, free_port
+from tests.conftest import DICOMGATE, Corpus, GatewayProcess, dcmtk_env, free_port, sop_uid_of
 from tests.integration.test_queue_postgres import make_item
 
 from dicomgate.config import DuplicatePolicy
@@ -240,7 +240,7 @@ def test_three_nodes_survive_kill9_of_one(
         nodes.append(
             gateway(
                 {
-                    "storage": {"path": str(shared)},
+                    "storage": {"path": str(shared), "recovery_grace": 2},
                     "database": {"url": database_url},
                     "node": {"name": f"node{n}"},
                     "dimse": {"port": _listen_port()},
@@ -393,12 +393,17 @@ def test_three_nodes_survive_kill9_of_one(
         assert (shared / "nodes" / f"node{n}" / "spool").is_dir()
     assert (shared / "nodes" / "node1" / ".dicomgate-running").exists()  # killed: unclean
     # The killed node comes back under its name (its name lock died with it); commits were
-    # synchronous, so nothing is scanned or re-indexed.
+    # synchronous, so no acknowledged row was lost. After storage.recovery_grace it looks
+    # for files it had moved into the shared store without committing their rows (never
+    # acknowledged), among files older than its restart only.
     victim.restart()
     victim.expected_exit = 0
-    victim.wait_log("recovery.skipped")
-    assert victim.log_count("recovery.indexed") == 0
-    assert index.count_instances() == len(rows)
+    victim.wait_log("recovery.scheduled")
+    victim.wait_log("recovery.done", timeout=30)
+    adopted = victim.log_count("recovery.indexed")
+    assert index.count_instances() == len(rows) + adopted
+    for path in (shared / "store").rglob("*.dcm"):  # no file without its row
+        assert index.instance(sop_uid_of(path)) is not None, path
 
 
 def _leases_of(index: Index, node: str) -> dict[int, float]:
