@@ -121,7 +121,7 @@ backend http_nodes
 
 
 class Storescp:
-    """storescp keeping every receipt (``-uf``) and logging ``CALLING-AE FILE`` per receipt."""
+    """storescp keeping every receipt (``+uf``) and logging ``CALLING-AE FILE`` per receipt."""
 
     def __init__(self, root: Path) -> None:
         self.port = free_port()
@@ -135,7 +135,7 @@ class Storescp:
                 "storescp",
                 "-aet",
                 "STORESCP",
-                "-uf",
+                "+uf",  # unique file per receipt (-uf is the default: one per SOP UID)
                 "--output-directory",
                 str(self.out),
                 "--exec-on-reception",
@@ -152,7 +152,7 @@ class Storescp:
         return [(calling, uid) for calling, uid, _ in self.receipts_timed()]
 
     def receipts_timed(self) -> list[tuple[str, str, float]]:
-        """(calling AE, SOP Instance UID, time the file was written) per receipt. ``-uf``
+        """(calling AE, SOP Instance UID, time the file was written) per receipt. ``+uf``
         keeps every receipt in its own file, so its mtime is when that copy arrived."""
         found = []
         for line in self.receipts.read_text(encoding="utf-8").splitlines():
