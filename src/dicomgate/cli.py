@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -76,6 +78,13 @@ def serve(
         run_gateway(cfg, base_dir=config.parent)
     except DicomgateError as exc:
         raise _fail(f"cannot start: {exc}", 1) from None
+    # Stopped cleanly: every file, row and audit event is written and the index closed.
+    # Skip the interpreter's teardown of its ~1,500 modules (0.5 s here), so a restart or a
+    # rolling upgrade waits for nothing but the gateway's own shutdown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

@@ -200,6 +200,7 @@ class Dispatcher:
             name: _controls(name, sender, controls.get(name)) for name, sender in senders.items()
         }
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop_event = asyncio.Event()  # set by stop(): ends every timed wait at once
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -223,6 +224,7 @@ class Dispatcher:
     async def stop(self, grace: float = 10.0) -> None:
         """Let in-flight sends finish within ``grace``, then cancel; close the senders."""
         self._stopping = True
+        self._stop_event.set()
         for dest in self._destinations.values():
             _wake_all(dest)
         if self._tasks:
@@ -331,7 +333,7 @@ class Dispatcher:
                 for dest in self._destinations.values():
                     _wake_all(dest)
             with contextlib.suppress(TimeoutError):
-                await asyncio.sleep(self.timer_interval)
+                await asyncio.wait_for(self._stop_event.wait(), self.timer_interval)
 
     async def _worker(self, dest: _Destination) -> None:
         while not self._stopping:
@@ -403,7 +405,8 @@ class Dispatcher:
         """Sleep that only a stop cuts short (new jobs do not shorten a rate-limit wait)."""
         end = time.monotonic() + seconds
         while not self._stopping and (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, 0.5))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), left)
 
     async def _sleep(self, dest: _Destination, seconds: float) -> bool:
         """Sleep until new jobs are announced (True) or ``seconds`` pass (False).
