@@ -146,11 +146,15 @@ class Ingestor:
                 digest.update(chunk)
         record = extract_record(meta)
         relpath = path.relative_to(self.store.root).as_posix()
+        sha256 = digest.hexdigest()
         rows = self.index.instances(record.sop_instance_uid)
         if any(row.get("relpath") == relpath for row in rows):
             return False
-        if any(row.get("sha256") == digest.hexdigest() for row in rows):
-            # A byte-identical copy is indexed (the sender resent what was never
+        if any(
+            row.get("sha256") == sha256 and self.store.path_of(str(row["relpath"])).is_file()
+            for row in rows
+        ):
+            # A byte-identical copy is indexed and on disk (the sender resent what was never
             # acknowledged): this one is a leftover, not an instance to keep twice.
             path.unlink(missing_ok=True)
             log.info(
@@ -165,7 +169,7 @@ class Ingestor:
             record=record,
             relpath=relpath,
             size=size,
-            sha256=digest.hexdigest(),
+            sha256=sha256,
             transfer_syntax_uid=transfer_syntax,
             calling_ae=str(meta.file_meta.get("SourceApplicationEntityTitle", "") or ""),
             called_ae="",

@@ -28,11 +28,11 @@ whose metadata is not a JSON array of objects is refused with 400.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
@@ -85,7 +85,6 @@ class _InstanceError(Exception):
 @dataclass
 class _Bulk:
     spool: SpoolFile
-    media: str
     transfer_syntax: str  # "" for raw bytes (native little endian)
 
 
@@ -116,7 +115,6 @@ class JsonStager:
     _json: bytearray | None = None
     _json_bytes: int = 0
     _current: _Bulk | None = None
-    _location: str = ""
     _part: int = 0
 
     # -- parser events --------------------------------------------------------------------
@@ -145,9 +143,8 @@ class JsonStager:
             syntax = syntax or _FRAME_TYPES[media]
         if syntax in _NATIVE:
             syntax = ""
-        self._current = _Bulk(self.store.new_spool(), media, syntax)
+        self._current = _Bulk(self.store.new_spool(), syntax)
         self._bulk[location] = self._current
-        self._location = location
 
     def data(self, chunk: bytes) -> None:
         if self._json is not None:
@@ -242,8 +239,9 @@ class JsonStager:
                 sop_class, sop_instance, file_syntax, private_information=self.private_information
             )
             out.write(header)
-            with _opened(used) as files:
-                for (elem, bulk), fh in zip(used, files, strict=True):
+            with contextlib.ExitStack() as files:
+                for elem, bulk in used:
+                    fh = files.enter_context(open(bulk.spool.path, "rb"))
                     if bulk.transfer_syntax:
                         frames = int(ds.get("NumberOfFrames", 1) or 1)
                         if frames != 1:
@@ -302,23 +300,6 @@ def _elements(ds: Dataset) -> Iterator[DataElement]:
                 yield from _elements(item)
         else:
             yield elem
-
-
-class _opened:
-    """Open every used bulk spool file for reading; close them all afterwards."""
-
-    def __init__(self, used: list[tuple[DataElement, _Bulk]]) -> None:
-        self.paths = [bulk.spool.path for _, bulk in used]
-        self.files: list[io.BufferedReader] = []
-
-    def __enter__(self) -> list[io.BufferedReader]:
-        for path in self.paths:
-            self.files.append(open(Path(path), "rb"))  # closed in __exit__
-        return self.files
-
-    def __exit__(self, *exc: object) -> None:
-        for fh in self.files:
-            fh.close()
 
 
 class _SpoolWriter(io.RawIOBase):
