@@ -292,7 +292,7 @@ def _dimse_ready(aet: str, port: int) -> Callable[[], bool]:
     return check
 
 
-def start_storescp(work: Path) -> Receiver:
+def start_storescp(work: Path, fork: bool = False) -> Receiver:
     exe = shutil.which("storescp")
     if exe is None:
         raise RuntimeError("storescp not installed (apt-get install dcmtk)")
@@ -300,7 +300,8 @@ def start_storescp(work: Path) -> Receiver:
     out.mkdir()
     port = free_port()
     log = work / "storescp.log"
-    cmd = [exe, "--output-directory", str(out), "-aet", "STORESCP", "+xa", str(port)]
+    cmd = [exe, *(["--fork"] if fork else []), "--output-directory", str(out)]
+    cmd += ["-aet", "STORESCP", "+xa", str(port)]
     proc = _spawn(cmd, work, log, dcmtk_env())
     return Receiver(
         "storescp",

@@ -55,7 +55,9 @@ from qido import KINDS, percentile, populate, searches  # noqa: E402
 SCP_AET = "STORESCP"
 
 
-def start_gateway(work: Path, scp_port: int, data: Path | None = None) -> Receiver:
+def start_gateway(
+    work: Path, scp_port: int, data: Path | None = None, associations: int = 1
+) -> Receiver:
     """dicomgate with the storescp as a move destination (and its own index in ``data``)."""
     dimse_port, http_port = free_ports(2)
     data = data or work / "data"
@@ -64,7 +66,8 @@ def start_gateway(work: Path, scp_port: int, data: Path | None = None) -> Receiv
         f"storage: {{path: {json.dumps(str(data))}}}\n"
         f'database: {{url: "sqlite:///{data}/index.db"}}\n'
         f"dimse: {{ae_title: DICOMGATE, host: 127.0.0.1, port: {dimse_port},"
-        f" move_destinations: {{{SCP_AET}: {{host: 127.0.0.1, port: {scp_port}}}}}}}\n"
+        f" move_destinations: {{{SCP_AET}: {{host: 127.0.0.1, port: {scp_port},"
+        f" max_associations: {associations}}}}}}}\n"
         f"http: {{host: 127.0.0.1, port: {http_port}}}\n"
         "logging: {level: WARNING}\n"
     )
@@ -125,7 +128,9 @@ def timed_move(rec: Receiver, study_uid: str, out: Path, expected: int) -> float
     return elapsed
 
 
-def bench_move(work: Path, count: int, repeat: int, seed: int) -> dict[str, Any]:
+def bench_move(
+    work: Path, count: int, repeat: int, seed: int, associations: int = 1
+) -> dict[str, Any]:
     from pydicom import dcmread
     from tests.corpus import make_ct_series
 
@@ -137,14 +142,14 @@ def bench_move(work: Path, count: int, repeat: int, seed: int) -> dict[str, Any]
     try:
         scp_dir = work / "storescp"
         scp_dir.mkdir()
-        scp = start_storescp(scp_dir)
+        scp = start_storescp(scp_dir, fork=associations > 1)
         receivers.append(scp)
         wait_ready(scp)
         out = scp_dir / "out"
         gw_dir, orthanc_dir = work / "dicomgate", work / "orthanc"
         gw_dir.mkdir()
         orthanc_dir.mkdir()
-        gw = start_gateway(gw_dir, scp.port)
+        gw = start_gateway(gw_dir, scp.port, associations=associations)
         receivers.append(gw)
         orthanc = start_orthanc(orthanc_dir)
         receivers.append(orthanc)
@@ -302,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=2000)
     parser.add_argument("--searches", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=1,
+        help="dicomgate's max_associations to the move destination; above 1 storescp runs"
+        " with --fork (one process per association, for both movers)",
+    )
     parser.add_argument("--skip-move", action="store_true")
     parser.add_argument("--skip-find", action="store_true")
     parser.add_argument("--json", type=Path, help="write the numbers here")
@@ -315,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_move:
             (work / "move").mkdir()
-            move = bench_move(work / "move", args.ct, args.repeat, args.seed)
+            move = bench_move(work / "move", args.ct, args.repeat, args.seed, args.associations)
             result["move"] = move
             rate = move["best_inst_per_s"]
             print(

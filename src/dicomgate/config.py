@@ -220,6 +220,18 @@ class MoveDestinationConfig(_Model):
 
     host: str = Field(description="Host name or IP address of the move destination.")
     port: int = Field(ge=1, le=65535, description="DICOM TCP port of the move destination.")
+    max_associations: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Associations a C-MOVE opens to this destination at once, its sub-operations"
+            " split between them in batches of 16. Raise it only for a receiver that serves"
+            " several associations in parallel (most PACS; DCMTK `storescp --fork`): a"
+            " receiver serving one at a time leaves the second waiting until it times out."
+            " A `dimse` destination used as a move destination moves over one."
+        ),
+    )
     tls: DestinationTls | None = Field(
         None,
         description=(

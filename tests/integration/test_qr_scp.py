@@ -8,6 +8,7 @@ change configuration start their own.
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
 import struct
@@ -255,11 +256,19 @@ def getscu(gw: GatewayProcess, model: str, keys: dict[str, str], out: Path, *ext
 class StoreSCP:
     """A DCMTK storescp on a free port writing into ``folder``."""
 
-    def __init__(self, folder: Path, aet: str) -> None:
+    def __init__(self, folder: Path, aet: str, fork: bool = False) -> None:
         self.folder, self.aet, self.port = folder, aet, free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "--output-directory", str(folder), "-aet", self.aet, str(self.port)],
+            [
+                "storescp",
+                *(["--fork"] if fork else []),  # a process per association: parallel ones
+                "--output-directory",
+                str(folder),
+                "-aet",
+                self.aet,
+                str(self.port),
+            ],
             env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -1090,6 +1099,47 @@ def test_move_and_get_cancel(big_study: BigStudy) -> None:
     assert len(got.stored) == completed_get < BIG
     assert gw.log_text().count("cancel requested") >= 2
     assert_serving(gw)
+
+
+def test_move_over_several_associations(tmp_path: Path, corpus: Any) -> None:
+    """dimse.move_destinations.<AE>.max_associations: 3 to a storescp --fork: the study
+    goes over three associations at once, every instance byte-identical, the pending
+    counts still add up and fall by whole batches, and a C-CANCEL stops all three."""
+    files = corpus.mr("qr-parallel", BIG, seed=5302)
+    scp = StoreSCP(tmp_path / "scp", "ARCHIVE", fork=True)
+    destination = {"host": "127.0.0.1", "port": scp.port, "max_associations": 3}
+    gw = start_gateway(tmp_path / "gw", {"move_destinations": {"ARCHIVE": destination}})
+    try:
+        assert gw.storescu(files).returncode == 0
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+        moved = movescu(gw, STUDY_ROOT, keys, "ARCHIVE")
+        assert moved.final == 0x0000, moved.output[-2000:]
+        assert gw.log_text().count("association to c-move:ARCHIVE established") == 3
+        received = scp.files()
+        sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+        assert received.keys() == sent.keys()
+        for uid, path in sent.items():
+            assert pydicom.dcmread(received[uid]).PixelData == pydicom.dcmread(path).PixelData
+        *pendings, final = moved.counts()
+        assert final == (-1, BIG, 0, 0)
+        remaining = [r for r, _, _, _ in pendings]
+        assert remaining == sorted(set(remaining), reverse=True)
+        assert all(r + c == BIG and f == w == 0 for r, c, f, w in pendings)
+        completed = [0] + [c for _, c, _, _ in pendings]
+        steps = {b - a for a, b in itertools.pairwise(completed)}
+        assert steps <= {16, BIG % 16}  # one pending response per finished batch
+
+        scp.clear()
+        cancelled = movescu(gw, STUDY_ROOT, keys, "ARCHIVE", "--cancel", "1")
+        assert cancelled.final == 0xFE00, cancelled.output[-2000:]
+        remaining, completed, failed, warning = cancelled.counts()[-1]
+        assert remaining > 0 and remaining + completed == BIG and failed == warning == 0
+        assert len(scp.files()) == completed
+        assert_serving(gw)
+    finally:
+        scp.stop()
+        assert gw.terminate() == 0, gw.log_tail()
 
 
 def test_get_partial_failure(big_study: BigStudy, site: Site, tmp_path: Path) -> None:

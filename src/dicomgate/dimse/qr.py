@@ -152,9 +152,10 @@ class _Refusal(Exception):
 
 @dataclass(frozen=True)
 class MoveTarget:
-    """Where a C-MOVE to one AE title goes."""
+    """Where a C-MOVE to one AE title goes, over how many associations at once."""
 
     model: DimseDestination
+    associations: int = 1
 
 
 def move_targets(
@@ -177,7 +178,7 @@ def move_targets(
                 "tls": where.tls,
             }
         )
-        out[title] = MoveTarget(model)
+        out[title] = MoveTarget(model, where.max_associations)
     return out
 
 
@@ -492,24 +493,48 @@ class QueryRetrieve:
             return
         sender = DimseSender(
             f"c-move:{destination}",
-            # Batches go one after the other: one association, replaced when a batch needs
-            # contexts it lacks; a second one would wait behind the first at a receiver
-            # serving one association at a time (DCMTK storescp) until idle_timeout.
-            target.model.model_copy(update={"max_associations": 1}),
+            # One association unless the destination allows more (dimse.move_destinations
+            # .<AE>.max_associations): a second one would wait behind the first at a
+            # receiver serving one association at a time (DCMTK storescp) until timeout.
+            target.model.model_copy(update={"max_associations": target.associations}),
             calling_ae=target.model.calling_ae_title or self.config.ae_title,
             move_originator=(request.calling_ae, request.command.message_id),
         )
-        try:
-            for start in range(0, len(files), RETRIEVE_BATCH):
+        batches = [files[i : i + RETRIEVE_BATCH] for i in range(0, len(files), RETRIEVE_BATCH)]
+        done: asyncio.Queue[tuple[list[InstanceFile], list[Outcome]]] = asyncio.Queue()
+        todo = iter(enumerate(batches))
+
+        async def worker() -> None:
+            # Each worker sends one batch at a time over its own association (the sender
+            # gives a worker back the association it checked in).
+            for n, batch in todo:
                 if request.cancelled:
-                    break
-                batch = files[start : start + RETRIEVE_BATCH]
-                deliveries = [self._delivery(n, f) for n, f in enumerate(batch, start)]
-                outcomes = await sender.send(deliveries)
+                    return
+                start = n * RETRIEVE_BATCH
+                deliveries = [self._delivery(i, f) for i, f in enumerate(batch, start)]
+                await done.put((batch, await sender.send(deliveries)))
+
+        workers = [
+            asyncio.create_task(worker(), name=f"c-move-{destination}-{k}")
+            for k in range(min(target.associations, len(batches)))
+        ]
+        try:
+            finished: asyncio.Future[list[None]] = asyncio.gather(*workers)
+            while not (finished.done() and done.empty()):
+                getter: asyncio.Future[Any] = asyncio.ensure_future(done.get())
+                await asyncio.wait([getter, finished], return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                batch, outcomes = getter.result()
                 self._count(counts, failed_uids, batch, outcomes)
                 if counts.remaining:
                     await self._pending(request, channel, counts)
+            await finished  # a worker's exception is raised here
         finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await sender.close()
         await self._retrieve_final(request, channel, counts, failed_uids)
 
