@@ -113,7 +113,7 @@ class Ingestor:
         self.stored_count = 0
 
     def start(self) -> None:
-        self.store.refill_spool_pool()
+        self.store.start_spool_refiller()
         self._thread.start()
 
     def stop(self) -> None:
@@ -121,7 +121,7 @@ class Ingestor:
         self._queue.put(None)
         self._thread.join()
         self._flusher.shutdown()
-        self.store.drain_spool_pool()
+        self.store.stop_spool_refiller()
 
     async def ingest(self, job: IngestJob) -> DicomgateError | None:
         """Queue ``job``; returns ``None`` once durable and indexed, else the error."""
@@ -242,7 +242,6 @@ class Ingestor:
             try:
                 self._unsynced = True
                 self._commit_batch(batch)
-                self.store.refill_spool_pool()
             except Exception:  # a bug must fail the batch, never kill the committer
                 log.exception("ingest batch failed", extra={"event": "ingest.internal_error"})
                 for job in batch:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -181,6 +183,25 @@ def test_spool_pool_is_used_and_drained(store: ContentStore) -> None:
     spool.discard()
     store.drain_spool_pool()
     assert list(store.spool_dir.iterdir()) == []
+
+
+def test_spool_refiller_keeps_the_pool_full_and_cleans_up(store: ContentStore) -> None:
+    """The refiller thread puts back what new_spool() takes; stopping it removes the
+    unused files (the committer no longer creates spool files between batches)."""
+    store.start_spool_refiller()
+    full = len(list(store.spool_dir.iterdir()))
+    assert full >= 8
+    assert any(t.name == "dicomgate-spool" for t in threading.enumerate())
+    taken = [store.new_spool() for _ in range(5)]
+    deadline = time.monotonic() + 5
+    while len(list(store.spool_dir.iterdir())) < full + 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(store.spool_dir.iterdir())) == full + 5  # 5 taken, 5 made again
+    store.stop_spool_refiller()
+    assert not any(t.name == "dicomgate-spool" for t in threading.enumerate())
+    assert sorted(store.spool_dir.iterdir()) == sorted(s.path for s in taken)
+    for spool in taken:
+        spool.discard()
 
 
 # -- free space ----------------------------------------------------------------------------
