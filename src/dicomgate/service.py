@@ -150,7 +150,10 @@ class Gateway:
         self.marker = RunMarker(self.node_dir)
         self.router = Router.compile(self.config.routes, self.config.destinations)
         self.queue = JobQueue(
-            self.index.engine, self.config.queue, write_lock=self.index.write_lock
+            self.index.engine,
+            self.config.queue,
+            write_lock=self.index.write_lock,
+            same_pipeline=self.router.same_pipeline(),
         )
         http = self.config.http
         scheme = "https" if http.tls is not None else "http"

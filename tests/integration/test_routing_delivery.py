@@ -230,6 +230,51 @@ def test_study_stable_trigger_survives_a_restart(
     wait_until(lambda: set(pacs.received()) == sops, 30, "the stable study after the restart")
 
 
+def test_two_stable_routes_to_one_destination_deliver_each_instance_once(
+    gateway: Gateway, storescp: Callable[..., StoreSCP], corpus: Corpus
+) -> None:
+    """A study_stable route and a series_stable route (no pipeline) both match and both
+    send to the PACS: when they fire, each instance is delivered there once (one job),
+    as for instance routes."""
+    files = corpus.mr("route-stable-twice", 4, seed=406)
+    pacs = storescp("pacs", "PACS")
+    destination = {"type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+    gw = gateway(
+        {
+            "destinations": {"pacs": destination},
+            "routes": [
+                {
+                    "name": "mr-study",
+                    "match": {"Modality": "MR"},
+                    "to": ["pacs"],
+                    "trigger": "study_stable",
+                    "stable_after": "1s",
+                },
+                {
+                    "name": "any-series",
+                    "to": ["pacs"],
+                    "trigger": "series_stable",
+                    "stable_after": "1s",
+                },
+            ],
+        }
+    )
+    assert gw.storescu(files).returncode == 0
+    sops = {sop_uid_of(f) for f in files}
+    wait_until(lambda: set(pacs.received()) == sops, 30, "the stable study delivered")
+
+    def jobs() -> list[dict[str, object]]:
+        status, body = gw.http_get("/api/queue?destination=pacs&limit=1000")
+        assert status == 200, body
+        return list(body["jobs"])
+
+    wait_until(lambda: all(j["state"] == "done" for j in jobs()), 30, "every job done")
+    time.sleep(2)  # both timers had their time: nothing more is queued
+    done = jobs()
+    assert len(done) == len(files), done
+    assert {j["state"] for j in done} == {"done"}
+
+
 def test_route_to_a_dicomweb_destination_stores_in_orthanc(
     gateway: Gateway, corpus: Corpus, orthanc: Orthanc
 ) -> None:

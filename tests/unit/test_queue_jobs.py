@@ -584,6 +584,36 @@ def test_series_timer_is_pushed_by_each_instance_and_fires_once(
     ]
 
 
+def test_stable_routes_with_the_same_pipeline_deliver_once(index: Index, clock: Clock) -> None:
+    """Two stable routes (and an instance route) with the same pipeline to one destination:
+    one job per instance there; a route with another pipeline still gets its own."""
+    config = QueueConfig(lease_seconds=300)
+    groups = {"a": ("a", "b", "now"), "b": ("a", "b", "now"), "now": ("a", "b", "now")}
+    groups["other-pipeline"] = ("other-pipeline",)
+    queue = JobQueue(index.engine, config, clock=clock, same_pipeline=groups)
+    ta = NewTimer("a", "study", "1.2.3", 5.0, ("pacs",))
+    tb = NewTimer("b", "study", "1.2.3", 5.0, ("pacs", "cloud"))
+    tc = NewTimer("other-pipeline", "study", "1.2.3", 5.0, ("pacs",))
+    now_job = NewJob("pacs", "now")
+    index.record([make_item("24.1")], DuplicatePolicy.REJECT, [[now_job]], [[ta, tb, tc]])
+    index.record([make_item("24.2")], DuplicatePolicy.REJECT, None, [[ta, tb, tc]])
+    clock.advance(10)
+    # pacs: 24.2 once for a/b ("now" already has 24.1), 24.1 + 24.2 for the other pipeline;
+    # cloud: both from b.
+    assert queue.fire_due_timers() == 5
+    jobs = queue.lease("pacs", 10, "w")
+    assert sorted((job.sop_instance_uid, job.route) for job in jobs) == [
+        ("24.1", "now"),
+        ("24.1", "other-pipeline"),
+        ("24.2", "a"),
+        ("24.2", "other-pipeline"),
+    ]
+    assert sorted(job.sop_instance_uid for job in queue.lease("cloud", 10, "w")) == [
+        "24.1",
+        "24.2",
+    ]
+
+
 def test_study_timer_covers_every_series(index: Index, queue: JobQueue, clock: Clock) -> None:
     timer = NewTimer("study-route", "study", "1.2.3", 5.0, ("pacs",))
     batch = [make_item("22.1", series_uid="1.2.3.7"), make_item("22.2", series_uid="1.2.3.8")]

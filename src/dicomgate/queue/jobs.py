@@ -33,7 +33,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -349,8 +349,12 @@ class JobQueue:
         write_lock: threading.Lock | None = None,
         clock: Callable[[], datetime] = _utcnow,
         rng: random.Random | None = None,
+        same_pipeline: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self._engine = engine
+        # route -> routes delivering the same bytes (Router.same_pipeline); a stable timer
+        # adds no job for an instance one of them already has for the destination.
+        self._same_pipeline = dict(same_pipeline or {})
         self._config = config
         self._clock = clock
         self._rng = rng or random.Random()
@@ -735,9 +739,12 @@ class JobQueue:
             )
             return 0
         j = delivery_job.c
+        # One job per (instance, destination, pipeline): another route with the same
+        # pipeline (a second stable route, an instance route) may have queued it already.
+        routes = self._same_pipeline.get(timer.route, (timer.route,))
         already = exists().where(
             j.instance_pk == instance.c.id,
-            j.route == timer.route,
+            j.route.in_(routes) if len(routes) > 1 else j.route == timer.route,
             j.destination == destination,
         )
         rows = select(

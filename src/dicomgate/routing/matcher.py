@@ -781,3 +781,15 @@ class Router:
     def route_names(self) -> tuple[str, ...]:
         """The routes' names, in evaluation order."""
         return tuple(route.decision.route for route in self._routes)
+
+    def same_pipeline(self) -> dict[str, tuple[str, ...]]:
+        """For each route, the routes (itself included) with the same ``pipeline``: their
+        jobs deliver the same bytes, so one job per instance and destination among them is
+        enough (the stable timers' dedupe, :meth:`JobQueue.fire_due_timers`)."""
+        groups: dict[str, list[str]] = {}
+        for route in self._routes:
+            groups.setdefault(route.decision.pipeline_key, []).append(route.decision.route)
+        return {
+            route.decision.route: tuple(groups[route.decision.pipeline_key])
+            for route in self._routes
+        }

@@ -110,10 +110,11 @@ class RouteConfig(_Model):
             " several matching routes send an instance to the same destination with the same"
             " `pipeline` (none, or identical steps), it is delivered once: one job, at the"
             " highest of their priorities, named after the first of them; with different"
-            " pipelines each processed copy is its own delivery. (`*_stable` triggers are"
-            " per route: two stable routes to one destination deliver twice.) A route with a"
-            " `pipeline` cannot send to a `webhook` destination: notifications link to the"
-            " stored original."
+            " pipelines each processed copy is its own delivery. The same holds for"
+            " `*_stable` routes: a firing timer adds no job for an instance that already has"
+            " one there from a route with the same pipeline (the first to fire names it)."
+            " A route with a `pipeline` cannot send to a `webhook` destination:"
+            " notifications link to the stored original."
         ),
     )
     final: bool = Field(
