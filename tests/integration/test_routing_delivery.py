@@ -6,8 +6,10 @@ Real peers on loopback: the gateway is the console script, the destinations are 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -140,6 +142,41 @@ def test_fan_out_to_two_dimse_destinations_and_a_folder(
     for sop, path in pacs.received().items():
         assert _pixels_equal(path, by_sop[sop])
     assert gw.log_count("delivery.done") >= 1
+
+
+def test_a_peer_serving_one_association_at_a_time_gets_no_stall(
+    gateway: Gateway, storescp: Callable[..., StoreSCP], corpus: Corpus
+) -> None:
+    """DCMTK storescp without --fork serves one association at a time. With the default
+    two associations, the second waited unanswered until the first idled out (30 s,
+    idle_timeout); now the sender gives it up, carries on over the first, logs the peer
+    as one-association, and the backlog is delivered at once, each job in one attempt."""
+    files = corpus.mr("route-serial", 48, seed=407)
+    pacs = storescp("pacs", "PACS")
+    destination = {"type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+    gw = gateway(
+        {
+            "destinations": {"pacs": destination},  # max_associations: 2, idle_timeout: 30
+            "routes": [{"name": "all", "to": ["pacs"]}],
+        }
+    )
+
+    def post(path: str) -> None:
+        request = urllib.request.Request(gw.url(path), method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=5) as rsp:
+            assert json.loads(rsp.read())
+
+    post("/api/destinations/pacs/pause")  # a backlog: both workers lease at once on resume
+    assert gw.storescu(files).returncode == 0
+    post("/api/destinations/pacs/resume")
+    resumed = time.monotonic()
+    sops = {sop_uid_of(f) for f in files}
+    wait_until(lambda: set(pacs.received()) == sops, 60, "the backlog delivered")
+    assert time.monotonic() - resumed < 15, "a second association held a batch back"
+    gw.wait_log("egress.dimse_one_association")
+    status, body = gw.http_get("/api/queue?destination=pacs&limit=1000")
+    assert status == 200, body
+    assert {(j["state"], j["attempts"]) for j in body["jobs"]} == {("done", 1)}
 
 
 def test_destination_down_then_up_gets_everything(

@@ -257,7 +257,7 @@ async def request_association(
         raise AssociationError(
             f"connection closed during negotiation ({type(exc).__name__})"
         ) from None
-    except AssociationError:
+    except (AssociationError, asyncio.CancelledError):  # cancelled: the caller gave up
         writer.close()
         raise
 

@@ -76,6 +76,10 @@ _REAP_MIN_INTERVAL = 0.05
 _REAP_MAX_INTERVAL = 5.0
 _RECENT_CONTEXTS = 512  # how many recently used contexts are remembered
 _RELEASE_TIMEOUT = 5.0  # s; a peer slower than this to answer A-RELEASE is aborted
+# A second association still unanswered this long after another one came back idle: the
+# peer serves one association at a time (DCMTK storescp without --fork, many modalities).
+_SERIAL_AFTER = 1.0  # s
+_SERIAL_RETRY = 300.0  # s; then a second association is tried again
 
 _Signature = tuple[tuple[int, int, int], ...]
 
@@ -183,6 +187,8 @@ class DimseSender:
         self._ssl: ssl.SSLContext | None = None
         self._ssl_signature: _Signature = ()  # of the files self._ssl was built from
         self._ssl_failed: _Signature | None = None  # of files that did not load
+        self._returned = asyncio.Event()  # set by each check-in (see _checkout)
+        self._serial_until = 0.0  # monotonic time until which one association is used
 
     # ------------------------------------------------------------------ public
 
@@ -278,6 +284,94 @@ class DimseSender:
             self._recent[spec] = None
         while len(self._recent) > _RECENT_CONTEXTS:
             del self._recent[next(iter(self._recent))]
+        while True:
+            link = self._take_idle(needed)
+            if link is not None:
+                return link
+            serial = time.monotonic() < self._serial_until
+            if not (serial and self._open > len(self._idle)):
+                break
+            # The peer serves one association at a time and ours is busy: wait for it.
+            self._returned.clear()
+            await self._returned.wait()
+        victim: _Link | None = None
+        limit = 1 if serial else self._model.max_associations
+        if self._open >= limit and self._idle:
+            victim = self._idle.pop(0)  # its slot goes to the new association
+        else:
+            self._open += 1
+        extra = [s for s in reversed(self._recent) if s not in needed]
+        if victim is not None:
+            await self._release([victim])
+        proposal = needed + extra[: max(0, MAX_CONTEXTS - len(needed))]
+        return await self._connect_beside_others(proposal, needed)
+
+    async def _connect_beside_others(
+        self, proposal: list[ContextSpec], needed: list[ContextSpec]
+    ) -> _Link:
+        """Open an association, minding the others (two may be opening at once). A peer
+        serving one association at a time answers a second only once the first is
+        released, so if ours is still unanswered ``_SERIAL_AFTER`` s on and another of ours
+        is idle, give ours up and use (or, lacking contexts, release) the idle one instead
+        of holding the batch until it times out; for ``_SERIAL_RETRY`` s no further one is
+        opened (logged once)."""
+        # The event loop may end a wait up to its clock resolution early: a margin, so
+        # that the wait ending at the deadline counts as past it.
+        deadline = time.monotonic() + _SERIAL_AFTER - 0.01
+        connecting = asyncio.ensure_future(self._connect(proposal))
+        try:
+            while True:
+                self._returned.clear()
+                returned = asyncio.ensure_future(self._returned.wait())
+                left = deadline - time.monotonic()
+                try:
+                    await asyncio.wait(
+                        {connecting, returned},
+                        timeout=left + 0.02 if left > 0 else None,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    returned.cancel()
+                if connecting.done():
+                    return connecting.result()
+                if time.monotonic() < deadline or not self._idle:
+                    continue
+                self._one_at_a_time()
+                link = self._take_idle(needed)
+                if link is None:  # idle ones with other contexts: release, ours gets in
+                    idle, self._idle = self._idle, []
+                    self._open -= len(idle)
+                    await self._release(idle)
+                    continue
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                self._open -= 1
+                return link
+        except BaseException:
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+            if connecting.cancelled() or connecting.exception() is not None:
+                self._open -= 1
+            else:
+                self._checkin(connecting.result())
+            raise
+
+    def _one_at_a_time(self) -> None:
+        if time.monotonic() >= self._serial_until:
+            LOGGER.warning(
+                "%s answers one association at a time: using one for %.0f s",
+                self.name,
+                _SERIAL_RETRY,
+                extra={"event": "egress.dimse_one_association", "destination": self.name},
+            )
+        self._serial_until = time.monotonic() + _SERIAL_RETRY
+
+    def _take_idle(self, needed: list[ContextSpec]) -> _Link | None:
+        """An idle, open association proposing every context of ``needed``, taken out of
+        the pool; closed idle ones are dropped."""
         alive = [ln for ln in self._idle if ln.assoc.is_open]
         self._open -= len(self._idle) - len(alive)  # closed by the peer meanwhile
         for link in self._idle:
@@ -288,20 +382,7 @@ class DimseSender:
             if link.covers(needed):
                 self._idle.remove(link)
                 return link
-        victim: _Link | None = None
-        if self._open >= self._model.max_associations and self._idle:
-            victim = self._idle.pop(0)  # its slot goes to the new association
-        else:
-            self._open += 1
-        extra = [s for s in reversed(self._recent) if s not in needed]
-        if victim is not None:
-            await self._release([victim])
-        proposal = needed + extra[: max(0, MAX_CONTEXTS - len(needed))]
-        try:
-            return await self._connect(proposal)
-        except BaseException:
-            self._open -= 1
-            raise
+        return None
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for a new association, rebuilt when ``tls.cert``/``key``/``ca``
@@ -358,6 +439,7 @@ class DimseSender:
         return _Link(assoc, frozenset(proposal))
 
     def _checkin(self, link: _Link) -> None:
+        self._returned.set()
         if link.assoc.is_open:
             link.last_used = time.monotonic()
             self._idle.append(link)

@@ -130,7 +130,11 @@ class DimseDestination(DestinationControls):
         ge=1,
         description=(
             "Most associations open at once to this peer. Raise it for throughput if the peer"
-            " accepts more; keep it low for a busy PACS."
+            " accepts more; keep it low for a busy PACS. A peer that serves one association"
+            " at a time (DCMTK storescp without --fork, many modalities) is noticed: when a"
+            " further association is still unanswered after 1 s while one of ours is idle,"
+            " it is given up, that one is used, and for 5 minutes one association is used"
+            ' (warning "egress.dimse_one_association"), instead of waiting `idle_timeout`.'
         ),
     )
     idle_timeout: float = Field(
