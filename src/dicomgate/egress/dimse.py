@@ -291,9 +291,13 @@ class DimseSender:
             serial = time.monotonic() < self._serial_until
             if not (serial and self._open > len(self._idle)):
                 break
-            # The peer serves one association at a time and ours is busy: wait for it.
+            # The peer serves one association at a time and ours is busy: wait for it
+            # (bounded: should the count of open ones ever be off, connect as before).
             self._returned.clear()
-            await self._returned.wait()
+            try:
+                await asyncio.wait_for(self._returned.wait(), self._model.dimse_timeout)
+            except TimeoutError:
+                break
         victim: _Link | None = None
         limit = 1 if serial else self._model.max_associations
         if self._open >= limit and self._idle:
