@@ -7,6 +7,7 @@ Real peers on loopback: the gateway is the console script, the destinations are 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 import urllib.request
@@ -56,17 +57,15 @@ class StoreSCP:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        # Listening is enough (a TCP probe, not echoscu): a gateway already retrying this
+        # destination may take the one association a single-process storescp serves, and
+        # an echoscu queued behind it would wait for the gateway's to idle out (seen in CI).
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            ok = subprocess.run(
-                ["echoscu", "-aec", self.aet, "127.0.0.1", str(self.port)],
-                env=dcmtk_env(),
-                capture_output=True,
-                check=False,
-            )
-            if ok.returncode == 0:
-                return self
-            time.sleep(0.1)
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
         raise RuntimeError("storescp did not start")
 
     def stop(self) -> None:
