@@ -152,10 +152,10 @@ class _Refusal(Exception):
 
 @dataclass(frozen=True)
 class MoveTarget:
-    """Where a C-MOVE to one AE title goes, over how many associations at once."""
+    """Where a C-MOVE to one AE title goes; ``model.max_associations`` is how many
+    associations a move opens there at once."""
 
     model: DimseDestination
-    associations: int = 1
 
 
 def move_targets(
@@ -166,7 +166,8 @@ def move_targets(
     out: dict[str, MoveTarget] = {}
     for model in (destinations or {}).values():
         if isinstance(model, DimseDestination):
-            out[model.ae_title] = MoveTarget(model)
+            # Its max_associations is for routing; a move goes over one (docs/bridging.md).
+            out[model.ae_title] = MoveTarget(model.model_copy(update={"max_associations": 1}))
     for title, where in config.move_destinations.items():
         model = DimseDestination.model_validate(
             {
@@ -176,9 +177,10 @@ def move_targets(
                 "port": where.port,
                 "dimse_timeout": config.move_timeout,
                 "tls": where.tls,
+                "max_associations": where.max_associations,
             }
         )
-        out[title] = MoveTarget(model, where.max_associations)
+        out[title] = MoveTarget(model)
     return out
 
 
@@ -491,46 +493,37 @@ class QueryRetrieve:
         if not files:
             await self._retrieve_final(request, channel, counts, failed_uids)
             return
+        # One association unless the destination allows more (move_targets): a second one
+        # would wait behind the first at a receiver serving one at a time (DCMTK storescp).
         sender = DimseSender(
             f"c-move:{destination}",
-            # One association unless the destination allows more (dimse.move_destinations
-            # .<AE>.max_associations): a second one would wait behind the first at a
-            # receiver serving one association at a time (DCMTK storescp) until timeout.
-            target.model.model_copy(update={"max_associations": target.associations}),
+            target.model,
             calling_ae=target.model.calling_ae_title or self.config.ae_title,
             move_originator=(request.calling_ae, request.command.message_id),
         )
-        batches = [files[i : i + RETRIEVE_BATCH] for i in range(0, len(files), RETRIEVE_BATCH)]
-        done: asyncio.Queue[tuple[list[InstanceFile], list[Outcome]]] = asyncio.Queue()
-        todo = iter(enumerate(batches))
+        todo = iter(range(0, len(files), RETRIEVE_BATCH))
 
         async def worker() -> None:
-            # Each worker sends one batch at a time over its own association (the sender
-            # gives a worker back the association it checked in).
-            for n, batch in todo:
+            # One batch at a time over this worker's association (the sender gives back the
+            # one it checked in). Counting and the pending response need no lock: the
+            # response is encoded before its send awaits, and sends go out in order.
+            for start in todo:
                 if request.cancelled:
                     return
-                start = n * RETRIEVE_BATCH
-                deliveries = [self._delivery(i, f) for i, f in enumerate(batch, start)]
-                await done.put((batch, await sender.send(deliveries)))
-
-        workers = [
-            asyncio.create_task(worker(), name=f"c-move-{destination}-{k}")
-            for k in range(min(target.associations, len(batches)))
-        ]
-        try:
-            finished: asyncio.Future[list[None]] = asyncio.gather(*workers)
-            while not (finished.done() and done.empty()):
-                getter: asyncio.Future[Any] = asyncio.ensure_future(done.get())
-                await asyncio.wait([getter, finished], return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                batch, outcomes = getter.result()
+                batch = files[start : start + RETRIEVE_BATCH]
+                deliveries = [self._delivery(n, f) for n, f in enumerate(batch, start)]
+                outcomes = await sender.send(deliveries)
                 self._count(counts, failed_uids, batch, outcomes)
                 if counts.remaining:
                     await self._pending(request, channel, counts)
-            await finished  # a worker's exception is raised here
+
+        batches = -(-len(files) // RETRIEVE_BATCH)
+        workers = [
+            asyncio.create_task(worker(), name=f"c-move-{destination}-{k}")
+            for k in range(min(target.model.max_associations, batches))
+        ]
+        try:
+            await asyncio.gather(*workers)
         finally:
             for task in workers:
                 task.cancel()

@@ -308,11 +308,9 @@ class DimseSender:
         if victim is not None:
             await self._release([victim])
         proposal = needed + extra[: max(0, MAX_CONTEXTS - len(needed))]
-        return await self._connect_beside_others(proposal, needed)
+        return await self._establish(proposal, needed)
 
-    async def _connect_beside_others(
-        self, proposal: list[ContextSpec], needed: list[ContextSpec]
-    ) -> _Link:
+    async def _establish(self, proposal: list[ContextSpec], needed: list[ContextSpec]) -> _Link:
         """Open an association, minding the others (two may be opening at once). A peer
         serving one association at a time answers a second only once the first is
         released, so if ours is still unanswered ``_SERIAL_AFTER`` s on and another of ours

@@ -744,7 +744,7 @@ class JobQueue:
         routes = self._same_pipeline.get(timer.route, (timer.route,))
         already = exists().where(
             j.instance_pk == instance.c.id,
-            j.route.in_(routes) if len(routes) > 1 else j.route == timer.route,
+            j.route.in_(routes),
             j.destination == destination,
         )
         rows = select(
