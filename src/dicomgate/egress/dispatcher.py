@@ -4,8 +4,10 @@ One asyncio task per (destination, slot), ``sender.concurrency`` slots per desti
 slow destination never blocks another's queue. Database calls run in threads (the queue is
 synchronous SQLAlchemy). Idle workers sleep until new jobs are announced (:meth:`notify`,
 called after each ingest commit, wakes one of them) or ``queue.poll_interval`` passes; a
-woken worker waits ``queue.batch_wait`` (50 ms) for more jobs before leasing, so instances
-arriving one by one still travel in batches. A backlog is leased without waiting.
+woken worker, and one whose last lease emptied the queue, waits ``queue.batch_wait`` (50 ms)
+for more jobs before leasing, so instances arriving one by one still travel in batches
+instead of a worker chasing the stream one instance a turn. A backlog is leased without
+waiting.
 
 Traffic control per destination (queue/traffic.py, keys in egress/models.py): outside its
 ``schedule`` windows a destination's workers lease nothing and jobs wait; its
@@ -60,11 +62,25 @@ class _Destination:
     schedule: Schedule
     idle: deque[asyncio.Event] = field(default_factory=deque)  # sleeping workers
     signalled: bool = False  # jobs were announced while no worker was asleep
+    collectors: int = 0  # workers taking a stream's new jobs (see Dispatcher._work)
     delivered: int = 0
     failed: int = 0
     closed_logged: bool = False
     paused: bool = False  # by an administrator: lease nothing until resumed
     resumed: asyncio.Event = field(default_factory=asyncio.Event)  # set when not paused
+
+
+@dataclass
+class _Collecting:
+    """Whether one worker is its destination's collector (counted in ``collectors``)."""
+
+    dest: _Destination
+    on: bool = False
+
+    def set(self, on: bool) -> None:
+        if on != self.on:
+            self.on = on
+            self.dest.collectors += 1 if on else -1
 
 
 def _controls(name: str, sender: Sender, model: DestinationControls | None) -> _Destination:
@@ -109,6 +125,11 @@ def _per_job(outcomes: list[Outcome]) -> dict[int, Outcome]:
 
 def _wake_one(dest: _Destination) -> None:
     """New jobs: wake one sleeping worker (the others would find nothing to lease)."""
+    if dest.collectors:
+        # A worker leases within batch_wait and takes them. Should it stop collecting
+        # instead (its lease came back empty), the next sleep returns at once.
+        dest.signalled = True
+        return
     while dest.idle:
         event = dest.idle.popleft()
         if not event.is_set():
@@ -336,13 +357,30 @@ class Dispatcher:
                 await asyncio.wait_for(self._stop_event.wait(), self.timer_interval)
 
     async def _worker(self, dest: _Destination) -> None:
+        collecting = _Collecting(dest)
+        try:
+            await self._work(dest, collecting)
+        finally:
+            collecting.set(False)
+
+    async def _work(self, dest: _Destination, collecting: _Collecting) -> None:
+        """One worker's loop. A steady stream of new jobs is taken by one worker, the
+        collector: after a lease that emptied the queue it delivers, waits ``batch_wait``
+        and leases what arrived meanwhile, in one batch, while announcements wake no other
+        worker. Chasing the stream instead (the next lease right after each send, or a
+        second worker woken for it) cost a lease and a completion transaction per one or
+        two instances: 629 turns for 1000 instances from storescu. A full lease (a
+        backlog) wakes a peer, and the workers share it."""
+        rest = False  # a short lease while another worker collects: sleep, don't chase
         while not self._stopping:
             if dest.paused:  # jobs wait, no attempt spent; resume() or stop() wakes us
+                collecting.set(False)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(dest.resumed.wait(), 0.5)
                 continue
             closed_for = dest.schedule.seconds_until_open()
             if closed_for > 0:
+                collecting.set(False)
                 if not dest.closed_logged:
                     dest.closed_logged = True
                     log.info(
@@ -360,6 +398,7 @@ class Dispatcher:
                 )
             allowed = dest.breaker.allow()
             if allowed == 0:
+                collecting.set(False)
                 # New jobs must not wake an open breaker into a busy loop.
                 await self._sleep_unwoken(dest.breaker.cooldown / 10)
                 continue
@@ -372,9 +411,18 @@ class Dispatcher:
             limit = dest.limiter.batch_size(max(1, dest.sender.max_batch))
             if allowed is not None:
                 limit = allowed
+            if rest:
+                rest = False
+                collecting.set(False)  # a sleeping collector would keep the others asleep
+                if allowed == 1:
+                    dest.breaker.release_probe()  # leases after the sleep, if any, probe
+                if await self._sleep(dest, self.poll_interval, unless_collected=True):
+                    await self._collect(dest, collecting, limit)
+                continue
             try:
                 jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
             except Exception:
+                collecting.set(False)
                 log.exception(
                     "lease failed",
                     extra={"event": "delivery.lease_error", "destination": dest.name},
@@ -386,10 +434,8 @@ class Dispatcher:
             if not jobs:
                 if allowed == 1:
                     dest.breaker.release_probe()
-                if await self._sleep(dest, self.poll_interval) and limit > 1:
-                    # Woken by new jobs: let a batch gather (fewer transactions per instance,
-                    # fuller STOW-RS requests); a backlog never waits here.
-                    await self._sleep_unwoken(self.batch_wait)
+                collecting.set(False)
+                rest = True
                 continue
             wait = dest.limiter.book(len(jobs), sum(job.size for job in jobs))
             if wait > self.queue.config.lease_seconds / 2:
@@ -399,7 +445,26 @@ class Dispatcher:
                 continue
             if wait > 0:
                 await self._sleep_unwoken(wait)
-            await self._deliver(dest, jobs)
+            if len(jobs) == limit:
+                collecting.set(False)
+                if limit > 1:
+                    _wake_one(dest)  # maybe a backlog: a sleeping peer helps with the rest
+                await self._deliver(dest, jobs)
+            elif dest.collectors > collecting.on:
+                collecting.set(False)  # another worker takes the stream
+                await self._deliver(dest, jobs)
+                rest = True
+            else:
+                collecting.set(True)
+                await self._deliver(dest, jobs)
+                await self._sleep_unwoken(self.batch_wait)
+
+    async def _collect(self, dest: _Destination, collecting: _Collecting, limit: int) -> None:
+        """Woken by new jobs: let a batch gather before leasing (fewer transactions per
+        instance, fuller STOW-RS requests); a backlog never waits here."""
+        if limit > 1 and self.batch_wait > 0:
+            collecting.set(True)
+            await self._sleep_unwoken(self.batch_wait)
 
     async def _sleep_unwoken(self, seconds: float) -> None:
         """Sleep that only a stop cuts short (new jobs do not shorten a rate-limit wait)."""
@@ -408,25 +473,33 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), left)
 
-    async def _sleep(self, dest: _Destination, seconds: float) -> bool:
+    async def _sleep(
+        self, dest: _Destination, seconds: float, *, unless_collected: bool = False
+    ) -> bool:
         """Sleep until new jobs are announced (True) or ``seconds`` pass (False).
 
         Each announcement wakes one sleeping worker of the destination; one made while none
-        sleeps (they are all leasing or sending) makes the next sleep return at once.
+        sleeps (they are all leasing or sending) makes the next sleep return at once. With
+        ``unless_collected``, neither that nor the timeout ends the sleep while another
+        worker collects the destination's jobs (it leases them within ``batch_wait``).
         """
-        if dest.signalled or self._stopping:
-            dest.signalled = False
-            return True
-        event = asyncio.Event()
-        dest.idle.append(event)
-        try:
-            await asyncio.wait_for(event.wait(), seconds)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with contextlib.suppress(ValueError):
-                dest.idle.remove(event)
+        while True:
+            if self._stopping:
+                return True
+            if dest.signalled and not (unless_collected and dest.collectors):
+                dest.signalled = False
+                return True
+            event = asyncio.Event()
+            dest.idle.append(event)
+            try:
+                await asyncio.wait_for(event.wait(), seconds)
+                return True
+            except TimeoutError:
+                if not (unless_collected and dest.collectors):
+                    return False
+            finally:
+                with contextlib.suppress(ValueError):
+                    dest.idle.remove(event)
 
     async def _prepare(self, job: Job) -> list[Delivery] | Outcome:
         """The deliveries of one job: the stored file itself, or the outputs of its route's

@@ -72,10 +72,11 @@ class QueueConfig(_Model):
         0.05,
         ge=0,
         description=(
-            "Seconds an idle delivery worker, woken by new jobs, waits for more to arrive"
-            " before it sends, so that instances arriving one by one still go out in batches"
-            " (fewer queue transactions, fuller STOW-RS requests). A backlog is sent at once."
-            " 0 sends every instance as soon as it is stored."
+            "Seconds a delivery worker waits for more jobs to arrive before it sends, when"
+            " it was woken by new jobs or its last lease emptied the queue, so that instances"
+            " arriving one by one still go out in batches (fewer queue transactions, fuller"
+            " STOW-RS requests). A backlog is sent at once. 0 sends every instance as soon as"
+            " it is stored."
         ),
     )
     retry: RetryPolicy = Field(
