@@ -8,6 +8,8 @@ about as long, as with storescu -> gateway -> storescp on loopback.
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,11 +32,14 @@ class RecordingSender:
     max_batch = 16
     concurrency = 2
 
-    def __init__(self, send_seconds: float) -> None:
+    def __init__(self, send_seconds: float, max_batch: int = 16) -> None:
         self.send_seconds = send_seconds
+        self.max_batch = max_batch
         self.batches: list[int] = []
+        self.started: list[float] = []  # time.monotonic() at the start of each send
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        self.started.append(time.monotonic())
         await asyncio.sleep(self.send_seconds)
         self.batches.append(len(batch))
         return [Outcome(d.job_id, True) for d in batch]
@@ -43,9 +48,15 @@ class RecordingSender:
         return None
 
 
-async def _stream(tmp_path: Path, batch_wait: float) -> list[int]:
+async def _stream(
+    tmp_path: Path,
+    batch_wait: float,
+    sender: RecordingSender | None = None,
+    instances: int = INSTANCES,
+    every: float = 0.004,
+) -> list[int]:
     index = Index.open(f"sqlite:///{tmp_path}/index.db")
-    sender = RecordingSender(send_seconds=0.004)
+    sender = sender or RecordingSender(send_seconds=0.004)
     dispatcher = Dispatcher(
         JobQueue(index.engine, QueueConfig()),
         {"pacs": sender},
@@ -54,21 +65,21 @@ async def _stream(tmp_path: Path, batch_wait: float) -> list[int]:
     )
     await dispatcher.start()
     try:
-        for n in range(INSTANCES):
+        for n in range(instances):
             item = make_item(f"1.2.3.4.5.{n}")
             await asyncio.to_thread(
                 index.record, [item], DuplicatePolicy.REJECT, [[NewJob("pacs", "all", 0)]]
             )
             dispatcher.notify(["pacs"])
-            await asyncio.sleep(0.004)
+            await asyncio.sleep(every)
         for _ in range(500):
-            if sum(sender.batches) >= INSTANCES:
+            if sum(sender.batches) >= instances:
                 break
             await asyncio.sleep(0.01)
     finally:
         await dispatcher.stop()
         index.close()
-    assert sum(sender.batches) == INSTANCES
+    assert sum(sender.batches) == instances
     return sender.batches
 
 
@@ -78,6 +89,18 @@ def test_a_steady_stream_goes_out_in_batches(tmp_path: Path) -> None:
     # two jobs: 40-50 turns for 60 jobs here. Waiting batch_wait after a lease that
     # emptied the queue gathers about ten a turn.
     assert len(batches) <= INSTANCES // 4, batches
+
+
+def test_a_send_longer_than_batch_wait_is_followed_by_the_next_lease_at_once(
+    tmp_path: Path,
+) -> None:
+    # A slow destination: the collector leases at most once per batch_wait, counted from
+    # its previous lease, so the jobs that arrived during a 0.4 s send go out right after
+    # it (a wait of batch_wait after each send made every turn 0.9 s here).
+    sender = RecordingSender(send_seconds=0.4, max_batch=64)
+    asyncio.run(_stream(tmp_path, 0.5, sender, instances=80, every=0.025))
+    gaps = [b - a for a, b in zip(sender.started, sender.started[1:], strict=False)]
+    assert gaps and statistics.median(gaps) < 0.7, gaps
 
 
 def test_batch_wait_zero_sends_each_job_as_soon_as_it_is_stored(tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ One asyncio task per (destination, slot), ``sender.concurrency`` slots per desti
 slow destination never blocks another's queue. Database calls run in threads (the queue is
 synchronous SQLAlchemy). Idle workers sleep until new jobs are announced (:meth:`notify`,
 called after each ingest commit, wakes one of them) or ``queue.poll_interval`` passes; a
-woken worker, and one whose last lease emptied the queue, waits ``queue.batch_wait`` (50 ms)
-for more jobs before leasing, so instances arriving one by one still travel in batches
-instead of a worker chasing the stream one instance a turn. A backlog is leased without
-waiting.
+woken worker waits ``queue.batch_wait`` (50 ms) for more jobs before leasing, and one whose
+leases empty the queue leases at most once per ``batch_wait``, so instances arriving one by
+one still travel in batches instead of a worker chasing the stream one instance a turn
+(see :meth:`Dispatcher._work`). A backlog is leased without waiting.
 
 Traffic control per destination (queue/traffic.py, keys in egress/models.py): outside its
 ``schedule`` windows a destination's workers lease nothing and jobs wait; its
@@ -365,8 +365,9 @@ class Dispatcher:
 
     async def _work(self, dest: _Destination, collecting: _Collecting) -> None:
         """One worker's loop. A steady stream of new jobs is taken by one worker, the
-        collector: after a lease that emptied the queue it delivers, waits ``batch_wait``
-        and leases what arrived meanwhile, in one batch, while announcements wake no other
+        collector: after a lease that emptied the queue it delivers, and leases what arrived
+        meanwhile ``batch_wait`` after its previous lease (at once if the send took longer),
+        in one batch, while announcements wake no other
         worker. Chasing the stream instead (the next lease right after each send, or a
         second worker woken for it) cost a lease and a completion transaction per one or
         two instances: 629 turns for 1000 instances from storescu. A full lease (a
@@ -419,6 +420,7 @@ class Dispatcher:
                 if await self._sleep(dest, self.poll_interval, unless_collected=True):
                     await self._collect(dest, collecting, limit)
                 continue
+            leased_at = time.monotonic()
             try:
                 jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
             except Exception:
@@ -457,7 +459,9 @@ class Dispatcher:
             else:
                 collecting.set(True)
                 await self._deliver(dest, jobs)
-                await self._sleep_unwoken(self.batch_wait)
+                # One lease per batch_wait at most: after a send that took longer, what
+                # arrived meanwhile is leased at once.
+                await self._sleep_unwoken(self.batch_wait - (time.monotonic() - leased_at))
 
     async def _collect(self, dest: _Destination, collecting: _Collecting, limit: int) -> None:
         """Woken by new jobs: let a batch gather before leasing (fewer transactions per

@@ -72,11 +72,11 @@ class QueueConfig(_Model):
         0.05,
         ge=0,
         description=(
-            "Seconds a delivery worker waits for more jobs to arrive before it sends, when"
-            " it was woken by new jobs or its last lease emptied the queue, so that instances"
-            " arriving one by one still go out in batches (fewer queue transactions, fuller"
-            " STOW-RS requests). A backlog is sent at once. 0 sends every instance as soon as"
-            " it is stored."
+            "Seconds a delivery worker lets new jobs gather before it leases them: after it"
+            " was woken by new jobs, and between two leases while its leases empty the queue"
+            " (a steady stream), so that instances arriving one by one still go out in"
+            " batches (fewer queue transactions, fuller STOW-RS requests). A backlog is sent"
+            " at once. 0 sends every instance as soon as it is stored."
         ),
     )
     retry: RetryPolicy = Field(
