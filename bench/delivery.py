@@ -38,12 +38,13 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -574,10 +575,25 @@ def _ratio(by: dict[str, Summary], a: str, b: str, corpus: str) -> float | None:
     return y.seconds / x.seconds
 
 
-def ratios(summaries: list[Summary], backlog: bool = False) -> list[str]:
+def _paired(runs: Sequence[Run], a: str, b: str, corpus: str) -> list[float]:
+    """The ratio of each repeat on its own (``a`` against the ``b`` run beside it): the
+    spread the best-of ratio hides on a noisy machine."""
+    by_repeat: dict[tuple[str, int], Run] = {
+        (x.path, x.repeat): x for x in runs if x.corpus == corpus and x.ok and x.seconds
+    }
+    out: list[float] = []
+    for (path, repeat), x in sorted(by_repeat.items(), key=lambda kv: kv[0][1]):
+        y = by_repeat.get((b, repeat))
+        if path == a and y is not None:
+            out.append(y.seconds / x.seconds)
+    return out
+
+
+def ratios(summaries: list[Summary], backlog: bool = False, runs: Sequence[Run] = ()) -> list[str]:
     """Throughput ratios against the issue #3 targets; > 1 means the first is faster.
 
-    With ``backlog`` dicomgate's times are drains alone and Orthanc's end to end."""
+    With ``backlog`` dicomgate's times are drains alone and Orthanc's end to end. With
+    several repeats in ``runs``, each repeat's own ratio follows the best-of one."""
     by = {s.path: s for s in summaries}
     checks: tuple[tuple[str, str, dict[str, float]], ...] = (
         ("dicomgate-dimse", "orthanc-lua", {"small": 5.0, "ct": 1.5}),
@@ -596,6 +612,10 @@ def ratios(summaries: list[Summary], backlog: bool = False) -> list[str]:
             if corpus in targets:
                 verdict = "met" if r >= targets[corpus] else "MISSED"
                 text += f" (target >= {targets[corpus]:g}x: {verdict})"
+            paired = _paired(runs, a, b, corpus)
+            if len(paired) > 1:
+                text += " [runs: " + ", ".join(f"{x:.2f}x" for x in paired)
+                text += f"; median {statistics.median(paired):.2f}x]"
             parts.append(text)
         if parts:
             note = " (drain vs Orthanc end to end)" if backlog and b == "orthanc-lua" else ""
@@ -701,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(table(summaries))
-    rl = ratios(summaries, args.backlog)
+    rl = ratios(summaries, args.backlog, runs)
     if rl:
         print()
         for line in rl:
