@@ -452,3 +452,12 @@ def test_pdv_pdu_encoding() -> None:
     raw = encode_pdv_pdu(3, b"abcd", command=False, last=True)
     assert raw == struct.pack(">BBIIBB", 4, 0, 10, 6, 3, 2) + b"abcd"
     assert encode_pdv_pdu(1, b"", command=True, last=False)[-1] == 1
+
+
+def test_pdv_pdu_header_is_the_encoded_pdu_without_its_fragment() -> None:
+    from dicomgate.dimse.pdu import encode_pdv_pdu, pdv_pdu_header
+
+    fragment = memoryview(bytes(range(200)))[17:117]
+    header = pdv_pdu_header(5, len(fragment), command=False, last=False)
+    assert header + bytes(fragment) == encode_pdv_pdu(5, fragment, command=False, last=False)
+    assert header == struct.pack(">BBIIBB", 4, 0, 106, 102, 5, 0)

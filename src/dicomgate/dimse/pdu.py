@@ -294,6 +294,14 @@ def encode_p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_len
             return b"".join(out)
 
 
+def pdv_pdu_header(context_id: int, size: int, *, command: bool, last: bool) -> bytes:
+    """The 12 bytes in front of a ``size``-byte fragment of a message: the P-DATA-TF PDU
+    header and its one PDV item's header (PS3.8 9.3.5). A sender writes the fragment after
+    it as it is (a memoryview of the file's bytes: no copy per fragment)."""
+    control = (1 if command else 0) | (2 if last else 0)
+    return struct.pack(">BBIIBB", PduType.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
+
+
 def encode_pdv_pdu(
     context_id: int, data: bytes | memoryview, *, command: bool, last: bool
 ) -> bytes:
@@ -301,7 +309,4 @@ def encode_pdv_pdu(
 
     The caller keeps ``len(data)`` within the peer's maximum PDU length minus 6.
     """
-    control = (1 if command else 0) | (2 if last else 0)
-    size = len(data)
-    header = struct.pack(">BBIIBB", PduType.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
-    return header + bytes(data)
+    return pdv_pdu_header(context_id, len(data), command=command, last=last) + bytes(data)
