@@ -365,13 +365,13 @@ class Dispatcher:
 
     async def _work(self, dest: _Destination, collecting: _Collecting) -> None:
         """One worker's loop. A steady stream of new jobs is taken by one worker, the
-        collector: after a lease that emptied the queue it delivers, and leases what arrived
-        meanwhile ``batch_wait`` after its previous lease (at once if the send took longer),
-        in one batch, while announcements wake no other
-        worker. Chasing the stream instead (the next lease right after each send, or a
-        second worker woken for it) cost a lease and a completion transaction per one or
-        two instances: 629 turns for 1000 instances from storescu. A full lease (a
-        backlog) wakes a peer, and the workers share it."""
+        collector: after a lease that emptied the queue it delivers, then leases what
+        arrived meanwhile in one batch, ``batch_wait`` after its previous lease (at once if
+        the send took longer); announcements wake no other worker meanwhile. Chasing the
+        stream instead (the next lease right after each send, or a second worker woken for
+        it) cost a lease and a completion transaction per one or two instances: 629 turns
+        for 1000 instances from storescu. A full lease (a backlog) wakes a peer, and the
+        workers share it."""
         rest = False  # a short lease while another worker collects: sleep, don't chase
         while not self._stopping:
             if dest.paused:  # jobs wait, no attempt spent; resume() or stop() wakes us
