@@ -6,6 +6,7 @@ A real gateway with a folder destination that works, a DIMSE destination nobody 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,14 @@ def _rows(gw: GatewayProcess, table: object) -> int:
 
 
 def _stored(gw: GatewayProcess) -> set[str]:
-    return {p.name for p in (gw.data / "store").rglob("*.dcm")}
+    # os.walk, not rglob: retention removes emptied folders while we look, and rglob
+    # raises for a folder that went between listing its parent and reading it (CI saw it).
+    return {
+        name
+        for _, _, files in os.walk(gw.data / "store")
+        for name in files
+        if name.endswith(".dcm")
+    }
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
