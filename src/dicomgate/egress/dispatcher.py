@@ -63,6 +63,10 @@ class _Destination:
     idle: deque[asyncio.Event] = field(default_factory=deque)  # sleeping workers
     signalled: bool = False  # jobs were announced while no worker was asleep
     collectors: int = 0  # workers taking a stream's new jobs (see Dispatcher._work)
+    # Jobs wait in numbers (a full lease, a resume, fired stable timers): a woken worker
+    # leases at once instead of letting a batch gather. Cleared by a lease that empties
+    # the queue.
+    backlog: bool = False
     delivered: int = 0
     failed: int = 0
     closed_logged: bool = False
@@ -123,9 +127,12 @@ def _per_job(outcomes: list[Outcome]) -> dict[int, Outcome]:
     return merged
 
 
-def _wake_one(dest: _Destination) -> None:
-    """New jobs: wake one sleeping worker (the others would find nothing to lease)."""
-    if dest.collectors:
+def _wake_one(dest: _Destination, *, backlog: bool = False) -> None:
+    """New jobs: wake one sleeping worker (the others would find nothing to lease).
+    ``backlog``: a lease came back full; the woken worker leases at once."""
+    if backlog:
+        dest.backlog = True
+    elif dest.collectors:
         # A worker leases within batch_wait and takes them. Should it stop collecting
         # instead (its lease came back empty), the next sleep returns at once.
         dest.signalled = True
@@ -139,6 +146,7 @@ def _wake_one(dest: _Destination) -> None:
 
 
 def _wake_all(dest: _Destination) -> None:
+    dest.backlog = True  # resumed, stable timers fired, or stopping: lease at once
     for event in list(dest.idle):
         event.set()
     dest.idle.clear()
@@ -376,6 +384,7 @@ class Dispatcher:
         while not self._stopping:
             if dest.paused:  # jobs wait, no attempt spent; resume() or stop() wakes us
                 collecting.set(False)
+                rest = False  # once resumed, lease at once: the jobs piled up meanwhile
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(dest.resumed.wait(), 0.5)
                 continue
@@ -417,7 +426,8 @@ class Dispatcher:
                 collecting.set(False)  # a sleeping collector would keep the others asleep
                 if allowed == 1:
                     dest.breaker.release_probe()  # leases after the sleep, if any, probe
-                if await self._sleep(dest, self.poll_interval, unless_collected=True):
+                woken = await self._sleep(dest, self.poll_interval, unless_collected=True)
+                if woken and not dest.backlog:
                     await self._collect(dest, collecting, limit)
                 continue
             leased_at = time.monotonic()
@@ -437,6 +447,7 @@ class Dispatcher:
                 if allowed == 1:
                     dest.breaker.release_probe()
                 collecting.set(False)
+                dest.backlog = False
                 rest = True
                 continue
             wait = dest.limiter.book(len(jobs), sum(job.size for job in jobs))
@@ -447,10 +458,12 @@ class Dispatcher:
                 continue
             if wait > 0:
                 await self._sleep_unwoken(wait)
+            if len(jobs) < limit:
+                dest.backlog = False  # this lease emptied the queue
             if len(jobs) == limit:
                 collecting.set(False)
                 if limit > 1:
-                    _wake_one(dest)  # maybe a backlog: a sleeping peer helps with the rest
+                    _wake_one(dest, backlog=True)  # a sleeping peer helps with the rest
                 await self._deliver(dest, jobs)
             elif dest.collectors > collecting.on:
                 collecting.set(False)  # another worker takes the stream
