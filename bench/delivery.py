@@ -578,15 +578,14 @@ def _ratio(by: dict[str, Summary], a: str, b: str, corpus: str) -> float | None:
 def _paired(runs: Sequence[Run], a: str, b: str, corpus: str) -> list[float]:
     """The ratio of each repeat on its own (``a`` against the ``b`` run beside it): the
     spread the best-of ratio hides on a noisy machine."""
-    by_repeat: dict[tuple[str, int], Run] = {
-        (x.path, x.repeat): x for x in runs if x.corpus == corpus and x.ok and x.seconds
-    }
-    out: list[float] = []
-    for (path, repeat), x in sorted(by_repeat.items(), key=lambda kv: kv[0][1]):
-        y = by_repeat.get((b, repeat))
-        if path == a and y is not None:
-            out.append(y.seconds / x.seconds)
-    return out
+
+    def done(path: str) -> dict[int, Run]:
+        return {x.repeat: x for x in runs if x.path == path and x.corpus == corpus and x.ok}
+
+    mine, theirs = done(a), done(b)
+    return [
+        theirs[r].seconds / mine[r].seconds for r in sorted(mine) if r in theirs and mine[r].seconds
+    ]
 
 
 def ratios(summaries: list[Summary], backlog: bool = False, runs: Sequence[Run] = ()) -> list[str]:

@@ -62,7 +62,7 @@ class _Destination:
     schedule: Schedule
     idle: deque[asyncio.Event] = field(default_factory=deque)  # sleeping workers
     signalled: bool = False  # jobs were announced while no worker was asleep
-    collectors: int = 0  # workers taking a stream's new jobs (see Dispatcher._work)
+    collectors: set[int] = field(default_factory=set)  # slots taking a stream's new jobs
     # Jobs wait in numbers (a full lease, a resume, fired stable timers): a woken worker
     # leases at once instead of letting a batch gather. Cleared by a lease that empties
     # the queue.
@@ -72,19 +72,6 @@ class _Destination:
     closed_logged: bool = False
     paused: bool = False  # by an administrator: lease nothing until resumed
     resumed: asyncio.Event = field(default_factory=asyncio.Event)  # set when not paused
-
-
-@dataclass
-class _Collecting:
-    """Whether one worker is its destination's collector (counted in ``collectors``)."""
-
-    dest: _Destination
-    on: bool = False
-
-    def set(self, on: bool) -> None:
-        if on != self.on:
-            self.on = on
-            self.dest.collectors += 1 if on else -1
 
 
 def _controls(name: str, sender: Sender, model: DestinationControls | None) -> _Destination:
@@ -240,9 +227,8 @@ class Dispatcher:
         await self._warn_orphans()
         for dest in self._destinations.values():
             for slot in range(max(1, dest.sender.concurrency)):
-                self._tasks.append(
-                    asyncio.create_task(self._worker(dest), name=f"deliver-{dest.name}-{slot}")
-                )
+                task = self._worker(dest, slot)
+                self._tasks.append(asyncio.create_task(task, name=f"deliver-{dest.name}-{slot}"))
         self._tasks.append(asyncio.create_task(self._timers(), name="stable-timers"))
         log.info(
             "delivery started for %d destinations",
@@ -364,14 +350,13 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), self.timer_interval)
 
-    async def _worker(self, dest: _Destination) -> None:
-        collecting = _Collecting(dest)
+    async def _worker(self, dest: _Destination, slot: int) -> None:
         try:
-            await self._work(dest, collecting)
+            await self._work(dest, slot)
         finally:
-            collecting.set(False)
+            dest.collectors.discard(slot)
 
-    async def _work(self, dest: _Destination, collecting: _Collecting) -> None:
+    async def _work(self, dest: _Destination, slot: int) -> None:
         """One worker's loop. A steady stream of new jobs is taken by one worker, the
         collector: after a lease that emptied the queue it delivers, then leases what
         arrived meanwhile in one batch, ``batch_wait`` after its previous lease (at once if
@@ -383,14 +368,14 @@ class Dispatcher:
         rest = False  # a short lease while another worker collects: sleep, don't chase
         while not self._stopping:
             if dest.paused:  # jobs wait, no attempt spent; resume() or stop() wakes us
-                collecting.set(False)
+                dest.collectors.discard(slot)
                 rest = False  # once resumed, lease at once: the jobs piled up meanwhile
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(dest.resumed.wait(), 0.5)
                 continue
             closed_for = dest.schedule.seconds_until_open()
             if closed_for > 0:
-                collecting.set(False)
+                dest.collectors.discard(slot)
                 if not dest.closed_logged:
                     dest.closed_logged = True
                     log.info(
@@ -408,7 +393,7 @@ class Dispatcher:
                 )
             allowed = dest.breaker.allow()
             if allowed == 0:
-                collecting.set(False)
+                dest.collectors.discard(slot)
                 # New jobs must not wake an open breaker into a busy loop.
                 await self._sleep_unwoken(dest.breaker.cooldown / 10)
                 continue
@@ -423,18 +408,17 @@ class Dispatcher:
                 limit = allowed
             if rest:
                 rest = False
-                collecting.set(False)  # a sleeping collector would keep the others asleep
                 if allowed == 1:
                     dest.breaker.release_probe()  # leases after the sleep, if any, probe
                 woken = await self._sleep(dest, self.poll_interval, unless_collected=True)
                 if woken and not dest.backlog:
-                    await self._collect(dest, collecting, limit)
+                    await self._collect(dest, slot, limit)
                 continue
             leased_at = time.monotonic()
             try:
                 jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
             except Exception:
-                collecting.set(False)
+                dest.collectors.discard(slot)
                 log.exception(
                     "lease failed",
                     extra={"event": "delivery.lease_error", "destination": dest.name},
@@ -446,7 +430,7 @@ class Dispatcher:
             if not jobs:
                 if allowed == 1:
                     dest.breaker.release_probe()
-                collecting.set(False)
+                dest.collectors.discard(slot)
                 dest.backlog = False
                 rest = True
                 continue
@@ -458,29 +442,29 @@ class Dispatcher:
                 continue
             if wait > 0:
                 await self._sleep_unwoken(wait)
-            if len(jobs) < limit:
-                dest.backlog = False  # this lease emptied the queue
             if len(jobs) == limit:
-                collecting.set(False)
+                dest.collectors.discard(slot)
                 if limit > 1:
                     _wake_one(dest, backlog=True)  # a sleeping peer helps with the rest
                 await self._deliver(dest, jobs)
-            elif dest.collectors > collecting.on:
-                collecting.set(False)  # another worker takes the stream
+                continue
+            dest.backlog = False  # this lease emptied the queue
+            if dest.collectors - {slot}:
+                dest.collectors.discard(slot)  # another worker takes the stream
                 await self._deliver(dest, jobs)
                 rest = True
             else:
-                collecting.set(True)
+                dest.collectors.add(slot)
                 await self._deliver(dest, jobs)
                 # One lease per batch_wait at most: after a send that took longer, what
                 # arrived meanwhile is leased at once.
                 await self._sleep_unwoken(self.batch_wait - (time.monotonic() - leased_at))
 
-    async def _collect(self, dest: _Destination, collecting: _Collecting, limit: int) -> None:
+    async def _collect(self, dest: _Destination, slot: int, limit: int) -> None:
         """Woken by new jobs: let a batch gather before leasing (fewer transactions per
         instance, fuller STOW-RS requests); a backlog never waits here."""
         if limit > 1 and self.batch_wait > 0:
-            collecting.set(True)
+            dest.collectors.add(slot)
             await self._sleep_unwoken(self.batch_wait)
 
     async def _sleep_unwoken(self, seconds: float) -> None:
