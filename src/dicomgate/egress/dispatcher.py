@@ -411,7 +411,8 @@ class Dispatcher:
                 if allowed == 1:
                     dest.breaker.release_probe()  # leases after the sleep, if any, probe
                 woken = await self._sleep(dest, self.poll_interval, unless_collected=True)
-                if woken and not dest.backlog:
+                if woken and not dest.backlog and not dest.paused:
+                    # (Paused: jobs announced meanwhile wait; all workers lease at resume.)
                     await self._collect(dest, slot, limit)
                 continue
             leased_at = time.monotonic()
