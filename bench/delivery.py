@@ -478,9 +478,7 @@ def _follow_backlog(run: Run, setup: Setup, corpus: Corpus, work: Path) -> None:
     run.drained_seconds = time.perf_counter() - start
 
 
-def measure(
-    path: str, corpus: Corpus, repeat: int, root: Path, keep: bool, backlog: bool = False
-) -> Run:
+def measure(path: str, corpus: Corpus, repeat: int, root: Path, backlog: bool = False) -> Run:
     run = Run(path=path, corpus=corpus.name, repeat=repeat, expected=corpus.files)
     work = Path(tempfile.mkdtemp(prefix=f"{path}-{corpus.name}-{repeat}-", dir=root))
     t0 = time.perf_counter()
@@ -516,8 +514,9 @@ def measure(
     if run.ingest_seconds:
         run.ingest_per_s = corpus.files / run.ingest_seconds
     run.ok = not run.error
-    if run.ok and not keep:
-        shutil.rmtree(work, ignore_errors=True)
+    # The run's folder stays until the end (the root is removed then, unless --keep):
+    # deleting it here would slow file creation in the next runs (bench/README.md,
+    # "Deleting between runs").
     return run
 
 
@@ -694,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                 for path in args.path_list:
                     if (path, corpus.name) in dead:
                         continue
-                    run = measure(path, corpus, i, root, args.keep, args.backlog)
+                    run = measure(path, corpus, i, root, args.backlog)
                     runs.append(run)
                     print(next(details([run])), file=sys.stderr, flush=True)
                     if run.error.startswith("failed to start"):

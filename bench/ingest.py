@@ -431,9 +431,7 @@ def storescu_cmd(rec: Receiver, corpus: Corpus, extra: list[str]) -> list[str]:
     ]
 
 
-def measure(
-    receiver: str, corpus: Corpus, repeat: int, root: Path, extra: list[str], keep: bool
-) -> Run:
+def measure(receiver: str, corpus: Corpus, repeat: int, root: Path, extra: list[str]) -> Run:
     run = Run(receiver=receiver, corpus=corpus.name, repeat=repeat, expected=corpus.files)
     work = Path(tempfile.mkdtemp(prefix=f"{receiver}-{corpus.name}-{repeat}-", dir=root))
     t0 = time.perf_counter()
@@ -483,8 +481,9 @@ def measure(
         elif rec.proc.returncode not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
             run.error = f"receiver exited with {rec.proc.returncode}: {tail(rec.log, 3)}"
     run.ok = not run.error
-    if run.ok and not keep:
-        shutil.rmtree(work, ignore_errors=True)
+    # The run's folder stays until the end (the root is removed then, unless --keep):
+    # deleting it here would slow file creation in the next runs (bench/README.md,
+    # "Deleting between runs").
     return run
 
 
@@ -634,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 for receiver in args.receiver_list:
                     if (receiver, corpus.name) in dead:
                         continue
-                    run = measure(receiver, corpus, i, root, extra, args.keep)
+                    run = measure(receiver, corpus, i, root, extra)
                     runs.append(run)
                     print(next(details([run])), file=sys.stderr, flush=True)
                     if run.error.startswith("failed to start"):

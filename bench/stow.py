@@ -213,8 +213,8 @@ def measure(
     finally:
         stop_process(rec.proc)
     run.ok = not run.error
-    if run.ok:
-        shutil.rmtree(work, ignore_errors=True)
+    # The run's folder stays until the end, when the root is removed: deleting it here
+    # would slow file creation in the next runs (bench/README.md, "Deleting between runs").
     return run
 
 
