@@ -57,6 +57,7 @@ import ingest
 from ingest import (
     MB,
     Corpus,
+    cpu_seconds,
     dcmtk_env,
     echo_ok,
     free_ports,
@@ -102,6 +103,7 @@ class Run:
     delivered: int = 0
     storescu_rc: int | None = None
     startup_s: float = 0.0
+    router_cpu_ms: float = 0.0  # the router process's CPU per instance over the whole run
 
 
 @dataclass
@@ -510,10 +512,12 @@ def measure(path: str, corpus: Corpus, repeat: int, root: Path, backlog: bool = 
             return run
         run.startup_s = time.perf_counter() - t0
         try:
+            cpu0 = cpu_seconds(setup.router.proc.pid)
             if backlog and setup.api is not None:
                 _follow_backlog(run, setup, corpus, work)
             else:
                 _follow(run, setup, corpus, work)
+            run.router_cpu_ms = (cpu_seconds(setup.router.proc.pid) - cpu0) * 1000 / corpus.files
         except Exception as exc:
             run.error = str(exc) or type(exc).__name__
     finally:
@@ -644,7 +648,7 @@ def details(runs: list[Run]) -> Iterator[str]:
             f"{x.instances_per_s:7.1f} inst/s {x.mb_per_s:6.1f} MB/s | ingest "
             f"{x.ingest_seconds:6.3f} s {x.ingest_per_s:6.1f} inst/s | drained "
             f"{x.drained_seconds:6.3f} s | {x.delivered}/{x.expected} "
-            f"(start {x.startup_s:.2f} s) {status}"
+            f"| router CPU {x.router_cpu_ms:5.2f} ms/inst (start {x.startup_s:.2f} s) {status}"
         )
 
 

@@ -154,6 +154,13 @@ def count_files(folder: Path, pattern: str) -> int:
     return sum(1 for p in folder.rglob(pattern) if p.is_file())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tail(path: Path, lines: int = 8) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()

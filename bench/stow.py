@@ -45,6 +45,7 @@ from ingest import (
     Corpus,
     Receiver,
     _spawn,
+    cpu_seconds,
     dcmtk_env,
     free_ports,
     http_json,
@@ -84,13 +85,6 @@ class Run:
     def cpu_ms(self) -> float:
         """Receiver CPU milliseconds per instance."""
         return self.cpu_seconds * 1000 / self.instances if self.instances else 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_orthanc_dicomweb(work: Path) -> tuple[Receiver, str]:
