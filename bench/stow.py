@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,9 +147,13 @@ def bodies(files: list[Path], per_request: int) -> list[bytes]:
     return out
 
 
-def post_all(url: str, payloads: list[bytes], connections: int) -> str:
-    """Post every body, over ``connections`` keep-alive connections at once; the first
-    error, or "" when every request answered 200."""
+def post_all(
+    url: str, payloads: list[bytes], connections: int, on_start: Callable[[], None] | None = None
+) -> tuple[str, float]:
+    """Post every body, over ``connections`` keep-alive connections at once. Returns the
+    first error ("" when every request answered 200) and the seconds from the first post
+    to the last answer; the connections are opened before that clock starts, and
+    ``on_start`` is called just before it."""
     headers = {
         "content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
         "accept": "application/dicom+json",
@@ -170,14 +175,18 @@ def post_all(url: str, payloads: list[bytes], connections: int) -> str:
         for client in clients:  # open the connections before the clock starts
             client.get(url.rsplit("/studies", 1)[0] + "/studies?limit=1")
         threads = [threading.Thread(target=send, args=(k,)) for k in range(connections)]
+        if on_start is not None:
+            on_start()
+        start = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        seconds = time.perf_counter() - start
     finally:
         for client in clients:
             client.close()
-    return errors[0] if errors else ""
+    return (errors[0] if errors else ""), seconds
 
 
 def measure(
@@ -194,11 +203,13 @@ def measure(
         run.error = f"failed to start: {exc}"
         return run
     try:
-        cpu0 = cpu_seconds(rec.proc.pid)
-        start = time.perf_counter()
-        run.error = post_all(url, payloads, connections)
-        run.seconds = time.perf_counter() - start
-        run.cpu_seconds = cpu_seconds(rec.proc.pid) - cpu0
+        cpu0 = [0.0]
+
+        def snapshot() -> None:
+            cpu0[0] = cpu_seconds(rec.proc.pid)
+
+        run.error, run.seconds = post_all(url, payloads, connections, snapshot)
+        run.cpu_seconds = cpu_seconds(rec.proc.pid) - cpu0[0]
         stored = rec.count()
         if not run.error and stored != len(files):
             run.error = f"stored {stored} of {len(files)}"
