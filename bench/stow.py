@@ -203,13 +203,14 @@ def measure(
         run.error = f"failed to start: {exc}"
         return run
     try:
-        cpu0 = [0.0]
+        cpu_at_start = 0.0
 
         def snapshot() -> None:
-            cpu0[0] = cpu_seconds(rec.proc.pid)
+            nonlocal cpu_at_start
+            cpu_at_start = cpu_seconds(rec.proc.pid)
 
         run.error, run.seconds = post_all(url, payloads, connections, snapshot)
-        run.cpu_seconds = cpu_seconds(rec.proc.pid) - cpu0[0]
+        run.cpu_seconds = cpu_seconds(rec.proc.pid) - cpu_at_start
         stored = rec.count()
         if not run.error and stored != len(files):
             run.error = f"stored {stored} of {len(files)}"
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "--connections", type=int, default=1, help="client connections posting at once"
     )
     args = parser.parse_args(argv)
+    if args.connections < 1:
+        parser.error("--connections must be 1 or more")
     receivers = args.receivers.split(",")
     root = Path(tempfile.mkdtemp(prefix="dicomgate-stow-bench-"))
     best: dict[tuple[str, str, int], Run] = {}
