@@ -420,3 +420,13 @@ def test_bad_vr_is_invalid(tmp_path: Path) -> None:
     path.write_bytes(head + body + b"AB")
     with pytest.raises(InvalidInstance, match="VR"):
         _scan_file(path)
+
+
+def test_file_shorter_than_the_announced_end_is_invalid(tmp_path: Path) -> None:
+    """A small file is read whole; a shorter read than announced is a truncation."""
+    source = _bundled("MR_small.dcm")
+    ts = str(read_file_meta_info(source).TransferSyntaxUID)
+    with open(source, "rb") as fh:
+        start = _data_offset(fh)
+        with pytest.raises(InvalidInstance):
+            _scan(fh, start, source.stat().st_size + 100, ts)

@@ -176,10 +176,7 @@ def _encodings(ds: Dataset, inherited: list[str]) -> list[str]:
 def _element(ds: Dataset | None, tag: int) -> RawDataElement | DataElement | None:
     if ds is None:
         return None
-    try:
-        return ds.get_item(BaseTag(tag))
-    except KeyError:
-        return None
+    return ds.get_item(tag)  # None when absent
 
 
 def _raw_bytes(element: RawDataElement | DataElement) -> bytes | None:

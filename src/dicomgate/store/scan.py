@@ -12,7 +12,10 @@ than ``dcmread`` for a small instance.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import mmap
+import os
 import struct
 from typing import BinaryIO
 
@@ -31,10 +34,33 @@ _ITEM, _ITEM_END, _SEQ_END = 0xE000, 0xE00D, 0xE0DD
 _MAX_DEPTH = 64
 KEEP_VALUE_MAX = 16384  # top-level values up to this size are kept for index and routing
 KEEP_SEQUENCE_MAX = 1 << 20
+_READ_WHOLE_MAX = 256 << 10  # bytes; larger files are memory-mapped
 
 
 def _tag(group: int, element: int) -> str:
     return f"({group:04X},{element:04X})"
+
+
+_VR_NAMES: dict[bytes, str] = {}  # b"CS" -> "CS": two upper-case letters, filled as seen
+
+
+def _vr_name(vr: bytes) -> str | None:
+    """The VR as pydicom names it, or None when the two bytes are not a VR."""
+    name = _VR_NAMES.get(vr)
+    if name is None and len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+        name = _VR_NAMES[vr] = vr.decode("ascii")
+    return name
+
+
+@functools.lru_cache(maxsize=64)
+def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(deflated, explicit VR, little endian) of a transfer syntax. Private or unknown
+    syntaxes are explicit VR little endian, the only encoding a new transfer syntax may
+    use (PS3.5 10)."""
+    uid = UID(transfer_syntax)
+    if not uid.is_transfer_syntax:
+        return False, True, True
+    return bool(uid.is_deflated), uid.is_implicit_VR is False, bool(uid.is_little_endian)
 
 
 class _Walker:
@@ -43,9 +69,10 @@ class _Walker:
         self.end = end
         self.prefix = "<" if little else ">"
         self.u16x2 = struct.Struct(self.prefix + "HH")
-        self.u16 = struct.Struct(self.prefix + "H")
         self.u32 = struct.Struct(self.prefix + "I")
         self.hhi = struct.Struct(self.prefix + "HHI")
+        # group, element, VR, 16-bit length: an explicit VR element header in one unpack
+        self.explicit_head = struct.Struct(self.prefix + "HH2sH")
         self.little = little
 
     def _need(self, pos: int, n: int, what: str) -> None:
@@ -60,35 +87,47 @@ class _Walker:
         in_item: bool,
         keep: dict[BaseTag, DataElement | RawDataElement] | None,
     ) -> int:
-        """Walk elements from ``pos``; return the position after the data set (or item end)."""
+        """Walk elements from ``pos``; return the position after the data set (or item end).
+
+        The loop runs once per element of every received instance, so the common case
+        (a defined length) is written out inline, with the struct methods held locally."""
         if depth > _MAX_DEPTH:
             raise InvalidInstance("sequences nested too deep")
-        buf, end = self.buf, self.end
+        buf, end, little, implicit = self.buf, self.end, self.little, not explicit
+        explicit_head = self.explicit_head.unpack_from
+        implicit_head = self.hhi.unpack_from
+        u32 = self.u32.unpack_from
         while True:
             if pos >= end:
                 if in_item:
                     raise InvalidInstance("data set truncated inside an undefined-length item")
                 return pos
-            self._need(pos, 8, "an element header")
-            group, element = self.u16x2.unpack_from(buf, pos)
-            if group == 0xFFFE:
-                if element == _ITEM_END and in_item:
-                    return pos + 8
-                raise InvalidInstance(f"unexpected delimiter {_tag(group, element)}")
+            if pos + 8 > end:
+                raise InvalidInstance("data set truncated inside an element header")
             if explicit:
-                vr = bytes(buf[pos + 4 : pos + 6])
+                group, element, vr, length = explicit_head(buf, pos)
+                if group == 0xFFFE:
+                    if element == _ITEM_END and in_item:
+                        return pos + 8
+                    raise InvalidInstance(f"unexpected delimiter {_tag(group, element)}")
                 if vr in _LONG_VRS:
-                    self._need(pos, 12, "an element header")
-                    (length,) = self.u32.unpack_from(buf, pos + 8)
+                    if pos + 12 > end:
+                        raise InvalidInstance("data set truncated inside an element header")
+                    (length,) = u32(buf, pos + 8)
                     value_pos = pos + 12
                 else:
-                    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-                        raise InvalidInstance(f"element {_tag(group, element)} has no valid VR")
-                    (length,) = self.u16.unpack_from(buf, pos + 6)
                     value_pos = pos + 8
+                vr_name = _VR_NAMES.get(vr) or _vr_name(vr)
+                if vr_name is None:
+                    raise InvalidInstance(f"element {_tag(group, element)} has no valid VR")
             else:
+                group, element, length = implicit_head(buf, pos)
+                if group == 0xFFFE:
+                    if element == _ITEM_END and in_item:
+                        return pos + 8
+                    raise InvalidInstance(f"unexpected delimiter {_tag(group, element)}")
                 vr = b""
-                (length,) = self.u32.unpack_from(buf, pos + 4)
+                vr_name = None
                 value_pos = pos + 8
             if length != _UNDEFINED:
                 next_pos = value_pos + length
@@ -100,7 +139,10 @@ class _Walker:
                 if keep is not None and (
                     length <= KEEP_VALUE_MAX or (vr == b"SQ" and length <= KEEP_SEQUENCE_MAX)
                 ):
-                    self._keep(keep, group, element, vr, length, value_pos, explicit)
+                    tag = BaseTag(group << 16 | element)
+                    keep[tag] = RawDataElement(
+                        tag, vr_name, length, buf[value_pos:next_pos], value_pos, implicit, little
+                    )
                 pos = next_pos
                 continue
             if (group, element) == (0x7FE0, 0x0010) and vr != b"SQ":
@@ -112,33 +154,21 @@ class _Walker:
                 pos = self.sequence(value_pos, inner, depth + 1, _tag(group, element))
                 size = pos - 8 - value_pos  # without the sequence delimiter
                 if keep is not None and size <= KEEP_SEQUENCE_MAX and vr != b"UN":
-                    self._keep(keep, group, element, b"SQ", size, value_pos, inner)
+                    tag = BaseTag(group << 16 | element)
+                    keep[tag] = RawDataElement(
+                        tag,
+                        "SQ",
+                        size,
+                        buf[value_pos : value_pos + size],
+                        value_pos,
+                        not inner,
+                        little,
+                    )
             else:
                 raise InvalidInstance(
                     f"element {_tag(group, element)} ({vr.decode('ascii', 'replace')}) "
                     "has undefined length"
                 )
-
-    def _keep(
-        self,
-        keep: dict[BaseTag, DataElement | RawDataElement],
-        group: int,
-        element: int,
-        vr: bytes,
-        length: int,
-        pos: int,
-        explicit: bool,
-    ) -> None:
-        tag = BaseTag(group << 16 | element)
-        keep[tag] = RawDataElement(
-            tag,
-            vr.decode("ascii") if vr else None,
-            length,
-            bytes(self.buf[pos : pos + length]),
-            pos,
-            not explicit,
-            self.little,
-        )
 
     def sequence(self, pos: int, explicit: bool, depth: int, tag: str) -> int:
         while True:
@@ -178,17 +208,22 @@ def scan_dataset(fh: BinaryIO, start: int, end: int, transfer_syntax: str) -> Da
 
     Returns ``None`` for deflated syntaxes (the caller parses those with pydicom, which
     inflates them). Raises :class:`InvalidInstance` when the encoding is truncated or broken.
+    A file up to ``_READ_WHOLE_MAX`` is read at once (cheaper than mapping it); a larger
+    one is mapped, so only the pages holding element headers are touched.
     """
-    uid = UID(transfer_syntax)
-    if uid.is_transfer_syntax and uid.is_deflated:
+    deflated, explicit, little = _encoding(transfer_syntax)
+    if deflated:
         return None
-    # Private or unknown syntaxes: explicit VR little endian, the only encoding a new
-    # transfer syntax may use (PS3.5 10).
-    explicit = uid.is_implicit_VR is False if uid.is_transfer_syntax else True
-    little = uid.is_little_endian if uid.is_transfer_syntax else True
     if end <= start:
         raise InvalidInstance("empty data set")
-    with mmap.mmap(fh.fileno(), end, access=mmap.ACCESS_READ) as buf:
+    buf: mmap.mmap | bytes
+    with contextlib.ExitStack() as stack:
+        if end <= _READ_WHOLE_MAX:
+            buf = os.pread(fh.fileno(), end, 0)
+            if len(buf) < end:
+                raise InvalidInstance("data set truncated: the file is shorter than received")
+        else:
+            buf = stack.enter_context(mmap.mmap(fh.fileno(), end, access=mmap.ACCESS_READ))
         if explicit and end - start >= 6:
             # Some senders encode Implicit VR under an explicit syntax; detect it from the
             # first element's VR bytes like pydicom and DCMTK do, rather than refuse it.
