@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
 import threading
 import time
 from io import BytesIO
@@ -20,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomgate.errors import StoreError, StoreFullError
 from dicomgate.ingest import _data_offset
+from dicomgate.store import filestore
 from dicomgate.store.filestore import ContentStore, SpoolFile
 from dicomgate.store.part10 import encode_file_meta
 
@@ -101,6 +103,38 @@ def test_commit_lays_out_study_series_sop(store: ContentStore) -> None:
     assert store.path_of(stored.relpath).read_bytes() == data
     assert not spool_path.exists()
     assert list(store.spool_dir.iterdir()) == []
+
+
+def test_sync_file_range_is_found_and_accepts_a_whole_file_range(tmp_path: Path) -> None:
+    """The batch writeback start (Ingestor._commit_batch) relies on it on Linux."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sync_file_range(2) is Linux-only; elsewhere writeback is not started early")
+    assert filestore._SYNC_FILE_RANGE is not None
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert filestore._SYNC_FILE_RANGE(fd, 0, 0, filestore._SYNC_FILE_RANGE_WRITE) == 0
+    finally:
+        os.close(fd)
+
+
+def test_start_writeback_changes_nothing_open_or_parked(store: ContentStore) -> None:
+    data = b"DICM" * 5000
+    open_spool = _spool(store, data)
+    open_spool.start_writeback()  # through its own descriptor
+    open_spool.write(b"more")  # still writable afterwards
+    parked = _spool(store, data)
+    parked.park()
+    parked.start_writeback()  # through a fresh descriptor
+    for spool, expected, sop in ((open_spool, data + b"more", SOP), (parked, data, SOP + ".2")):
+        spool.flush()
+        stored = store.commit(spool, STUDY, SERIES, sop)
+        assert store.path_of(stored.relpath).read_bytes() == expected
+    gone = _spool(store, data)
+    gone.park()
+    gone.path.unlink()
+    gone.start_writeback()  # best effort: a vanished file is not an error here
 
 
 def test_commit_without_fsync(tmp_path: Path) -> None:
