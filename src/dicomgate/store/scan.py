@@ -2,12 +2,12 @@
 
 pydicom reads a truncated file without complaint (it stops at end of file), so a gateway
 that trusted it would acknowledge half an image. :func:`scan_dataset` walks every element
-header of the encoded data set (PS3.5 section 7) through a memory map, refuses it when any
-element, item or sequence runs past the end, and at the same time collects the top-level
-elements small enough to matter for indexing and routing as pydicom ``RawDataElement`` s,
-which pydicom converts lazily on access. Bulk values (pixel data, large blobs) are never
-read, so the cost does not grow with the instance size, and it is several times cheaper
-than ``dcmread`` for a small instance.
+header of the encoded data set (PS3.5 section 7), refuses it when any element, item or
+sequence runs past the end, and at the same time collects the top-level elements small
+enough to matter for indexing and routing as pydicom ``RawDataElement`` s, which pydicom
+converts lazily on access. A small file is read whole (one system call); a large one is
+walked through a memory map, so bulk values (pixel data, large blobs) are never read and
+the cost does not grow with the instance size. Several times cheaper than ``dcmread``.
 """
 
 from __future__ import annotations
