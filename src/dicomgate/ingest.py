@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +51,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomgate.ingest")
 
 _BATCH_MAX = 128
+
+
+class _FlushFailed(Exception):
+    """Files of a batch whose data flush failed (index position -> error)."""
+
+    def __init__(self, errors: dict[int, DicomgateError]) -> None:
+        super().__init__(f"{len(errors)} flushes failed")
+        self.errors = errors
 
 
 class InstanceMismatch(InvalidInstance):
@@ -282,11 +290,16 @@ class Ingestor:
     def _commit_batch(self, batch: list[IngestJob]) -> None:
         """Durable and indexed, or refused, for every job of the batch.
 
-        Disk flushes run on a helper thread while this one parses and indexes: the data
-        flush of each file overlaps its header scan, and the folder flush overlaps the index
-        transaction when index commits are relaxed (SQLite; a row is not durable before the
-        next barrier, which runs between batches). With synchronous commits (PostgreSQL) the
-        folders are flushed first, so a durable row never names a file that is not.
+        Disk flushes run on a helper thread while this one works: each file's data flush
+        starts at once, then the folder flushes after the renames; meanwhile this thread
+        scans the headers, renames the files into the store and runs the index statements.
+        The transaction commits only once every flush is done (``before_commit``), so a
+        committed row never names a file whose data or name is not durable yet, on SQLite
+        (relaxed commits, made durable by the next barrier) as on PostgreSQL (synchronous
+        commits). A file renamed before its flush is never acknowledged before it, and a
+        crash meanwhile leaves a store file without a row, which recovery checks
+        (recovery.py). A flush that fails rolls the transaction back; the batch is then
+        indexed again without that file, which is refused.
         """
         fsync = self.store.fsync
         if fsync and len(batch) > 1:
@@ -294,41 +307,95 @@ class Ingestor:
             # flushes), so the disk takes them together rather than one flush at a time.
             self._flusher.submit(_start_writeback, batch)
         flushes = [self._flusher.submit(job.spool.flush) if fsync else None for job in batch]
-        inspected: list[tuple[IngestJob, InstanceRecord, Dataset]] = []
+        inspected: list[tuple[IngestJob, InstanceRecord, Dataset, Future[None] | None]] = []
         for job, flush in zip(batch, flushes, strict=True):
             try:
                 record, ds = self._inspect(job)
             except DicomgateError as exc:
                 if flush is not None:
-                    flush.exception()  # wait: the file must not be closed under the flush
+                    flush.exception()  # wait: the file must not be removed under the flush
                 self._refuse(job, exc)
                 continue
-            try:
-                if flush is not None:
-                    flush.result()
-            except DicomgateError as exc:
-                self._refuse(job, exc)
-                continue
-            inspected.append((job, record, ds))
+            inspected.append((job, record, ds, flush))
         prepared: list[tuple[IngestJob, StoredInstance]] = []
+        pending: list[Future[None] | None] = []
         folders: list[Path] = []
         routing: list[tuple[list[NewJob], list[NewTimer]]] = []
-        for job, record, ds in inspected:
+        for job, record, ds, flush in inspected:
             try:
                 stored, touched = self.store.place(
                     job.spool, record.study_uid, record.series_uid, record.sop_instance_uid
                 )
             except DicomgateError as exc:
+                if flush is not None:
+                    flush.exception()
                 self._refuse(job, exc)
                 continue
             folders += touched
             prepared.append((job, self._stored_instance(job, record, stored)))
+            pending.append(flush)
             routing.append(self._route(record, ds, job))
         if not prepared:
             return
-        items = [item for _, item in prepared]
-        jobs = [r[0] for r in routing]
-        timers = [r[1] for r in routing]
+        folder_sync = self._flusher.submit(self.store.sync_folders, folders) if fsync else None
+        while True:
+            try:
+                results, audited = self._record(prepared, routing, pending, folder_sync)
+            except _FlushFailed as failed:
+                # Roll back done; those files are refused, the rest indexed again.
+                keep = [i for i in range(len(prepared)) if i not in failed.errors]
+                for i, error in failed.errors.items():
+                    job, item = prepared[i]
+                    self.store.remove(item.relpath)
+                    log.error(
+                        "store flush failed: %s",
+                        error,
+                        extra={
+                            "event": "ingest.flush_failed",
+                            "sop": uid_hash(job.sop_instance_uid),
+                        },
+                    )
+                    _resolve(job, error)
+                prepared = [prepared[i] for i in keep]
+                routing = [routing[i] for i in keep]
+                pending = [pending[i] for i in keep]
+                if not prepared:
+                    return
+                continue
+            except DicomgateError as exc:
+                for job, item in prepared:
+                    self.store.remove(item.relpath)
+                    _resolve(job, exc)
+                log.error(
+                    "store or index commit failed: %s",
+                    exc,
+                    extra={"event": "ingest.commit_failed", "instances": len(prepared)},
+                )
+                return
+            break
+        self._finish(prepared, results)
+        if self.audit is not None:
+            self.audit.stored(audited)
+        if self._on_jobs is not None:
+            destinations = sorted(
+                {
+                    j.destination
+                    for (r, (js, _)) in zip(results, routing, strict=True)
+                    if r.outcome is not Outcome.REJECTED
+                    for j in js
+                }
+            )
+            if destinations:
+                self._on_jobs(destinations)
+
+    def _record(
+        self,
+        prepared: list[tuple[IngestJob, StoredInstance]],
+        routing: list[tuple[list[NewJob], list[NewTimer]]],
+        flushes: list[Future[None] | None],
+        folder_sync: Future[None] | None,
+    ) -> tuple[list[RecordResult], list[AuditEvent]]:
+        """One index transaction for the batch, committed once every flush is done."""
         audited: list[AuditEvent] = []
         audit_rows: Callable[[list[RecordResult]], list[dict[str, Any]]] | None = None
         if self.audit is not None:
@@ -338,44 +405,27 @@ class Ingestor:
                 audited[:] = _received_events(prepared, results)
                 return trail.rows(audited)
 
-        try:
-            if self.index.relaxed_commits:
-                folder_sync = self._flusher.submit(self.store.sync_folders, folders)
-                try:
-                    results = self.index.record(
-                        items, self.policy, jobs=jobs, timers=timers, audit=audit_rows
+        def durable() -> None:
+            errors: dict[int, DicomgateError] = {}
+            for i, flush in enumerate(flushes):
+                if flush is not None and (exc := flush.exception()) is not None:
+                    errors[i] = (
+                        exc if isinstance(exc, DicomgateError) else StoreError(f"flush: {exc}")
                     )
-                finally:
-                    folder_sync.result()
-            else:
-                self.store.sync_folders(folders)
-                results = self.index.record(
-                    items, self.policy, jobs=jobs, timers=timers, audit=audit_rows
-                )
-        except DicomgateError as exc:
-            for job, item in prepared:
-                self.store.remove(item.relpath)
-                _resolve(job, exc)
-            log.error(
-                "store or index commit failed: %s",
-                exc,
-                extra={"event": "ingest.commit_failed", "instances": len(prepared)},
-            )
-            return
-        self._finish(prepared, results)
-        if self.audit is not None:
-            self.audit.stored(audited)
-        if self._on_jobs is not None:
-            destinations = sorted(
-                {
-                    j.destination
-                    for (r, js) in zip(results, jobs, strict=True)
-                    if r.outcome is not Outcome.REJECTED
-                    for j in js
-                }
-            )
-            if destinations:
-                self._on_jobs(destinations)
+            if folder_sync is not None:
+                folder_sync.result()  # a StoreError fails the whole batch
+            if errors:
+                raise _FlushFailed(errors)
+
+        results = self.index.record(
+            [item for _, item in prepared],
+            self.policy,
+            jobs=[jobs for jobs, _ in routing],
+            timers=[timers for _, timers in routing],
+            audit=audit_rows,
+            before_commit=durable,
+        )
+        return results, audited
 
     def _route(
         self, record: InstanceRecord, ds: Dataset, ctx: MatchContext | IngestJob

@@ -291,6 +291,41 @@ def test_a_failing_item_rolls_back_the_whole_batch(index: Index) -> None:
     assert row is not None and row["study_instance_uid"] == "2"
 
 
+def test_before_commit_runs_after_the_statements_and_before_the_commit(index: Index) -> None:
+    seen: list[int] = []
+
+    def before_commit() -> None:
+        # Another connection does not see the rows yet: they are not committed.
+        seen.append(index.count_instances())
+
+    index.record([make_item("4.1")], DuplicatePolicy.KEEP_BOTH, before_commit=before_commit)
+    assert seen == [0]
+    assert index.count_instances() == 1
+
+
+class _NotDurable(Exception):
+    pass
+
+
+def test_before_commit_raising_rolls_everything_back(index: Index) -> None:
+    index.record([make_item("5.1", relpath="old.dcm")], DuplicatePolicy.OVERWRITE)
+
+    def before_commit() -> None:
+        raise _NotDurable
+
+    with pytest.raises(_NotDurable):
+        index.record(
+            [make_item("5.1", relpath="new.dcm"), make_item("5.2")],
+            DuplicatePolicy.OVERWRITE,
+            before_commit=before_commit,
+        )
+    # The replaced row is still the current one, and nothing of the batch was written.
+    assert [r["relpath"] for r in index.instances("5.1")] == ["old.dcm"]
+    assert index.instance("5.2") is None
+    # The rolled-back levels are not remembered: the next batch writes them again.
+    assert index.record([make_item("5.2")], DuplicatePolicy.KEEP_BOTH)[0].outcome is Outcome.STORED
+
+
 def test_rows_deleted_behind_the_index_are_recreated(index: Index) -> None:
     index.record([make_item("3.1")], DuplicatePolicy.KEEP_BOTH)
     with index.engine.begin() as connection:

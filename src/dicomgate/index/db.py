@@ -266,6 +266,7 @@ class Index:
         jobs: Sequence[Sequence[NewJob]] | None = None,
         timers: Sequence[Sequence[NewTimer]] | None = None,
         audit: Callable[[list[RecordResult]], Sequence[dict[str, Any]]] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> list[RecordResult]:
         """Index ``items`` in one transaction; one result per item, in order.
 
@@ -284,6 +285,10 @@ class Index:
         ``audit`` maps the results to ``audit_event`` rows written in the same transaction
         (observability/audit.py): a received instance always has its audit row.
 
+        ``before_commit`` runs inside the transaction, after every statement and before the
+        commit (the ingest committer waits there for the files' flushes, so the statements
+        run beside them); whatever it raises rolls the transaction back and is raised.
+
         Nothing is committed if any item fails: IndexUnavailable for a locked or lost
         database, IndexError_ for a refused row.
         """
@@ -297,7 +302,7 @@ class Index:
         with self._write_lock:
             for attempt in range(1, _RETRIES + 1):
                 try:
-                    results = self._record_batch(items, policy, jobs, timers, audit)
+                    results = self._record_batch(items, policy, jobs, timers, audit, before_commit)
                 except (dbapi.IntegrityError, sa_exc.IntegrityError) as error:
                     # A row this process remembers may have been deleted since (the retry
                     # reads it again), or, on PostgreSQL, another node stored the same SOP
@@ -382,6 +387,7 @@ class Index:
         jobs: Sequence[Sequence[NewJob]] | None,
         timers: Sequence[Sequence[NewTimer]] | None,
         audit: Callable[[list[RecordResult]], Sequence[dict[str, Any]]] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> list[RecordResult]:
         now = datetime.now(UTC)
         job_binds = self._statements.insert_job.sharing(
@@ -406,6 +412,8 @@ class Index:
                     self._statements.insert_audit.executemany(cursor, rows)
                 if jobs and not self._sqlite:
                     self._announce_jobs(cursor, results, jobs)
+                if before_commit is not None:
+                    before_commit()
                 return results
             except self._dbapi.Error as error:
                 if self._engine.dialect.is_disconnect(

@@ -78,6 +78,10 @@ class SpoolFile:
         self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by commit/discard
         self._hash = hashlib.sha256()
         self.size = 0
+        # Held while a descriptor is taken for a flush, and across the rename into the store
+        # with the path update: the committer may rename a file the flush thread is about
+        # to flush (Ingestor._commit_batch).
+        self._lock = threading.Lock()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -93,17 +97,22 @@ class SpoolFile:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    def _descriptor(self) -> int:
+        """A descriptor of our own on the file, wherever it is now (spool or store)."""
+        with self._lock:
+            if self._fh.closed:  # parked, or already renamed into the store
+                return os.open(self.path, os.O_RDONLY)
+            return os.dup(self._fh.fileno())
+
     def flush(self) -> None:
-        """Force the data (and the size) to disk: fdatasync (PS: names need a folder sync)."""
+        """Force the data (and the size) to disk: fdatasync (PS: names need a folder sync).
+        Safe from another thread while the file is renamed into the store."""
         try:
-            if self._fh.closed:  # parked: flush through a fresh descriptor
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            else:
-                os.fdatasync(self._fh.fileno())
+            fd = self._descriptor()
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StoreError(f"cannot flush spool file: {exc.strerror}") from exc
 
@@ -118,28 +127,31 @@ class SpoolFile:
         if _SYNC_FILE_RANGE is None:
             return
         try:
-            if self._fh.closed:  # parked
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-                finally:
-                    os.close(fd)
-            else:
-                _SYNC_FILE_RANGE(self._fh.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
+            fd = self._descriptor()
+            try:
+                _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            finally:
+                os.close(fd)
         except OSError:
             pass
 
     def park(self) -> None:
         """Close the descriptor of a completely written file that waits to be ingested
         (a STOW-RS request may stage thousands of parts); :meth:`flush` still works."""
-        self._fh.close()
+        self.close()
 
     def close(self) -> None:
-        self._fh.close()
+        with self._lock:
+            self._fh.close()
+
+    def move_to(self, target: Path) -> None:
+        """Rename the file to ``target`` (``os.replace``) and follow it there."""
+        with self._lock:
+            os.replace(self.path, target)
+            self.path = target
 
     def discard(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        self.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -268,10 +280,11 @@ class ContentStore:
     def place(
         self, spool: SpoolFile, study_uid: str, series_uid: str, sop_uid: str
     ) -> tuple[StoredFile, list[Path]]:
-        """Rename a flushed spool file to its final name; returns the folders to sync.
+        """Rename a spool file to its final name; returns the folders to sync.
 
-        The file's data must already be flushed (:meth:`SpoolFile.flush`); the name is
-        durable only after :meth:`sync_folders` of the returned folders.
+        Neither the data nor the name is durable before :meth:`SpoolFile.flush` (which may
+        run on another thread meanwhile) and :meth:`sync_folders` of the returned folders;
+        the index row must not be committed before both.
         """
         folder = self.store_dir / _safe_component(study_uid) / _safe_component(series_uid)
         name = _safe_component(sop_uid)
@@ -289,13 +302,12 @@ class ContentStore:
                     target = folder / f"{name}.{suffix}.dcm"
                     copy += 1
                 try:
-                    os.replace(spool.path, target)
+                    spool.move_to(target)
                     break
                 except FileNotFoundError:
                     # retention removed the emptied folder between mkdir and rename
                     if attempt == 2 or not spool.path.exists():
                         raise
-            spool.path = target
             spool.close()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

@@ -1,0 +1,139 @@
+"""The ingest committer's batch: index statements beside the flushes, commit after them.
+
+Real files, a real SQLite index, the real flush thread; only a failing disk flush is
+simulated (a unit test of Ingestor._commit_batch's failure path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicomgate.config import DuplicatePolicy
+from dicomgate.errors import DicomgateError, StoreError
+from dicomgate.index.db import Index
+from dicomgate.ingest import IngestJob, Ingestor, _data_offset
+from dicomgate.store.filestore import ContentStore
+
+STUDY = "1.2.826.0.1.3680043.8.498.20"
+
+
+def _part10(sop_uid: str) -> tuple[bytes, str, str]:
+    path = get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = STUDY + ".1"
+    ds.SOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue(), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+
+
+@pytest.fixture
+def ingestor(tmp_path: Path) -> Iterator[Ingestor]:
+    store = ContentStore(tmp_path / "data", fsync=True)
+    store.open()
+    index = Index.open(f"sqlite:///{tmp_path}/index.db", durable=False)
+    ingestor = Ingestor(store, index, DuplicatePolicy.KEEP_BOTH)
+    yield ingestor
+    ingestor._flusher.shutdown()
+    index.close()
+
+
+def _job(ingestor: Ingestor, loop: asyncio.AbstractEventLoop, sop_uid: str) -> IngestJob:
+    data, sop_class, syntax = _part10(sop_uid)
+    spool = ingestor.store.new_spool()
+    spool.write(data)
+    with open(spool.path, "rb") as fh:
+        offset = _data_offset(fh)
+    return IngestJob(
+        spool=spool,
+        data_offset=offset,
+        transfer_syntax=syntax,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid,
+        calling_ae="MODALITY",
+        called_ae="DICOMGATE",
+        source_ip="127.0.0.1",
+        received_via="dimse",
+        loop=loop,
+        future=loop.create_future(),
+    )
+
+
+def _outcomes(loop: asyncio.AbstractEventLoop, jobs: list[IngestJob]) -> list[object]:
+    loop.run_until_complete(asyncio.sleep(0))  # run the call_soon_threadsafe resolutions
+    return [job.future.result() for job in jobs]
+
+
+def test_batch_is_stored_and_indexed(ingestor: Ingestor) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [_job(ingestor, loop, f"{STUDY}.1.{n}") for n in range(3)]
+        ingestor._commit_batch(jobs)
+        assert _outcomes(loop, jobs) == [None, None, None]
+    finally:
+        loop.close()
+    for job in jobs:
+        row = ingestor.index.instance(job.sop_instance_uid)
+        assert row is not None
+        assert ingestor.store.path_of(row["relpath"]).read_bytes()[128:132] == b"DICM"
+    assert list(ingestor.store.spool_dir.glob("*.part")) == []
+
+
+def test_a_failed_flush_refuses_that_file_and_indexes_the_rest(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [_job(ingestor, loop, f"{STUDY}.2.{n}") for n in range(3)]
+        broken = jobs[1].spool
+
+        def failing_flush() -> None:
+            raise StoreError("cannot flush spool file: Input/output error")
+
+        monkeypatch.setattr(broken, "flush", failing_flush)
+        ingestor._commit_batch(jobs)
+        outcomes = _outcomes(loop, jobs)
+    finally:
+        loop.close()
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], DicomgateError)
+    assert "Input/output error" in str(outcomes[1])
+    # The refused instance has no row and no file; the others have both.
+    assert ingestor.index.instance(jobs[1].sop_instance_uid) is None
+    assert not broken.path.exists()
+    for job in (jobs[0], jobs[2]):
+        row = ingestor.index.instance(job.sop_instance_uid)
+        assert row is not None
+        assert ingestor.store.path_of(row["relpath"]).is_file()
+    assert ingestor.index.count_instances() == 2
+
+
+def test_every_flush_failing_stores_nothing(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [_job(ingestor, loop, f"{STUDY}.3.{n}") for n in range(2)]
+        for job in jobs:
+
+            def failing_flush() -> None:
+                raise StoreError("cannot flush spool file: Input/output error")
+
+            monkeypatch.setattr(job.spool, "flush", failing_flush)
+        ingestor._commit_batch(jobs)
+        outcomes = _outcomes(loop, jobs)
+    finally:
+        loop.close()
+    assert all(isinstance(o, DicomgateError) for o in outcomes)
+    assert ingestor.index.count_instances() == 0
+    assert [p for p in ingestor.store.store_dir.rglob("*.dcm")] == []
