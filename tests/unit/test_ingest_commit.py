@@ -69,6 +69,10 @@ def _job(ingestor: Ingestor, loop: asyncio.AbstractEventLoop, sop_uid: str) -> I
     )
 
 
+def _failing_flush() -> None:
+    raise StoreError("cannot flush spool file: Input/output error")
+
+
 def _outcomes(loop: asyncio.AbstractEventLoop, jobs: list[IngestJob]) -> list[object]:
     loop.run_until_complete(asyncio.sleep(0))  # run the call_soon_threadsafe resolutions
     return [job.future.result() for job in jobs]
@@ -96,11 +100,7 @@ def test_a_failed_flush_refuses_that_file_and_indexes_the_rest(
     try:
         jobs = [_job(ingestor, loop, f"{STUDY}.2.{n}") for n in range(3)]
         broken = jobs[1].spool
-
-        def failing_flush() -> None:
-            raise StoreError("cannot flush spool file: Input/output error")
-
-        monkeypatch.setattr(broken, "flush", failing_flush)
+        monkeypatch.setattr(broken, "flush", _failing_flush)
         ingestor._commit_batch(jobs)
         outcomes = _outcomes(loop, jobs)
     finally:
@@ -125,11 +125,7 @@ def test_every_flush_failing_stores_nothing(
     try:
         jobs = [_job(ingestor, loop, f"{STUDY}.3.{n}") for n in range(2)]
         for job in jobs:
-
-            def failing_flush() -> None:
-                raise StoreError("cannot flush spool file: Input/output error")
-
-            monkeypatch.setattr(job.spool, "flush", failing_flush)
+            monkeypatch.setattr(job.spool, "flush", _failing_flush)
         ingestor._commit_batch(jobs)
         outcomes = _outcomes(loop, jobs)
     finally:
