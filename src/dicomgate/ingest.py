@@ -338,15 +338,13 @@ class Ingestor:
         if not prepared:
             return
         folder_sync = self._flusher.submit(self.store.sync_folders, folders) if fsync else None
-        while True:
+        while prepared:
             try:
                 results, audited = self._record(prepared, routing, pending, folder_sync)
-            except _FlushFailed as failed:
-                # Roll back done; those files are refused, the rest indexed again.
-                keep = [i for i in range(len(prepared)) if i not in failed.errors]
+                break
+            except _FlushFailed as failed:  # rolled back: refuse those, index the rest again
                 for i, error in failed.errors.items():
                     job, item = prepared[i]
-                    self.store.remove(item.relpath)
                     log.error(
                         "store flush failed: %s",
                         error,
@@ -355,24 +353,22 @@ class Ingestor:
                             "sop": uid_hash(job.sop_instance_uid),
                         },
                     )
-                    _resolve(job, error)
+                    self._refuse_placed(job, item, error)
+                keep = [i for i in range(len(prepared)) if i not in failed.errors]
                 prepared = [prepared[i] for i in keep]
                 routing = [routing[i] for i in keep]
                 pending = [pending[i] for i in keep]
-                if not prepared:
-                    return
-                continue
             except DicomgateError as exc:
-                for job, item in prepared:
-                    self.store.remove(item.relpath)
-                    _resolve(job, exc)
                 log.error(
                     "store or index commit failed: %s",
                     exc,
                     extra={"event": "ingest.commit_failed", "instances": len(prepared)},
                 )
+                for job, item in prepared:
+                    self._refuse_placed(job, item, exc)
                 return
-            break
+        if not prepared:  # every flush failed
+            return
         self._finish(prepared, results)
         if self.audit is not None:
             self.audit.stored(audited)
@@ -387,6 +383,11 @@ class Ingestor:
             )
             if destinations:
                 self._on_jobs(destinations)
+
+    def _refuse_placed(self, job: IngestJob, item: StoredInstance, exc: DicomgateError) -> None:
+        """A file already renamed into the store that will not be indexed: remove it."""
+        self.store.remove(item.relpath)
+        _resolve(job, exc)
 
     def _record(
         self,

@@ -73,19 +73,31 @@ def _failing_flush() -> None:
     raise StoreError("cannot flush spool file: Input/output error")
 
 
-def _outcomes(loop: asyncio.AbstractEventLoop, jobs: list[IngestJob]) -> list[object]:
-    loop.run_until_complete(asyncio.sleep(0))  # run the call_soon_threadsafe resolutions
-    return [job.future.result() for job in jobs]
+def _commit(
+    ingestor: Ingestor,
+    series: int,
+    count: int,
+    monkeypatch: pytest.MonkeyPatch | None = None,
+    failing: tuple[int, ...] = (),
+) -> tuple[list[IngestJob], list[object]]:
+    """One batch of ``count`` instances through the committer, the flushes of ``failing``
+    made to fail; the jobs and what each one's future was resolved with."""
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [_job(ingestor, loop, f"{STUDY}.{series}.{n}") for n in range(count)]
+        for n in failing:
+            assert monkeypatch is not None
+            monkeypatch.setattr(jobs[n].spool, "flush", _failing_flush)
+        ingestor._commit_batch(jobs)
+        loop.run_until_complete(asyncio.sleep(0))  # run the call_soon_threadsafe resolutions
+        return jobs, [job.future.result() for job in jobs]
+    finally:
+        loop.close()
 
 
 def test_batch_is_stored_and_indexed(ingestor: Ingestor) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        jobs = [_job(ingestor, loop, f"{STUDY}.1.{n}") for n in range(3)]
-        ingestor._commit_batch(jobs)
-        assert _outcomes(loop, jobs) == [None, None, None]
-    finally:
-        loop.close()
+    jobs, outcomes = _commit(ingestor, 1, 3)
+    assert outcomes == [None, None, None]
     for job in jobs:
         row = ingestor.index.instance(job.sop_instance_uid)
         assert row is not None
@@ -96,15 +108,8 @@ def test_batch_is_stored_and_indexed(ingestor: Ingestor) -> None:
 def test_a_failed_flush_refuses_that_file_and_indexes_the_rest(
     ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        jobs = [_job(ingestor, loop, f"{STUDY}.2.{n}") for n in range(3)]
-        broken = jobs[1].spool
-        monkeypatch.setattr(broken, "flush", _failing_flush)
-        ingestor._commit_batch(jobs)
-        outcomes = _outcomes(loop, jobs)
-    finally:
-        loop.close()
+    jobs, outcomes = _commit(ingestor, 2, 3, monkeypatch, failing=(1,))
+    broken = jobs[1].spool
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], DicomgateError)
     assert "Input/output error" in str(outcomes[1])
@@ -121,15 +126,7 @@ def test_a_failed_flush_refuses_that_file_and_indexes_the_rest(
 def test_every_flush_failing_stores_nothing(
     ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        jobs = [_job(ingestor, loop, f"{STUDY}.3.{n}") for n in range(2)]
-        for job in jobs:
-            monkeypatch.setattr(job.spool, "flush", _failing_flush)
-        ingestor._commit_batch(jobs)
-        outcomes = _outcomes(loop, jobs)
-    finally:
-        loop.close()
+    _, outcomes = _commit(ingestor, 3, 2, monkeypatch, failing=(0, 1))
     assert all(isinstance(o, DicomgateError) for o in outcomes)
     assert ingestor.index.count_instances() == 0
     assert [p for p in ingestor.store.store_dir.rglob("*.dcm")] == []

@@ -44,12 +44,13 @@ def _tag(group: int, element: int) -> str:
 _VR_NAMES: dict[bytes, str] = {}  # b"CS" -> "CS": two upper-case letters, filled as seen
 
 
-def _vr_name(vr: bytes) -> str | None:
-    """The VR as pydicom names it, or None when the two bytes are not a VR."""
-    name = _VR_NAMES.get(vr)
-    if name is None and len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+def _new_vr_name(vr: bytes) -> str | None:
+    """A VR not seen yet: its name (remembered in ``_VR_NAMES``), or None when the two
+    bytes are not a VR."""
+    if len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
         name = _VR_NAMES[vr] = vr.decode("ascii")
-    return name
+        return name
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,7 +69,6 @@ class _Walker:
         self.buf = buf
         self.end = end
         self.prefix = "<" if little else ">"
-        self.u16x2 = struct.Struct(self.prefix + "HH")
         self.u32 = struct.Struct(self.prefix + "I")
         self.hhi = struct.Struct(self.prefix + "HHI")
         # group, element, VR, 16-bit length: an explicit VR element header in one unpack
@@ -117,7 +117,7 @@ class _Walker:
                     value_pos = pos + 12
                 else:
                     value_pos = pos + 8
-                vr_name = _VR_NAMES.get(vr) or _vr_name(vr)
+                vr_name = _VR_NAMES.get(vr) or _new_vr_name(vr)
                 if vr_name is None:
                     raise InvalidInstance(f"element {_tag(group, element)} has no valid VR")
             else:
