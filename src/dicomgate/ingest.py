@@ -116,6 +116,9 @@ class Ingestor:
         self.audit = audit
         self._unsynced = False
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dicomgate-flush")
+        # The folder flushes of a batch run beside its data flushes, on a thread of their
+        # own: on one thread they waited for the last data flush (~0.2 ms per CT instance).
+        self._folder_flusher = ThreadPoolExecutor(1, thread_name_prefix="dicomgate-folder-flush")
         self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
@@ -129,6 +132,7 @@ class Ingestor:
         self._queue.put(None)
         self._thread.join()
         self._flusher.shutdown()
+        self._folder_flusher.shutdown()
         self.store.stop_spool_refiller()
 
     async def ingest(self, job: IngestJob) -> DicomgateError | None:
@@ -290,8 +294,8 @@ class Ingestor:
     def _commit_batch(self, batch: list[IngestJob]) -> None:
         """Durable and indexed, or refused, for every job of the batch.
 
-        Disk flushes run on a helper thread while this one works: each file's data flush
-        starts at once, then the folder flushes after the renames; meanwhile this thread
+        Disk flushes run on two helper threads while this one works: each file's data flush
+        starts at once, the folder flushes as soon as the renames are done; meanwhile this thread
         scans the headers, renames the files into the store and runs the index statements.
         The transaction commits only once every flush is done (``before_commit``), so a
         committed row never names a file whose data or name is not durable yet, on SQLite
@@ -337,7 +341,9 @@ class Ingestor:
             routing.append(self._route(record, ds, job))
         if not prepared:
             return
-        folder_sync = self._flusher.submit(self.store.sync_folders, folders) if fsync else None
+        folder_sync = (
+            self._folder_flusher.submit(self.store.sync_folders, folders) if fsync else None
+        )
         while prepared:
             try:
                 results, audited = self._record(prepared, routing, pending, folder_sync)
@@ -487,19 +493,27 @@ class Ingestor:
     def _finish(
         self, prepared: list[tuple[IngestJob, StoredInstance]], results: list[RecordResult]
     ) -> None:
+        # Every sender is answered first, then the lines are logged: formatting and writing
+        # a line per instance is not the sender's wait.
+        lines: list[tuple[IngestJob, StoredInstance, RecordResult, float]] = []
         for (job, item), result in zip(prepared, results, strict=True):
-            sop = uid_hash(item.record.sop_instance_uid)
             if result.outcome is Outcome.REJECTED:
                 self.store.remove(item.relpath)
+                _resolve(job, DuplicateRejected("SOP Instance UID already stored"))
+            else:
+                if result.obsolete_relpath and result.obsolete_relpath != item.relpath:
+                    self.store.remove(result.obsolete_relpath)
+                self.stored_count += 1
+                job.stored = item.record
+                _resolve(job, None)
+            lines.append((job, item, result, time.monotonic() - job.submitted_at))
+        for job, item, result, seconds in lines:
+            sop = uid_hash(item.record.sop_instance_uid)
+            if result.outcome is Outcome.REJECTED:
                 log.warning(
                     "duplicate refused", extra={"event": "instance.duplicate_rejected", "sop": sop}
                 )
-                _resolve(job, DuplicateRejected("SOP Instance UID already stored"))
                 continue
-            if result.obsolete_relpath and result.obsolete_relpath != item.relpath:
-                self.store.remove(result.obsolete_relpath)
-            self.stored_count += 1
-            job.stored = item.record
             log.info(
                 "stored",
                 extra={
@@ -509,10 +523,9 @@ class Ingestor:
                     "calling_ae": job.calling_ae,
                     "via": job.received_via,
                     "replaced": result.outcome is Outcome.REPLACED,
-                    "seconds": round(time.monotonic() - job.submitted_at, 6),
+                    "seconds": round(seconds, 6),
                 },
             )
-            _resolve(job, None)
 
 
 def _received_events(

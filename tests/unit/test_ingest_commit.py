@@ -45,6 +45,7 @@ def ingestor(tmp_path: Path) -> Iterator[Ingestor]:
     ingestor = Ingestor(store, index, DuplicatePolicy.KEEP_BOTH)
     yield ingestor
     ingestor._flusher.shutdown()
+    ingestor._folder_flusher.shutdown()
     index.close()
 
 
