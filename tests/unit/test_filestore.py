@@ -219,6 +219,34 @@ def test_spool_pool_is_used_and_drained(store: ContentStore) -> None:
     assert list(store.spool_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("fsync", [True, False])
+def test_spool_pool_files_are_settled_when_fsync_is_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    """Pooled spool files are fsynced once while empty (SpoolFile.settle), so the flush of
+    their data later does not also write the spool folder; not with storage.fsync off."""
+    content = ContentStore(tmp_path / "data", fsync=fsync)
+    content.open()
+    settled: list[Path] = []
+    real = SpoolFile.settle
+    monkeypatch.setattr(SpoolFile, "settle", lambda self: (settled.append(self.path), real(self)))
+    content.refill_spool_pool()
+    pooled = sorted(content.spool_dir.iterdir())
+    assert sorted(settled) == (pooled if fsync else [])
+    spool = content.new_spool()
+    spool.write(b"data")
+    stored = content.commit(spool, STUDY, SERIES, SOP)
+    assert content.path_of(stored.relpath).read_bytes() == b"data"
+    content.drain_spool_pool()
+
+
+def test_settle_on_a_closed_spool_file_is_harmless(store: ContentStore) -> None:
+    spool = store.new_spool()
+    spool.close()
+    spool.settle()  # best effort: a closed descriptor is not an error
+    spool.discard()
+
+
 def test_spool_refiller_keeps_the_pool_full_and_cleans_up(store: ContentStore) -> None:
     """The refiller thread puts back what new_spool() takes; stopping it removes the
     unused files (the committer no longer creates spool files between batches)."""
