@@ -357,6 +357,24 @@ def test_locked_database_is_unavailable_and_nothing_is_committed(
         idx.close()
 
 
+def test_a_broken_writer_connection_is_replaced(tmp_path: Path) -> None:
+    """SQLite: record() keeps one connection for its transactions; when that connection
+    breaks, the batch fails with nothing committed and the next batch opens another."""
+    idx = Index.open(f"sqlite:///{tmp_path / 'index.db'}")
+    try:
+        idx.record([make_item("6.1")], DuplicatePolicy.KEEP_BOTH)
+        idx._writer.dbapi_connection.close()  # broken behind the index's back
+        with pytest.raises(IndexError_):
+            idx.record([make_item("6.2")], DuplicatePolicy.KEEP_BOTH)
+        assert idx.instance("6.2") is None
+        assert idx.record([make_item("6.2")], DuplicatePolicy.KEEP_BOTH)[0].outcome is (
+            Outcome.STORED
+        )
+        assert idx.count_instances() == 2
+    finally:
+        idx.close()
+
+
 def test_one_writer_and_readers_in_threads(index: Index) -> None:
     errors: list[BaseException] = []
     done = threading.Event()

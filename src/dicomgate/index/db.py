@@ -7,6 +7,7 @@ one transaction (group commit).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -207,6 +208,9 @@ class Index:
         self._levels = _LevelCache()
         self._relaxed = False
         self._sqlite = engine.dialect.name == "sqlite"
+        # SQLite: the DBAPI connection record() writes with, kept checked out (under the
+        # write lock) instead of a pool checkout and SQLAlchemy's transaction per batch.
+        self._writer: Any = None
 
     @property
     def write_lock(self) -> threading.Lock:
@@ -376,6 +380,8 @@ class Index:
 
     def close(self) -> None:
         """Close every pooled connection."""
+        with self._write_lock:
+            self._drop_writer()
         self._engine.dispose()
 
     # -- internals -------------------------------------------------------------------
@@ -399,22 +405,28 @@ class Index:
                 "updated_at": now,
             }
         )
+
+        def statements(cursor: Any) -> list[RecordResult]:
+            results = [
+                self._record_one(cursor, item, policy, jobs[i] if jobs else (), job_binds)
+                for i, item in enumerate(items)
+            ]
+            if timers:
+                self._upsert_timers(cursor, results, timers, now)
+            if audit is not None and (rows := audit(results)):
+                self._statements.insert_audit.executemany(cursor, rows)
+            if jobs and not self._sqlite:
+                self._announce_jobs(cursor, results, jobs)
+            if before_commit is not None:
+                before_commit()
+            return results
+
+        if self._sqlite:
+            return self._sqlite_write(statements)
         with self._transaction(write=True) as connection:
             cursor = connection.connection.cursor()
             try:
-                results = [
-                    self._record_one(cursor, item, policy, jobs[i] if jobs else (), job_binds)
-                    for i, item in enumerate(items)
-                ]
-                if timers:
-                    self._upsert_timers(cursor, results, timers, now)
-                if audit is not None and (rows := audit(results)):
-                    self._statements.insert_audit.executemany(cursor, rows)
-                if jobs and not self._sqlite:
-                    self._announce_jobs(cursor, results, jobs)
-                if before_commit is not None:
-                    before_commit()
-                return results
+                return statements(cursor)
             except self._dbapi.Error as error:
                 if self._engine.dialect.is_disconnect(
                     error, connection.connection.dbapi_connection, cursor
@@ -423,6 +435,44 @@ class Index:
                 raise
             finally:
                 cursor.close()
+
+    def _sqlite_write(self, statements: Callable[[Any], list[RecordResult]]) -> list[RecordResult]:
+        """Run ``statements`` in one BEGIN IMMEDIATE ... COMMIT on the writer connection
+        (the caller holds the write lock). Whatever they raise rolls the transaction back
+        and is raised; a connection that cannot begin or roll back is closed, and the next
+        call opens another.
+
+        Saves ~0.15 ms of pool checkout, SQLAlchemy transaction and checkin per batch, a
+        tenth of the committer's work for a small instance."""
+        if self._writer is None:
+            self._writer = self._engine.raw_connection()
+        writer = self._writer
+        try:
+            cursor = writer.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+        except self._dbapi.Error:
+            self._drop_writer()  # locked (harmless: reopened next time) or broken
+            raise
+        try:
+            results = statements(cursor)
+            cursor.execute("COMMIT")
+            return results
+        except BaseException:
+            try:
+                if writer.dbapi_connection.in_transaction:
+                    cursor.execute("ROLLBACK")
+            except self._dbapi.Error:
+                self._drop_writer()
+            raise
+        finally:
+            with contextlib.suppress(self._dbapi.Error):
+                cursor.close()
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):
+                writer.invalidate()
 
     @staticmethod
     def _announce_jobs(
