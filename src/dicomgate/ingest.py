@@ -40,7 +40,7 @@ from dicomgate.observability.logging import uid_hash
 from dicomgate.queue.jobs import NewJob, NewTimer
 from dicomgate.routing.matcher import MatchContext, Router
 from dicomgate.store.part10 import parse_arrival
-from dicomgate.store.scan import scan_dataset
+from dicomgate.store.scan import scan_buffer, scan_dataset
 
 if TYPE_CHECKING:
     from dicomgate.config import DuplicatePolicy
@@ -263,10 +263,17 @@ class Ingestor:
 
     def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
         """Check the data set is complete and the instance the sender announced."""
-        with open(job.spool.path, "rb") as fh:
-            ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)
-            if ds is None:
-                ds = _parse(fh)
+        content = job.spool.content
+        ds = (
+            scan_buffer(content, job.data_offset, job.transfer_syntax)
+            if content is not None and len(content) == job.spool.size
+            else None
+        )
+        if ds is None:  # too large to be kept in memory, or deflated
+            with open(job.spool.path, "rb") as fh:
+                ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)
+                if ds is None:
+                    ds = _parse(fh)
         record = extract_record(ds)
         # PS3.4 B.2.3: the data set must be the instance the command announced.
         if record.sop_instance_uid != job.sop_instance_uid:

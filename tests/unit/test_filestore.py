@@ -240,6 +240,30 @@ def test_spool_pool_files_are_settled_when_fsync_is_on(
     content.drain_spool_pool()
 
 
+def test_small_spool_file_keeps_a_copy_for_the_header_scan(store: ContentStore) -> None:
+    """Up to MEMORY_COPY_MAX the written bytes are also kept in memory (the committer scans
+    them without reading the file back); past it, after forget() or the move, they are not."""
+    small = store.new_spool()
+    small.write(b"a" * 1000)
+    small.write(b"b" * 24)
+    assert small.content == b"a" * 1000 + b"b" * 24
+    small.park()  # a STOW-RS part waits closed: the copy stays
+    assert small.content is not None and len(small.content) == small.size
+    small.forget()
+    assert small.content is None
+    small.discard()
+    large = store.new_spool()
+    large.write(b"x" * filestore.MEMORY_COPY_MAX)
+    assert large.content is not None
+    large.write(b"y")
+    assert large.content is None  # past the limit: the file is read back instead
+    large.discard()
+    moved = store.new_spool()
+    moved.write(b"data")
+    store.commit(moved, STUDY, SERIES, SOP)
+    assert moved.content is None
+
+
 def test_settle_on_a_closed_spool_file_is_harmless(store: ContentStore) -> None:
     spool = store.new_spool()
     spool.close()

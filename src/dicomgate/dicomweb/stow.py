@@ -85,6 +85,11 @@ class _Failed:
     reason: int
 
 
+# Staged parts of one request that keep their in-memory copy for the header scan
+# (SpoolFile.content, at most MEMORY_COPY_MAX bytes each): 16 MiB at most per request.
+COPIES_PER_REQUEST = 256
+
+
 class _Stager:
     """Turns parser events into staged spool files (one per part)."""
 
@@ -129,6 +134,8 @@ class _Stager:
             self._begin(complete=True)
         if self._spool is not None:
             self._spool.park()
+            if len(self.staged) > COPIES_PER_REQUEST:
+                self._spool.forget()
             self._spool = None
         self._head = None
 
@@ -271,6 +278,8 @@ async def _receive_json(gateway: Gateway, request: Request, stager: _Stager, bou
         parts.discard()
     for b in built:
         stager.staged.append(_Staged(b.spool, b.sniffed.data_offset, b.sniffed))
+        if len(stager.staged) > COPIES_PER_REQUEST:
+            b.spool.forget()
     for u in unbuilt:
         log.warning(
             "STOW-RS metadata instance refused: %s",

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dicomgate.errors import StoreError, StoreFullError
 
+MEMORY_COPY_MAX = 64 << 10  # bytes: a spool file up to this size is also kept in memory
 _POOL_SIZE = 32  # ready spool files: a burst of C-STOREs or STOW-RS parts
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 
@@ -79,6 +80,10 @@ class SpoolFile:
         self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by commit/discard
         self._hash = hashlib.sha256()
         self.size = 0
+        # A copy of a small file's bytes, for the header scan (Ingestor._inspect): reading
+        # the file back costs an open, a read and a close, each a hand-over of the GIL to
+        # whichever thread waits for it. Dropped past MEMORY_COPY_MAX or by forget().
+        self._copy: bytearray | None = bytearray()
         # Held while a descriptor is taken for a flush, and across the rename into the store
         # with the path update: the committer may rename a file the flush thread is about
         # to flush (Ingestor._commit_batch).
@@ -93,6 +98,20 @@ class SpoolFile:
             raise StoreError(f"cannot write spool file: {exc.strerror}") from exc
         self._hash.update(data)
         self.size += len(data)
+        if self._copy is not None:
+            if self.size <= MEMORY_COPY_MAX:
+                self._copy += data
+            else:
+                self._copy = None
+
+    @property
+    def content(self) -> bytes | None:
+        """Every byte written so far, when the file is small and the copy is kept."""
+        return bytes(self._copy) if self._copy is not None else None
+
+    def forget(self) -> None:
+        """Drop the in-memory copy (a STOW-RS request staging many parts)."""
+        self._copy = None
 
     def settle(self) -> None:
         """fsync the new, still empty file, ahead of its use (the spool pool's thread).
@@ -162,8 +181,10 @@ class SpoolFile:
         with self._lock:
             os.replace(self.path, target)
             self.path = target
+        self._copy = None  # scanned by now
 
     def discard(self) -> None:
+        self._copy = None
         self.close()
         self.path.unlink(missing_ok=True)
 

@@ -12,7 +12,6 @@ the cost does not grow with the instance size. Several times cheaper than ``dcmr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import mmap
 import os
@@ -211,27 +210,39 @@ def scan_dataset(fh: BinaryIO, start: int, end: int, transfer_syntax: str) -> Da
     A file up to ``_READ_WHOLE_MAX`` is read at once (cheaper than mapping it); a larger
     one is mapped, so only the pages holding element headers are touched.
     """
-    deflated, explicit, little = _encoding(transfer_syntax)
-    if deflated:
+    if _encoding(transfer_syntax)[0]:
         return None
     if end <= start:
         raise InvalidInstance("empty data set")
-    buf: mmap.mmap | bytes
-    with contextlib.ExitStack() as stack:
-        if end <= _READ_WHOLE_MAX:
-            buf = os.pread(fh.fileno(), end, 0)
-            if len(buf) < end:
-                raise InvalidInstance("data set truncated: the file is shorter than received")
-        else:
-            buf = stack.enter_context(mmap.mmap(fh.fileno(), end, access=mmap.ACCESS_READ))
-        if explicit and end - start >= 6:
-            # Some senders encode Implicit VR under an explicit syntax; detect it from the
-            # first element's VR bytes like pydicom and DCMTK do, rather than refuse it.
-            vr = buf[start + 4 : start + 6]
-            if not (vr[:1].isalpha() and vr[1:].isalpha()):
-                explicit = False
-        keep: dict[BaseTag, DataElement | RawDataElement] = {}
-        _Walker(buf, end, little).dataset(start, explicit, 0, in_item=False, keep=keep)
+    if end <= _READ_WHOLE_MAX:
+        buf = os.pread(fh.fileno(), end, 0)
+        if len(buf) < end:
+            raise InvalidInstance("data set truncated: the file is shorter than received")
+        return _scan(buf, start, end, transfer_syntax)
+    with mmap.mmap(fh.fileno(), end, access=mmap.ACCESS_READ) as mapped:
+        return _scan(mapped, start, end, transfer_syntax)
+
+
+def scan_buffer(buf: bytes, start: int, transfer_syntax: str) -> Dataset | None:
+    """:func:`scan_dataset` of a whole file already in memory (``buf[start:]`` is the
+    data set): no file to open and read again."""
+    if _encoding(transfer_syntax)[0]:
+        return None
+    if len(buf) <= start:
+        raise InvalidInstance("empty data set")
+    return _scan(buf, start, len(buf), transfer_syntax)
+
+
+def _scan(buf: mmap.mmap | bytes, start: int, end: int, transfer_syntax: str) -> Dataset:
+    _, explicit, little = _encoding(transfer_syntax)
+    if explicit and end - start >= 6:
+        # Some senders encode Implicit VR under an explicit syntax; detect it from the
+        # first element's VR bytes like pydicom and DCMTK do, rather than refuse it.
+        vr = buf[start + 4 : start + 6]
+        if not (vr[:1].isalpha() and vr[1:].isalpha()):
+            explicit = False
+    keep: dict[BaseTag, DataElement | RawDataElement] = {}
+    _Walker(buf, end, little).dataset(start, explicit, 0, in_item=False, keep=keep)
     ds = Dataset(keep)  # a dict argument is adopted as is: no per-element __setitem__
     ds.set_original_encoding(not explicit, little)
     return ds
