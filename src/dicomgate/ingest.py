@@ -264,11 +264,7 @@ class Ingestor:
     def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
         """Check the data set is complete and the instance the sender announced."""
         content = job.spool.content
-        ds = (
-            scan_buffer(content, job.data_offset, job.transfer_syntax)
-            if content is not None and len(content) == job.spool.size
-            else None
-        )
+        ds = None if content is None else scan_buffer(content, job.data_offset, job.transfer_syntax)
         if ds is None:  # too large to be kept in memory, or deflated
             with open(job.spool.path, "rb") as fh:
                 ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)

@@ -425,3 +425,32 @@ def test_place_survives_its_folder_removed_by_retention(
     monkeypatch.setattr("dicomgate.store.filestore.os.replace", replace_after_rmdir)
     stored = store.commit(_spool(store, b"data"), STUDY, SERIES, SOP)
     assert removed and (store.root / stored.relpath).read_bytes() == b"data"
+
+
+def test_stow_request_keeps_in_memory_copies_of_its_first_parts_only(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A STOW-RS request's staged parts keep their copy for the header scan up to
+    COPIES_PER_REQUEST (memory stays bounded however many parts a request holds)."""
+    from types import SimpleNamespace
+
+    from dicomgate.dicomweb import stow
+    from dicomgate.dicomweb.multipart import PartStart
+
+    monkeypatch.setattr(stow, "COPIES_PER_REQUEST", 2)
+    stager = stow._Stager(SimpleNamespace(store=store), "127.0.0.1")  # type: ignore[arg-type]
+    for n in range(3):
+        data = _part10_bytes(f"{SOP}.{n}")
+        stager.start(PartStart({"content-type": "application/dicom"}))
+        stager.data(data)
+        stager.end()
+    copies = [s.spool.content for s in stager.staged]
+    assert [c is not None for c in copies] == [True, True, False]
+    assert copies[0] is not None and len(copies[0]) == stager.staged[0].spool.size
+    stager.discard()
+
+
+def _part10_bytes(sop: str) -> bytes:
+    return encode_file_meta(CT_STORAGE, sop, ExplicitVRLittleEndian) + _encode(
+        _data_set(sop), False
+    )

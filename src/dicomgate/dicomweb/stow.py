@@ -134,8 +134,6 @@ class _Stager:
             self._begin(complete=True)
         if self._spool is not None:
             self._spool.park()
-            if len(self.staged) > COPIES_PER_REQUEST:
-                self._spool.forget()
             self._spool = None
         self._head = None
 
@@ -179,7 +177,14 @@ class _Stager:
             spool.discard()
             raise
         self._spool = spool
-        self.staged.append(_Staged(spool, len(header), sniffed))
+        self.add(_Staged(spool, len(header), sniffed))
+
+    def add(self, staged: _Staged) -> None:
+        """Stage a part; past the first COPIES_PER_REQUEST, its spool file keeps no
+        in-memory copy (its header is read back from disk)."""
+        self.staged.append(staged)
+        if len(self.staged) > COPIES_PER_REQUEST:
+            staged.spool.forget()
 
 
 def _accepts_json(accept: str | None) -> bool:
@@ -277,9 +282,7 @@ async def _receive_json(gateway: Gateway, request: Request, stager: _Stager, bou
     finally:
         parts.discard()
     for b in built:
-        stager.staged.append(_Staged(b.spool, b.sniffed.data_offset, b.sniffed))
-        if len(stager.staged) > COPIES_PER_REQUEST:
-            b.spool.forget()
+        stager.add(_Staged(b.spool, b.sniffed.data_offset, b.sniffed))
     for u in unbuilt:
         log.warning(
             "STOW-RS metadata instance refused: %s",
