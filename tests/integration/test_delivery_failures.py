@@ -35,9 +35,10 @@ Gateway = Callable[..., GatewayProcess]
 # together stay together.
 FAST_RETRY = {"initial": 0.2, "max": 1.0, "jitter": 0.0}
 # One batch per round: a study's jobs are created together once it has been quiet for
-# 0.2 s, and the idle poll (0.5 s) is longer than the first backoffs, so the jobs failed
-# together are leased together again.
-ONE_BATCH_ROUTE = {"name": "all", "trigger": "study_stable", "stable_after": 0.2, "to": ["cloud"]}
+# 2 s, and the idle poll (0.5 s) is longer than the first backoffs, so the jobs failed
+# together are leased together again. (0.2 s of quiet split a study in two on a loaded CI
+# machine, when one commit on PostgreSQL stalled between two of storescu's instances.)
+ONE_BATCH_ROUTE = {"name": "all", "trigger": "study_stable", "stable_after": 2.0, "to": ["cloud"]}
 ONE_BATCH_QUEUE: dict[str, Any] = {"poll_interval": 0.5, "retry": FAST_RETRY}
 
 
