@@ -6,6 +6,7 @@ middleware from :mod:`dicomgate.security.middleware`; see docs/security.md.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -23,6 +24,20 @@ if TYPE_CHECKING:
     from dicomgate.service import Gateway
 
 
+def _framework_telemetry_off() -> dict[str, Any]:
+    """FastAPI 0.165 and later trace every request with OpenTelemetry on their own: each
+    request asks whether a provider is configured, and ``FASTAPI_OTEL_AUTO_CONFIGURE=true``
+    in the environment would export spans and metrics whose attributes hold request paths
+    and query strings (study UIDs, patient names in QIDO-RS queries) to an OTLP endpoint
+    the gateway's config knows nothing of. dicomgate's own metrics and logs are its
+    telemetry (docs/observability.md), so the framework's is switched off. Older FastAPI
+    has no such hooks, and no ``telemetry`` argument either."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    off = ("tracing", "metrics", "logs", "operation_spans", "auto_configure")
+    return {"telemetry": dict.fromkeys(off, False)}
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     """Build the ASGI app bound to a running :class:`Gateway`."""
     app = FastAPI(
@@ -31,6 +46,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         docs_url="/api/docs",
         openapi_url="/api/openapi.json",
         redoc_url=None,
+        **_framework_telemetry_off(),
     )
 
     @app.get("/healthz")

@@ -241,3 +241,23 @@ def test_instances_transferred_message_follows_ps3_15_a_5() -> None:
     assert audit_message(AuditEvent("association.accepted"), "gw1") is None
     rejected = audit_message(AuditEvent("association.rejected", outcome="failure"), "gw1")
     assert rejected is not None and b'csd-code="110113"' in rejected
+
+
+def test_the_web_framework_traces_and_exports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastAPI's own OpenTelemetry hooks are off, whatever the environment says."""
+    import inspect
+
+    from fastapi import FastAPI
+
+    from dicomgate.app import _framework_telemetry_off
+
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    options = _framework_telemetry_off()
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        assert options == {}  # an older FastAPI: no hooks, and no argument to pass
+        return
+    app = FastAPI(**options)
+    config = app._telemetry
+    for key in ("tracing", "metrics", "logs", "operation_spans", "auto_configure"):
+        assert config[key] is False, key  # type: ignore[literal-required]
+    assert not app._native_telemetry.enabled()
