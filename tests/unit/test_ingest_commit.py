@@ -131,3 +131,24 @@ def test_every_flush_failing_stores_nothing(
     assert all(isinstance(o, DicomgateError) for o in outcomes)
     assert ingestor.index.count_instances() == 0
     assert [p for p in ingestor.store.store_dir.rglob("*.dcm")] == []
+
+
+def test_the_garbage_collector_is_settled_once_ready() -> None:
+    """Start-up's objects are frozen out of the collector's sight and the youngest
+    generation's threshold raised (service.settle_garbage_collector); in a fresh
+    interpreter, since both are process-wide."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from dicomgate.service import GC_YOUNG_THRESHOLD, settle_garbage_collector\n"
+        "before = gc.get_threshold()\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "settle_garbage_collector()\n"
+        "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:]), gc.get_threshold()\n"
+        "assert gc.isenabled()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
