@@ -427,6 +427,25 @@ def test_place_survives_its_folder_removed_by_retention(
     assert removed and (store.root / stored.relpath).read_bytes() == b"data"
 
 
+def test_a_known_series_folder_removed_by_retention_is_made_again(store: ContentStore) -> None:
+    """place() skips the folder checks for a series folder it has used; when retention
+    removed it meanwhile (emptied: study and series folders gone), the rename fails, and
+    the folder is made again, with its new parents among the folders to sync."""
+    first, folders = store.place(_spool(store, b"one"), STUDY, SERIES, SOP)
+    series = (store.root / first.relpath).parent
+    assert folders == [series, series.parent, series.parent.parent]
+    _, folders = store.place(_spool(store, b"two"), STUDY, SERIES, SOP + ".2")
+    assert folders == [series]
+    for path in series.iterdir():  # what a relay-retention sweep does
+        path.unlink()
+    series.rmdir()
+    series.parent.rmdir()
+    third, folders = store.place(_spool(store, b"three"), STUDY, SERIES, SOP + ".3")
+    assert (store.root / third.relpath).read_bytes() == b"three"
+    assert folders == [series, series.parent, series.parent.parent]
+    assert store.place(_spool(store, b"four"), STUDY, SERIES, SOP + ".4")[1] == [series]
+
+
 def test_stow_request_keeps_in_memory_copies_of_its_first_parts_only(
     store: ContentStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -33,6 +33,9 @@ _POOL_SIZE = 32  # ready spool files: a burst of C-STOREs or STOW-RS parts
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 
 
+_KNOWN_FOLDERS_MAX = 4096  # series folders remembered by ContentStore.place
+
+
 def _safe_component(uid: str) -> str:
     """A UID as a path component; anything else (a malformed UID) is hex-escaped."""
     if _UID_RE.match(uid) and uid not in (".", ".."):
@@ -204,6 +207,11 @@ class ContentStore:
         self._refill_stopping = False
         self._space_checked_at = -1e9
         self._space_ok = True
+        # Series folders this process created or renamed a file into: a file for one of
+        # them goes straight to the rename (one system call instead of four). Retention
+        # removes emptied folders; a rename into a removed one fails, and place() forgets
+        # the folder and creates it again.
+        self._known_folders: dict[Path, None] = {}
 
     def open(self) -> int:
         """Create the folders, remove half-received spool files; returns how many were removed.
@@ -325,12 +333,14 @@ class ContentStore:
         """
         folder = self.store_dir / _safe_component(study_uid) / _safe_component(series_uid)
         name = _safe_component(sop_uid)
+        known = self._known_folders
         try:
             for attempt in range(3):
                 folders = [folder]
-                if not folder.exists():
-                    folders += [folder.parent, folder.parent.parent]
-                folder.mkdir(parents=True, exist_ok=True)
+                if folder not in known:
+                    if not folder.exists():
+                        folders += [folder.parent, folder.parent.parent]
+                    folder.mkdir(parents=True, exist_ok=True)
                 target = folder / f"{name}.dcm"
                 copy = 1
                 while target.exists():  # never replace a stored file (the committer is the
@@ -342,10 +352,16 @@ class ContentStore:
                     spool.move_to(target)
                     break
                 except FileNotFoundError:
-                    # retention removed the emptied folder between mkdir and rename
+                    # retention removed the emptied folder (before this rename, or between
+                    # mkdir and rename)
+                    known.pop(folder, None)
                     if attempt == 2 or not spool.path.exists():
                         raise
             spool.close()
+            if folder not in known:
+                if len(known) >= _KNOWN_FOLDERS_MAX:
+                    known.clear()
+                known[folder] = None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StoreFullError("no space left in the store") from exc
