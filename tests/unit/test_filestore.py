@@ -428,14 +428,16 @@ def test_place_survives_its_folder_removed_by_retention(
 
 
 def test_a_known_series_folder_removed_by_retention_is_made_again(store: ContentStore) -> None:
-    """place() skips the folder checks for a series folder it has used; when retention
-    removed it meanwhile (emptied: study and series folders gone), the rename fails, and
-    the folder is made again, with its new parents among the folders to sync."""
+    """place() skips the folder checks for a series folder it has used and flushed; when
+    retention removed it meanwhile (emptied: study and series folders gone), the rename
+    fails, and the folder is made again, with its parents among the folders to flush."""
     first, folders = store.place(_spool(store, b"one"), STUDY, SERIES, SOP)
     series = (store.root / first.relpath).parent
     assert folders == [series, series.parent, series.parent.parent]
+    store.sync_folders(folders)
     _, folders = store.place(_spool(store, b"two"), STUDY, SERIES, SOP + ".2")
     assert folders == [series]
+    store.sync_folders(folders)
     for path in series.iterdir():  # what a relay-retention sweep does
         path.unlink()
     series.rmdir()
@@ -443,7 +445,38 @@ def test_a_known_series_folder_removed_by_retention_is_made_again(store: Content
     third, folders = store.place(_spool(store, b"three"), STUDY, SERIES, SOP + ".3")
     assert (store.root / third.relpath).read_bytes() == b"three"
     assert folders == [series, series.parent, series.parent.parent]
+    store.sync_folders(folders)
     assert store.place(_spool(store, b"four"), STUDY, SERIES, SOP + ".4")[1] == [series]
+
+
+def test_a_folder_whose_flush_failed_is_flushed_with_its_parents_again(
+    store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series folder made by a batch whose folder flush failed is not taken as settled:
+    the next file into it flushes its parents too, so its entry survives a power cut."""
+    first, folders = store.place(_spool(store, b"one"), STUDY, SERIES, SOP)
+    series = (store.root / first.relpath).parent
+
+    def failing(folder: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(filestore, "_fsync_dir", failing)
+    with pytest.raises(StoreError):
+        store.sync_folders(folders)
+    monkeypatch.undo()
+    _, folders = store.place(_spool(store, b"two"), STUDY, SERIES, SOP + ".2")
+    assert folders == [series, series.parent, series.parent.parent]
+    store.sync_folders(folders)
+    assert store.place(_spool(store, b"three"), STUDY, SERIES, SOP + ".3")[1] == [series]
+
+
+def test_without_fsync_a_used_series_folder_is_known_at_once(tmp_path: Path) -> None:
+    store = ContentStore(tmp_path / "data", fsync=False)
+    store.open()
+    first, folders = store.place(_spool(store, b"one"), STUDY, SERIES, SOP)
+    series = (store.root / first.relpath).parent
+    assert folders == [series, series.parent, series.parent.parent]
+    assert store.place(_spool(store, b"two"), STUDY, SERIES, SOP + ".2")[1] == [series]
 
 
 def test_stow_request_keeps_in_memory_copies_of_its_first_parts_only(

@@ -207,11 +207,14 @@ class ContentStore:
         self._refill_stopping = False
         self._space_checked_at = -1e9
         self._space_ok = True
-        # Series folders this process created or renamed a file into: a file for one of
-        # them goes straight to the rename (one system call instead of four). Retention
-        # removes emptied folders; a rename into a removed one fails, and place() forgets
-        # the folder and creates it again.
+        # Series folders whose entries, and their parents', have been flushed since this
+        # process made or first used them (sync_folders): a file for one of them goes
+        # straight to the rename (one system call instead of four). Any other folder is
+        # flushed with its parents, so one a failed flush left behind is flushed again.
+        # Retention removes emptied folders; a rename into a removed one fails, and
+        # place() forgets the folder and makes it again.
         self._known_folders: dict[Path, None] = {}
+        self._series_depth = len(self.store_dir.parts) + 2
 
     def open(self) -> int:
         """Create the folders, remove half-received spool files; returns how many were removed.
@@ -336,10 +339,10 @@ class ContentStore:
         known = self._known_folders
         try:
             for attempt in range(3):
-                folders = [folder]
-                if folder not in known:
-                    if not folder.exists():
-                        folders += [folder.parent, folder.parent.parent]
+                if folder in known:
+                    folders = [folder]
+                else:
+                    folders = [folder, folder.parent, folder.parent.parent]
                     folder.mkdir(parents=True, exist_ok=True)
                 target = folder / f"{name}.dcm"
                 copy = 1
@@ -358,10 +361,8 @@ class ContentStore:
                     if attempt == 2 or not spool.path.exists():
                         raise
             spool.close()
-            if folder not in known:
-                if len(known) >= _KNOWN_FOLDERS_MAX:
-                    known.clear()
-                known[folder] = None
+            if not self.fsync:  # nothing to flush: the folder is settled now
+                self._remember([folder])
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StoreFullError("no space left in the store") from exc
@@ -380,6 +381,16 @@ class ContentStore:
                 _fsync_dir(folder)
         except OSError as exc:
             raise StoreError(f"cannot sync store folder: {exc.strerror}") from exc
+        self._remember(folders)
+
+    def _remember(self, folders: list[Path]) -> None:
+        """Series folders of ``folders`` are settled: place() may rename into them directly."""
+        known = self._known_folders
+        for folder in folders:
+            if len(folder.parts) == self._series_depth and folder not in known:
+                if len(known) >= _KNOWN_FOLDERS_MAX:
+                    known.clear()
+                known[folder] = None
 
     def remove(self, relpath: str) -> None:
         """Delete a stored file (used when an index transaction refused it)."""
