@@ -31,8 +31,6 @@ from dicomgate.errors import StoreError, StoreFullError
 MEMORY_COPY_MAX = 64 << 10  # bytes: a spool file up to this size is also kept in memory
 _POOL_SIZE = 32  # ready spool files: a burst of C-STOREs or STOW-RS parts
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
-
-
 _KNOWN_FOLDERS_MAX = 4096  # series folders remembered by ContentStore.place
 
 
@@ -214,7 +212,6 @@ class ContentStore:
         # Retention removes emptied folders; a rename into a removed one fails, and
         # place() forgets the folder and makes it again.
         self._known_folders: dict[Path, None] = {}
-        self._series_depth = len(self.store_dir.parts) + 2
 
     def open(self) -> int:
         """Create the folders, remove half-received spool files; returns how many were removed.
@@ -387,7 +384,7 @@ class ContentStore:
         """Series folders of ``folders`` are settled: place() may rename into them directly."""
         known = self._known_folders
         for folder in folders:
-            if len(folder.parts) == self._series_depth and folder not in known:
+            if folder not in known and folder.parent.parent == self.store_dir:
                 if len(known) >= _KNOWN_FOLDERS_MAX:
                     known.clear()
                 known[folder] = None
