@@ -266,6 +266,7 @@ class Ingestor:
         content = job.spool.content
         ds = None if content is None else scan_buffer(content, job.data_offset, job.transfer_syntax)
         if ds is None:  # too large to be kept in memory, or deflated
+            job.spool.drain()  # its last writes may still be on the writer thread
             with open(job.spool.path, "rb") as fh:
                 ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)
                 if ds is None:

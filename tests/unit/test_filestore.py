@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -38,8 +40,8 @@ def store(tmp_path: Path) -> ContentStore:
     return content
 
 
-def _spool(store: ContentStore, *chunks: bytes) -> SpoolFile:
-    spool = store.new_spool()
+def _spool(store: ContentStore, *chunks: bytes, write_behind: bool = False) -> SpoolFile:
+    spool = store.new_spool(write_behind)
     for chunk in chunks:
         spool.write(chunk)
     return spool
@@ -506,3 +508,179 @@ def _part10_bytes(sop: str) -> bytes:
     return encode_file_meta(CT_STORAGE, sop, ExplicitVRLittleEndian) + _encode(
         _data_set(sop), False
     )
+
+
+# -- writes behind (the writer thread) ------------------------------------------------------
+
+
+@pytest.fixture
+def running_store(store: ContentStore) -> Iterator[ContentStore]:
+    """A store as a running gateway has it: spool refiller and writer thread started."""
+    store.start_spool_refiller()
+    yield store
+    store.stop_spool_refiller()
+
+
+def test_large_spool_files_are_written_behind_in_order_and_hashed(
+    running_store: ContentStore,
+) -> None:
+    """Past MEMORY_COPY_MAX the writer thread appends and hashes; the stored file is the
+    bytes in the order written, even from a buffer the caller changes afterwards."""
+    store = running_store
+    assert any(t.name == "dicomgate-writer" for t in threading.enumerate())
+    first = b"h" * 1000
+    body = os.urandom(filestore.MEMORY_COPY_MAX + 5000)
+    reused = bytearray(b"r" * 70_000)  # a receive buffer its owner reuses
+    spool = _spool(store, first, body, write_behind=True)
+    spool.write(reused)
+    reused[:] = b"z" * len(reused)
+    spool.write(memoryview(b"tail-bytes"))
+    expected = first + body + b"r" * 70_000 + b"tail-bytes"
+    assert spool.size == len(expected)
+    assert spool.content is None
+    stored = store.commit(spool, STUDY, SERIES, SOP)
+    assert store.path_of(stored.relpath).read_bytes() == expected
+    assert stored.sha256 == hashlib.sha256(expected).hexdigest()
+    assert stored.size == len(expected)
+
+
+def test_spool_files_not_asking_for_it_are_written_at_once(
+    running_store: ContentStore,
+) -> None:
+    """Only write_behind spool files (STOW-RS parts) use the writer thread; a C-STORE's
+    chain is shorter written directly (bench/README.md)."""
+    store = running_store
+    data = os.urandom(2 * filestore.MEMORY_COPY_MAX)
+    spool = _spool(store, data)
+    assert spool.path.read_bytes() == data  # on disk as write() returns
+    assert not spool._behind
+    spool.discard()
+
+
+def test_a_parked_large_spool_file_is_closed_by_the_writer_and_still_flushes(
+    running_store: ContentStore,
+) -> None:
+    store = running_store
+    data = os.urandom(3 * filestore.MEMORY_COPY_MAX)
+    spool = _spool(store, data[:100], data[100:], write_behind=True)
+    spool.park()
+    spool.drain()
+    assert spool._fh.closed
+    spool.flush()
+    stored = store.commit(spool, STUDY, SERIES, SOP)
+    assert store.path_of(stored.relpath).read_bytes() == data
+
+
+def test_a_failed_write_behind_refuses_the_file_where_it_is_flushed_or_placed(
+    running_store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the writer thread could not make (disk full) is raised by drain, flush and
+    commit, and the file never enters the store; later writes of that file are skipped."""
+    store = running_store
+    spool = _spool(store, b"x" * 10, write_behind=True)
+
+    class FullDisk:
+        closed = False
+
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def write(self, data: object) -> int:
+            self.writes += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self) -> int:
+            raise AssertionError("not reached")
+
+        def close(self) -> None:
+            self.closed = True
+
+    real = spool._fh
+    full = FullDisk()
+    monkeypatch.setattr(spool, "_fh", full)
+    spool.write(b"y" * (filestore.MEMORY_COPY_MAX + 1))  # behind: no error here
+    spool.write(b"z" * 100)
+    with pytest.raises(StoreFullError):
+        spool.drain()
+    assert full.writes == 1  # the second write was skipped
+    with pytest.raises(StoreFullError):
+        spool.flush()
+    with pytest.raises(StoreFullError):
+        store.commit(spool, STUDY, SERIES, SOP)
+    assert not (store.store_dir / STUDY).exists()
+    real.close()
+    spool.discard()
+    assert not spool.path.exists()
+
+
+def test_writes_behind_wait_when_the_writer_is_behind_by_its_limit(tmp_path: Path) -> None:
+    """Back-pressure: a write waits while max_pending bytes are queued (memory stays
+    bounded whatever the sender's pace)."""
+    release = threading.Event()
+
+    class SlowSpool(SpoolFile):
+        def _apply(self, data: bytes | memoryview | None) -> None:
+            release.wait(10)
+            super()._apply(data)
+
+    writer = filestore._Writer(max_pending=filestore.MEMORY_COPY_MAX * 2)
+    try:
+        spool = SlowSpool(tmp_path / "slow.part", writer)
+        chunk = b"c" * (filestore.MEMORY_COPY_MAX + 1)
+        spool.write(chunk)  # queued; the writer holds it
+        done = threading.Event()
+
+        def second() -> None:
+            spool.write(chunk)  # 2 x (MAX + 1) > max_pending: waits
+            done.set()
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not done.wait(0.3)
+        release.set()
+        assert done.wait(5)
+        thread.join()
+        spool.drain()
+        assert (tmp_path / "slow.part").read_bytes() == chunk * 2
+        spool.discard()
+    finally:
+        release.set()
+        writer.stop()
+
+
+def test_a_discarded_spool_file_skips_its_queued_writes(tmp_path: Path) -> None:
+    release = threading.Event()
+    applied: list[int] = []
+
+    class SlowSpool(SpoolFile):
+        def _apply(self, data: bytes | memoryview | None) -> None:
+            release.wait(10)
+            super()._apply(data)
+            applied.append(self.path.stat().st_size if self.path.exists() else -1)
+
+    writer = filestore._Writer()
+    try:
+        spool = SlowSpool(tmp_path / "gone.part", writer)
+        spool.write(b"a" * (filestore.MEMORY_COPY_MAX + 1))
+        spool.write(b"b" * 10)
+        threading.Timer(0.2, release.set).start()
+        spool.discard()  # waits for the writer, which skips both writes
+        assert applied == [0, 0]  # neither write reached the file
+        assert not (tmp_path / "gone.part").exists()
+        assert spool._fh.closed
+    finally:
+        release.set()
+        writer.stop()
+
+
+def test_after_the_writer_stops_writes_are_made_at_once(tmp_path: Path) -> None:
+    writer = filestore._Writer()
+    spool = SpoolFile(tmp_path / "late.part", writer)
+    writer.stop()
+    assert not any(t.name == "dicomgate-writer" for t in threading.enumerate())
+    data = b"q" * (filestore.MEMORY_COPY_MAX + 10)
+    spool.write(data)
+    spool.drain()
+    assert (tmp_path / "late.part").read_bytes() == data
+    assert spool.sha256 == hashlib.sha256(data).hexdigest()
+    spool.discard()

@@ -163,7 +163,7 @@ class _Stager:
             )
             self._skip = True
             return
-        spool = self.store.new_spool()
+        spool = self.store.new_spool(write_behind=True)
         try:
             header = encode_file_meta(
                 sniffed.sop_class_uid,

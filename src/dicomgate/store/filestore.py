@@ -26,12 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomgate.errors import StoreError, StoreFullError
+from dicomgate.errors import DicomgateError, StoreError, StoreFullError
 
 MEMORY_COPY_MAX = 64 << 10  # bytes: a spool file up to this size is also kept in memory
 _POOL_SIZE = 32  # ready spool files: a burst of C-STOREs or STOW-RS parts
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 _KNOWN_FOLDERS_MAX = 4096  # series folders remembered by ContentStore.place
+_WRITE_BEHIND_MAX = 4 << 20  # bytes queued for the writer thread before a writer waits
 
 
 def _safe_component(uid: str) -> str:
@@ -73,14 +74,83 @@ class StoredFile:
     sha256: str  # hex digest of the whole file
 
 
-class SpoolFile:
-    """A file being received: bytes are appended and hashed as they arrive."""
+class _Writer:
+    """One thread that appends and hashes the bytes of large spool files, in the order they
+    arrived, behind the thread that receives them.
 
-    def __init__(self, path: Path) -> None:
+    Writing a 64 KiB chunk to the page cache and hashing it release the GIL, and the
+    receiving thread (the event loop) then waits to take it back; here they overlap with
+    the receipt of the next chunk. At most ``max_pending`` bytes wait: past that,
+    :meth:`submit` waits, as a direct write would have (DESIGN rule 2).
+    """
+
+    def __init__(self, max_pending: int = _WRITE_BEHIND_MAX) -> None:
+        self._max_pending = max_pending
+        self._pending = 0
+        self._queue: deque[tuple[SpoolFile, bytes | memoryview | None]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dicomgate-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, spool: SpoolFile, data: bytes | memoryview | None) -> None:
+        """Queue ``data`` for ``spool`` (None: close its descriptor after its writes)."""
+        size = 0 if data is None else len(data)
+        with self._cond:
+            if self._stopping:  # the gateway is stopping: write here
+                spool._apply(data)
+                return
+            while self._pending and self._pending + size > self._max_pending:
+                self._cond.wait()
+            self._queue.append((spool, data))
+            self._pending += size
+            spool._queued += 1
+            self._cond.notify_all()
+
+    def wait(self, spool: SpoolFile) -> None:
+        """Until every write queued for ``spool`` is done."""
+        with self._cond:
+            while spool._queued:
+                self._cond.wait()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                spool, data = self._queue.popleft()
+            try:
+                spool._apply(data)
+            except Exception as exc:  # a bug must fail that file, never stop this thread
+                spool._error = StoreError(f"cannot write spool file: {exc!r}")
+            finally:
+                with self._cond:
+                    self._pending -= 0 if data is None else len(data)
+                    spool._queued -= 1
+                    self._cond.notify_all()
+
+
+class SpoolFile:
+    """A file being received: bytes are appended and hashed as they arrive; past
+    MEMORY_COPY_MAX, by the store's writer thread when it has one (:class:`_Writer`)."""
+
+    def __init__(self, path: Path, writer: _Writer | None = None) -> None:
         self.path = path
         self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by commit/discard
         self._hash = hashlib.sha256()
         self.size = 0
+        self._writer = writer
+        self._behind = False  # writes go to the writer thread (the file is past the copy)
+        self._queued = 0  # writes (and a close) queued for the writer thread; its lock
+        self._error: DicomgateError | None = None  # a failed write behind, or a discard
         # A copy of a small file's bytes, for the header scan (Ingestor._inspect): reading
         # the file back costs an open, a read and a close, each a hand-over of the GIL to
         # whichever thread waits for it. Dropped past MEMORY_COPY_MAX or by forget().
@@ -91,12 +161,21 @@ class SpoolFile:
         self._lock = threading.Lock()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._fh.write(data)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreFullError("no space left in the store") from exc
-            raise StoreError(f"cannot write spool file: {exc.strerror}") from exc
+        """Append ``data`` (from one thread at a time). Past MEMORY_COPY_MAX, with a writer
+        thread, the write happens behind: its error, if any, is raised by :meth:`drain`
+        and by whatever flushes, renames or reads the file."""
+        if self._writer is not None and (self._behind or self.size + len(data) > MEMORY_COPY_MAX):
+            if not (
+                isinstance(data, bytes)
+                or (isinstance(data, memoryview) and isinstance(data.obj, bytes))
+            ):
+                data = bytes(data)  # a buffer the caller may change once this returns
+            self._behind = True
+            self._copy = None
+            self.size += len(data)
+            self._writer.submit(self, data)
+            return
+        self._write_now(data)
         self._hash.update(data)
         self.size += len(data)
         if self._copy is not None:
@@ -104,6 +183,44 @@ class SpoolFile:
                 self._copy += data
             else:
                 self._copy = None
+
+    def _write_now(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError("no space left in the store") from exc
+            raise StoreError(f"cannot write spool file: {exc.strerror}") from exc
+
+    def _apply(self, data: bytes | memoryview | None) -> None:
+        """On the writer thread: one queued write (or the close of a parked file)."""
+        if data is None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            return
+        if self._error is not None:  # failed or discarded: the rest is not written
+            return
+        try:
+            with memoryview(data) as view:
+                while view:
+                    view = view[self._fh.write(view) :]
+            self._hash.update(data)
+        except (OSError, ValueError) as exc:
+            errno_ = getattr(exc, "errno", None)
+            if errno_ == errno.ENOSPC:
+                self._error = StoreFullError("no space left in the store")
+            else:
+                self._error = StoreError(
+                    f"cannot write spool file: {getattr(exc, 'strerror', None) or exc}"
+                )
+
+    def drain(self) -> None:
+        """Wait for the writes queued behind; raise the error of a failed one."""
+        if self._behind:
+            assert self._writer is not None
+            self._writer.wait(self)
+            if self._error is not None:
+                raise self._error
 
     @property
     def content(self) -> bytes | None:
@@ -128,10 +245,13 @@ class SpoolFile:
 
     @property
     def sha256(self) -> str:
+        self.drain()
         return self._hash.hexdigest()
 
     def _descriptor(self) -> int:
-        """A descriptor of our own on the file, wherever it is now (spool or store)."""
+        """A descriptor of our own on the file, wherever it is now (spool or store), once
+        every write is done."""
+        self.drain()
         with self._lock:
             if self._fh.closed:  # parked, or already renamed into the store
                 return os.open(self.path, os.O_RDONLY)
@@ -165,20 +285,29 @@ class SpoolFile:
                 _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
             finally:
                 os.close(fd)
-        except OSError:
-            pass
+        except (OSError, DicomgateError):
+            pass  # a failed write is reported by flush() too
 
     def park(self) -> None:
         """Close the descriptor of a completely written file that waits to be ingested
-        (a STOW-RS request may stage thousands of parts); :meth:`flush` still works."""
+        (a STOW-RS request may stage thousands of parts); :meth:`flush` still works. With
+        writes behind, the writer thread closes it after them."""
+        if self._behind:
+            assert self._writer is not None
+            self._writer.submit(self, None)
+            return
         self.close()
 
     def close(self) -> None:
+        with contextlib.suppress(DicomgateError):  # reported by drain() where it matters
+            self.drain()
         with self._lock:
             self._fh.close()
 
     def move_to(self, target: Path) -> None:
-        """Rename the file to ``target`` (``os.replace``) and follow it there."""
+        """Rename the file to ``target`` (``os.replace``) and follow it there, once every
+        write is done."""
+        self.drain()
         with self._lock:
             os.replace(self.path, target)
             self.path = target
@@ -186,6 +315,8 @@ class SpoolFile:
 
     def discard(self) -> None:
         self._copy = None
+        if self._error is None:
+            self._error = StoreError("spool file discarded")  # skip writes still queued
         self.close()
         self.path.unlink(missing_ok=True)
 
@@ -203,6 +334,7 @@ class ContentStore:
         self._refill_wanted = threading.Event()
         self._refiller: threading.Thread | None = None
         self._refill_stopping = False
+        self._writer: _Writer | None = None  # started with the refiller (a running gateway)
         self._space_checked_at = -1e9
         self._space_ok = True
         # Series folders whose entries, and their parents', have been flushed since this
@@ -249,22 +381,28 @@ class ContentStore:
         if not self._space_ok:
             raise StoreFullError("store free space is below storage.min_free_bytes")
 
-    def new_spool(self) -> SpoolFile:
-        """An empty spool file; taken from the ready pool when possible.
+    def new_spool(self, write_behind: bool = False) -> SpoolFile:
+        """An empty spool file; taken from the ready pool when possible. With
+        ``write_behind`` (STOW-RS parts) and a running writer thread, its bytes past
+        MEMORY_COPY_MAX are written by that thread (:class:`_Writer`).
 
         Creating a file can wait on the file-system journal while another thread fsyncs
         (~1 ms here, under load); the pool, refilled by its own thread
         (:meth:`start_spool_refiller`), keeps that wait off the network event loop and off
         the committer.
         """
+        writer = self._writer if write_behind else None
         try:
-            return self._ready.popleft()
+            spool = self._ready.popleft()
         except IndexError:
             pass
+        else:
+            spool._writer = writer
+            return spool
         finally:
             self._refill_wanted.set()
         try:
-            return SpoolFile(self.spool_dir / f"{uuid.uuid4().hex}.part")
+            return SpoolFile(self.spool_dir / f"{uuid.uuid4().hex}.part", writer)
         except OSError as exc:
             raise StoreError(f"cannot create spool file: {exc.strerror}") from exc
 
@@ -280,9 +418,11 @@ class ContentStore:
             self._ready.append(spool)
 
     def start_spool_refiller(self) -> None:
-        """Fill the pool, then keep it full from a thread of its own."""
+        """Fill the pool, then keep it full from a thread of its own; start the thread that
+        writes large spool files behind the receiving thread (:class:`_Writer`)."""
         if self._refiller is not None:
             return
+        self._writer = _Writer()
         self._refill_stopping = False
         self.refill_spool_pool()
         self._refiller = threading.Thread(
@@ -306,6 +446,9 @@ class ContentStore:
             self._refiller.join(10)
             self._refiller = None
         self.drain_spool_pool()
+        if self._writer is not None:
+            self._writer.stop()  # after its queue: a spool still in use writes on its own
+            self._writer = None
 
     def drain_spool_pool(self) -> None:
         while self._ready:
