@@ -133,3 +133,34 @@ def test_c_store_past_the_free_space_is_refused_with_a700_and_the_next_one_store
     mr = corpus.mr("full-mr-dimse", 2, seed=704)
     assert gw.storescu(mr).returncode == 0
     assert gw.index.count_instances() == 3
+
+
+def test_index_on_the_full_disk_refuses_with_a700_and_keeps_index_and_store_in_step(
+    gateway: Gateway, small_store: Path, corpus: Corpus
+) -> None:
+    """The default layout, the SQLite index beside the store on the disk that fills: an
+    instance whose file fitted but whose index row did not ("database or disk is full") is
+    refused with 0xA700 and its file removed. Whatever the exact split, every success
+    storescu saw is one index row and one stored file, and nothing else is left."""
+    gw = gateway(
+        {
+            "storage": {"path": str(small_store), "min_free_bytes": 0},
+            "database": {"url": f"sqlite:///{small_store}/index.db"},
+        }
+    )
+    ct = corpus.ct("full-ct-index", 2, seed=707)
+    out = gw.storescu(ct, "-v", "--no-halt")
+    answers = [
+        line.split("(", 1)[1].rstrip(")").replace(" ", "").lower()
+        for line in out.stdout.splitlines()
+        if "Received Store Response" in line
+    ]
+    assert len(answers) == 2, out.stdout
+    assert "refused:outofresources" in answers, out.stdout
+    assert set(answers) <= {"success", "refused:outofresources"}, out.stdout
+    stored = answers.count("success")
+    assert gw.index.count_instances() == stored
+    assert len(_stored_files(gw)) == stored
+    assert _spool_bytes(gw) == 0
+    assert gw.echoscu().returncode == 0
+    assert gw.log_count("ingest.commit_failed") + gw.log_count("instance.refused") >= 1
