@@ -115,6 +115,9 @@ class Ingestor:
         self._sync_interval = sync_interval
         self.audit = audit
         self._unsynced = False
+        # instance.stored lines of answered instances, written once the committer has
+        # nothing to do for _LINES_IDLE seconds, or _LINES_MAX are waiting (see _finish).
+        self._lines: list[tuple[IngestJob, StoredInstance, RecordResult, float]] = []
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dicomgate-flush")
         # The folder flushes of a batch run beside its data flushes, on a thread of their
         # own: on one thread they waited for the last data flush (~0.2 ms per CT instance).
@@ -230,8 +233,11 @@ class Ingestor:
         last_sync = time.monotonic()
         while not stopping:
             try:
-                first = self._queue.get(timeout=self._sync_interval)
+                first = self._queue.get(timeout=_LINES_IDLE if self._lines else self._sync_interval)
             except queue.Empty:
+                if self._lines:
+                    self._write_lines()
+                    continue
                 if self._unsynced:
                     self._barrier()
                 last_sync = time.monotonic()
@@ -259,6 +265,9 @@ class Ingestor:
                 for job in batch:
                     job.spool.discard()
                     _resolve(job, StoreError("internal error while storing"))
+            if len(self._lines) >= _LINES_MAX:
+                self._write_lines()
+        self._write_lines()
         self._barrier()
 
     def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
@@ -511,6 +520,14 @@ class Ingestor:
                 job.stored = item.record
                 _resolve(job, None)
             lines.append((job, item, result, time.monotonic() - job.submitted_at))
+        self._lines += lines
+
+    def _write_lines(self) -> None:
+        """Log the waiting ``instance.stored`` lines. Written right after the answers, each
+        line's output handed the interpreter's lock to the event loop and the committer then
+        waited for it back, just when the event loop had an answer to send: with one small
+        instance per STOW-RS request, the line cost ~8% of the rate (bench/README.md)."""
+        lines, self._lines = self._lines, []
         for job, item, result, seconds in lines:
             sop = uid_hash(item.record.sop_instance_uid)
             if result.outcome is Outcome.REJECTED:
@@ -530,6 +547,10 @@ class Ingestor:
                     "seconds": round(seconds, 6),
                 },
             )
+
+
+_LINES_IDLE = 0.002  # seconds without work before waiting instance.stored lines are logged
+_LINES_MAX = 256
 
 
 def _received_events(

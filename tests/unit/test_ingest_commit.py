@@ -7,6 +7,8 @@ simulated (a unit test of Ingestor._commit_batch's failure path).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -152,3 +154,65 @@ def test_the_garbage_collector_is_settled_once_ready() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(str(getattr(record, "event", "")))
+
+    def stored(self) -> int:
+        return self.events.count("instance.stored")
+
+
+@pytest.fixture
+def lines() -> Iterator[_Lines]:
+    handler = _Lines()
+    logger = logging.getLogger("dicomgate.ingest")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.setLevel(level)
+    logger.removeHandler(handler)
+
+
+def test_stored_lines_wait_until_the_answers_are_out(ingestor: Ingestor, lines: _Lines) -> None:
+    """The committer answers a batch and keeps its instance.stored lines; they are written
+    later (when it is idle, or _LINES_MAX wait), not while the event loop sends the answers."""
+    _, outcomes = _commit(ingestor, 6, 3)
+    assert outcomes == [None, None, None]
+    assert lines.stored() == 0
+    assert len(ingestor._lines) == 3
+    ingestor._write_lines()
+    assert lines.stored() == 3
+    assert ingestor._lines == []
+
+
+async def _ingest_all(ingestor: Ingestor, jobs: list[IngestJob]) -> list[object]:
+    return list(await asyncio.gather(*(ingestor.ingest(j) for j in jobs)))
+
+
+def test_the_committer_writes_waiting_lines_when_idle_and_at_stop(
+    ingestor: Ingestor, lines: _Lines
+) -> None:
+    ingestor.start()
+    loop = asyncio.new_event_loop()
+    try:
+        first = [_job(ingestor, loop, f"{STUDY}.7.{n}") for n in range(2)]
+        results = loop.run_until_complete(_ingest_all(ingestor, first))
+        assert results == [None, None]
+        deadline = time.monotonic() + 5
+        while lines.stored() < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert lines.stored() == 2  # written once the committer had nothing to do
+        more = [_job(ingestor, loop, f"{STUDY}.8.{n}") for n in range(3)]
+        results = loop.run_until_complete(_ingest_all(ingestor, more))
+        assert results == [None, None, None]
+    finally:
+        ingestor.stop()  # writes whatever still waits
+        loop.close()
+    assert lines.stored() == 5
