@@ -550,7 +550,7 @@ class Ingestor:
 
 
 _LINES_IDLE = 0.002  # seconds without work before waiting instance.stored lines are logged
-_LINES_MAX = 256
+_LINES_MAX = 64
 
 
 def _received_events(
