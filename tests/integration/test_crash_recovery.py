@@ -66,8 +66,9 @@ def test_kill9_mid_stream_loses_no_acknowledged_instance(gateway: Gateway, corpu
             sender.wait()
     assert sender.returncode != 0, "storescu finished before the kill; the test proves nothing"
     acked = acknowledged(out)
-    # The gateway logs "stored" just before the response leaves, so at the kill storescu may
-    # have seen a few fewer successes than the log counted.
+    # The gateway logs "stored" lines after the answers (up to 64 behind, docs/architecture.md)
+    # and storescu may not have read the last answers at the kill: the two counts differ a
+    # little either way, hence the margin.
     assert 50 <= len(acked) < len(files), out[-2000:]
 
     # What the dead process left in the spool: its half-received instance(s) and its pool
