@@ -241,7 +241,6 @@ class JsonStager:
             out.write(header)
             with contextlib.ExitStack() as files:
                 for elem, bulk in used:
-                    bulk.spool.drain()
                     fh = files.enter_context(open(bulk.spool.path, "rb"))
                     if bulk.transfer_syntax:
                         frames = int(ds.get("NumberOfFrames", 1) or 1)

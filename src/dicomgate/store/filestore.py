@@ -175,7 +175,7 @@ class SpoolFile:
             self.size += len(data)
             self._writer.submit(self, data)
             return
-        self._write_now(data)
+        self._write(data)
         self._hash.update(data)
         self.size += len(data)
         if self._copy is not None:
@@ -184,9 +184,12 @@ class SpoolFile:
             else:
                 self._copy = None
 
-    def _write_now(self, data: bytes | bytearray | memoryview) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """Every byte of ``data`` to the file; a disk error as StoreError (full: StoreFullError)."""
         try:
-            self._fh.write(data)
+            with memoryview(data) as view:
+                while view:
+                    view = view[self._fh.write(view) :]
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StoreFullError("no space left in the store") from exc
@@ -201,18 +204,11 @@ class SpoolFile:
         if self._error is not None:  # failed or discarded: the rest is not written
             return
         try:
-            with memoryview(data) as view:
-                while view:
-                    view = view[self._fh.write(view) :]
-            self._hash.update(data)
-        except (OSError, ValueError) as exc:
-            errno_ = getattr(exc, "errno", None)
-            if errno_ == errno.ENOSPC:
-                self._error = StoreFullError("no space left in the store")
-            else:
-                self._error = StoreError(
-                    f"cannot write spool file: {getattr(exc, 'strerror', None) or exc}"
-                )
+            self._write(data)
+        except DicomgateError as exc:
+            self._error = exc
+            return
+        self._hash.update(data)
 
     def drain(self) -> None:
         """Wait for the writes queued behind; raise the error of a failed one."""
