@@ -131,13 +131,21 @@ def free_port() -> int:
     low = _ephemeral_low()
     for _ in range(200):
         port = random.randrange(10000, low)
+        if port in _HANDED_OUT:  # free now, but promised to a server not started yet
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise AssertionError("no free port below the ephemeral range")
+
+
+# Ports this test process has handed out: two calls before either server binds (a
+# gateway's DIMSE and HTTP ports) must not get the same one (seen in a run: both 23580).
+_HANDED_OUT: set[int] = set()
 
 
 def dcmtk_env() -> dict[str, str]:
