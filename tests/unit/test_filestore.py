@@ -684,3 +684,86 @@ def test_after_the_writer_stops_writes_are_made_at_once(tmp_path: Path) -> None:
     assert (tmp_path / "late.part").read_bytes() == data
     assert spool.sha256 == hashlib.sha256(data).hexdigest()
     spool.discard()
+
+
+def _gated_spool(release: threading.Event) -> type[SpoolFile]:
+    """A SpoolFile whose writes of b"a..." chunks wait for ``release``."""
+
+    class GatedSpool(SpoolFile):
+        def _apply(self, data: bytes | memoryview | None) -> None:
+            if data is not None and bytes(data[:1]) == b"a":
+                release.wait(10)
+            super()._apply(data)
+
+    return GatedSpool
+
+
+def _wait_stopping(writer: filestore._Writer) -> None:
+    deadline = time.monotonic() + 5
+    while not writer._stopping:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_write_made_while_the_writer_stops_comes_after_the_queued_ones(tmp_path: Path) -> None:
+    """The gateway stops while a large STOW-RS part still arrives: the writer thread
+    finishes what is queued, and a later write to the same file waits for those writes
+    before it is made, so the file's bytes stay in the order they arrived."""
+    release = threading.Event()
+    writer = filestore._Writer()
+    try:
+        spool = _gated_spool(release)(tmp_path / "order.part", writer)
+        first = b"a" * (filestore.MEMORY_COPY_MAX + 1)
+        second, third = b"b" * 100, b"c" * 100
+        spool.write(first)  # the writer holds it
+        spool.write(second)  # queued behind it
+        stopper = threading.Thread(target=writer.stop)
+        stopper.start()
+        _wait_stopping(writer)
+        done = threading.Event()
+        late = threading.Thread(target=lambda: (spool.write(third), done.set()))
+        late.start()
+        assert not done.wait(0.3)  # waits for first and second
+        release.set()
+        assert done.wait(5)
+        late.join()
+        stopper.join(10)
+        spool.drain()
+        assert (tmp_path / "order.part").read_bytes() == first + second + third
+        assert spool.sha256 == hashlib.sha256(first + second + third).hexdigest()
+        spool.discard()
+    finally:
+        release.set()
+        writer.stop()
+
+
+def test_a_write_waiting_for_room_when_the_writer_stops_is_still_made(tmp_path: Path) -> None:
+    """A write held back by the limit when the writer stops is made (not queued for a
+    thread that has exited, which would leave the file's drain waiting forever)."""
+    release = threading.Event()
+    writer = filestore._Writer(max_pending=filestore.MEMORY_COPY_MAX * 2)
+    try:
+        spool = _gated_spool(release)(tmp_path / "room.part", writer)
+        first = b"a" * (filestore.MEMORY_COPY_MAX + 1)
+        second = b"b" * (filestore.MEMORY_COPY_MAX + 1)
+        spool.write(first)  # the writer holds it
+        done = threading.Event()
+        waiting = threading.Thread(target=lambda: (spool.write(second), done.set()))
+        waiting.start()
+        assert not done.wait(0.3)  # no room: 2 x (MAX + 1) > max_pending
+        stopper = threading.Thread(target=writer.stop)
+        stopper.start()
+        _wait_stopping(writer)
+        release.set()
+        assert done.wait(5)
+        waiting.join()
+        stopper.join(10)
+        drained = threading.Thread(target=spool.drain, daemon=True)
+        drained.start()
+        drained.join(5)
+        assert not drained.is_alive()
+        assert (tmp_path / "room.part").read_bytes() == first + second
+        spool.discard()
+    finally:
+        release.set()
+        writer.stop()

@@ -97,15 +97,19 @@ class _Writer:
         """Queue ``data`` for ``spool`` (None: close its descriptor after its writes)."""
         size = 0 if data is None else len(data)
         with self._cond:
-            if self._stopping:  # the gateway is stopping: write here
-                spool._apply(data)
-                return
-            while self._pending and self._pending + size > self._max_pending:
+            while not self._stopping and self._pending and self._pending + size > self._max_pending:
                 self._cond.wait()
-            self._queue.append((spool, data))
-            self._pending += size
-            spool._queued += 1
-            self._cond.notify_all()
+            if not self._stopping:
+                self._queue.append((spool, data))
+                self._pending += size
+                spool._queued += 1
+                self._cond.notify_all()
+                return
+            # Stopping: the thread writes what is queued, then exits; nothing more may be
+            # queued for it. This file's queued writes come first (its bytes stay in order).
+            while spool._queued:
+                self._cond.wait()
+        spool._apply(data)
 
     def wait(self, spool: SpoolFile) -> None:
         """Until every write queued for ``spool`` is done."""
