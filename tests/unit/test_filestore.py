@@ -721,7 +721,12 @@ def test_a_write_made_while_the_writer_stops_comes_after_the_queued_ones(tmp_pat
         stopper.start()
         _wait_stopping(writer)
         done = threading.Event()
-        late = threading.Thread(target=lambda: (spool.write(third), done.set()))
+
+        def write_late() -> None:
+            spool.write(third)
+            done.set()
+
+        late = threading.Thread(target=write_late)
         late.start()
         assert not done.wait(0.3)  # waits for first and second
         release.set()
@@ -748,7 +753,12 @@ def test_a_write_waiting_for_room_when_the_writer_stops_is_still_made(tmp_path: 
         second = b"b" * (filestore.MEMORY_COPY_MAX + 1)
         spool.write(first)  # the writer holds it
         done = threading.Event()
-        waiting = threading.Thread(target=lambda: (spool.write(second), done.set()))
+
+        def write_second() -> None:
+            spool.write(second)
+            done.set()
+
+        waiting = threading.Thread(target=write_second)
         waiting.start()
         assert not done.wait(0.3)  # no room: 2 x (MAX + 1) > max_pending
         stopper = threading.Thread(target=writer.stop)
