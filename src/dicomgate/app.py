@@ -6,11 +6,15 @@ middleware from :mod:`dicomgate.security.middleware`; see docs/security.md.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomgate import __version__
 from dicomgate.api import install_api
@@ -22,6 +26,68 @@ from dicomgate.ui.console import install_ui
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
+
+log = logging.getLogger(__name__)
+
+_CUT = json.dumps(
+    {
+        "error": "the gateway is stopping and this request did not finish within"
+        " http.shutdown_grace; send it again"
+    }
+).encode()
+
+
+class _CutAtStop:
+    """A request still running ``http.shutdown_grace`` after SIGTERM is
+    cancelled by uvicorn, which would answer it 500 and log a traceback. It is answered 503
+    with a JSON error instead (or, when its answer had begun, its connection is closed)
+    and logged as one warning. A STOW-RS upload cut while its body arrives keeps nothing;
+    one cut while its instances are being stored is stored, as when a client goes away."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except asyncio.CancelledError:
+            if not self.gateway.stopping:
+                raise
+            client = scope.get("client")
+            log.warning(
+                "HTTP request cut at shutdown (http.shutdown_grace passed)",
+                extra={
+                    "event": "http.request_cut",
+                    "method": scope.get("method", ""),
+                    "peer": client[0] if client else "",
+                    "answered": started,
+                },
+            )
+            if started:
+                return  # uvicorn closes the connection of an answer left unfinished
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(_CUT)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _CUT})
 
 
 def _framework_telemetry_off() -> dict[str, Any]:
@@ -63,6 +129,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     install_api(app, gateway.queue, gateway.dispatcher)
     # Before observability: it stays outermost.
     jwt_verifier = install_http_security(app, gateway.config.http)
+    # Outside security, inside observability: a cut request is counted as its 503.
+    app.add_middleware(_CutAtStop, gateway=gateway)
     install_observability(app, gateway)  # /metrics, /api/audit, HTTP metrics middleware
     install_dicomweb(app, gateway)
     install_ui(app, gateway, jwt_verifier)  # the web console at /ui

@@ -541,6 +541,20 @@ class HttpConfig(_Model):
         default_factory=HttpLimitsConfig,
         description="Request size, rate and time limits.",
     )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "On SIGTERM or SIGINT the HTTP port stops taking connections at once (idle"
+            " keep-alive ones are closed) and requests already running get up to this many"
+            " seconds to finish, answered as usual. A request still running then is cut:"
+            " answered 503 with a JSON error (a download whose answer had begun has its"
+            " connection closed). A STOW-RS upload cut while its body arrives keeps nothing;"
+            " one cut while its instances are being stored is stored, as when a client goes"
+            " away. Runs beside `dimse.shutdown_grace`; keep both below your service"
+            " manager's stop timeout (the bundled systemd unit: 60 s)."
+        ),
+    )
     public_url: str | None = Field(
         None,
         description=(

@@ -93,7 +93,7 @@ def listen_tcp(host: str, port: int) -> socket.socket:
 
 
 class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside our loop: signals are ours (SIGTERM drains DIMSE first)."""
+    """uvicorn inside our loop: signals are ours (Gateway.run stops HTTP and DIMSE)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -130,6 +130,7 @@ class Gateway:
         self.dimse: DimseServer
         self.folder: FolderWatcher | None = None
         self.http_tls: ServerTls | None = None
+        self.stopping = False  # set once SIGTERM/SIGINT began the shutdown (app._CutAtStop)
 
     def _late_recovery(self, since: float, started: float) -> None:
         grace = self.config.storage.recovery_grace
@@ -293,6 +294,12 @@ class Gateway:
             await stop.wait()
             log.info("stopping", extra={"event": "gateway.stopping"})
         finally:
+            self.stopping = True
+            if server is not None:
+                # Both ports stop taking work at once: uvicorn closes its listener and idle
+                # connections now and gives running requests http.shutdown_grace (then
+                # cancels them: app._CutAtStop answers 503), beside the DIMSE drain below.
+                server.should_exit = True
             if self.folder is not None:
                 await self.folder.stop()  # files already handed over are finished
             await self.dimse.stop(self.config.dimse.shutdown_grace)
@@ -302,10 +309,9 @@ class Gateway:
                     await asyncio.wait_for(retention_task, 30)
             if tls_task is not None:
                 tls_task.cancel()
-            if server is not None and http_task is not None:
-                server.should_exit = True
+            if http_task is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(http_task, 10)
+                    await asyncio.wait_for(http_task, self.config.http.shutdown_grace + 5)
             await asyncio.to_thread(self.ingestor.stop)
 
     def _http_config(self) -> uvicorn.Config:
@@ -335,6 +341,7 @@ class Gateway:
             lifespan="off",
             # uvicorn takes whole seconds in its signature but only hands them to call_later.
             timeout_keep_alive=cast(int, http.limits.keep_alive_timeout),
+            timeout_graceful_shutdown=cast(int, http.shutdown_grace),
             proxy_headers=bool(http.trusted_proxies),
             forwarded_allow_ips=list(http.trusted_proxies) or None,
             ssl_context_factory=(lambda _config, _default: tls.context) if tls else None,

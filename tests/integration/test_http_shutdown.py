@@ -1,0 +1,172 @@
+"""SIGTERM while STOW-RS uploads are in flight (docs/dicomweb.md, *Stopping*).
+
+On SIGTERM the HTTP port stops taking connections at once, requests already running get
+``http.shutdown_grace`` seconds to finish (answered as usual: what was acknowledged is
+stored), and a request still running then is cut: its connection is closed without an
+answer and nothing of its body is kept. The gateway exits 0 within the grace.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+from tests.conftest import Corpus, GatewayProcess, bundled_file, dcmtk_env, sop_uid_of
+
+Gateway = Callable[..., GatewayProcess]
+BOUNDARY = "shutdown-boundary"
+HEADERS = {"content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
+
+
+def _instances(tmp_path: Path, n: int) -> list[tuple[str, bytes]]:
+    """``n`` small MR files with new SOP Instance UIDs: (uid, Part 10 bytes)."""
+    out = []
+    for i in range(n):
+        ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
+        ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = tmp_path / f"mr{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append((str(ds.SOPInstanceUID), path.read_bytes()))
+    return out
+
+
+class SlowUpload:
+    """One STOW-RS request whose parts are sent ``pause`` seconds apart, from a thread."""
+
+    def __init__(self, gw: GatewayProcess, parts: list[bytes], pause: float) -> None:
+        self.sent = threading.Event()  # the first part is out
+        self.result: httpx.Response | Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(gw, parts, pause))
+        self._thread.start()
+
+    def _run(self, gw: GatewayProcess, parts: list[bytes], pause: float) -> None:
+        def body() -> Iterator[bytes]:
+            for n, data in enumerate(parts):
+                if n:
+                    time.sleep(pause)
+                yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                yield data + b"\r\n"
+                self.sent.set()
+            yield f"--{BOUNDARY}--\r\n".encode()
+
+        try:
+            self.result = httpx.post(
+                gw.url("/dicomweb/studies"), content=body(), headers=HEADERS, timeout=60
+            )
+        except Exception as exc:  # the connection closed under it
+            self.result = exc
+
+    def join(self, timeout: float = 60) -> httpx.Response | Exception | None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the upload never ended"
+        return self.result
+
+
+def _refused(gw: GatewayProcess) -> bool:
+    try:
+        httpx.get(gw.url("/healthz"), timeout=2)
+    except httpx.TransportError:
+        return True
+    return False
+
+
+def test_both_ports_stop_taking_work_at_once_and_running_work_finishes(
+    gateway: Gateway, corpus: Corpus, tmp_path: Path
+) -> None:
+    """storescu sends on one association and a STOW-RS upload is half sent when SIGTERM
+    comes: the HTTP port refuses new connections at once, while DIMSE still drains; the
+    upload is answered 200 and every instance either sender saw acknowledged is indexed."""
+    gw = gateway({"http": {"shutdown_grace": 20}, "dimse": {"shutdown_grace": 20}})
+    files = corpus.mr("shutdown", 800, seed=5)
+    output = tmp_path / "storescu.log"  # a file: a pipe nobody reads would stall storescu
+    with output.open("w") as sink:
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aec", gw.ae_title, "127.0.0.1", str(gw.dimse_port)]
+            + [str(p) for p in files],
+            env=dcmtk_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        gw.wait_log("instance.stored", 20, timeout=30)
+        items = _instances(tmp_path, 4)
+        upload = SlowUpload(gw, [data for _, data in items], pause=0.7)
+        assert upload.sent.wait(10)
+        assert sender.poll() is None, "storescu finished before SIGTERM; send more files"
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert _refused(gw), "a new HTTP connection was taken after SIGTERM"
+        assert sender.poll() is None, "storescu finished before HTTP was checked"
+        code = gw.terminate(timeout=30)
+        elapsed = time.monotonic() - started
+        result = upload.join()
+        sender.wait(30)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert code == 0, gw.log_tail()
+    assert elapsed < 20, f"took {elapsed:.1f} s to stop"
+    assert isinstance(result, httpx.Response), result
+    assert result.status_code == 200, result.text
+    for uid, _ in items:
+        assert gw.index.instance(uid) is not None, "acknowledged but not indexed"
+    out = output.read_text()
+    acked = out.count("Received Store Response (Success)")
+    assert acked == len(files), out[-2000:]  # the association was let finish
+    for path in files[:: len(files) // 20]:
+        assert gw.index.instance(sop_uid_of(path)) is not None
+    assert gw.log_count("http.request_cut") == 0
+    assert list(gw.spool.glob("*.part")) == []
+
+
+def test_an_upload_past_the_grace_is_cut_and_keeps_nothing(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """An upload still arriving ``http.shutdown_grace`` after SIGTERM is answered 503 with
+    a JSON error (or its connection closes first, if the client is still sending): none
+    of its parts is kept, what was acknowledged before stays, the gateway exits 0."""
+    grace = 2.0
+    gw = gateway({"http": {"shutdown_grace": grace}})
+    (tmp_path / "before").mkdir()
+    before = _instances(tmp_path / "before", 1)
+    answer = httpx.post(
+        gw.url("/dicomweb/studies"),
+        content=(
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + before[0][1]
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        ),
+        headers=HEADERS,
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    items = _instances(tmp_path, 12)
+    upload = SlowUpload(gw, [data for _, data in items], pause=1.0)  # ~11 s in all
+    assert upload.sent.wait(10)
+    started = time.monotonic()
+    code = gw.terminate()
+    elapsed = time.monotonic() - started
+    result = upload.join()
+    assert code == 0, gw.log_tail()
+    assert grace - 0.5 < elapsed < grace + 5, f"took {elapsed:.1f} s to stop"
+    if isinstance(result, httpx.Response):
+        assert result.status_code == 503, result.text
+        assert "shutdown_grace" in result.json()["error"]
+    else:
+        assert isinstance(result, httpx.TransportError), result
+    assert gw.index.instance(before[0][0]) is not None  # acknowledged before: kept
+    for uid, _ in items:
+        assert gw.index.instance(uid) is None, "a part of the cut upload was kept"
+    assert list(gw.spool.glob("*.part")) == []
+    assert gw.log_count("http.request_cut") == 1
+    assert "Exception in ASGI application" not in gw.log_text()
