@@ -1,9 +1,9 @@
 """SIGTERM while STOW-RS uploads are in flight (docs/dicomweb.md, *Stopping*).
 
-On SIGTERM the HTTP port stops taking connections at once, requests already running get
-``http.shutdown_grace`` seconds to finish (answered as usual: what was acknowledged is
-stored), and a request still running then is cut: its connection is closed without an
-answer and nothing of its body is kept. The gateway exits 0 within the grace.
+On SIGTERM the HTTP port stops taking connections at once, beside the DIMSE drain;
+requests already running get ``http.shutdown_grace`` seconds to finish (answered as usual:
+what was acknowledged is stored), and a request still running then is cut: answered 503
+with a JSON error, nothing of an upload's body kept. The gateway exits 0 within the grace.
 """
 
 from __future__ import annotations
