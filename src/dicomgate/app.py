@@ -38,10 +38,10 @@ _CUT = json.dumps(
 
 
 class _CutAtStop:
-    """A request still running ``http.shutdown_grace`` after SIGTERM is
-    cancelled by uvicorn, which would answer it 500 and log a traceback. It is answered 503
-    with a JSON error instead (or, when its answer had begun, its connection is closed)
-    and logged as one warning. A STOW-RS upload cut while its body arrives keeps nothing;
+    """A request still running ``http.shutdown_grace`` after SIGTERM is cancelled by
+    uvicorn, which would answer it 500 and log a traceback. It is answered 503 with a JSON
+    error instead (or, when its answer had begun, its connection is closed) and logged as
+    one warning. A STOW-RS upload cut while its body arrives keeps nothing;
     one cut while its instances are being stored is stored, as when a client goes away."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
