@@ -170,3 +170,55 @@ def test_an_upload_past_the_grace_is_cut_and_keeps_nothing(
     assert list(gw.spool.glob("*.part")) == []
     assert gw.log_count("http.request_cut") == 1
     assert "Exception in ASGI application" not in gw.log_text()
+
+
+def test_a_download_past_the_grace_has_its_connection_closed(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """A WADO-RS retrieve whose client stopped reading holds its answer half sent: past
+    the grace its connection is closed (the client sees a cut body, not a complete one)
+    and the gateway exits 0."""
+    grace = 1.0
+    gw = gateway({"http": {"shutdown_grace": grace}})
+    ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
+    frames = 40 * 1024 * 1024 // (64 * 64 * 2)  # ~40 MB: more than the sockets buffer
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(range(256)) * (frames * 64 * 64 * 2 // 256)
+    ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    stored = httpx.post(
+        gw.url("/dicomweb/studies"),
+        content=(
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + big.read_bytes()
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        ),
+        headers=HEADERS,
+        timeout=120,
+    )
+    assert stored.status_code == 200, stored.text
+    url = gw.url(
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    size = big.stat().st_size
+    received = 0
+    with httpx.stream("GET", url, timeout=60) as answer:
+        assert answer.status_code == 200
+        chunks = answer.iter_raw()
+        received += len(next(chunks))  # the answer has begun; then the client stalls
+        time.sleep(0.5)
+        started = time.monotonic()
+        code = gw.terminate()
+        elapsed = time.monotonic() - started
+        try:
+            for chunk in chunks:
+                received += len(chunk)
+        except httpx.TransportError:
+            pass  # cut mid-body
+    assert code == 0, gw.log_tail()
+    assert elapsed < grace + 5, f"took {elapsed:.1f} s to stop"
+    assert received < size, "the whole instance arrived although the answer was cut"
+    assert gw.log_count("http.request_cut") == 1
