@@ -8,6 +8,7 @@ with a JSON error, nothing of an upload's body kept. The gateway exits 0 within 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -172,14 +173,9 @@ def test_an_upload_past_the_grace_is_cut_and_keeps_nothing(
     assert "Exception in ASGI application" not in gw.log_text()
 
 
-def test_a_download_past_the_grace_has_its_connection_closed(
-    gateway: Gateway, tmp_path: Path
-) -> None:
-    """A WADO-RS retrieve whose client stopped reading holds its answer half sent: past
-    the grace its connection is closed (the client sees a cut body, not a complete one)
-    and the gateway exits 0."""
-    grace = 1.0
-    gw = gateway({"http": {"shutdown_grace": grace}})
+def _cut_download(gw: GatewayProcess, tmp_path: Path, grace: float) -> None:
+    """Store a ~40 MB instance, retrieve it with WADO-RS, stop reading after the first
+    chunk, SIGTERM: the answer is cut at the grace and the gateway exits 0."""
     ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
     frames = 40 * 1024 * 1024 // (64 * 64 * 2)  # ~40 MB: more than the sockets buffer
     ds.NumberOfFrames = frames
@@ -203,7 +199,6 @@ def test_a_download_past_the_grace_has_its_connection_closed(
         f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         f"/instances/{ds.SOPInstanceUID}"
     )
-    size = big.stat().st_size
     received = 0
     with httpx.stream("GET", url, timeout=60) as answer:
         assert answer.status_code == 200
@@ -220,5 +215,34 @@ def test_a_download_past_the_grace_has_its_connection_closed(
             pass  # cut mid-body
     assert code == 0, gw.log_tail()
     assert elapsed < grace + 5, f"took {elapsed:.1f} s to stop"
-    assert received < size, "the whole instance arrived although the answer was cut"
+    assert received < big.stat().st_size, "the whole instance arrived although it was cut"
+
+
+def test_a_download_past_the_grace_has_its_connection_closed(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """A WADO-RS retrieve whose client stopped reading holds its answer half sent: past
+    the grace its connection is closed (the client sees a cut body, not a complete one)
+    and the gateway exits 0."""
+    gw = gateway({"http": {"shutdown_grace": 1.0}})
+    _cut_download(gw, tmp_path, 1.0)
     assert gw.log_count("http.request_cut") == 1
+
+
+def test_with_json_logs_every_line_is_json_other_libraries_lines_too(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """``logging.format: json`` promises one JSON object per line: uvicorn's own error for
+    the answer it closed unfinished used to reach stderr bare (logging's last-resort
+    handler); it is now formatted like the gateway's lines."""
+    gw = gateway({"http": {"shutdown_grace": 1.0}, "logging": {"format": "json"}})
+    _cut_download(gw, tmp_path, 1.0)
+    lines = [line for line in gw.log_text().splitlines() if line.strip()]
+    docs = []
+    for line in lines:
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line[:200]!r}") from None
+    assert [d["event"] for d in docs].count("http.request_cut") == 1
+    assert any(d["logger"].startswith("uvicorn") for d in docs), "uvicorn's line is missing"

@@ -72,5 +72,12 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(min(logging.getLevelName(level), logging.INFO))
     root.propagate = False
+    # Other libraries' warnings and errors (uvicorn, asyncio, SQLAlchemy) in the same
+    # format: with no handler on Python's root logger they reached stderr bare, through
+    # logging's last-resort handler, a line that a JSON log collector cannot parse.
+    others = logging.StreamHandler(sys.stderr)
+    others.setFormatter(handler.formatter)
+    others.setLevel(max(logging.WARNING, handler.level))
+    logging.getLogger().handlers[:] = [others]
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
