@@ -153,6 +153,21 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+def large_mr(path: Path, megabytes: int) -> Path:
+    """A multi-frame MR of about ``megabytes`` MB with a new SOP Instance UID, saved at
+    ``path`` (its pixel data is not kept in memory afterwards)."""
+    import pydicom
+
+    ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
+    frames = megabytes * 1024 * 1024 // (64 * 64 * 2)
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(range(256)) * (frames * 64 * 64 * 2 // 256)
+    ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def bundled_file(name: str) -> Path:
     """A file bundled with pydicom, by exact name (never downloaded)."""
     from pydicom.data import get_testdata_file

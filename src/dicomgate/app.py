@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomgate import __version__
 from dicomgate.api import install_api
-from dicomgate.dicomweb.server import install_dicomweb
+from dicomgate.dicomweb.server import install_dicomweb, problem
 from dicomgate.observability.health import readiness
 from dicomgate.observability.http import install_observability
 from dicomgate.security.middleware import install_http_security
@@ -29,12 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CUT = json.dumps(
-    {
-        "error": "the gateway is stopping and this request did not finish within"
-        " http.shutdown_grace; send it again"
-    }
-).encode()
+_CUT = (
+    "the gateway is stopping and this request did not finish within http.shutdown_grace;"
+    " send it again"
+)
 
 
 class _CutAtStop:
@@ -76,18 +73,7 @@ class _CutAtStop:
             )
             if started:
                 return  # uvicorn closes the connection of an answer left unfinished
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(_CUT)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": _CUT})
+            await problem(503, _CUT, headers={"connection": "close"})(scope, receive, send)
 
 
 def _framework_telemetry_off() -> dict[str, Any]:

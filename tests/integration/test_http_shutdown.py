@@ -13,30 +13,27 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
-from tests.conftest import Corpus, GatewayProcess, bundled_file, dcmtk_env, sop_uid_of
+from tests.conftest import Corpus, GatewayProcess, dcmtk_env, large_mr, sop_uid_of
 
 Gateway = Callable[..., GatewayProcess]
 BOUNDARY = "shutdown-boundary"
 HEADERS = {"content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
 
 
-def _instances(tmp_path: Path, n: int) -> list[tuple[str, bytes]]:
-    """``n`` small MR files with new SOP Instance UIDs: (uid, Part 10 bytes)."""
-    out = []
-    for i in range(n):
-        ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
-        ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = tmp_path / f"mr{i}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        out.append((str(ds.SOPInstanceUID), path.read_bytes()))
-    return out
+def _instances(paths: list[Path]) -> list[tuple[str, bytes]]:
+    """(SOP Instance UID, Part 10 bytes) of each file."""
+    return [(sop_uid_of(p), p.read_bytes()) for p in paths]
+
+
+def _body(data: bytes) -> bytes:
+    """A one-part STOW-RS body."""
+    part = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    return part + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
 class SlowUpload:
@@ -98,7 +95,7 @@ def test_both_ports_stop_taking_work_at_once_and_running_work_finishes(
         )
     try:
         gw.wait_log("instance.stored", 20, timeout=30)
-        items = _instances(tmp_path, 4)
+        items = _instances(corpus.mr("shutdown-upload", 4, seed=6))
         upload = SlowUpload(gw, [data for _, data in items], pause=0.7)
         assert upload.sent.wait(10)
         assert sender.poll() is None, "storescu finished before SIGTERM; send more files"
@@ -131,27 +128,19 @@ def test_both_ports_stop_taking_work_at_once_and_running_work_finishes(
 
 
 def test_an_upload_past_the_grace_is_cut_and_keeps_nothing(
-    gateway: Gateway, tmp_path: Path
+    gateway: Gateway, corpus: Corpus
 ) -> None:
     """An upload still arriving ``http.shutdown_grace`` after SIGTERM is answered 503 with
     a JSON error (or its connection closes first, if the client is still sending): none
     of its parts is kept, what was acknowledged before stays, the gateway exits 0."""
     grace = 2.0
     gw = gateway({"http": {"shutdown_grace": grace}})
-    (tmp_path / "before").mkdir()
-    before = _instances(tmp_path / "before", 1)
+    before = _instances(corpus.mr("shutdown-before", 1, seed=7))
     answer = httpx.post(
-        gw.url("/dicomweb/studies"),
-        content=(
-            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            + before[0][1]
-            + f"\r\n--{BOUNDARY}--\r\n".encode()
-        ),
-        headers=HEADERS,
-        timeout=30,
+        gw.url("/dicomweb/studies"), content=_body(before[0][1]), headers=HEADERS, timeout=30
     )
     assert answer.status_code == 200, answer.text
-    items = _instances(tmp_path, 12)
+    items = _instances(corpus.mr("shutdown-cut", 12, seed=8))
     upload = SlowUpload(gw, [data for _, data in items], pause=1.0)  # ~11 s in all
     assert upload.sent.wait(10)
     started = time.monotonic()
@@ -176,23 +165,10 @@ def test_an_upload_past_the_grace_is_cut_and_keeps_nothing(
 def _cut_download(gw: GatewayProcess, tmp_path: Path, grace: float) -> None:
     """Store a ~40 MB instance, retrieve it with WADO-RS, stop reading after the first
     chunk, SIGTERM: the answer is cut at the grace and the gateway exits 0."""
-    ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
-    frames = 40 * 1024 * 1024 // (64 * 64 * 2)  # ~40 MB: more than the sockets buffer
-    ds.NumberOfFrames = frames
-    ds.PixelData = bytes(range(256)) * (frames * 64 * 64 * 2 // 256)
-    ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    big = tmp_path / "big.dcm"
-    ds.save_as(big, enforce_file_format=True)
+    big = large_mr(tmp_path / "big.dcm", 40)  # more than the sockets buffer
+    ds = pydicom.dcmread(big, stop_before_pixels=True)
     stored = httpx.post(
-        gw.url("/dicomweb/studies"),
-        content=(
-            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            + big.read_bytes()
-            + f"\r\n--{BOUNDARY}--\r\n".encode()
-        ),
-        headers=HEADERS,
-        timeout=120,
+        gw.url("/dicomweb/studies"), content=_body(big.read_bytes()), headers=HEADERS, timeout=120
     )
     assert stored.status_code == 200, stored.text
     url = gw.url(

@@ -19,7 +19,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.errors import InvalidDicomError
-from tests.conftest import Corpus, GatewayProcess, Orthanc, bundled_file, wait_until
+from tests.conftest import Corpus, GatewayProcess, Orthanc, bundled_file, large_mr, wait_until
 
 from dicomgate.ingress.sniff import sniff
 
@@ -350,15 +350,7 @@ def test_malformed_requests_store_nothing(
 def test_large_upload_is_streamed(gateway: Gateway, tmp_path: Path) -> None:
     """A ~150 MB instance goes to disk in chunks: the gateway's memory stays flat."""
     gw = gateway()
-    ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
-    frames = 150 * 1024 * 1024 // (64 * 64 * 2)
-    ds.NumberOfFrames = frames
-    ds.PixelData = bytes(range(256)) * (frames * 64 * 64 * 2 // 256)
-    ds.SOPInstanceUID = f"2.25.{uuid.uuid4().int}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    big = tmp_path / "big.dcm"
-    ds.save_as(big, enforce_file_format=True)
-    del ds
+    big = large_mr(tmp_path / "big.dcm", 150)
     proc = psutil.Process(gw.pid)
     before = proc.memory_info().rss
     boundary = "big-boundary"
