@@ -93,6 +93,31 @@ def drop_pg_database(name: str) -> None:
     _created_databases.discard(name)
 
 
+@pytest.fixture
+def own_database() -> Iterator[tuple[str, str]]:
+    """(name, URL) of a PostgreSQL database of the test's own, whatever TEST_DATABASE says,
+    for tests that take it away (:func:`pg_cut_off`); dropped afterwards."""
+    name, url = create_pg_database()
+    try:
+        yield name, url
+    finally:
+        with pg_admin() as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        drop_pg_database(name)
+
+
+def pg_cut_off(name: str, allow: bool) -> None:
+    """The database refuses (or accepts again) connections; open ones are ended, as in a
+    server restart or a failover."""
+    with pg_admin() as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+
+
 _created_databases: set[str] = set()
 
 

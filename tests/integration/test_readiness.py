@@ -4,17 +4,15 @@ the ATNA repository (a TCP syslog receiver that goes away and comes back)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from tests.conftest import (
     Corpus,
     GatewayProcess,
-    create_pg_database,
-    drop_pg_database,
     free_port,
-    pg_admin,
+    pg_cut_off,
     wait_until,
 )
 from tests.integration.test_atna import SyslogReceiver
@@ -112,35 +110,13 @@ def test_a_down_audit_repository_degrades_or_blocks(gateway: Gateway, corpus: Co
             back.stop()
 
 
-@pytest.fixture
-def own_database() -> Iterator[tuple[str, str]]:
-    name, url = create_pg_database()
-    try:
-        yield name, url
-    finally:
-        with pg_admin() as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        drop_pg_database(name)
-
-
-def _cut_off(name: str, allow: bool) -> None:
-    """The database refuses (or accepts again) connections; open ones are ended."""
-    with pg_admin() as admin:
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}')
-        if not allow:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-
-
 def test_database_outage_makes_readyz_503_naming_database_and_queue(
     gateway: Gateway, own_database: tuple[str, str]
 ) -> None:
     name, url = own_database
     gw = gateway({"database": {"url": url}})
     assert ready(gw)[0] == 200
-    _cut_off(name, allow=False)
+    pg_cut_off(name, allow=False)
     try:
         wait_until(lambda: ready(gw)[0] == 503, 15, "503 while the database is cut off")
         body = ready(gw)[1]
@@ -155,7 +131,7 @@ def test_database_outage_makes_readyz_503_naming_database_and_queue(
         wait_until(lambda: "audit" in ready(gw)[1]["failing"], 15, "the audit writer failing")
         assert ready(gw)[1]["details"]["audit"]["dropped"] >= 1
     finally:
-        _cut_off(name, allow=True)
+        pg_cut_off(name, allow=True)
     wait_until(lambda: ready(gw)[0] == 200, 20, "ready again once the database is back")
     body = ready(gw)[1]
     assert body["status"] == "ready" and body["failing"] == []

@@ -32,14 +32,15 @@ import shutil
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dicomgate.egress.base import Delivery, Outcome, Sender
+from dicomgate.errors import IndexUnavailable
 from dicomgate.observability.audit import FAILURE, SUCCESS, AuditEvent
-from dicomgate.observability.logging import uid_hash
+from dicomgate.observability.logging import Outage, uid_hash
 from dicomgate.processing.base import ProcessingError
 from dicomgate.processing.pipeline import Pipeline
 from dicomgate.queue.jobs import Job, JobQueue, JobState
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
     from dicomgate.observability.audit import AuditTrail
 
 log = logging.getLogger("dicomgate.delivery")
+_T = TypeVar("_T")
+# Waits between attempts to record delivery results while the database is unavailable.
+_RECORD_RETRY_FIRST = 0.5
+_RECORD_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -215,6 +220,26 @@ class Dispatcher:
         self._destinations = {
             name: _controls(name, sender, controls.get(name)) for name, sender in senders.items()
         }
+        # One log line when a loop starts failing (the database down), then reminders.
+        self._leasing = {
+            name: Outage(
+                log,
+                "leasing jobs",
+                "delivery.lease_error",
+                "delivery.lease_recovered",
+                extra={"destination": name},
+            )
+            for name in self._destinations
+        }
+        self._timer_outage = Outage(
+            log, "stable timers", "delivery.timer_error", "delivery.timer_recovered"
+        )
+        self._recording = Outage(
+            log,
+            "recording delivery results (kept until the database answers)",
+            "delivery.record_waiting",
+            "delivery.record_resumed",
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_event = asyncio.Event()  # set by stop(): ends every timed wait at once
         self._stopping = False
@@ -336,9 +361,11 @@ class Dispatcher:
         while not self._stopping:
             try:
                 created = await asyncio.to_thread(self.queue.fire_due_timers)
-            except Exception:
-                log.exception("stable timers failed", extra={"event": "delivery.timer_error"})
+            except Exception as exc:
+                self._timer_outage.failed(exc)
                 created = 0
+            else:
+                self._timer_outage.ok()
             if created:
                 log.info(
                     "stable trigger fired: %d jobs",
@@ -351,10 +378,43 @@ class Dispatcher:
                 await asyncio.wait_for(self._stop_event.wait(), self.timer_interval)
 
     async def _worker(self, dest: _Destination, slot: int) -> None:
+        """Run one worker's loop until the stop; an error that escapes it (a bug) is logged
+        and the loop starts again: a worker that ended would stop its destination's
+        deliveries for good, silently, until a restart."""
         try:
-            await self._work(dest, slot)
+            while not self._stopping:
+                try:
+                    await self._work(dest, slot)
+                except Exception:
+                    log.exception(
+                        "delivery worker failed; it starts again",
+                        extra={"event": "delivery.worker_error", "destination": dest.name},
+                    )
+                    dest.collectors.discard(slot)
+                    await self._sleep_unwoken(self.poll_interval * 4)
         finally:
             dest.collectors.discard(slot)
+
+    async def _record(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Record what a delivery did (done, failed, postponed) in the queue.
+
+        The send happened: while the database is unavailable the result is kept here and
+        written again and again until it answers, instead of being lost with the worker (the
+        jobs would then stay leased until their lease expired and be sent a second time).
+        A stop cancels the wait after its grace; the jobs are then sent again after the
+        restart (at-least-once, DESIGN rule 3).
+        """
+        wait = _RECORD_RETRY_FIRST
+        while True:
+            try:
+                result = await asyncio.to_thread(call, *args, **kwargs)
+            except IndexUnavailable as exc:
+                self._recording.failed(exc)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, _RECORD_RETRY_MAX)
+                continue
+            self._recording.ok()
+            return result
 
     async def _work(self, dest: _Destination, slot: int) -> None:
         """One worker's loop. A steady stream of new jobs is taken by one worker, the
@@ -418,16 +478,14 @@ class Dispatcher:
             leased_at = time.monotonic()
             try:
                 jobs = await asyncio.to_thread(self.queue.lease, dest.name, limit, self.worker_id)
-            except Exception:
+            except Exception as exc:
                 dest.collectors.discard(slot)
-                log.exception(
-                    "lease failed",
-                    extra={"event": "delivery.lease_error", "destination": dest.name},
-                )
+                self._leasing[dest.name].failed(exc)
                 if allowed == 1:
                     dest.breaker.release_probe()
                 await self._sleep(dest, self.poll_interval * 4)
                 continue
+            self._leasing[dest.name].ok()
             if not jobs:
                 if allowed == 1:
                     dest.breaker.release_probe()
@@ -439,7 +497,7 @@ class Dispatcher:
             if wait > self.queue.config.lease_seconds / 2:
                 # Another slot booked a large send meanwhile: give the jobs back rather than
                 # hold them past their lease.
-                await asyncio.to_thread(self.queue.postpone, [j.id for j in jobs], wait)
+                await self._record(self.queue.postpone, [j.id for j in jobs], wait)
                 continue
             if wait > 0:
                 await self._sleep_unwoken(wait)
@@ -581,16 +639,18 @@ class Dispatcher:
             for job in jobs:
                 if self.pipelines.get(job.route):
                     shutil.rmtree(self.work_dir / str(job.id), ignore_errors=True)
+        # The send's own time: recording the result can wait for the database (_record).
+        elapsed = time.monotonic() - started
         by_id = _per_job(outcomes + refused)
         delivered = [j for j in jobs if by_id.get(j.id) is not None and by_id[j.id].delivered]
         done = [j.id for j in delivered]
         if delivered:
-            await asyncio.to_thread(self.queue.complete, delivered)
+            await self._record(self.queue.complete, delivered)
         failed = [j for j in jobs if j.id not in done]
         dead: set[int] = set()
         for job in failed:
             outcome = by_id.get(job.id) or Outcome(job.id, False, True, "no outcome from sender")
-            state = await asyncio.to_thread(
+            state = await self._record(
                 self.queue.fail, job, outcome.error, retryable=outcome.retryable
             )
             if state is JobState.DEAD:
@@ -626,7 +686,6 @@ class Dispatcher:
         if self.audit is not None:
             self.audit.record(*_delivery_events(dest.name, jobs, done, dead, by_id))
         if done:
-            elapsed = time.monotonic() - started
             log.info(
                 "delivered %d in %.0f ms",
                 len(done),

@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.engine import URL, Dialect, ExceptionContext, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from dicomgate import __version__
@@ -197,6 +197,25 @@ def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
     )
 
 
+def _connect_failed(context: ExceptionContext) -> None:
+    """A new connection cannot be opened (the server is down, refuses, or is full): raise
+    IndexUnavailable, whoever asked for the connection.
+
+    Callers that run statements turn a failing statement into IndexUnavailable themselves;
+    a failure to connect surfaced in every ``engine.connect()`` instead, as SQLAlchemy's own
+    exception, which readers of the index (QIDO-RS, FHIR, C-FIND, C-GET, the console) did
+    not expect: a 500 with a traceback, or an aborted association, instead of 503 or
+    0xA701. Installed once the index is open, so start-up keeps its own message. A failed
+    pre-ping is left alone: the pool reconnects, and a failure of that reconnect comes
+    here again as a new connection.
+    """
+    if context.connection is not None or context.is_pre_ping:
+        return
+    error = context.sqlalchemy_exception
+    if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+        raise IndexUnavailable(_one_line(error)) from error
+
+
 class Index:
     """The index database of one gateway node (thread-safe: one writer, many readers)."""
 
@@ -246,6 +265,7 @@ class Index:
             raise IndexUnavailable(
                 f"cannot migrate database {shown}: {_one_line(error)}"
             ) from error
+        event.listen(engine, "handle_error", _connect_failed)
         index = cls(engine)
         index._relaxed = not durable
         return index

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from dicomgate.errors import DicomgateError
+
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 AUDIT_ONLY = "audit_"  # prefix of the fields that reach the audit trail, never a log line
 
@@ -81,3 +83,97 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger().handlers[:] = [others]
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Outage:
+    """The log of a background task that fails again and again (the database down, say).
+
+    A task that retries every second or two logged each failure with its traceback: an
+    hour's outage wrote thousands of lines and buried everything else. Here the first
+    failure is logged once at ``level`` (ERROR by default), with its traceback only when
+    the error is not ``expected`` (by default a :class:`~dicomgate.errors.DicomgateError`,
+    a known condition such as IndexUnavailable); the same trouble again only as a reminder
+    every ``remind`` seconds (``still failing after N s``), other repeats at DEBUG; and the
+    first success after it once at INFO under ``recovered_event``. Not thread-safe: one
+    instance per task (or per group of tasks on one event loop).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        event: str,
+        recovered_event: str,
+        *,
+        remind: float = 300.0,
+        level: int = logging.ERROR,
+        expected: tuple[type[BaseException], ...] = (DicomgateError,),
+        extra: dict[str, Any] | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._what = what
+        self._event = event
+        self._recovered = recovered_event
+        self._remind = remind
+        self._level = level
+        self._expected = expected
+        self._extra = extra or {}
+        self._clock = clock
+        self._since: float | None = None
+        self._reminded = 0.0
+        self.failures = 0
+
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
+
+    def failed(self, error: BaseException) -> None:
+        """Call in the ``except`` block of the failed attempt."""
+        now = self._clock()
+        self.failures += 1
+        reason = _one_line(error)
+        extra = {"event": self._event, **self._extra}
+        if self._since is None:
+            self._since = self._reminded = now
+            known = isinstance(error, self._expected)
+            self._log.log(
+                self._level,
+                "%s failed: %s",
+                self._what,
+                reason,
+                exc_info=None if known else error,
+                extra=extra,
+            )
+        elif now - self._reminded >= self._remind:
+            self._reminded = now
+            self._log.log(
+                self._level,
+                "%s still failing after %.0f s (%d failures): %s",
+                self._what,
+                now - self._since,
+                self.failures,
+                reason,
+                extra=extra,
+            )
+        else:
+            self._log.debug("%s failed again: %s", self._what, reason, extra=extra)
+
+    def ok(self) -> None:
+        """Call after a successful attempt (cheap when nothing failed)."""
+        if self._since is None:
+            return
+        self._log.info(
+            "%s: working again after %.0f s (%d failures)",
+            self._what,
+            self._clock() - self._since,
+            self.failures,
+            extra={"event": self._recovered, **self._extra},
+        )
+        self._since = None
+        self.failures = 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

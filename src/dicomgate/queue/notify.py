@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy.engine import URL
 
 from dicomgate.errors import DicomgateError
+from dicomgate.observability.logging import Outage
 
 log = logging.getLogger("dicomgate.queue.notify")
 
@@ -129,11 +130,19 @@ class JobListener:
     def _run(self) -> None:
         import psycopg
 
+        outage = Outage(
+            log,
+            "job notifications (deliveries poll meanwhile)",
+            "notify.disconnected",
+            "notify.reconnected",
+            level=logging.WARNING,
+            expected=(psycopg.Error, DicomgateError),
+        )
         while not self._stop.is_set():
             try:
                 if self._connection is None:
                     self._connection = self._connect(first=False)
-                    log.info("listening again", extra={"event": "notify.reconnected"})
+                    outage.ok()
                 for note in self._connection.notifies(timeout=_NOTIFY_WAIT_SECONDS):
                     self.received += 1
                     names = parse_payload(note.payload)
@@ -143,9 +152,5 @@ class JobListener:
                 self._close()
                 if self._stop.is_set():
                     return
-                log.warning(
-                    "notification connection lost, polling meanwhile: %s",
-                    str(error).splitlines()[0] if str(error) else type(error).__name__,
-                    extra={"event": "notify.disconnected"},
-                )
+                outage.failed(error)
                 self._stop.wait(_RECONNECT_SECONDS)

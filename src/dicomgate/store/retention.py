@@ -34,6 +34,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.index.schema import delivery_job, instance, patient, series, stable_timer, study
+from dicomgate.observability.logging import Outage
 
 if TYPE_CHECKING:
     from dicomgate.index.db import Index
@@ -89,12 +90,14 @@ class Retention:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep until ``stop`` is set; failures are logged and retried next interval."""
+        outage = Outage(log, "retention sweep", "retention.error", "retention.recovered")
         while not stop.is_set():
             try:
                 deleted = await asyncio.to_thread(self.sweep)
-            except Exception:
-                log.exception("retention sweep failed", extra={"event": "retention.error"})
+            except Exception as exc:
+                outage.failed(exc)
             else:
+                outage.ok()
                 if deleted:
                     log.info(
                         "deleted %d delivered instances",

@@ -1,0 +1,229 @@
+"""The index database goes away while the gateway runs, and comes back.
+
+A PostgreSQL database of the test's own stops accepting connections (its open ones are
+ended), as in a database restart or failover. What a PACS administrator expects then:
+
+- what arrives is refused with a status that says *retry later* (C-STORE 0xA700, STOW-RS
+  FailureReason 0xA700, a dropped file left where it is), and nothing is half kept;
+- every reader answers a clear error (HTTP 503 with a JSON body, C-FIND 0xA700,
+  C-MOVE/C-GET 0xA701), never a 500 or an aborted association;
+- a delivery that was sent meanwhile is recorded once the database answers again, so it
+  is not sent twice, and the delivery workers keep running;
+- the log says so in a few lines, not a traceback every second;
+- once the database is back everything works again without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from tests.conftest import (
+    Corpus,
+    GatewayProcess,
+    dcmtk_env,
+    free_port,
+    pg_cut_off,
+    sop_uid_of,
+    wait_until,
+)
+from tests.integration.test_qr_scp import STUDY_ROOT, findscu, getscu, movescu
+
+pytestmark = [pytest.mark.timeout(180)]
+
+Gateway = Callable[..., GatewayProcess]
+OUT_OF_RESOURCES = 0xA700
+
+
+def _store_files(gw: GatewayProcess) -> list[Path]:
+    return sorted(p for p in (gw.data / "store").rglob("*") if p.is_file())
+
+
+def _no_traceback(gw: GatewayProcess) -> None:
+    log = gw.log_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-4000:]
+
+
+def test_stores_meanwhile_are_refused_and_nothing_is_half_kept(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, tmp_path: Path
+) -> None:
+    name, url = own_database
+    watch = tmp_path / "drop"
+    gw = gateway(
+        {
+            "database": {"url": url},
+            "ingest": {"watch": str(watch), "settle": 0.2, "poll_interval": 0.1},
+        }
+    )
+    files = corpus.mr("db-outage-ingest", 6, seed=931)
+    assert gw.storescu(files[:2]).returncode == 0
+    pg_cut_off(name, allow=False)
+    try:
+        sent = gw.storescu([files[2]], "-v")
+        assert "Received Store Response (Refused: OutOfResources)" in sent.stdout, sent.stdout
+        stow = httpx.post(
+            gw.url("/dicomweb/studies"),
+            content=files[3].read_bytes(),
+            headers={"content-type": "application/dicom"},
+            timeout=30,
+        )
+        assert stow.status_code == 409, stow.text
+        failed = stow.json()["00081198"]["Value"]
+        assert [f["00081197"]["Value"] for f in failed] == [[OUT_OF_RESOURCES]]
+        watch.mkdir(exist_ok=True)
+        shutil.copy(files[4], watch / "e.dcm")
+        gw.wait_log("folder.retry")
+        time.sleep(0.5)  # more scans: the file still waits, nothing is rejected
+        assert (watch / "e.dcm").exists()
+        assert [p for p in watch.rglob("*") if p.is_file() and p.name != "e.dcm"] == []
+        # Nothing refused was kept: the store holds the two acknowledged instances only.
+        assert len(_store_files(gw)) == 2
+        assert gw.running()
+    finally:
+        pg_cut_off(name, allow=True)
+    wait_until(lambda: not (watch / "e.dcm").exists(), 30, "the dropped file to be ingested")
+    again = gw.storescu([files[2], files[3], files[5]])
+    assert again.returncode == 0, again.stdout
+    index = gw.index
+    assert all(index.instance(sop_uid_of(f)) is not None for f in files)
+    assert index.count_instances(current_only=False) == 6
+    assert len(_store_files(gw)) == 6
+    _no_traceback(gw)
+
+
+def test_readers_answer_a_clear_error_meanwhile(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, tmp_path: Path
+) -> None:
+    name, url = own_database
+    gw = gateway(
+        {
+            "database": {"url": url},
+            "dimse": {"move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": free_port()}}},
+        }
+    )
+    files = corpus.mr("db-outage-read", 2, seed=932)
+    assert gw.storescu(files).returncode == 0
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    instance = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+    paths = [
+        "/dicomweb/studies",
+        "/dicomweb/series",
+        "/dicomweb/instances",
+        f"/dicomweb/studies/{study}/series",
+        f"/dicomweb/studies/{study}/instances",
+        f"/dicomweb/studies/{study}/series/{series}/instances",
+        f"/dicomweb/studies/{study}",
+        f"/dicomweb/studies/{study}/metadata",
+        instance,
+        f"{instance}/frames/1",
+        f"{instance}/rendered",
+        f"/dicomweb/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}",
+        f"/fhir/ImagingStudy/{study}",
+        "/api/queue",
+        "/api/audit",
+        "/ui/studies",
+        "/ui/api/overview",
+    ]
+    pg_cut_off(name, allow=False)
+    try:
+        for path in paths:
+            answer = httpx.get(gw.url(path), timeout=30)
+            assert answer.status_code == 503, (path, answer.status_code, answer.text[:300])
+            assert answer.headers["content-type"].split(";")[0].endswith("json"), path
+            body = json.loads(answer.text)
+            assert "unavailable" in json.dumps(body), (path, body)
+        find = findscu(gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path / "find")
+        assert find.final == OUT_OF_RESOURCES, find.output[-2000:]
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+        move = movescu(gw, STUDY_ROOT, keys, "ARCHIVE")
+        assert move.final == 0xA701, move.output[-2000:]
+        get = getscu(gw, STUDY_ROOT, keys, tmp_path / "get")
+        assert get.final == 0xA701, get.output[-2000:]
+        for answer in (find, move, get):  # released normally, not aborted
+            assert "Releasing Association" in answer.output, answer.output[-2000:]
+    finally:
+        pg_cut_off(name, allow=True)
+    wait_until(
+        lambda: httpx.get(gw.url("/dicomweb/studies"), timeout=10).status_code == 200,
+        20,
+        "QIDO-RS to answer again",
+    )
+    assert len(httpx.get(gw.url(f"/dicomweb/studies/{study}/instances"), timeout=10).json()) == 2
+    find = findscu(gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path / "find2")
+    assert find.final == 0 and len(find.responses) == 1, find.output[-2000:]
+    _no_traceback(gw)
+
+
+def test_deliveries_sent_meanwhile_are_recorded_when_it_is_back(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, tmp_path: Path
+) -> None:
+    """storescp takes a second per instance, so the sends end while the database is cut
+    off: the results wait in the gateway and are recorded once it answers; nothing is sent
+    twice and the workers deliver what comes next."""
+    name, url = own_database
+    port = free_port()
+    received = tmp_path / "scp"
+    received.mkdir()
+    scp = subprocess.Popen(
+        [
+            *("storescp", "-aet", "SLOW", "--sleep-during", "1", "+uf"),
+            *("--output-directory", str(received), str(port)),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        gw = gateway(
+            {
+                "database": {"url": url},
+                "destinations": {
+                    "slow": {"type": "dimse", "ae_title": "SLOW", "host": "127.0.0.1", "port": port}
+                },
+                "routes": [{"name": "all", "match": {}, "to": ["slow"]}],
+            }
+        )
+        files = corpus.mr("db-outage-deliver", 4, seed=933)
+        assert gw.storescu(files[:3]).returncode == 0
+        gw.wait_log("egress.dimse_associated")  # leased and sending (3 s at least)
+        pg_cut_off(name, allow=False)
+        try:
+            gw.wait_log("delivery.record_waiting", timeout=30)  # a send ended meanwhile
+            time.sleep(3)  # the workers keep trying to lease and record meanwhile
+        finally:
+            pg_cut_off(name, allow=True)
+        gw.wait_log("delivery.record_resumed", timeout=30)
+        assert gw.storescu(files[3:]).returncode == 0  # the workers still deliver
+        wait_until(lambda: len(list(received.iterdir())) >= 4, 60, "four receipts")
+
+        def states() -> dict[str, int]:
+            status, body = gw.http_get("/api/queue?state=done")
+            assert status == 200, body
+            return dict(body["counts"]["slow"])
+
+        wait_until(lambda: states() == {"done": 4}, 30, "every job done")
+        time.sleep(1)
+        arrived = [
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in received.iterdir()
+        ]
+        assert sorted(arrived) == sorted(sop_uid_of(f) for f in files)  # each once
+        # A few lines for the whole outage, none with a traceback.
+        for event in ("delivery.record_waiting", "delivery.record_resumed"):
+            assert gw.log_count(event) == 1, gw.log_tail(60)
+        assert gw.log_count("delivery.lease_error") <= 1
+        assert gw.log_count("delivery.timer_error") == 1
+        assert gw.log_count("notify.disconnected") == 1
+        assert gw.log_count("delivery.worker_error") == 0
+        _no_traceback(gw)
+    finally:
+        scp.terminate()
+        scp.wait(10)
