@@ -906,14 +906,21 @@ def status(
         raise _fail(f"{url}: HTTP {response.status_code}: {response.text[:200]}", 1)
     view = response.json()
     disk = view["disk"]
+    index = view.get("index", "ok")
+
+    def known(value: object) -> str:
+        return "?" if value is None else str(value)
+
     console = Console()
     console.print(
         f"dicomgate at {url}: {view['associations']} associations now, "
-        f"{disk['instances']} instances stored ({disk['store_bytes']} bytes), "
+        f"{known(disk['instances'])} instances stored ({known(disk['store_bytes'])} bytes), "
         f"disk {disk['disk_used_percent']}% used"
     )
+    if index != "ok":
+        console.print(f"[bold red]index database {index}[/]: stores are refused until it is back")
     received = Table("source AE", "via", "instances", "bytes", title="Received in the last hour")
-    for r in view["received_last_hour"]:
+    for r in view["received_last_hour"] or []:
         received.add_row(r["source_ae"], r["via"], str(r["instances"]), str(r["bytes"]))
     console.print(received)
     dests = Table(
@@ -929,14 +936,16 @@ def status(
     for d in view["destinations"]:
         dests.add_row(
             d["destination"],
-            str(d["pending"] + d["leased"]),
-            str(d["dead"]),
+            "?" if d["pending"] is None else str(d["pending"] + d["leased"]),
+            known(d["dead"]),
             d["oldest_job"] or "-",
             d["last_success"] or "-",
             (d["last_error"] or "-")[:60],
             d["breaker"],
         )
     console.print(dests)
+    if index != "ok":
+        raise typer.Exit(1)
 
 
 keys_app = typer.Typer(help="API keys for the HTTP interface.", no_args_is_help=True)

@@ -16,6 +16,7 @@ ended), as in a database restart or failover. What a PACS administrator expects 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -34,6 +35,7 @@ from tests.conftest import (
     sop_uid_of,
     wait_until,
 )
+from tests.integration.test_cli_console import DICOMGATE
 from tests.integration.test_qr_scp import STUDY_ROOT, findscu, getscu, movescu
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -129,8 +131,6 @@ def test_readers_answer_a_clear_error_meanwhile(
         f"/fhir/ImagingStudy/{study}",
         "/api/queue",
         "/api/audit",
-        "/ui/studies",
-        "/ui/api/overview",
     ]
     pg_cut_off(name, allow=False)
     try:
@@ -140,6 +140,30 @@ def test_readers_answer_a_clear_error_meanwhile(
             assert answer.headers["content-type"].split(";")[0].endswith("json"), path
             body = json.loads(answer.text)
             assert "unavailable" in json.dumps(body), (path, body)
+        # The console: the overview still shows what the process knows, with the reason;
+        # pages that read the index answer an HTML page saying why.
+        view = httpx.get(gw.url("/ui/api/overview"), timeout=30)
+        assert view.status_code == 200, view.text
+        assert view.json()["index"].startswith("unavailable: ")
+        assert view.json()["disk"]["instances"] is None
+        assert view.json()["disk"]["disk_free_bytes"] > 0
+        page = httpx.get(gw.url("/ui"), timeout=30)
+        assert page.status_code == 200 and "The index database is unavailable" in page.text
+        for path in ("/ui/studies", "/ui/queue", "/ui/audit"):
+            page = httpx.get(gw.url(path), timeout=30)
+            assert page.status_code == 503, (path, page.text[:300])
+            assert page.headers["content-type"].startswith("text/html"), path
+            assert "The index database is unavailable" in page.text, path
+        status = subprocess.run(
+            [str(DICOMGATE), "status", "--config", str(gw.config_path)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "200"},
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 1, status.stdout + status.stderr
+        assert "index database unavailable" in status.stdout, status.stdout
         find = findscu(gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path / "find")
         assert find.final == OUT_OF_RESOURCES, find.output[-2000:]
         keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}

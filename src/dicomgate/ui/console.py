@@ -13,6 +13,7 @@ import email.policy
 import io
 import json
 import secrets
+from collections.abc import Callable, Coroutine
 from html import escape
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,12 @@ from urllib.parse import parse_qs, quote, urlencode
 import pydicom
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from dicomgate import __version__
+from dicomgate.errors import IndexUnavailable
 from dicomgate.index.schema import instance
 from dicomgate.observability.audit import AuditQuery
 from dicomgate.observability.audit_api import _time
@@ -168,19 +171,23 @@ class Console:
 
     def overview_fragment(self, view: dict[str, Any]) -> str:
         disk = view["disk"]
+        index = view.get("index", "ok")
+        alert = "" if index == "ok" else _unavailable_alert(index.removeprefix("unavailable: "))
         received = [
             [e(r["source_ae"]), e(r["via"]), str(r["instances"]), e(_size(r["bytes"]))]
-            for r in view["received_last_hour"]
+            for r in view["received_last_hour"] or []
         ]
         states = []
         for d in view["destinations"]:
             name = quote(d["destination"])
             breaker = f'<span class="state-{e(d["breaker"])}">{e(d["breaker"])}</span>'
+            queued = "?" if d["pending"] is None else str(d["pending"] + d["leased"])
+            dead = "?" if d["dead"] is None else str(d["dead"])
             states.append(
                 [
                     f'<a href="/ui/queue?destination={name}">{e(d["destination"])}</a>',
-                    str(d["pending"] + d["leased"]),
-                    f'<span class="{"bad" if d["dead"] else ""}">{d["dead"]}</span>',
+                    queued,
+                    f'<span class="{"bad" if d["dead"] else ""}">{dead}</span>',
                     e(d["oldest_job"] or "-"),
                     e(d["last_success"] or "-"),
                     e(f"{d['last_error_at']}: {d['last_error'][:120]}" if d["last_error"] else "-"),
@@ -188,19 +195,23 @@ class Console:
                     e(d["schedule"]),
                 ]
             )
+        unknown = disk["instances"] is None
         return (
-            f'<p class="stamp">As of {e(view["generated_at"])}</p>'
+            f'{alert}<p class="stamp">As of {e(view["generated_at"])}</p>'
             '<section aria-labelledby="h-now"><h2 id="h-now">Now</h2><dl class="figures">'
             f"<div><dt>Associations</dt><dd>{view['associations']}</dd></div>"
-            f"<div><dt>Stored instances</dt><dd>{disk['instances']}</dd></div>"
-            f"<div><dt>Store size</dt><dd>{e(_size(disk['store_bytes']))}</dd></div>"
+            f"<div><dt>Stored instances</dt><dd>{'?' if unknown else disk['instances']}</dd></div>"
+            "<div><dt>Store size</dt>"
+            f"<dd>{'?' if unknown else e(_size(disk['store_bytes']))}</dd></div>"
             f"<div><dt>Disk used</dt><dd>{disk['disk_used_percent']}% "
             f"({e(_size(disk['disk_free_bytes']))} free)</dd></div></dl></section>"
             '<section aria-labelledby="h-recv"><h2 id="h-recv">Received in the last hour</h2>'
             + _table(
                 ["Source AE", "Via", "Instances", "Bytes"],
                 received,
-                empty="Nothing received in the last hour.",
+                empty="Not known: the index database is unavailable."
+                if view["received_last_hour"] is None
+                else "Nothing received in the last hour.",
             )
             + '</section><section aria-labelledby="h-dest"><h2 id="h-dest">Destinations</h2>'
             + _table(
@@ -423,6 +434,37 @@ class Console:
         return ds, MatchContext(row[1], row[2], row[3], row[4])
 
 
+def _unavailable_alert(reason: str) -> str:
+    return (
+        '<p class="error" role="alert">The index database is unavailable: '
+        f"{e(reason)}. Until it answers, images sent here are refused with a status that"
+        " asks the sender to retry (C-STORE 0xA700, STOW-RS 409 with 0xA700), queries answer"
+        " 503 or 0xA700, and deliveries wait; nothing already stored is lost.</p>"
+    )
+
+
+def _console_route(console: Console) -> type[APIRoute]:
+    """Console routes that answer an HTML page (503, with the reason) when the index
+    database is unavailable, instead of the API's JSON error; ``/ui/api/`` keeps JSON."""
+
+    class ConsoleRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except IndexUnavailable as exc:
+                    if request.url.path.startswith("/ui/api/"):
+                        raise
+                    body = _unavailable_alert(str(exc))
+                    return console.page(request, "Index unavailable", body, status=503)
+
+            return guarded
+
+    return ConsoleRoute
+
+
 def _read_upload(payload: bytes) -> Dataset:
     try:
         return pydicom.dcmread(io.BytesIO(payload), force=False)
@@ -435,7 +477,7 @@ def console_router(
 ) -> APIRouter:
     """The ``/ui`` routes bound to ``gateway`` (``jwt_verifier``: the HTTP stack's, if any)."""
     console = Console(gateway, secret, jwt_verifier)
-    router = APIRouter(prefix="/ui", include_in_schema=False)
+    router = APIRouter(prefix="/ui", include_in_schema=False, route_class=_console_route(console))
 
     @router.get("/static/{name}")
     def static(name: str) -> Response:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, select
 
+from dicomgate.errors import IndexUnavailable
 from dicomgate.index.schema import delivery_job, instance, patient, series, study
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ def destination_states(gateway: Gateway) -> list[dict[str, Any]]:
     """Per configured destination: queue depth, oldest job, last success and error, breaker."""
     j = delivery_job.c
     depth = gateway.queue.depth()
-    stats = gateway.dispatcher.stats()
     last_success: dict[str, datetime] = {}
     last_error: dict[str, tuple[datetime | None, str]] = {}
     with gateway.index.engine.connect() as connection:
@@ -61,14 +61,13 @@ def destination_states(gateway: Gateway) -> list[dict[str, Any]]:
         )
         for name, when, error in connection.execute(errors):
             last_error[str(name)] = (when, str(error))
-    out = []
-    for name in gateway.config.destinations:
+    out = _live_states(gateway)
+    for row in out:
+        name = row["destination"]
         counts, oldest = depth.get(name, ({}, None))
-        stat = stats.get(name, {})
         error_at, error = last_error.get(name, (None, ""))
-        out.append(
+        row.update(
             {
-                "destination": name,
                 "pending": counts.get("pending", 0),
                 "leased": counts.get("leased", 0),
                 "dead": counts.get("dead", 0),
@@ -76,6 +75,28 @@ def destination_states(gateway: Gateway) -> list[dict[str, Any]]:
                 "last_success": _iso(last_success.get(name)),
                 "last_error_at": _iso(error_at),
                 "last_error": error,
+            }
+        )
+    return out
+
+
+def _live_states(gateway: Gateway) -> list[dict[str, Any]]:
+    """Per configured destination, what this process knows without the database: the
+    breaker and the schedule; the queue's figures are None until filled in."""
+    stats = gateway.dispatcher.stats()
+    out = []
+    for name in gateway.config.destinations:
+        stat = stats.get(name, {})
+        out.append(
+            {
+                "destination": name,
+                "pending": None,
+                "leased": None,
+                "dead": None,
+                "oldest_job": None,
+                "last_success": None,
+                "last_error_at": None,
+                "last_error": "",
                 "breaker": "open" if stat.get("breaker_open") else "closed",
                 "schedule": "open" if stat.get("schedule_open", 1) else "closed",
             }
@@ -83,18 +104,24 @@ def destination_states(gateway: Gateway) -> list[dict[str, Any]]:
     return out
 
 
-def disk_use(gateway: Gateway) -> dict[str, Any]:
-    """The store's size (from the index) and its file system's free space."""
+def _stored(gateway: Gateway) -> tuple[int, int]:
+    """Instances in the store and their bytes, from the index."""
     with gateway.index.engine.connect() as connection:
         stored = connection.execute(
             select(func.count(), func.coalesce(func.sum(instance.c.size), 0)).where(
                 instance.c.is_current
             )
         ).one()
+    return int(stored[0]), int(stored[1])
+
+
+def disk_use(gateway: Gateway, stored: tuple[int, int] | None) -> dict[str, Any]:
+    """The store's size (``stored``, from the index: None when it is unavailable) and its
+    file system's free space."""
     usage = shutil.disk_usage(gateway.config.storage.path)
     return {
-        "instances": int(stored[0]),
-        "store_bytes": int(stored[1]),
+        "instances": None if stored is None else stored[0],
+        "store_bytes": None if stored is None else stored[1],
         "disk_total_bytes": usage.total,
         "disk_free_bytes": usage.free,
         "disk_used_percent": round(100 * (usage.total - usage.free) / usage.total, 1)
@@ -104,14 +131,29 @@ def disk_use(gateway: Gateway) -> dict[str, Any]:
 
 
 def overview(gateway: Gateway) -> dict[str, Any]:
-    """Everything on the Overview page, as JSON."""
-    return {
+    """Everything on the Overview page, as JSON.
+
+    ``index`` is ``ok``, or ``unavailable: <reason>`` when the index database does not
+    answer: the page is what an administrator opens then, so it still shows what the
+    process knows (associations, breakers, schedules, free disk), with None for the
+    figures read from the database, instead of failing as a whole.
+    """
+    view: dict[str, Any] = {
         "generated_at": _iso(datetime.now(UTC)),
         "associations": int(getattr(gateway.dimse, "_active", 0)),
-        "received_last_hour": received_last_hour(gateway),
-        "destinations": destination_states(gateway),
-        "disk": disk_use(gateway),
+        "index": "ok",
     }
+    try:
+        received: list[dict[str, Any]] | None = received_last_hour(gateway)
+        destinations = destination_states(gateway)
+        stored: tuple[int, int] | None = _stored(gateway)
+    except IndexUnavailable as exc:
+        view["index"] = f"unavailable: {exc}"
+        received, destinations, stored = None, _live_states(gateway), None
+    view["received_last_hour"] = received
+    view["destinations"] = destinations
+    view["disk"] = disk_use(gateway, stored)
+    return view
 
 
 def recent_studies(gateway: Gateway, limit: int = 50) -> list[dict[str, Any]]:
