@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from tests.conftest import (
@@ -25,6 +27,7 @@ from tests.conftest import (
     sop_uid_of,
     wait_until,
 )
+from tests.integration.test_stow import dataset_bytes, multipart, referenced
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
 
@@ -155,3 +158,75 @@ def test_store_files_a_crash_left_without_rows_are_indexed_or_removed(
     assert stored.is_file()
     assert len(gw.index.instances(sop_uid_of(sent))) == 1
     assert gw.log_count("recovery.duplicate_removed") == 1
+
+
+def post_multipart(http: httpx.Client, gw: GatewayProcess, parts: list[bytes]) -> httpx.Response:
+    return http.post(
+        gw.url("/dicomweb/studies"),
+        content=multipart(parts),
+        headers={
+            "content-type": 'multipart/related; type="application/dicom";'
+            " boundary=dicomgate-test-boundary"
+        },
+    )
+
+
+def test_kill9_mid_stow_stream_loses_no_acknowledged_instance(
+    gateway: Gateway, corpus: Corpus
+) -> None:
+    """The same over STOW-RS: one client posts requests back to back, alternately one small
+    MR, ten small MRs, and two CT instances (~0.5 MB parts, which a thread writes behind
+    the receipt); the gateway is killed mid-stream. Every instance an answer referenced
+    is indexed after the restart, with its data set unchanged; nothing half-received is
+    kept; every store file is indexed."""
+    small = corpus.mr("stow-stream", 240, seed=41)
+    ct = corpus.ct("stow-stream-ct", 40, seed=42)
+    requests: list[list[Path]] = []
+    for k in range(0, len(small), 11):
+        requests += [small[k : k + 1], small[k + 1 : k + 11], ct[2 * k // 11 : 2 * k // 11 + 2]]
+    requests = [r for r in requests if r]
+    gw = gateway({"storage": {"recovery_grace": 1}})
+    acked: list[Path] = []
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            for files in requests:
+                if stop.is_set():
+                    return
+                try:
+                    answer = post_multipart(http, gw, [p.read_bytes() for p in files])
+                except httpx.HTTPError:
+                    return
+                answers.append(answer.status_code)
+                if answer.status_code in (200, 202):
+                    done = set(referenced(answer.json()))
+                    acked.extend(p for p in files if sop_uid_of(p) in done)
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        gw.wait_log("instance.stored", 80, timeout=60)
+        gw.kill9()
+    finally:
+        stop.set()
+        sender.join(60)
+    assert not sender.is_alive()
+    assert 60 <= len(acked) < sum(len(r) for r in requests), (len(acked), answers[-5:])
+    assert set(answers) == {200}, answers
+    assert any(p.stat().st_size > 100_000 for p in acked), "no CT was acknowledged"
+
+    gw.restart()
+    for path in acked:
+        row = gw.index.instance(sop_uid_of(path))
+        assert row is not None, f"{path.name} was acknowledged but is not indexed"
+        stored = gw.stored_path(row)
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == row["sha256"]
+        assert dataset_bytes(stored) == dataset_bytes(path), path.name
+    assert list((gw.data / "store").rglob("*.part")) == []
+    if TEST_DB != "sqlite":
+        gw.wait_log("recovery.done", timeout=30)
+    in_store = {sop_uid_of(p) for p in (gw.data / "store").rglob("*.dcm")}
+    assert {uid for uid in in_store if gw.index.instance(uid) is None} == set()
+    assert len(in_store) == gw.index.count_instances(current_only=False)

@@ -369,3 +369,33 @@ def test_a_full_store_leaves_files_in_place_until_there_is_room(
     _wait_empty(watch)
     assert gw.index.count_instances(current_only=False) == 2
     assert _files(watch / "rejected") == []
+
+
+def test_kill9_mid_scan_loses_nothing_and_stores_nothing_twice(
+    gateway: Gateway, corpus: Corpus, tmp_path: Path
+) -> None:
+    """A gateway killed while it empties the watch folder (files and a zip) takes the rest
+    after the restart; files it had stored but not yet deleted are recognised (same bytes)
+    and only deleted, so each instance has exactly one row (docs/architecture.md, *At least
+    once, without second copies*)."""
+    files = corpus.mr("folder-kill9", 260, seed=811)
+    loose, zipped = files[:200], files[200:]
+    gw, watch = _watching(gateway, tmp_path, storage={"recovery_grace": 1})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for i, path in enumerate(loose):
+        shutil.copy(path, staging / f"{i:04d}.dcm")
+    _zip(staging / "more.zip", {p.name: p.read_bytes() for p in zipped})
+    staging.rename(watch / "batch")  # all at once, settled from the start
+    gw.wait_log("folder.ingested", 40, timeout=60)
+    gw.kill9()
+    left = [p for p in _files(watch) if not p.is_relative_to(watch / "rejected")]
+    assert 0 < len(left) < len(loose) + 1, "the kill came too late (or too early) to tell"
+    gw.restart()
+    _wait_empty(watch, timeout=90)
+    assert not (watch / "rejected").exists() or _files(watch / "rejected") == []
+    index = gw.index
+    for path in files:
+        assert len(index.instances(sop_uid_of(path))) == 1, path.name
+    assert index.count_instances(current_only=False) == len(files)
+    assert len(list((gw.data / "store").rglob("*.dcm"))) == len(files)
