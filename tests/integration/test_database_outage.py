@@ -108,6 +108,7 @@ def test_readers_answer_a_clear_error_meanwhile(
         {
             "database": {"url": url},
             "dimse": {"move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": free_port()}}},
+            "metrics": {"scrape_cache": 0},
         }
     )
     files = corpus.mr("db-outage-read", 2, seed=932)
@@ -140,6 +141,11 @@ def test_readers_answer_a_clear_error_meanwhile(
             assert answer.headers["content-type"].split(";")[0].endswith("json"), path
             body = json.loads(answer.text)
             assert "unavailable" in json.dumps(body), (path, body)
+        # /metrics keeps answering, without the queue's figures; one line says why.
+        for _ in range(3):
+            scrape = httpx.get(gw.url("/metrics"), timeout=30)
+            assert scrape.status_code == 200 and "dicomgate_queue_jobs{" not in scrape.text
+        assert gw.log_count("metrics.queue_failed") == 1
         # The console: the overview still shows what the process knows, with the reason;
         # pages that read the index answer an HTML page saying why.
         view = httpx.get(gw.url("/ui/api/overview"), timeout=30)
@@ -181,6 +187,8 @@ def test_readers_answer_a_clear_error_meanwhile(
         "QIDO-RS to answer again",
     )
     assert len(httpx.get(gw.url(f"/dicomweb/studies/{study}/instances"), timeout=10).json()) == 2
+    assert "dicomgate_queue_jobs" in httpx.get(gw.url("/metrics"), timeout=10).text
+    assert gw.log_count("metrics.queue_recovered") == 1
     find = findscu(gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path / "find2")
     assert find.final == 0 and len(find.responses) == 1, find.output[-2000:]
     _no_traceback(gw)

@@ -37,6 +37,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicomgate.observability.logging import Outage
+
 log = logging.getLogger("dicomgate.metrics")
 
 # Latency buckets (seconds): sub-millisecond acks up to a minute-long delivery batch.
@@ -270,6 +272,14 @@ class GatewayCollector(Collector):
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
         self._cached_at = 0.0
+        self._queue_outage = Outage(  # used under self._lock
+            log,
+            "queue metrics",
+            "metrics.queue_failed",
+            "metrics.queue_recovered",
+            level=logging.WARNING,
+            expected=(Exception,),
+        )
 
     def describe(self) -> Iterable[Metric]:
         return []  # values are read at scrape time only
@@ -296,11 +306,10 @@ class GatewayCollector(Collector):
         assert self._queue_depth is not None
         try:
             figures = self._queue_depth()
-        except Exception as exc:  # the database may be down: say so, keep serving
-            log.warning(
-                "queue metrics unavailable: %s", exc, extra={"event": "metrics.queue_failed"}
-            )
+        except Exception as exc:  # the database may be down: say so (once), keep serving
+            self._queue_outage.failed(exc)
             return []
+        self._queue_outage.ok()
         jobs = GaugeMetricFamily(
             "dicomgate_queue_jobs",
             "Unfinished delivery jobs per destination and state (pending, leased, dead).",
