@@ -228,6 +228,21 @@ def test_an_expired_lease_comes_back(index: Index, queue: JobQueue, clock: Clock
     assert again.attempts == 2  # the crashed attempt counts
 
 
+def test_a_restarted_node_ends_its_previous_processes_leases(
+    index: Index, queue: JobQueue, clock: Clock
+) -> None:
+    for n, worker in enumerate(["gw_1:100", "gw_1:200", "gw_1:300", "gw%1:100", "gwx1:100"]):
+        store(index, f"5.5.{n}", NewJob("pacs", "r"))
+        assert len(queue.lease("pacs", 1, worker)) == 1
+    # This process is gw_1:300; gw%1 and gwx1 are other nodes ("_" and "%" match literally).
+    assert queue.expire_leases_of("gw_1", "gw_1:300") == 2
+    assert queue.expire_leases_of("gw_1", "gw_1:300") == 0  # already ended
+    clock.advance(0.001)
+    again = queue.lease("pacs", 10, "gw_1:300")
+    assert sorted(j.sop_instance_uid for j in again) == ["5.5.0", "5.5.1"]
+    assert {j.attempts for j in again} == {2}  # the lost attempt counts, as on expiry
+
+
 def test_concurrent_leasers_never_share_a_job(index: Index, queue: JobQueue) -> None:
     items = [make_item(f"6.{n}") for n in range(60)]
     index.record(items, DuplicatePolicy.REJECT, [[NewJob("pacs", "r")]] * len(items))

@@ -212,7 +212,8 @@ class Dispatcher:
         self.batch_wait = batch_wait
         self.timer_interval = timer_interval
         # Leases name the node (``leased_by``); the pid tells restarts apart.
-        self.worker_id = f"{node or socket.gethostname()}:{os.getpid()}"
+        self.node = node or socket.gethostname()
+        self.worker_id = f"{self.node}:{os.getpid()}"
         controls = controls or {}
         self.pipelines: Mapping[str, Pipeline] = pipelines or {}
         self.work_dir = work_dir or store.root / "egress"
@@ -250,6 +251,7 @@ class Dispatcher:
         # Processed copies of a previous run's in-flight jobs: made again when retried.
         shutil.rmtree(self.work_dir, ignore_errors=True)
         await self._warn_orphans()
+        await self._expire_own_leases()
         for dest in self._destinations.values():
             for slot in range(max(1, dest.sender.concurrency)):
                 task = self._worker(dest, slot)
@@ -336,6 +338,27 @@ class Dispatcher:
             }
             for name, d in self._destinations.items()
         }
+
+    async def _expire_own_leases(self) -> None:
+        """Jobs this node's previous process held when it ended are leased again at once
+        (:meth:`JobQueue.expire_leases_of`) instead of after ``queue.lease_seconds``."""
+        try:
+            expired = await asyncio.to_thread(
+                self.queue.expire_leases_of, self.node, self.worker_id
+            )
+        except Exception as exc:  # they expire on their own
+            log.warning(
+                "cannot release the previous run's leases: %s",
+                exc,
+                extra={"event": "delivery.lease_error"},
+            )
+            return
+        if expired:
+            log.info(
+                "%d jobs leased by this node's previous run are due again",
+                expired,
+                extra={"event": "delivery.leases_released", "jobs": expired},
+            )
 
     async def _warn_orphans(self) -> None:
         """Jobs of destinations no longer in the config wait; say so at every start."""

@@ -474,6 +474,33 @@ class JobQueue:
             )
         return state
 
+    def expire_leases_of(self, node: str, worker: str) -> int:
+        """End now the leases that earlier processes of ``node`` still hold; returns how many.
+
+        Called when a node starts, before its workers lease: those processes are gone (a
+        restart after ``kill -9``, a crash, or a stop whose sends outlived its grace), so
+        their jobs need not wait ``lease_seconds`` for the lease to run out. They are then
+        leased again like any expired lease (the next lease counts the next attempt).
+        ``worker`` is this process's own ``leased_by``, left alone. Safe because a node
+        name belongs to one live process: on PostgreSQL a second one is refused at start
+        (the node-name lock, queue/notify.py); SQLite serves one node.
+        """
+        now = self._clock()
+        j = delivery_job.c
+        prefix = f"{node}:"[:64]  # leased_by is "node:pid", cut to 64 characters
+        with self._write() as connection:
+            result = connection.execute(
+                update(delivery_job)
+                .where(
+                    j.state == JobState.LEASED.value,
+                    j.leased_by.startswith(prefix, autoescape=True),
+                    j.leased_by != worker[:64],
+                    j.lease_until > now,
+                )
+                .values(lease_until=now, updated_at=now)
+            )
+            return int(result.rowcount or 0)
+
     def postpone(self, job_ids: Sequence[int], seconds: float) -> None:
         """Put jobs back to pending for ``seconds`` without counting their attempt.
 

@@ -62,7 +62,8 @@ class QueueConfig(_Model):
         gt=0,
         description=(
             "How long a worker owns a leased job. A job not finished in that time (crashed"
-            " or hung worker) is handed out again; keep it above the slowest delivery."
+            " or hung worker) is handed out again; keep it above the slowest delivery. A node"
+            " that restarts hands out its previous process's leased jobs at once."
         ),
     )
     poll_interval: float = Field(
