@@ -523,6 +523,49 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
 
 
 @dataclass(frozen=True)
+class SlowPacs:
+    """DCMTK ``storescp`` as AE ``SLOW`` that takes a second over each instance
+    (``--sleep-during 1``) and keeps every receipt (``+uf``) under ``folder``: sends to it
+    are still under way when a test cuts something off."""
+
+    port: int
+    folder: Path
+
+    @property
+    def destination(self) -> dict[str, Any]:
+        return {"type": "dimse", "ae_title": "SLOW", "host": "127.0.0.1", "port": self.port}
+
+    def received(self) -> list[str]:
+        """SOP Instance UID of every receipt (a resent instance counts twice)."""
+        import pydicom
+
+        return [
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in sorted(self.folder.iterdir())
+        ]
+
+
+@pytest.fixture
+def slow_pacs(tmp_path: Path) -> Iterator[SlowPacs]:
+    pacs = SlowPacs(free_port(), tmp_path / "slow-pacs")
+    pacs.folder.mkdir()
+    proc = subprocess.Popen(
+        [
+            *("storescp", "-aet", "SLOW", "--sleep-during", "1", "+uf"),
+            *("--output-directory", str(pacs.folder), str(pacs.port)),
+        ],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield pacs
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass(frozen=True)
 class Corpus:
     """Synthetic series written once per session (deterministic, nothing downloaded)."""
 

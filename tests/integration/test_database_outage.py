@@ -29,7 +29,7 @@ import pytest
 from tests.conftest import (
     Corpus,
     GatewayProcess,
-    dcmtk_env,
+    SlowPacs,
     free_port,
     pg_cut_off,
     sop_uid_of,
@@ -195,67 +195,44 @@ def test_readers_answer_a_clear_error_meanwhile(
 
 
 def test_deliveries_sent_meanwhile_are_recorded_when_it_is_back(
-    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, tmp_path: Path
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, slow_pacs: SlowPacs
 ) -> None:
-    """storescp takes a second per instance, so the sends end while the database is cut
+    """The PACS takes a second per instance, so the sends end while the database is cut
     off: the results wait in the gateway and are recorded once it answers; nothing is sent
     twice and the workers deliver what comes next."""
     name, url = own_database
-    port = free_port()
-    received = tmp_path / "scp"
-    received.mkdir()
-    scp = subprocess.Popen(
-        [
-            *("storescp", "-aet", "SLOW", "--sleep-during", "1", "+uf"),
-            *("--output-directory", str(received), str(port)),
-        ],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    gw = gateway(
+        {
+            "database": {"url": url},
+            "destinations": {"slow": slow_pacs.destination},
+            "routes": [{"name": "all", "match": {}, "to": ["slow"]}],
+        }
     )
+    files = corpus.mr("db-outage-deliver", 4, seed=933)
+    assert gw.storescu(files[:3]).returncode == 0
+    gw.wait_log("egress.dimse_associated")  # leased and sending (3 s at least)
+    pg_cut_off(name, allow=False)
     try:
-        gw = gateway(
-            {
-                "database": {"url": url},
-                "destinations": {
-                    "slow": {"type": "dimse", "ae_title": "SLOW", "host": "127.0.0.1", "port": port}
-                },
-                "routes": [{"name": "all", "match": {}, "to": ["slow"]}],
-            }
-        )
-        files = corpus.mr("db-outage-deliver", 4, seed=933)
-        assert gw.storescu(files[:3]).returncode == 0
-        gw.wait_log("egress.dimse_associated")  # leased and sending (3 s at least)
-        pg_cut_off(name, allow=False)
-        try:
-            gw.wait_log("delivery.record_waiting", timeout=30)  # a send ended meanwhile
-            time.sleep(3)  # the workers keep trying to lease and record meanwhile
-        finally:
-            pg_cut_off(name, allow=True)
-        gw.wait_log("delivery.record_resumed", timeout=30)
-        assert gw.storescu(files[3:]).returncode == 0  # the workers still deliver
-        wait_until(lambda: len(list(received.iterdir())) >= 4, 60, "four receipts")
-
-        def states() -> dict[str, int]:
-            status, body = gw.http_get("/api/queue?state=done")
-            assert status == 200, body
-            return dict(body["counts"]["slow"])
-
-        wait_until(lambda: states() == {"done": 4}, 30, "every job done")
-        time.sleep(1)
-        arrived = [
-            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-            for p in received.iterdir()
-        ]
-        assert sorted(arrived) == sorted(sop_uid_of(f) for f in files)  # each once
-        # A few lines for the whole outage, none with a traceback.
-        for event in ("delivery.record_waiting", "delivery.record_resumed"):
-            assert gw.log_count(event) == 1, gw.log_tail(60)
-        assert gw.log_count("delivery.lease_error") <= 1
-        assert gw.log_count("delivery.timer_error") == 1
-        assert gw.log_count("notify.disconnected") == 1
-        assert gw.log_count("delivery.worker_error") == 0
-        _no_traceback(gw)
+        gw.wait_log("delivery.record_waiting", timeout=30)  # a send ended meanwhile
+        time.sleep(3)  # the workers keep trying to lease and record meanwhile
     finally:
-        scp.terminate()
-        scp.wait(10)
+        pg_cut_off(name, allow=True)
+    gw.wait_log("delivery.record_resumed", timeout=30)
+    assert gw.storescu(files[3:]).returncode == 0  # the workers still deliver
+
+    def states() -> dict[str, int]:
+        status, body = gw.http_get("/api/queue?state=done")
+        assert status == 200, body
+        return dict(body["counts"]["slow"])
+
+    wait_until(lambda: states() == {"done": 4}, 60, "every job done")
+    time.sleep(1)
+    assert sorted(slow_pacs.received()) == sorted(sop_uid_of(f) for f in files)  # each once
+    # A few lines for the whole outage, none with a traceback.
+    for event in ("delivery.record_waiting", "delivery.record_resumed"):
+        assert gw.log_count(event) == 1, gw.log_tail(60)
+    assert gw.log_count("delivery.lease_error") <= 1
+    assert gw.log_count("delivery.timer_error") == 1
+    assert gw.log_count("notify.disconnected") == 1
+    assert gw.log_count("delivery.worker_error") == 0
+    _no_traceback(gw)
