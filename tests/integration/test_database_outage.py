@@ -145,6 +145,7 @@ def test_readers_answer_a_clear_error_meanwhile(
         for _ in range(3):
             scrape = httpx.get(gw.url("/metrics"), timeout=30)
             assert scrape.status_code == 200 and "dicomgate_queue_jobs{" not in scrape.text
+            assert "\ndicomgate_index_up 0.0\n" in scrape.text  # alert DicomgateIndexDown
         assert gw.log_count("metrics.queue_failed") == 1
         # The console: the overview still shows what the process knows, with the reason;
         # pages that read the index answer an HTML page saying why.
@@ -187,7 +188,8 @@ def test_readers_answer_a_clear_error_meanwhile(
         "QIDO-RS to answer again",
     )
     assert len(httpx.get(gw.url(f"/dicomweb/studies/{study}/instances"), timeout=10).json()) == 2
-    assert "dicomgate_queue_jobs" in httpx.get(gw.url("/metrics"), timeout=10).text
+    scrape = httpx.get(gw.url("/metrics"), timeout=10)
+    assert "dicomgate_queue_jobs" in scrape.text and "\ndicomgate_index_up 1.0\n" in scrape.text
     assert gw.log_count("metrics.queue_recovered") == 1
     find = findscu(gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path / "find2")
     assert find.final == 0 and len(find.responses) == 1, find.output[-2000:]

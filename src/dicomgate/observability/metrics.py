@@ -304,12 +304,19 @@ class GatewayCollector(Collector):
 
     def _queue(self) -> list[Metric]:
         assert self._queue_depth is not None
+        up = GaugeMetricFamily(
+            "dicomgate_index_up",
+            "1 when the index database answered this scrape's queue query, 0 when it did not"
+            " (stores are then refused with 0xA700 / 409 and deliveries wait).",
+        )
         try:
             figures = self._queue_depth()
         except Exception as exc:  # the database may be down: say so (once), keep serving
             self._queue_outage.failed(exc)
-            return []
+            up.add_metric([], 0.0)
+            return [up]
         self._queue_outage.ok()
+        up.add_metric([], 1.0)
         jobs = GaugeMetricFamily(
             "dicomgate_queue_jobs",
             "Unfinished delivery jobs per destination and state (pending, leased, dead).",
@@ -329,7 +336,7 @@ class GatewayCollector(Collector):
             if fig.oldest_created_at is not None:
                 age = max(0.0, (now - fig.oldest_created_at).total_seconds())
             oldest.add_metric([name], age)
-        return [jobs, oldest]
+        return [up, jobs, oldest]
 
     def _controls(self) -> list[Metric]:
         assert self._destinations is not None
