@@ -131,6 +131,7 @@ class Gateway:
         self.folder: FolderWatcher | None = None
         self.http_tls: ServerTls | None = None
         self.stopping = False  # set once SIGTERM/SIGINT began the shutdown (app._CutAtStop)
+        self.started = False  # set once start-up finished, with "gateway.ready" (/readyz)
 
     def _late_recovery(self, since: float, started: float) -> None:
         grace = self.config.storage.recovery_grace
@@ -290,6 +291,7 @@ class Gateway:
                 )
                 retention_task = asyncio.create_task(retention.run(stop), name="retention")
             settle_garbage_collector()
+            self.started = True
             log.info("dicomgate %s ready", __version__, extra={"event": "gateway.ready"})
             await stop.wait()
             log.info("stopping", extra={"event": "gateway.stopping"})

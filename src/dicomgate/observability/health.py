@@ -109,10 +109,24 @@ def _syslog(gateway: Gateway) -> Check | None:
     return Check("syslog", problem, required=config.required, info=info)
 
 
+def _startup(gateway: Gateway) -> Check:
+    """Start-up finished (delivery, folder ingest and retention started) and no stop began.
+
+    HTTP answers from early in start-up; without this check ``/readyz`` said 200 before
+    the delivery workers and the watched folder were started, so a load balancer (or a
+    script waiting for ``ready``) could go ahead too soon."""
+    if gateway.stopping:
+        return Check("startup", "stopping")
+    if not gateway.started:
+        return Check("startup", "still starting")
+    return Check("startup")
+
+
 def readiness(gateway: Gateway) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) of ``/readyz``."""
     now = datetime.now(UTC)
-    checks = [_database(gateway), _queue(gateway, now), _store(gateway), _dimse(gateway)]
+    checks = [_startup(gateway), _database(gateway), _queue(gateway, now), _store(gateway)]
+    checks.append(_dimse(gateway))
     checks += [c for c in (_audit(gateway), _syslog(gateway)) if c is not None]
     failing = [c.name for c in checks if c.problem is not None]
     blocking = [c.name for c in checks if c.problem is not None and c.required]
