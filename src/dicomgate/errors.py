@@ -56,3 +56,10 @@ class InvalidInstance(DicomgateError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def os_error_reason(exc: OSError) -> str:
+    """An ``OSError`` without its file names: a store path holds the study, series and SOP
+    Instance UIDs, and a file name may hold a patient ID (DESIGN rule 5: no identifiers in
+    logs or error answers)."""
+    return f"{type(exc).__name__}: {exc.strerror or 'errno ' + str(exc.errno)}"

@@ -26,7 +26,15 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import generate_uid
-from tests.conftest import AE_TITLE, GatewayProcess, _merge, bundled_file, free_port, needs_dcmtk
+from tests.conftest import (
+    AE_TITLE,
+    Corpus,
+    GatewayProcess,
+    _merge,
+    bundled_file,
+    free_port,
+    needs_dcmtk,
+)
 from tests.corpus import make_large_instance
 
 from dicomgate.dicomweb.multipart import MultipartParser, PartEnd, PartStart, parse_content_type
@@ -654,3 +662,46 @@ def test_large_instance_streams_with_flat_memory(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_200mb_instance_streams_with_flat_memory(tmp_path: Path) -> None:
     _large_retrieve(tmp_path, 200 * 1000 * 1000)
+
+
+def test_a_file_missing_from_the_store_is_a_clear_error_before_any_byte(
+    gateway: Any, corpus: Corpus, tmp_path: Path
+) -> None:
+    """An indexed instance whose file was removed behind the gateway's back (a damaged or
+    half-restored store): every retrieve answers a JSON error before its first byte (a
+    multipart retrieve used to send its headers and then cut the connection, with a
+    traceback), C-GET fails that sub-operation, and neither the answers nor the log hold
+    the file's path, which is made of the study, series and SOP Instance UIDs."""
+    from tests.integration.test_qr_scp import STUDY_ROOT, getscu
+
+    gw: GatewayProcess = gateway()
+    files = corpus.mr("wado-missing", 2, seed=962)
+    assert gw.storescu(files).returncode == 0
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    row = gw.index.instance(sop)
+    assert row is not None
+    gw.stored_path(row).unlink()
+    instance = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+    for path in (
+        instance,
+        f"/dicomweb/studies/{study}",
+        f"{instance}/metadata",
+        f"{instance}/frames/1",
+        f"{instance}/rendered",
+        f"/dicomweb/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}",
+    ):
+        answer = httpx.get(gw.url(path), timeout=30)
+        assert answer.status_code == 500, (path, answer.status_code)
+        assert answer.headers["content-type"] == "application/json", path
+        error = answer.json()["error"]
+        assert "missing from the store" in error or "No such file" in error, (path, error)
+        assert sop not in error and study not in error, (path, error)
+    got = getscu(
+        gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, tmp_path / "get"
+    )
+    assert got.counts()[-1] == (0, 1, 1, 0), got.output[-2000:]
+    log = gw.log_text()
+    assert gw.log_count("wado.file_missing") == 2
+    assert study not in log and sop not in log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomgate.errors import os_error_reason
+
 __all__ = [
     "DEFAULT_QUALITY",
     "THUMBNAIL_SIZE",
@@ -219,6 +221,8 @@ def _frame_image(path: Path, index: int, window: Window | None) -> Any:
             array = pixel_array(path, index=index)
         except RenderError:
             raise
+        except OSError as exc:  # the file: its path holds the UIDs, so not in the message
+            raise RenderError(f"cannot read the stored instance: {os_error_reason(exc)}") from exc
         except Exception as exc:  # codecs raise anything on bad data
             raise RenderError(f"cannot decode the pixel data: {exc}") from exc
         samples = int(ds.get("SamplesPerPixel", 1) or 1)

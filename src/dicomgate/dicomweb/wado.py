@@ -64,7 +64,8 @@ from dicomgate.dicomweb.render import (
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.dicomweb.streaming import Multipart, file_chunks, iterate_in_thread
 from dicomgate.dicomweb.transcode import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeError, transcode
-from dicomgate.errors import IndexUnavailable
+from dicomgate.errors import IndexUnavailable, os_error_reason
+from dicomgate.observability.logging import uid_hash
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -204,6 +205,27 @@ class WadoService:
                     "a transfer-syntax the transcoder writes, see docs/dicomweb.md)",
                 )
             plan[syntax] = target
+        # Every file is there before the answer starts: once its headers are out, a missing
+        # file could only cut the connection (a client sees a truncated download).
+        missing = await asyncio.to_thread(
+            lambda: [ref for ref in refs if not self.path_of(ref).is_file()]
+        )
+        if missing:
+            log.error(
+                "%d of %d requested instances are indexed but missing from the store",
+                len(missing),
+                len(refs),
+                extra={
+                    "event": "wado.file_missing",
+                    "sop": uid_hash(missing[0].sop_instance_uid),
+                    "missing": len(missing),
+                },
+            )
+            raise WadoError(
+                500,
+                f"{len(missing)} of the {len(refs)} instances are indexed but their files are"
+                " missing from the store",
+            )
         first: bytes | None = None
         if len(refs) == 1 and plan[refs[0].transfer_syntax_uid] != refs[0].transfer_syntax_uid:
             # One instance: transcode before answering, so a failure is a clean 500.
@@ -240,13 +262,14 @@ class WadoService:
         try:
             return await asyncio.to_thread(transcode, self.path_of(ref), target)
         except (TranscodeError, OSError) as exc:
+            reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
             log.warning(
                 "cannot transcode an instance: %s",
-                exc,
+                reason,
                 extra={"event": "wado.transcode_failed"},
             )
             status = 406 if isinstance(exc, TranscodeError) and exc.unacceptable else 500
-            raise WadoError(status, f"cannot send the instance as {target}: {exc}") from None
+            raise WadoError(status, f"cannot send the instance as {target}: {reason}") from None
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -260,9 +283,17 @@ class WadoService:
                 return await asyncio.to_thread(
                     self.metadata_cache.get, self.path_of(refs[n]), urls[n]
                 )
-            except Exception as exc:  # unreadable file: a 500 naming it, never a hang
-                log.error("cannot read metadata: %s", exc, extra={"event": "wado.metadata_failed"})
-                raise WadoError(500, f"cannot read the stored instance: {exc}") from None
+            except Exception as exc:  # unreadable file: a 500 saying why, never a hang
+                reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+                log.error(
+                    "cannot read metadata: %s",
+                    reason,
+                    extra={
+                        "event": "wado.metadata_failed",
+                        "sop": uid_hash(refs[n].sop_instance_uid),
+                    },
+                )
+                raise WadoError(500, f"cannot read the stored instance: {reason}") from None
 
         head = await encoded(0)
 
@@ -283,7 +314,8 @@ class WadoService:
         try:
             layout = await asyncio.to_thread(locate_pixel_data, path)
         except OSError as exc:
-            raise WadoError(500, f"cannot read the stored instance: {exc}") from None
+            reason = os_error_reason(exc)
+            raise WadoError(500, f"cannot read the stored instance: {reason}") from None
         if layout is None:
             raise WadoError(404, "the instance has no pixel data")
         frames = frames or list(range(1, layout.frames + 1))
@@ -359,7 +391,8 @@ class WadoService:
         except ValueError as exc:
             raise WadoError(400, f"bad bulk data path: {exc}") from None
         except OSError as exc:
-            raise WadoError(500, f"cannot read the stored instance: {exc}") from None
+            reason = os_error_reason(exc)
+            raise WadoError(500, f"cannot read the stored instance: {reason}") from None
         if value is None:
             raise WadoError(404, f"no bulk data at {tag_path}")
         if value.pixel_data:

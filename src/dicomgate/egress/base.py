@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
+from dicomgate.errors import os_error_reason
+
 if TYPE_CHECKING:
     from dicomgate.egress.models import (
         DicomwebDestination,
@@ -108,11 +110,6 @@ def exception_reason(exc: BaseException) -> str:
     """``ClassName: message`` of an exception, for :attr:`Outcome.error`."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def os_error_reason(exc: OSError) -> str:
-    """An ``OSError`` without its file names (a path may hold a patient ID)."""
-    return f"{type(exc).__name__}: {exc.strerror or 'errno ' + str(exc.errno)}"
 
 
 def tls_verify(setting: bool | Path) -> bool | ssl.SSLContext:
