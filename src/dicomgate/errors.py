@@ -63,3 +63,16 @@ def os_error_reason(exc: OSError) -> str:
     Instance UIDs, and a file name may hold a patient ID (DESIGN rule 5: no identifiers in
     logs or error answers)."""
     return f"{type(exc).__name__}: {exc.strerror or 'errno ' + str(exc.errno)}"
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an error (of the database driver's own error when
+    SQLAlchemy wraps one: ``.orig``), else its class name: for log lines and answers."""
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)``, but an ``OSError`` without its file names (:func:`os_error_reason`)."""
+    return os_error_reason(error) if isinstance(error, OSError) else str(error)

@@ -28,7 +28,7 @@ from tests.conftest import (
     sop_uid_of,
     wait_until,
 )
-from tests.integration.test_stow import dataset_bytes, multipart, referenced
+from tests.integration.test_stow import dataset_bytes, multipart, post, referenced
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
 
@@ -161,17 +161,6 @@ def test_store_files_a_crash_left_without_rows_are_indexed_or_removed(
     assert gw.log_count("recovery.duplicate_removed") == 1
 
 
-def post_multipart(http: httpx.Client, gw: GatewayProcess, parts: list[bytes]) -> httpx.Response:
-    return http.post(
-        gw.url("/dicomweb/studies"),
-        content=multipart(parts),
-        headers={
-            "content-type": 'multipart/related; type="application/dicom";'
-            " boundary=dicomgate-test-boundary"
-        },
-    )
-
-
 def test_kill9_mid_stow_stream_loses_no_acknowledged_instance(
     gateway: Gateway, corpus: Corpus
 ) -> None:
@@ -192,18 +181,17 @@ def test_kill9_mid_stow_stream_loses_no_acknowledged_instance(
     stop = threading.Event()
 
     def client() -> None:
-        with httpx.Client(timeout=30) as http:
-            for files in requests:
-                if stop.is_set():
-                    return
-                try:
-                    answer = post_multipart(http, gw, [p.read_bytes() for p in files])
-                except httpx.HTTPError:
-                    return
-                answers.append(answer.status_code)
-                if answer.status_code in (200, 202):
-                    done = set(referenced(answer.json()))
-                    acked.extend(p for p in files if sop_uid_of(p) in done)
+        for files in requests:
+            if stop.is_set():
+                return
+            try:
+                answer = post(gw, multipart([p.read_bytes() for p in files]))
+            except httpx.HTTPError:
+                return
+            answers.append(answer.status_code)
+            if answer.status_code in (200, 202):
+                done = set(referenced(answer.json()))
+                acked.extend(p for p in files if sop_uid_of(p) in done)
 
     sender = threading.Thread(target=client)
     sender.start()

@@ -16,9 +16,7 @@ ended), as in a database restart or failover. What a PACS administrator expects 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +33,7 @@ from tests.conftest import (
     sop_uid_of,
     wait_until,
 )
-from tests.integration.test_cli_console import DICOMGATE
+from tests.integration.test_cli_console import _run as run_cli
 from tests.integration.test_qr_scp import STUDY_ROOT, findscu, getscu, movescu
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -161,14 +159,7 @@ def test_readers_answer_a_clear_error_meanwhile(
             assert page.status_code == 503, (path, page.text[:300])
             assert page.headers["content-type"].startswith("text/html"), path
             assert "The index database is unavailable" in page.text, path
-        status = subprocess.run(
-            [str(DICOMGATE), "status", "--config", str(gw.config_path)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "COLUMNS": "200"},
-            timeout=60,
-            check=False,
-        )
+        status = run_cli("status", "--config", str(gw.config_path))
         assert status.returncode == 1, status.stdout + status.stderr
         assert "index database unavailable" in status.stdout, status.stdout
         find = findscu(gw, STUDY_ROOT, {"QueryRetrieveLevel": "STUDY"}, tmp_path / "find")

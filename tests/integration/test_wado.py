@@ -36,6 +36,7 @@ from tests.conftest import (
     needs_dcmtk,
 )
 from tests.corpus import make_large_instance
+from tests.integration.test_qr_scp import STUDY_ROOT, getscu
 
 from dicomgate.dicomweb.multipart import MultipartParser, PartEnd, PartStart, parse_content_type
 
@@ -672,8 +673,6 @@ def test_a_file_missing_from_the_store_is_a_clear_error_before_any_byte(
     multipart retrieve used to send its headers and then cut the connection, with a
     traceback), C-GET fails that sub-operation, and neither the answers nor the log hold
     the file's path, which is made of the study, series and SOP Instance UIDs."""
-    from tests.integration.test_qr_scp import STUDY_ROOT, getscu
-
     gw: GatewayProcess = gateway()
     files = corpus.mr("wado-missing", 2, seed=962)
     assert gw.storescu(files).returncode == 0

@@ -64,7 +64,7 @@ from dicomgate.dicomweb.render import (
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.dicomweb.streaming import Multipart, file_chunks, iterate_in_thread
 from dicomgate.dicomweb.transcode import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeError, transcode
-from dicomgate.errors import IndexUnavailable, os_error_reason
+from dicomgate.errors import IndexUnavailable, error_text, os_error_reason
 from dicomgate.observability.logging import uid_hash
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ class WadoService:
         try:
             return await asyncio.to_thread(transcode, self.path_of(ref), target)
         except (TranscodeError, OSError) as exc:
-            reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+            reason = error_text(exc)
             log.warning(
                 "cannot transcode an instance: %s",
                 reason,
@@ -284,7 +284,7 @@ class WadoService:
                     self.metadata_cache.get, self.path_of(refs[n]), urls[n]
                 )
             except Exception as exc:  # unreadable file: a 500 saying why, never a hang
-                reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+                reason = error_text(exc)
                 log.error(
                     "cannot read metadata: %s",
                     reason,

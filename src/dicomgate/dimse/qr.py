@@ -64,7 +64,7 @@ from dicomgate.dimse.scu import FALLBACK_SYNTAXES, can_send_uncompressed
 from dicomgate.egress.base import Delivery, Outcome
 from dicomgate.egress.dimse import DimseSender
 from dicomgate.egress.models import DimseDestination
-from dicomgate.errors import DicomgateError, IndexUnavailable, os_error_reason
+from dicomgate.errors import DicomgateError, IndexUnavailable, error_text, os_error_reason
 from dicomgate.index.db import Index
 from dicomgate.index.query import (
     Computed,
@@ -618,8 +618,7 @@ class QueryRetrieve:
                     _converted, path, f.transfer_syntax_uid, fallback[1]
                 )
         except (OSError, DicomgateError) as exc:
-            reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
-            self._sub_failed(request, f, f"cannot read the stored file: {reason}")
+            self._sub_failed(request, f, f"cannot read the stored file: {error_text(exc)}")
             return None
         except Exception as exc:  # a codec failure: this instance only
             self._sub_failed(request, f, f"cannot convert: {type(exc).__name__}")

@@ -47,7 +47,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from dicomgate import __version__
 from dicomgate.config import DuplicatePolicy
-from dicomgate.errors import IndexError_, IndexUnavailable
+from dicomgate.errors import IndexError_, IndexUnavailable, one_line
 from dicomgate.index.extract import InstanceRecord
 from dicomgate.index.schema import (
     audit_event,
@@ -185,12 +185,6 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}".strip())
 
 
-def _one_line(error: BaseException) -> str:
-    cause = getattr(error, "orig", None) or error
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return lines[0] if lines else type(cause).__name__
-
-
 def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
     return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or bool(
         error.connection_invalidated
@@ -213,7 +207,7 @@ def _connect_failed(context: ExceptionContext) -> None:
         return
     error = context.sqlalchemy_exception
     if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
-        raise IndexUnavailable(_one_line(error)) from error
+        raise IndexUnavailable(one_line(error)) from error
 
 
 class Index:
@@ -244,12 +238,12 @@ class Index:
         try:
             parsed = normalize_url(url)
         except sa_exc.ArgumentError as error:
-            raise IndexUnavailable(f"bad database url: {_one_line(error)}") from error
+            raise IndexUnavailable(f"bad database url: {one_line(error)}") from error
         shown = parsed.render_as_string(hide_password=True)
         try:
             engine = _create_engine(parsed, durable=durable)
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, OSError) as error:
-            raise IndexUnavailable(f"cannot use database {shown}: {_one_line(error)}") from error
+            raise IndexUnavailable(f"cannot use database {shown}: {one_line(error)}") from error
         try:
             with engine.connect() as connection:
                 migrate(connection)
@@ -259,12 +253,10 @@ class Index:
             raise
         except sa_exc.DBAPIError as error:
             engine.dispose()
-            raise IndexUnavailable(f"cannot open database {shown}: {_one_line(error)}") from error
+            raise IndexUnavailable(f"cannot open database {shown}: {one_line(error)}") from error
         except CommandError as error:  # e.g. a revision newer than this version knows
             engine.dispose()
-            raise IndexUnavailable(
-                f"cannot migrate database {shown}: {_one_line(error)}"
-            ) from error
+            raise IndexUnavailable(f"cannot migrate database {shown}: {one_line(error)}") from error
         event.listen(engine, "handle_error", _connect_failed)
         index = cls(engine)
         index._relaxed = not durable
@@ -281,7 +273,7 @@ class Index:
             with self._engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
         except sa_exc.DBAPIError as error:
-            raise IndexUnavailable(_one_line(error)) from error
+            raise IndexUnavailable(one_line(error)) from error
 
     def record(
         self,
@@ -335,18 +327,18 @@ class Index:
                     if attempt < _RETRIES:
                         log.info("index conflict, retrying", extra={"event": "index.record_retry"})
                         continue
-                    raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
+                    raise IndexError_(f"index refused the batch: {one_line(error)}") from error
                 except (dbapi.OperationalError, dbapi.InterfaceError) as error:
                     self._levels.discard()
-                    raise IndexUnavailable(_one_line(error)) from error
+                    raise IndexUnavailable(one_line(error)) from error
                 except dbapi.Error as error:
                     self._levels.discard()
-                    raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
+                    raise IndexError_(f"index refused the batch: {one_line(error)}") from error
                 except sa_exc.DBAPIError as error:
                     self._levels.discard()
                     if _is_unavailable(error):
-                        raise IndexUnavailable(_one_line(error)) from error
-                    raise IndexError_(f"index refused the batch: {_one_line(error)}") from error
+                        raise IndexUnavailable(one_line(error)) from error
+                    raise IndexError_(f"index refused the batch: {one_line(error)}") from error
                 except BaseException:
                     self._levels.discard()
                     raise
@@ -372,7 +364,7 @@ class Index:
             with self._engine.connect() as connection:
                 return int(connection.execute(query).scalar_one())
         except sa_exc.DBAPIError as error:
-            raise IndexUnavailable(_one_line(error)) from error
+            raise IndexUnavailable(one_line(error)) from error
 
     @property
     def relaxed_commits(self) -> bool:
@@ -524,7 +516,7 @@ class Index:
                 result = connection.execute(query, {"sop_instance_uid": sop_instance_uid})
                 return [dict(row) for row in result.mappings()]
         except sa_exc.DBAPIError as error:
-            raise IndexUnavailable(_one_line(error)) from error
+            raise IndexUnavailable(one_line(error)) from error
 
     def _record_one(
         self,

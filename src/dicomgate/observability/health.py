@@ -125,8 +125,13 @@ def _startup(gateway: Gateway) -> Check:
 def readiness(gateway: Gateway) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) of ``/readyz``."""
     now = datetime.now(UTC)
-    checks = [_startup(gateway), _database(gateway), _queue(gateway, now), _store(gateway)]
-    checks.append(_dimse(gateway))
+    checks = [
+        _startup(gateway),
+        _database(gateway),
+        _queue(gateway, now),
+        _store(gateway),
+        _dimse(gateway),
+    ]
     checks += [c for c in (_audit(gateway), _syslog(gateway)) if c is not None]
     failing = [c.name for c in checks if c.problem is not None]
     blocking = [c.name for c in checks if c.problem is not None and c.required]

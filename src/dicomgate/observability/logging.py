@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from dicomgate.errors import DicomgateError
+from dicomgate.errors import DicomgateError, one_line
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 AUDIT_ONLY = "audit_"  # prefix of the fields that reach the audit trail, never a log line
@@ -132,7 +132,7 @@ class Outage:
         """Call in the ``except`` block of the failed attempt."""
         now = self._clock()
         self.failures += 1
-        reason = _one_line(error)
+        reason = one_line(error)
         extra = {"event": self._event, **self._extra}
         if self._since is None:
             self._since = self._reminded = now
@@ -172,8 +172,3 @@ class Outage:
         )
         self._since = None
         self.failures = 0
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -58,7 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 
-from dicomgate.errors import IndexError_, IndexUnavailable
+from dicomgate.errors import IndexError_, IndexUnavailable, one_line
 from dicomgate.index.schema import (
     UtcDateTime,
     delivery_attempt,
@@ -159,12 +159,6 @@ def backoff(attempts: int, policy: RetryPolicy, rng: random.Random | None = None
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _one_line(error: BaseException) -> str:
-    cause = getattr(error, "orig", None) or error
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return lines[0] if lines else type(cause).__name__
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
@@ -842,8 +836,8 @@ def _database_error(error: sa_exc.DBAPIError) -> IndexError_:
     if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or bool(
         error.connection_invalidated
     ):
-        return IndexUnavailable(_one_line(error))
-    return IndexError_(f"queue refused the operation: {_one_line(error)}")
+        return IndexUnavailable(one_line(error))
+    return IndexError_(f"queue refused the operation: {one_line(error)}")
 
 
 __all__ = [
