@@ -44,11 +44,17 @@ OUR_MAX_PDU = 1 << 20  # what we accept; only C-STORE-RSPs come back, but say it
 _READ_BLOCK = 1 << 20  # bytes read from a stored file at once
 _SYNC_READ_LIMIT = 4 << 20  # files up to this size are read on the loop (page cache: µs)
 _MAX_PEER_PDU = 1 << 20  # we never send larger PDUs, even when the peer allows them
+_MIN_PEER_PDU = 7  # PDV item header (6 bytes) and one byte of a message
+_CONTEXT_RESULTS = frozenset(int(r) for r in pdu.ContextResult)
 _BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM"
 
 
 class AssociationError(DicomgateError):
     """No association: connection refused or timed out, rejected, aborted, or no context."""
+
+
+class _MalformedAnswer(AssociationError):
+    """An A-ASSOCIATE-AC that violates PS3.8: the association is aborted."""
 
 
 class AssociationLost(DicomgateError):
@@ -134,6 +140,8 @@ def parse_associate_ac(body: bytes) -> AssociateAC:
             for sub_type, sub in pdu._items(value[4:], "presentation context"):
                 if sub_type == 0x40:
                     ts = pdu._uid(sub)
+            if value[2] not in _CONTEXT_RESULTS:
+                raise pdu.PduError(f"presentation context result {value[2]} is not defined")
             ac.contexts[value[0]] = (pdu.ContextResult(value[2]), ts)
         elif item_type == 0x50:
             for sub_type, sub in pdu._items(value, "user information"):
@@ -234,13 +242,22 @@ async def request_association(
             raise AssociationError("association aborted by the peer during negotiation")
         if pdu_type != pdu.PduType.ASSOCIATE_AC:
             raise AssociationError(f"unexpected PDU 0x{pdu_type:02X} instead of A-ASSOCIATE-AC")
-        ac = parse_associate_ac(body)
+        try:
+            ac = parse_associate_ac(body)
+        except pdu.PduError as exc:
+            raise _MalformedAnswer(f"malformed A-ASSOCIATE-AC from the peer: {exc}") from None
         accepted: dict[int, tuple[str, str]] = {}
         for n, (abstract, _) in enumerate(contexts):
             result, ts = ac.contexts.get(2 * n + 1, (pdu.ContextResult.NO_REASON, ""))
             if result == pdu.ContextResult.ACCEPTANCE and ts:
                 accepted[2 * n + 1] = (abstract, ts)
         assoc = StoreAssociation(reader, writer, accepted, ac.max_pdu_length)
+        if 0 < ac.max_pdu_length < _MIN_PEER_PDU:
+            # PS3.8 D.1: a P-DATA-TF PDU of that length cannot carry one byte of a message.
+            assoc.abort()
+            raise AssociationError(
+                f"peer's maximum PDU length {ac.max_pdu_length} is too small to carry data"
+            )
         if not accepted:
             assoc.abort()
             raise AssociationError(
@@ -252,7 +269,15 @@ async def request_association(
         raise AssociationError(
             f"association request timed out after {timeout:g} s (no answer)"
         ) from None
-    except (OSError, asyncio.IncompleteReadError, pdu.PduError) as exc:
+    except _MalformedAnswer as exc:
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(pdu.encode_abort(pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE, source=0))
+        writer.close()
+        raise AssociationError(str(exc)) from None
+    except pdu.PduError as exc:
+        writer.close()
+        raise AssociationError(f"malformed answer to A-ASSOCIATE-RQ: {exc}") from None
+    except (OSError, asyncio.IncompleteReadError) as exc:
         writer.close()
         raise AssociationError(
             f"connection closed during negotiation ({type(exc).__name__})"
