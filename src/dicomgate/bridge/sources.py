@@ -63,7 +63,7 @@ from dicomgate.dicomweb.multipart import (
 from dicomgate.dimse.negotiation import QRModel
 from dicomgate.dimse.scu import _AssociationFailed, _open_association
 from dicomgate.egress.base import http_transport
-from dicomgate.egress.dicomweb import _httpx_auth
+from dicomgate.egress.dicomweb import _httpx_auth, first_value
 from dicomgate.egress.models import DicomwebDestination, DimseDestination
 from dicomgate.errors import DicomgateError
 from dicomgate.index.db import Index
@@ -270,8 +270,17 @@ def _uids(identifier: Dataset, keyword: str) -> list[str]:
 
 
 def _first(item: dict[str, Any], tag: str) -> str:
-    values = item.get(tag, {}).get("Value") or [""]
-    return str(values[0])
+    value = first_value(item, tag)
+    return "" if value is None else str(value)
+
+
+def _count(item: dict[str, Any], tag: str) -> int | None:
+    """An IS count of a QIDO-RS match (a JSON number, or a string some servers send);
+    None when it is missing or not a count."""
+    value = first_value(item, tag)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class DicomwebSource:
@@ -342,13 +351,14 @@ class DicomwebSource:
                 )
             try:
                 items = response.json()
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise UpstreamFailed("QIDO-RS answer is not JSON") from exc
             if not isinstance(items, list):
                 raise UpstreamFailed("QIDO-RS answer is not a JSON array")
             for item in items:
-                if isinstance(item, dict):
-                    yield item
+                if not isinstance(item, dict):
+                    raise UpstreamFailed("QIDO-RS answer holds a match that is not a JSON object")
+                yield item
             if len(items) < QIDO_PAGE:
                 return
             offset += len(items)
@@ -394,23 +404,20 @@ class DicomwebSource:
         async for item in self._qido(path, params):
             study = _first(item, _STUDY_UID)
             if not study:
-                continue
+                raise UpstreamFailed("QIDO-RS match without a Study Instance UID")
+            count: int | None = 1
             if level in ("PATIENT", "STUDY"):
                 targets.append(f"/studies/{study}")
-                count = item.get("00201208", {}).get("Value")
+                count = _count(item, "00201208")
             elif level == "SERIES":
                 targets.append(f"/studies/{study}/series/{_first(item, _SERIES_UID)}")
-                count = item.get("00201209", {}).get("Value")
+                count = _count(item, "00201209")
             else:
                 targets.append(
                     f"/studies/{study}/series/{_first(item, _SERIES_UID)}"
                     f"/instances/{_first(item, _SOP_UID)}"
                 )
-                count = [1]
-            if total is not None and count:
-                total += int(count[0])
-            else:
-                total = None
+            total = None if total is None or count is None else total + count
         return targets, total
 
     async def retrieve(

@@ -51,6 +51,7 @@ __all__ = [
     "BearerFileAuth",
     "DicomwebSender",
     "StowResult",
+    "first_value",
     "outcomes_from_response",
     "parse_stow_response",
     "split_batch",
@@ -193,7 +194,9 @@ def _sequence_items(ds: dict[str, Any], tag: str) -> list[dict[str, Any]]:
     return [item for item in element.get("Value") or [] if isinstance(item, dict)]
 
 
-def _first_value(ds: dict[str, Any], tag: str) -> Any:
+def first_value(ds: dict[str, Any], tag: str) -> Any:
+    """The first value of element ``tag`` of a DICOM JSON data set (PS3.18 F.2); None when
+    it is missing, empty or malformed (a remote server's answer is never trusted)."""
     element = ds.get(tag)
     if not isinstance(element, dict):
         return None
@@ -220,14 +223,14 @@ def parse_stow_response(body: bytes) -> StowResult:
     stored: dict[str, int | None] = {}
     failed: dict[str, int | None] = {}
     for item in _sequence_items(doc, REFERENCED_SOP_SEQUENCE):
-        uid = _first_value(item, REFERENCED_SOP_INSTANCE_UID)
+        uid = first_value(item, REFERENCED_SOP_INSTANCE_UID)
         if isinstance(uid, str):
-            stored[uid] = _as_int(_first_value(item, WARNING_REASON))
+            stored[uid] = _as_int(first_value(item, WARNING_REASON))
     for item in _sequence_items(doc, FAILED_SOP_SEQUENCE):
-        uid = _first_value(item, REFERENCED_SOP_INSTANCE_UID)
+        uid = first_value(item, REFERENCED_SOP_INSTANCE_UID)
         if isinstance(uid, str):
-            failed[uid] = _as_int(_first_value(item, FAILURE_REASON))
-    return StowResult(stored, failed, _as_int(_first_value(doc, WARNING_REASON)))
+            failed[uid] = _as_int(first_value(item, FAILURE_REASON))
+    return StowResult(stored, failed, _as_int(first_value(doc, WARNING_REASON)))
 
 
 def outcomes_from_response(
