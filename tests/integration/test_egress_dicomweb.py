@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from tests.conftest import (
     Corpus,
     Orthanc,
@@ -16,7 +17,7 @@ from tests.conftest import (
 )
 
 from dicomgate.egress.base import Delivery, Outcome
-from dicomgate.egress.dicomweb import DicomwebSender
+from dicomgate.egress.dicomweb import MAX_ANSWER, DicomwebSender
 from dicomgate.egress.models import DicomwebDestination
 
 
@@ -138,6 +139,46 @@ def test_partial_failure_from_the_server(http_server: RecordingServer, corpus: C
     outcomes = _send(http_server.url, deliveries)
     assert outcomes[0] == Outcome(0, True)
     assert (outcomes[1].delivered, outcomes[1].retryable) == (False, False)
+
+
+def test_a_web_page_with_200_is_not_counted_as_stored(
+    http_server: RecordingServer, corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy's or a login page's 200 (PS3.18 10.5.3 answers a DICOM data set)."""
+    http_server.content_type = "text/html; charset=utf-8"
+    http_server.body = b"<html><body>Please sign in</body></html>"
+    files = corpus.mr("egress-stow", 10, seed=31)[:2]
+    outcomes = _send(http_server.url + "/dw", [delivery_of(f, n) for n, f in enumerate(files)])
+    assert [(o.delivered, o.retryable, o.error) for o in outcomes] == [
+        (False, True, "HTTP 200 with a text/html page, not a STOW-RS answer")
+    ] * 2
+    assert "egress.dicomweb_not_stow" in {getattr(r, "event", "") for r in caplog.records}
+
+
+@pytest.mark.parametrize(
+    ("body", "event"),
+    [
+        (b'{"00081199": {"vr": "SQ", "Value": [' * 50_000, ""),  # json: RecursionError
+        (b" " * (MAX_ANSWER + 1), "egress.dicomweb_answer_too_large"),
+    ],
+    ids=["nested too deep", "larger than MAX_ANSWER"],
+)
+def test_an_unreadable_answer_counts_as_naming_no_instance(
+    http_server: RecordingServer,
+    corpus: Corpus,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    event: str,
+) -> None:
+    http_server.status = 202
+    http_server.body = body
+    files = corpus.mr("egress-stow", 10, seed=31)[:2]
+    outcomes = _send(http_server.url + "/dw", [delivery_of(f, n) for n, f in enumerate(files)])
+    assert [(o.delivered, o.retryable, o.error) for o in outcomes] == [
+        (False, True, "HTTP 202, instance not in the response")
+    ] * 2
+    if event:
+        assert event in {getattr(r, "event", "") for r in caplog.records}
 
 
 def test_basic_auth_against_an_orthanc_that_requires_it(tmp_path: Path, corpus: Corpus) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -138,3 +139,35 @@ def test_webhook_statuses(http_server: RecordingServer) -> None:
     assert results[422] == Outcome(1, False, False, "HTTP 422")
     assert results[429] == Outcome(1, False, True, "HTTP 429")
     assert results[503] == Outcome(1, False, True, "HTTP 503")
+
+
+def test_webhook_answer_without_end_does_not_hold_the_worker() -> None:
+    """An endpoint that answers 200 and then streams for ever (a misrouted URL serving a
+    live feed): the notification is delivered, its answer read no further than 64 KiB."""
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (4096, b"x" * 4096)
+        with contextlib.suppress(ConnectionError):
+            while sent < 64 << 20:  # the test's own bound: 64 MiB
+                writer.write(chunk)
+                await writer.drain()
+                sent += 4096
+        writer.close()
+
+    async def run() -> list[Outcome]:
+        server = await asyncio.start_server(endless, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        model = WebhookDestination(type="webhook", url=f"http://127.0.0.1:{port}/hook")
+        sender = build_sender("ai", model, calling_ae="GW", gateway_base_url="http://gw")
+        try:
+            return await sender.send([delivery_of(bundled_file("CT_small.dcm"), 1)])
+        finally:
+            await sender.close()
+            server.close()
+
+    assert asyncio.run(run()) == [Outcome(1, True)]
+    assert sent < 32 << 20  # it stopped reading: the writes filled the socket buffers, then failed

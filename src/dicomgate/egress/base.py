@@ -39,6 +39,7 @@ __all__ = [
     "failure_status_retryable",
     "http_transport",
     "os_error_reason",
+    "read_at_most",
     "tls_verify",
 ]
 
@@ -136,6 +137,17 @@ def http_transport(
         limits=httpx.Limits(max_connections=max_connections),
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
+
+
+async def read_at_most(response: httpx.Response, limit: int) -> bytes | None:
+    """A streamed response's body, or None once it passes ``limit`` bytes (the rest is not
+    read: a peer sending without end must not fill memory nor hold a worker for ever)."""
+    content = bytearray()
+    async for chunk in response.aiter_bytes():
+        content += chunk
+        if len(content) > limit:
+            return None
+    return bytes(content)
 
 
 def build_sender(

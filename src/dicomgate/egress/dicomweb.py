@@ -11,8 +11,9 @@ Referenced SOP Sequence (0008,1199) lists the stored ones, with an optional Warn
 (0008,1196); the Failed SOP Sequence (0008,1198) the refused ones with a Failure Reason
 (0008,1197). HTTP statuses:
 
-- 200: all stored (an empty body too); 202: some failed; 409: none stored. Instances named
-  failed are retried or dead-lettered by their Failure Reason.
+- 200: all stored (an empty or unreadable body too, but not a ``text/html`` page: a proxy's
+  or login page, retried); 202: some failed; 409: none stored. Instances named failed are
+  retried or dead-lettered by their Failure Reason. Bodies over 16 MiB are not read.
 - 400, 409, 413, 415, 422 naming no instance: the batch is split and each instance sent
   alone, so that one bad instance does not take the others down; alone, it is dead-lettered.
 - 404 and 405: the URL is wrong (a configuration error): the batch is dead-lettered at once
@@ -36,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from dicomgate.dicomweb.multipart import parse_content_type
 from dicomgate.egress.base import (
     Delivery,
     Outcome,
@@ -44,6 +46,7 @@ from dicomgate.egress.base import (
     failure_status_retryable,
     http_transport,
     os_error_reason,
+    read_at_most,
 )
 from dicomgate.egress.models import DicomwebDestination, HttpAuth
 
@@ -65,6 +68,7 @@ FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 WARNING_REASON = "00081196"
 FAILURE_REASON = "00081197"
+MAX_ANSWER = 16 << 20  # bytes of a STOW-RS response read (~30 000 instances named)
 _ISOLATE_STATUSES = frozenset({400, 409, 413, 415, 422})
 _WRONG_URL_STATUSES = frozenset({404, 405})
 
@@ -214,7 +218,7 @@ def parse_stow_response(body: bytes) -> StowResult:
     empty = StowResult({}, {})
     try:
         doc = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return empty
     if isinstance(doc, list):  # some servers wrap the response data set in an array
         doc = doc[0] if doc else None
@@ -320,17 +324,32 @@ class DicomwebSender:
             return self._fail(batch, f"cannot read the stored file: {os_error_reason(exc)}")
         body = _Body([d.path for d in batch], sizes)
         try:
-            response = await self._client.post(
+            async with self._client.stream(
+                "POST",
                 self._url,
                 content=body.chunks(),
                 headers={"Content-Type": body.content_type, "Content-Length": str(body.length())},
-            )
+            ) as response:
+                content = await self._read_answer(response)
         except httpx.HTTPError as exc:
             return self._fail(batch, exception_reason(exc))
         except OSError as exc:  # a file went away mid-request, or the token file
             return self._fail(batch, os_error_reason(exc))
         status = response.status_code
-        result = parse_stow_response(response.content)
+        media_type = parse_content_type(response.headers.get("Content-Type", ""))[0]
+        if 200 <= status < 300 and media_type == "text/html":
+            # PS3.18 10.5.3: the answer is a DICOM JSON or XML data set. A web page with a
+            # 2xx is a proxy's or a login page: counting it as stored would lose the images.
+            LOGGER.error(
+                "STOW-RS endpoint %s answered HTTP %d with a web page, not a STOW-RS"
+                " response: a proxy or login page in front of it? check %s",
+                self._url,
+                status,
+                self._url_setting,
+                extra={"event": "egress.dicomweb_not_stow", "destination": self.name},
+            )
+            return self._fail(batch, f"HTTP {status} with a text/html page, not a STOW-RS answer")
+        result = parse_stow_response(content)
         if 200 <= status < 300 or (status == 409 and result.names_instances):
             outcomes = outcomes_from_response(batch, status, result)
             self._log_failures(outcomes, status)
@@ -363,6 +382,20 @@ class DicomwebSender:
             return self._fail(batch, f"HTTP {status} from {self._url}", retryable=False)
         retryable = not (400 <= status < 500) or status in (401, 403, 408, 425, 429)
         return self._fail(batch, f"HTTP {status}", retryable=retryable)
+
+    async def _read_answer(self, response: httpx.Response) -> bytes:
+        """The response body, up to :data:`MAX_ANSWER` bytes: a larger one (no STOW-RS
+        answer is that large) is not read, and the status alone tells what was stored."""
+        content = await read_at_most(response, MAX_ANSWER)
+        if content is None:
+            LOGGER.warning(
+                "STOW-RS answer of more than %d MiB from %s not read",
+                MAX_ANSWER >> 20,
+                self._url,
+                extra={"event": "egress.dicomweb_answer_too_large", "destination": self.name},
+            )
+            return b""
+        return content
 
     async def _store_each(self, batch: list[Delivery]) -> list[Outcome]:
         outcomes: list[Outcome] = []

@@ -14,7 +14,13 @@ from typing import Any
 
 import httpx
 
-from dicomgate.egress.base import Delivery, Outcome, exception_reason, http_transport
+from dicomgate.egress.base import (
+    Delivery,
+    Outcome,
+    exception_reason,
+    http_transport,
+    read_at_most,
+)
 from dicomgate.egress.models import WebhookDestination
 from dicomgate.observability.logging import uid_hash
 
@@ -22,6 +28,7 @@ __all__ = ["WebhookSender", "http_status_retryable", "notification"]
 
 LOGGER = logging.getLogger(__name__)
 EVENT = "instance.received"
+_MAX_ANSWER = 64 << 10  # bytes of a webhook's answer read (it is not used)
 
 
 def http_status_retryable(code: int) -> bool:
@@ -77,10 +84,10 @@ class WebhookSender:
 
     async def _post(self, delivery: Delivery) -> Outcome:
         try:
-            response = await self._client.post(
-                self._url, json=notification(delivery, self._base_url)
-            )
-            await response.aclose()
+            async with self._client.stream(
+                "POST", self._url, json=notification(delivery, self._base_url)
+            ) as response:
+                await read_at_most(response, _MAX_ANSWER)  # unused; read to keep the connection
         except httpx.HTTPError as exc:
             return self._failed(delivery, exception_reason(exc), retryable=True)
         if response.is_success:
