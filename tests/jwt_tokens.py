@@ -107,6 +107,7 @@ class JwksServer:
     port: int = 0
     fetches: int = 0
     down: bool = False  # answer 503, as a provider in trouble does
+    garbage: bytes | None = None  # answer 200 with this body instead of the key set
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -128,6 +129,8 @@ def jwks_server(keys: list[SigningKey]) -> Iterator[JwksServer]:
             body = state.document()
             if state.down:
                 body = b"unavailable"
+            elif state.garbage is not None:
+                body = state.garbage
             self.send_response(503 if state.down else 200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

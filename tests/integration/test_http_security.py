@@ -388,10 +388,16 @@ def test_jwt_table_and_key_rotation(
         assert table["valid"] not in log
 
 
-def test_jwt_provider_down_is_503_not_401(gateway: Gateway) -> None:
+@pytest.mark.parametrize(
+    "garbage",
+    [None, b'{"keys": ' + b"[" * 100_000, b'{"keys": [' + b" " * (2 << 20) + b"]}"],
+    ids=["503", "nested too deep", "larger than 1 MiB"],
+)
+def test_jwt_provider_down_is_503_not_401(gateway: Gateway, garbage: bytes | None) -> None:
     key = SigningKey.rsa("k")
     with jwks_server([key]) as idp:
-        idp.down = True
+        idp.down = garbage is None
+        idp.garbage = garbage
         gw = gateway(
             {
                 "http": {

@@ -20,6 +20,7 @@ Permissions come from scope/role claims mapped by ``http.auth.jwt.permissions``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -33,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from dicomgate.egress.base import tls_verify
+from dicomgate.egress.base import read_at_most, tls_verify
 from dicomgate.security.http_models import JwtConfig, Permission
 
 log = logging.getLogger("dicomgate.security")
@@ -207,11 +208,17 @@ def http_fetch(url: str, verify: bool | Path) -> Fetch:
         async with httpx.AsyncClient(
             verify=tls_verify(verify), timeout=_JWKS_TIMEOUT, follow_redirects=False
         ) as client:
-            response = await client.get(url, headers={"accept": "application/json"})
-            response.raise_for_status()
-            if len(response.content) > _JWKS_MAX_BYTES:
+            async with client.stream(
+                "GET", url, headers={"accept": "application/json"}
+            ) as response:
+                response.raise_for_status()
+                content = await read_at_most(response, _JWKS_MAX_BYTES)
+            if content is None:
                 raise ValueError("JWKS document too large")
-            return response.json()
+            try:
+                return json.loads(content)
+            except RecursionError:  # nested too deep for the parser
+                raise ValueError("JWKS document nested too deep") from None
 
     return fetch
 
