@@ -82,7 +82,9 @@ class StorageConfig(_Model):
             "Folder of the content store, created if missing: `spool/` holds instances while"
             " they arrive, `store/` the acknowledged files, `quarantine/` incomplete files set"
             " aside by crash recovery. A relative path is taken from the working directory."
-            " Put it on a disk with room for everything you keep."
+            " Put it on a disk with room for everything you keep. One gateway process uses"
+            " it at a time (`.dicomgate-lock`; with PostgreSQL one per node name): a second"
+            " `dicomgate serve` on it is refused at start-up."
         ),
     )
     fsync: bool = Field(

@@ -18,6 +18,7 @@ already indexed with the same bytes (the sender resent it) is removed instead of
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -68,6 +69,55 @@ class RunMarker:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+LOCK_NAME = ".dicomgate-lock"
+
+
+class NodeLock:
+    """``<storage>/.dicomgate-lock`` (``<storage>/nodes/<name>/`` on PostgreSQL), held with
+    ``flock`` for the life of the process that serves that store or node.
+
+    A second ``dicomgate serve`` on the same store (an administrator starting one by hand
+    beside the service) must stop before it touches anything: its start-up would remove
+    the running gateway's half-received spool files, take its run marker for a crashed
+    run's and, once its own ports failed to bind, remove that marker as after a clean stop
+    (the running gateway's next power loss would then go unrecovered). The kernel drops the
+    lock when the process ends in any way, ``kill -9`` included, so a crash never leaves a
+    stale lock behind.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, folder: Path, what: str) -> NodeLock:
+        """Take the lock of ``folder`` (created if missing); :class:`DicomgateError` naming
+        ``what`` and the holder's pid when another process holds it."""
+        path = Path(folder) / LOCK_NAME
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DicomgateError(f"{what}: cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise DicomgateError(
+                f"{what} is in use by another dicomgate process (pid {holder}); one gateway"
+                " serves one store (nodes sharing a PostgreSQL index need their own node.name)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
 
 
 def candidate_files(store_dir: Path, since: float, until: float | None = None) -> list[Path]:

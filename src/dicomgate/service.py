@@ -33,7 +33,7 @@ from dicomgate.observability.runtime import Observability
 from dicomgate.processing.base import StepContext
 from dicomgate.queue.jobs import JobQueue
 from dicomgate.queue.notify import JobListener
-from dicomgate.recovery import RunMarker, recover
+from dicomgate.recovery import NodeLock, RunMarker, recover
 from dicomgate.routing.matcher import Router
 from dicomgate.security.connections import ConnectionGuard, guarded_http_protocol
 from dicomgate.security.tls import ServerTls
@@ -154,6 +154,19 @@ class Gateway:
 
     def open(self) -> None:
         """Check the store and open the index (runs migrations). Raises on failure."""
+        what = (
+            f"node {self.node} of storage.path {self.config.storage.path}"
+            if self.clustered
+            else f"storage.path {self.config.storage.path}"
+        )
+        self.lock = NodeLock.acquire(self.node_dir, what)  # before anything is touched
+        try:
+            self._open()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self) -> None:
         removed = self.store.open()
         if removed:
             log.warning(
@@ -383,6 +396,7 @@ class Gateway:
         self.index.close()
         if clean:
             self.marker.remove()
+        self.lock.release()
 
 
 def run_gateway(config: GatewayConfig, base_dir: Path = Path(".")) -> None:

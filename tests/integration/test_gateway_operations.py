@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.conftest import Corpus, GatewayProcess, needs_dcmtk, sop_uid_of, sqlite_only
+from tests.conftest import (
+    DICOMGATE,
+    Corpus,
+    GatewayProcess,
+    needs_dcmtk,
+    sop_uid_of,
+    sqlite_only,
+    wait_until,
+)
+from tests.integration.test_stow import multipart
 
 pytestmark = needs_dcmtk
 
@@ -117,3 +128,47 @@ def test_unclean_stop_reindexes_lost_rows_and_quarantines_torn_files(
     assert os.listdir(gw.spool) == [] or all(
         (gw.spool / name).stat().st_size == 0 for name in os.listdir(gw.spool)
     )
+
+
+def test_a_second_gateway_on_the_same_store_is_refused_before_touching_it(
+    gateway: Callable[..., GatewayProcess], corpus: Corpus
+) -> None:
+    """An administrator starts ``dicomgate serve`` by hand beside the running service (other
+    ports, same storage.path and index). It must stop at once: before the store lock it
+    removed the running gateway's half-received spool files (an upload in flight failed),
+    and with free ports it served the same SQLite index and store beside the first."""
+    (source,) = corpus.mr("ops-twin", 1, seed=311)
+    first = gateway()
+    body = multipart([source.read_bytes()])
+    half = len(body) // 2
+    spool = first.node_dir / "spool"
+    with socket.create_connection(("127.0.0.1", first.http_port), timeout=30) as upload:
+        upload.sendall(
+            b"POST /dicomweb/studies HTTP/1.1\r\nHost: gw\r\nAccept: application/dicom+json\r\n"
+            b'Content-Type: multipart/related; type="application/dicom"; '
+            b"boundary=dicomgate-test-boundary\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:half]
+        )
+        wait_until(lambda: any(spool.iterdir()), 10, "the upload's spool file")
+        second = gateway(
+            {"storage": first.config["storage"], "database": first.config["database"]},
+            start=False,
+        )
+        result = subprocess.run(
+            [DICOMGATE, "serve", "--config", str(second.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "is in use by another dicomgate process" in result.stderr
+        assert f"pid {first.pid}" in result.stderr
+        assert any(spool.iterdir()), "the running gateway's spool file was removed"
+        assert (first.node_dir / ".dicomgate-running").exists()
+        upload.sendall(body[half:])
+        answer = upload.makefile("rb").readline()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert first.index.count_instances() == 1
+    assert first.echoscu().returncode == 0

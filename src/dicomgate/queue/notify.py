@@ -11,8 +11,10 @@ a lost connection loses wake-ups, never jobs).
 
 The same connection holds a session advisory lock on the node name: two live nodes with the
 same ``node.name`` would share one spool and one run marker in a shared store, so the second
-is refused at start-up. The lock goes with the session, so a node killed with ``kill -9``
-releases it as soon as PostgreSQL notices the closed connection.
+is refused at start-up (when they share ``storage.path``, the node folder's lock file,
+:class:`dicomgate.recovery.NodeLock`, refuses it first, before its spool is touched). The
+lock goes with the session, so a node killed with ``kill -9`` releases it as soon as
+PostgreSQL notices the closed connection.
 """
 
 from __future__ import annotations
