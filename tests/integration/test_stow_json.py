@@ -147,6 +147,37 @@ def test_several_instances_one_failing_alone(gw: GatewayProcess) -> None:
     assert gw.index.count_instances() == 1
 
 
+def _nested(doc: dict[str, Any], depth: int) -> dict[str, Any]:
+    """``doc`` with ``depth`` Referenced SOP Sequences nested in one another."""
+    inner: dict[str, Any] = {}
+    for _ in range(depth):
+        inner = {"00081199": {"vr": "SQ", "Value": [inner]}}
+    return {**doc, **inner}
+
+
+def test_sequences_nested_too_deep_are_refused(gw: GatewayProcess) -> None:
+    """64 levels, as the DIMSE and Part 10 parser takes them, are stored; 65 fail that
+    instance with 0xC000; JSON too deep for the parser is a 400 (both were a 500 from a
+    RecursionError in pydicom or the JSON parser)."""
+    src = pydicom.dcmread(bundled_file("CT_small.dcm"))
+    doc, parts = as_json(src, "/up")
+    deep = json.dumps([_nested(doc, 64)]).encode()
+    r = post(gw, body([doc], parts).replace(json.dumps([doc]).encode(), deep))
+    assert r.status_code == 200, r.text
+    assert retrieve(gw, src).ReferencedSOPSequence[0].ReferencedSOPSequence  # kept nested
+    other = pydicom.dcmread(bundled_file("MR_small.dcm"))
+    doc, parts = as_json(other, "/up")
+    too_deep = json.dumps([_nested(doc, 65)]).encode()
+    r = post(gw, body([doc], parts).replace(json.dumps([doc]).encode(), too_deep))
+    assert r.status_code == 409, r.text
+    assert failed(r.json()) == {other.SOPInstanceUID: 0xC000}
+    nested = b'[{"00081199": {"vr": "SQ", "Value": [' * 100_000
+    r = post(gw, body([doc], parts).replace(json.dumps([doc]).encode(), nested))
+    assert (r.status_code, r.json()) == (400, {"error": "part 1: JSON nested too deep"})
+    assert gw.index.count_instances() == 1
+    assert "Traceback" not in gw.log_text()
+
+
 BAD_CASES = [
     "not-json",
     "json-list-of-numbers",

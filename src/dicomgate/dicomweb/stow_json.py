@@ -47,6 +47,7 @@ from dicomgate.dicomweb.multipart import PartStart, parse_content_type
 from dicomgate.errors import DicomgateError
 from dicomgate.ingress.sniff import Sniffed
 from dicomgate.store.part10 import encode_file_meta
+from dicomgate.store.scan import MAX_SEQUENCE_DEPTH
 
 if TYPE_CHECKING:
     from dicomgate.store.filestore import ContentStore, SpoolFile
@@ -203,6 +204,8 @@ class JsonStager:
             raise _InstanceError("the metadata has no SOPClassUID or SOPInstanceUID")
         meta_syntax = _uid(doc, "00020010")
         body = {k: v for k, v in doc.items() if not k.startswith("0002")}
+        if _sequence_depth(body) > MAX_SEQUENCE_DEPTH:
+            raise _InstanceError("sequences nested too deep")
         used: list[tuple[DataElement, _Bulk]] = []
 
         def bulk_value(tag: str, vr: str, uri: str) -> bytes:
@@ -279,13 +282,33 @@ class JsonStager:
 def _instances(raw: bytes, part: int) -> list[dict[str, Any]]:
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except ValueError as exc:
         raise MetadataError(f"part {part} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MetadataError(f"part {part}: JSON nested too deep") from None
     if isinstance(doc, dict):
         doc = [doc]
     if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
         raise MetadataError(f"part {part}: expected a JSON array of DICOM JSON objects")
     return doc
+
+
+def _sequence_depth(doc: dict[str, Any]) -> int:
+    """How deep sequence items nest in a DICOM JSON object (0: no sequence), counted
+    without recursion and only up to one level past the limit: pydicom's reader and writer
+    recurse per level, so a deep enough upload would end in RecursionError."""
+    deepest = 0
+    todo = [(doc, 0)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_SEQUENCE_DEPTH:
+            break
+        for element in item.values():
+            values = element.get("Value") if isinstance(element, dict) else None
+            if isinstance(values, list):
+                todo.extend((v, depth + 1) for v in values if isinstance(v, dict))
+    return deepest
 
 
 def _uid(doc: dict[str, Any], tag: str) -> str:

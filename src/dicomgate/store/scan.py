@@ -30,7 +30,7 @@ _LONG_VRS = frozenset(
 )
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xE000, 0xE00D, 0xE0DD
-_MAX_DEPTH = 64
+MAX_SEQUENCE_DEPTH = 64  # sequences in sequences; deeper is refused (real data: < 10)
 KEEP_VALUE_MAX = 16384  # top-level values up to this size are kept for index and routing
 KEEP_SEQUENCE_MAX = 1 << 20
 _READ_WHOLE_MAX = 256 << 10  # bytes; larger files are memory-mapped
@@ -90,7 +90,7 @@ class _Walker:
 
         The loop runs once per element of every received instance, so the common case
         (a defined length) is written out inline, with the struct methods held locally."""
-        if depth > _MAX_DEPTH:
+        if depth > MAX_SEQUENCE_DEPTH:
             raise InvalidInstance("sequences nested too deep")
         buf, end, little, implicit = self.buf, self.end, self.little, not explicit
         explicit_head = self.explicit_head.unpack_from
