@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -328,7 +329,21 @@ class Ingestor:
         for job, flush in zip(batch, flushes, strict=True):
             try:
                 record, ds = self._inspect(job)
-            except DicomgateError as exc:
+            except Exception as exc:
+                if not isinstance(exc, DicomgateError):
+                    # A data set pydicom or our extraction chokes on (a corrupt deflate
+                    # stream, a value no decoder expected): this instance is refused, not
+                    # the batch, which holds other senders' instances. Only the error's
+                    # type is said: its text may quote a value (patient data); the
+                    # traceback is for a DEBUG log.
+                    log.debug(
+                        "data set not understood",
+                        exc_info=True,
+                        extra={"event": "ingest.unparsable", "sop": uid_hash(job.sop_instance_uid)},
+                    )
+                    kind = type(exc)
+                    prefix = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+                    exc = InvalidInstance(f"cannot parse data set ({prefix}{kind.__name__})")
                 if flush is not None:
                     flush.exception()  # wait: the file must not be removed under the flush
                 self._refuse(job, exc)
@@ -615,6 +630,8 @@ def _parse(fh: BinaryIO) -> Dataset:
         return dcmread(fh, stop_before_pixels=True, defer_size=65536)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
         raise InvalidInstance(f"cannot parse data set: {exc}") from exc
+    except zlib.error:
+        raise InvalidInstance("cannot parse data set: the deflated data does not inflate") from None
 
 
 def _data_offset(fh: BinaryIO) -> int:

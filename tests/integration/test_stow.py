@@ -6,6 +6,7 @@ route delivered; a refused request must leave the index empty.
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 import warnings
@@ -19,7 +20,16 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.errors import InvalidDicomError
-from tests.conftest import Corpus, GatewayProcess, Orthanc, bundled_file, large_mr, wait_until
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from tests.conftest import (
+    Corpus,
+    GatewayProcess,
+    Orthanc,
+    bundled_file,
+    large_mr,
+    sop_uid_of,
+    wait_until,
+)
 
 from dicomgate.ingress.sniff import sniff
 
@@ -231,6 +241,29 @@ def test_study_in_the_path_must_match(stow_gateway: GatewayProcess, corpus: Corp
     assert gw.index.instance(other_uid) is None
     r = post(gw, multipart([other[0].read_bytes()]), f"/dicomweb/studies/{study}")
     assert r.status_code == 409 and failed_reasons(r.json()) == {other_uid: 0xA900}
+
+
+def test_a_corrupt_deflated_instance_fails_alone(
+    stow_gateway: GatewayProcess, corpus: Corpus
+) -> None:
+    """Its data set does not inflate (zlib.error from pydicom): it failed the whole ingest
+    batch, the other instances of the request (or of other senders at that moment) with it,
+    as 0xA700 and an internal-error traceback; now it fails alone with 0xC000."""
+    gw = stow_gateway
+    (good,) = corpus.mr("stow-deflate-good", 1, seed=95)
+    ds = pydicom.dcmread(corpus.mr("stow-deflate-bad", 1, seed=96)[0])
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    start = 144 + int.from_bytes(raw[140:144], "little")  # the deflated data set
+    bad = raw[:start] + bytes(b ^ 0x5A for b in raw[start : start + 200]) + raw[start + 200 :]
+    r = post(gw, multipart([good.read_bytes(), bad]))
+    assert r.status_code == 202, r.text
+    assert referenced(r.json()) == [sop_uid_of(good)]
+    assert failed_reasons(r.json()) == {str(ds.SOPInstanceUID): 0xC000}
+    assert gw.log_count("ingest.internal_error") == 0
+    assert "the deflated data does not inflate" in gw.log_text()
 
 
 def test_duplicate_under_reject_policy_is_a_failed_instance(
