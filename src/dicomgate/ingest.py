@@ -278,9 +278,13 @@ class Ingestor:
         if ds is None:  # too large to be kept in memory, or deflated
             job.spool.drain()  # its last writes may still be on the writer thread
             with open(job.spool.path, "rb") as fh:
-                ds = scan_dataset(fh, job.data_offset, job.spool.size, job.transfer_syntax)
-                if ds is None:
-                    ds = _parse(fh)
+                ds = scan_dataset(
+                    fh,
+                    job.data_offset,
+                    job.spool.size,
+                    job.transfer_syntax,
+                    room=self.store.check_space,
+                )
         record = extract_record(ds)
         # PS3.4 B.2.3: the data set must be the instance the command announced.
         if record.sop_instance_uid != job.sop_instance_uid:

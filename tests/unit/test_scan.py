@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from dicomgate.store.part10 import encode_file_meta
 from dicomgate.store.scan import KEEP_VALUE_MAX, scan_buffer, scan_dataset
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 PIXEL_DATA = 0x7FE00010
 IMPLICIT_VR_MESSAGE = "Expected explicit VR, but found implicit VR"
 
@@ -251,8 +253,79 @@ def test_implicit_encapsulated_pixel_data_kept_right() -> None:
         assert ds.PixelData == _read(path).PixelData
 
 
-def test_deflated_returns_none() -> None:
-    assert _scan_file(_bundled("image_dfl.dcm")) is None
+def test_deflated_is_inflated_and_scanned() -> None:
+    path = _bundled("image_dfl.dcm")
+    ds = _scan_file(path)
+    assert ds is not None
+    full = _read(path)
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "Rows", "Columns"):
+        assert getattr(ds, keyword) == getattr(full, keyword)
+    with open(path, "rb") as fh:
+        start = _data_offset(fh)
+    assert scan_buffer(path.read_bytes(), start, DEFLATED) is None  # the caller scans the file
+
+
+def _deflated_file(tmp_path: Path, data_set: bytes, *, finish: bool = True) -> Path:
+    """A Part 10 file of ``data_set`` (explicit VR LE) under the deflated syntax."""
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = deflater.compress(data_set) + (deflater.flush() if finish else b"")
+    meta = encode_file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", DEFLATED)
+    path = tmp_path / f"deflated-{len(data_set)}-{finish}.dcm"
+    path.write_bytes(meta + stream)
+    return path
+
+
+def _explicit_le(path: Path) -> bytes:
+    """The data set of ``path`` encoded explicit VR little endian."""
+    with open(path, "rb") as fh:
+        start = _data_offset(fh)
+        return fh.read()[start - 144 :]
+
+
+@pytest.mark.parametrize("cut", ["stream ends early", "half the data set", "one byte short"])
+def test_deflated_truncated_is_invalid(tmp_path: Path, cut: str) -> None:
+    """pydicom inflates all of these without complaint: half an image would be stored."""
+    data_set = _explicit_le(_bundled("CT_small.dcm"))
+    if cut == "stream ends early":
+        path = _deflated_file(tmp_path, data_set, finish=False)
+    else:
+        keep = len(data_set) // 2 if cut == "half the data set" else len(data_set) - 1
+        path = _deflated_file(tmp_path, data_set[:keep])
+    with pytest.raises(InvalidInstance, match=r"truncated|past the end"):
+        _scan_file(path)
+
+
+def test_deflated_garbage_is_invalid(tmp_path: Path) -> None:
+    path = _deflated_file(tmp_path, _explicit_le(_bundled("CT_small.dcm")))
+    raw = bytearray(path.read_bytes())
+    with open(path, "rb") as fh:
+        start = _data_offset(fh)
+    raw[start : start + 64] = bytes(b ^ 0x5A for b in raw[start : start + 64])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InvalidInstance, match="does not inflate"):
+        _scan_file(path)
+
+
+def test_large_deflated_data_set_is_inflated_into_a_temporary_file(tmp_path: Path) -> None:
+    """Inflated past 64 MiB, the rest goes to a file beside the spool file; ``room`` is
+    asked at each block (a deflate bomb meets storage.min_free_bytes)."""
+    ds = _read(_bundled("CT_small.dcm"))
+    ds.PixelData = bytes(70 << 20)  # zeros: ~70 KB deflated
+    ds["PixelData"].VR = "OB"
+    del ds[0xFFFCFFFC]  # its Data Set Trailing Padding
+    source = tmp_path / "source.dcm"
+    ds.save_as(source, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    path = _deflated_file(tmp_path, _explicit_le(source))
+    source.unlink()
+    assert path.stat().st_size < 1 << 20
+    asked = []
+    with open(path, "rb") as fh:
+        scanned = scan_dataset(
+            fh, _data_offset(fh), path.stat().st_size, DEFLATED, room=lambda: asked.append(1)
+        )
+    assert scanned.SOPInstanceUID == ds.SOPInstanceUID
+    assert len(asked) >= 5
+    assert list(tmp_path.iterdir()) == [path]  # the temporary file is gone
 
 
 def test_private_transfer_syntax_is_read_as_explicit_little_endian() -> None:

@@ -16,6 +16,9 @@ import functools
 import mmap
 import os
 import struct
+import tempfile
+import zlib
+from collections.abc import Callable
 from typing import BinaryIO
 
 from pydicom.dataelem import DataElement, RawDataElement
@@ -34,6 +37,9 @@ MAX_SEQUENCE_DEPTH = 64  # sequences in sequences; deeper is refused (real data:
 KEEP_VALUE_MAX = 16384  # top-level values up to this size are kept for index and routing
 KEEP_SEQUENCE_MAX = 1 << 20
 _READ_WHOLE_MAX = 256 << 10  # bytes; larger files are memory-mapped
+_INFLATE_BLOCK = 1 << 20  # bytes read, and inflated, at a time
+_INFLATE_IN_MEMORY = 64 << 20  # inflated bytes kept in memory; more go to a temporary file
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 def _tag(group: int, element: int) -> str:
@@ -202,16 +208,23 @@ class _Walker:
             pos += length
 
 
-def scan_dataset(fh: BinaryIO, start: int, end: int, transfer_syntax: str) -> Dataset | None:
+def scan_dataset(
+    fh: BinaryIO,
+    start: int,
+    end: int,
+    transfer_syntax: str,
+    room: Callable[[], None] | None = None,
+) -> Dataset:
     """Check the data set in ``fh[start:end]`` is complete; return its small top-level elements.
 
-    Returns ``None`` for deflated syntaxes (the caller parses those with pydicom, which
-    inflates them). Raises :class:`InvalidInstance` when the encoding is truncated or broken.
-    A file up to ``_READ_WHOLE_MAX`` is read at once (cheaper than mapping it); a larger
-    one is mapped, so only the pages holding element headers are touched.
+    Raises :class:`InvalidInstance` when the encoding is truncated or broken. A file up to
+    ``_READ_WHOLE_MAX`` is read at once (cheaper than mapping it); a larger one is mapped,
+    so only the pages holding element headers are touched. A deflated data set is inflated
+    first (:func:`_scan_deflated`; ``room`` is called as it grows, to refuse one that
+    would fill the disk).
     """
     if _encoding(transfer_syntax)[0]:
-        return None
+        return _scan_deflated(fh, start, end, room)
     if end <= start:
         raise InvalidInstance("empty data set")
     if end <= _READ_WHOLE_MAX:
@@ -223,9 +236,60 @@ def scan_dataset(fh: BinaryIO, start: int, end: int, transfer_syntax: str) -> Da
         return _scan(mapped, start, end, transfer_syntax)
 
 
+def _scan_deflated(fh: BinaryIO, start: int, end: int, room: Callable[[], None] | None) -> Dataset:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5: raw deflate, no
+    zlib header) and scan the result like any other: pydicom inflates without complaint a
+    stream that ends early, or one that holds half a data set, and would have had half an
+    image acknowledged. Up to ``_INFLATE_IN_MEMORY`` bytes are inflated in memory, more
+    into a temporary file beside ``fh`` (``room`` checks the disk every block)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    memory = bytearray()
+    spill: BinaryIO | None = None
+    try:
+        fh.seek(start)
+        left = end - start
+        while left > 0 and not inflater.eof:
+            data = fh.read(min(left, _INFLATE_BLOCK))
+            if not data:
+                raise InvalidInstance("data set truncated: the file is shorter than received")
+            left -= len(data)
+            while data and not inflater.eof:
+                try:
+                    piece = inflater.decompress(data, _INFLATE_BLOCK)
+                except zlib.error:
+                    raise InvalidInstance("the deflated data set does not inflate") from None
+                data = inflater.unconsumed_tail
+                if spill is None and len(memory) + len(piece) > _INFLATE_IN_MEMORY:
+                    folder = os.path.dirname(getattr(fh, "name", "") or "") or None
+                    spill = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (closed below)
+                    spill.write(memory)
+                    memory = bytearray()
+                if spill is not None:
+                    spill.write(piece)
+                    if room is not None:
+                        room()
+                else:
+                    memory += piece
+        if not inflater.eof:
+            raise InvalidInstance("deflated data set truncated: its deflate stream does not end")
+        # Bytes after the stream's end (a pad byte to an even length, PS3.5 A.5) are left.
+        if spill is None:
+            if not memory:
+                raise InvalidInstance("empty data set")
+            return _scan(bytes(memory), 0, len(memory), _EXPLICIT_LE)
+        spill.flush()
+        size = spill.tell()
+        with mmap.mmap(spill.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            return _scan(mapped, 0, size, _EXPLICIT_LE)
+    finally:
+        if spill is not None:
+            spill.close()
+
+
 def scan_buffer(buf: bytes, start: int, transfer_syntax: str) -> Dataset | None:
     """:func:`scan_dataset` of a whole file already in memory (``buf[start:]`` is the
-    data set): no file to open and read again."""
+    data set): no file to open and read again. ``None`` for a deflated data set: the
+    caller scans its file (:func:`scan_dataset` inflates it)."""
     if _encoding(transfer_syntax)[0]:
         return None
     if len(buf) <= start:
