@@ -21,10 +21,12 @@ from tests.conftest import (
     DICOMGATE,
     Corpus,
     GatewayProcess,
+    bundled_file,
     needs_dcmtk,
     sop_uid_of,
     wait_until,
 )
+from tests.integration.test_stow import multipart, post
 from tests.stow_server import StowRequest, StowServer, stow_body, stow_server
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
@@ -341,3 +343,36 @@ def test_hung_dimse_peer_does_not_hold_back_a_folder(
     errors = {j["last_error"] for j in _jobs(gw, "pacs") if j["last_error"]}
     assert errors and all("timed out" in e for e in errors), errors
     assert _count(gw, "pacs", "done") == _count(gw, "pacs", "dead") == 0
+
+
+def test_an_instance_a_sender_cannot_read_does_not_hold_back_the_others(
+    gateway: Gateway, corpus: Corpus, tmp_path: Path
+) -> None:
+    """An instance stored as received with a VR no DICOM reader knows ('CR' for the CS of
+    Specific Character Set: one flipped bit) made the folder sender raise for its whole
+    batch of 16, every retry: 'sender failed' tracebacks, the circuit breaker opened, and
+    the good instances waited minutes. Now it is dead-lettered alone with the reason and
+    the others are delivered at once."""
+    good = corpus.mr("fail-unreadable", 5, seed=705)
+    raw = bundled_file("CT_small.dcm").read_bytes()
+    assert raw.count(b"\x08\x00\x05\x00CS") == 1
+    bad = raw.replace(b"\x08\x00\x05\x00CS", b"\x08\x00\x05\x00CR")
+    share = tmp_path / "share"
+    gw = gateway(
+        {
+            "destinations": {"share": {"type": "folder", "path": str(share)}},
+            "routes": [
+                {"name": "all", "trigger": "study_stable", "stable_after": 1.0, "to": ["share"]}
+            ],
+            "queue": {"poll_interval": 0.1, "retry": FAST_RETRY},
+        }
+    )
+    answer = post(gw, multipart([bad] + [f.read_bytes() for f in good]))
+    assert answer.status_code == 200, answer.text  # stored as received (invalid values are)
+    wait_until(lambda: _count(gw, "share", "done") == len(good), 15, "the good instances")
+    wait_until(lambda: _count(gw, "share", "dead") == 1, 15, "the unreadable one dead-lettered")
+    (dead,) = _jobs(gw, "share", "dead")
+    assert "cannot read the header" in dead["last_error"]
+    assert "Unknown Value Representation 'CR'" in dead["last_error"]
+    assert gw.log_count("delivery.sender_error") == 0
+    assert gw.log_count("delivery.circuit_open") == 0

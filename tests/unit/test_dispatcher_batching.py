@@ -165,3 +165,49 @@ def test_jobs_due_for_retry_are_leased_when_two_workers_collected(tmp_path: Path
     # Retries are not announced: the idle poll must find them. A worker that stopped
     # leasing while still counted as collecting kept both asleep for good.
     assert asyncio.run(_retried(tmp_path)) == 6
+
+
+class PoisonSender(RecordingSender):
+    """Raises for any batch holding the instance ``poison`` (a bug, or an instance the
+    protocol code cannot cope with); delivers the rest."""
+
+    def __init__(self, poison: str) -> None:
+        super().__init__(send_seconds=0.0)
+        self.poison = poison
+
+    async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        if any(d.sop_instance_uid == self.poison for d in batch):
+            raise NotImplementedError("cannot cope")
+        return await super().send(batch)
+
+
+def test_a_sender_raising_for_one_instance_delivers_the_others(tmp_path: Path) -> None:
+    """The batch is sent again one at a time: only the instance it raises for is retried
+    (an internal error); before, every retry of the whole batch raised again."""
+
+    async def run() -> dict[str, str]:
+        index = Index.open(f"sqlite:///{tmp_path}/index.db")
+        queue = JobQueue(index.engine, QueueConfig())
+        sender = PoisonSender("1.2.3.4.5.3")
+        dispatcher = Dispatcher(queue, {"pacs": sender}, ContentStore(tmp_path / "data"))
+        items = [make_item(f"1.2.3.4.5.{n}") for n in range(6)]
+        await asyncio.to_thread(
+            index.record, items, DuplicatePolicy.REJECT, [[NewJob("pacs", "all", 0)]] * 6
+        )
+        await dispatcher.start()
+        try:
+            for _ in range(500):
+                if sum(sender.batches) >= 5:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await dispatcher.stop()
+        jobs = {j["sop_instance_uid"]: f"{j['state']}: {j['last_error']}" for j in queue.list()}
+        index.close()
+        return jobs
+
+    jobs = asyncio.run(run())
+    assert sorted(uid for uid, what in jobs.items() if what.startswith("done")) == [
+        f"1.2.3.4.5.{n}" for n in (0, 1, 2, 4, 5)
+    ]
+    assert "internal error: NotImplementedError" in jobs["1.2.3.4.5.3"]

@@ -638,6 +638,29 @@ class Dispatcher:
             for out in outputs
         ]
 
+    async def _send(self, dest: _Destination, batch: list[Delivery]) -> list[Outcome]:
+        """The sender's outcomes of ``batch``. A sender that raises (a bug, or an instance it
+        cannot cope with) must not lose the jobs, nor let one instance hold back the
+        others for ever (every retry of the batch would raise again, and open the circuit
+        breaker): the batch is sent again one instance at a time, and only those that raise
+        alone get a retryable internal-error outcome."""
+        if not batch:
+            return []
+        try:
+            return await dest.sender.send(batch)
+        except Exception as exc:
+            log.exception(
+                "sender failed", extra={"event": "delivery.sender_error", "destination": dest.name}
+            )
+            if len(batch) == 1:
+                return [
+                    Outcome(batch[0].job_id, False, True, f"internal error: {type(exc).__name__}")
+                ]
+        outcomes: list[Outcome] = []
+        for delivery in batch:
+            outcomes += await self._send(dest, [delivery])
+        return outcomes
+
     async def _deliver(self, dest: _Destination, jobs: list[Job]) -> None:
         batch: list[Delivery] = []
         refused: list[Outcome] = []
@@ -649,15 +672,7 @@ class Dispatcher:
                 batch += prepared
         started = time.monotonic()
         try:
-            outcomes = await dest.sender.send(batch) if batch else []
-        except Exception as exc:  # a sender bug must not lose the jobs: retry them
-            log.exception(
-                "sender failed", extra={"event": "delivery.sender_error", "destination": dest.name}
-            )
-            outcomes = [
-                Outcome(d.job_id, False, True, f"internal error: {type(exc).__name__}")
-                for d in batch
-            ]
+            outcomes = await self._send(dest, batch)
         finally:
             for job in jobs:
                 if self.pipelines.get(job.route):

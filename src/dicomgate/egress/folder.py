@@ -21,7 +21,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from dicomgate.egress.base import Delivery, Outcome, exception_reason, os_error_reason
@@ -130,7 +129,10 @@ class FolderSender:
             target = render_path(self._root, self._template, ds)
         except OSError as exc:  # the store is unreachable: may come back
             return self._failed(delivery, f"cannot read the stored file: {os_error_reason(exc)}")
-        except (InvalidDicomError, ValueError, EOFError) as exc:
+        except Exception as exc:  # pydicom raises many kinds (an unknown VR: NotImplementedError)
+            # This instance's header: it fails alone, for good (dead-lettered, re-drivable),
+            # and is not an internal error of the batch, which would count against the
+            # destination's circuit breaker and hold back every other instance.
             return self._failed(delivery, f"cannot read the header: {exception_reason(exc)}", False)
         try:
             write_atomically(delivery.path, target)
