@@ -4,7 +4,10 @@
 the Pixel Data element header itself. Then:
 
 - native frames are found by offset arithmetic (PS3.5 8.1.1, 8.2): frame ``i`` of
-  ``rows x columns x samples x bits allocated`` bits starts at ``i`` times that size;
+  ``rows x columns x samples x bits allocated`` bits starts at ``i`` times that size
+  (YBR_FULL_422 holds 2 samples per pixel, not 3: PS3.3 C.7.6.3.1.2);
+- a deflated data set (PS3.5 A.5) has no usable file offsets: it is inflated whole with
+  pydicom (:func:`inflated_pixel_data`) and its frames cut from the Pixel Data value;
 - encapsulated frames (PS3.5 A.4) come from the Extended Offset Table (7FE0,0001/0002)
   when present, else the Basic Offset Table, else by walking the fragment item headers
   (8 bytes each, values skipped): one fragment per frame when the counts match, else a
@@ -16,13 +19,18 @@ Only the bytes of the requested frames are read, in chunks of ``CHUNK_SIZE``.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from dicomgate.errors import os_error_reason
 
 __all__ = [
     "CHUNK_SIZE",
@@ -31,8 +39,11 @@ __all__ = [
     "all_fragments",
     "decode_frame",
     "encapsulated_frames",
+    "inflated_pixel_data",
     "locate_pixel_data",
+    "native_frame",
     "native_frame_chunks",
+    "pydicom_muted",
     "read_span_chunks",
 ]
 
@@ -68,8 +79,9 @@ class PixelLayout:
 
     @property
     def needs_decoder(self) -> bool:
-        """Frames come from pydicom's decoder, not offsets: deflated data sets, and big
-        endian 8-bit pixels (swapped in 16-bit word pairs, PS3.5 8.2)."""
+        """Frames cannot be read at file offsets, pydicom must read them: deflated data
+        sets (inflated by ``dcmread``, then cut: :func:`native_frame`), and big endian
+        8-bit pixels (swapped in 16-bit word pairs, PS3.5 8.2: decoded)."""
         return self.deflated or (not self.little_endian and self.bits_allocated <= 8)
 
     @property
@@ -78,7 +90,20 @@ class PixelLayout:
 
     @property
     def frame_bits(self) -> int:
-        return self.rows * self.columns * self.samples * self.bits_allocated
+        """Bits of one native frame as stored.
+
+        YBR_FULL_422 subsamples Cb and Cr horizontally: each pair of pixels is stored as
+        Y Y Cb Cr, two samples per pixel instead of three (PS3.3 C.7.6.3.1.2, PS3.5 8.2.3).
+        """
+        samples = self.samples
+        if self.photometric.strip().upper() == "YBR_FULL_422" and samples == 3:
+            samples = 2
+        return self.rows * self.columns * samples * self.bits_allocated
+
+    @property
+    def decoded_frame_bytes(self) -> int:
+        """Bytes of one frame once decoded (what pydicom's arrays hold, colour as 3 samples)."""
+        return self.rows * self.columns * self.samples * max(1, (self.bits_allocated + 7) // 8)
 
 
 def _ints(value: object, fmt: str) -> tuple[int, ...]:
@@ -162,20 +187,23 @@ def read_span_chunks(fh: BinaryIO, spans: list[Span], chunk: int = CHUNK_SIZE) -
             done += n
 
 
+def _bit_packed_frame(raw: bytes, skip: int, bits: int) -> bytes:
+    """``bits`` bits of ``raw`` from bit ``skip`` on, re-packed from bit 0 (1-bit frames
+    need not start on a byte boundary, PS3.5 8.1.1)."""
+    import numpy as np
+
+    unpacked = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+    return np.packbits(unpacked[skip : skip + bits], bitorder="little").tobytes()
+
+
 def native_frame_chunks(fh: BinaryIO, layout: PixelLayout, index: int) -> Iterator[bytes]:
     """Native frame ``index`` (0-based) in little endian, in chunks."""
     bits = layout.frame_bits
     if bits % 8:
-        # Bit-packed frames (Bits Allocated 1) need not start on a byte boundary.
-        import numpy as np
-
         first, last = index * bits, (index + 1) * bits
         start = first // 8
         raw = _pread(fh.fileno(), (last + 7) // 8 - start, layout.value_offset + start)
-        unpacked = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
-        yield np.packbits(
-            unpacked[first - start * 8 : last - start * 8], bitorder="little"
-        ).tobytes()
+        yield _bit_packed_frame(raw, first - start * 8, bits)
         return
     size = bits // 8
     if layout.value_length < (index + 1) * size:
@@ -190,6 +218,43 @@ def native_frame_chunks(fh: BinaryIO, layout: PixelLayout, index: int) -> Iterat
     dtype = np.dtype(f">u{swap}")
     for data in read_span_chunks(fh, spans, CHUNK_SIZE - CHUNK_SIZE % 8):
         yield np.frombuffer(data, dtype).astype(dtype.newbyteorder("<")).tobytes()
+
+
+def native_frame(value: bytes, layout: PixelLayout, index: int) -> bytes:
+    """Native frame ``index`` (0-based) cut from a little endian Pixel Data ``value`` held
+    in memory (the inflated value of a deflated data set)."""
+    bits = layout.frame_bits
+    first, last = index * bits, (index + 1) * bits
+    if len(value) * 8 < last:
+        raise FrameError(f"pixel data holds fewer than {index + 1} frames")
+    if bits % 8:
+        start = first // 8
+        return _bit_packed_frame(value[start : (last + 7) // 8], first - start * 8, bits)
+    return value[first // 8 : last // 8]
+
+
+def inflated_pixel_data(path: Path) -> bytes:
+    """The Pixel Data value of the deflated data set at ``path`` (PS3.5 A.5), inflated.
+
+    pydicom's ``pixel_array(path)`` reads the file without inflating it (and finds no
+    Pixel Data); ``dcmread`` inflates the whole data set in memory.
+    """
+    import pydicom
+
+    with warnings.catch_warnings(), pydicom_muted():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path)
+            value = ds.get("PixelData")
+        except OSError:
+            raise
+        except Exception as exc:  # zlib.error, or pydicom's own on a corrupt data set
+            raise FrameError(
+                f"the deflated data set cannot be read ({type(exc).__name__})"
+            ) from exc
+    if not isinstance(value, bytes | bytearray):
+        raise FrameError("the deflated data set holds no Pixel Data")
+    return bytes(value)
 
 
 def _fragments(fh: BinaryIO, layout: PixelLayout) -> tuple[list[int], list[Span], int]:
@@ -286,20 +351,63 @@ def _fragments_head(fh: BinaryIO, layout: PixelLayout) -> tuple[list[int], list[
     return [], [], layout.value_offset + 8 + length
 
 
+class _ThreadMute(logging.Filter):
+    """Drops the log records of the threads inside :func:`pydicom_muted`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in self.threads
+
+
+# pydicom logs each failing decoder plugin's traceback at ERROR before raising: the error
+# we raise in its place is the one log line (and answer) a frame that cannot be decoded
+# deserves.
+_PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base")
+
+
+@contextmanager
+def pydicom_muted() -> Iterator[None]:
+    """Silence pydicom's loggers for the calling thread only (others keep logging)."""
+    ident = threading.get_ident()
+    mutes = []
+    for name in _PYDICOM_LOGGERS:
+        logger = logging.getLogger(name)
+        mute = next((f for f in logger.filters if isinstance(f, _ThreadMute)), None)
+        if mute is None:
+            mute = _ThreadMute()
+            logger.addFilter(mute)
+        mute.threads.add(ident)
+        mutes.append(mute)
+    try:
+        yield
+    finally:
+        for mute in mutes:
+            mute.threads.discard(ident)
+
+
 def decode_frame(path: Path, index: int) -> bytes:
     """Frame ``index`` (0-based) decoded by pydicom to native little endian (colour as RGB).
 
-    Used to answer ``application/octet-stream`` for compressed (or deflated) pixel data;
-    only that frame is decoded.
+    Used to answer ``application/octet-stream`` for compressed pixel data (and big endian
+    8-bit native pixels); only that frame is decoded. ``FrameError`` when it cannot be;
+    its message never holds the file's path (made of the UIDs).
     """
     import numpy as np
     from pydicom.pixels.utils import pixel_array
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pydicom_muted():
         warnings.simplefilter("ignore")
         try:
             array = pixel_array(path, index=index)
+        except OSError as exc:
+            raise FrameError(f"cannot read the stored instance: {os_error_reason(exc)}") from exc
         except Exception as exc:  # the codecs raise anything on bad data
-            raise FrameError(f"cannot decode frame {index + 1}: {exc}") from exc
+            # pydicom lists each plugin's failure on a line of its own: one line here.
+            reason = " ".join(str(exc).replace(str(path), "<stored file>").split())[:500]
+            reason = reason or type(exc).__name__
+            raise FrameError(f"cannot decode frame {index + 1}: {reason}") from exc
     array = np.ascontiguousarray(array)
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()

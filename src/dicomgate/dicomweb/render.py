@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomgate.dicomweb.frames import pydicom_muted
 from dicomgate.errors import os_error_reason
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Viewport",
     "Window",
     "apply_window",
+    "ascii_integer",
     "parse_render_options",
     "render_frame",
 ]
@@ -37,6 +39,7 @@ DEFAULT_QUALITY = 90
 THUMBNAIL_SIZE = 128
 MAX_VIEWPORT = 8192
 _FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian (PS3.5 A.5)
 
 
 class RenderError(Exception):
@@ -82,11 +85,24 @@ def _float(text: str, name: str) -> float:
     return value
 
 
+def ascii_integer(text: str, max_digits: int = 10) -> int | None:
+    """The value of ``text`` if it is a non-negative integer in ASCII digits (surrounding
+    spaces allowed, at most ``max_digits`` of them), else ``None``.
+
+    ``str.isdigit()`` alone is not enough: it is true of '²' and other Unicode digits
+    that ``int()`` refuses (or, for Arabic-Indic digits, accepts), and ``int()`` refuses
+    numbers of more than 4300 digits.
+    """
+    text = text.strip()
+    if not (text.isascii() and text.isdecimal()) or len(text) > max_digits:
+        return None
+    return int(text)
+
+
 def _int(text: str, name: str, low: int, high: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{name}: not an integer: {text!r}") from None
+    value = ascii_integer(text)
+    if value is None:
+        raise ValueError(f"{name}: not an integer: {text[:32]!r}")
     if not low <= value <= high:
         raise ValueError(f"{name}: {value} is outside {low}..{high}")
     return value
@@ -209,7 +225,7 @@ def _frame_image(path: Path, index: int, window: Window | None) -> Any:
     from PIL import Image
     from pydicom.pixels.utils import pixel_array
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pydicom_muted():
         warnings.simplefilter("ignore")
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -218,7 +234,13 @@ def _frame_image(path: Path, index: int, window: Window | None) -> Any:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if index >= frames:
                 raise RenderError(f"the instance has {frames} frame(s)")
-            array = pixel_array(path, index=index)
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None and meta.get("TransferSyntaxUID") == _DEFLATED:
+                # pixel_array(path) reads a deflated file without inflating it (and finds
+                # no Pixel Data); dcmread inflates the data set, in memory.
+                array = pixel_array(pydicom.dcmread(path), index=index)
+            else:
+                array = pixel_array(path, index=index)
         except RenderError:
             raise
         except OSError as exc:  # the file: its path holds the UIDs, so not in the message

@@ -40,7 +40,9 @@ from dicomgate.dicomweb.frames import (
     all_fragments,
     decode_frame,
     encapsulated_frames,
+    inflated_pixel_data,
     locate_pixel_data,
+    native_frame,
     native_frame_chunks,
     read_span_chunks,
 )
@@ -58,12 +60,18 @@ from dicomgate.dicomweb.render import (
     RenderError,
     RenderOptions,
     Viewport,
+    ascii_integer,
     parse_render_options,
     render_frame,
 )
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.dicomweb.streaming import Multipart, file_chunks, iterate_in_thread
-from dicomgate.dicomweb.transcode import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeError, transcode
+from dicomgate.dicomweb.transcode import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    MAX_TRANSCODE_BYTES,
+    TranscodeError,
+    transcode,
+)
 from dicomgate.errors import IndexUnavailable, error_text, os_error_reason
 from dicomgate.observability.logging import uid_hash
 
@@ -77,6 +85,11 @@ log = logging.getLogger(__name__)
 METADATA_TYPES = ["application/dicom+json", "application/json"]
 IMAGE_TYPES = ["image/jpeg", "image/png"]
 MAX_FRAMES_IN_LIST = 10000
+MAX_FRAME_NUMBER = (1 << 31) - 1  # Number of Frames is an IS: at most 2^31 - 1
+# Frames sent decoded are decoded before the status line (a frame that cannot be decoded
+# is then a 500 JSON error) until this many bytes are held; the rest of a longer request
+# is decoded while it streams, one frame at a time.
+PREDECODED_BYTES = 64 << 20
 
 
 class WadoError(Exception):
@@ -89,16 +102,30 @@ class WadoError(Exception):
 
 
 def parse_frame_list(text: str) -> list[int]:
-    """``1,3,5`` -> [1, 3, 5] (1-based, PS3.18 8.3.4.4); ``WadoError`` 400 if malformed."""
+    """``1,3,5`` -> [1, 3, 5] (1-based, PS3.18 8.3.4.4); ``WadoError`` 400 if malformed.
+
+    Frame numbers are ASCII digits from 1 to 2^31 - 1, each named once: PS3.18 asks for
+    "non duplicate frame numbers", and a list naming one frame 10,000 times would make
+    one request decode it 10,000 times.
+    """
+    shown = text if len(text) <= 40 else text[:40] + "..."
     pieces = text.split(",")
     if not text or len(pieces) > MAX_FRAMES_IN_LIST:
-        raise WadoError(400, f"bad frame list {text!r}: 1 to {MAX_FRAMES_IN_LIST} numbers")
+        raise WadoError(400, f"bad frame list {shown!r}: 1 to {MAX_FRAMES_IN_LIST} numbers")
     frames: list[int] = []
+    seen: set[int] = set()
     for piece in pieces:
-        piece = piece.strip()
-        if not piece.isdigit() or int(piece) < 1:
-            raise WadoError(400, f"bad frame list {text!r}: frame numbers are integers >= 1")
-        frames.append(int(piece))
+        number = ascii_integer(piece)
+        if number is None or not 1 <= number <= MAX_FRAME_NUMBER:
+            raise WadoError(
+                400,
+                f"bad frame list {shown!r}: frame numbers are integers from 1 to "
+                f"{MAX_FRAME_NUMBER}",
+            )
+        if number in seen:
+            raise WadoError(400, f"bad frame list {shown!r}: names frame {number} more than once")
+        seen.add(number)
+        frames.append(number)
     return frames
 
 
@@ -123,9 +150,17 @@ _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 @dataclass(frozen=True)
 class _FramePlan:
     path: Path
+    sop: str  # SOP Instance UID (hashed in log lines)
     layout: PixelLayout
     encoding: FrameEncoding
     spans: list[list[tuple[int, int]]] | None  # encapsulated frames as stored
+    inflated: bytes | None = None  # Pixel Data of a deflated data set
+
+    @property
+    def decodes(self) -> bool:
+        """Frames come from pydicom's decoder (compressed asked as octet-stream, big endian
+        8-bit); a deflated data set's are cut from its inflated value instead."""
+        return self.encoding.decode or (self.layout.needs_decoder and not self.layout.deflated)
 
 
 class WadoService:
@@ -334,6 +369,9 @@ class WadoService:
             needed = max(frames) * layout.frame_bits // 8
             if layout.value_length < needed:
                 raise WadoError(500, "the stored pixel data is shorter than its header says")
+        inflated = None
+        if layout.deflated and not encoding.decode:
+            inflated = await self._inflate(path, ref, layout, max(frames))
         spans = None
         if layout.encapsulated and not encoding.decode:
 
@@ -349,12 +387,42 @@ class WadoService:
                 raise WadoError(500, f"cannot locate the frames: {exc}") from None
             if encoding.media_type.startswith("video/"):
                 frames = frames[:1]  # a video is sent whole, once
-        return _FramePlan(path, layout, encoding, spans), frames
+        plan = _FramePlan(path, ref.sop_instance_uid, layout, encoding, spans, inflated)
+        return plan, frames
 
-    def _frame_body(self, plan: _FramePlan, index: int) -> AsyncIterator[bytes]:
+    @staticmethod
+    async def _inflate(path: Path, ref: StoredRef, layout: PixelLayout, last: int) -> bytes:
+        """The Pixel Data of a deflated data set, inflated in memory before the answer
+        starts (at most ``MAX_TRANSCODE_BYTES``, as transcoding), holding frame ``last``."""
+        if layout.frame_bits * layout.frames // 8 > MAX_TRANSCODE_BYTES:
+            raise WadoError(
+                500,
+                f"the deflated pixel data is over {MAX_TRANSCODE_BYTES >> 20} MiB inflated: "
+                "retrieve the instance instead",
+            )
+        try:
+            value = await asyncio.to_thread(inflated_pixel_data, path)
+        except OSError as exc:
+            raise WadoError(
+                500, f"cannot read the stored instance: {os_error_reason(exc)}"
+            ) from None
+        except FrameError as exc:
+            log.error(
+                "cannot inflate a stored instance: %s",
+                exc,
+                extra={"event": "wado.inflate_failed", "sop": uid_hash(ref.sop_instance_uid)},
+            )
+            raise WadoError(500, str(exc)) from None
+        if len(value) * 8 < last * layout.frame_bits:
+            raise WadoError(500, "the stored pixel data is shorter than its header says")
+        return value
+
+    def _frame_chunks(self, plan: _FramePlan, index: int) -> AsyncIterator[bytes]:
+        """Frame ``index`` (0-based) as stored, or cut from the inflated value (not
+        decoded: :meth:`_decode` does that)."""
         layout = plan.layout
-        if plan.encoding.decode or layout.needs_decoder:
-            return _one(asyncio.to_thread(decode_frame, plan.path, index))
+        if plan.inflated is not None:
+            return _one(native_frame(plan.inflated, layout, index))
         spans = plan.spans
 
         def chunks() -> Iterator[bytes]:
@@ -366,20 +434,65 @@ class WadoService:
 
         return iterate_in_thread(chunks)
 
+    @staticmethod
+    async def _decode(plan: _FramePlan, number: int) -> bytes:
+        """Frame ``number`` (1-based) decoded; ``FrameError`` is logged (one line)."""
+        try:
+            return await asyncio.to_thread(decode_frame, plan.path, number - 1)
+        except FrameError as exc:
+            log.error(
+                "cannot decode a frame: %s",
+                exc,
+                extra={
+                    "event": "wado.frame_decode_failed",
+                    "sop": uid_hash(plan.sop),
+                    "frame": number,
+                },
+            )
+            raise
+
     async def frames(self, request: Request, ref: StoredRef, frames: list[int]) -> Response:
         plan, frames = await self._frame_plan(request, ref, frames)
-        return self._frames_response(plan, frames)
+        return await self._frames_response(plan, frames)
 
-    def _frames_response(self, plan: _FramePlan, frames: list[int]) -> Response:
+    async def _frames_response(self, plan: _FramePlan, frames: list[int]) -> Response:
+        """The frames as multipart/related. Decoded frames are decoded before the status
+        line while they fit ``PREDECODED_BYTES`` (the first one always), so a frame that
+        cannot be decoded is a 500 JSON error; past that budget they are decoded as they
+        are sent, and one that fails then ends the body without its close delimiter (the
+        status is out; the client sees a truncated multipart) with one log line."""
         encoding = plan.encoding
         writer = Multipart(encoding.media_type)
         part_type = f"{encoding.media_type}; transfer-syntax={encoding.transfer_syntax}"
+        ready: list[bytes] = []
+        if plan.decodes:
+            held = 0
+            for number in frames:
+                if held >= PREDECODED_BYTES:
+                    break
+                try:
+                    ready.append(await self._decode(plan, number))
+                except FrameError as exc:
+                    raise WadoError(500, str(exc)) from None
+                held += len(ready[-1])
 
         async def body() -> AsyncIterator[bytes]:
-            for number in frames:
-                yield writer.part(part_type)
-                async for chunk in self._frame_body(plan, number - 1):
-                    yield chunk
+            for n, number in enumerate(frames):
+                if n < len(ready):
+                    data, ready[n] = ready[n], b""  # let it go once sent
+                    yield writer.part(part_type)
+                    yield data
+                elif plan.decodes:
+                    try:
+                        data = await self._decode(plan, number)
+                    except FrameError:
+                        return
+                    yield writer.part(part_type)
+                    yield data
+                else:
+                    yield writer.part(part_type)
+                    async for chunk in self._frame_chunks(plan, number - 1):
+                        yield chunk
             yield writer.close()
 
         return StreamingResponse(body(), headers={"Content-Type": writer.content_type})
@@ -397,9 +510,11 @@ class WadoService:
             raise WadoError(404, f"no bulk data at {tag_path}")
         if value.pixel_data:
             plan, frames = await self._frame_plan(request, ref, None)
-            if plan.layout.encapsulated or plan.encoding.decode or plan.layout.needs_decoder:
-                return self._frames_response(plan, frames)
+            if plan.layout.encapsulated or plan.decodes:
+                return await self._frames_response(plan, frames)
             # Native pixel data: the whole value as one part.
+            if plan.inflated is not None:
+                return self._bulk_response([], plan.inflated, 0)
             layout = plan.layout
             value_span = (layout.value_offset, layout.value_length)
             swap = 0 if layout.little_endian else layout.bits_allocated // 8
@@ -478,8 +593,8 @@ class WadoService:
         return Response(image, media_type=options.media_type)
 
 
-async def _one(awaitable: Awaitable[bytes]) -> AsyncIterator[bytes]:
-    yield await awaitable
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def router(gateway: Gateway) -> APIRouter:

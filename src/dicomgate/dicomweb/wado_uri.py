@@ -13,6 +13,7 @@ Endian as for WADO-RS) or the rendered image. ``anonymize=yes`` is refused (400)
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -25,6 +26,7 @@ from dicomgate.dicomweb.render import (
     RenderOptions,
     Viewport,
     Window,
+    ascii_integer,
 )
 from dicomgate.dicomweb.server import problem
 from dicomgate.dicomweb.streaming import file_chunks
@@ -44,19 +46,22 @@ def _int(params: dict[str, str], name: str, low: int, high: int) -> int | None:
 
     if name not in params:
         return None
-    text = params[name]
-    if not text.strip().isdigit() or not low <= int(text) <= high:
+    value = ascii_integer(params[name])
+    if value is None or not low <= value <= high:
         raise WadoError(400, f"{name} must be an integer in {low}..{high}")
-    return int(text)
+    return value
 
 
 def _float(params: dict[str, str], name: str) -> float:
     from dicomgate.dicomweb.wado import WadoError
 
     try:
-        return float(params[name])
+        value = float(params[name])
     except ValueError:
         raise WadoError(400, f"{name} must be a number") from None
+    if not math.isfinite(value):  # nan, inf and 1e999 (as WADO-RS window=)
+        raise WadoError(400, f"{name} must be a finite number")
+    return value
 
 
 def _content_type(params: dict[str, str], is_image: bool) -> str:
@@ -143,7 +148,7 @@ def install_wado_uri(api: APIRouter, service: WadoService) -> None:
             )
         if not ref.rows:
             raise WadoError(406, "the object is not an image; ask for application/dicom")
-        frame = _int(params, "frameNumber", 1, 1 << 31) or 1
+        frame = _int(params, "frameNumber", 1, (1 << 31) - 1) or 1
         options = _render_options(params, media, ref.rows, ref.columns or 0)
         return await service.render(ref, frame, options)
 
