@@ -178,6 +178,41 @@ def test_sequences_nested_too_deep_are_refused(gw: GatewayProcess) -> None:
     assert "Traceback" not in gw.log_text()
 
 
+SECRET = "PHI-SECRET-4711"  # a patient ID that must never reach the log
+COERCED = {
+    "unknown VR": {"00080020": {"vr": "ZZ", "Value": ["20260101"]}},
+    "AT that is not a tag": {"00209165": {"vr": "AT", "Value": ["GGGGHHHH"]}},
+    "LO longer than 64 KiB": {"00081030": {"vr": "LO", "Value": ["x" * 70_000]}},
+    "text outside the character set": {
+        "00080005": {"vr": "CS", "Value": ["ISO_IR 100"]},
+        "00081030": {"vr": "LO", "Value": ["Zürich 日本"]},
+    },
+    "four-digit key": {"0008": {"vr": "CS", "Value": ["X"]}},
+    "keyword key": {"StudyDescription": {"vr": "LO", "Value": ["X"]}},
+    "command group element": {"00000900": {"vr": "US", "Value": [0]}},
+    "patient ID as a number": {"00100020": {"vr": "US", "Value": [SECRET]}},
+}
+
+
+@pytest.mark.parametrize("case", list(COERCED))
+def test_metadata_that_would_be_coerced_fails_its_instance(gw: GatewayProcess, case: str) -> None:
+    """pydicom drops or replaces what it cannot take (an AT that is not a tag, text outside
+    the character set as '?', an LO too long as UN), raises NotImplementedError for a VR it
+    does not know (a 500 that left a spool file behind), and reads "0008" as the command
+    element (0000,0008); each was stored as something else than was sent, or failed the
+    request. Now the instance fails with 0xC000, and the log names no value."""
+    src = pydicom.dcmread(bundled_file("CT_small.dcm"))
+    doc, parts = as_json(src, "/up")
+    doc = {**doc, **COERCED[case]}
+    r = post(gw, body([doc], parts))
+    assert r.status_code == 409, r.text
+    assert failed(r.json()) == {src.SOPInstanceUID: 0xC000}
+    assert gw.index.count_instances() == 0
+    log = gw.log_text()
+    assert "Traceback" not in log and SECRET not in log
+    assert gw.log_count("stow.instance_refused") == 1
+
+
 BAD_CASES = [
     "not-json",
     "json-list-of-numbers",

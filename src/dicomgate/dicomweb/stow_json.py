@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,6 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from dicomgate.dicomweb.multipart import PartStart, parse_content_type
-from dicomgate.errors import DicomgateError
 from dicomgate.ingress.sniff import Sniffed
 from dicomgate.store.part10 import encode_file_meta
 from dicomgate.store.scan import MAX_SEQUENCE_DEPTH
@@ -204,7 +205,7 @@ class JsonStager:
             raise _InstanceError("the metadata has no SOPClassUID or SOPInstanceUID")
         meta_syntax = _uid(doc, "00020010")
         body = {k: v for k, v in doc.items() if not k.startswith("0002")}
-        if _sequence_depth(body) > MAX_SEQUENCE_DEPTH:
+        if _check_structure(body) > MAX_SEQUENCE_DEPTH:
             raise _InstanceError("sequences nested too deep")
         used: list[tuple[DataElement, _Bulk]] = []
 
@@ -212,9 +213,13 @@ class JsonStager:
             return _MARK + uri.encode("utf-8", "surrogateescape")
 
         try:
-            ds = Dataset.from_json(body, bulk_data_uri_handler=bulk_value)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise _InstanceError(f"the metadata is not a valid DICOM JSON object: {exc}") from None
+            with warnings.catch_warnings():
+                # pydicom warns and drops or replaces what it cannot take (an AT that is
+                # not a tag): that would be a coerced instance answered as stored.
+                warnings.simplefilter("error")
+                ds = Dataset.from_json(body, bulk_data_uri_handler=bulk_value)
+        except Exception as exc:  # pydicom raises many kinds for bad JSON
+            raise _InstanceError(_why("the metadata is not valid DICOM JSON", exc)) from None
         if "SpecificCharacterSet" not in ds and not json.dumps(body).isascii():
             ds.SpecificCharacterSet = "ISO_IR 192"  # JSON text is Unicode (PS3.18 F.2)
         for elem in _elements(ds):
@@ -257,13 +262,17 @@ class JsonStager:
                         elem.is_undefined_length = True
                     else:
                         elem.value = fh  # streamed by pydicom's writer from the spool file
-                _write(out, ds, UID(file_syntax))
+                with warnings.catch_warnings():
+                    # A value pydicom cannot encode as asked (text outside the character
+                    # set: '?'; a value too long for its VR: written as UN) is refused.
+                    warnings.simplefilter("error")
+                    _write(out, ds, UID(file_syntax))
         except _InstanceError:
             out.discard()
             raise
-        except (DicomgateError, OSError, ValueError, TypeError) as exc:
+        except Exception as exc:  # pydicom's writer raises many kinds (an unknown VR ...)
             out.discard()
-            raise _InstanceError(f"cannot write the instance: {exc}") from None
+            raise _InstanceError(_why("cannot write the instance", exc)) from None
         out.park()
         return Built(out, Sniffed(len(header), file_syntax, sop_class, sop_instance, True))
 
@@ -293,10 +302,13 @@ def _instances(raw: bytes, part: int) -> list[dict[str, Any]]:
     return doc
 
 
-def _sequence_depth(doc: dict[str, Any]) -> int:
+def _check_structure(doc: dict[str, Any]) -> int:
     """How deep sequence items nest in a DICOM JSON object (0: no sequence), counted
     without recursion and only up to one level past the limit: pydicom's reader and writer
-    recurse per level, so a deep enough upload would end in RecursionError."""
+    recurse per level, so a deep enough upload would end in RecursionError. Raises
+    :class:`_InstanceError` for a key that is not a data element's tag (PS3.18 F.2.1.1:
+    eight hexadecimal digits; pydicom would read "0008" as (0000,0008), a command element,
+    and a keyword as the tag it names) or one of the command group 0000."""
     deepest = 0
     todo = [(doc, 0)]
     while todo:
@@ -304,11 +316,37 @@ def _sequence_depth(doc: dict[str, Any]) -> int:
         deepest = max(deepest, depth)
         if depth > MAX_SEQUENCE_DEPTH:
             break
-        for element in item.values():
-            values = element.get("Value") if isinstance(element, dict) else None
+        for key, element in item.items():
+            if _TAG_KEY.fullmatch(key) is None or key.startswith("0000"):
+                shown = key[:16].encode("ascii", "backslashreplace").decode()
+                raise _InstanceError(f"{shown!r} is not a data element tag (8 hex digits)")
+            if not isinstance(element, dict) or element.get("vr") != "SQ":
+                continue  # a person name's value is an object too, not an item
+            values = element.get("Value")
             if isinstance(values, list):
                 todo.extend((v, depth + 1) for v in values if isinstance(v, dict))
     return deepest
+
+
+_TAG_KEY = re.compile(r"[0-9A-Fa-f]{8}")
+# Where pydicom names the element at fault: from_json ("Data element '00100020' could not
+# be loaded ...") and the writer ("With tag (0010,0020) got exception ...").
+_TAG_IN_MESSAGE = re.compile(
+    r"^Data element '([0-9A-Fa-f]{4})([0-9A-Fa-f]{4})'"
+    r"|^With tag \(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)"
+)
+
+
+def _why(what: str, exc: Exception) -> str:
+    """``what`` with the kind of error and the element it is about, never the error's own
+    text: pydicom's messages quote the offending value (a patient's name or ID), and the
+    reason is logged."""
+    found = _TAG_IN_MESSAGE.search(str(exc))
+    element = ""
+    if found:
+        group, number = (found[1], found[2]) if found[1] else (found[3], found[4])
+        element = f" in ({group.upper()},{number.upper()})"
+    return f"{what} ({type(exc).__name__}{element})"
 
 
 def _uid(doc: dict[str, Any], tag: str) -> str:

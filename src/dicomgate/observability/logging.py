@@ -83,6 +83,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger().handlers[:] = [others]
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python warnings (pydicom's about odd values) too: printed bare to stderr, with the
+    # warning's source line, they broke a JSON log into lines that are not JSON.
+    logging.captureWarnings(True)
 
 
 class Outage:
