@@ -7,6 +7,7 @@ route delivered; a refused request must leave the index empty.
 from __future__ import annotations
 
 import io
+import socket
 import time
 import uuid
 import warnings
@@ -487,3 +488,30 @@ def test_1gb_upload_streams_with_flat_memory(gateway: Gateway, tmp_path: Path) -
         source.unlink(missing_ok=True)
         if stored is not None:
             stored.unlink(missing_ok=True)  # keep pytest's retained tmp folders small
+
+
+def test_a_client_gone_mid_upload_is_not_a_server_error(
+    stow_gateway: GatewayProcess, corpus: Corpus
+) -> None:
+    """A viewer closed or a network cut mid-upload: nothing is kept, one warning line, and
+    the request counts as 499 (client closed request) in the metrics, not as a 500 with an
+    ASGI traceback (5xx alerts watch that counter)."""
+    gw = stow_gateway
+    (source,) = corpus.mr("stow-gone", 1, seed=97)
+    body = multipart([source.read_bytes()])
+    with socket.create_connection(("127.0.0.1", gw.http_port), timeout=10) as upload:
+        upload.sendall(
+            b"POST /dicomweb/studies HTTP/1.1\r\nHost: gw\r\n"
+            b'Content-Type: multipart/related; type="application/dicom"; '
+            b"boundary=dicomgate-test-boundary\r\n"
+            + f"Content-Length: {len(body) * 4}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        wait_until(lambda: any(gw.spool.iterdir()), 10, "the upload's spool file")
+    wait_until(lambda: gw.log_count("stow.client_gone") == 1, 10, "the client_gone line")
+    assert "Exception in ASGI application" not in gw.log_text()
+    metrics = httpx.get(gw.url("/metrics"), timeout=10).text
+    assert 'route="/dicomweb/studies",status="499"} 1.0' in metrics
+    assert 'route="/dicomweb/studies",status="500"' not in metrics
+    assert gw.index.count_instances() == 0
+    assert post(gw, body).status_code == 200  # and it keeps serving

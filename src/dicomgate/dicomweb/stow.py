@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from dicomgate.dicomweb.multipart import (
     MultipartError,
@@ -52,6 +53,8 @@ from dicomgate.store.part10 import arrival_json, encode_file_meta
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
     from dicomgate.store.filestore import SpoolFile
+
+CLIENT_CLOSED_REQUEST = 499  # no answer reaches the client; the status for metrics (nginx's)
 
 log = logging.getLogger("dicomgate.stow")
 
@@ -328,7 +331,17 @@ async def store_instances(
     except DicomgateError as exc:
         stager.discard()
         return problem(500, f"cannot stage the upload: {exc}")
-    except BaseException:  # client gone (ClientDisconnect), cancelled: nothing is kept
+    except ClientDisconnect:
+        # The client went away mid-upload (a viewer closed, a network cut): nothing is
+        # kept, and it is the client's doing, not a server error (it was an ASGI
+        # traceback and a 500 in dicomgate_http_requests_total, which 5xx alerts watch).
+        stager.discard()
+        log.warning(
+            "STOW-RS upload cut off by the client; nothing of it was kept",
+            extra={"event": "stow.client_gone", "peer": source_ip},
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except BaseException:  # cancelled: nothing is kept
         stager.discard()
         raise
 
