@@ -262,7 +262,8 @@ def _parse(
 
 
 def _count(name: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 9:
+    # ASCII digits only: '²'.isdigit() is True, yet int('²') fails.
+    if not (value.isascii() and value.isdecimal()) or len(value) > 9:
         raise _BadRequest(400, f"{name} must be a non-negative integer, not {value!r}")
     return int(value)
 

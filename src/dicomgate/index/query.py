@@ -256,6 +256,11 @@ _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
 _TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 _TIME_TOP = "~"  # sorts after every TM character: 'hhmm~' is the end of minute hhmm
+_INTEGER_RE = re.compile(r"^[+-]?[0-9]+$")
+# An integer key outside the IS range (PS3.5 6.2: 32-bit signed; US values fit in it)
+# matches nothing: no stored value can equal it, and neither SQLite (64-bit) nor a
+# PostgreSQL INTEGER column can be compared with it.
+INTEGER_MIN, INTEGER_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -557,10 +562,13 @@ def _condition(
         low, high = _time_range(value, attribute.key)
         return _between(column, low, high)
     if vr in ("IS", "US", "SS", "UL", "SL"):
-        try:
-            return column == int(value)  # type: ignore[no-any-return]
-        except ValueError:
-            raise InvalidQuery(f"{attribute.key}: {value!r} is not an integer") from None
+        if not _INTEGER_RE.match(value):  # ASCII only: int() also takes '٣' and '1_0'
+            raise InvalidQuery(f"{attribute.key}: {value!r} is not an integer")
+        number = int(value)
+        if not INTEGER_MIN <= number <= INTEGER_MAX:
+            # No stored value can equal it (and the database could not compare it).
+            return false()
+        return column == number  # type: ignore[no-any-return]
     alternatives = _alternatives(attribute, value)
     if vr == "PN" and fuzzy:
         return or_(*(_fuzzy_name(attribute.search, v, dialect) for v in alternatives))
@@ -568,21 +576,17 @@ def _condition(
 
 
 def _computed_condition(attribute: Attribute, value: str, dialect: str) -> ColumnElement[bool]:
+    """A study-level computed key, at the study level or below (a series or instance
+    search filtered by its study's modalities or SOP classes). The subquery reads aliases
+    of series and instance: with the tables themselves it would correlate them with the
+    outer series/instance row and be left without a FROM clause."""
+    of_study = _S.c.study_pk == study.c.id
     if attribute.computed is Computed.MODALITIES:
         alternatives = _alternatives(attribute, value)
-        match = or_(*(_string_match(series.c.modality, v, dialect) for v in alternatives))
-        return exists().where(series.c.study_pk == study.c.id, match)
+        match = or_(*(_string_match(_S.c.modality, v, dialect) for v in alternatives))
+        return exists(select(1).select_from(_S).where(of_study, match))
     uids = _uid_list(attribute, value)
-    inner = series.join(instance, instance.c.series_pk == series.c.id)
-    return exists(
-        select(1)
-        .select_from(inner)
-        .where(
-            series.c.study_pk == study.c.id,
-            instance.c.is_current == true(),
-            instance.c.sop_class_uid.in_(uids),
-        )
-    )
+    return exists(select(1).select_from(_S_CURRENT).where(of_study, _I.c.sop_class_uid.in_(uids)))
 
 
 def _alternatives(attribute: Attribute, value: str) -> list[str]:
