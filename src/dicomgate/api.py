@@ -5,8 +5,10 @@ permission when `http.auth` is set, 127.0.0.1/::1 only when it is not (docs/secu
 /api/destinations/{name}/pause`` and ``/resume`` stop and restart its deliveries (jobs wait
 meanwhile, no attempt spent; the pause lasts until resumed or the gateway restarts).
 
-Errors are JSON bodies ``{"error": "..."}`` with 400 (bad filter), 404 (unknown job) or
-409 (job in a state that cannot be retried); database trouble is 503.
+Errors are JSON bodies ``{"error": "..."}`` with 400 (bad filter, a parameter that is not
+an integer), 404 (unknown job) or 409 (job in a state that cannot be retried); database
+trouble is 503. A job id beyond the database's 64-bit range is a 404 like any unknown job;
+an offset beyond it is an empty page (it is clamped, as no table holds that many rows).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from dicomgate.errors import DicomgateError
@@ -23,8 +26,44 @@ if TYPE_CHECKING:
     from dicomgate.queue.jobs import JobQueue
 
 
+# The largest id or OFFSET the index databases take (SQLite INTEGER, PostgreSQL BIGINT).
+MAX_SQL_INTEGER = 2**63 - 1
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """``<param>: <what is wrong>`` for each parameter FastAPI refused (never the value:
+    a query value may be patient data)."""
+    parts = []
+    for error in exc.errors():
+        where = [str(p) for p in error.get("loc", ()) if p not in _LOCATIONS]
+        what = _WHAT.get(str(error.get("type", "")), str(error.get("msg", "is not valid")))
+        parts.append(f"{'.'.join(where) or 'request'}: {what}")
+    return "; ".join(dict.fromkeys(parts)) or "malformed request"
+
+
+_LOCATIONS = {"query", "path", "body", "header", "cookie"}
+_WHAT = {
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "missing": "is required",
+}
+
+
+def sql_offset(offset: int) -> int:
+    """``offset`` as the database takes it: beyond 64 bits it would fail (OverflowError on
+    SQLite), and no table holds that many rows, so the page is empty either way."""
+    return min(offset, MAX_SQL_INTEGER)
+
+
+def known_id(job_id: int) -> bool:
+    """Whether ``job_id`` can name a row at all (a bigger one is simply not found)."""
+    return 0 < job_id <= MAX_SQL_INTEGER
 
 
 def queue_router(queue: JobQueue) -> APIRouter:
@@ -42,7 +81,9 @@ def queue_router(queue: JobQueue) -> APIRouter:
         if not 1 <= limit <= 1000 or offset < 0:
             return _error(400, "limit must be 1-1000 and offset >= 0")
         try:
-            jobs = queue.list(state=state, destination=destination, limit=limit, offset=offset)
+            jobs = queue.list(
+                state=state, destination=destination, limit=limit, offset=sql_offset(offset)
+            )
         except ValueError as exc:
             return _error(400, str(exc))
         counts: dict[str, dict[str, int]] = {}
@@ -53,7 +94,7 @@ def queue_router(queue: JobQueue) -> APIRouter:
     @router.get("/{job_id}")
     def show_job(job_id: int) -> Any:
         """One job, with ``history``: its finished attempts and re-drives, oldest first."""
-        row = queue.get(job_id)
+        row = queue.get(job_id) if known_id(job_id) else None
         if row is None:
             return _error(404, f"no job {job_id}")
         return {**row, "history": queue.history(job_id)}
@@ -61,7 +102,7 @@ def queue_router(queue: JobQueue) -> APIRouter:
     @router.post("/{job_id}/retry")
     def retry_job(job_id: int) -> Any:
         """Re-drive one job now (dead-lettered or waiting), attempts reset."""
-        if queue.get(job_id) is None:
+        if not known_id(job_id) or queue.get(job_id) is None:
             return _error(404, f"no job {job_id}")
         if not queue.retry(job_id):
             return _error(409, f"job {job_id} is leased or done; it cannot be retried")

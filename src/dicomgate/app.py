@@ -9,17 +9,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import traceback
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomgate import __version__
-from dicomgate.api import install_api
+from dicomgate.api import install_api, validation_message
 from dicomgate.dicomweb.server import install_dicomweb, problem
 from dicomgate.observability.health import readiness
-from dicomgate.observability.http import install_observability
+from dicomgate.observability.http import _template, install_observability
 from dicomgate.security.middleware import install_http_security
 from dicomgate.ui.console import install_ui
 
@@ -76,6 +80,117 @@ class _CutAtStop:
             await problem(503, _CUT, headers={"connection": "close"})(scope, receive, send)
 
 
+class _InternalError:
+    """Any exception a request handler lets escape is answered 500 with the documented
+    JSON body ``{"error": "internal error"}`` and logged as one ``http.internal_error``
+    line: the exception's type and its traceback's frames, never its text (it may quote a
+    value: a patient's name in a query). The exception goes no further: passed on,
+    uvicorn would log it again with its text and close the connection, and a client's next
+    request on that keep-alive connection would meet a reset. If the answer had begun
+    (a stream that failed midway), the connection is left for uvicorn to close."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            kind = type(exc)
+            name = (
+                kind.__name__
+                if kind.__module__ == "builtins"
+                else f"{kind.__module__}.{kind.__name__}"
+            )
+            log.error(
+                "unexpected %s while answering an HTTP request; answered 500",
+                name,
+                extra={
+                    "event": "http.internal_error",
+                    "method": scope.get("method", ""),
+                    "route": _template(scope, scope.get("route")),
+                    "answered": started,
+                    "traceback": _frames(exc),
+                },
+            )
+            if not started:
+                await problem(500, "internal error")(scope, receive, send)
+
+
+def _frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` on one line, innermost call last: ``file:line function``
+    for each frame (paths from the package down), no source text and no values."""
+    frames = []
+    for frame in traceback.extract_tb(exc.__traceback__)[-20:]:
+        path = frame.filename.replace("\\", "/")
+        for marker in ("/site-packages/", "/src/"):
+            if marker in path:
+                path = path.rsplit(marker, 1)[1]
+                break
+        frames.append(f"{path}:{frame.lineno} {frame.name}")
+    return " > ".join(frames)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no route) and 405 (a method the path does not serve, with its
+    Allow header) in the documented shape: ``{"error": "not found"}``."""
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    if status in (204, 304):
+        return Response(status_code=status, headers=exc.headers)
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+    message = exc.detail if exc.detail and exc.detail != phrase else phrase.lower()
+    return problem(status, message or "error", headers=dict(exc.headers or {}) or None)
+
+
+async def _invalid_parameter(_request: Request, exc: Exception) -> Response:
+    """A parameter FastAPI cannot convert (``limit=abc``): 400 ``{"error": "limit: must be
+    an integer"}`` as documented, not FastAPI's 422 ``{"detail": [...]}``."""
+    assert isinstance(exc, RequestValidationError)
+    return problem(400, validation_message(exc))
+
+
+def _openapi_with_400(app: FastAPI) -> None:
+    """The OpenAPI document says what the handlers above answer: a 400 with
+    ``{"error": ...}`` where FastAPI would list its 422 validation error."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        error = {"$ref": "#/components/schemas/Error"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {
+                        "description": "Bad request (a parameter that cannot be understood)",
+                        "content": {"application/json": {"schema": error}},
+                    }
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        schemas["Error"] = {
+            "type": "object",
+            "properties": {"error": {"type": "string"}},
+            "required": ["error"],
+        }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _framework_telemetry_off() -> dict[str, Any]:
     """FastAPI 0.165 and later trace every request with OpenTelemetry on their own: each
     request asks whether a provider is configured, and ``FASTAPI_OTEL_AUTO_CONFIGURE=true``
@@ -120,4 +235,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     install_observability(app, gateway)  # /metrics, /api/audit, HTTP metrics middleware
     install_dicomweb(app, gateway)
     install_ui(app, gateway, jwt_verifier)  # the web console at /ui
+    # Every JSON answer in the documented shape, {"error": "..."} (docs/dicomweb.md, api.py).
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_parameter)
+    _openapi_with_400(app)
+    # Outermost: an exception no handler took is a JSON 500 and one log line.
+    app.add_middleware(_InternalError)
     return app

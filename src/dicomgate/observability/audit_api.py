@@ -7,8 +7,9 @@ without it, 127.0.0.1 and ::1 only, like the rest of ``/api``
 Filters (all optional, combined): ``since`` / ``until`` (ISO 8601; a time without offset is
 UTC), ``event`` (exact kind, or a prefix ending in ``.`` or ``*``: ``delivery.``),
 ``actor``, ``study`` (Study Instance UID), ``patient`` (Patient ID), ``outcome``
-(``success`` | ``failure``), ``limit`` (1-1000, default 100), ``offset``. A bad filter is
-400 with ``{"error": "..."}``; an unavailable database is 503.
+(``success`` | ``failure``), ``limit`` (1-1000, default 100), ``offset`` (beyond the
+database's 64-bit range: an empty page). A bad filter, or a limit or offset that is not an
+integer, is 400 with ``{"error": "..."}``; an unavailable database is 503.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from dicomgate.api import sql_offset
 from dicomgate.errors import IndexUnavailable
 from dicomgate.observability.audit import AuditQuery, AuditTrail
 
@@ -68,7 +70,7 @@ def audit_router(trail: AuditTrail) -> APIRouter:
                 patient=patient or None,
                 outcome=outcome or None,
                 limit=limit,
-                offset=offset,
+                offset=sql_offset(offset),
             )
         except ValueError as exc:
             return _error(400, str(exc))

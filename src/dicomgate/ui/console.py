@@ -21,12 +21,14 @@ from urllib.parse import parse_qs, quote, urlencode
 
 import pydicom
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from dicomgate import __version__
+from dicomgate.api import known_id, validation_message
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index.schema import instance
 from dicomgate.observability.audit import AuditQuery
@@ -454,6 +456,13 @@ def _console_route(console: Console) -> type[APIRoute]:
             async def guarded(request: Request) -> Response:
                 try:
                     return await handler(request)
+                except RequestValidationError as exc:
+                    # A page asked with a malformed parameter (/ui/queue/abc): a 400 page,
+                    # not the API's JSON error.
+                    if request.url.path.startswith("/ui/api/"):
+                        raise
+                    alert = f'<p class="error" role="alert">{e(validation_message(exc))}</p>'
+                    return console.page(request, "Bad request", alert, status=400)
                 except IndexUnavailable as exc:
                     if request.url.path.startswith("/ui/api/"):
                         raise
@@ -506,7 +515,10 @@ def console_router(
             + (", or paste an access token (JWT) from your identity provider" if jwt else "")
             + ".</p>"
         )
-        return console.page(request, "Sign in", body, status=status if error else 200)
+        # ``status`` comes from the redirect of a failed sign-in: only a 4xx is taken (an
+        # arbitrary number would be no HTTP status at all).
+        code = status if 400 <= status <= 499 else 401
+        return console.page(request, "Sign in", body, status=code if error else 200)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
@@ -571,7 +583,7 @@ def console_router(
 
     @router.get("/queue/{job_id}")
     def job_page(request: Request, job_id: int) -> HTMLResponse:
-        job = gateway.queue.get(job_id)
+        job = gateway.queue.get(job_id) if known_id(job_id) else None
         if job is None:
             return console.page(request, f"Job {job_id}", "<p>No such job.</p>", status=404)
         fields = "".join(f"<div><dt>{e(k)}</dt><dd>{e(v)}</dd></div>" for k, v in job.items())
@@ -639,7 +651,7 @@ def console_router(
         fields = await console.form(request)
         if console.csrf_failed(request, fields):
             return console.refused(request)
-        job = await asyncio.to_thread(gateway.queue.get, job_id)
+        job = await asyncio.to_thread(gateway.queue.get, job_id) if known_id(job_id) else None
         ok = job is not None and await asyncio.to_thread(gateway.queue.retry, job_id)
         if job is not None:
             gateway.dispatcher.notify([str(job["destination"])])
