@@ -515,3 +515,31 @@ def test_a_client_gone_mid_upload_is_not_a_server_error(
     assert 'route="/dicomweb/studies",status="500"' not in metrics
     assert gw.index.count_instances() == 0
     assert post(gw, body).status_code == 200  # and it keeps serving
+
+
+@pytest.mark.parametrize(
+    ("uid", "stored"),
+    [("1.2.826.0.1.3680043.9.7777/1", False), ("1.2.826.0.1.3680043.9.7777.1a", True)],
+)
+def test_a_uid_no_url_can_name_is_refused(
+    stow_gateway: GatewayProcess, corpus: Corpus, uid: str, stored: bool
+) -> None:
+    """A Study Instance UID with a '/' was stored, listed by QIDO-RS with a RetrieveURL
+    that WADO-RS answered 404: an image no one could retrieve. It now fails with 0xC000.
+    A UID with another slip (a letter) is stored as received (a gateway does not repair)."""
+    gw = stow_gateway
+    ds = pydicom.dcmread(corpus.mr(f"stow-uid-{stored}", 1, seed=98)[0])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom: "Invalid value for VR UI", the point here
+        ds.StudyInstanceUID = uid
+        ds.save_as(buffer, enforce_file_format=True)
+    r = post(gw, multipart([buffer.getvalue()]))
+    if stored:
+        assert r.status_code == 200, r.text
+        assert gw.index.count_instances() == 1
+    else:
+        assert r.status_code == 409, r.text
+        assert failed_reasons(r.json()) == {str(ds.SOPInstanceUID): 0xC000}
+        assert gw.index.count_instances() == 0
+        assert "StudyInstanceUID holds a character no UID may" in gw.log_text()

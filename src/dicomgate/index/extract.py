@@ -152,7 +152,19 @@ def _uid(ds: Dataset, tag: int, keyword: str) -> str:
     if len(value) > COLUMN_LENGTHS["instance"]["sop_instance_uid"]:
         # Truncating an identifier would merge different objects.
         raise InvalidInstance(f"{keyword} is {len(value)} characters long (PS3.5 9.1: 64 at most)")
+    if _UNNAMEABLE.search(value):
+        # PS3.5 9.1 allows digits and '.'. Other slips (a letter, an empty component) are
+        # stored as received: a gateway forwards, it does not repair. These characters
+        # could never be named in a WADO-RS path or a UID list: stored, such an instance
+        # could not be retrieved (a '/' split its URL).
+        raise InvalidInstance(
+            f"{keyword} holds a character no UID may (PS3.5 9.1): '/', '\\', '?', '#', '%',"
+            " ',', a space or a control character"
+        )
     return value
+
+
+_UNNAMEABLE = re.compile(r"[/\\?#%,\s\x00-\x1f\x7f]")
 
 
 def _fit(table: str, row: dict[str, Any]) -> dict[str, Any]:
