@@ -349,6 +349,7 @@ def test_orthanc_answers_a_duplicate_without_warning_reason_too(
         ("xml-type", 415),
         ("text-body", 415),
         ("xml-accept", 406),
+        ("json-refused-by-q0", 406),
     ],
 )
 def test_malformed_requests_store_nothing(
@@ -379,6 +380,8 @@ def test_malformed_requests_store_nothing(
         headers["content-type"] = "text/plain"
     elif case == "xml-accept":
         headers["accept"] = "multipart/related; type=application/dicom+xml"
+    elif case == "json-refused-by-q0":  # RFC 9110 12.4.2: q=0 is "not acceptable"
+        headers["accept"] = "application/dicom+json;q=0, application/json; q=0.0"
     r = post(gw, body, **headers)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")

@@ -194,10 +194,18 @@ def _accepts_json(accept: str | None) -> bool:
     if not accept:
         return True
     for item in accept.split(","):
-        media, _ = parse_content_type(item.strip())
-        if media in _ANSWERABLE:
+        media, params = parse_content_type(item.strip())
+        if media in _ANSWERABLE and not _refused_by_q(params.get("q")):
             return True
     return False
+
+
+def _refused_by_q(q: str | None) -> bool:
+    """``q=0`` (RFC 9110 12.4.2) means "not acceptable"."""
+    try:
+        return q is not None and float(q) <= 0
+    except ValueError:
+        return False
 
 
 def _boundary(request: Request) -> tuple[str | None, str]:
