@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dicomgate import __version__
 from dicomgate.api import install_api, validation_message
 from dicomgate.dicomweb.server import install_dicomweb, problem
+from dicomgate.errors import error_type
 from dicomgate.observability.health import readiness
 from dicomgate.observability.http import _template, install_observability
 from dicomgate.security.middleware import install_http_security
@@ -53,13 +54,7 @@ class _CutAtStop:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watch = _Watched(send)
         try:
             await self.app(scope, receive, watch)
         except asyncio.CancelledError:
@@ -72,12 +67,24 @@ class _CutAtStop:
                     "event": "http.request_cut",
                     "method": scope.get("method", ""),
                     "peer": client[0] if client else "",
-                    "answered": started,
+                    "answered": watch.started,
                 },
             )
-            if started:
+            if watch.started:
                 return  # uvicorn closes the connection of an answer left unfinished
             await problem(503, _CUT, headers={"connection": "close"})(scope, receive, send)
+
+
+class _Watched:
+    """``send`` of an ASGI request, remembering whether the answer has begun."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
 
 
 class _InternalError:
@@ -96,34 +103,22 @@ class _InternalError:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watch = _Watched(send)
         try:
             await self.app(scope, receive, watch)
         except Exception as exc:
-            kind = type(exc)
-            name = (
-                kind.__name__
-                if kind.__module__ == "builtins"
-                else f"{kind.__module__}.{kind.__name__}"
-            )
             log.error(
                 "unexpected %s while answering an HTTP request; answered 500",
-                name,
+                error_type(exc),
                 extra={
                     "event": "http.internal_error",
                     "method": scope.get("method", ""),
                     "route": _template(scope, scope.get("route")),
-                    "answered": started,
+                    "answered": watch.started,
                     "traceback": _frames(exc),
                 },
             )
-            if not started:
+            if not watch.started:
                 await problem(500, "internal error")(scope, receive, send)
 
 

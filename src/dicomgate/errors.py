@@ -73,6 +73,13 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(cause).__name__
 
 
+def error_type(error: BaseException) -> str:
+    """The error's type as a log or an answer names it: ``ValueError``, ``zlib.error``
+    (never its text, which may quote a value)."""
+    kind = type(error)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
 def error_text(error: BaseException) -> str:
     """``str(error)``, but an ``OSError`` without its file names (:func:`os_error_reason`)."""
     return os_error_reason(error) if isinstance(error, OSError) else str(error)

@@ -33,6 +33,7 @@ from dicomgate.errors import (
     DuplicateRejected,
     InvalidInstance,
     StoreError,
+    error_type,
 )
 from dicomgate.index.db import Outcome, RecordResult, StoredInstance
 from dicomgate.index.extract import InstanceRecord, extract_record
@@ -345,9 +346,7 @@ class Ingestor:
                         exc_info=True,
                         extra={"event": "ingest.unparsable", "sop": uid_hash(job.sop_instance_uid)},
                     )
-                    kind = type(exc)
-                    prefix = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
-                    exc = InvalidInstance(f"cannot parse data set ({prefix}{kind.__name__})")
+                    exc = InvalidInstance(f"cannot parse data set ({error_type(exc)})")
                 if flush is not None:
                     flush.exception()  # wait: the file must not be removed under the flush
                 self._refuse(job, exc)

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from tests.conftest import GatewayProcess, free_port
+from tests.conftest import GatewayProcess, free_port, new_gateway
 from tests.integration.test_bridge_dimse import qr_tool
 from tests.integration.test_qr_scp import assert_serving
 
@@ -67,20 +67,10 @@ CASES: dict[str, bytes] = {
 def bridged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    root = tmp_path_factory.mktemp("bad-upstream")
-    data = root / "data"
-    gw = GatewayProcess(
-        root=root,
-        config={
-            "storage": {"path": str(data)},
-            "database": {"url": f"sqlite:///{data}/index.db"},
-            "dimse": {
-                "ae_title": "DICOMGATE",
-                "host": "127.0.0.1",
-                "port": free_port(),
-                "move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": free_port()}},
-            },
-            "http": {"host": "127.0.0.1", "port": free_port()},
+    gw = new_gateway(
+        tmp_path_factory.mktemp("bad-upstream"),
+        {
+            "dimse": {"move_destinations": {"ARCHIVE": {"host": "127.0.0.1", "port": free_port()}}},
             "destinations": {
                 "cloud": {
                     "type": "dicomweb",
@@ -97,6 +87,7 @@ def bridged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         gw.close_index()
         if gw.proc is not None:
             gw.terminate()
+        gw.release()
         server.shutdown()
 
 
