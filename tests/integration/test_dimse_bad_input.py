@@ -52,16 +52,25 @@ def associate_rq(
     calling: str,
     contexts: list[tuple[int, str, list[str]]],
     max_pdu: int = 65536,
+    user_items: bytes = b"",
 ) -> bytes:
-    """A-ASSOCIATE-RQ (PS3.8 9.3.2) with the given presentation contexts."""
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2) with the given presentation contexts; ``user_items``
+    are more user information sub-items (role selection ...)."""
     body = struct.pack(">HH", 1, 0)
     body += called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
     body += _item(0x10, _uid(APPLICATION_CONTEXT))
     for context_id, abstract, syntaxes in contexts:
         sub = _item(0x30, _uid(abstract)) + b"".join(_item(0x40, _uid(ts)) for ts in syntaxes)
         body += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
-    body += _item(0x50, _item(0x51, struct.pack(">I", max_pdu)))
+    body += _item(0x50, _item(0x51, struct.pack(">I", max_pdu)) + user_items)
     return _pdu(0x01, body)
+
+
+def scp_role(sop_class: str) -> bytes:
+    """SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4) taking the SCP role, as a C-GET
+    requestor does for the storage classes it wants to receive."""
+    uid = sop_class.encode()
+    return _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([0, 1]))
 
 
 def p_data(context_id: int, payload: bytes, *, command: bool, last: bool = True) -> bytes:
@@ -144,6 +153,12 @@ class RawPeer:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when an assertion failed: no association left to the gateway
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
@@ -168,8 +183,14 @@ class RawPeer:
         except ConnectionResetError:
             return True
 
-    def associate(self, called: str, contexts: list[tuple[int, str, list[str]]]) -> None:
-        self.send(associate_rq(called, "RAWPEER", contexts))
+    def associate(
+        self,
+        called: str,
+        contexts: list[tuple[int, str, list[str]]],
+        max_pdu: int = 65536,
+        user_items: bytes = b"",
+    ) -> None:
+        self.send(associate_rq(called, "RAWPEER", contexts, max_pdu, user_items))
         answer = self.read_pdu()
         assert answer.pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got {answer}"
         pos = 68
@@ -194,6 +215,31 @@ class RawPeer:
         assert struct.unpack("<H", command[0x00000100])[0] == 0x8001  # C-STORE-RSP
         status: int = struct.unpack("<H", command[0x00000900])[0]
         return status
+
+    def read_message(self, max_pdu: int = 0) -> tuple[dict[int, bytes], bytes | None]:
+        """The next whole message: its command set and data set (None without one), in
+        PDUs no longer than ``max_pdu`` (when given)."""
+        command, data = b"", b""
+        while True:
+            answer = self.read_pdu()
+            assert answer.pdu_type == 0x04, f"expected P-DATA-TF, got {answer}"
+            assert not max_pdu or len(answer.body) <= max_pdu, len(answer.body)
+            pos = 0
+            while pos < len(answer.body):
+                (length,) = struct.unpack_from(">I", answer.body, pos)
+                control = answer.body[pos + 5]
+                fragment = answer.body[pos + 6 : pos + 4 + length]
+                pos += 4 + length
+                if control & 1:
+                    command += fragment
+                    if control & 2:
+                        parsed = parse_command(command)
+                        if struct.unpack("<H", parsed[0x00000800])[0] == 0x0101:
+                            return parsed, None
+                else:
+                    data += fragment
+                    if control & 2:
+                        return parse_command(command), data
 
     def release(self) -> None:
         self.send(release_rq())
@@ -367,4 +413,272 @@ def test_data_set_that_stalls_is_aborted_after_dimse_timeout(gateway: Gateway) -
     assert gw.index.count_instances() == 0
     spool = gw.spool
     assert all(p.stat().st_size == 0 for p in spool.iterdir()), "half data set left in spool"
+    assert_still_serves(gw)
+
+
+# -- upper layer: what cannot be an association -----------------------------------------------
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+PRIVATE_STORAGE = "1.2.826.0.1.3680043.10.1234.99.1"
+CT_SMALL_SOP = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+
+
+def test_abort_before_association_is_not_answered(gateway: Gateway) -> None:
+    # PS3.8 9.2.3, state table: Sta2 + Evt16 (A-ABORT PDU received) -> AA-2, close the
+    # transport connection. An A-ABORT is never answered (it used to get one back).
+    gw = gateway()
+    with RawPeer(gw.dimse_port) as peer:
+        peer.send(_pdu(0x07, bytes(4)))
+        assert peer.closed_by_peer()  # closed, nothing sent first
+    gw.wait_log("association.lost")
+    assert "peer sent A-ABORT before any association" in gw.log_text()
+    assert gw.log_count("association.aborted") == 0
+    assert_still_serves(gw)
+
+
+@pytest.mark.parametrize("max_pdu", [1, 6])
+def test_max_pdu_length_too_small_to_carry_data_is_rejected(gateway: Gateway, max_pdu: int) -> None:
+    # A P-DATA-TF whose variable field is below 7 bytes cannot carry one byte of a message
+    # (PS3.8 9.3.5: a PDV item header is 6 bytes). Accepted before: a C-GET then divided by
+    # zero (6) or sent C-STORE-RQs without their data set (1-5).
+    gw = gateway()
+    with RawPeer(gw.dimse_port) as peer:
+        contexts = [(1, VERIFICATION, [IMPLICIT_LE])]
+        peer.send(associate_rq(gw.ae_title, "RAWPEER", contexts, max_pdu))
+        answer = peer.read_pdu()
+        assert answer.pdu_type == 0x03, f"expected A-ASSOCIATE-RJ, got {answer}"
+        # PS3.8 Table 9-21: rejected-permanent, DICOM UL service-user, no-reason-given.
+        assert tuple(answer.body[1:4]) == (1, 1, 1)
+    gw.wait_log("association.rejected")
+    assert f"maximum PDU length {max_pdu} is too small to carry data" in gw.log_text()
+    assert_still_serves(gw)
+
+
+def test_duplicate_presentation_context_id_is_aborted(gateway: Gateway) -> None:
+    # PS3.8 9.3.2.2: a presentation context ID identifies one context of the association.
+    # Both were accepted before, and the A-ASSOCIATE-AC carried two answers for ID 1.
+    gw = gateway()
+    with RawPeer(gw.dimse_port) as peer:
+        contexts = [(1, VERIFICATION, [IMPLICIT_LE]), (1, CT_IMAGE_STORAGE, [EXPLICIT_LE])]
+        peer.send(associate_rq(gw.ae_title, "RAWPEER", contexts))
+        assert_abort(peer, reason=6)  # invalid PDU parameter value
+    gw.wait_log("association.aborted")
+    assert "presentation context ID 1 proposed twice" in gw.log_text()
+    assert_still_serves(gw)
+
+
+# -- DIMSE: commands that are not requests we serve --------------------------------------------
+
+
+def command_set(
+    field: int,
+    *,
+    message_id: int | None = None,
+    responded: int | None = None,
+    sop_class: str = VERIFICATION,
+    dataset: bool = False,
+    status: int | None = None,
+) -> bytes:
+    """A command set (PS3.7 E.1) with any Command Field, request or response."""
+    elements = _element(0x00000002, sop_class.encode())
+    elements += _element(0x00000100, struct.pack("<H", field))
+    if message_id is not None:
+        elements += _element(0x00000110, struct.pack("<H", message_id))
+    if responded is not None:
+        elements += _element(0x00000120, struct.pack("<H", responded))
+    elements += _element(0x00000800, struct.pack("<H", 0x0000 if dataset else 0x0101))
+    if status is not None:
+        elements += _element(0x00000900, struct.pack("<H", status))
+    return _element(0x00000000, struct.pack("<I", len(elements))) + elements
+
+
+def u16(command: dict[int, bytes], tag: int) -> int:
+    value: int = struct.unpack("<H", command[tag])[0]
+    return value
+
+
+def assert_echo_answered_next(peer: RawPeer, context_id: int, message_id: int) -> None:
+    """The next message from the gateway answers a C-ECHO-RQ sent now: nothing was sent
+    back to what came before."""
+    peer.send(p_data(context_id, command_set(0x0030, message_id=message_id), command=True))
+    command, _ = peer.read_message()
+    assert u16(command, 0x00000100) == 0x8030, command
+    assert u16(command, 0x00000120) == message_id
+    assert u16(command, 0x00000900) == STATUS_SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("field", "responded", "dataset"),
+    [
+        (0x8030, None, False),  # C-ECHO-RSP
+        (0x8001, 999, False),  # C-STORE-RSP of no sub-operation of ours
+        (0x8020, 1, True),  # C-FIND-RSP with an identifier
+        (0x8110, 7, False),  # N-GET-RSP
+    ],
+)
+def test_unexpected_responses_are_not_answered(
+    gateway: Gateway, field: int, responded: int | None, dataset: bool
+) -> None:
+    # A response applies to a request its receiver sent (PS3.7 9.1.1.1.2: Message ID Being
+    # Responded To); there is no response to a response. It used to get one (0x0211).
+    gw = gateway()
+    with RawPeer(gw.dimse_port) as peer:
+        peer.associate(gw.ae_title, [(1, VERIFICATION, [IMPLICIT_LE])])
+        rsp = command_set(field, responded=responded, dataset=dataset)
+        peer.send(p_data(1, rsp, command=True))
+        if dataset:
+            peer.send(p_data(1, b"\x10\x00\x10\x00\x04\x00\x00\x00DOE^", command=False))
+        assert_echo_answered_next(peer, 1, 42)
+        peer.release()
+    gw.wait_log("dimse.unexpected_response")
+    assert f"unexpected response 0x{field:04X}" in gw.log_text()
+    assert "DOE" not in gw.log_text()
+    assert_still_serves(gw)
+
+
+@pytest.mark.parametrize("field", [0x0000, 0xFFFF, 0x8000, 0x1234])
+def test_undefined_command_field_is_aborted(gateway: Gateway, field: int) -> None:
+    # PS3.7 E.1-1 enumerates the Command Field values; no response can name another one
+    # (0x0000 was answered as 0x8000, 0xFFFF echoed as 0xFFFF): treated like an
+    # undecodable command set.
+    gw = gateway()
+    with RawPeer(gw.dimse_port) as peer:
+        peer.associate(gw.ae_title, [(1, VERIFICATION, [IMPLICIT_LE])])
+        peer.send(p_data(1, command_set(field, message_id=5), command=True))
+        assert_abort(peer, reason=6)
+    gw.wait_log("association.aborted")
+    assert f"undefined Command Field 0x{field:04X}" in gw.log_text()
+    assert_still_serves(gw)
+
+
+def test_request_we_do_not_serve_gets_unrecognized_operation(gateway: Gateway) -> None:
+    # PS3.7 C.4.2: 0x0211 in the request's own response (N-GET-RQ -> N-GET-RSP).
+    gw = gateway()
+    with RawPeer(gw.dimse_port) as peer:
+        peer.associate(gw.ae_title, [(1, VERIFICATION, [IMPLICIT_LE])])
+        peer.send(p_data(1, command_set(0x0110, message_id=9), command=True))
+        command, _ = peer.read_message()
+        assert (u16(command, 0x00000100), u16(command, 0x00000120)) == (0x8110, 9)
+        assert u16(command, 0x00000900) == 0x0211
+        peer.release()
+    assert_still_serves(gw)
+
+
+@pytest.mark.parametrize(
+    ("abstract", "status"),
+    [
+        (VERIFICATION, 0x0122),
+        (STUDY_ROOT_FIND, 0x0122),
+        (PRIVATE_STORAGE, STATUS_SUCCESS),  # private classes are storage classes: kept
+    ],
+)
+def test_store_on_a_non_storage_context_is_refused(
+    gateway: Gateway, abstract: str, status: int
+) -> None:
+    # A C-STORE on the Verification or a Q/R context, with the data set's SOP Class UID
+    # made to match, was stored and indexed as an "instance" of that class. PS3.7 C.5.4:
+    # 0x0122, Refused: SOP Class not Supported; nothing stored.
+    from pynetdicom.dsutils import encode
+
+    gw = gateway()
+    ds = pydicom.dcmread(bundled_file("CT_small.dcm"))
+    ds.SOPClassUID = abstract
+    data = encode(ds, True, True)
+    assert data is not None
+    with RawPeer(gw.dimse_port) as peer:
+        peer.associate(gw.ae_title, [(1, abstract, [IMPLICIT_LE])])
+        assert peer.accepted == {1: IMPLICIT_LE}
+        assert peer.c_store(1, abstract, CT_SMALL_SOP, data) == status
+        peer.release()
+    if status == STATUS_SUCCESS:
+        assert gw.index.count_instances(current_only=False) == 1
+        return
+    assert gw.index.count_instances(current_only=False) == 0
+    assert list((gw.data / "store").rglob("*.dcm")) == []
+    gw.wait_log("instance.refused")
+    assert "not a storage SOP class" in gw.log_text()
+    assert_still_serves(gw)
+
+
+# -- C-GET requestors that misbehave -----------------------------------------------------------
+
+
+def _get_identifier() -> bytes:
+    """IMAGE-level C-GET identifier of CT_small (Implicit VR Little Endian)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    ct = pydicom.dcmread(bundled_file("CT_small.dcm"), stop_before_pixels=True)
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = ct.StudyInstanceUID
+    ds.SeriesInstanceUID = ct.SeriesInstanceUID
+    ds.SOPInstanceUID = ct.SOPInstanceUID
+    raw = encode(ds, True, True)
+    assert raw is not None
+    return raw
+
+
+def _start_get(gw: GatewayProcess, max_pdu: int = 65536) -> RawPeer:
+    """CT_small stored, then a raw C-GET of it (context 1) by a requestor that takes the
+    SCP role of CT Image Storage (context 3); Verification on context 5."""
+    stored = gw.storescu([bundled_file("CT_small.dcm")])
+    assert stored.returncode == 0, stored.stdout + gw.log_tail()
+    peer = RawPeer(gw.dimse_port)
+    contexts = [
+        (1, STUDY_ROOT_GET, [IMPLICIT_LE]),
+        (3, CT_IMAGE_STORAGE, [EXPLICIT_LE]),
+        (5, VERIFICATION, [IMPLICIT_LE]),
+    ]
+    peer.associate(gw.ae_title, contexts, max_pdu, scp_role(CT_IMAGE_STORAGE))
+    assert peer.accepted == {1: IMPLICIT_LE, 3: EXPLICIT_LE, 5: IMPLICIT_LE}
+    rq = command_set(0x0010, message_id=7, sop_class=STUDY_ROOT_GET, dataset=True)
+    peer.send(p_data(1, rq, command=True))
+    peer.send(p_data(1, _get_identifier(), command=False))
+    return peer
+
+
+def test_get_with_the_smallest_max_pdu_length_sends_whole_data_sets(gateway: Gateway) -> None:
+    # 7 bytes: one byte of a message per P-DATA-TF, never more than the requestor accepts.
+    gw = gateway()
+    with _start_get(gw, max_pdu=7) as peer:
+        command, data = peer.read_message(max_pdu=7)
+        assert u16(command, 0x00000100) == 0x0001  # C-STORE-RQ
+        row = gw.index.instance(CT_SMALL_SOP)
+        assert row is not None and row["transfer_syntax_uid"] == EXPLICIT_LE
+        assert data == dataset_bytes(gw.stored_path(row))  # sent as stored
+        store_rsp = command_set(
+            0x8001, responded=u16(command, 0x00000110), sop_class=CT_IMAGE_STORAGE, status=0
+        )
+        peer.send(p_data(3, store_rsp, command=True))
+        final, _ = peer.read_message(max_pdu=7)
+        assert (u16(final, 0x00000100), u16(final, 0x00000900)) == (0x8010, STATUS_SUCCESS)
+        peer.release()
+    assert_still_serves(gw)
+
+
+def test_get_requestor_that_never_answers_a_sub_operation(gateway: Gateway) -> None:
+    # The sub-operation fails after dimse.move_timeout and the log says so (it said "cannot
+    # read the stored file: TimeoutError"); a C-STORE-RSP arriving late is not answered.
+    gw = gateway({"dimse": {"move_timeout": 1}})
+    with _start_get(gw) as peer:
+        command, data = peer.read_message()
+        assert u16(command, 0x00000100) == 0x0001 and data  # C-STORE-RQ, not answered
+        final, _ = peer.read_message()
+        assert u16(final, 0x00000100) == 0x8010
+        assert u16(final, 0x00000900) == 0xA702  # the one sub-operation failed
+        assert u16(final, 0x00001022) == 1
+        log = gw.log_text()  # the sub-operation's failure is logged before the answer
+        assert "no C-STORE-RSP from the requestor within dimse.move_timeout (1 s)" in log
+        assert "cannot read the stored file" not in log
+        late = command_set(
+            0x8001, responded=u16(command, 0x00000110), sop_class=CT_IMAGE_STORAGE, status=0
+        )
+        peer.send(p_data(3, late, command=True))
+        assert_echo_answered_next(peer, 5, 43)
+        peer.release()
+    gw.wait_log("dimse.unexpected_response")
     assert_still_serves(gw)

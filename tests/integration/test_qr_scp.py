@@ -644,6 +644,8 @@ def _c_find_rq(message_id: int, sop_class: str) -> bytes:
         (b"\x08\x00\x52\x00\x10\x00\x00\x00STU", 0xC000),  # element longer than the data set
         (b"\x08\x00\x20\x00\x04\x00\x00\x002023\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", 0xC000),
         (b"\x10\x00\x10\x00\x00\x00\x00\x00", 0xA900),  # no Query/Retrieve Level
+        # the last element's value cut short (length 4, 1 byte): was matched as "D"
+        (b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY \x10\x00\x10\x00\x04\x00\x00\x00D", 0xC000),
     ],
 )
 def test_find_malformed_identifier_bytes(site: Site, identifier: bytes, status: int) -> None:

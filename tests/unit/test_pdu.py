@@ -322,6 +322,20 @@ def test_p_data_fragmentation(max_pdu: int, size: int, command: bool) -> None:
         assert len(pdus) == -(-size // (max_pdu - 6))  # as few PDUs as the limit allows
 
 
+@pytest.mark.parametrize("max_pdu", [1, 5, 6, -1])
+def test_p_data_refuses_a_limit_that_cannot_carry_data(max_pdu: int) -> None:
+    # A PDV item header is 6 bytes (PS3.8 9.3.5): never a PDU larger than the peer accepts
+    # (it used to fall back to 1 MiB fragments).
+    with pytest.raises(ValueError, match="cannot carry"):
+        encode_p_data(1, b"abc", command=True, max_pdu_length=max_pdu)
+
+
+def test_p_data_smallest_limit_carries_one_byte_per_pdu() -> None:
+    pdus = _split_p_data(encode_p_data(1, b"abc", command=False, max_pdu_length=7))
+    assert [(p[0], p[3]) for p in pdus] == [(7, b"a"), (7, b"b"), (7, b"c")]
+    assert [p[2] for p in pdus] == [0, 0, 2]
+
+
 def test_p_data_unlimited_uses_one_pdu_for_small_payload() -> None:
     pdus = _split_p_data(encode_p_data(1, b"x" * 70000, command=False, max_pdu_length=0))
     assert len(pdus) == 1
@@ -371,6 +385,20 @@ def test_rq_without_application_context() -> None:
     items = _context(1, CT_STORAGE, [EXPLICIT_LE]) + _item(0x50, b"")
     with pytest.raises(PduError, match="application context"):
         parse_associate_rq(_rq_body(items=items))
+
+
+def test_rq_with_a_presentation_context_id_twice() -> None:
+    # PS3.8 9.3.2.2: a context ID identifies one presentation context of the association;
+    # an A-ASSOCIATE-AC answering two contexts of one ID could not say which is which.
+    items = (
+        _item(0x10, APPLICATION_CONTEXT.encode())
+        + _context(1, VERIFICATION, [IMPLICIT_LE])
+        + _context(1, CT_STORAGE, [EXPLICIT_LE])
+        + _item(0x50, _item(0x51, struct.pack(">I", 16384)))
+    )
+    with pytest.raises(PduError, match="presentation context ID 1 proposed twice") as info:
+        parse_associate_rq(_rq_body(items=items))
+    assert info.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
 
 
 def test_pdu_error_carries_abort_reason() -> None:

@@ -15,20 +15,27 @@ import time
 from dicomgate.config import DimseConfig
 from dicomgate.dimse import pdu
 from dicomgate.dimse.commands import (
+    Command,
     CommandError,
     CommandField,
     Status,
     decode_command,
     encode_response,
 )
-from dicomgate.dimse.negotiation import QR_SOP_CLASSES, VERIFICATION, QRService, ae_matches
+from dicomgate.dimse.negotiation import (
+    QR_SOP_CLASSES,
+    VERIFICATION,
+    QRService,
+    ae_matches,
+    is_storage_class,
+)
 from dicomgate.dimse.qr import QueryRetrieve, Request
 from dicomgate.dimse.session import READ_CHUNK as _READ_CHUNK
 from dicomgate.dimse.session import Abort as _Abort
 from dicomgate.dimse.session import Association as _Association
 from dicomgate.dimse.session import Channel as _Channel
 from dicomgate.dimse.session import Incoming as _Incoming
-from dicomgate.dimse.session import NotAuthorized, status_for
+from dicomgate.dimse.session import NotAuthorized, NotStorageContext, status_for
 from dicomgate.dimse.session import PeerGone as _PeerGone
 from dicomgate.errors import DicomgateError, InvalidInstance, StoreError
 from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
@@ -44,6 +51,12 @@ QR_SERVICES = {
     CommandField.C_GET_RQ: QRService.GET,
 }
 _QR_SERVICES = QR_SERVICES
+# The Command Field values of PS3.7 Annex E (Table E.1-1): requests, and their responses
+# (the request's value with bit 15 set; C-CANCEL-RQ has none, PS3.7 9.3.2.3).
+_REQUESTS = frozenset(
+    [0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150]
+)
+_DEFINED_FIELDS = _REQUESTS | {f | 0x8000 for f in _REQUESTS} | {CommandField.C_CANCEL_RQ}
 
 
 class DimseMessages:
@@ -96,6 +109,16 @@ class DimseMessages:
             ) from None
         sop_class, transfer_syntax = assoc.contexts[context_id]
         field_ = command.command_field
+        if field_ not in _DEFINED_FIELDS:
+            # Not a DIMSE command (PS3.7 E.1-1 enumerates them): no response can name it
+            # (answering 0x0000 with 0x8000, or 0xFFFF with itself, invents a message), so
+            # it is treated like an undecodable command set.
+            raise _Abort(
+                f"command set with undefined Command Field 0x{field_:04X}",
+                pdu.AbortReason.INVALID_PDU_PARAMETER_VALUE,
+            )
+        if field_ & 0x8000:
+            return self._on_response(assoc, context_id, command)
         if field_ == CommandField.C_ECHO_RQ:
             await self._respond(
                 assoc,
@@ -113,6 +136,13 @@ class DimseMessages:
             return None
         if field_ == CommandField.C_STORE_RQ and command.has_dataset:
             incoming = _Incoming(context_id, command, None)
+            if sop_class in QR_SOP_CLASSES or not is_storage_class(sop_class):
+                # Verification, a Q/R information model ...: not a storage SOP class, so
+                # nothing is stored (private and unknown classes are storage, negotiation.py).
+                incoming.error = NotStorageContext(
+                    "C-STORE on a presentation context that is not a storage SOP class"
+                )
+                return incoming
             if not assoc.may_store:
                 incoming.error = NotAuthorized(f"{assoc.calling_ae!r} may not store here")
                 return incoming
@@ -144,11 +174,6 @@ class DimseMessages:
                 return incoming
             await self._start_operation(assoc, incoming)
             return None
-        if field_ == CommandField.C_STORE_RSP and command.message_id_responded_to is not None:
-            waiter = assoc.store_waiters.pop(command.message_id_responded_to, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(command)
-                return None
         if field_ == CommandField.C_CANCEL_RQ:
             # PS3.7 9.3.2.3: no response; the operation ends with status Cancel (0xFE00).
             running = assoc.operations.get(command.message_id_responded_to or 0)
@@ -159,7 +184,8 @@ class DimseMessages:
                 extra={"event": "dimse.cancel", "calling_ae": assoc.calling_ae},
             )
             return None
-        # Anything else: PS3.7 C.4.2 "unrecognized operation", data set (if any) dropped.
+        # Any other request (N-GET-RQ ...): PS3.7 C.4.2 "unrecognized operation" in its
+        # response (the request's Command Field with bit 15 set); data set (if any) dropped.
         log.warning(
             "unsupported command 0x%04X",
             field_,
@@ -171,6 +197,35 @@ class DimseMessages:
             return incoming
         await self._reply_unsupported(assoc, incoming)
         return None
+
+    @staticmethod
+    def _on_response(assoc: _Association, context_id: int, command: Command) -> _Incoming | None:
+        """A response from the peer. The only ones we await are the C-STORE-RSPs of a
+        C-GET's sub-operations; any other is unexpected and ignored with a warning. It is
+        never answered: a response applies to a request its receiver sent (PS3.7
+        9.1.1.1.2, 9.1.2.1.2 ...: Message ID Being Responded To), so there is no response
+        to a response; and answering it could set two peers answering each other's
+        answers."""
+        responded = command.message_id_responded_to
+        if command.command_field == CommandField.C_STORE_RSP and responded is not None:
+            waiter = assoc.store_waiters.pop(responded, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(command)
+                return _Incoming(context_id, command, None) if command.has_dataset else None
+        log.warning(
+            "unexpected response 0x%04X (%s): ignored",
+            command.command_field,
+            "no request of ours is waiting for it"
+            if responded is not None
+            else "no Message ID Being Responded To",
+            extra={
+                "event": "dimse.unexpected_response",
+                "calling_ae": assoc.calling_ae,
+                "peer": assoc.peer_ip,
+            },
+        )
+        # A data set announced with it is read and dropped (_finish_store).
+        return _Incoming(context_id, command, None) if command.has_dataset else None
 
     async def _reply_unsupported(self, assoc: _Association, incoming: _Incoming) -> None:
         command = incoming.command
@@ -187,8 +242,8 @@ class DimseMessages:
 
     async def _finish_store(self, assoc: _Association, incoming: _Incoming) -> None:
         command = incoming.command
-        if command.command_field == CommandField.C_ECHO_RQ:
-            return
+        if command.command_field == CommandField.C_ECHO_RQ or command.command_field & 0x8000:
+            return  # a response's data set, or an echo's: dropped, never answered
         if command.command_field != CommandField.C_STORE_RQ:
             if command.command_field in _QR_SERVICES:
                 await self._start_operation(assoc, incoming)
@@ -324,8 +379,12 @@ class DimseMessages:
         except _PeerGone:
             assoc.writer.transport.abort()  # the reader ends the association
         except TimeoutError:
+            # A bridged C-GET's sub-operation (bridge/dimse_scp.py) got no C-STORE-RSP; the
+            # local one (qr.py) counts it as failed and goes on.
             log.warning(
-                "no C-STORE response from the C-GET requestor in time",
+                "no C-STORE-RSP from the C-GET requestor within dimse.move_timeout (%g s):"
+                " association aborted",
+                self.config.move_timeout,
                 extra={"event": "association.aborted", "calling_ae": assoc.calling_ae},
             )
             with contextlib.suppress(_PeerGone):

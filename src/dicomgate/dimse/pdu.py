@@ -14,6 +14,11 @@ from enum import IntEnum
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1 DICOM Application Context Name
 
+# The smallest maximum PDU length that can carry data: a P-DATA-TF's variable field holds
+# PDV items, each with a 6-byte header (item length 4, context ID 1, control header 1;
+# PS3.8 9.3.5, E.2), so below 7 bytes not one byte of a message fits (PS3.8 D.1).
+MIN_MAX_PDU_LENGTH = 7
+
 
 class PduType(IntEnum):
     ASSOCIATE_RQ = 0x01
@@ -143,6 +148,10 @@ def parse_associate_rq(body: bytes) -> AssociateRQ:
                     ctx.abstract_syntax = _uid(sub)
                 elif sub_type == 0x40:
                     ctx.transfer_syntaxes.append(_uid(sub))
+            if any(c.context_id == ctx.context_id for c in rq.contexts):
+                # PS3.8 9.3.2.2 / 7.1.1.13: a presentation context ID identifies one context
+                # of the association; the A-ASSOCIATE-AC could not say which one it answers.
+                raise PduError(f"presentation context ID {ctx.context_id} proposed twice")
             rq.contexts.append(ctx)
         elif item_type == 0x50:
             _parse_user_info(value, rq)
@@ -276,11 +285,17 @@ def encode_abort(reason: AbortReason = AbortReason.NOT_SPECIFIED, source: int = 
 
 
 def encode_p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_length: int) -> bytes:
-    """P-DATA-TF PDUs carrying ``payload`` as fragments no larger than the peer accepts."""
-    # Each PDV item costs 4 (length) + 2 (context id, control header) bytes; the PDU header 6.
-    limit = (max_pdu_length - 6) if max_pdu_length else 0
-    if limit <= 0 or limit > 1 << 20:
-        limit = 1 << 20
+    """P-DATA-TF PDUs carrying ``payload`` as fragments no larger than the peer accepts.
+
+    ``max_pdu_length`` is the peer's maximum length of a PDU's variable field (PS3.8 D.1);
+    0 means no limit, and fragments are then 1 MiB at most. A limit below
+    :data:`MIN_MAX_PDU_LENGTH` cannot carry data: ValueError (never a larger PDU than the
+    peer accepts; the acceptor refuses such an association at negotiation).
+    """
+    if max_pdu_length < 0 or 0 < max_pdu_length < MIN_MAX_PDU_LENGTH:
+        raise ValueError(f"a maximum PDU length of {max_pdu_length} cannot carry a PDV item")
+    # Each PDV item costs 4 (length) + 2 (context id, control header) bytes.
+    limit = min(max_pdu_length - 6, 1 << 20) if max_pdu_length else 1 << 20
     out = []
     pos = 0
     while True:

@@ -64,7 +64,13 @@ from dicomgate.dimse.scu import FALLBACK_SYNTAXES, can_send_uncompressed
 from dicomgate.egress.base import Delivery, Outcome
 from dicomgate.egress.dimse import DimseSender
 from dicomgate.egress.models import DimseDestination
-from dicomgate.errors import DicomgateError, IndexUnavailable, error_text, os_error_reason
+from dicomgate.errors import (
+    DicomgateError,
+    IndexUnavailable,
+    InvalidInstance,
+    error_text,
+    os_error_reason,
+)
 from dicomgate.index.db import Index
 from dicomgate.index.query import (
     Computed,
@@ -80,6 +86,7 @@ from dicomgate.index.query import (
 )
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.filestore import ContentStore
+from dicomgate.store.scan import scan_buffer
 
 log = logging.getLogger("dicomgate.dimse.qr")
 
@@ -188,6 +195,12 @@ def decode_identifier(raw: bytes, transfer_syntax: str) -> Dataset:
     """The identifier data set; _Refusal 0xC000 when it cannot be decoded."""
     if not raw:
         raise _Refusal(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "the request has no identifier")
+    try:
+        # Every element's declared length must fit (pydicom reads a value cut short without
+        # a word, and would match on what arrived): the ingest scanner checks each header.
+        scan_buffer(raw, 0, transfer_syntax)
+    except InvalidInstance as exc:
+        raise _Refusal(Status.UNABLE_TO_PROCESS, str(exc)[:64]) from None
     fp = BytesIO(raw)
     try:
         ds = read_dataset(
@@ -597,7 +610,7 @@ class QueryRetrieve:
 
     async def _get_one(self, request: Request, channel: Channel, f: InstanceFile) -> int | None:
         """One C-GET sub-operation; the C-STORE-RSP status, or None when it could not be
-        sent (no context, unreadable file, no conversion)."""
+        sent (no context, unreadable file, no conversion) or not answered in time."""
         contexts = channel.storage_contexts(f.sop_class_uid)
         path = self.store.path_of(f.relpath)
         payload: bytes | tuple[Path, int]
@@ -634,6 +647,14 @@ class QueryRetrieve:
             response = await channel.store(
                 context_id, command, message_id, payload, self.config.move_timeout
             )
+        except TimeoutError:  # an OSError too: caught first, to say what happened
+            self._sub_failed(
+                request,
+                f,
+                "no C-STORE-RSP from the requestor within dimse.move_timeout"
+                f" ({self.config.move_timeout:g} s)",
+            )
+            return None
         except OSError as exc:
             self._sub_failed(request, f, f"cannot read the stored file: {os_error_reason(exc)}")
             return None

@@ -354,6 +354,10 @@ class DimseServer(DimseMessages):
         cfg = self.config
         head = await self._read(assoc, 6, cfg.acse_timeout)
         pdu_type, length = head[0], struct.unpack(">I", head[2:6])[0]
+        if pdu_type == pdu.PduType.ABORT:
+            # PS3.8 9.2.3 state table: Sta2 + Evt16 (A-ABORT PDU received) -> AA-2, close
+            # the transport connection; nothing is sent (an A-ABORT is never answered).
+            raise _PeerGone("peer sent A-ABORT before any association")
         if pdu_type != pdu.PduType.ASSOCIATE_RQ:
             raise _Abort(
                 f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
@@ -374,6 +378,20 @@ class DimseServer(DimseMessages):
         assoc.calling_ae, assoc.called_ae = rq.calling_ae, rq.called_ae
         rejection = self._rejection(rq)
         code = _reject_code(*rejection[1:3]) if rejection is not None else ""
+        if rejection is None and 0 < rq.max_pdu_length < pdu.MIN_MAX_PDU_LENGTH:
+            # A P-DATA-TF whose variable field is below 7 bytes cannot carry one byte of a
+            # message (PS3.8 9.3.5: a PDV item header is 6 bytes; D.1). The maximum length
+            # is the requestor's user information (PS3.7 D.3.3.1), so the refusal is the
+            # service user's; PS3.8 Table 9-21 has no closer reason than 1, no reason given.
+            # Permanent: the same request would be refused again.
+            rejection = (
+                pdu.RejectResult.PERMANENT,
+                pdu.RejectSource.SERVICE_USER,
+                pdu.RejectReason.NO_REASON,
+                f"maximum PDU length {rq.max_pdu_length} is too small to carry data"
+                f" (at least {pdu.MIN_MAX_PDU_LENGTH}: a PDV item header is 6 bytes)",
+            )
+            code = "max_pdu_length"
         if rejection is None and not await self._ae_hosts.allows(rq.calling_ae, assoc.peer_ip):
             # dimse.ae_hosts: an AE title is not a credential; PS3.8 9.3.4 reason 3.
             rejection = (

@@ -32,6 +32,11 @@ class NotAuthorized(DicomgateError):
     """The calling AE may not use this service (``dimse.allow``)."""
 
 
+class NotStorageContext(DicomgateError):
+    """A C-STORE-RQ on a presentation context of a service that is not storage
+    (Verification, a Q/R information model ...): 0x0122, SOP Class not Supported (PS3.7 C.5.4)."""
+
+
 class PduBody:
     """The body of one P-DATA-TF PDU: read whole when small, else from the socket."""
 
@@ -76,6 +81,8 @@ def status_for(error: DicomgateError) -> int:
     """Map an ingest error to a C-STORE failure status (PS3.4 B.2.3)."""
     if isinstance(error, NotAuthorized):
         return Status.NOT_AUTHORIZED
+    if isinstance(error, NotStorageContext):
+        return Status.SOP_CLASS_NOT_SUPPORTED
     if isinstance(error, InstanceMismatch):
         return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     if isinstance(error, InvalidInstance):
@@ -181,6 +188,8 @@ class Channel:
             return
         # Stream the stored file: 1 MiB reads, PDUs no larger than the peer accepts.
         path, offset = dataset
+        if 0 < limit < pdu.MIN_MAX_PDU_LENGTH:  # refused at negotiation (server.py)
+            raise ValueError(f"a maximum PDU length of {limit} cannot carry a PDV item")
         fragment = min((limit or READ_CHUNK) - 6, READ_CHUNK - 6)
         block_size = READ_CHUNK - READ_CHUNK % fragment  # whole fragments per read
         with path.open("rb") as fh:
@@ -210,6 +219,7 @@ __all__ = [
     "Channel",
     "Incoming",
     "NotAuthorized",
+    "NotStorageContext",
     "PduBody",
     "PeerGone",
     "reject_code",
