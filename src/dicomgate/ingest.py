@@ -150,11 +150,20 @@ class Ingestor:
 
         Raises :class:`DicomgateError` when the file is not a complete instance.
         """
+        relpath = path.relative_to(self.store.root).as_posix()
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
             offset = _data_offset(fh)
             fh.seek(0)
             meta = _parse(fh)
+            # Indexed already at this path: nothing to do, whatever the checks below would
+            # say of it now (a rule of a later version must not quarantine an acknowledged,
+            # indexed file, and leave its row naming a file that is gone).
+            sop = meta.get("SOPInstanceUID") or meta.file_meta.get("MediaStorageSOPInstanceUID")
+            if sop and any(
+                row.get("relpath") == relpath for row in self.index.instances(str(sop).strip())
+            ):
+                return False
             size = os.fstat(fh.fileno()).st_size
             transfer_syntax = str(meta.file_meta.TransferSyntaxUID)
             scan_dataset(fh, offset, size, transfer_syntax)
@@ -162,7 +171,6 @@ class Ingestor:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         record = extract_record(meta)
-        relpath = path.relative_to(self.store.root).as_posix()
         sha256 = digest.hexdigest()
         rows = self.index.instances(record.sop_instance_uid)
         if any(row.get("relpath") == relpath for row in rows):

@@ -18,9 +18,10 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicomgate.config import DuplicatePolicy
-from dicomgate.errors import DicomgateError, StoreError
+from dicomgate.errors import DicomgateError, InvalidInstance, StoreError
 from dicomgate.index.db import Index
 from dicomgate.ingest import IngestJob, Ingestor, _data_offset
+from dicomgate.recovery import recover
 from dicomgate.store.filestore import ContentStore
 
 STUDY = "1.2.826.0.1.3680043.8.498.20"
@@ -216,3 +217,23 @@ def test_the_committer_writes_waiting_lines_when_idle_and_at_stop(
         ingestor.stop()  # writes whatever still waits
         loop.close()
     assert lines.stored() == 5
+
+
+def test_recovery_leaves_an_indexed_file_alone_whatever_a_later_rule_says(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance indexed under an earlier version (a UID with a '/', say) that a later
+    version's extraction refuses: recovery after an unclean stop moved it to quarantine,
+    and its row named a file that was gone. Indexed at its path, it is left alone."""
+    jobs, outcomes = _commit(ingestor, 2, 2)
+    assert outcomes == [None, None]
+
+    def refuse(_ds: object) -> None:
+        raise InvalidInstance("StudyInstanceUID holds a character no UID may")
+
+    monkeypatch.setattr("dicomgate.ingest.extract_record", refuse)
+    report = recover(ingestor.store.root, 0.0, ingestor.adopt)
+    assert (report.checked, report.indexed, report.quarantined) == (2, 0, 0)
+    for job in jobs:
+        row = ingestor.index.instance(job.sop_instance_uid)
+        assert row is not None and ingestor.store.path_of(row["relpath"]).is_file()
