@@ -44,7 +44,6 @@ OUR_MAX_PDU = 1 << 20  # what we accept; only C-STORE-RSPs come back, but say it
 _READ_BLOCK = 1 << 20  # bytes read from a stored file at once
 _SYNC_READ_LIMIT = 4 << 20  # files up to this size are read on the loop (page cache: µs)
 _MAX_PEER_PDU = 1 << 20  # we never send larger PDUs, even when the peer allows them
-_MIN_PEER_PDU = 7  # PDV item header (6 bytes) and one byte of a message
 _CONTEXT_RESULTS = frozenset(int(r) for r in pdu.ContextResult)
 _BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM"
 
@@ -252,7 +251,7 @@ async def request_association(
             if result == pdu.ContextResult.ACCEPTANCE and ts:
                 accepted[2 * n + 1] = (abstract, ts)
         assoc = StoreAssociation(reader, writer, accepted, ac.max_pdu_length)
-        if 0 < ac.max_pdu_length < _MIN_PEER_PDU:
+        if 0 < ac.max_pdu_length < pdu.MIN_MAX_PDU_LENGTH:
             # PS3.8 D.1: a P-DATA-TF PDU of that length cannot carry one byte of a message.
             assoc.abort()
             raise AssociationError(
