@@ -191,7 +191,7 @@ def test_search_a_patient_with_many_studies_pages_through_all(
         ({}, 400),
         ({"name": "Doe"}, 400),
         ({"patient": "Q*"}, 400),
-        ({"identifier": "urn:oid:1.2.x"}, 400),
+        ({"identifier": "urn:oid:1.2/x"}, 400),  # no stored UID holds a '/'
         ({"identifier": "urn:oid:1.2.3,QA1"}, 400),
         ({"patient": "QP1", "_count": "0"}, 400),
         ({"patient": "QP1", "_offset": "-1"}, 400),

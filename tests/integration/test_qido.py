@@ -234,7 +234,7 @@ def test_unsupported_keys_are_reported_in_a_warning_header(
         ("/studies?StudyDate=2023-01-05", "StudyDate"),
         ("/studies?StudyDate=20231301", "does not exist"),
         ("/studies?StudyTime=99", "HH[MM"),
-        ("/studies?StudyInstanceUID=abc", "not a UID"),
+        ("/studies?StudyInstanceUID=1.2%2F3", "not a UID"),  # no UID stored holds a '/'
         ("/studies?limit=-1", "limit"),
         ("/studies?limit=ten", "limit"),
         ("/studies?offset=1.5", "offset"),
@@ -242,7 +242,8 @@ def test_unsupported_keys_are_reported_in_a_warning_header(
         ("/studies?includefield=NotAnAttribute", "unknown attribute"),
         ("/studies?PatientID=a&PatientID=b", "more than once"),
         ("/studies?limit=1&limit=2", "more than once"),
-        ("/studies/not-a-uid/series", "not a UID"),
+        ("/studies/1.2%203/series", "not a UID"),
+        ("/studies/" + "1" * 65 + "/series", "not a UID"),
         ("/series?SeriesNumber=x", "not an integer"),
         ("/instances?Rows=many", "not an integer"),
     ],

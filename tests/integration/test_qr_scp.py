@@ -508,7 +508,7 @@ def test_find_sequence_matching(site: Site, tmp_path: Path) -> None:
         (STUDY_ROOT, {"QueryRetrieveLevel": "FOO", "PatientName": ""}, 0xC000, "unknown"),
         (STUDY_ROOT, {"QueryRetrieveLevel": "PATIENT", "PatientID": ""}, 0xA900, "no PATIENT"),
         (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyDate": "2023"}, 0xC000, "YYYYMMDD"),
-        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.x"}, 0xC000, "UID"),
+        (STUDY_ROOT, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2/x"}, 0xC000, "UID"),
         (PATIENT_ROOT, {"QueryRetrieveLevel": "SERIES", "SeriesNumber": "two"}, 0xC000, "integer"),
     ],
 )

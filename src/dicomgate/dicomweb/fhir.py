@@ -28,7 +28,6 @@ time, so ``started`` is the study date only.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -39,6 +38,7 @@ from sqlalchemy import Connection
 from dicomgate.dicomweb.qido import public_base_url
 from dicomgate.dicomweb.server import PREFIX
 from dicomgate.errors import IndexUnavailable
+from dicomgate.index.extract import nameable_uid
 from dicomgate.index.query import (
     MAX_KEY_VALUE,
     MAX_LIST_ITEMS,
@@ -56,7 +56,6 @@ FHIR_JSON = "application/fhir+json"
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SEARCH_PARAMS = {"patient", "identifier", "_count", "_offset", "_format"}
 MAX_OFFSET = 10**9
 _STUDY_FIELDS = (
@@ -107,7 +106,7 @@ def router(gateway: Gateway) -> APIRouter:
     def read_imaging_study(study_id: str, request: Request) -> Response:
         """One ImagingStudy by id (= Study Instance UID)."""
         try:
-            if len(study_id) > 64 or not _UID_RE.match(study_id):
+            if not nameable_uid(study_id):
                 raise _FhirError(404, "not-found", f"no ImagingStudy {study_id!r}")
             found, _ = run(request, {"StudyInstanceUID": study_id}, 1)
             if not found:
@@ -216,7 +215,7 @@ def _search_keys(request: Request) -> tuple[dict[str, str], int, int]:
                 "urn:ietf:rfc:3986",
             ):
                 uid = value.removeprefix("urn:oid:")
-                if not _UID_RE.match(uid):
+                if not nameable_uid(uid):
                     raise _FhirError(400, "invalid", f"{value!r} is not a urn:oid: UID")
                 uids.append(uid)
             elif value and not any(c in value for c in "*?\\"):

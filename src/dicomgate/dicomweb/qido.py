@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,7 @@ from dicomgate.bridge.dicomweb_bridge import bridge_for
 from dicomgate.bridge.dimse_upstream import UpstreamFailed
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.errors import IndexUnavailable
+from dicomgate.index.extract import nameable_uid
 from dicomgate.index.query import (
     RETRIEVE_URL_TAG,
     InvalidQuery,
@@ -58,7 +58,6 @@ DICOM_JSON = "application/dicom+json"
 # The most matches one response carries; more are announced in a Warning (PS3.18 8.3.4.4).
 MAX_RESULTS = {Level.STUDY: 1000, Level.SERIES: 1000, Level.IMAGE: 10_000}
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TRUNCATED = (
     "The number of results exceeded the maximum supported by the server. "
     "Additional results can be requested."
@@ -93,7 +92,7 @@ def router(gateway: Gateway) -> APIRouter:
             keys, options, capped = _parse(request, level, defaults)
             for name, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
                 if uid is not None:
-                    if len(uid) > 64 or not _UID_RE.match(uid):
+                    if not nameable_uid(uid):
                         raise _BadRequest(400, f"{uid!r} in the path is not a UID")
                     keys[name] = uid
             if bridge is not None:

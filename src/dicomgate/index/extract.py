@@ -154,9 +154,9 @@ def _uid(ds: Dataset, tag: int, keyword: str) -> str:
         raise InvalidInstance(f"{keyword} is {len(value)} characters long (PS3.5 9.1: 64 at most)")
     if _UNNAMEABLE.search(value):
         # PS3.5 9.1 allows digits and '.'. Other slips (a letter, an empty component) are
-        # stored as received: a gateway forwards, it does not repair. These characters
-        # could never be named in a WADO-RS path or a UID list: stored, such an instance
-        # could not be retrieved (a '/' split its URL).
+        # stored as received: a gateway forwards, it does not repair (see nameable_uid).
+        # These characters could never be named in a WADO-RS path or a UID list: stored,
+        # such an instance could not be retrieved (a '/' split its URL).
         raise InvalidInstance(
             f"{keyword} holds a character no UID may (PS3.5 9.1): '/', '\\', '?', '#', '%',"
             " ',', a space or a control character"
@@ -165,6 +165,18 @@ def _uid(ds: Dataset, tag: int, keyword: str) -> str:
 
 
 _UNNAMEABLE = re.compile(r"[/\\?#%,\s\x00-\x1f\x7f]")
+
+
+def nameable_uid(value: str) -> bool:
+    """Whether ``value`` is a UID the gateway stores, so one a client may ask for: 1 to 64
+    characters, none that a URL path or a UID list could not carry.
+
+    Stricter than what ingest keeps would be wrong: an instance stored with a slip from
+    PS3.5 9.1 (a letter, a leading zero, an empty component; old modalities write them)
+    must be found by its UID in a QIDO-RS path or key, a C-FIND/C-MOVE/C-GET identifier,
+    a FHIR id and a STOW-RS/folder file meta as well as it is in a WADO-RS path.
+    """
+    return 0 < len(value) <= 64 and _UNNAMEABLE.search(value) is None
 
 
 def _fit(table: str, row: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import DicomgateError, IndexUnavailable
-from dicomgate.index.extract import search_name
+from dicomgate.index.extract import nameable_uid, search_name
 from dicomgate.index.schema import instance, patient, series, study
 
 MAX_KEY_VALUE = 1024  # characters of one key value
@@ -251,7 +251,6 @@ _DATETIME_PAIRS = (
 )
 
 _LEVEL_TABLE = {Level.PATIENT: patient, Level.STUDY: study, Level.SERIES: series, IM: instance}
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
 _TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
@@ -601,7 +600,7 @@ def _uid_list(attribute: Attribute, value: str) -> list[str]:
     if len(uids) > MAX_LIST_ITEMS:
         raise InvalidQuery(f"{attribute.key}: more than {MAX_LIST_ITEMS} UIDs")
     for uid in uids:
-        if len(uid) > 64 or not _UID_RE.match(uid):
+        if not nameable_uid(uid):
             raise InvalidQuery(f"{attribute.key}: {uid!r} is not a UID (PS3.5 9.1)")
     return uids
 

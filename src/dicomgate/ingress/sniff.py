@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from dicomgate.errors import InvalidInstance
+from dicomgate.index.extract import nameable_uid
 
 HEAD_BYTES = 1 << 18  # how much of a file is read to decide; the data set's UIDs come early
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR (PS3.10 8.6, PS3.3 F)
@@ -120,9 +121,10 @@ def _part10(head: bytes, pos: int, complete: bool) -> Sniffed:
         if transfer_syntax not in (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE):
             raise InvalidInstance("the file meta lacks the Media Storage SOP Class/Instance UID")
         sop_class, sop_instance = _find_sop_uids(head, data_offset, transfer_syntax, complete)
-    for value in (sop_class, sop_instance):
-        if not _UID_RE.match(value) or len(value) > 64:
-            raise InvalidInstance("the file meta holds a malformed SOP Class or Instance UID")
+    # A SOP Class UID names a class this gateway knows by its digits; a SOP Instance UID
+    # with a slip from PS3.5 9.1 (a letter) is stored as received, as over DIMSE.
+    if not (_UID_RE.match(sop_class) and len(sop_class) <= 64 and nameable_uid(sop_instance)):
+        raise InvalidInstance("the file meta holds a malformed SOP Class or Instance UID")
     return Sniffed(data_offset, transfer_syntax, sop_class, sop_instance, has_meta=True)
 
 
@@ -200,7 +202,7 @@ def _find_sop_uids(head: bytes, pos: int, syntax: str, complete: bool) -> tuple[
             found[tag] = _text(head[value_pos : value_pos + length])
         pos = value_pos + length
     sop_class, sop_instance = found.get(_SOP_CLASS, ""), found.get(_SOP_INSTANCE, "")
-    if not (_UID_RE.match(sop_class) and _UID_RE.match(sop_instance)):
+    if not (_UID_RE.match(sop_class) and nameable_uid(sop_instance)):
         raise InvalidInstance("no valid SOP Class/Instance UID in the data set")
     return sop_class, sop_instance
 
