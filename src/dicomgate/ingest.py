@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 from dicomgate.errors import (
     DicomgateError,
@@ -42,7 +43,7 @@ from dicomgate.observability.logging import uid_hash
 from dicomgate.queue.jobs import NewJob, NewTimer
 from dicomgate.routing.matcher import MatchContext, Router
 from dicomgate.store.part10 import parse_arrival
-from dicomgate.store.scan import scan_buffer, scan_dataset
+from dicomgate.store.scan import IMPLICIT_LE, scan_buffer, scan_dataset
 
 if TYPE_CHECKING:
     from dicomgate.config import DuplicatePolicy
@@ -88,6 +89,13 @@ class IngestJob:
     future: asyncio.Future[DicomgateError | None] = field(repr=False)
     # STOW-RS to /studies/{uid}: the instance must belong to that study (PS3.18 10.5.1).
     expected_study_uid: str | None = None
+    # The syntax the sender announced, when ``transfer_syntax`` (the file meta's) differs:
+    # an Implicit VR data set sent as Explicit VR Little Endian (store/scan.py
+    # stored_transfer_syntax).
+    declared_transfer_syntax: str = ""
+    # Set by the scan: an Implicit VR data set under an explicit syntax that could not be
+    # relabelled (big endian, deflated, encapsulated); stored as received.
+    mislabelled: bool = field(default=False, repr=False)
     # Set by the committer before the future resolves with success.
     stored: InstanceRecord | None = field(default=None, repr=False)
     # time.monotonic() when the instance was fully received: the ack latency starts here.
@@ -294,6 +302,8 @@ class Ingestor:
                     job.transfer_syntax,
                     room=self.store.check_space,
                 )
+        if ds.original_encoding[0] and job.transfer_syntax != IMPLICIT_LE:
+            job.mislabelled = True
         record = extract_record(ds)
         # PS3.4 B.2.3: the data set must be the instance the command announced.
         if record.sop_instance_uid != job.sop_instance_uid:
@@ -561,6 +571,8 @@ class Ingestor:
                     "duplicate refused", extra={"event": "instance.duplicate_rejected", "sop": sop}
                 )
                 continue
+            if job.declared_transfer_syntax or job.mislabelled:
+                _log_mislabelled(job, sop)
             log.info(
                 "stored",
                 extra={
@@ -577,6 +589,34 @@ class Ingestor:
 
 _LINES_IDLE = 0.002  # seconds without work before waiting instance.stored lines are logged
 _LINES_MAX = 64
+
+
+def _syntax_name(uid: str) -> str:
+    return UID(uid).keyword or uid
+
+
+def _log_mislabelled(job: IngestJob, sop: str) -> None:
+    """One line for a stored instance whose data set is Implicit VR under an explicit
+    transfer syntax: relabelled (Explicit VR Little Endian) or kept as received."""
+    relabelled = bool(job.declared_transfer_syntax)
+    fields = {
+        "sop": sop,
+        "calling_ae": job.calling_ae,
+        "via": job.received_via,
+        "declared": _syntax_name(job.declared_transfer_syntax or job.transfer_syntax),
+    }
+    if relabelled:
+        log.info(
+            "data set in Implicit VR under Explicit VR Little Endian: stored as Implicit VR"
+            " Little Endian (file meta relabelled, data set as received)",
+            extra={"event": "instance.relabelled", **fields, "stored": "ImplicitVRLittleEndian"},
+        )
+    else:
+        log.warning(
+            "data set in Implicit VR under an explicit transfer syntax that has no Implicit VR"
+            " form: stored as received, under the syntax the sender announced",
+            extra={"event": "instance.mislabelled", **fields},
+        )
 
 
 def _received_events(

@@ -24,7 +24,12 @@ from pydicom.sequence import Sequence
 from dicomgate.errors import InvalidInstance
 from dicomgate.ingest import _data_offset
 from dicomgate.store.part10 import encode_file_meta
-from dicomgate.store.scan import KEEP_VALUE_MAX, scan_buffer, scan_dataset
+from dicomgate.store.scan import (
+    KEEP_VALUE_MAX,
+    scan_buffer,
+    scan_dataset,
+    stored_transfer_syntax,
+)
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -243,6 +248,46 @@ def test_implicit_vr_under_explicit_syntax_passes() -> None:
     reference = _read(path)
     assert ds.Rows == reference.Rows
     assert ds.SOPInstanceUID == reference.SOPInstanceUID
+
+
+_IMPLICIT_HEAD = struct.pack("<HHI", 0x0008, 0x0008, 24)  # (0008,0008), no VR
+_EXPLICIT_HEAD = struct.pack("<HH2sH", 0x0008, 0x0008, b"CS", 24)
+
+
+@pytest.mark.parametrize(
+    ("received", "first", "stored"),
+    [
+        ("1.2.840.10008.1.2.1", _IMPLICIT_HEAD, "1.2.840.10008.1.2"),  # relabelled
+        ("1.2.840.10008.1.2.1", memoryview(_IMPLICIT_HEAD), "1.2.840.10008.1.2"),
+        ("1.2.840.10008.1.2.1", _EXPLICIT_HEAD, "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.1.2.1", _IMPLICIT_HEAD[:5], "1.2.840.10008.1.2.1"),  # too short
+        ("1.2.840.10008.1.2", _IMPLICIT_HEAD, "1.2.840.10008.1.2"),
+        # No Implicit VR form of these: kept (and logged by the ingestor).
+        ("1.2.840.10008.1.2.4.50", _IMPLICIT_HEAD, "1.2.840.10008.1.2.4.50"),
+        ("1.2.840.10008.1.2.2", _IMPLICIT_HEAD, "1.2.840.10008.1.2.2"),
+        ("1.2.840.10008.1.2.1.99", _IMPLICIT_HEAD, "1.2.840.10008.1.2.1.99"),
+    ],
+)
+def test_stored_transfer_syntax(received: str, first: bytes | memoryview, stored: str) -> None:
+    assert stored_transfer_syntax(received, first) == stored
+
+
+def test_relabelled_file_scans_as_implicit_without_pydicom_warning(tmp_path: Path) -> None:
+    """The scan and the relabel agree: a file written with the relabelled meta scans as
+    Implicit VR and pydicom reads it without "Expected explicit VR" (an error here)."""
+    source = _bundled("MR_small_implicit.dcm")
+    raw = source.read_bytes()
+    with source.open("rb") as fh:
+        data = raw[_data_offset(fh) :]
+    ref = _read(source)
+    syntax = stored_transfer_syntax("1.2.840.10008.1.2.1", data)
+    header = encode_file_meta(str(ref.SOPClassUID), str(ref.SOPInstanceUID), syntax)
+    path = tmp_path / "relabelled.dcm"
+    path.write_bytes(header + data)
+    with path.open("rb") as fh:
+        ds = scan_dataset(fh, len(header), len(header) + len(data), syntax)
+    assert ds.original_encoding == (True, True)
+    assert pydicom.dcmread(path).PixelData == ref.PixelData
 
 
 def test_implicit_encapsulated_pixel_data_kept_right() -> None:

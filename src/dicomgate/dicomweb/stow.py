@@ -49,6 +49,7 @@ from dicomgate.ingest import IngestJob
 from dicomgate.ingress.sniff import HEAD_BYTES, NotDicom, Sniffed, sniff
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.part10 import arrival_json, encode_file_meta
+from dicomgate.store.scan import IMPLICIT_LE, stored_transfer_syntax
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -79,6 +80,14 @@ class _Staged:
     spool: SpoolFile
     data_offset: int
     sniffed: Sniffed
+    # The part's own syntax, when its data set is Implicit VR under Explicit VR Little
+    # Endian: the stored file says Implicit VR Little Endian (stored_transfer_syntax).
+    declared_transfer_syntax: str = ""
+
+    @property
+    def transfer_syntax(self) -> str:
+        """The syntax of the stored file's meta."""
+        return IMPLICIT_LE if self.declared_transfer_syntax else self.sniffed.transfer_syntax
 
 
 @dataclass
@@ -98,6 +107,7 @@ class _Stager:
 
     def __init__(self, gateway: Gateway, source_ip: str) -> None:
         self.store = gateway.store
+        self.source_ip = source_ip
         self.private = arrival_json("", "", source_ip, "stow")
         self.staged: list[_Staged] = []
         self.failed: list[_Failed] = []
@@ -166,13 +176,21 @@ class _Stager:
             )
             self._skip = True
             return
+        declared = ""
+        syntax = stored_transfer_syntax(
+            sniffed.transfer_syntax, head[sniffed.data_offset : sniffed.data_offset + 6]
+        )
+        private = self.private
+        if syntax != sniffed.transfer_syntax:
+            declared = sniffed.transfer_syntax
+            private = arrival_json("", "", self.source_ip, "stow", declared)
         spool = self.store.new_spool(write_behind=True)
         try:
             header = encode_file_meta(
                 sniffed.sop_class_uid,
                 sniffed.sop_instance_uid,
-                sniffed.transfer_syntax,
-                private_information=self.private,
+                syntax,
+                private_information=private,
             )
             spool.write(header)
             spool.write(head[sniffed.data_offset :])
@@ -180,7 +198,7 @@ class _Stager:
             spool.discard()
             raise
         self._spool = spool
-        self.add(_Staged(spool, len(header), sniffed))
+        self.add(_Staged(spool, len(header), sniffed, declared))
 
     def add(self, staged: _Staged) -> None:
         """Stage a part; past the first COPIES_PER_REQUEST, its spool file keeps no
@@ -358,7 +376,8 @@ async def store_instances(
         IngestJob(
             spool=s.spool,
             data_offset=s.data_offset,
-            transfer_syntax=s.sniffed.transfer_syntax,
+            transfer_syntax=s.transfer_syntax,
+            declared_transfer_syntax=s.declared_transfer_syntax,
             sop_class_uid=s.sniffed.sop_class_uid,
             sop_instance_uid=s.sniffed.sop_instance_uid,
             calling_ae="",

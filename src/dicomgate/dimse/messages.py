@@ -41,6 +41,7 @@ from dicomgate.errors import DicomgateError, InvalidInstance, StoreError
 from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.part10 import arrival_json, encode_file_meta
+from dicomgate.store.scan import EXPLICIT_LE, stored_transfer_syntax
 
 log = logging.getLogger("dicomgate.dimse")
 
@@ -92,11 +93,40 @@ class DimseMessages:
                     incoming.identifier += data
             return
         try:
+            if incoming.file_meta is not None:
+                started = DimseMessages._start_file(incoming, data, last=False)
+                if started is None:
+                    return
+                data = started
             incoming.spool.write(data)
         except StoreError as exc:
             incoming.spool.discard()
             incoming.spool = None
             incoming.error = exc
+
+    @staticmethod
+    def _start_file(
+        incoming: _Incoming, data: bytes | memoryview, last: bool
+    ) -> bytes | memoryview | None:
+        """Write the file meta once the first element header of the data set is here, for
+        the syntax it is really encoded in (store/scan.py ``stored_transfer_syntax``);
+        return the bytes to write after it, or None while fewer than 6 have come."""
+        assert incoming.file_meta is not None and incoming.spool is not None
+        if incoming.head is not None or len(data) < 6:  # a peer sending tiny fragments
+            incoming.head = (incoming.head or bytearray()) + data
+            if len(incoming.head) < 6 and not last:
+                return None
+            data, incoming.head = bytes(incoming.head), None
+        received = incoming.transfer_syntax
+        stored = stored_transfer_syntax(received, data)
+        if stored != received:
+            incoming.transfer_syntax = stored
+            incoming.declared_transfer_syntax = received
+        header = incoming.file_meta(stored, incoming.declared_transfer_syntax)
+        incoming.file_meta = None
+        incoming.spool.write(header)
+        incoming.data_offset = len(header)
+        return data
 
     async def _on_command(
         self, assoc: _Association, context_id: int, raw: bytes
@@ -151,22 +181,33 @@ class DimseMessages:
                     "Affected SOP Class UID differs from the presentation context's"
                 )
                 return incoming
+
+            def file_meta(stored: str, declared: str) -> bytes:
+                return encode_file_meta(
+                    sop_class,
+                    command.affected_sop_instance_uid,
+                    stored,
+                    assoc.calling_ae,
+                    arrival_json(
+                        assoc.calling_ae, assoc.called_ae, assoc.peer_ip, "dimse", declared
+                    ),
+                )
+
+            incoming.transfer_syntax = transfer_syntax
             try:
                 self.ingestor.store.check_space()
                 spool = self.ingestor.store.new_spool()
-                header = encode_file_meta(
-                    sop_class,
-                    command.affected_sop_instance_uid,
-                    transfer_syntax,
-                    assoc.calling_ae,
-                    arrival_json(assoc.calling_ae, assoc.called_ae, assoc.peer_ip, "dimse"),
-                )
-                spool.write(header)
+                if transfer_syntax == EXPLICIT_LE:
+                    # Written with the first fragment: the data set may be Implicit VR.
+                    incoming.file_meta = file_meta
+                else:
+                    header = file_meta(transfer_syntax, "")
+                    spool.write(header)
+                    incoming.data_offset = len(header)
             except StoreError as exc:
                 incoming.error = exc
                 return incoming
             incoming.spool = spool
-            incoming.data_offset = len(header)
             return incoming
         if field_ in _QR_SERVICES:
             incoming = _Incoming(context_id, command, None, identifier=bytearray())
@@ -250,14 +291,25 @@ class DimseMessages:
                 return
             await self._reply_unsupported(assoc, incoming)
             return
+        if incoming.file_meta is not None and incoming.spool is not None:
+            # A data set shorter than an element header: written as is, the scan refuses it.
+            try:
+                rest = self._start_file(incoming, b"", last=True)
+                if rest:
+                    incoming.spool.write(rest)
+            except StoreError as exc:
+                incoming.spool.discard()
+                incoming.spool = None
+                incoming.error = exc
         error = incoming.error
         if error is None and incoming.spool is not None:
-            sop_class, transfer_syntax = assoc.contexts[incoming.context_id]
+            sop_class, _ = assoc.contexts[incoming.context_id]
             loop = asyncio.get_running_loop()
             job = IngestJob(
                 spool=incoming.spool,
                 data_offset=incoming.data_offset,
-                transfer_syntax=transfer_syntax,
+                transfer_syntax=incoming.transfer_syntax,
+                declared_transfer_syntax=incoming.declared_transfer_syntax,
                 sop_class_uid=sop_class,
                 sop_instance_uid=command.affected_sop_instance_uid,
                 calling_ae=assoc.calling_ae,

@@ -5,6 +5,7 @@ end an association, and the C-STORE failure status of an ingest error (PS3.4 B.2
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,15 @@ class Incoming:
     command: Command
     spool: SpoolFile | None  # None: refused up front, the data set is read and dropped
     data_offset: int = 0
+    # The syntax written in the file meta: the context's, or Implicit VR Little Endian
+    # for an implicit data set on an Explicit VR Little Endian context (then the context's
+    # is ``declared_transfer_syntax``; store/scan.py stored_transfer_syntax).
+    transfer_syntax: str = ""
+    declared_transfer_syntax: str = ""
+    # The file meta, for the syntax to write and the declared one, while it waits for the
+    # first bytes of the data set (Explicit VR Little Endian contexts); None once written.
+    file_meta: Callable[[str, str], bytes] | None = None
+    head: bytearray | None = None  # first fragments shorter than an element header
     error: DicomgateError | None = None
     fragments: int = 0
     identifier: bytearray | None = None  # C-FIND/C-MOVE/C-GET: the identifier, collected

@@ -53,6 +53,7 @@ from dicomgate.ingress.sniff import HEAD_BYTES, NotDicom, Sniffed, is_zip, sniff
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.filestore import SpoolFile
 from dicomgate.store.part10 import arrival_json, encode_file_meta
+from dicomgate.store.scan import stored_transfer_syntax
 
 __all__ = ["FolderWatcher", "candidate_names"]
 
@@ -95,6 +96,8 @@ class _Prepared:
     sniffed: Sniffed
     size: int
     already: bool  # the same bytes are stored under this SOP Instance UID already
+    transfer_syntax: str  # of the stored file's meta (stored_transfer_syntax)
+    declared_transfer_syntax: str  # the file's own, when it differs: "" otherwise
 
 
 class _Stopping(Exception):
@@ -375,7 +378,8 @@ class FolderWatcher:
         job = IngestJob(
             spool=prepared.spool,
             data_offset=prepared.header_length,
-            transfer_syntax=sniffed.transfer_syntax,
+            transfer_syntax=prepared.transfer_syntax,
+            declared_transfer_syntax=prepared.declared_transfer_syntax,
             sop_class_uid=sniffed.sop_class_uid,
             sop_instance_uid=sniffed.sop_instance_uid,
             calling_ae=self.config.calling_ae,
@@ -446,12 +450,20 @@ class FolderWatcher:
 
     def _spool(self, fh: IO[bytes], head: bytes, sniffed: Sniffed) -> _Prepared:
         store = self.ingestor.store
+        declared = ""
+        syntax = stored_transfer_syntax(
+            sniffed.transfer_syntax, head[sniffed.data_offset : sniffed.data_offset + 6]
+        )
+        arrival = self._arrival
+        if syntax != sniffed.transfer_syntax:  # an Implicit VR data set labelled explicit
+            declared = sniffed.transfer_syntax
+            arrival = arrival_json(self.config.calling_ae, self.called_ae, "", "folder", declared)
         header = encode_file_meta(
             sniffed.sop_class_uid,
             sniffed.sop_instance_uid,
-            sniffed.transfer_syntax,
+            syntax,
             self.config.calling_ae,
-            self._arrival,
+            arrival,
         )
         spool = store.new_spool()
         size = len(head)
@@ -467,7 +479,7 @@ class FolderWatcher:
             spool.discard()
             raise
         already = self._already_stored(sniffed.sop_instance_uid, spool.sha256)
-        return _Prepared(spool, len(header), sniffed, size, already)
+        return _Prepared(spool, len(header), sniffed, size, already, syntax, declared)
 
     def _already_stored(self, sop_instance_uid: str, sha256: str) -> bool:
         """Is this exact file (same bytes, same arrival) in the store already?"""

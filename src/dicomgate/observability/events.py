@@ -66,6 +66,8 @@ class EventHandler(logging.Handler):
             "association.lost": lambda r: self._ended(r, "lost"),
             "instance.stored": self._stored,
             "instance.refused": self._instance_refused,
+            "instance.relabelled": lambda r: self._mislabelled(r, "relabelled"),
+            "instance.mislabelled": lambda r: self._mislabelled(r, "kept"),
             "instance.duplicate_rejected": lambda r: self._refused(r, "duplicate"),
             "stow.request": self._stow,
             "stow.refused": self._stow_refused,
@@ -179,6 +181,11 @@ class EventHandler(logging.Handler):
         seconds = _get(record, "seconds")
         if seconds is not None:
             m.store_ack_seconds.labels(via).observe(float(seconds))
+
+    def _mislabelled(self, record: logging.LogRecord, action: str) -> None:
+        m = self.metrics
+        via = str(_get(record, "via", "") or "unknown")
+        m.instances_mislabelled.labels(m.ae(_get(record, "calling_ae", "")), via, action).inc()
 
     def _refused(self, record: logging.LogRecord, reason: str) -> None:
         m = self.metrics

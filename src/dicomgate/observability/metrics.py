@@ -115,6 +115,14 @@ class Metrics:
             ["calling_ae", "reason"],
             registry=r,
         )
+        self.instances_mislabelled = Counter(
+            "dicomgate_instances_mislabelled",
+            "Stored instances whose data set is Implicit VR under an explicit transfer"
+            " syntax, by calling AE title, ingress and action (relabelled: stored as"
+            " Implicit VR Little Endian; kept: stored under the sender's syntax).",
+            ["calling_ae", "ingress", "action"],
+            registry=r,
+        )
         self.store_ack_seconds = Histogram(
             "dicomgate_store_ack_seconds",
             "Time from a fully received instance to its acknowledgement being possible"

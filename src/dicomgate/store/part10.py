@@ -43,14 +43,26 @@ def encode_file_meta(
     return bytes(128) + b"DICM" + group_length + body
 
 
-def arrival_json(calling_ae: str, called_ae: str, source_ip: str, received_via: str) -> bytes:
-    """How an instance arrived, for (0002,0102) Private Information."""
+def arrival_json(
+    calling_ae: str,
+    called_ae: str,
+    source_ip: str,
+    received_via: str,
+    declared_transfer_syntax: str = "",
+) -> bytes:
+    """How an instance arrived, for (0002,0102) Private Information.
+
+    ``declared_transfer_syntax``: the transfer syntax the sender announced (the presentation
+    context, or its file meta) when the file meta says another, the one its data set is
+    really encoded in (:func:`dicomgate.store.scan.stored_transfer_syntax`)."""
     doc = {
         "calling_ae": calling_ae,
         "called_ae": called_ae,
         "source_ip": source_ip,
         "received_via": received_via,
     }
+    if declared_transfer_syntax:
+        doc["declared_transfer_syntax"] = declared_transfer_syntax
     return json.dumps(doc, separators=(",", ":")).encode("ascii", "replace")
 
 

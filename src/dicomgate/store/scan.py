@@ -39,7 +39,33 @@ KEEP_SEQUENCE_MAX = 1 << 20
 _READ_WHOLE_MAX = 256 << 10  # bytes; larger files are memory-mapped
 _INFLATE_BLOCK = 1 << 20  # bytes read, and inflated, at a time
 _INFLATE_IN_MEMORY = 64 << 20  # inflated bytes kept in memory; more go to a temporary file
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+def implicit_under_explicit(first: bytes | memoryview) -> bool:
+    """True when a data set whose first bytes are ``first`` (at least 6) is in Implicit VR
+    although its transfer syntax says explicit: the first element header has no VR where
+    PS3.5 7.1.2 puts one. Some senders do this; pydicom reads such a data set the same
+    way. The scan (:func:`_scan`) and the ingresses that write the file meta
+    (:func:`stored_transfer_syntax`) decide with this one test, so they always agree."""
+    vr = bytes(first[4:6])
+    return len(vr) == 2 and not (vr[:1].isalpha() and vr[1:].isalpha())
+
+
+def stored_transfer_syntax(received: str, first: bytes | memoryview) -> str:
+    """The transfer syntax to write in the stored file's meta for a data set received
+    under ``received`` whose first bytes are ``first``.
+
+    Explicit VR Little Endian over an Implicit VR data set is relabelled Implicit VR Little
+    Endian: the data set bytes are those of that syntax (PS3.5 A.1 and A.2 differ only in
+    the VR fields), so the file then says truthfully what it holds, and every reader and
+    destination gets a syntax that matches. Any other syntax is kept: implicit VR has no
+    big endian, deflated or encapsulated counterpart to relabel to (docs/conformance.md).
+    A data set shorter than one element header is left to the scan, which refuses it."""
+    if received == EXPLICIT_LE and len(first) >= 6 and implicit_under_explicit(first):
+        return IMPLICIT_LE
+    return received
 
 
 def _tag(group: int, element: int) -> str:
@@ -276,11 +302,11 @@ def _scan_deflated(fh: BinaryIO, start: int, end: int, room: Callable[[], None] 
         if spill is None:
             if not memory:
                 raise InvalidInstance("empty data set")
-            return _scan(bytes(memory), 0, len(memory), _EXPLICIT_LE)
+            return _scan(bytes(memory), 0, len(memory), EXPLICIT_LE)
         spill.flush()
         size = spill.tell()
         with mmap.mmap(spill.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-            return _scan(mapped, 0, size, _EXPLICIT_LE)
+            return _scan(mapped, 0, size, EXPLICIT_LE)
     finally:
         if spill is not None:
             spill.close()
@@ -299,12 +325,11 @@ def scan_buffer(buf: bytes, start: int, transfer_syntax: str) -> Dataset | None:
 
 def _scan(buf: mmap.mmap | bytes, start: int, end: int, transfer_syntax: str) -> Dataset:
     _, explicit, little = _encoding(transfer_syntax)
-    if explicit and end - start >= 6:
+    if explicit and end - start >= 6 and implicit_under_explicit(buf[start : start + 6]):
         # Some senders encode Implicit VR under an explicit syntax; detect it from the
-        # first element's VR bytes like pydicom and DCMTK do, rather than refuse it.
-        vr = buf[start + 4 : start + 6]
-        if not (vr[:1].isalpha() and vr[1:].isalpha()):
-            explicit = False
+        # first element's VR bytes like pydicom does, rather than refuse it. Under Explicit
+        # VR Little Endian the ingresses have relabelled the file already.
+        explicit = False
     keep: dict[BaseTag, DataElement | RawDataElement] = {}
     _Walker(buf, end, little).dataset(start, explicit, 0, in_item=False, keep=keep)
     ds = Dataset(keep)  # a dict argument is adopted as is: no per-element __setitem__
