@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomgate import __version__
@@ -136,7 +137,7 @@ def _frames(exc: BaseException) -> str:
     return " > ".join(frames)
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 (no route) and 405 (a method the path does not serve, with its
     Allow header) in the documented shape: ``{"error": "not found"}``."""
     assert isinstance(exc, StarletteHTTPException)
@@ -145,7 +146,30 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
         return Response(status_code=status, headers=exc.headers)
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
     message = exc.detail if exc.detail and exc.detail != phrase else phrase.lower()
-    return problem(status, message or "error", headers=dict(exc.headers or {}) or None)
+    headers = dict(exc.headers or {})
+    if status == 405 and "Allow" in headers:
+        headers["Allow"] = _allowed(request) or headers["Allow"]
+    return problem(status, message or "error", headers=headers or None)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's Allow names only the first
+    route whose path matched: ``PUT /api/queue/retry-dead`` said ``Allow: GET`` (the
+    ``/api/queue/{job_id}`` route) though the path serves POST. Each method is tried
+    against the routes (included routers match as one route, so their routes' own
+    ``methods`` cannot be read)."""
+    routes = request.app.router.routes
+    served = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(served)
 
 
 async def _invalid_parameter(_request: Request, exc: Exception) -> Response:

@@ -232,6 +232,26 @@ def test_errors_have_the_documented_shape(
     assert client.get("/healthz").status_code == 200  # same connection
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        # Starlette named only the first route whose path matched: "GET" (/api/queue/{job_id})
+        ("PUT", "/api/queue/retry-dead", {"GET", "POST"}),
+        ("PUT", "/api/queue/7/retry", {"POST"}),
+        ("DELETE", "/dicomweb/studies", {"GET", "POST"}),
+        ("DELETE", "/healthz", {"GET"}),
+    ],
+)
+def test_405_allow_names_every_method_the_path_serves(
+    client: httpx.Client, method: str, path: str, allowed: set[str]
+) -> None:
+    answer = client.request(method, path)
+    assert_error(answer, 405, "method not allowed")
+    assert {m.strip() for m in answer.headers["allow"].split(",")} == allowed
+    for other in allowed:  # each one it names is served (not another 405)
+        assert client.request(other, path).status_code != 405
+
+
 def test_console_pages_answer_bad_parameters_with_a_page(client: httpx.Client) -> None:
     page = client.get("/ui/queue/abc")
     assert page.status_code == 400
