@@ -142,9 +142,7 @@ def _email_parse(value: str) -> tuple[str, dict[str, str]]:
         "multipart/related; boundary=----=_Part_1_2; type=application/dicom",  # '=' in a token
         'multipart/related; boundary="a;b"; type="application/dicom"',  # ';' quoted
         'multipart/related; boundary="a\\"b"',  # an escape: the email parser's
-        "application/dicom; transfer-syntax=*",
-        "*/*",  # an Accept item
-        "application/dicom; name*=utf-8''x",  # RFC 2231: the email parser's
+        "application/dicom; transfer-syntax=*",  # '*' is no token character here
         "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50",
         "multipart/related; boundary=x; boundary=y",  # the last one, as before
         "a/b;  x = y",  # spaces around '='

@@ -48,12 +48,11 @@ Event = PartStart | PartEnd | bytes
 _PREAMBLE, _AFTER_BOUNDARY, _HEADERS, _BODY, _EPILOGUE = range(5)
 
 
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2
-_NAME = r"[!#$%&'+.^_`|~0-9A-Za-z-]+"  # a parameter name without '*' (RFC 2231's)
+_TOKEN = r"[!#$%&'+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2, without '*' (RFC 2231 names)
 _SIMPLE_MEDIA_TYPE = re.compile(
-    rf'\s*({_TOKEN}/{_TOKEN})\s*((?:;\s*{_NAME}=(?:{_TOKEN}|"[^"\\]*")\s*)*);?\s*'
+    rf'\s*({_TOKEN}/{_TOKEN})\s*((?:;\s*{_TOKEN}=(?:{_TOKEN}|"[^"\\]*")\s*)*);?\s*'
 )
-_SIMPLE_PARAM = re.compile(rf'({_NAME})=({_TOKEN}|"[^"\\]*")')
+_SIMPLE_PARAM = re.compile(rf'({_TOKEN})=({_TOKEN}|"[^"\\]*")')
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:

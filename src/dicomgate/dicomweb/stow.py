@@ -428,7 +428,7 @@ async def store_instances(
     status = 200 if not failed else (202 if referenced else 409)
     seconds = time.monotonic() - started
 
-    async def log_request() -> None:  # a coroutine: run on the loop, not in a thread
+    def log_request() -> None:
         log.info(
             "STOW-RS: %d stored, %d failed, %d bytes in %.0f ms",
             len(referenced),
