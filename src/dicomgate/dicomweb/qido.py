@@ -175,17 +175,17 @@ def public_base_url(request: Request) -> str:
     request arrived on when that is not the scheme's default and no proxy header says
     otherwise. Behind a reverse proxy, forward Host with its port (or X-Forwarded-Host).
     """
-    scheme = request.scope.get("scheme", "http")  # not request.base_url: a URL parse a call
+    url = request.base_url
     forwarded = request.headers.get("x-forwarded-host")
     host = forwarded.split(",")[0].strip() if forwarded else request.headers.get("host", "")
     server = request.scope.get("server")
     if host and ":" not in host.rsplit("]", 1)[-1] and not forwarded and server:
         port = int(server[1]) if server[1] is not None else None
-        if port is not None and port != {"http": 80, "https": 443}.get(scheme):
+        if port is not None and port != {"http": 80, "https": 443}.get(url.scheme):
             host = f"{host}:{port}"
     if not host:
-        return str(request.base_url).rstrip("/")
-    return f"{scheme}://{host}{request.scope.get('root_path', '')}".rstrip("/")
+        return str(url).rstrip("/")
+    return f"{url.scheme}://{host}{request.scope.get('root_path', '')}".rstrip("/")
 
 
 def _negotiate(request: Request) -> str:
