@@ -34,6 +34,27 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+_ERROR_MEANING = {
+    400: "Bad request: a filter or parameter that cannot be understood",
+    404: "Not found",
+    409: "Conflict: the job is leased or done",
+    503: "The index database is unavailable; try again later",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: the JSON errors ``{"error": ...}`` it answers, so that
+    the OpenAPI document lists them (the ``Error`` schema is added in app.py)."""
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {
+        status: {
+            "description": _ERROR_MEANING[status],
+            "content": {"application/json": {"schema": schema}},
+        }
+        for status in statuses
+    }
+
+
 def validation_message(exc: RequestValidationError) -> str:
     """``<param>: <what is wrong>`` for each parameter FastAPI refused (never the value:
     a query value may be patient data)."""
@@ -70,7 +91,7 @@ def queue_router(queue: JobQueue) -> APIRouter:
     """Routes for ``/api/queue`` bound to ``queue`` (sync handlers run in a thread pool)."""
     router = APIRouter(prefix="/api/queue", tags=["queue"])
 
-    @router.get("")
+    @router.get("", responses=errors(400, 503))
     def list_jobs(
         state: str | None = None,
         destination: str | None = None,
@@ -91,7 +112,7 @@ def queue_router(queue: JobQueue) -> APIRouter:
             counts.setdefault(dest, {})[st] = n
         return {"counts": counts, "jobs": jobs}
 
-    @router.get("/{job_id}")
+    @router.get("/{job_id}", responses=errors(400, 404, 503))
     def show_job(job_id: int) -> Any:
         """One job, with ``history``: its finished attempts and re-drives, oldest first."""
         row = queue.get(job_id) if known_id(job_id) else None
@@ -99,7 +120,7 @@ def queue_router(queue: JobQueue) -> APIRouter:
             return _error(404, f"no job {job_id}")
         return {**row, "history": queue.history(job_id)}
 
-    @router.post("/{job_id}/retry")
+    @router.post("/{job_id}/retry", responses=errors(400, 404, 409, 503))
     def retry_job(job_id: int) -> Any:
         """Re-drive one job now (dead-lettered or waiting), attempts reset."""
         if not known_id(job_id) or queue.get(job_id) is None:
@@ -108,11 +129,11 @@ def queue_router(queue: JobQueue) -> APIRouter:
             return _error(409, f"job {job_id} is leased or done; it cannot be retried")
         return {"retried": job_id}
 
-    @router.post("/retry-dead")
+    @router.post("/retry-dead", responses=errors(503))
     def retry_dead(destination: str | None = None) -> Any:
         return {"retried": queue.retry_dead(destination)}
 
-    @router.delete("")
+    @router.delete("", responses=errors(400, 503))
     def purge(state: str = "done", destination: str | None = None) -> Any:
         try:
             return {"deleted": queue.purge(state=state, destination=destination)}
@@ -132,13 +153,13 @@ def destinations_router(dispatcher: Dispatcher) -> APIRouter:
         """Per destination: paused, breaker, schedule, delivered and failed counters."""
         return {"destinations": dispatcher.states()}
 
-    @router.post("/{name}/pause")
+    @router.post("/{name}/pause", responses=errors(404))
     async def pause(name: str) -> Any:
         if not dispatcher.pause(name):
             return _error(404, f"no destination {name!r}")
         return {"destination": name, **dispatcher.states()[name]}
 
-    @router.post("/{name}/resume")
+    @router.post("/{name}/resume", responses=errors(404))
     async def resume(name: str) -> Any:
         if not dispatcher.resume(name):
             return _error(404, f"no destination {name!r}")

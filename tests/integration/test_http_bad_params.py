@@ -269,6 +269,35 @@ def test_openapi_documents_400_errors(client: httpx.Client) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("path", "method", "statuses"),
+    [
+        ("/api/queue", "get", {"400", "503"}),
+        ("/api/queue", "delete", {"400", "503"}),
+        ("/api/queue/{job_id}", "get", {"400", "404", "503"}),
+        ("/api/queue/{job_id}/retry", "post", {"400", "404", "409", "503"}),
+        ("/api/queue/retry-dead", "post", {"400", "503"}),
+        ("/api/destinations/{name}/pause", "post", {"400", "404"}),
+        ("/api/destinations/{name}/resume", "post", {"400", "404"}),
+        ("/api/audit", "get", {"400", "503"}),
+    ],
+)
+def test_openapi_lists_the_errors_each_admin_route_answers(
+    client: httpx.Client, path: str, method: str, statuses: set[str]
+) -> None:
+    """Only 400 was listed (where FastAPI had its 422): a client generated from the
+    document knew nothing of the 404 for an unknown job, the 409 for a leased one, or
+    the 503 while the index database is away (schemathesis, session 14). Every route
+    with a parameter lists 400 (app.py, where FastAPI lists its 422)."""
+    responses = client.get("/api/openapi.json").json()["paths"][path][method]["responses"]
+    errors = {code for code in responses if code.startswith(("4", "5"))}
+    assert errors == statuses
+    for code in statuses:
+        assert responses[code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"
+        }
+
+
 def test_sign_in_page_status_is_a_4xx(gateway: Callable[..., GatewayProcess]) -> None:
     """``status`` of the sign-in page is any integer in its URL: 99999 is no HTTP status."""
     keys = [{"name": "ops", "sha256": hash_api_key(new_api_key()), "scopes": ["admin"]}]

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from dicomgate.api import sql_offset
+from dicomgate.api import errors, sql_offset
 from dicomgate.errors import IndexUnavailable
 from dicomgate.observability.audit import AuditQuery, AuditTrail
 
@@ -43,7 +43,7 @@ def audit_router(trail: AuditTrail) -> APIRouter:
     """Routes for ``/api/audit`` bound to ``trail`` (sync handler: runs in a thread pool)."""
     router = APIRouter(prefix="/api/audit", tags=["audit"])
 
-    @router.get("")
+    @router.get("", responses=errors(400, 503))
     def list_audit_events(
         since: str | None = None,
         until: str | None = None,
