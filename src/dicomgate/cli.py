@@ -299,7 +299,12 @@ def send(
     that may pass (5xx, timeouts, out of resources) are retried.
     """
     import logging
+    import warnings
 
+    # pydicom warns of every odd value it reads (a UID with a letter, a date that is no
+    # date): each file is sent as it is and the peer decides, so a folder of old files
+    # printed a Python warning per file and value on stderr around the summary.
+    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
     if not timeout > 0:
         raise _fail(f"--timeout: must be more than 0 seconds, got {timeout:g}")
     if via is None:

@@ -201,6 +201,26 @@ def test_send_folder_delivers_every_instance_unchanged(
     assert streamed == 7
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # writing the files here
+def test_send_of_odd_values_prints_the_summary_not_a_warning_per_file(
+    start_storescp: StartStorescp, tmp_path: Path
+) -> None:
+    """Files from old modalities (a letter in a UID) are sent as they are; pydicom's
+    "Invalid value for VR UI" warning had been printed for each file and UID."""
+    from tests.integration.test_uid_slips import BY_DIMSE, BY_STOW, _part10
+
+    port, out = start_storescp()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for uid in (BY_DIMSE, BY_STOW):
+        (folder / f"{uid}.dcm").write_bytes(_part10(uid))
+    result = _send(folder, port)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("sent 2, warnings 0, failed 0")
+    assert "Warning" not in result.stderr, result.stderr
+    assert len(list(out.iterdir())) == 2
+
+
 def _dataset_bytes(path: Path) -> bytes:
     _, offset = split_dataset(path)
     return path.read_bytes()[offset:]
