@@ -596,8 +596,9 @@ def _syntax_name(uid: str) -> str:
 
 
 def _log_mislabelled(job: IngestJob, sop: str) -> None:
-    """One line for a stored instance whose data set is Implicit VR under an explicit
-    transfer syntax: relabelled (Explicit VR Little Endian) or kept as received."""
+    """One line for a stored instance whose data set is not in the VR encoding its
+    transfer syntax says: relabelled (Implicit and Explicit VR Little Endian, either way
+    round) or kept as received."""
     relabelled = bool(job.declared_transfer_syntax)
     fields = {
         "sop": sop,
@@ -606,10 +607,12 @@ def _log_mislabelled(job: IngestJob, sop: str) -> None:
         "declared": _syntax_name(job.declared_transfer_syntax or job.transfer_syntax),
     }
     if relabelled:
+        stored = _syntax_name(job.transfer_syntax)
         log.info(
-            "data set in Implicit VR under Explicit VR Little Endian: stored as Implicit VR"
-            " Little Endian (file meta relabelled, data set as received)",
-            extra={"event": "instance.relabelled", **fields, "stored": "ImplicitVRLittleEndian"},
+            "data set encoded in another VR encoding than its transfer syntax says: stored"
+            " as %s (file meta relabelled, data set as received)",
+            stored,
+            extra={"event": "instance.relabelled", **fields, "stored": stored},
         )
     else:
         log.warning(

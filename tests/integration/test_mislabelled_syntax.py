@@ -269,3 +269,92 @@ def test_watched_folder_implicit_data_set_under_explicit_meta_is_relabelled(
     assert declared_syntax(stored) == EXPLICIT_LE
     row = gw.index.instance(str(ds.SOPInstanceUID))
     assert row is not None and row["transfer_syntax_uid"] == IMPLICIT_LE
+
+
+# -- the reverse slip: an Explicit VR data set sent as Implicit VR Little Endian ----------
+
+
+def explicit_data_set(suffix: str) -> tuple[pydicom.Dataset, bytes]:
+    """MR_small in Explicit VR Little Endian (its data set bytes), under its SOP Instance
+    UID + ``suffix``."""
+    ds = pydicom.dcmread(bundled_file("MR_small.dcm"))
+    ds.SOPInstanceUID = f"{ds.SOPInstanceUID}{suffix}"
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    assert data[4:6] == b"CS"  # (0008,0008) CS: a VR where Implicit VR has a length
+    return ds, data
+
+
+@needs_dcmtk
+def test_dimse_explicit_data_set_under_implicit_context_is_relabelled_and_forwarded(
+    gateway: Gateway, pacs: StoreSCP
+) -> None:
+    """It had been refused with 0xC000 ("element (0008,0008) has length 1594179"), while
+    DCMTK's storescp and Orthanc, which detect the encoding, store it."""
+    gw = gateway(
+        {
+            "destinations": {
+                "pacs": {
+                    "type": "dimse",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                }
+            },
+            "routes": [{"name": "mr", "match": {"Modality": "MR"}, "to": ["pacs"]}],
+        }
+    )
+    ds, data = explicit_data_set(".15")
+    tiny, tiny_data = explicit_data_set(".17")
+    normal, normal_data = implicit_data_set(".19")  # Implicit VR as announced: untouched
+    sop_class = str(ds.SOPClassUID)
+    with RawPeer(gw.dimse_port) as peer:
+        peer.associate(gw.ae_title, [(1, sop_class, [IMPLICIT_LE])])
+        assert peer.accepted == {1: IMPLICIT_LE}
+        assert c_store_in(peer, sop_class, str(ds.SOPInstanceUID), [data]) == STATUS_SUCCESS
+        pieces = [tiny_data[:5], tiny_data[5:6], tiny_data[6:]]
+        assert c_store_in(peer, sop_class, str(tiny.SOPInstanceUID), pieces) == STATUS_SUCCESS
+        sent = c_store_in(peer, sop_class, str(normal.SOPInstanceUID), [normal_data])
+        assert sent == STATUS_SUCCESS
+        peer.release()
+
+    for sop, sent_data in ((ds.SOPInstanceUID, data), (tiny.SOPInstanceUID, tiny_data)):
+        row = gw.index.instance(str(sop))
+        assert row is not None, gw.log_tail()
+        assert row["transfer_syntax_uid"] == EXPLICIT_LE
+        path = gw.stored_path(row)
+        assert path.read_bytes().endswith(sent_data)
+        stored = read_strictly(path)
+        assert stored.file_meta.TransferSyntaxUID == EXPLICIT_LE
+        assert declared_syntax(stored) == IMPLICIT_LE
+        assert stored.PixelData == ds.PixelData
+    row = gw.index.instance(str(normal.SOPInstanceUID))
+    assert row is not None and row["transfer_syntax_uid"] == IMPLICIT_LE
+    assert declared_syntax(read_strictly(gw.stored_path(row))) is None
+
+    wanted = {str(ds.SOPInstanceUID), str(tiny.SOPInstanceUID), str(normal.SOPInstanceUID)}
+    wait_until(lambda: set(pacs.received()) == wanted, 60, "storescp to receive all three")
+    copy = read_strictly(pacs.received()[str(ds.SOPInstanceUID)])
+    assert copy.PixelData == ds.PixelData
+    assert gw.log_count("delivery.failed") == 0, gw.log_tail()
+    gw.wait_log("instance.relabelled", count=2)
+    line = next(x for x in gw.log_text().splitlines() if " instance.relabelled " in x)
+    assert "declared=ImplicitVRLittleEndian stored=ExplicitVRLittleEndian" in line, line
+
+
+def test_stow_part10_explicit_data_set_under_implicit_meta_is_relabelled(
+    gateway: Gateway,
+) -> None:
+    gw = gateway()
+    ds, data = explicit_data_set(".15")
+    r = post(gw, multipart([mislabelled_part10(ds, data, IMPLICIT_LE)]))
+    assert r.status_code == 200, r.text
+    path = stored_file(gw, str(ds.SOPInstanceUID))
+    assert path.read_bytes().endswith(data)
+    stored = read_strictly(path)
+    assert stored.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert declared_syntax(stored) == IMPLICIT_LE
+    row = gw.index.instance(str(ds.SOPInstanceUID))
+    assert row is not None and row["transfer_syntax_uid"] == EXPLICIT_LE

@@ -262,6 +262,11 @@ _EXPLICIT_HEAD = struct.pack("<HH2sH", 0x0008, 0x0008, b"CS", 24)
         ("1.2.840.10008.1.2.1", _EXPLICIT_HEAD, "1.2.840.10008.1.2.1"),
         ("1.2.840.10008.1.2.1", _IMPLICIT_HEAD[:5], "1.2.840.10008.1.2.1"),  # too short
         ("1.2.840.10008.1.2", _IMPLICIT_HEAD, "1.2.840.10008.1.2"),
+        # The reverse slip: Explicit VR under Implicit VR Little Endian, relabelled too.
+        ("1.2.840.10008.1.2", _EXPLICIT_HEAD, "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.1.2", _EXPLICIT_HEAD[:5], "1.2.840.10008.1.2"),  # too short
+        # An implicit first element of 16,705+ bytes ("AA") would look explicit; "ZZ" is no VR
+        ("1.2.840.10008.1.2", struct.pack("<HH2sH", 8, 8, b"ZZ", 0), "1.2.840.10008.1.2"),
         # No Implicit VR form of these: kept (and logged by the ingestor).
         ("1.2.840.10008.1.2.4.50", _IMPLICIT_HEAD, "1.2.840.10008.1.2.4.50"),
         ("1.2.840.10008.1.2.2", _IMPLICIT_HEAD, "1.2.840.10008.1.2.2"),

@@ -49,7 +49,7 @@ from dicomgate.ingest import IngestJob
 from dicomgate.ingress.sniff import HEAD_BYTES, NotDicom, Sniffed, sniff
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.part10 import arrival_json, encode_file_meta
-from dicomgate.store.scan import IMPLICIT_LE, stored_transfer_syntax
+from dicomgate.store.scan import stored_transfer_syntax
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -80,14 +80,16 @@ class _Staged:
     spool: SpoolFile
     data_offset: int
     sniffed: Sniffed
-    # The part's own syntax, when its data set is Implicit VR under Explicit VR Little
-    # Endian: the stored file says Implicit VR Little Endian (stored_transfer_syntax).
+    # The part's own syntax, when its data set is in the other VR encoding (Implicit VR
+    # under Explicit VR Little Endian, or the reverse): the stored file says the syntax
+    # of its bytes, ``stored`` (store/scan.py stored_transfer_syntax).
     declared_transfer_syntax: str = ""
+    stored: str = ""
 
     @property
     def transfer_syntax(self) -> str:
         """The syntax of the stored file's meta."""
-        return IMPLICIT_LE if self.declared_transfer_syntax else self.sniffed.transfer_syntax
+        return self.stored or self.sniffed.transfer_syntax
 
 
 @dataclass
@@ -198,7 +200,7 @@ class _Stager:
             spool.discard()
             raise
         self._spool = spool
-        self.add(_Staged(spool, len(header), sniffed, declared))
+        self.add(_Staged(spool, len(header), sniffed, declared, syntax))
 
     def add(self, staged: _Staged) -> None:
         """Stage a part; past the first COPIES_PER_REQUEST, its spool file keeps no

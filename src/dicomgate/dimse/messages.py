@@ -41,7 +41,7 @@ from dicomgate.errors import DicomgateError, InvalidInstance, StoreError
 from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.part10 import arrival_json, encode_file_meta
-from dicomgate.store.scan import EXPLICIT_LE, stored_transfer_syntax
+from dicomgate.store.scan import EXPLICIT_LE, IMPLICIT_LE, stored_transfer_syntax
 
 log = logging.getLogger("dicomgate.dimse")
 
@@ -197,8 +197,9 @@ class DimseMessages:
             try:
                 self.ingestor.store.check_space()
                 spool = self.ingestor.store.new_spool()
-                if transfer_syntax == EXPLICIT_LE:
-                    # Written with the first fragment: the data set may be Implicit VR.
+                if transfer_syntax in (EXPLICIT_LE, IMPLICIT_LE):
+                    # Written with the first fragment: the data set may be in the other
+                    # VR encoding (store/scan.py stored_transfer_syntax).
                     incoming.file_meta = file_meta
                 else:
                     header = file_meta(transfer_syntax, "")

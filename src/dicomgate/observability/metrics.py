@@ -117,9 +117,9 @@ class Metrics:
         )
         self.instances_mislabelled = Counter(
             "dicomgate_instances_mislabelled",
-            "Stored instances whose data set is Implicit VR under an explicit transfer"
-            " syntax, by calling AE title, ingress and action (relabelled: stored as"
-            " Implicit VR Little Endian; kept: stored under the sender's syntax).",
+            "Stored instances whose data set is not in the VR encoding of its transfer"
+            " syntax, by calling AE title, ingress and action (relabelled: stored under"
+            " the Little Endian syntax of its bytes; kept: stored under the sender's).",
             ["calling_ae", "ingress", "action"],
             registry=r,
         )

@@ -53,6 +53,23 @@ def implicit_under_explicit(first: bytes | memoryview) -> bool:
     return len(vr) == 2 and not (vr[:1].isalpha() and vr[1:].isalpha())
 
 
+# Every VR of PS3.5 6.2: two bytes that name one of these where an Implicit VR data set
+# has the low half of its first element's 32-bit length (a length of 16,705 bytes or
+# more, "AA"), which no first element has.
+_VR_NAMES_KNOWN = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI"
+    b" UL UN UR US UT UV".split()
+)
+
+
+def explicit_under_implicit(first: bytes | memoryview) -> bool:
+    """True when a data set whose first bytes are ``first`` (at least 6) is in Explicit VR
+    although its transfer syntax says Implicit VR Little Endian: a VR stands where the
+    first element's length is. The reverse slip of :func:`implicit_under_explicit`;
+    pydicom and DCMTK read such a data set the same way."""
+    return bytes(first[4:6]) in _VR_NAMES_KNOWN
+
+
 def stored_transfer_syntax(received: str, first: bytes | memoryview) -> str:
     """The transfer syntax to write in the stored file's meta for a data set received
     under ``received`` whose first bytes are ``first``.
@@ -60,11 +77,15 @@ def stored_transfer_syntax(received: str, first: bytes | memoryview) -> str:
     Explicit VR Little Endian over an Implicit VR data set is relabelled Implicit VR Little
     Endian: the data set bytes are those of that syntax (PS3.5 A.1 and A.2 differ only in
     the VR fields), so the file then says truthfully what it holds, and every reader and
-    destination gets a syntax that matches. Any other syntax is kept: implicit VR has no
-    big endian, deflated or encapsulated counterpart to relabel to (docs/conformance.md).
+    destination gets a syntax that matches. Implicit VR Little Endian over an Explicit VR
+    data set is relabelled Explicit VR Little Endian, the same way round. Any other syntax
+    is kept: implicit VR has no big endian, deflated or encapsulated counterpart to
+    relabel to (docs/conformance.md).
     A data set shorter than one element header is left to the scan, which refuses it."""
     if received == EXPLICIT_LE and len(first) >= 6 and implicit_under_explicit(first):
         return IMPLICIT_LE
+    if received == IMPLICIT_LE and len(first) >= 6 and explicit_under_implicit(first):
+        return EXPLICIT_LE
     return received
 
 
