@@ -455,7 +455,7 @@ class FolderWatcher:
             sniffed.transfer_syntax, head[sniffed.data_offset : sniffed.data_offset + 6]
         )
         arrival = self._arrival
-        if syntax != sniffed.transfer_syntax:  # an Implicit VR data set labelled explicit
+        if syntax != sniffed.transfer_syntax:  # a data set in the other VR encoding
             declared = sniffed.transfer_syntax
             arrival = arrival_json(self.config.calling_ae, self.called_ae, "", "folder", declared)
         header = encode_file_meta(
