@@ -291,8 +291,9 @@ def explicit_data_set(suffix: str) -> tuple[pydicom.Dataset, bytes]:
 def test_dimse_explicit_data_set_under_implicit_context_is_relabelled_and_forwarded(
     gateway: Gateway, pacs: StoreSCP
 ) -> None:
-    """It had been refused with 0xC000 ("element (0008,0008) has length 1594179"), while
-    DCMTK's storescp and Orthanc, which detect the encoding, store it."""
+    """It had been refused with 0xC000 ("element (0008,0008) has length 1594179"). DCMTK's
+    storescp aborts such an association; the gateway stores the image truthfully labelled,
+    and the storescp destination then takes it."""
     gw = gateway(
         {
             "destinations": {
