@@ -359,3 +359,21 @@ def test_stow_part10_explicit_data_set_under_implicit_meta_is_relabelled(
     assert declared_syntax(stored) == IMPLICIT_LE
     row = gw.index.instance(str(ds.SOPInstanceUID))
     assert row is not None and row["transfer_syntax_uid"] == EXPLICIT_LE
+
+
+def test_watched_folder_explicit_data_set_under_implicit_meta_is_relabelled(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    watch = tmp_path / "drop"
+    gw = gateway({"ingest": {"watch": str(watch), "settle": 0.2, "poll_interval": 0.1}})
+    ds, data = explicit_data_set(".25")
+    watch.mkdir(exist_ok=True)
+    (watch / "mislabelled.dcm").write_bytes(mislabelled_part10(ds, data, IMPLICIT_LE))
+    wait_until(
+        lambda: gw.index.instance(str(ds.SOPInstanceUID)) is not None, 30, "the folder ingest"
+    )
+    path = stored_file(gw, str(ds.SOPInstanceUID))
+    assert path.read_bytes().endswith(data)
+    stored = read_strictly(path)
+    assert stored.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert declared_syntax(stored) == IMPLICIT_LE
