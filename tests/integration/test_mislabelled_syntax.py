@@ -103,23 +103,50 @@ def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.stop()
 
 
+def routed_to(gateway: Gateway, pacs: StoreSCP) -> GatewayProcess:
+    """A gateway sending every MR instance on to ``pacs``."""
+    pacs_destination = {"type": "dimse", "ae_title": "PACS", "host": "127.0.0.1"}
+    return gateway(
+        {
+            "destinations": {"pacs": {**pacs_destination, "port": pacs.port}},
+            "routes": [{"name": "mr", "match": {"Modality": "MR"}, "to": ["pacs"]}],
+        }
+    )
+
+
+def store_all(
+    gw: GatewayProcess, syntax: str, sop_class: str, sent: list[tuple[str, list[bytes]]]
+) -> None:
+    """C-STOREs of (SOP Instance UID, data set fragments) on one ``syntax`` context."""
+    with RawPeer(gw.dimse_port) as peer:
+        peer.associate(gw.ae_title, [(1, sop_class, [syntax])])
+        assert peer.accepted == {1: syntax}
+        for sop, fragments in sent:
+            assert c_store_in(peer, sop_class, sop, fragments) == STATUS_SUCCESS
+        peer.release()
+
+
+def assert_relabelled(
+    gw: GatewayProcess, sop: str, sent_data: bytes, stored: str, declared: str
+) -> pydicom.Dataset:
+    """Stored under ``stored`` with the data set bytes as received, ``declared`` kept in
+    the arrival record, readable without pydicom's warning; the stored data set."""
+    row = gw.index.instance(sop)
+    assert row is not None, gw.log_tail()
+    assert row["transfer_syntax_uid"] == stored
+    path = gw.stored_path(row)
+    assert path.read_bytes().endswith(sent_data)
+    ds = read_strictly(path)
+    assert ds.file_meta.TransferSyntaxUID == stored
+    assert declared_syntax(ds) == declared
+    return ds
+
+
 @needs_dcmtk
 def test_dimse_implicit_data_set_under_explicit_context_is_relabelled_and_forwarded(
     gateway: Gateway, pacs: StoreSCP
 ) -> None:
-    gw = gateway(
-        {
-            "destinations": {
-                "pacs": {
-                    "type": "dimse",
-                    "ae_title": "PACS",
-                    "host": "127.0.0.1",
-                    "port": pacs.port,
-                }
-            },
-            "routes": [{"name": "mr", "match": {"Modality": "MR"}, "to": ["pacs"]}],
-        }
-    )
+    gw = routed_to(gateway, pacs)
     ds, data = implicit_data_set(".5")
     tiny, tiny_data = implicit_data_set(".7")
     normal_path = bundled_file("MR_small.dcm")  # Explicit VR Little Endian, another instance
@@ -127,26 +154,22 @@ def test_dimse_implicit_data_set_under_explicit_context_is_relabelled_and_forwar
     normal_data = part10_data_set(normal_path)
     assert str(normal.SOPInstanceUID) != str(ds.SOPInstanceUID)
     sop_class = str(ds.SOPClassUID)
-    with RawPeer(gw.dimse_port) as peer:
-        peer.associate(gw.ae_title, [(1, sop_class, [EXPLICIT_LE])])
-        assert peer.accepted == {1: EXPLICIT_LE}
-        assert c_store_in(peer, sop_class, str(ds.SOPInstanceUID), [data]) == STATUS_SUCCESS
-        # First fragments shorter than an element header: decided once 6 bytes are in.
-        pieces = [tiny_data[:3], tiny_data[3:5], tiny_data[5:4000], tiny_data[4000:]]
-        assert c_store_in(peer, sop_class, str(tiny.SOPInstanceUID), pieces) == STATUS_SUCCESS
-        sent = c_store_in(peer, sop_class, str(normal.SOPInstanceUID), [normal_data])
-        assert sent == STATUS_SUCCESS
-        peer.release()
+    # The tiny one's first fragments are shorter than an element header: decided once 6
+    # bytes are in.
+    pieces = [tiny_data[:3], tiny_data[3:5], tiny_data[5:4000], tiny_data[4000:]]
+    store_all(
+        gw,
+        EXPLICIT_LE,
+        sop_class,
+        [
+            (str(ds.SOPInstanceUID), [data]),
+            (str(tiny.SOPInstanceUID), pieces),
+            (str(normal.SOPInstanceUID), [normal_data]),
+        ],
+    )
 
     for sop, sent_data in ((ds.SOPInstanceUID, data), (tiny.SOPInstanceUID, tiny_data)):
-        row = gw.index.instance(str(sop))
-        assert row is not None
-        assert row["transfer_syntax_uid"] == IMPLICIT_LE
-        path = gw.stored_path(row)
-        assert path.read_bytes().endswith(sent_data)  # data set bytes as received
-        stored = read_strictly(path)
-        assert stored.file_meta.TransferSyntaxUID == IMPLICIT_LE
-        assert declared_syntax(stored) == EXPLICIT_LE
+        stored = assert_relabelled(gw, str(sop), sent_data, IMPLICIT_LE, EXPLICIT_LE)
         assert stored.PixelData == ds.PixelData
 
     # A normal explicit instance is untouched: its syntax, its bytes, no declared syntax.
@@ -294,42 +317,23 @@ def test_dimse_explicit_data_set_under_implicit_context_is_relabelled_and_forwar
     """It had been refused with 0xC000 ("element (0008,0008) has length 1594179"). DCMTK's
     storescp aborts such an association; the gateway stores the image truthfully labelled,
     and the storescp destination then takes it."""
-    gw = gateway(
-        {
-            "destinations": {
-                "pacs": {
-                    "type": "dimse",
-                    "ae_title": "PACS",
-                    "host": "127.0.0.1",
-                    "port": pacs.port,
-                }
-            },
-            "routes": [{"name": "mr", "match": {"Modality": "MR"}, "to": ["pacs"]}],
-        }
-    )
+    gw = routed_to(gateway, pacs)
     ds, data = explicit_data_set(".15")
     tiny, tiny_data = explicit_data_set(".17")
     normal, normal_data = implicit_data_set(".19")  # Implicit VR as announced: untouched
-    sop_class = str(ds.SOPClassUID)
-    with RawPeer(gw.dimse_port) as peer:
-        peer.associate(gw.ae_title, [(1, sop_class, [IMPLICIT_LE])])
-        assert peer.accepted == {1: IMPLICIT_LE}
-        assert c_store_in(peer, sop_class, str(ds.SOPInstanceUID), [data]) == STATUS_SUCCESS
-        pieces = [tiny_data[:5], tiny_data[5:6], tiny_data[6:]]
-        assert c_store_in(peer, sop_class, str(tiny.SOPInstanceUID), pieces) == STATUS_SUCCESS
-        sent = c_store_in(peer, sop_class, str(normal.SOPInstanceUID), [normal_data])
-        assert sent == STATUS_SUCCESS
-        peer.release()
+    store_all(
+        gw,
+        IMPLICIT_LE,
+        str(ds.SOPClassUID),
+        [
+            (str(ds.SOPInstanceUID), [data]),
+            (str(tiny.SOPInstanceUID), [tiny_data[:5], tiny_data[5:6], tiny_data[6:]]),
+            (str(normal.SOPInstanceUID), [normal_data]),
+        ],
+    )
 
     for sop, sent_data in ((ds.SOPInstanceUID, data), (tiny.SOPInstanceUID, tiny_data)):
-        row = gw.index.instance(str(sop))
-        assert row is not None, gw.log_tail()
-        assert row["transfer_syntax_uid"] == EXPLICIT_LE
-        path = gw.stored_path(row)
-        assert path.read_bytes().endswith(sent_data)
-        stored = read_strictly(path)
-        assert stored.file_meta.TransferSyntaxUID == EXPLICIT_LE
-        assert declared_syntax(stored) == IMPLICIT_LE
+        stored = assert_relabelled(gw, str(sop), sent_data, EXPLICIT_LE, IMPLICIT_LE)
         assert stored.PixelData == ds.PixelData
     row = gw.index.instance(str(normal.SOPInstanceUID))
     assert row is not None and row["transfer_syntax_uid"] == IMPLICIT_LE
@@ -352,13 +356,7 @@ def test_stow_part10_explicit_data_set_under_implicit_meta_is_relabelled(
     ds, data = explicit_data_set(".15")
     r = post(gw, multipart([mislabelled_part10(ds, data, IMPLICIT_LE)]))
     assert r.status_code == 200, r.text
-    path = stored_file(gw, str(ds.SOPInstanceUID))
-    assert path.read_bytes().endswith(data)
-    stored = read_strictly(path)
-    assert stored.file_meta.TransferSyntaxUID == EXPLICIT_LE
-    assert declared_syntax(stored) == IMPLICIT_LE
-    row = gw.index.instance(str(ds.SOPInstanceUID))
-    assert row is not None and row["transfer_syntax_uid"] == EXPLICIT_LE
+    assert_relabelled(gw, str(ds.SOPInstanceUID), data, EXPLICIT_LE, IMPLICIT_LE)
 
 
 def test_watched_folder_explicit_data_set_under_implicit_meta_is_relabelled(
@@ -372,8 +370,4 @@ def test_watched_folder_explicit_data_set_under_implicit_meta_is_relabelled(
     wait_until(
         lambda: gw.index.instance(str(ds.SOPInstanceUID)) is not None, 30, "the folder ingest"
     )
-    path = stored_file(gw, str(ds.SOPInstanceUID))
-    assert path.read_bytes().endswith(data)
-    stored = read_strictly(path)
-    assert stored.file_meta.TransferSyntaxUID == EXPLICIT_LE
-    assert declared_syntax(stored) == IMPLICIT_LE
+    assert_relabelled(gw, str(ds.SOPInstanceUID), data, EXPLICIT_LE, IMPLICIT_LE)
