@@ -90,8 +90,8 @@ class IngestJob:
     # STOW-RS to /studies/{uid}: the instance must belong to that study (PS3.18 10.5.1).
     expected_study_uid: str | None = None
     # The syntax the sender announced, when ``transfer_syntax`` (the file meta's) differs:
-    # an Implicit VR data set sent as Explicit VR Little Endian (store/scan.py
-    # stored_transfer_syntax).
+    # a data set sent in the other VR encoding than its Little Endian syntax says
+    # (store/scan.py stored_transfer_syntax).
     declared_transfer_syntax: str = ""
     # Set by the scan: an Implicit VR data set under an explicit syntax that could not be
     # relabelled (big endian, deflated, encapsulated); stored as received.

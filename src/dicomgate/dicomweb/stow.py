@@ -80,16 +80,19 @@ class _Staged:
     spool: SpoolFile
     data_offset: int
     sniffed: Sniffed
-    # The part's own syntax, when its data set is in the other VR encoding (Implicit VR
-    # under Explicit VR Little Endian, or the reverse): the stored file says the syntax
-    # of its bytes, ``stored`` (store/scan.py stored_transfer_syntax).
-    declared_transfer_syntax: str = ""
+    # The syntax of the stored file's meta when it is not the part's own: a data set in
+    # the other VR encoding (store/scan.py stored_transfer_syntax); "" otherwise.
     stored: str = ""
 
     @property
     def transfer_syntax(self) -> str:
         """The syntax of the stored file's meta."""
         return self.stored or self.sniffed.transfer_syntax
+
+    @property
+    def declared_transfer_syntax(self) -> str:
+        """The part's own syntax when the stored file says another; "" otherwise."""
+        return self.sniffed.transfer_syntax if self.stored else ""
 
 
 @dataclass
@@ -178,14 +181,13 @@ class _Stager:
             )
             self._skip = True
             return
-        declared = ""
         syntax = stored_transfer_syntax(
             sniffed.transfer_syntax, head[sniffed.data_offset : sniffed.data_offset + 6]
         )
+        relabelled = syntax != sniffed.transfer_syntax
         private = self.private
-        if syntax != sniffed.transfer_syntax:
-            declared = sniffed.transfer_syntax
-            private = arrival_json("", "", self.source_ip, "stow", declared)
+        if relabelled:
+            private = arrival_json("", "", self.source_ip, "stow", sniffed.transfer_syntax)
         spool = self.store.new_spool(write_behind=True)
         try:
             header = encode_file_meta(
@@ -200,7 +202,7 @@ class _Stager:
             spool.discard()
             raise
         self._spool = spool
-        self.add(_Staged(spool, len(header), sniffed, declared, syntax))
+        self.add(_Staged(spool, len(header), sniffed, syntax if relabelled else ""))
 
     def add(self, staged: _Staged) -> None:
         """Stage a part; past the first COPIES_PER_REQUEST, its spool file keeps no

@@ -92,13 +92,22 @@ class DimseMessages:
                 else:
                     incoming.identifier += data
             return
+        DimseMessages._spool_write(incoming, data, last=False)
+
+    @staticmethod
+    def _spool_write(incoming: _Incoming, data: bytes | memoryview, last: bool) -> None:
+        """Data set bytes to the spool file, the file meta first once it can be decided
+        (:meth:`_start_file`); a store error drops the spool file and is kept for the
+        answer."""
+        assert incoming.spool is not None
         try:
             if incoming.file_meta is not None:
-                started = DimseMessages._start_file(incoming, data, last=False)
+                started = DimseMessages._start_file(incoming, data, last)
                 if started is None:
                     return
                 data = started
-            incoming.spool.write(data)
+            if data:
+                incoming.spool.write(data)
         except StoreError as exc:
             incoming.spool.discard()
             incoming.spool = None
@@ -294,14 +303,7 @@ class DimseMessages:
             return
         if incoming.file_meta is not None and incoming.spool is not None:
             # A data set shorter than an element header: written as is, the scan refuses it.
-            try:
-                rest = self._start_file(incoming, b"", last=True)
-                if rest:
-                    incoming.spool.write(rest)
-            except StoreError as exc:
-                incoming.spool.discard()
-                incoming.spool = None
-                incoming.error = exc
+            self._spool_write(incoming, b"", last=True)
         error = incoming.error
         if error is None and incoming.spool is not None:
             sop_class, _ = assoc.contexts[incoming.context_id]

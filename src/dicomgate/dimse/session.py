@@ -103,13 +103,14 @@ class Incoming:
     command: Command
     spool: SpoolFile | None  # None: refused up front, the data set is read and dropped
     data_offset: int = 0
-    # The syntax written in the file meta: the context's, or Implicit VR Little Endian
-    # for an implicit data set on an Explicit VR Little Endian context (then the context's
-    # is ``declared_transfer_syntax``; store/scan.py stored_transfer_syntax).
+    # The syntax written in the file meta: the context's, or the other Little Endian one
+    # for a data set in the other VR encoding (then the context's is
+    # ``declared_transfer_syntax``; store/scan.py stored_transfer_syntax).
     transfer_syntax: str = ""
     declared_transfer_syntax: str = ""
     # The file meta, for the syntax to write and the declared one, while it waits for the
-    # first bytes of the data set (Explicit VR Little Endian contexts); None once written.
+    # first bytes of the data set (Implicit and Explicit VR Little Endian contexts); None
+    # once written.
     file_meta: Callable[[str, str], bytes] | None = None
     head: bytearray | None = None  # first fragments shorter than an element header
     error: DicomgateError | None = None

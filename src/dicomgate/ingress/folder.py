@@ -97,7 +97,12 @@ class _Prepared:
     size: int
     already: bool  # the same bytes are stored under this SOP Instance UID already
     transfer_syntax: str  # of the stored file's meta (stored_transfer_syntax)
-    declared_transfer_syntax: str  # the file's own, when it differs: "" otherwise
+
+    @property
+    def declared_transfer_syntax(self) -> str:
+        """The file's own syntax when the stored file says another; "" otherwise."""
+        own = self.sniffed.transfer_syntax
+        return own if own != self.transfer_syntax else ""
 
 
 class _Stopping(Exception):
@@ -450,14 +455,14 @@ class FolderWatcher:
 
     def _spool(self, fh: IO[bytes], head: bytes, sniffed: Sniffed) -> _Prepared:
         store = self.ingestor.store
-        declared = ""
         syntax = stored_transfer_syntax(
             sniffed.transfer_syntax, head[sniffed.data_offset : sniffed.data_offset + 6]
         )
         arrival = self._arrival
         if syntax != sniffed.transfer_syntax:  # a data set in the other VR encoding
-            declared = sniffed.transfer_syntax
-            arrival = arrival_json(self.config.calling_ae, self.called_ae, "", "folder", declared)
+            arrival = arrival_json(
+                self.config.calling_ae, self.called_ae, "", "folder", sniffed.transfer_syntax
+            )
         header = encode_file_meta(
             sniffed.sop_class_uid,
             sniffed.sop_instance_uid,
@@ -479,7 +484,7 @@ class FolderWatcher:
             spool.discard()
             raise
         already = self._already_stored(sniffed.sop_instance_uid, spool.sha256)
-        return _Prepared(spool, len(header), sniffed, size, already, syntax, declared)
+        return _Prepared(spool, len(header), sniffed, size, already, syntax)
 
     def _already_stored(self, sop_instance_uid: str, sha256: str) -> bool:
         """Is this exact file (same bytes, same arrival) in the store already?"""

@@ -66,7 +66,7 @@ def explicit_under_implicit(first: bytes | memoryview) -> bool:
     """True when a data set whose first bytes are ``first`` (at least 6) is in Explicit VR
     although its transfer syntax says Implicit VR Little Endian: a VR stands where the
     first element's length is. The reverse slip of :func:`implicit_under_explicit`;
-    pydicom and DCMTK read such a data set the same way."""
+    pydicom reads such a data set the same way (DCMTK's storescp aborts the association)."""
     return bytes(first[4:6]) in _VR_NAMES_KNOWN
 
 
