@@ -183,9 +183,14 @@ class Gateway:
         audit_config = self.config.audit
         if audit_config.node_name is None:
             audit_config = audit_config.model_copy(update={"node_name": self.node})
-        self.observability = Observability(self.config.metrics, audit_config, self.index.engine)
-        self.observability.install()
         self.node_dir.mkdir(parents=True, exist_ok=True)
+        self.observability = Observability(
+            self.config.metrics,
+            audit_config,
+            self.index.engine,
+            audit_journal=self.node_dir / "audit-journal.jsonl",
+        )
+        self.observability.install()
         self.marker = RunMarker(self.node_dir)
         self.router = Router.compile(self.config.routes, self.config.destinations)
         self.queue = JobQueue(

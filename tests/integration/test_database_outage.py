@@ -19,7 +19,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -228,4 +230,62 @@ def test_deliveries_sent_meanwhile_are_recorded_when_it_is_back(
     assert gw.log_count("delivery.timer_error") == 1
     assert gw.log_count("notify.disconnected") == 1
     assert gw.log_count("delivery.worker_error") == 0
+    _no_traceback(gw)
+
+
+def _audit_rows(gw: GatewayProcess, event: str, since: str) -> list[dict[str, Any]]:
+    status, body = gw.http_get(f"/api/audit?event={event}&since={since}&limit=1000")
+    assert status == 200, body
+    return list(body["events"])
+
+
+def test_audit_events_meanwhile_wait_on_disk_and_are_written_when_it_is_back(
+    gateway: Gateway, own_database: tuple[str, str]
+) -> None:
+    """Associations accepted and refused while the database is cut off are audited once it
+    answers again, in the running gateway and across a stop during the outage; none is
+    lost (before, each batch was dropped after three tries)."""
+    name, url = own_database
+    gw = gateway({"database": {"url": url}})
+    journal = gw.node_dir / "audit-journal.jsonl"
+    since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+    def journaled() -> int:
+        _, body = gw.http_get("/readyz")
+        return int(body["details"]["audit"]["journaled"]) if body else -1
+
+    pg_cut_off(name, allow=False)
+    try:
+        for _ in range(3):
+            assert gw.echoscu().returncode == 0
+        assert gw.echoscu(called="NOT-US").returncode != 0
+        wait_until(lambda: journaled() >= 4, 30, "the outage's audit events kept on disk")
+        assert journal.exists()
+        gw.wait_log("audit.journaling")
+    finally:
+        pg_cut_off(name, allow=True)
+    wait_until(lambda: journaled() == 0, 30, "the journal written to the database")
+    assert not journal.exists()
+    gw.wait_log("audit.journal_replayed")
+    assert len(_audit_rows(gw, "association.accepted", since)) >= 3
+    (rejected,) = _audit_rows(gw, "association.rejected", since)
+    assert rejected["object"] == "NOT-US" and rejected["outcome"] == "failure"
+
+    # Cut off again and stop meanwhile: what waits is written by the next start.
+    pg_cut_off(name, allow=False)
+    try:
+        assert gw.echoscu(called="STILL-NOT-US").returncode != 0
+        wait_until(lambda: journaled() >= 1, 30, "the second outage's event kept on disk")
+        assert gw.terminate() == 0, gw.log_tail()
+        assert journal.exists()  # application.stop joined it on the way out
+    finally:
+        pg_cut_off(name, allow=True)
+    gw.restart()
+    wait_until(lambda: not journal.exists(), 30, "the journal written after the restart")
+    refused = _audit_rows(gw, "association.rejected", since)
+    assert sorted(r["object"] for r in refused) == ["NOT-US", "STILL-NOT-US"]
+    assert len(_audit_rows(gw, "application.stop", since)) == 1
+    status, body = gw.http_get("/readyz")
+    assert status == 200 and body["details"]["audit"]["dropped"] == 0, body
+    assert gw.log_count("audit.write_failed") == 0
     _no_traceback(gw)

@@ -125,14 +125,16 @@ def test_database_outage_makes_readyz_503_naming_database_and_queue(
         assert body["checks"]["queue"].startswith("failed: ")
         assert body["checks"]["store"] == body["checks"]["dimse"] == "ok"
         # An audit event meanwhile (the C-ECHO's association) cannot be written: the
-        # writer says so until the database answers again.
+        # writer says so until the database answers again, and keeps it on disk.
         echo = gw.echoscu()
         assert echo.returncode == 0, echo.stdout
         wait_until(lambda: "audit" in ready(gw)[1]["failing"], 15, "the audit writer failing")
-        assert ready(gw)[1]["details"]["audit"]["dropped"] >= 1
+        audit = ready(gw)[1]["details"]["audit"]
+        assert audit["journaled"] >= 1 and audit["dropped"] == 0, audit
     finally:
         pg_cut_off(name, allow=True)
     wait_until(lambda: ready(gw)[0] == 200, 20, "ready again once the database is back")
     body = ready(gw)[1]
     assert body["status"] == "ready" and body["failing"] == []
+    wait_until(lambda: ready(gw)[1]["details"]["audit"]["journaled"] == 0, 10, "journal written")
     assert gw.running()

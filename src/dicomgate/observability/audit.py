@@ -8,7 +8,9 @@ name and the study UID of the instances received and delivered. Rows are written
   has its audit row, at the cost of one insert per study and batch;
 - for everything else, by a writer thread that batches events (:meth:`AuditTrail.record`,
   non-blocking, safe from any thread and from the event loop): a few rows per second in
-  one short transaction.
+  one short transaction. While the database is away, these rows go to a journal file in
+  the node's directory (:mod:`dicomgate.observability.audit_journal`) and are inserted,
+  in order, once it answers again.
 
 Every row can also be sent to an ATNA audit repository (:mod:`dicomgate.observability.atna`)
 by the writer thread. Rows older than ``audit.keep_for`` are deleted in batches.
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, insert, select
@@ -36,6 +39,7 @@ from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index.schema import audit_event
+from dicomgate.observability.audit_journal import AuditJournal, JournalFull
 
 log = logging.getLogger("dicomgate.audit")
 
@@ -45,7 +49,8 @@ _BATCH = 500  # rows per insert transaction
 _FLUSH_EVERY = 0.5  # seconds the writer waits to gather a batch
 _PRUNE_EVERY = 3600.0  # seconds between two retention sweeps
 _PRUNE_BATCH = 2000  # rows deleted per transaction
-_BACKLOG_MAX = 100_000  # events held while the database is down; more are dropped (counted)
+_BACKLOG_MAX = 100_000  # events queued for the writer; more are dropped (counted)
+_JOURNAL_MAX_BYTES = 1 << 30  # events kept on disk while the database is away (~2M events)
 _DETAIL_MAX = 16_000  # characters of the JSON detail kept
 _RECHECK_EVERY = 2.0  # seconds between two looks at a database that failed a write
 
@@ -98,9 +103,10 @@ class AuditHealth:
 
     alive: bool  # the writer thread runs
     backlog: int  # events queued, not yet written (or forwarded)
-    dropped: int  # events lost since start: database writes that failed, backlog full
+    dropped: int  # events lost since start: backlog full, journal full or unwritable
     error: str | None  # the last database write's error, None once writing works
     failing_since: datetime | None
+    journaled: int = 0  # events kept on disk until the database takes them
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,8 @@ class AuditTrail:
         on_failure: Callable[[str], None] | None = None,
         on_idle: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        journal: Path | None = None,
+        journal_max_bytes: int = _JOURNAL_MAX_BYTES,
     ) -> None:
         self._engine = engine
         self.node = node or socket.gethostname()
@@ -155,6 +163,9 @@ class AuditTrail:
         self._failing_since: datetime | None = None
         self._dropped = 0
         self._last_recheck = 0.0
+        # Without a journal (tests of one function), rows the database refuses are dropped.
+        self._journal = None if journal is None else AuditJournal(journal, journal_max_bytes)
+        self._journaling = False  # said so in the log during this outage
 
     # -- writing ------------------------------------------------------------------------
 
@@ -181,6 +192,7 @@ class AuditTrail:
             dropped=self._dropped,
             error=self._write_error,
             failing_since=self._failing_since,
+            journaled=0 if self._journal is None else self._journal.pending,
         )
 
     def record(self, *events: AuditEvent) -> None:
@@ -248,32 +260,8 @@ class AuditTrail:
 
     def _write(self, items: list[tuple[AuditEvent, bool]]) -> None:
         new = [event for event, stored in items if not stored]
-        try:
-            if new:
-                for attempt in range(3):
-                    try:
-                        self._insert(self.rows(new))
-                        break
-                    except IndexUnavailable:
-                        if attempt == 2:
-                            raise
-                        time.sleep(0.2 * (attempt + 1))
-                self._write_error = self._failing_since = None
-                if self._on_recorded is not None:
-                    for event in new:
-                        self._on_recorded(event.event)
-        except Exception as exc:  # the writer thread must survive the database going away
-            self._failed(exc)
-            self._dropped += len(new)
-            log.error(
-                "cannot write %d audit events: %s",
-                len(new),
-                exc,
-                extra={"event": "audit.write_failed", "events": len(new)},
-            )
-            if self._on_failure is not None:
-                for _ in new:
-                    self._on_failure("database")
+        if new:
+            self._keep(new)
         if self._forward is not None:
             try:
                 self._forward([event for event, _ in items])
@@ -289,6 +277,136 @@ class AuditTrail:
         with self._backlog_lock:
             self._backlog -= len(items)
 
+    def _keep(self, new: list[AuditEvent]) -> None:
+        """Insert ``new``; while the database is away (or earlier rows still wait in the
+        journal, which keeps the order), append them to the journal instead."""
+        journal = self._journal
+        if journal is not None and journal.pending:
+            if self._database_answers():
+                self._replay()
+            if journal.pending:
+                self._spill(new)
+                return
+        try:
+            for attempt in range(3):
+                try:
+                    self._insert(self.rows(new))
+                    break
+                except IndexUnavailable:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
+            self._write_error = self._failing_since = None
+            self._counted([event.event for event in new])
+        except Exception as exc:  # the writer thread must survive the database going away
+            self._failed(exc)
+            if journal is not None:
+                self._spill(new)
+            else:
+                self._lose(len(new), str(exc))
+
+    def _spill(self, new: list[AuditEvent]) -> None:
+        assert self._journal is not None
+        try:
+            self._journal.append(self.rows(new))
+        except (JournalFull, OSError) as exc:
+            self._lose(len(new), f"{self._write_error or 'database unavailable'}; journal: {exc}")
+            return
+        if not self._journaling:
+            self._journaling = True
+            log.warning(
+                "audit events wait in %s until the database answers: %s",
+                self._journal.path,
+                self._write_error,
+                extra={"event": "audit.journaling", "journal": str(self._journal.path)},
+            )
+
+    def _replay(self) -> None:
+        """Insert the journaled rows (oldest first); on failure they stay for later."""
+        journal = self._journal
+        assert journal is not None
+        waiting = journal.pending
+
+        def insert(rows: list[dict[str, Any]]) -> None:
+            try:
+                self._insert(rows)
+            except IndexUnavailable:
+                if not self._probe():
+                    raise
+                self._insert_one_by_one(rows)  # the database answers: a row it refuses
+                return
+            self._counted([str(row["event"]) for row in rows])
+
+        try:
+            unreadable = journal.replay(insert, _BATCH)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._write_error = self._failing_since = None
+        self._journaling = False
+        if unreadable:
+            self._lose(unreadable, f"{unreadable} unreadable lines in {journal.path}")
+        log.info(
+            "wrote %d audit events kept on disk while the database was away",
+            waiting - unreadable,
+            extra={"event": "audit.journal_replayed", "events": waiting - unreadable},
+        )
+
+    def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` each in its own transaction, dropping (counted) those the
+        database refuses while it answers (PostgreSQL refuses a NUL character in text):
+        one such row must not hold back the journal for ever."""
+        for row in rows:
+            try:
+                self._insert([row])
+            except IndexUnavailable as exc:
+                if not self._probe():
+                    raise
+                self._lose(1, f"the database refuses a {row['event']} row: {exc}")
+            else:
+                self._counted([str(row["event"])])
+
+    def _database_answers(self) -> bool:
+        """True unless the last write failed and a look (every 2 s at most) says it still
+        does."""
+        if self._write_error is None:
+            return True
+        now = time.monotonic()
+        if now - self._last_recheck < _RECHECK_EVERY:
+            return False
+        self._last_recheck = now
+        if not self._probe():
+            return False
+        self._write_error = self._failing_since = None
+        return True
+
+    def _probe(self) -> bool:
+        """Whether the audit table answers a read now."""
+        try:
+            with self._transaction() as connection:
+                connection.execute(select(audit_event.c.id).limit(1)).all()
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def _counted(self, kinds: list[str]) -> None:
+        if self._on_recorded is not None:
+            for kind in kinds:
+                self._on_recorded(kind)
+
+    def _lose(self, count: int, why: str) -> None:
+        self._dropped += count
+        log.error(
+            "cannot write %d audit events: %s",
+            count,
+            why,
+            extra={"event": "audit.write_failed", "events": count},
+        )
+        if self._on_failure is not None:
+            for _ in range(count):
+                self._on_failure("database")
+
     def _failed(self, exc: BaseException) -> None:
         if self._failing_since is None:
             self._failing_since = self._clock()
@@ -297,15 +415,9 @@ class AuditTrail:
     def _idle(self) -> None:
         """Nothing to write: prune, look again at a database that failed, run ``on_idle``."""
         self._maybe_prune()
-        now = time.monotonic()
-        if self._write_error is not None and now - self._last_recheck >= _RECHECK_EVERY:
-            self._last_recheck = now
-            try:  # the table answers again: the next events will be written
-                with self._transaction() as connection:
-                    connection.execute(select(audit_event.c.id).limit(1)).all()
-                self._write_error = self._failing_since = None
-            except Exception as exc:
-                self._failed(exc)
+        answers = self._database_answers()
+        if answers and self._journal is not None and self._journal.pending:
+            self._replay()  # after an outage, or left by a run that stopped during one
         if self._on_idle is not None:
             try:
                 self._on_idle()

@@ -83,7 +83,11 @@ def _audit(gateway: Gateway) -> Check | None:
     if trail is None:
         return None
     health = trail.health()
-    info: dict[str, Any] = {"backlog": health.backlog, "dropped": health.dropped}
+    info: dict[str, Any] = {
+        "backlog": health.backlog,
+        "dropped": health.dropped,
+        "journaled": health.journaled,
+    }
     if health.failing_since is not None:
         info["failing_since"] = _iso(health.failing_since)
     if not health.alive:

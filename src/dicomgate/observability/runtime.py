@@ -25,9 +25,16 @@ if TYPE_CHECKING:
 
 class Observability:
     """Owns :class:`Metrics`, the :class:`AuditTrail` (None when ``audit.enabled`` is
-    false) and the :class:`EventHandler` on the ``dicomgate`` logger."""
+    false) and the :class:`EventHandler` on the ``dicomgate`` logger. Audit rows the
+    database cannot take wait in ``audit_journal`` (a file) until it can."""
 
-    def __init__(self, metrics_config: MetricsConfig, audit_config: AuditConfig, engine: Engine):
+    def __init__(
+        self,
+        metrics_config: MetricsConfig,
+        audit_config: AuditConfig,
+        engine: Engine,
+        audit_journal: Path | None = None,
+    ):
         self.metrics_config = metrics_config
         self.node = audit_config.node_name or socket.gethostname()
         self.metrics = Metrics(max_label_values=metrics_config.max_label_values)
@@ -45,6 +52,7 @@ class Observability:
                 on_recorded=lambda kind: self.metrics.audit_events.labels(kind).inc(),
                 on_failure=lambda sink: self.metrics.audit_failures.labels(sink).inc(),
                 on_idle=self.syslog.probe_if_failing if self.syslog is not None else None,
+                journal=audit_journal,
             )
         self.handler = EventHandler(self.metrics, self.audit)
         self._logger = logging.getLogger("dicomgate")
