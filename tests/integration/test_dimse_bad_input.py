@@ -189,8 +189,9 @@ class RawPeer:
         contexts: list[tuple[int, str, list[str]]],
         max_pdu: int = 65536,
         user_items: bytes = b"",
+        calling: str = "RAWPEER",
     ) -> None:
-        self.send(associate_rq(called, "RAWPEER", contexts, max_pdu, user_items))
+        self.send(associate_rq(called, calling, contexts, max_pdu, user_items))
         answer = self.read_pdu()
         assert answer.pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got {answer}"
         pos = 68

@@ -314,6 +314,16 @@ def test_fail_reschedules_with_backoff_and_keeps_the_error(
     assert 1.6 <= (row["not_before"] - clock.now).total_seconds() <= 2.4
 
 
+def test_an_error_with_a_nul_is_recorded(index: Index, queue: JobQueue) -> None:
+    """A peer's error comment may hold a NUL (PostgreSQL refuses one in text): the failure
+    is still recorded, the NUL made a space, on both databases."""
+    store(index, "8.2", NewJob("pacs", "r"))
+    job = lease_one(queue)
+    assert queue.fail(job, "0xA700: disk\x00full") is JobState.PENDING
+    row = queue.get(job.id)
+    assert row is not None and row["last_error"] == "0xA700: disk full"
+
+
 def test_max_attempts_dead_letters(index: Index, clock: Clock) -> None:
     queue = make_queue(index, clock, max_attempts=2)
     store(index, "9.1", NewJob("pacs", "r"))

@@ -128,8 +128,9 @@ def parse_associate_rq(body: bytes) -> AssociateRQ:
     (version,) = struct.unpack_from(">H", body, 0)
     raw_called, raw_calling = body[4:20], body[20:36]
     rq = AssociateRQ(
-        called_ae=raw_called.decode("ascii", "replace").strip(),
-        calling_ae=raw_calling.decode("ascii", "replace").strip(),
+        # Spaces pad an AE title (PS3.8 9.3.2); some senders pad with NULs instead.
+        called_ae=raw_called.decode("ascii", "replace").strip(" \x00"),
+        calling_ae=raw_calling.decode("ascii", "replace").strip(" \x00"),
         protocol_version=version,
         raw_called_ae=raw_called,
         raw_calling_ae=raw_calling,

@@ -23,7 +23,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
 
 from dicomgate.errors import InvalidInstance
-from dicomgate.index.schema import COLUMN_LENGTHS
+from dicomgate.index.schema import COLUMN_LENGTHS, storable
 
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 _DATE_RE = re.compile(r"^\d{8}$")
@@ -180,12 +180,17 @@ def nameable_uid(value: str) -> bool:
 
 
 def _fit(table: str, row: dict[str, Any]) -> dict[str, Any]:
-    """Truncate strings to the column widths of ``table``."""
+    """Strings as ``table`` keeps them: NULs inside made spaces (:func:`storable`), cut to
+    the column widths."""
     lengths = COLUMN_LENGTHS[table]
     for column, value in row.items():
+        if not isinstance(value, str):
+            continue
+        value = storable(value)
         limit = lengths.get(column)
-        if limit is not None and isinstance(value, str) and len(value) > limit:
-            row[column] = value[:limit].rstrip()
+        if limit is not None and len(value) > limit:
+            value = value[:limit].rstrip()
+        row[column] = value
     return row
 
 

@@ -296,7 +296,16 @@ Index("ix_audit_event_actor_time", audit_event.c.actor, audit_event.c.time)
 Index("ix_audit_event_study_uid", audit_event.c.study_uid)
 Index("ix_audit_event_patient_id", audit_event.c.patient_id)
 
+
 # Widths of the string columns, for truncation at extraction time.
+def storable(text: str) -> str:
+    """``text`` as every index database keeps it: PostgreSQL refuses a NUL character in a
+    text value (the whole transaction fails), so each one becomes a space, on SQLite too so
+    both answer alike. Senders put NULs inside values (a slip: PS3.5 allows one only as a
+    UI's trailing padding); the instance's own file keeps its bytes as received."""
+    return text.replace("\x00", " ") if "\x00" in text else text
+
+
 COLUMN_LENGTHS: dict[str, dict[str, int]] = {
     table.name: {
         column.name: column.type.length

@@ -38,7 +38,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexUnavailable
-from dicomgate.index.schema import audit_event
+from dicomgate.index.schema import audit_event, storable
 from dicomgate.observability.audit_journal import AuditJournal, JournalFull
 
 log = logging.getLogger("dicomgate.audit")
@@ -60,7 +60,7 @@ def _utcnow() -> datetime:
 
 
 def _cut(value: str | None, size: int) -> str | None:
-    return None if value is None else value[:size]
+    return None if value is None else storable(value[:size])
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,12 @@ class AuditEvent:
             detail = json.dumps(self.detail, default=str, ensure_ascii=False)[:_DETAIL_MAX]
         return {
             "time": self.time,
-            "event": self.event[:64],
-            "outcome": self.outcome[:16],
-            "actor": (self.actor or "")[:64],
-            "source_ip": (self.source_ip or "")[:45],
-            "node": node[:64],
-            "object": (self.object or "")[:1024],
+            "event": storable(self.event[:64]),
+            "outcome": storable(self.outcome[:16]),
+            "actor": storable((self.actor or "")[:64]),
+            "source_ip": storable((self.source_ip or "")[:45]),
+            "node": storable(node[:64]),
+            "object": storable((self.object or "")[:1024]),
             "study_uid": _cut(self.study_uid, 128),
             "patient_id": _cut(self.patient_id, 64),
             "patient_name": _cut(self.patient_name, 194),

@@ -66,6 +66,7 @@ from dicomgate.index.schema import (
     instance,
     series,
     stable_timer,
+    storable,
     study,
 )
 from dicomgate.queue.models import QueueConfig, RetryPolicy
@@ -447,13 +448,13 @@ class JobQueue:
                     state=state.value,
                     not_before=not_before,
                     lease_until=None,
-                    last_error=error[:_ERROR_MAX],
+                    last_error=storable(error[:_ERROR_MAX]),
                     updated_at=now,
                 )
             )
             outcome = AttemptOutcome.DEAD if state is JobState.DEAD else AttemptOutcome.FAILED
             connection.execute(
-                _RECORD_ATTEMPTS, _attempt_row(job, outcome, error[:_ERROR_MAX], now)
+                _RECORD_ATTEMPTS, _attempt_row(job, outcome, storable(error[:_ERROR_MAX]), now)
             )
         if state is JobState.DEAD:
             log.warning(
