@@ -573,18 +573,18 @@ class Ingestor:
                 continue
             if job.declared_transfer_syntax or job.mislabelled:
                 _log_mislabelled(job, sop)
-            log.info(
-                "stored",
-                extra={
-                    "event": "instance.stored",
-                    "sop": sop,
-                    "bytes": item.size,
-                    "calling_ae": job.calling_ae,
-                    "via": job.received_via,
-                    "replaced": result.outcome is Outcome.REPLACED,
-                    "seconds": round(seconds, 6),
-                },
-            )
+            extra = {
+                "event": "instance.stored",
+                "sop": sop,
+                "bytes": item.size,
+                "calling_ae": job.calling_ae,
+                "via": job.received_via,
+                "replaced": result.outcome is Outcome.REPLACED,
+                "seconds": round(seconds, 6),
+            }
+            if item.record.undecodable:  # names only, never the values (PHI)
+                extra["undecodable"] = ",".join(item.record.undecodable)
+            log.info("stored", extra=extra)
 
 
 _LINES_IDLE = 0.002  # seconds without work before waiting instance.stored lines are logged

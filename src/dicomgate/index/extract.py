@@ -42,6 +42,9 @@ class InstanceRecord:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str
+    # Columns whose value did not decode in the declared character set (kept with U+FFFD
+    # in place of what did not): the instance.stored line names them.
+    undecodable: tuple[str, ...] = ()
 
 
 def extract_record(ds: Dataset) -> InstanceRecord:
@@ -107,15 +110,24 @@ def extract_record(ds: Dataset) -> InstanceRecord:
         "number_of_frames": _integer(ds, 0x00280008),
         "specific_character_set": _ascii(ds, _SPECIFIC_CHARACTER_SET),
     }
+    rows = {
+        "patient": _fit("patient", patient),
+        "study": _fit("study", study),
+        "series": _fit("series", series),
+        "instance": _fit("instance", instance),
+    }
     return InstanceRecord(
-        patient=_fit("patient", patient),
-        study=_fit("study", study),
-        series=_fit("series", series),
-        instance=_fit("instance", instance),
+        **rows,
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
+        undecodable=tuple(
+            f"{table}.{column}"
+            for table, row in rows.items()
+            for column, value in row.items()
+            if isinstance(value, str) and "\ufffd" in value and not column.endswith("_search")
+        ),
     )
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from typing import Any
 
 from dicomgate.errors import DicomgateError, one_line
@@ -83,9 +84,18 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger().handlers[:] = [others]
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Python warnings (pydicom's about odd values) too: printed bare to stderr, with the
-    # warning's source line, they broke a JSON log into lines that are not JSON.
+    # Python warnings too: printed bare to stderr, with the warning's source line, they
+    # broke a JSON log into lines that are not JSON.
     logging.captureWarnings(True)
+    # pydicom's warnings are about values of the instances it reads ("Failed to decode byte
+    # string with encoding 'UTF8'", "Invalid value for VR DA: '...'"), twice over (its
+    # logger and a Python warning): they name no instance, so no one can act on them, and
+    # some quote the value, which may be patient data (rule 5). The gateway stores values
+    # as received and says what it could not read where it can name the instance (the
+    # ``undecodable`` field of instance.stored).
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
 
 
 class Outage:

@@ -1,4 +1,6 @@
-"""A NUL character inside a value: stored, indexed and found, on SQLite and PostgreSQL.
+"""Text values a sender got wrong: stored, indexed and found, and a log without noise.
+
+A NUL character inside a value, on SQLite and PostgreSQL:
 
 PS3.5 allows NUL only as the trailing padding of a UI value; senders still put one inside
 a name or an ID, or pad an AE title with NULs. PostgreSQL refuses a NUL in any text value,
@@ -6,6 +8,10 @@ and before the fix such an instance failed its whole commit there: C-STORE answe
 0xA700 (out of resources, so the modality retried for ever), STOW-RS failed the part. Now
 the index keeps each NUL inside a value as a space (on both databases, so they answer
 alike) and the stored file keeps its bytes as received.
+
+Bytes that do not decode in the declared character set: indexed with U+FFFD in their
+place, named (not quoted) in the instance.stored line, and no pydicom warning in the log
+(they named no instance, and some quote the value).
 """
 
 from __future__ import annotations
@@ -102,3 +108,34 @@ def test_stow_rs_of_values_with_a_nul_inside(
     answer = post(gw, multipart([(tmp_path / "nul.dcm").read_bytes()]))
     assert answer.status_code == 200, answer.text
     _study_found(gw, ds)
+
+
+def test_undecodable_values_are_named_once_not_warned_of(
+    gateway: Gateway, corpus: Corpus, tmp_path: Path
+) -> None:
+    gw = gateway()
+    files = []
+    for i, src in enumerate(corpus.mr("undecodable", 3, seed=8)):
+        ds = pydicom.dcmread(src)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        # Latin-1 bytes declared as UTF-8, as legacy modalities send them.
+        raw = b"M\xfcller^J\xe9r\xf4me"
+        ds[0x00100010] = DataElement(0x00100010, "PN", raw + b" ", validation_mode=0)
+        ds[0x00081030] = DataElement(0x00081030, "LO", b"Sch\xe4del ", validation_mode=0)
+        ds.save_as(tmp_path / f"u{i}.dcm")
+        files.append(tmp_path / f"u{i}.dcm")
+    store = gw.storescu(files)
+    assert store.returncode == 0, store.stdout
+    gw.wait_log("instance.stored", count=3)
+    status, body = gw.http_get("/dicomweb/studies?includefield=00081030")
+    assert status == 200, body
+    (study,) = body
+    assert study["00100010"]["Value"] == [{"Alphabetic": "M\ufffdller^J\ufffdr\ufffdme"}]
+    log = gw.log_text()
+    stored = [line for line in log.splitlines() if "instance.stored" in line]
+    assert len(stored) == 3
+    assert all(
+        "undecodable=patient.patient_name,study.study_description" in line for line in stored
+    ), stored
+    assert "Failed to decode" not in log and "warn_and_log" not in log, log[-3000:]
+    assert "ller" not in log  # no value quoted
