@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 CONFIG ?= examples/dicomgate.yaml
 DEBIAN_PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium haproxy
 PYTEST_ARGS ?=
+OHIF_PACKAGE := @ohif/app@3.13.2
+OHIF   := $(VENV)/ohif/package/dist
 
 .PHONY: run install install-test peers test test-postgres test-slow lint bench clean
 
@@ -25,7 +27,14 @@ $(VENV)/.test-deps: pyproject.toml $(BIN)/dicomgate
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
-install-test: $(VENV)/.test-deps peers
+install-test: $(VENV)/.test-deps peers $(OHIF)/index.html
+
+# OHIF, the web viewer (its prebuilt package from the npm registry), for
+# tests/integration/test_ohif.py: a real DICOMweb client nobody here wrote.
+$(OHIF)/index.html:
+	rm -rf $(VENV)/ohif && mkdir -p $(VENV)/ohif
+	cd $(VENV)/ohif && npm pack --silent $(OHIF_PACKAGE) >/dev/null && tar xzf *.tgz && rm -f *.tgz
+	@test -f $@ || { echo "$(OHIF_PACKAGE) has no dist/index.html"; exit 1; }
 
 # Debian packages the integration tests use as real peers; installed only when missing.
 peers:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +28,7 @@ from dicomgate.dicomweb.server import install_dicomweb, problem
 from dicomgate.errors import error_type
 from dicomgate.observability.health import readiness
 from dicomgate.observability.http import _template, install_observability
+from dicomgate.security.http_models import HttpCorsConfig
 from dicomgate.security.middleware import install_http_security
 from dicomgate.ui.console import install_ui
 
@@ -224,6 +227,32 @@ def _framework_telemetry_off() -> dict[str, Any]:
     return {"telemetry": dict.fromkeys(off, False)}
 
 
+class _Cors(CORSMiddleware):
+    """Starlette's CORS answers, with a refused preflight's 400 in the JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code != 400:
+            return answer
+        headers = {k: v for k, v in answer.headers.items() if k.startswith("access-control-")}
+        reason = bytes(answer.body).decode()  # "Disallowed CORS origin, headers"
+        return JSONResponse({"error": reason}, status_code=400, headers=headers)
+
+
+def _install_cors(app: FastAPI, cors: HttpCorsConfig | None) -> None:
+    """CORS answers for the origins of ``http.cors`` (none when unset)."""
+    if cors is None:
+        return
+    app.add_middleware(
+        _Cors,
+        allow_origins=cors.allow_origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+        allow_headers=cors.allow_headers,
+        expose_headers=cors.expose_headers,
+        max_age=cors.max_age,
+    )
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     """Build the ASGI app bound to a running :class:`Gateway`."""
     app = FastAPI(
@@ -251,6 +280,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     jwt_verifier = install_http_security(app, gateway.config.http)
     # Outside security, inside observability: a cut request is counted as its 503.
     app.add_middleware(_CutAtStop, gateway=gateway)
+    # Outside security: a browser's preflight carries no credentials, and a 401 or 403
+    # needs the CORS headers for the page to read it; inside observability: counted.
+    _install_cors(app, gateway.config.http.cors)
     install_observability(app, gateway)  # /metrics, /api/audit, HTTP metrics middleware
     install_dicomweb(app, gateway)
     install_ui(app, gateway, jwt_verifier)  # the web console at /ui

@@ -41,6 +41,7 @@ from dicomgate.security.dimse_access import is_network as _is_network
 from dicomgate.security.dimse_models import DestinationTls, DimseTlsConfig
 from dicomgate.security.http_models import (
     HttpAuthConfig,
+    HttpCorsConfig,
     HttpLimitsConfig,
     HttpTlsConfig,
     parse_networks,
@@ -542,6 +543,15 @@ class HttpConfig(_Model):
     limits: HttpLimitsConfig = Field(
         default_factory=HttpLimitsConfig,
         description="Request size, rate and time limits.",
+    )
+    cors: HttpCorsConfig | None = Field(
+        None,
+        description=(
+            "Cross-origin requests (CORS) from web pages served elsewhere, such as a web"
+            ' viewer: `{allow_origins: ["https://viewer.hospital.org"]}`. Unset: no CORS'
+            " headers, so a browser lets only pages of the gateway's own origin (`/ui`) read"
+            " its answers. See docs/dicomweb.md, *Web viewers*."
+        ),
     )
     shutdown_grace: float = Field(
         30.0,

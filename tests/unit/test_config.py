@@ -373,3 +373,18 @@ def test_pipeline_secret_missing_is_a_config_error_naming_the_step() -> None:
         parse_config(yaml.safe_load(DESIGN_EXAMPLE), {})
     assert info.value.key.startswith("routes[1].pipeline[0].deidentify")
     assert "secret_env" in str(info.value)
+
+
+def test_cors_origins_are_origins() -> None:
+    cfg = parse_config({"http": {"cors": {"allow_origins": ["https://viewer.org:8443/"]}}}, {})
+    assert cfg.http.cors is not None
+    assert cfg.http.cors.allow_origins == ["https://viewer.org:8443"]
+    assert parse_config({}, {}).http.cors is None
+    for bad, why in [
+        (["https://viewer.org/ohif"], "not an origin"),
+        (["viewer.org"], "not an origin"),
+        (["*", "https://viewer.org"], "alone"),
+        ([], "at least 1"),
+    ]:
+        err = _error({"http": {"cors": {"allow_origins": bad}}})
+        assert "http.cors.allow_origins" in str(err) and why in str(err), str(err)

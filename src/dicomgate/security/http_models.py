@@ -1,4 +1,5 @@
-"""Configuration models of HTTP security: ``http.tls``, ``http.auth``, ``http.limits``.
+"""Configuration models of HTTP security: ``http.tls``, ``http.auth``, ``http.limits``,
+``http.cors``.
 
 They are parts of :class:`dicomgate.config.HttpConfig`; the descriptions are the
 configuration reference (``docs/configuration.md``), written for a PACS administrator.
@@ -291,6 +292,53 @@ class HttpAuthConfig(_Model):
         if len(set(hashes)) != len(hashes):
             raise ValueError("the same api key hash is listed twice")
         return self
+
+
+_ORIGIN = re.compile(r"^https?://[^/?#\s*]+/?$")
+
+
+class HttpCorsConfig(_Model):
+    """Cross-origin requests from web pages: a viewer (OHIF ...) served from another origin
+    than the gateway may call DICOMweb, FHIR and `/api` from the user's browser."""
+
+    allow_origins: list[str] = Field(
+        description=(
+            "Origins whose pages may call the gateway, exactly as the browser sends them:"
+            ' scheme, host and port, e.g. `["https://viewer.hospital.org"]`. `["*"]` allows'
+            " every origin; the gateway's own authentication (`http.auth`) still applies to"
+            " each request. Other origins get no CORS headers, so their pages cannot read"
+            " the answers."
+        ),
+        min_length=1,
+    )
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Accept", "Content-Type", "X-API-Key"],
+        description=("Request headers those pages may send (answered to the browser's preflight)."),
+    )
+    expose_headers: list[str] = Field(
+        default_factory=lambda: ["Warning", "Content-Location", "Location", "Retry-After"],
+        description=(
+            "Answer headers those pages may read beyond the always readable ones (`Warning`"
+            " names QIDO-RS query keys that were not used)."
+        ),
+    )
+    max_age: int = Field(
+        600,
+        ge=0,
+        description="Seconds a browser may keep a preflight's answer.",
+    )
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        if "*" in values and len(values) > 1:
+            raise ValueError('"*" allows every origin: list it alone')
+        for value in values:
+            if value != "*" and not _ORIGIN.match(value):
+                raise ValueError(
+                    f"{value!r} is not an origin: expected scheme://host[:port], no path"
+                )
+        return [value.rstrip("/") for value in values]
 
 
 class HttpLimitsConfig(_Model):
