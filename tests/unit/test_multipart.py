@@ -121,3 +121,19 @@ def test_content_type_parameters() -> None:
     )
     assert parse_content_type("Application/DICOM") == ("application/dicom", {})
     assert parse_content_type("") == ("", {})
+
+
+def test_boundaries_longer_than_rfc_2046_allows_are_taken_within_reason() -> None:
+    """RFC 2046 says 70 characters at most; Orthanc's STOW-RS client sends 73 (two
+    UUIDs). Up to 256 are taken; more, or none, is a MultipartError (a 400)."""
+    orthanc = "0b8a5f0e-5d51-4c2a-9f1e-3a6c1f6f0d2e-6d2b3c4e-1f0a-4b5c-8d7e-9f0a1b2c3d4e"
+    assert len(orthanc) == 73
+    parser = MultipartParser(orthanc)
+    events = parser.feed(
+        f"--{orthanc}\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--{orthanc}--\r\n".encode()
+    )
+    assert [type(e) for e in events] == [PartStart, bytes, PartEnd]
+    MultipartParser("b" * 256)
+    for bad in ("", "b" * 257):
+        with pytest.raises(MultipartError, match="1-256 characters"):
+            MultipartParser(bad)
