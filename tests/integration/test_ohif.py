@@ -38,7 +38,7 @@ Gateway = Callable[..., GatewayProcess]
 pytestmark = [pytest.mark.timeout(240)]
 
 
-def _app_config(dicomweb: str) -> str:
+def _app_config(dicomweb: str, **overrides: str) -> str:
     """OHIF's ``app-config.js``: one DICOMweb data source, the gateway."""
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
@@ -60,6 +60,7 @@ def _app_config(dicomweb: str) -> str:
             "singlepart": "bulkdata,video",
             "bulkDataURI": {"enabled": True},
             "omitQuotationForMultipartRequest": True,
+            **overrides,
         },
     }
     config = {
@@ -107,14 +108,16 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def ohif_site() -> Iterator[Callable[[str], str]]:
-    """Start OHIF's static server for a gateway's /dicomweb; returns its origin."""
+def ohif_site() -> Iterator[Callable[..., str]]:
+    """Start OHIF's static server for a gateway's /dicomweb (data source settings as
+    keywords); returns its origin."""
     if not (OHIF_DIST / "index.html").exists():
         pytest.fail(f"OHIF is not installed at {OHIF_DIST}: run make install-test")
     servers: list[ThreadingHTTPServer] = []
 
-    def start(dicomweb: str) -> str:
-        handler = type("Handler", (_Handler,), {"config_js": _app_config(dicomweb).encode()})
+    def start(dicomweb: str, **settings: str) -> str:
+        config = _app_config(dicomweb, **settings).encode()
+        handler = type("Handler", (_Handler,), {"config_js": config})
         server = ThreadingHTTPServer(
             ("127.0.0.1", free_port()), functools.partial(handler, directory=str(OHIF_DIST))
         )
@@ -209,7 +212,7 @@ def _study_uid(path: Path) -> str:
 def test_ohif_lists_the_studies_and_shows_their_images(
     gateway: Gateway,
     corpus: Corpus,
-    ohif_site: Callable[[str], str],
+    ohif_site: Callable[..., str],
     browser: Browser,
     tmp_path: Path,
 ) -> None:
@@ -257,8 +260,43 @@ def test_ohif_lists_the_studies_and_shows_their_images(
     assert kinds == {"multipart/related"}, kinds
 
 
+def test_ohif_with_wado_uri_images_and_rendered_thumbnails(
+    gateway: Gateway,
+    corpus: Corpus,
+    ohif_site: Callable[..., str],
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """OHIF's other ways to load: images by WADO-URI (whole instances), thumbnails from
+    /thumbnail, which it asks for with the ``accept`` query parameter (PS3.18 8.3.3.1;
+    before, an unknown rendering parameter: 400)."""
+    ct = corpus.ct("ohif-ct", 3, seed=71)
+    gw = gateway(start=False)
+    origin = ohif_site(
+        gw.url("/dicomweb"), imageRendering="wadouri", thumbnailRendering="thumbnail"
+    )
+    gw.config["http"]["cors"] = {"allow_origins": [origin]}
+    gw.start()
+    assert gw.storescu(ct).returncode == 0
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    seen = watch(page, gw.url(""))
+    page.goto(origin + f"/viewer?StudyInstanceUIDs={_study_uid(ct[0])}", wait_until="load")
+
+    def loaded(kind: str) -> list[tuple[int, str, str]]:
+        return [a for a in seen.answers if kind in a[1]]
+
+    _wait(page, lambda: len(loaded("/wado?")) >= len(ct), 60, "WADO-URI instances")
+    _wait(page, lambda: bool(loaded("/thumbnail")), 30, "thumbnail")
+    page.wait_for_timeout(1500)
+    assert _image_shown(page, tmp_path / "wado-uri.png") > 10
+    bad = [a for a in seen.answers if not 200 <= a[0] < 300]
+    assert not bad and not seen.failed and not seen.errors, (bad, seen.failed, seen.errors)
+    assert {a[2] for a in loaded("/thumbnail")} == {"image/jpeg"}
+    assert {a[2] for a in loaded("/wado?")} == {"application/dicom"}
+
+
 def test_without_cors_a_viewer_of_another_origin_reads_nothing(
-    gateway: Gateway, corpus: Corpus, ohif_site: Callable[[str], str], browser: Browser
+    gateway: Gateway, corpus: Corpus, ohif_site: Callable[..., str], browser: Browser
 ) -> None:
     """The default (no ``http.cors``): the browser blocks OHIF's reading of the answers,
     so the list stays empty. What makes the test above work is the config, not luck."""

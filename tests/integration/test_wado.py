@@ -490,6 +490,30 @@ def test_rendered_colour_frames_series_and_thumbnails(loaded: Loaded) -> None:
     assert image(series_thumb.content).size == (128, 128)
 
 
+def test_the_accept_query_parameter_chooses_like_the_header(loaded: Loaded) -> None:
+    """PS3.18 8.3.3.1: the origin server shall support ``accept=`` (a link cannot set
+    headers; OHIF asks for thumbnails with it). It takes precedence over the header."""
+    ct = loaded.url("CT_small.dcm", "")
+
+    def ask(suffix: str, accept: str, header: str | None = None) -> httpx.Response:
+        headers = {"Accept": header} if header is not None else {}
+        return httpx.get(ct + suffix, params={"accept": accept}, headers=headers, timeout=60)
+
+    png = ask("/thumbnail", "image/png", header="image/jpeg")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert image(png.content).size == (128, 128)
+    jpeg = ask("/rendered", "image/jpeg")
+    assert jpeg.headers["content-type"] == "image/jpeg" and image(jpeg.content).format == "JPEG"
+    metadata = ask("/metadata", "application/dicom+json")
+    assert metadata.status_code == 200 and metadata.json()[0]["00080018"]["Value"]
+    frames = ask("/frames/1", 'multipart/related; type="application/octet-stream"')
+    assert frames.status_code == 200 and len(multipart_parts(frames)) == 1
+    refused = ask("/rendered", "application/dicom")
+    assert refused.status_code == 406, refused.text
+    bad = ask("/rendered", "no-slash")
+    assert bad.status_code == 400 and "media type" in bad.json()["error"]
+
+
 # -- WADO-URI ------------------------------------------------------------------------------
 
 

@@ -143,7 +143,7 @@ def parse_render_options(
     params: Mapping[str, str], media_type: str, default_viewport: Viewport | None = None
 ) -> RenderOptions:
     """The rendering parameters of a query; ``ValueError`` names the bad one."""
-    known = {"window", "viewport", "quality", "annotation", "charset", "iccprofile"}
+    known = {"window", "viewport", "quality", "annotation", "charset", "iccprofile", "accept"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"unsupported parameter: {unknown[0]}")

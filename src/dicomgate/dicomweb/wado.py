@@ -130,8 +130,11 @@ def parse_frame_list(text: str) -> list[int]:
 
 
 def _accept(request: Request) -> list[MediaRange]:
+    """The media ranges asked for: the ``accept`` query parameter (PS3.18 8.3.3.1: an
+    origin server shall support it; a link in a page cannot set headers, and OHIF asks
+    for thumbnails with it) when present, else the Accept header."""
     try:
-        return parse_accept(request.headers.get("accept"))
+        return parse_accept(request.query_params.get("accept") or request.headers.get("accept"))
     except AcceptError as exc:
         raise WadoError(400, str(exc)) from None
 
