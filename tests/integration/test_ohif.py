@@ -217,8 +217,10 @@ def test_ohif_lists_the_studies_and_shows_their_images(
     tmp_path: Path,
 ) -> None:
     """The study list (QIDO-RS), then each study in the viewer (series metadata and
-    WADO-RS frames): native CT, JPEG 2000, JPEG-LS and RLE. Every answer is a success,
-    OHIF logs no error, and the viewport shows an image, not a blank."""
+    WADO-RS frames): native CT, JPEG 2000, JPEG-LS, RLE and 12-bit JPEG. OHIF asks for
+    frames in any syntax (transfer-syntax=*) and gets them as stored, decoding them
+    itself. Every answer is a success, OHIF logs no error, and the viewport shows an
+    image, not a blank."""
     ct = corpus.ct("ohif-ct", 3, seed=71)
     compressed = [
         _compressed_study(name, tmp_path)
@@ -226,6 +228,8 @@ def test_ohif_lists_the_studies_and_shows_their_images(
             "MR_small_jp2klossless.dcm",
             "MR_small_jpeg_ls_lossless.dcm",
             "MR_small_RLE.dcm",
+            # 12-bit JPEG Extended that pydicom's decoders refuse: OHIF decodes it.
+            "JPEG-lossy.dcm",
         )
     ]
     gw = gateway(start=False)

@@ -389,6 +389,14 @@ def test_compressed_frames_in_their_own_media_type(loaded: Loaded) -> None:
         headers, body = multipart_parts(response)[0]
         assert headers["content-type"] == f"{media}; transfer-syntax={sent.syntax}"
         assert body == all_frames[0]
+        # Any syntax as octet-stream (OHIF's request): as stored too, labelled.
+        anything = get(
+            loaded.url(name, "/frames/1"),
+            "multipart/related; type=application/octet-stream; transfer-syntax=*",
+        )
+        headers, body = multipart_parts(anything)[0]
+        assert headers["content-type"] == f"application/octet-stream; transfer-syntax={sent.syntax}"
+        assert body == all_frames[0]
 
 
 def test_compressed_frames_decoded_on_request(loaded: Loaded) -> None:

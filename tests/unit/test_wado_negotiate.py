@@ -77,6 +77,28 @@ NATIVE = FrameEncoding("application/octet-stream", LE, False)
         ('multipart/related; type="image/jpeg"', RLE, None),
         ("image/jpeg", JPEG, None),  # single part: not offered
         ('multipart/related; type="application/octet-stream"', MPEG4, None),
+        # Any syntax (OHIF's request), or the stored one named: the frame as stored.
+        (
+            "multipart/related; type=application/octet-stream; transfer-syntax=*",
+            JPEG,
+            FrameEncoding("application/octet-stream", JPEG, False),
+        ),
+        (
+            f'multipart/related; type="application/octet-stream"; transfer-syntax={RLE}',
+            RLE,
+            FrameEncoding("application/octet-stream", RLE, False),
+        ),
+        (
+            f'multipart/related; type="application/octet-stream"; transfer-syntax={LE}',
+            JPEG,
+            FrameEncoding("application/octet-stream", LE, True),
+        ),
+        (
+            "multipart/related; type=application/octet-stream; transfer-syntax=*",
+            LE,
+            NATIVE,
+        ),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*", MPEG4, None),
     ],
 )
 def test_frame_encoding(accept: str | None, stored: str, chosen: FrameEncoding | None) -> None:

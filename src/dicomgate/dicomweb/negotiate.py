@@ -226,6 +226,15 @@ def choose_frame_encoding(accept: list[MediaRange], stored: str) -> FrameEncodin
             return FrameEncoding(own_type, stored, False)
         if (
             inner in ("application/octet-stream", "application/*")
+            and wanted in ("*", stored)
+            and major != "video"
+        ):
+            # A client that names any syntax (or the stored one) takes the frame as stored,
+            # labelled with its syntax, as OHIF asks (transfer-syntax=*): no decoding on the
+            # server, and a frame our decoders cannot read still reaches a viewer that can.
+            return FrameEncoding("application/octet-stream", stored, False)
+        if (
+            inner in ("application/octet-stream", "application/*")
             and wanted in (None, "*", EXPLICIT_VR_LITTLE_ENDIAN)
             and can_transcode(stored, EXPLICIT_VR_LITTLE_ENDIAN)
         ):
