@@ -17,14 +17,17 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from tests.conftest import (
     Corpus,
     GatewayProcess,
     OrthancProcess,
+    bundled_file,
     launch_orthanc,
     needs_dcmtk,
     sop_uid_of,
 )
+from tests.integration.test_stow import multipart, post
 
 Gateway = Callable[..., GatewayProcess]
 
@@ -84,12 +87,26 @@ def orthanc_of(tmp_path: Path) -> Iterator[Callable[[GatewayProcess], OrthancCli
         server.stop()
 
 
+def _own_study(name: str, folder: Path) -> Path:
+    """A bundled file as a study of its own (the bundled MR_small variants share UIDs)."""
+    ds = pydicom.dcmread(bundled_file(name))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, generate_uid())
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = folder / name
+    ds.save_as(out)
+    return out
+
+
 def _pixels(data: bytes) -> bytes:
     return bytes(pydicom.dcmread(BytesIO(data)).PixelData)
 
 
 def test_orthanc_stores_searches_and_retrieves_through_dicomgate(
-    gateway: Gateway, corpus: Corpus, orthanc_of: Callable[[GatewayProcess], OrthancClient]
+    gateway: Gateway,
+    corpus: Corpus,
+    orthanc_of: Callable[[GatewayProcess], OrthancClient],
+    tmp_path: Path,
 ) -> None:
     gw = gateway()
     orthanc = orthanc_of(gw)
@@ -135,6 +152,23 @@ def test_orthanc_stores_searches_and_retrieves_through_dicomgate(
     assert {sop_uid_of(p) for p in held} <= orthanc.sops()
     for path in held:
         assert _pixels(orthanc.file_of(sop_uid_of(path))) == _pixels(path.read_bytes())
+    # Compressed instances come to Orthanc as stored (it asks for any transfer syntax).
+    compressed = [
+        _own_study(name, tmp_path)
+        for name in ("MR_small_jp2klossless.dcm", "SC_rgb_rle_2frame.dcm", "image_dfl.dcm")
+    ]
+    assert post(gw, multipart([p.read_bytes() for p in compressed])).status_code == 200
+    for path in compressed:
+        ds = pydicom.dcmread(path)
+        orthanc.call(
+            "POST",
+            "/dicom-web/servers/dicomgate/retrieve",
+            {"Resources": [{"Study": ds.StudyInstanceUID}]},
+        )
+        back = pydicom.dcmread(BytesIO(orthanc.file_of(ds.SOPInstanceUID)))
+        assert back.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID, path.name
+        assert back.PixelData == ds.PixelData, path.name
+
     metadata = orthanc.call(
         "POST", "/dicom-web/servers/dicomgate/get", {"Uri": f"/studies/{held_study}/metadata"}
     )
