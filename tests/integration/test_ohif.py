@@ -25,7 +25,7 @@ import pydicom
 import pytest
 from PIL import Image, ImageStat
 from playwright.sync_api import Browser, Page, Response, sync_playwright
-from tests.conftest import Corpus, GatewayProcess, bundled_file, free_port
+from tests.conftest import Corpus, GatewayProcess, bundled_file, free_port, sop_uid_of
 from tests.integration.test_http_security import new_key
 from tests.integration.test_stow import multipart, post
 
@@ -297,6 +297,64 @@ def test_ohif_with_wado_uri_images_and_rendered_thumbnails(
     assert not bad and not seen.failed and not seen.errors, (bad, seen.failed, seen.errors)
     assert {a[2] for a in loaded("/thumbnail")} == {"image/jpeg"}
     assert {a[2] for a in loaded("/wado?")} == {"application/dicom"}
+
+
+def test_ohif_saves_a_measurement_report_by_stow_rs(
+    gateway: Gateway, corpus: Corpus, ohif_site: Callable[..., str], browser: Browser
+) -> None:
+    """A length measured in OHIF, tracked and saved with "Create SR": OHIF stores a DICOM
+    SR in the study by STOW-RS, and the gateway indexes and keeps it."""
+    ct = corpus.ct("ohif-ct", 3, seed=71)
+    study = _study_uid(ct[0])
+    gw = gateway(start=False)
+    origin = ohif_site(gw.url("/dicomweb"))
+    gw.config["http"]["cors"] = {"allow_origins": [origin]}
+    gw.start()
+    assert gw.storescu(ct).returncode == 0
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    seen = watch(page, gw.url(""))
+    page.goto(origin + f"/viewer?StudyInstanceUIDs={study}", wait_until="load")
+    _wait(page, lambda: len(seen.frames()) >= len(ct), 60, "frames")
+    page.get_by_text("Skip all").click()  # the guided tour
+    page.get_by_text("Confirm and hide").click()  # the "investigational use" banner
+    page.locator("[data-cy='Length-btn']").click()
+    page.mouse.move(600, 400)
+    page.mouse.down()
+    page.mouse.move(700, 450, steps=8)
+    page.mouse.up()
+    page.get_by_role("button", name="Yes").click()  # track measurements for this series
+    page.locator("[data-cy='trackedMeasurements-btn']").click()
+    page.get_by_role("button", name="Create SR").click()
+    page.get_by_placeholder("Report name").fill("dicomgate report")
+    page.get_by_role("button", name="Save").click()
+
+    def stow() -> list[tuple[int, str, str]]:
+        return [a for a in seen.answers if a[1].rstrip("/").endswith("/dicomweb/studies")]
+
+    _wait(page, lambda: bool(stow()), 30, "STOW-RS of the report")
+    assert [a[0] for a in stow()] == [200], stow()
+    status, found = gw.http_get(f"/dicomweb/studies/{study}/instances?Modality=SR")
+    assert status == 200 and len(found) == 1, found
+    (path,) = (
+        p
+        for p in (gw.data / "store").rglob("*.dcm")
+        if sop_uid_of(p) not in {sop_uid_of(c) for c in ct}
+    )
+    report = pydicom.dcmread(path)
+    assert report.Modality == "SR" and report.StudyInstanceUID == study
+    assert report.SeriesDescription == "dicomgate report"
+    numbers = [item for item in _content(report) if item.ValueType == "NUM"]
+    assert (
+        numbers
+        and numbers[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
+    )
+    assert not seen.errors and not seen.failed, (seen.errors, seen.failed)
+
+
+def _content(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content(item)
 
 
 def test_without_cors_a_viewer_of_another_origin_reads_nothing(
