@@ -190,6 +190,18 @@ def _image_shown(page: Page, path: Path) -> float:
         return float(ImageStat.Stat(middle).stddev[0])
 
 
+def _gateway_and_site(
+    gateway: Gateway, ohif_site: Callable[..., str], **settings: str
+) -> tuple[GatewayProcess, str]:
+    """A gateway whose CORS lets OHIF's origin read it, and that OHIF (data source
+    ``settings``); returns both, the gateway started."""
+    gw = gateway(start=False)
+    origin = ohif_site(gw.url("/dicomweb"), **settings)
+    gw.config["http"]["cors"] = {"allow_origins": [origin]}
+    gw.start()
+    return gw, origin
+
+
 def _compressed_study(name: str, folder: Path) -> Path:
     """A bundled compressed file as a study of its own (new UIDs, pixel data untouched)."""
     ds = pydicom.dcmread(bundled_file(name))
@@ -232,10 +244,7 @@ def test_ohif_lists_the_studies_and_shows_their_images(
             "JPEG-lossy.dcm",
         )
     ]
-    gw = gateway(start=False)
-    origin = ohif_site(gw.url("/dicomweb"))
-    gw.config["http"]["cors"] = {"allow_origins": [origin]}
-    gw.start()
+    gw, origin = _gateway_and_site(gateway, ohif_site)
     stored = gw.storescu(ct)
     assert stored.returncode == 0, stored.stdout
     posted = post(gw, multipart([p.read_bytes() for p in compressed]))  # as they are
@@ -275,12 +284,9 @@ def test_ohif_with_wado_uri_images_and_rendered_thumbnails(
     /thumbnail, which it asks for with the ``accept`` query parameter (PS3.18 8.3.3.1;
     before, an unknown rendering parameter: 400)."""
     ct = corpus.ct("ohif-ct", 3, seed=71)
-    gw = gateway(start=False)
-    origin = ohif_site(
-        gw.url("/dicomweb"), imageRendering="wadouri", thumbnailRendering="thumbnail"
+    gw, origin = _gateway_and_site(
+        gateway, ohif_site, imageRendering="wadouri", thumbnailRendering="thumbnail"
     )
-    gw.config["http"]["cors"] = {"allow_origins": [origin]}
-    gw.start()
     assert gw.storescu(ct).returncode == 0
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     seen = watch(page, gw.url(""))
@@ -306,10 +312,7 @@ def test_ohif_saves_a_measurement_report_by_stow_rs(
     SR in the study by STOW-RS, and the gateway indexes and keeps it."""
     ct = corpus.ct("ohif-ct", 3, seed=71)
     study = _study_uid(ct[0])
-    gw = gateway(start=False)
-    origin = ohif_site(gw.url("/dicomweb"))
-    gw.config["http"]["cors"] = {"allow_origins": [origin]}
-    gw.start()
+    gw, origin = _gateway_and_site(gateway, ohif_site)
     assert gw.storescu(ct).returncode == 0
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     seen = watch(page, gw.url(""))

@@ -462,7 +462,7 @@ def test_a_folder_whose_flush_failed_is_flushed_with_its_parents_again(
     def failing(folder: Path) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(filestore, "_fsync_dir", failing)
+    monkeypatch.setattr(filestore, "fsync_dir", failing)
     with pytest.raises(StoreError):
         store.sync_folders(folders)
     monkeypatch.undo()

@@ -26,6 +26,7 @@ from pydicom.multival import MultiValue
 from dicomgate.egress.base import Delivery, Outcome, exception_reason, os_error_reason
 from dicomgate.egress.models import FolderDestination, template_keywords
 from dicomgate.observability.logging import uid_hash
+from dicomgate.store.filestore import fsync_dir
 
 __all__ = ["FolderSender", "render_path", "safe_component"]
 
@@ -71,14 +72,6 @@ def render_path(root: Path, template: str, ds: Dataset) -> Path:
     return root.joinpath(*parts)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
     """A new, empty hidden file in `folder` for `name`, opened for writing: mode 0666 less
     the umask (``tempfile.mkstemp`` would make it 0600, unreadable to the folder's other
@@ -104,7 +97,7 @@ def write_atomically(source: Path, target: Path) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 class FolderSender:

@@ -23,6 +23,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from dicomgate.store.filestore import fsync_dir
+
 # The columns a journaled row may carry (those of AuditEvent.row); anything else in a line
 # makes it unreadable rather than reaching the insert.
 _COLUMNS = frozenset(
@@ -95,7 +97,7 @@ class AuditJournal:
         finally:
             os.close(fd)
         if created:
-            _sync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self.pending += len(rows)
 
     def replay(self, insert: Callable[[list[dict[str, Any]]], None], batch: int) -> int:
@@ -158,14 +160,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["AuditJournal", "JournalFull"]

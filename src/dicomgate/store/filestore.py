@@ -57,7 +57,8 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages; do not wait for it
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a file created, renamed or removed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -518,7 +519,7 @@ class ContentStore:
             return
         try:
             for folder in dict.fromkeys(folders):
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as exc:
             raise StoreError(f"cannot sync store folder: {exc.strerror}") from exc
         self._remember(folders)
