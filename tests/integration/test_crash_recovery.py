@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement
 from tests.conftest import (
     TEST_DB,
     Corpus,
@@ -149,7 +150,14 @@ def test_store_files_a_crash_left_without_rows_are_indexed_or_removed(
     orphan = gw.data / "store" / lost_ds.StudyInstanceUID / lost_ds.SeriesInstanceUID
     orphan.mkdir(parents=True, exist_ok=True)
     orphan = orphan / f"{lost_ds.SOPInstanceUID}.dcm"
-    shutil.copyfile(lost, orphan)
+    # Its file meta names a Source AE Title recovery records as the calling AE: one past
+    # 16 characters and with a NUL, as a STOW-RS client may write, was refused by
+    # PostgreSQL (too long for the column, NUL in text), so the file stayed unindexed.
+    orphan_ds = pydicom.dcmread(lost)
+    orphan_ds.file_meta[0x00020016] = DataElement(
+        0x00020016, "AE", "A SENDER WITH\x00A LONG AE TITLE", validation_mode=0
+    )
+    orphan_ds.save_as(orphan)
     gw.kill9()
     gw.restart()
     gw.wait_log("recovery.done", timeout=30)

@@ -57,6 +57,7 @@ from dicomgate.index.schema import (
     patient,
     series,
     stable_timer,
+    storable,
     study,
 )
 from dicomgate.queue.jobs import JobState, NewJob, NewTimer
@@ -577,8 +578,9 @@ class Index:
                 "relpath": item.relpath,
                 "size": item.size,
                 "sha256": item.sha256,
-                "calling_ae": item.calling_ae,
-                "called_ae": item.called_ae,
+                # On recovery, from a file meta's Source AE Title: any length, NULs.
+                "calling_ae": storable(item.calling_ae)[:16],
+                "called_ae": storable(item.called_ae)[:16],
                 "source_ip": item.source_ip,
                 "received_via": item.received_via,
                 "received_at": item.received_at,

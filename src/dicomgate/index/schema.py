@@ -297,7 +297,6 @@ Index("ix_audit_event_study_uid", audit_event.c.study_uid)
 Index("ix_audit_event_patient_id", audit_event.c.patient_id)
 
 
-# Widths of the string columns, for truncation at extraction time.
 def storable(text: str) -> str:
     """``text`` as every index database keeps it: PostgreSQL refuses a NUL character in a
     text value (the whole transaction fails), so each one becomes a space, on SQLite too so
@@ -306,6 +305,7 @@ def storable(text: str) -> str:
     return text.replace("\x00", " ") if "\x00" in text else text
 
 
+# Widths of the string columns, for truncation at extraction time.
 COLUMN_LENGTHS: dict[str, dict[str, int]] = {
     table.name: {
         column.name: column.type.length
