@@ -36,7 +36,7 @@ from dicomgate.processing.base import StepContext
 from dicomgate.processing.pipeline import Pipeline, build
 from dicomgate.queue.models import QueueConfig
 from dicomgate.routing.matcher import Router
-from dicomgate.routing.models import RouteConfig, parse_duration
+from dicomgate.routing.models import NAME_MAX, RouteConfig, parse_duration
 from dicomgate.security.dimse_access import is_network as _is_network
 from dicomgate.security.dimse_models import DestinationTls, DimseTlsConfig
 from dicomgate.security.http_models import (
@@ -683,7 +683,8 @@ class GatewayConfig(_Model):
     destinations: dict[str, Destination] = Field(
         default_factory=dict,
         description=(
-            "Where instances can be sent, by a name of your choice that routes refer to. Each"
+            "Where instances can be sent, by a name of your choice (1-64 characters) that"
+            " routes refer to. Each"
             " destination has a `type` that selects its other keys. Every instance a route"
             " sends to a destination becomes a durable job, created in the same transaction as"
             " the instance's index row, and is retried until delivered or dead-lettered."
@@ -698,6 +699,15 @@ class GatewayConfig(_Model):
             " error at start-up naming its key."
         ),
     )
+
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(cls, values: dict[str, Destination]) -> dict[str, Destination]:
+        for name in values:
+            if not name.strip() or len(name) > NAME_MAX:
+                # Every delivery job row names its destination (PostgreSQL refused longer).
+                raise ValueError(f"{name[:80]!r}: a destination name is 1-{NAME_MAX} characters")
+        return values
 
 
 def _env_value(value: str) -> Any:

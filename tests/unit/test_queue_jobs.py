@@ -324,6 +324,15 @@ def test_an_error_with_a_nul_is_recorded(index: Index, queue: JobQueue) -> None:
     assert row is not None and row["last_error"] == "0xA700: disk full"
 
 
+def test_names_as_long_as_the_config_allows(index: Index, queue: JobQueue) -> None:
+    """Route and destination names of 64 characters (the config's limit) fit the queue on
+    both databases."""
+    store(index, "8.3", NewJob("d" * 64, "r" * 64))
+    (job,) = queue.lease("d" * 64, 10, "worker-1")
+    assert job.route == "r" * 64
+    queue.complete([job])
+
+
 def test_max_attempts_dead_letters(index: Index, clock: Clock) -> None:
     queue = make_queue(index, clock, max_attempts=2)
     store(index, "9.1", NewJob("pacs", "r"))

@@ -190,3 +190,15 @@ def test_compile_checks_models_built_in_code() -> None:
     with pytest.raises(ConfigError) as info:
         Router.compile([bad_priority], ["pacs"])
     assert info.value.key == "routes[0].priority"
+
+
+def test_route_and_destination_names_fit_the_queue() -> None:
+    """The queue's columns keep 64 characters: on PostgreSQL a longer route name made
+    every instance the route matched fail its commit. Now a config error."""
+    parse_config(_config({"name": "r" * 64}), {})
+    err = _error({"name": "r" * 65})
+    assert str(err).startswith("routes[0].name") and "at most 64" in str(err)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"destinations": {"d" * 65: DESTINATIONS["share"]}}, {})
+    assert str(info.value).startswith("destinations") and "1-64 characters" in str(info.value)
+    parse_config({"destinations": {"d" * 64: DESTINATIONS["share"]}}, {})

@@ -48,7 +48,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
 from dicomgate.errors import ConfigError
-from dicomgate.routing.models import PRIORITIES, RouteConfig, parse_duration
+from dicomgate.routing.models import NAME_MAX, PRIORITIES, RouteConfig, parse_duration
 
 __all__ = ["MatchContext", "RouteDecision", "Router", "parse_duration"]
 
@@ -724,6 +724,10 @@ class Router:
             prefix = f"routes[{i}]"
             if not route.name.strip():
                 raise ConfigError(f"{prefix}.name", "a route needs a name")
+            if len(route.name) > NAME_MAX:
+                # Every delivery job row names its route (PostgreSQL refused longer ones,
+                # so every instance the route matched was refused).
+                raise ConfigError(f"{prefix}.name", f"at most {NAME_MAX} characters")
             if route.name in seen:
                 raise ConfigError(
                     f"{prefix}.name",

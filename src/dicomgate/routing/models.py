@@ -19,6 +19,10 @@ PRIORITIES = {"high": 10, "normal": 0, "low": -10}  # route priority words, as i
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
+# Longest route and destination name: the width of the queue's name columns (LO in
+# index/schema.py). A longer one is a config error, not a refusal of every instance.
+NAME_MAX = 64
+
 
 def parse_duration(value: str | float) -> float:
     """Seconds from ``90``, ``"90"``, ``"60s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"1d"``.
@@ -92,7 +96,9 @@ class RouteConfig(_Model):
     """
 
     name: str = Field(
-        description="Name of the route, unique, shown in logs, metrics and the queue."
+        description=(
+            "Name of the route, unique, 1-64 characters, shown in logs, metrics and the queue."
+        )
     )
     match: dict[str, Any] = Field(default_factory=dict, description=MATCH_DESCRIPTION)
     pipeline: list[dict[str, Any]] = Field(
