@@ -39,7 +39,7 @@ from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index.schema import audit_event, storable
-from dicomgate.observability.audit_journal import AuditJournal, JournalFull
+from dicomgate.observability.audit_journal import AuditJournal
 
 log = logging.getLogger("dicomgate.audit")
 
@@ -309,7 +309,7 @@ class AuditTrail:
         assert self._journal is not None
         try:
             self._journal.append(self.rows(new))
-        except (JournalFull, OSError) as exc:
+        except Exception as exc:  # full, the disk refuses ...: the writer thread goes on
             self._lose(len(new), f"{self._write_error or 'database unavailable'}; journal: {exc}")
             return
         if not self._journaling:
