@@ -23,25 +23,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from dicomgate.index.schema import audit_event
 from dicomgate.store.filestore import fsync_dir
 
-# The columns a journaled row may carry (those of AuditEvent.row); anything else in a line
-# makes it unreadable rather than reaching the insert.
-_COLUMNS = frozenset(
-    (
-        "time",
-        "event",
-        "outcome",
-        "actor",
-        "source_ip",
-        "node",
-        "object",
-        "study_uid",
-        "patient_id",
-        "patient_name",
-        "detail",
-    )
-)
+# The columns a journaled row may carry (those of AuditEvent.row: the table's, but its
+# key); anything else in a line makes it unreadable rather than reaching the insert.
+_COLUMNS = frozenset(column.name for column in audit_event.columns if column.name != "id")
 
 
 class JournalFull(Exception):
