@@ -264,8 +264,14 @@ def test_api_keys_from_the_command_line(gateway: Gateway, corpus: Corpus) -> Non
     wrong_key = viewer[:-1] + ("B" if viewer.endswith("A") else "A")
     wrong = httpx.get(qido, headers={"X-API-Key": wrong_key})
     assert wrong.status_code == 401 and wrong.json() == {"error": "authentication required"}
-    basic = httpx.get(qido, auth=("viewer", viewer))
-    assert basic.status_code == 401
+    # HTTP Basic: the key is the password, the user name is not checked (for clients that
+    # send only Basic: Orthanc's DICOMweb client, a viewer's requestOptions.auth).
+    assert httpx.get(qido, auth=("anyone", viewer)).status_code == 200
+    assert httpx.get(qido, auth=("viewer", wrong_key)).status_code == 401
+    not_base64 = httpx.get(qido, headers={"Authorization": "Basic %%%"})
+    assert not_base64.status_code == 401 and not_base64.json() == {
+        "error": "authentication required"
+    }
 
     mr = corpus.mr("http-security", 2, seed=71)
     read_only = stow(gw, mr[0], authorization=f"Bearer {viewer}")
@@ -284,6 +290,7 @@ def test_api_keys_from_the_command_line(gateway: Gateway, corpus: Corpus) -> Non
     gw.wait_log("auth.denied", 5 + 3 + 1)
     log = gw.log_text()
     assert "reason=missing_credentials" in log and "reason=permission_missing" in log
+    assert "reason=malformed_basic" in log
     assert "client_ip=127.0.0.1" in log and "actor=viewer" in log
     for secret in (viewer, uploader, admin):
         assert secret not in log

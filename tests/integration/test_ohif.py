@@ -38,7 +38,7 @@ Gateway = Callable[..., GatewayProcess]
 pytestmark = [pytest.mark.timeout(240)]
 
 
-def _app_config(dicomweb: str, **overrides: str) -> str:
+def _app_config(dicomweb: str, **overrides: Any) -> str:
     """OHIF's ``app-config.js``: one DICOMweb data source, the gateway."""
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
@@ -115,7 +115,7 @@ def ohif_site() -> Iterator[Callable[..., str]]:
         pytest.fail(f"OHIF is not installed at {OHIF_DIST}: run make install-test")
     servers: list[ThreadingHTTPServer] = []
 
-    def start(dicomweb: str, **settings: str) -> str:
+    def start(dicomweb: str, **settings: Any) -> str:
         config = _app_config(dicomweb, **settings).encode()
         handler = type("Handler", (_Handler,), {"config_js": config})
         server = ThreadingHTTPServer(
@@ -358,6 +358,39 @@ def _content(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _content(item)
+
+
+def test_ohif_opened_with_an_api_key_as_its_token(
+    gateway: Gateway,
+    corpus: Corpus,
+    ohif_site: Callable[..., str],
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """OHIF 3 sends ``Authorization: Bearer`` with the ``token`` of the viewer's URL (its
+    ``requestOptions.auth``, HTTP Basic, is OHIF 2's): a viewer link carrying an API key
+    shows the study from a gateway that requires a key, with no request refused."""
+    key, entry = new_key("ohif", "read")
+    gw = gateway(start=False)
+    origin = ohif_site(gw.url("/dicomweb"))
+    gw.config["http"]["cors"] = {"allow_origins": [origin]}
+    gw.config["http"]["auth"] = {"api_keys": [entry]}
+    gw.start()
+    ct = corpus.ct("ohif-ct", 3, seed=71)
+    assert gw.storescu(ct).returncode == 0
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    seen = watch(page, gw.url(""))
+
+    study = _study_uid(ct[0])
+    page.goto(origin + f"/viewer?StudyInstanceUIDs={study}&token={key}", wait_until="load")
+    _wait(page, lambda: len(seen.frames()) >= len(ct), 60, "frames")
+    page.wait_for_timeout(1500)  # drawn
+    assert _image_shown(page, tmp_path / "token.png") > 10, tmp_path / "token.png"
+    bad = [a for a in seen.answers if not 200 <= a[0] < 300]
+    assert not bad and not seen.failed, (bad, seen.failed)
+    assert not seen.errors, seen.errors
+    assert key not in page.url  # OHIF takes the token out of the address bar
+    assert gw.log_count("auth.denied") == 0
 
 
 def test_without_cors_a_viewer_of_another_origin_reads_nothing(

@@ -9,12 +9,14 @@ side holds is compared by SOP Instance UID and pixel data.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -27,6 +29,7 @@ from tests.conftest import (
     needs_dcmtk,
     sop_uid_of,
 )
+from tests.integration.test_http_security import new_key
 from tests.integration.test_stow import multipart, post
 
 Gateway = Callable[..., GatewayProcess]
@@ -65,17 +68,17 @@ class OrthancClient:
 
 
 @pytest.fixture
-def orthanc_of(tmp_path: Path) -> Iterator[Callable[[GatewayProcess], OrthancClient]]:
+def orthanc_of(tmp_path: Path) -> Iterator[Callable[..., OrthancClient]]:
     started: list[OrthancProcess] = []
 
-    def start(gw: GatewayProcess) -> OrthancClient:
+    def start(gw: GatewayProcess, servers: dict[str, Any] | None = None) -> OrthancClient:
         server = launch_orthanc(
             tmp_path / f"orthanc{len(started)}",
             {
                 "DicomWeb": {
                     "Enable": True,
                     "Root": "/dicom-web/",
-                    "Servers": {"dicomgate": [gw.url("/dicomweb/")]},
+                    "Servers": servers or {"dicomgate": [gw.url("/dicomweb/")]},
                 }
             },
         )
@@ -105,7 +108,7 @@ def _pixels(data: bytes) -> bytes:
 def test_orthanc_stores_searches_and_retrieves_through_dicomgate(
     gateway: Gateway,
     corpus: Corpus,
-    orthanc_of: Callable[[GatewayProcess], OrthancClient],
+    orthanc_of: Callable[..., OrthancClient],
     tmp_path: Path,
 ) -> None:
     gw = gateway()
@@ -175,3 +178,40 @@ def test_orthanc_stores_searches_and_retrieves_through_dicomgate(
     assert sorted(m["00080018"]["Value"][0] for m in metadata) == sorted(
         sop_uid_of(p) for p in held
     )
+
+
+def test_orthanc_authenticates_with_an_api_key_as_its_basic_password(
+    gateway: Gateway, corpus: Corpus, orthanc_of: Callable[..., OrthancClient]
+) -> None:
+    """Orthanc's DICOMweb client knows HTTP Basic only (``Username`` and ``Password``): an
+    API key as the password lets it in; the user name is not checked. It was refused (401)
+    until Basic was taken."""
+    key, entry = new_key("orthanc", "read,write")
+    admin, admin_entry = new_key("ops", "admin")
+    gw = gateway({"http": {"auth": {"api_keys": [entry, admin_entry]}}})
+    url = gw.url("/dicomweb/")
+    orthanc = orthanc_of(
+        gw,
+        {
+            "dicomgate": {"Url": url, "Username": "any-name", "Password": key},
+            "wrong": {"Url": url, "Username": "orthanc", "Password": key[:-1]},
+            "none": {"Url": url},
+        },
+    )
+    sent = corpus.mr("orthanc-client-basic", 2, seed=303)
+    study = [orthanc.upload(p) for p in sent][-1]["ParentStudy"]  # both in one study
+    answer = orthanc.call("POST", "/dicom-web/servers/dicomgate/stow", {"Resources": [study]})
+    assert answer["InstancesCount"] == "2", answer
+    studies = orthanc.call("POST", "/dicom-web/servers/dicomgate/qido", {"Uri": "/studies"})
+    assert len(studies) == 1
+
+    for refused in ("wrong", "none"):
+        with pytest.raises(urllib.error.HTTPError):  # Orthanc reports the 401 as its error
+            orthanc.call("POST", f"/dicom-web/servers/{refused}/qido", {"Uri": "/studies"})
+    gw.wait_log("auth.denied", 2)
+    log = gw.log_text()
+    assert "reason=invalid_api_key" in log and "reason=missing_credentials" in log
+    assert key not in log and "any-name" not in log
+    audit = httpx.get(gw.url("/api/audit?event=query"), headers={"X-API-Key": admin}).json()
+    # The search is audited under the key's name, whatever user name was sent.
+    assert {(e["actor"], e["outcome"]) for e in audit["events"]} == {("orthanc", "success")}

@@ -124,15 +124,26 @@ def test_protected_metrics_need_any_credential() -> None:
     ("headers", "expected"),
     [
         ([], None),
-        ([(b"authorization", b"Bearer abc")], "abc"),
-        ([(b"authorization", b"bearer  abc ")], "abc"),
-        ([(b"authorization", b"Basic dXNlcjpwdw==")], ""),
-        ([(b"x-api-key", b"k")], "k"),
-        ([(b"authorization", b"Bearer a"), (b"x-api-key", b"b")], "a"),
+        ([(b"authorization", b"Bearer abc")], ("abc", "bearer")),
+        ([(b"authorization", b"bearer  abc ")], ("abc", "bearer")),
+        ([(b"authorization", b"Basic dXNlcjpwdw==")], ("pw", "basic")),  # user:pw
+        ([(b"authorization", b"basic  OnB3 ")], ("pw", "basic")),  # :pw, no user name
+        ([(b"authorization", b"Basic dTpwOnc=")], ("p:w", "basic")),  # u:p:w
+        ([(b"authorization", b"Basic dXNlcg==")], ("", "basic")),  # "user": no colon
+        ([(b"authorization", b"Basic dXNlcjo=")], ("", "basic")),  # "user:": no password
+        ([(b"authorization", b"Basic not base64!")], ("", "basic")),
+        ([(b"authorization", b"Basic dXNlcjpwdw")], ("", "basic")),  # padding missing
+        ([(b"authorization", b"Basic dTr/")], ("", "basic")),  # "u:\xff": not UTF-8
+        ([(b"authorization", b"Digest username=u")], ("", "other")),
+        ([(b"x-api-key", b"k")], ("k", "x-api-key")),
+        ([(b"authorization", b"Bearer a"), (b"x-api-key", b"b")], ("a", "bearer")),
     ],
 )
-def test_presented_credential(headers: list[tuple[bytes, bytes]], expected: str | None) -> None:
-    assert presented_credential({"type": "http", "headers": headers}) == expected
+def test_presented_credential(
+    headers: list[tuple[bytes, bytes]], expected: tuple[str, str] | None
+) -> None:
+    presented = presented_credential({"type": "http", "headers": headers})
+    assert (presented and (presented.value, presented.scheme)) == expected
 
 
 # -- configuration ----------------------------------------------------------------------

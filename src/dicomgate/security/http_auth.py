@@ -1,9 +1,12 @@
 """HTTP authentication and authorization: API keys, bearer JWTs, permissions per path.
 
-A request presents one credential, as ``Authorization: Bearer <credential>`` or
-``X-API-Key: <key>``. API keys are compared by their SHA-256 (the config holds only the
-hash) with a constant-time comparison against every configured key; a credential that is
-no API key and looks like a JWT is checked by :class:`~dicomgate.security.oidc.JwtVerifier`.
+A request presents one credential, as ``Authorization: Bearer <credential>``,
+``X-API-Key: <key>``, or an API key as the password of ``Authorization: Basic`` (the user
+name is not checked), for clients that can only send Basic (Orthanc's DICOMweb client, a
+viewer's ``requestOptions.auth``). API keys are compared by their SHA-256 (the config holds
+only the hash) with a constant-time comparison against every configured key; a bearer
+credential that is no API key and looks like a JWT is checked by
+:class:`~dicomgate.security.oidc.JwtVerifier` (a Basic password never is).
 
 Answers (docs/security.md): no or bad credential 401 with ``WWW-Authenticate: Bearer``; a
 valid credential without the permission the path needs 403; the identity provider's keys
@@ -13,6 +16,7 @@ unreachable 503. Bodies are ``{"error": ...}`` without the reason, which is logg
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 import logging
@@ -105,17 +109,46 @@ class ApiKeyStore:
         return found
 
 
-def presented_credential(scope: Scope) -> str | None:
-    """The credential of a request: a Bearer token, else an X-API-Key value.
+@dataclass(frozen=True)
+class Presented:
+    """The credential a request carries: ``value`` is ``""`` when it cannot be used."""
 
-    ``""`` for an Authorization header of another scheme (Basic ...), which is refused.
+    value: str
+    scheme: Literal["bearer", "basic", "x-api-key", "other"]
+
+    @property
+    def unusable_reason(self) -> str:
+        """The ``auth.denied`` reason for an empty ``value``."""
+        return "malformed_basic" if self.scheme == "basic" else "unsupported_scheme"
+
+
+def presented_credential(scope: Scope) -> Presented | None:
+    """The credential of a request: a Bearer token, a Basic password, else an X-API-Key value.
+
+    An Authorization header of another scheme (Digest ...), or a Basic value that is not
+    base64 of UTF-8 ``user:password``, gives an empty value, which is refused.
     """
     authorization = header(scope, b"authorization")
     if authorization is not None:
         scheme, _, value = authorization.strip().partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else ""
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return Presented(value.strip(), "bearer")
+        if scheme == "basic":
+            return Presented(_basic_password(value.strip()), "basic")
+        return Presented("", "other")
     api_key = header(scope, b"x-api-key")
-    return api_key.strip() if api_key is not None else None
+    return Presented(api_key.strip(), "x-api-key") if api_key is not None else None
+
+
+def _basic_password(value: str) -> str:
+    """The password of an RFC 7617 ``user-id:password`` token68, or ``""``."""
+    try:
+        decoded = binascii.a2b_base64(value.encode("ascii"), strict_mode=True).decode("utf-8")
+    except (UnicodeError, binascii.Error):
+        return ""
+    _, colon, password = decoded.partition(":")
+    return password if colon else ""
 
 
 def _looks_like_jwt(credential: str) -> bool:
@@ -152,16 +185,24 @@ class AuthMiddleware:
         if need is Access.OPEN:
             await self.app(scope, receive, send)
             return
-        credential = presented_credential(scope)
+        presented = presented_credential(scope)
+        if presented is None:
+            await self._unauthorized(scope, send, "missing_credentials", presented=False)
+            return
+        credential = presented.value
         if not credential:
-            reason = "missing_credentials" if credential is None else "unsupported_scheme"
-            await self._unauthorized(scope, send, reason, presented=credential is not None)
+            await self._unauthorized(scope, send, presented.unusable_reason, presented=True)
             return
         if len(credential) > _MAX_CREDENTIAL:
             await self._unauthorized(scope, send, "credential_too_long", presented=True)
             return
         principal = self.api_keys.lookup(credential)
-        if principal is None and self.jwt is not None and _looks_like_jwt(credential):
+        if (
+            principal is None
+            and self.jwt is not None
+            and presented.scheme != "basic"
+            and _looks_like_jwt(credential)
+        ):
             try:
                 identity = await self.jwt.verify(credential)
             except TokenRejected as exc:
