@@ -629,7 +629,7 @@ def _open_queue(config: Path) -> JobQueueT:
     except ConfigError as exc:
         raise _fail(f"config error: {exc}") from None
     try:
-        index = Index.open(cfg.database.url)
+        index = Index.open(cfg.database.url, timeout=cfg.database.timeout)
     except DicomgateError as exc:
         raise _fail(f"cannot open the index: {exc}", 1) from None
     return JobQueue(index.engine, cfg.queue)

@@ -135,6 +135,14 @@ class Ingestor:
         self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
+        self._busy_since: float | None = None  # monotonic start of the batch being committed
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the batch being committed has taken so far (0 when idle): the index
+        database or the store's disk not answering shows here first (``/readyz``)."""
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     def start(self) -> None:
         self.store.start_spool_refiller()
@@ -275,6 +283,7 @@ class Ingestor:
                     stopping = True
                     break
                 batch.append(nxt)
+            self._busy_since = time.monotonic()
             try:
                 self._unsynced = True
                 self._commit_batch(batch)
@@ -283,6 +292,8 @@ class Ingestor:
                 for job in batch:
                     job.spool.discard()
                     _resolve(job, StoreError("internal error while storing"))
+            finally:
+                self._busy_since = None
             if len(self._lines) >= _LINES_MAX:
                 self._write_lines()
         self._write_lines()

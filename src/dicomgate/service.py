@@ -178,7 +178,9 @@ class Gateway:
         # SQLite commits are relaxed (crash-safe; power-loss-safe at the next barrier, with
         # recovery from the store files); PostgreSQL commits are synchronous. DESIGN.md.
         self.index = Index.open(
-            self.config.database.url, durable=self.config.storage.fsync and not sqlite
+            self.config.database.url,
+            durable=self.config.storage.fsync and not sqlite,
+            timeout=self.config.database.timeout,
         )
         audit_config = self.config.audit
         if audit_config.node_name is None:
@@ -231,7 +233,12 @@ class Gateway:
             node=self.node,
         )
         if self.clustered:
-            self.listener = JobListener(self.index.engine.url, self.node, self.dispatcher.notify)
+            self.listener = JobListener(
+                self.index.engine.url,
+                self.node,
+                self.dispatcher.notify,
+                timeout=self.config.database.timeout,
+            )
             self.listener.start()  # a DicomgateError naming node.name if the name is taken
         self.observability.watch(self.queue, self.dispatcher, self.config.storage.path)
         self.ingestor = Ingestor(

@@ -20,7 +20,7 @@ from tests.integration.test_atna import SyslogReceiver
 pytestmark = [pytest.mark.timeout(120)]
 
 Gateway = Callable[..., GatewayProcess]
-CORE = {"startup", "database", "queue", "store", "dimse", "audit"}
+CORE = {"startup", "database", "queue", "ingest", "store", "dimse", "audit"}
 
 
 def ready(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:

@@ -144,6 +144,51 @@ def test_unreachable_postgresql_is_unavailable() -> None:
     assert "\n" not in str(caught.value)
 
 
+def test_postgresql_waits_are_bounded_by_the_timeout() -> None:
+    args = index_db.pg_connect_args(normalize_url("postgresql://u@h/db"), 30)
+    assert args == {
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "keepalives_idle": "10",
+        "keepalives_interval": "5",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "30000",
+        "options": "-c statement_timeout=30000",
+    }
+    short = index_db.pg_connect_args(normalize_url("postgresql://u@h/db"), 1.5, durable=False)
+    assert short["connect_timeout"] == "2"  # libpq's least
+    assert short["keepalives_interval"] == "1"
+    assert short["tcp_user_timeout"] == "1000"
+    assert short["options"] == "-c synchronous_commit=off -c statement_timeout=1000"
+    # What the URL says wins; its options are kept, ours added.
+    given = normalize_url("postgresql://u@h/db?connect_timeout=3&options=-c%20search_path%3Dx")
+    mine = index_db.pg_connect_args(given, 30)
+    assert "connect_timeout" not in mine
+    assert mine["options"] == "-c search_path=x -c statement_timeout=30000"
+
+
+@pytest.mark.postgres
+def test_no_free_pooled_connection_is_unavailable(database_url: str) -> None:
+    """Every pooled connection busy for ``timeout``: IndexUnavailable (503, 0xA700), not
+    SQLAlchemy's TimeoutError (a 500 with a traceback)."""
+    engine = index_db._create_engine(normalize_url(database_url), durable=True, timeout=1)
+    held = []
+    try:
+        pool = engine.pool
+        for _ in range(pool.size() + pool._max_overflow):  # type: ignore[attr-defined]
+            held.append(engine.connect())
+        with pytest.raises(IndexUnavailable, match=r"no free database connection within 1 s"):
+            engine.connect()
+        with held[0] as connection:  # the settings reached the server
+            assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "1s"
+            libpq = connection.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+            assert libpq["tcp_user_timeout"] == "1000" and libpq["keepalives"] == "1"
+    finally:
+        for connection in held:
+            connection.close()
+        engine.dispose()
+
+
 def test_postgresql_urls_select_psycopg() -> None:
     assert normalize_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"

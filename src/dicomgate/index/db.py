@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, ExceptionContext, make_url
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from dicomgate import __version__
 from dicomgate.config import DuplicatePolicy
@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+DEFAULT_TIMEOUT = 30.0  # database.timeout: seconds the gateway waits on PostgreSQL
 _RETRIES = 3  # attempts of a batch that hit a unique or foreign-key conflict
 _PENDING = JobState.PENDING.value  # a plain str: the DBAPI drivers bind no str subclass
 LAST_RECEIVED_GRANULARITY = timedelta(seconds=1)
@@ -234,21 +235,32 @@ class Index:
         return self._write_lock
 
     @classmethod
-    def open(cls, url: str, *, durable: bool = True) -> Index:
-        """Connect to ``url``, migrate the schema to head and return the index."""
+    def open(cls, url: str, *, durable: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Index:
+        """Connect to ``url``, migrate the schema to head and return the index.
+
+        ``timeout`` (``database.timeout``, PostgreSQL only) bounds every wait on the
+        server: a statement, a dead connection, a new connection, a free pooled connection
+        (:func:`pg_connect_args`). Migrations run without the statement limit.
+        """
         try:
             parsed = normalize_url(url)
         except sa_exc.ArgumentError as error:
             raise IndexUnavailable(f"bad database url: {one_line(error)}") from error
         shown = parsed.render_as_string(hide_password=True)
         try:
-            engine = _create_engine(parsed, durable=durable)
+            engine = _create_engine(parsed, durable=durable, timeout=timeout)
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, OSError) as error:
             raise IndexUnavailable(f"cannot use database {shown}: {one_line(error)}") from error
         try:
             with engine.connect() as connection:
+                postgres = connection.dialect.name == "postgresql"
+                if postgres:  # a migration of a large index may take longer
+                    connection.exec_driver_sql("SET statement_timeout = 0")
                 migrate(connection)
                 connection.commit()
+                if postgres:  # back to the connection's own limit
+                    connection.exec_driver_sql("RESET statement_timeout")
+                    connection.commit()
         except SchemaTooNew:
             engine.dispose()
             raise
@@ -719,7 +731,59 @@ class _LevelCache:
 _LevelEntry = tuple[int, tuple[Any, ...], datetime | None]
 
 
-def _create_engine(url: URL, *, durable: bool) -> Engine:
+def pg_connect_args(url: URL, timeout: float, durable: bool = True) -> dict[str, str]:
+    """libpq parameters that bound every wait on a PostgreSQL server to about ``timeout``.
+
+    Without them a network partition (packets dropped, no reset) hangs each connection
+    until the kernel gives up retransmitting, about 15 minutes: every store, query and
+    health check of the gateway waits that long, and even once the network is back the
+    stuck connections wait out their retransmission backoff. With them:
+
+    - ``statement_timeout``: the server cancels a statement that runs longer (a lock held
+      by another session, an overloaded server);
+    - ``tcp_user_timeout``: the connection fails when what was sent is unacknowledged that
+      long (the partition);
+    - keepalives: an idle pooled connection to a vanished server is found dead;
+    - ``connect_timeout``: a new connection gives up (at most 10 s, libpq's minimum 2).
+
+    A parameter given in the URL's query (``?connect_timeout=3``) wins over ours.
+    """
+    given = {str(key) for key in url.query}
+    seconds = max(1, int(timeout))
+    args = {
+        "connect_timeout": str(max(2, min(10, seconds))),
+        "keepalives": "1",
+        "keepalives_idle": str(min(10, seconds)),
+        "keepalives_interval": str(max(1, min(5, seconds // 3))),
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(seconds * 1000),
+    }
+    args = {key: value for key, value in args.items() if key not in given}
+    options = [] if durable else ["-c synchronous_commit=off"]
+    options.append(f"-c statement_timeout={seconds * 1000}")
+    user_options = url.query.get("options")
+    if isinstance(user_options, str):
+        options.insert(0, user_options)
+    args["options"] = " ".join(options)
+    return args
+
+
+class _Pool(QueuePool):
+    """The pool whose wait for a free connection ends as IndexUnavailable (503, 0xA700),
+    like every other way the database can fail to answer, instead of SQLAlchemy's own
+    TimeoutError (a 500, an aborted association)."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        try:
+            return super()._do_get()
+        except sa_exc.TimeoutError as error:
+            raise IndexUnavailable(
+                f"no free database connection within {self.timeout():.0f} s"
+                f" ({self.checkedout()} in use)"
+            ) from error
+
+
+def _create_engine(url: URL, *, durable: bool, timeout: float = DEFAULT_TIMEOUT) -> Engine:
     if url.get_backend_name() == "sqlite":
         database = url.database
         if database and database != ":memory:" and not database.startswith("file:"):
@@ -734,8 +798,14 @@ def _create_engine(url: URL, *, durable: bool) -> Engine:
     if url.get_backend_name() == "postgresql":
         # Durability on PostgreSQL is the server's synchronous_commit; durable=False relaxes
         # it for this client only (a crash may lose the last commits, never corrupt).
-        options = {} if durable else {"options": "-c synchronous_commit=off"}
-        return create_engine(url, pool_pre_ping=True, connect_args=options)
+        # Every wait on the server is bounded by ``timeout`` (pg_connect_args).
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            poolclass=_Pool,
+            pool_timeout=timeout,
+            connect_args=pg_connect_args(url, timeout, durable),
+        )
     raise sa_exc.ArgumentError(f"unsupported database backend {url.get_backend_name()!r}")
 
 

@@ -10,6 +10,10 @@ audit repository is down would stop the modalities. The status is then ``degrade
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -20,6 +24,8 @@ if TYPE_CHECKING:
     from dicomgate.service import Gateway
 
 READY, DEGRADED, NOT_READY = "ready", "degraded", "not ready"
+DATABASE_DEADLINE = 5.0  # seconds /readyz waits for the database's answers
+INGEST_STALL = 10.0  # seconds one batch of instances may take before storing is stalled
 
 
 @dataclass
@@ -68,6 +74,64 @@ def _queue(gateway: Gateway, now: datetime) -> Check:
             oldest = first
     age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
     return Check("queue", info={**totals, "oldest_job_age_seconds": round(age, 1)})
+
+
+@dataclass
+class _Probe:
+    """The database checks of one /readyz, run on a thread of their own."""
+
+    started: float
+    answer: Future[list[Check]]
+
+
+_probes: weakref.WeakKeyDictionary[Any, _Probe] = weakref.WeakKeyDictionary()
+_probes_lock = threading.Lock()
+
+
+def _database_checks(gateway: Gateway, now: datetime) -> list[Check]:
+    """``database`` and ``queue``, answered within DATABASE_DEADLINE whatever the database
+    does: a server that stops answering (a network partition, a hung host) left /readyz
+    hanging as long as the connection did, so a load balancer saw a timeout, not a 503.
+    One probe at a time: while one waits, later requests report it rather than pile up
+    threads and pooled connections behind it."""
+    with _probes_lock:
+        probe = _probes.get(gateway)
+        if probe is None or probe.answer.done():
+            probe = _Probe(time.monotonic(), Future())
+            _probes[gateway] = probe
+
+            def run(answer: Future[list[Check]] = probe.answer) -> None:
+                try:
+                    answer.set_result([_database(gateway), _queue(gateway, now)])
+                except BaseException as exc:
+                    answer.set_result(
+                        [Check("database", _one_line(exc)), Check("queue", _one_line(exc))]
+                    )
+
+            threading.Thread(target=run, name="readyz-database", daemon=True).start()
+    left = DATABASE_DEADLINE - (time.monotonic() - probe.started)
+    try:
+        return probe.answer.result(timeout=max(0.0, left))
+    except TimeoutError:
+        waited = time.monotonic() - probe.started
+        problem = f"no answer from the database for {waited:.0f} s"
+        return [Check("database", problem), Check("queue", problem)]
+
+
+def _ingest(gateway: Gateway) -> Check:
+    """Storing goes on: the batch of instances being committed (files flushed, rows
+    written) has not taken INGEST_STALL seconds (or half ``database.timeout``). A database
+    that answers ``SELECT 1`` but not the committer (a lock held by another session, an
+    I/O stall on its host) or a store disk that stopped answering shows here, not in
+    ``database``."""
+    ingestor = getattr(gateway, "ingestor", None)  # not yet made early in start-up
+    stalled = 0.0 if ingestor is None else ingestor.stalled_for
+    if stalled > min(INGEST_STALL, gateway.config.database.timeout / 2):
+        return Check(
+            "ingest",
+            f"storing has waited {stalled:.0f} s on the index database or the store's disk",
+        )
+    return Check("ingest")
 
 
 def _store(gateway: Gateway) -> Check:
@@ -131,8 +195,8 @@ def readiness(gateway: Gateway) -> tuple[int, dict[str, Any]]:
     now = datetime.now(UTC)
     checks = [
         _startup(gateway),
-        _database(gateway),
-        _queue(gateway, now),
+        *_database_checks(gateway, now),
+        _ingest(gateway),
         _store(gateway),
         _dimse(gateway),
     ]

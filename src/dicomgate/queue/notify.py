@@ -54,9 +54,11 @@ def parse_payload(payload: str) -> list[str]:
     return [name for name in payload.split(",") if name]
 
 
-def _conninfo(url: URL) -> str:
+def _conninfo(url: URL, timeout: float) -> str:
     """A libpq connection string from a SQLAlchemy URL (password kept, never logged)."""
     from psycopg.conninfo import make_conninfo
+
+    from dicomgate.index.db import pg_connect_args  # db imports this module
 
     params: dict[str, Any] = {
         "host": url.host,
@@ -64,17 +66,25 @@ def _conninfo(url: URL) -> str:
         "user": url.username,
         "password": url.password,
         "dbname": url.database,
-        "connect_timeout": 5,
     }
     params.update({str(k): v for k, v in url.query.items() if isinstance(v, str)})
+    # The same bounds as the index's connections: a partition ends this connection too,
+    # and the listener reconnects (wake-ups lost meanwhile, never jobs).
+    params.update(pg_connect_args(url, timeout))
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
 class JobListener:
     """One node's listening connection (a thread); see the module docstring."""
 
-    def __init__(self, url: URL, node: str, on_jobs: Callable[[Sequence[str]], None]) -> None:
-        self._conninfo = _conninfo(url)
+    def __init__(
+        self,
+        url: URL,
+        node: str,
+        on_jobs: Callable[[Sequence[str]], None],
+        timeout: float = 30.0,
+    ) -> None:
+        self._conninfo = _conninfo(url, timeout)
         self.node = node
         self._on_jobs = on_jobs
         self._stop = threading.Event()

@@ -1,0 +1,137 @@
+"""The index database stops answering without going away: it is still there, its
+connections stay open, but nothing comes back in time.
+
+Two ways, both seen in hospitals: another session holds a lock the gateway needs (a
+maintenance script, a long migration by hand), and a network partition between the
+gateway and its PostgreSQL server (packets dropped, no reset: :mod:`tests.partition`).
+Before ``database.timeout`` each hung every store, query and health check: a modality's
+association until the gateway's own idle timeout aborted it, ``/readyz`` and QIDO-RS until
+the client gave up; after a one-minute partition the stuck connections kept the gateway
+unusable for minutes more (TCP's retransmission backoff). What a PACS administrator
+expects instead:
+
+- a store is refused within about ``database.timeout`` with a status that says *retry
+  later* (C-STORE 0xA700), and nothing refused is kept;
+- readers answer 503; ``/readyz`` answers 503 within seconds and says why;
+- once the lock is released or the network is back, everything works again at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from tests.conftest import Corpus, GatewayProcess, sop_uid_of, wait_until
+from tests.partition import Partition
+
+pytestmark = [pytest.mark.timeout(240)]
+
+Gateway = Callable[..., GatewayProcess]
+TIMEOUT = 4  # database.timeout of these gateways, in seconds
+
+
+def _store_files(gw: GatewayProcess) -> list[Path]:
+    return sorted(p for p in (gw.data / "store").rglob("*.dcm") if p.is_file())
+
+
+def _readyz(gw: GatewayProcess) -> tuple[int, dict[str, Any], float]:
+    started = time.monotonic()
+    answer = httpx.get(gw.url("/readyz"), timeout=30)
+    return answer.status_code, answer.json(), time.monotonic() - started
+
+
+def _refused_within(gw: GatewayProcess, path: Path, seconds: float) -> None:
+    started = time.monotonic()
+    sent = gw.storescu([path], "-v")
+    took = time.monotonic() - started
+    assert "Received Store Response (Refused: OutOfResources)" in sent.stdout, sent.stdout
+    assert took < seconds, f"refused after {took:.1f} s"
+
+
+@pytest.fixture
+def partition() -> Iterator[Partition]:
+    cut = Partition()
+    cut.start()
+    yield cut
+    cut.stop()
+
+
+def test_a_lock_held_by_another_session(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus
+) -> None:
+    name, url = own_database
+    gw = gateway({"database": {"url": url, "timeout": TIMEOUT}})
+    files = corpus.mr("db-stall-lock", 3, seed=941)
+    assert gw.storescu(files[:1]).returncode == 0
+    holder = psycopg.connect(f"host=127.0.0.1 user=postgres dbname={name}")
+    try:
+        holder.execute("LOCK TABLE instance IN ACCESS EXCLUSIVE MODE")
+        sender = threading.Thread(target=_refused_within, args=(gw, files[1], TIMEOUT + 8))
+        sender.start()
+        # While the store waits, /readyz says so (SELECT 1 still answers), at once.
+        looks: list[tuple[int, dict[str, Any], float]] = []
+        wait_until(
+            lambda: looks.append(_readyz(gw)) or looks[-1][0] == 503,
+            TIMEOUT + 5,
+            "/readyz to see the stall",
+        )
+        body = looks[-1][1]
+        sender.join(30)
+        assert not sender.is_alive()
+        # The statement was cancelled by the server; the refused file was not kept.
+        assert "statement timeout" in gw.log_text()
+        assert len(_store_files(gw)) == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    assert body["failing"] == ["ingest"], body
+    assert body["checks"]["ingest"].startswith("failed: storing has waited"), body
+    assert max(look[2] for look in looks) < 2, looks
+    again = gw.storescu(files[1:])
+    assert again.returncode == 0, again.stdout
+    assert len(_store_files(gw)) == 3
+    assert _readyz(gw)[0] == 200
+    assert "Traceback" not in gw.log_text()
+
+
+def test_a_network_partition(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, partition: Partition
+) -> None:
+    name, _ = own_database
+    gw = gateway({"database": {"url": partition.url(name), "timeout": TIMEOUT}})
+    files = corpus.mr("db-stall-partition", 4, seed=942)
+    assert gw.storescu(files[:1]).returncode == 0
+    study = httpx.get(gw.url("/dicomweb/studies"), timeout=10)
+    assert study.status_code == 200 and len(study.json()) == 1
+    partition.cut()
+    try:
+        # A store: the committer's connection is found dead, a new one cannot be made.
+        _refused_within(gw, files[1], 3 * TIMEOUT + 10)
+        started = time.monotonic()
+        qido = httpx.get(gw.url("/dicomweb/studies"), timeout=60)
+        assert qido.status_code == 503, qido.text
+        assert "unavailable" in qido.json()["error"]
+        assert time.monotonic() - started < 3 * TIMEOUT + 10
+        status, body, took = _readyz(gw)
+        assert status == 503 and "database" in body["failing"], body
+        assert took < 7, took  # the probe's deadline (5 s), not the connection's
+        assert len(_store_files(gw)) == 1
+        assert gw.running()
+    finally:
+        partition.mend()
+    # Back at once: no connection is left waiting out a retransmission backoff.
+    started = time.monotonic()
+    again = gw.storescu(files[1:])
+    assert again.returncode == 0, again.stdout
+    assert time.monotonic() - started < TIMEOUT + 10
+    wait_until(lambda: _readyz(gw)[0] == 200, 15, "/readyz to be ready again")
+    instances = httpx.get(gw.url("/dicomweb/instances"), timeout=10).json()
+    assert {i["00080018"]["Value"][0] for i in instances} == {sop_uid_of(f) for f in files}
+    assert len(_store_files(gw)) == 4
+    assert "Traceback" not in gw.log_text()
