@@ -46,6 +46,12 @@ class IndexUnavailable(IndexError_):
     """The index database is unreachable or locked."""
 
 
+class CommitUncertain(IndexUnavailable):
+    """The connection failed during COMMIT: the server may have committed or not.
+
+    The rows' files must stay until the index says which (``Ingestor`` settles it)."""
+
+
 class DuplicateRejected(IndexError_):
     """An instance with this SOP Instance UID exists and the policy is ``reject``."""
 

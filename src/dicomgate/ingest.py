@@ -30,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicomgate.errors import (
+    CommitUncertain,
     DicomgateError,
     DuplicateRejected,
     InvalidInstance,
@@ -136,6 +137,8 @@ class Ingestor:
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
         self._busy_since: float | None = None  # monotonic start of the batch being committed
+        # (SOP Instance UID, store path) of instances whose commit's outcome is unknown
+        self._uncertain: list[tuple[str, str]] = []
 
     @property
     def stalled_for(self) -> float:
@@ -298,6 +301,14 @@ class Ingestor:
                 self._write_lines()
         self._write_lines()
         self._barrier()
+        if self._uncertain:
+            self._settle_uncertain()
+        if self._uncertain:
+            log.warning(
+                "%d instances of commits with an unknown outcome stay in the store unsettled",
+                len(self._uncertain),
+                extra={"event": "ingest.commit_unsettled", "instances": len(self._uncertain)},
+            )
 
     def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
         """Check the data set is complete and the instance the sender announced."""
@@ -424,6 +435,18 @@ class Ingestor:
                 prepared = [prepared[i] for i in keep]
                 routing = [routing[i] for i in keep]
                 pending = [pending[i] for i in keep]
+            except CommitUncertain as exc:
+                # Refused (the sender sends again), but the files stay: if the server did
+                # commit, its rows name them. Settled once the index answers again.
+                log.error(
+                    "index commit outcome unknown: %s",
+                    exc,
+                    extra={"event": "ingest.commit_uncertain", "instances": len(prepared)},
+                )
+                for job, item in prepared:
+                    self._uncertain.append((job.sop_instance_uid, item.relpath))
+                    _resolve(job, exc)
+                return
             except DicomgateError as exc:
                 log.error(
                     "store or index commit failed: %s",
@@ -436,6 +459,8 @@ class Ingestor:
         if not prepared:  # every flush failed
             return
         self._finish(prepared, results)
+        if self._uncertain:  # the index answers again
+            self._settle_uncertain()
         if self.audit is not None:
             self.audit.stored(audited)
         if self._on_jobs is not None:
@@ -449,6 +474,32 @@ class Ingestor:
             )
             if destinations:
                 self._on_jobs(destinations)
+
+    def _settle_uncertain(self) -> None:
+        """For each instance whose commit's outcome was unknown, ask the index (which has
+        just answered): a row naming the file means the commit went through, and the file
+        stays; no row, it did not, and the refused file goes, as for any other refusal.
+        Before, the file was removed in both cases: a committed row then named a missing
+        file, and a sender's resend could be taken as a duplicate of it."""
+        waiting, self._uncertain = self._uncertain, []
+        for i, (sop, relpath) in enumerate(waiting):
+            try:
+                rows = self.index.instances(sop)
+            except DicomgateError:
+                self._uncertain = waiting[i:]  # the index went again: at the next batch
+                return
+            committed = any(row.get("relpath") == relpath for row in rows)
+            if not committed:
+                self.store.remove(relpath)
+            log.warning(
+                "index commit outcome settled: %s",
+                "it went through; the instance is stored" if committed else "rolled back",
+                extra={
+                    "event": "ingest.commit_settled",
+                    "sop": uid_hash(sop),
+                    "committed": committed,
+                },
+            )
 
     def _refuse_placed(self, job: IngestJob, item: StoredInstance, exc: DicomgateError) -> None:
         """A file already renamed into the store that will not be indexed: remove it."""

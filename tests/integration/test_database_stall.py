@@ -18,6 +18,7 @@ expects instead:
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pydicom
 import pytest
 from tests.conftest import Corpus, GatewayProcess, sop_uid_of, wait_until
 from tests.partition import Partition
@@ -135,3 +137,114 @@ def test_a_network_partition(
     assert {i["00080018"]["Value"][0] for i in instances} == {sop_uid_of(f) for f in files}
     assert len(_store_files(gw)) == 4
     assert "Traceback" not in gw.log_text()
+
+
+def _admin(name: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(f"host=127.0.0.1 user=postgres dbname={name}", autocommit=True)
+
+
+def _slow_commit(name: str, sop: str, seconds: float) -> None:
+    """The COMMIT of the transaction that indexes ``sop`` takes ``seconds`` (a deferred
+    constraint trigger sleeps), so the test can act while it runs."""
+    with _admin(name) as admin:
+        admin.execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF NEW.sop_instance_uid = '{sop}' THEN PERFORM pg_sleep({seconds}); END IF;"
+            " RETURN NULL; END $$"
+        )
+        admin.execute(
+            "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON instance"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+        )
+
+
+def _committing(name: str) -> int | None:
+    """The backend sleeping in that COMMIT, if one is."""
+    with _admin(name) as admin:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event = 'PgSleep'",
+            (name,),
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _rows_of(name: str, sop: str) -> int:
+    with _admin(name) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM instance WHERE sop_instance_uid = %s", (sop,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_commit_that_went_through_unseen_keeps_its_file(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, partition: Partition
+) -> None:
+    """The network goes while the server commits: the gateway cannot know the outcome and
+    refuses the store (the sender sends again), but the server did commit. Its row must
+    not name a missing file: before, the file was removed as for any refusal, so the
+    index listed an instance that could not be retrieved (and with ``duplicates: reject``
+    the sender's resend was refused as a duplicate: the image was lost)."""
+    name, _ = own_database
+    gw = gateway({"database": {"url": partition.url(name), "timeout": TIMEOUT}})
+    files = corpus.mr("db-stall-unseen", 3, seed=943)
+    target = sop_uid_of(files[1])
+    assert gw.storescu(files[:1]).returncode == 0
+    _slow_commit(name, target, 3)
+    sender = threading.Thread(target=_refused_within, args=(gw, files[1], 40))
+    sender.start()
+    try:
+        wait_until(lambda: _committing(name) is not None, 20, "the slow COMMIT")
+        partition.cut()
+        sender.join(45)
+        assert not sender.is_alive()
+        assert gw.log_count("ingest.commit_uncertain") == 1
+    finally:
+        partition.mend()
+    assert _rows_of(name, target) == 1  # the server did commit
+    # The next store finds the index back and settles the outcome: the file stays.
+    assert gw.storescu(files[2:]).returncode == 0
+    gw.wait_log("ingest.commit_settled")
+    assert "committed=True" in gw.log_text()
+    ds = pydicom.dcmread(files[1], stop_before_pixels=True)
+    path = (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{target}"
+    )
+    back = httpx.get(gw.url(path), headers={"Accept": "multipart/related; type=application/dicom"})
+    assert back.status_code == 200, back.text[:300]
+    start = back.content.index(b"DICM") - 128
+    end = back.content.rindex(b"\r\n--")
+    got = pydicom.dcmread(io.BytesIO(back.content[start:end]))
+    assert got.SOPInstanceUID == target
+    assert got.PixelData == pydicom.dcmread(files[1]).PixelData
+    assert len(_store_files(gw)) == 3
+
+
+def test_a_commit_that_was_rolled_back_unseen_keeps_nothing(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus
+) -> None:
+    """The server is lost during the COMMIT and did not commit (its backend was ended):
+    once the index answers, the refused file is removed, as any refused instance's."""
+    name, url = own_database
+    gw = gateway({"database": {"url": url, "timeout": 10}})
+    files = corpus.mr("db-stall-rolled-back", 3, seed=944)
+    target = sop_uid_of(files[1])
+    assert gw.storescu(files[:1]).returncode == 0
+    _slow_commit(name, target, 5)
+    sender = threading.Thread(target=_refused_within, args=(gw, files[1], 30))
+    sender.start()
+    wait_until(lambda: _committing(name) is not None, 20, "the slow COMMIT")
+    pid = _committing(name)
+    with _admin(name) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    sender.join(40)
+    assert not sender.is_alive()
+    assert gw.log_count("ingest.commit_uncertain") == 1
+    assert _rows_of(name, target) == 0
+    assert len(_store_files(gw)) == 2  # kept until the outcome is known
+    assert gw.storescu(files[2:]).returncode == 0
+    gw.wait_log("ingest.commit_settled")
+    assert "committed=False" in gw.log_text()
+    assert len(_store_files(gw)) == 2
+    assert gw.storescu(files[1:2]).returncode == 0  # the sender's resend
+    assert len(_store_files(gw)) == 3

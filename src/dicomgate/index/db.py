@@ -13,8 +13,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -47,7 +46,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from dicomgate import __version__
 from dicomgate.config import DuplicatePolicy
-from dicomgate.errors import IndexError_, IndexUnavailable, one_line
+from dicomgate.errors import CommitUncertain, IndexError_, IndexUnavailable, one_line
 from dicomgate.index.extract import InstanceRecord
 from dicomgate.index.schema import (
     audit_event,
@@ -448,10 +447,11 @@ class Index:
 
         if self._sqlite:
             return self._sqlite_write(statements)
-        with self._transaction(write=True) as connection:
+        with self._engine.connect() as connection:
+            transaction = connection.begin()  # rolled back by the close unless committed
             cursor = connection.connection.cursor()
             try:
-                return statements(cursor)
+                results = statements(cursor)
             except self._dbapi.Error as error:
                 if self._engine.dialect.is_disconnect(
                     error, connection.connection.dbapi_connection, cursor
@@ -460,6 +460,15 @@ class Index:
                 raise
             finally:
                 cursor.close()
+            try:
+                transaction.commit()
+            except sa_exc.DBAPIError as error:
+                # The COMMIT was sent; whether the server applied it is unknown when the
+                # connection went (a partition, a server killed): a row may name a file.
+                if _is_unavailable(error):
+                    raise CommitUncertain(one_line(error)) from error
+                raise
+            return results
 
     def _sqlite_write(self, statements: Callable[[Any], list[RecordResult]]) -> list[RecordResult]:
         """Run ``statements`` in one BEGIN IMMEDIATE ... COMMIT on the writer connection
@@ -514,14 +523,6 @@ class Index:
         )
         if names:
             cursor.execute(notify_statement(), (",".join(names),))
-
-    @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
-            if write and self._engine.dialect.name == "sqlite":
-                connection = connection.execution_options(sqlite_immediate=True)
-            with connection.begin():
-                yield connection
 
     def _read(self, query: Any, sop_instance_uid: str) -> list[dict[str, Any]]:
         try:
