@@ -177,6 +177,19 @@ def _rows_of(name: str, sop: str) -> int:
     return int(row[0])
 
 
+def _store_with_a_slow_commit(
+    gw: GatewayProcess, name: str, files: list[Path], seconds: float
+) -> threading.Thread:
+    """``files[0]`` stored; ``files[1]`` being sent (to be refused within 40 s) by the
+    thread returned, once its COMMIT has begun to take ``seconds``."""
+    assert gw.storescu(files[:1]).returncode == 0
+    _slow_commit(name, sop_uid_of(files[1]), seconds)
+    sender = threading.Thread(target=_refused_within, args=(gw, files[1], 40))
+    sender.start()
+    wait_until(lambda: _committing(name) is not None, 20, "the slow COMMIT")
+    return sender
+
+
 def test_a_commit_that_went_through_unseen_keeps_its_file(
     gateway: Gateway, own_database: tuple[str, str], corpus: Corpus, partition: Partition
 ) -> None:
@@ -189,12 +202,8 @@ def test_a_commit_that_went_through_unseen_keeps_its_file(
     gw = gateway({"database": {"url": partition.url(name), "timeout": TIMEOUT}})
     files = corpus.mr("db-stall-unseen", 3, seed=943)
     target = sop_uid_of(files[1])
-    assert gw.storescu(files[:1]).returncode == 0
-    _slow_commit(name, target, 3)
-    sender = threading.Thread(target=_refused_within, args=(gw, files[1], 40))
-    sender.start()
+    sender = _store_with_a_slow_commit(gw, name, files, 3)
     try:
-        wait_until(lambda: _committing(name) is not None, 20, "the slow COMMIT")
         partition.cut()
         sender.join(45)
         assert not sender.is_alive()
@@ -229,11 +238,7 @@ def test_a_commit_that_was_rolled_back_unseen_keeps_nothing(
     gw = gateway({"database": {"url": url, "timeout": 10}})
     files = corpus.mr("db-stall-rolled-back", 3, seed=944)
     target = sop_uid_of(files[1])
-    assert gw.storescu(files[:1]).returncode == 0
-    _slow_commit(name, target, 5)
-    sender = threading.Thread(target=_refused_within, args=(gw, files[1], 30))
-    sender.start()
-    wait_until(lambda: _committing(name) is not None, 20, "the slow COMMIT")
+    sender = _store_with_a_slow_commit(gw, name, files, 5)
     pid = _committing(name)
     with _admin(name) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
