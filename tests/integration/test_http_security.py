@@ -303,7 +303,7 @@ def test_api_keys_from_the_command_line(gateway: Gateway, corpus: Corpus) -> Non
         gw.url("/dicomweb/studies/1.2.3.4/series"), params={"PatientName": "SECRET^NAME"}
     )
     assert hidden.status_code == 401
-    gw.wait_log("auth.denied", 13)
+    gw.wait_log("auth.denied", 14)
     assert "1.2.3.4" not in gw.log_text()  # the log line has the area only
 
     def denied() -> list[dict[str, Any]]:
@@ -313,7 +313,7 @@ def test_api_keys_from_the_command_line(gateway: Gateway, corpus: Corpus) -> Non
         rows: list[dict[str, Any]] = response.json()["events"]
         return rows
 
-    wait_until(lambda: len(denied()) == 13, 10, "13 auth.denied audit rows")
+    wait_until(lambda: len(denied()) == 14, 10, "14 auth.denied audit rows")
     rows = denied()
     assert all(row["outcome"] == "failure" and row["source_ip"] == "127.0.0.1" for row in rows)
     by_path = {(row["object"], row["detail"]["status"], row["detail"]["reason"]) for row in rows}
