@@ -11,6 +11,7 @@ resolves each job's future. The caller sends success only for a resolved ``None`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -139,6 +140,7 @@ class Ingestor:
         self._busy_since: float | None = None  # monotonic start of the batch being committed
         # (SOP Instance UID, store path) of instances whose commit's outcome is unknown
         self._uncertain: list[tuple[str, str]] = []
+        self._uncertain_since: float | None = None  # the oldest such file's mtime
 
     @property
     def stalled_for(self) -> float:
@@ -146,6 +148,12 @@ class Ingestor:
         database or the store's disk not answering shows here first (``/readyz``)."""
         since = self._busy_since
         return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+    @property
+    def unsettled_since(self) -> float | None:
+        """After :meth:`stop`: the modification time of the oldest store file whose commit's
+        outcome is still unknown (the next start's recovery must look at it), else None."""
+        return self._uncertain_since if self._uncertain else None
 
     def start(self) -> None:
         self.store.start_spool_refiller()
@@ -305,7 +313,8 @@ class Ingestor:
             self._settle_uncertain()
         if self._uncertain:
             log.warning(
-                "%d instances of commits with an unknown outcome stay in the store unsettled",
+                "%d instances of commits with an unknown outcome stay in the store, for the"
+                " next start's recovery",
                 len(self._uncertain),
                 extra={"event": "ingest.commit_unsettled", "instances": len(self._uncertain)},
             )
@@ -445,6 +454,10 @@ class Ingestor:
                 )
                 for job, item in prepared:
                     self._uncertain.append((job.sop_instance_uid, item.relpath))
+                    with contextlib.suppress(OSError):
+                        mtime = (self.store.root / item.relpath).stat().st_mtime
+                        since = self._uncertain_since
+                        self._uncertain_since = mtime if since is None else min(since, mtime)
                     _resolve(job, exc)
                 return
             except DicomgateError as exc:

@@ -400,7 +400,16 @@ class Gateway:
             log.info("SIGHUP: no certificate to reload", extra={"event": "tls.reload_skipped"})
 
     def close(self, clean: bool) -> None:
-        """Close the index; a clean stop removes the run marker (no recovery next start)."""
+        """Close the index; a clean stop removes the run marker (no recovery next start).
+
+        Unless the ingestor still holds files whose commit's outcome is unknown (the index
+        did not answer again before the stop): the marker then stays, dated at the oldest
+        of them, so that the next start's recovery indexes those without a row.
+        """
+        unsettled = self.ingestor.unsettled_since if hasattr(self, "ingestor") else None
+        if clean and unsettled is not None:
+            self.marker.write(unsettled)
+            clean = False
         if self.listener is not None:
             self.listener.stop()
         if hasattr(self, "observability"):

@@ -29,7 +29,7 @@ import httpx
 import psycopg
 import pydicom
 import pytest
-from tests.conftest import Corpus, GatewayProcess, sop_uid_of, wait_until
+from tests.conftest import Corpus, GatewayProcess, pg_cut_off, sop_uid_of, wait_until
 from tests.partition import Partition
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -253,3 +253,32 @@ def test_a_commit_that_was_rolled_back_unseen_keeps_nothing(
     assert len(_store_files(gw)) == 2
     assert gw.storescu(files[1:2]).returncode == 0  # the sender's resend
     assert len(_store_files(gw)) == 3
+
+
+def test_a_commit_still_unknown_at_stop_is_looked_at_by_the_next_start(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus
+) -> None:
+    """The gateway stops before the index answers again: the file's fate is decided by the
+    next start's recovery, which indexes it if no row names it (the sender was told to send
+    again, so it is stored twice at worst, never lost)."""
+    name, url = own_database
+    gw = gateway({"database": {"url": url, "timeout": 10}, "storage": {"recovery_grace": 0.5}})
+    files = corpus.mr("db-stall-unsettled", 2, seed=945)
+    target = sop_uid_of(files[1])
+    sender = _store_with_a_slow_commit(gw, name, files, 5)
+    pg_cut_off(name, allow=False)  # ends the backend in its COMMIT; no new connection
+    try:
+        sender.join(40)
+        assert not sender.is_alive()
+        assert gw.log_count("ingest.commit_uncertain") == 1
+        assert gw.terminate() == 0
+        assert gw.log_count("ingest.commit_unsettled") == 1
+    finally:
+        pg_cut_off(name, allow=True)
+    assert _rows_of(name, target) == 0
+    assert len(_store_files(gw)) == 2
+    gw.restart()
+    wait_until(lambda: _rows_of(name, target) == 1, 20, "recovery to index the file")
+    gw.wait_log("recovery.done")
+    assert len(_store_files(gw)) == 2
+    assert "Traceback" not in gw.log_text()
