@@ -296,7 +296,8 @@ def _type_name(annotation: Any, name: str) -> str:
     if annotation is int:
         return "int (bytes)" if name.endswith(_BYTES_SUFFIXES) else "int"
     if annotation is float:
-        return "seconds" if name.endswith(_SECONDS_SUFFIXES) else "number"
+        seconds = name == "timeout" or name.endswith(_SECONDS_SUFFIXES)
+        return "seconds" if seconds else "number"
     if annotation is str:
         return "string"
     if isinstance(annotation, type) and issubclass(annotation, PurePath):
