@@ -138,16 +138,20 @@ class Ingestor:
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
         self._busy_since: float | None = None  # monotonic start of the batch being committed
+        self._busy_bytes = 0  # the size of that batch's files
         # (SOP Instance UID, store path) of instances whose commit's outcome is unknown
         self._uncertain: list[tuple[str, str]] = []
         self._uncertain_since: float | None = None  # the oldest such file's mtime
 
-    @property
-    def stalled_for(self) -> float:
-        """Seconds the batch being committed has taken so far (0 when idle): the index
-        database or the store's disk not answering shows here first (``/readyz``)."""
-        since = self._busy_since
-        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+    def stalled_for(self, allowed: float, disk_rate: float) -> float:
+        """Seconds the batch being committed has taken beyond ``allowed`` plus the time
+        its files' flushes need at ``disk_rate`` bytes/s (0 when idle or in time): the
+        index database or the store's disk not answering shows here first (``/readyz``),
+        and a batch holding a 2 GB instance is not taken for a stall."""
+        since, size = self._busy_since, self._busy_bytes
+        if since is None:
+            return 0.0
+        return max(0.0, time.monotonic() - since - allowed - size / disk_rate)
 
     @property
     def unsettled_since(self) -> float | None:
@@ -294,6 +298,7 @@ class Ingestor:
                     stopping = True
                     break
                 batch.append(nxt)
+            self._busy_bytes = sum(job.spool.size for job in batch)
             self._busy_since = time.monotonic()
             try:
                 self._unsynced = True

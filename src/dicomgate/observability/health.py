@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 READY, DEGRADED, NOT_READY = "ready", "degraded", "not ready"
 DATABASE_DEADLINE = 5.0  # seconds /readyz waits for the database's answers
-INGEST_STALL = 10.0  # seconds one batch of instances may take before storing is stalled
+INGEST_STALL = 10.0  # seconds one batch of instances may take before storing is stalled,
+INGEST_DISK_RATE = 50e6  # plus the time its files' flushes take at this many bytes/s
 
 
 @dataclass
@@ -120,16 +121,18 @@ def _database_checks(gateway: Gateway, now: datetime) -> list[Check]:
 
 def _ingest(gateway: Gateway) -> Check:
     """Storing goes on: the batch of instances being committed (files flushed, rows
-    written) has not taken INGEST_STALL seconds (or half ``database.timeout``). A database
+    written) has not taken INGEST_STALL seconds (or half ``database.timeout``), plus its
+    files' size at INGEST_DISK_RATE. A database
     that answers ``SELECT 1`` but not the committer (a lock held by another session, an
     I/O stall on its host) or a store disk that stopped answering shows here, not in
     ``database``."""
     ingestor = getattr(gateway, "ingestor", None)  # not yet made early in start-up
-    stalled = 0.0 if ingestor is None else ingestor.stalled_for
-    if stalled > min(INGEST_STALL, gateway.config.database.timeout / 2):
+    allowed = min(INGEST_STALL, gateway.config.database.timeout / 2)
+    late = 0.0 if ingestor is None else ingestor.stalled_for(allowed, INGEST_DISK_RATE)
+    if late > 0:
         return Check(
             "ingest",
-            f"storing has waited {stalled:.0f} s on the index database or the store's disk",
+            f"storing has waited {late:.0f} s too long on the index database or the store's disk",
         )
     return Check("ingest")
 
