@@ -28,6 +28,7 @@ from tests.conftest import (
     launch_orthanc,
     needs_dcmtk,
     sop_uid_of,
+    wait_until,
 )
 from tests.integration.test_http_security import new_key
 from tests.integration.test_stow import multipart, post
@@ -212,6 +213,12 @@ def test_orthanc_authenticates_with_an_api_key_as_its_basic_password(
     log = gw.log_text()
     assert "reason=invalid_api_key" in log and "reason=missing_credentials" in log
     assert key not in log and "any-name" not in log
-    audit = httpx.get(gw.url("/api/audit?event=query"), headers={"X-API-Key": admin}).json()
-    # The search is audited under the key's name, whatever user name was sent.
-    assert {(e["actor"], e["outcome"]) for e in audit["events"]} == {("orthanc", "success")}
+
+    def searches() -> set[tuple[str, str]]:
+        audit = httpx.get(gw.url("/api/audit?event=query"), headers={"X-API-Key": admin})
+        return {(e["actor"], e["outcome"]) for e in audit.json()["events"]}
+
+    # The search is audited under the key's name, whatever user name was sent (the audit
+    # writer batches its rows: wait for them).
+    wait_until(lambda: bool(searches()), 10, "the search's audit row")
+    assert searches() == {("orthanc", "success")}
