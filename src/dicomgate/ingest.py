@@ -11,7 +11,6 @@ resolves each job's future. The caller sends success only for a resolved ``None`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -137,27 +136,30 @@ class Ingestor:
         self._queue: queue.SimpleQueue[IngestJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dicomgate-committer", daemon=True)
         self.stored_count = 0
-        self._busy_since: float | None = None  # monotonic start of the batch being committed
-        self._busy_bytes = 0  # the size of that batch's files
-        # (SOP Instance UID, store path) of instances whose commit's outcome is unknown
-        self._uncertain: list[tuple[str, str]] = []
-        self._uncertain_since: float | None = None  # the oldest such file's mtime
+        # (monotonic start, jobs) of the batch being committed; one attribute, so that a
+        # reader on another thread (/readyz) never pairs one batch's start with another's jobs
+        self._busy: tuple[float, list[IngestJob]] | None = None
+        # (SOP Instance UID, store path, file mtime) of instances whose commit's outcome is
+        # unknown
+        self._uncertain: list[tuple[str, str, float]] = []
 
     def stalled_for(self, allowed: float, disk_rate: float) -> float:
         """Seconds the batch being committed has taken beyond ``allowed`` plus the time
         its files' flushes need at ``disk_rate`` bytes/s (0 when idle or in time): the
         index database or the store's disk not answering shows here first (``/readyz``),
         and a batch holding a 2 GB instance is not taken for a stall."""
-        since, size = self._busy_since, self._busy_bytes
-        if since is None:
+        busy = self._busy
+        if busy is None:
             return 0.0
+        since, batch = busy
+        size = sum(job.spool.size for job in batch)
         return max(0.0, time.monotonic() - since - allowed - size / disk_rate)
 
     @property
     def unsettled_since(self) -> float | None:
         """After :meth:`stop`: the modification time of the oldest store file whose commit's
         outcome is still unknown (the next start's recovery must look at it), else None."""
-        return self._uncertain_since if self._uncertain else None
+        return min((mtime for _, _, mtime in self._uncertain), default=None)
 
     def start(self) -> None:
         self.store.start_spool_refiller()
@@ -298,8 +300,7 @@ class Ingestor:
                     stopping = True
                     break
                 batch.append(nxt)
-            self._busy_bytes = sum(job.spool.size for job in batch)
-            self._busy_since = time.monotonic()
+            self._busy = (time.monotonic(), batch)
             try:
                 self._unsynced = True
                 self._commit_batch(batch)
@@ -309,7 +310,7 @@ class Ingestor:
                     job.spool.discard()
                     _resolve(job, StoreError("internal error while storing"))
             finally:
-                self._busy_since = None
+                self._busy = None
             if len(self._lines) >= _LINES_MAX:
                 self._write_lines()
         self._write_lines()
@@ -457,12 +458,13 @@ class Ingestor:
                     exc,
                     extra={"event": "ingest.commit_uncertain", "instances": len(prepared)},
                 )
+                now = time.time()
                 for job, item in prepared:
-                    self._uncertain.append((job.sop_instance_uid, item.relpath))
-                    with contextlib.suppress(OSError):
+                    try:
                         mtime = (self.store.root / item.relpath).stat().st_mtime
-                        since = self._uncertain_since
-                        self._uncertain_since = mtime if since is None else min(since, mtime)
+                    except OSError:
+                        mtime = now
+                    self._uncertain.append((job.sop_instance_uid, item.relpath, mtime))
                     _resolve(job, exc)
                 return
             except DicomgateError as exc:
@@ -500,7 +502,7 @@ class Ingestor:
         Before, the file was removed in both cases: a committed row then named a missing
         file, and a sender's resend could be taken as a duplicate of it."""
         waiting, self._uncertain = self._uncertain, []
-        for i, (sop, relpath) in enumerate(waiting):
+        for i, (sop, relpath, _) in enumerate(waiting):
             try:
                 rows = self.index.instances(sop)
             except DicomgateError:

@@ -154,6 +154,12 @@ class Seen:
     def frames(self) -> list[tuple[int, str, str]]:
         return [a for a in self.answers if "/frames/" in a[1]]
 
+    def assert_clean(self) -> None:
+        """Every gateway answer a success, no request failed, no error in OHIF's console."""
+        bad = [a for a in self.answers if not 200 <= a[0] < 300]
+        assert not bad and not self.failed, (bad, self.failed)
+        assert not self.errors, self.errors
+
 
 def watch(page: Page, gateway_url: str) -> Seen:
     seen = Seen()
@@ -191,12 +197,16 @@ def _image_shown(page: Page, path: Path) -> float:
 
 
 def _gateway_and_site(
-    gateway: Gateway, ohif_site: Callable[..., str], **settings: str
+    gateway: Gateway,
+    ohif_site: Callable[..., str],
+    http: dict[str, Any] | None = None,
+    **settings: str,
 ) -> tuple[GatewayProcess, str]:
-    """A gateway whose CORS lets OHIF's origin read it, and that OHIF (data source
-    ``settings``); returns both, the gateway started."""
+    """A gateway whose CORS lets OHIF's origin read it (and ``http`` config besides), and
+    that OHIF (data source ``settings``); returns both, the gateway started."""
     gw = gateway(start=False)
     origin = ohif_site(gw.url("/dicomweb"), **settings)
+    gw.config["http"].update(http or {})
     gw.config["http"]["cors"] = {"allow_origins": [origin]}
     gw.start()
     return gw, origin
@@ -266,9 +276,7 @@ def test_ohif_lists_the_studies_and_shows_their_images(
         spread = _image_shown(page, tmp_path / f"{study}.png")
         assert spread > 10, f"blank viewport for {study}: {tmp_path / f'{study}.png'}"
 
-    bad = [a for a in seen.answers if not 200 <= a[0] < 300]
-    assert not bad and not seen.failed, (bad, seen.failed)
-    assert not seen.errors, seen.errors
+    seen.assert_clean()
     kinds = {kind.split(";")[0] for status, url, kind in seen.frames()}
     assert kinds == {"multipart/related"}, kinds
 
@@ -299,8 +307,7 @@ def test_ohif_with_wado_uri_images_and_rendered_thumbnails(
     _wait(page, lambda: bool(loaded("/thumbnail")), 30, "thumbnail")
     page.wait_for_timeout(1500)
     assert _image_shown(page, tmp_path / "wado-uri.png") > 10
-    bad = [a for a in seen.answers if not 200 <= a[0] < 300]
-    assert not bad and not seen.failed and not seen.errors, (bad, seen.failed, seen.errors)
+    seen.assert_clean()
     assert {a[2] for a in loaded("/thumbnail")} == {"image/jpeg"}
     assert {a[2] for a in loaded("/wado?")} == {"application/dicom"}
 
@@ -371,11 +378,7 @@ def test_ohif_opened_with_an_api_key_as_its_token(
     ``requestOptions.auth``, HTTP Basic, is OHIF 2's): a viewer link carrying an API key
     shows the study from a gateway that requires a key, with no request refused."""
     key, entry = new_key("ohif", "read")
-    gw = gateway(start=False)
-    origin = ohif_site(gw.url("/dicomweb"))
-    gw.config["http"]["cors"] = {"allow_origins": [origin]}
-    gw.config["http"]["auth"] = {"api_keys": [entry]}
-    gw.start()
+    gw, origin = _gateway_and_site(gateway, ohif_site, {"auth": {"api_keys": [entry]}})
     ct = corpus.ct("ohif-ct", 3, seed=71)
     assert gw.storescu(ct).returncode == 0
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -386,9 +389,7 @@ def test_ohif_opened_with_an_api_key_as_its_token(
     _wait(page, lambda: len(seen.frames()) >= len(ct), 60, "frames")
     page.wait_for_timeout(1500)  # drawn
     assert _image_shown(page, tmp_path / "token.png") > 10, tmp_path / "token.png"
-    bad = [a for a in seen.answers if not 200 <= a[0] < 300]
-    assert not bad and not seen.failed, (bad, seen.failed)
-    assert not seen.errors, seen.errors
+    seen.assert_clean()
     assert key not in page.url  # OHIF takes the token out of the address bar
     assert gw.log_count("auth.denied") == 0
 

@@ -45,7 +45,7 @@ from sqlalchemy.engine import URL, Dialect, ExceptionContext, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from dicomgate import __version__
-from dicomgate.config import DuplicatePolicy
+from dicomgate.config import DatabaseConfig, DuplicatePolicy
 from dicomgate.errors import CommitUncertain, IndexError_, IndexUnavailable, one_line
 from dicomgate.index.extract import InstanceRecord
 from dicomgate.index.schema import (
@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
-DEFAULT_TIMEOUT = 30.0  # database.timeout: seconds the gateway waits on PostgreSQL
+# database.timeout's default: seconds the gateway waits on PostgreSQL
+DEFAULT_TIMEOUT: float = DatabaseConfig.model_fields["timeout"].default
 _RETRIES = 3  # attempts of a batch that hit a unique or foreign-key conflict
 _PENDING = JobState.PENDING.value  # a plain str: the DBAPI drivers bind no str subclass
 LAST_RECEIVED_GRANULARITY = timedelta(seconds=1)

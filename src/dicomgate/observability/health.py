@@ -122,10 +122,9 @@ def _database_checks(gateway: Gateway, now: datetime) -> list[Check]:
 def _ingest(gateway: Gateway) -> Check:
     """Storing goes on: the batch of instances being committed (files flushed, rows
     written) has not taken INGEST_STALL seconds (or half ``database.timeout``), plus its
-    files' size at INGEST_DISK_RATE. A database
-    that answers ``SELECT 1`` but not the committer (a lock held by another session, an
-    I/O stall on its host) or a store disk that stopped answering shows here, not in
-    ``database``."""
+    files' size at INGEST_DISK_RATE. A database that answers ``SELECT 1`` but not the
+    committer (a lock held by another session, an I/O stall on its host) or a store disk
+    that stopped answering shows here, not in ``database``."""
     ingestor = getattr(gateway, "ingestor", None)  # not yet made early in start-up
     allowed = min(INGEST_STALL, gateway.config.database.timeout / 2)
     late = 0.0 if ingestor is None else ingestor.stalled_for(allowed, INGEST_DISK_RATE)

@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from dicomgate.config import DatabaseConfig
 from dicomgate.errors import DicomgateError
 from dicomgate.observability.logging import Outage
 
@@ -82,7 +83,7 @@ class JobListener:
         url: URL,
         node: str,
         on_jobs: Callable[[Sequence[str]], None],
-        timeout: float = 30.0,
+        timeout: float = DatabaseConfig.model_fields["timeout"].default,
     ) -> None:
         self._conninfo = _conninfo(url, timeout)
         self.node = node

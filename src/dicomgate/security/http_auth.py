@@ -2,8 +2,8 @@
 
 A request presents one credential, as ``Authorization: Bearer <credential>``,
 ``X-API-Key: <key>``, or an API key as the password of ``Authorization: Basic`` (the user
-name is not checked), for clients that can only send Basic (Orthanc's DICOMweb client, a
-viewer's ``requestOptions.auth``). API keys are compared by their SHA-256 (the config holds
+name is not checked), for clients that can only send Basic (Orthanc's DICOMweb client,
+OHIF 2's ``requestOptions.auth``). API keys are compared by their SHA-256 (the config holds
 only the hash) with a constant-time comparison against every configured key; a bearer
 credential that is no API key and looks like a JWT is checked by
 :class:`~dicomgate.security.oidc.JwtVerifier` (a Basic password never is).
