@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -118,6 +120,51 @@ def test_open_twice_keeps_data_and_schema(tmp_path: Path) -> None:
         assert _scalar(second, "SELECT version_num FROM alembic_version") == "0004"
     finally:
         second.close()
+
+
+def test_schema_head_is_the_newest_migration() -> None:
+    assert index_db.head_revision() == index_db.SCHEMA_HEAD
+
+
+def test_a_database_at_the_head_opens_without_alembic(tmp_path: Path) -> None:
+    """The start-up of a migrated index reads its revision itself: no alembic import."""
+    url = f"sqlite:///{tmp_path}/index.db"
+    Index.open(url).close()
+    script = (
+        "import sys\n"
+        "from dicomgate.index.db import Index\n"
+        f"Index.open({url!r}).close()\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    opened = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert opened.stdout.strip() == "False", opened.stderr
+
+
+def test_a_database_behind_the_head_is_migrated(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/index.db"
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        index_db.migrate(connection, "0003")
+        connection.commit()
+        assert not index_db._at_head(connection)
+    engine.dispose()
+    opened = Index.open(url)
+    try:
+        assert _scalar(opened, "SELECT version_num FROM alembic_version") == "0004"
+        assert _scalar(opened, "SELECT count(*) FROM delivery_attempt") == 0
+    finally:
+        opened.close()
+
+
+def test_a_revision_alembic_cannot_reach_is_index_unavailable(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/index.db")
+    try:
+        with engine.connect() as connection, pytest.raises(IndexUnavailable, match="0009"):
+            index_db.migrate(connection, "0009")
+    finally:
+        engine.dispose()
 
 
 def test_migrated_schema_matches_schema_module(index: Index) -> None:
