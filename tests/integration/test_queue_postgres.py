@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -182,3 +183,35 @@ def test_timers_fire_once_and_one_node_at_a_time(
     assert queue.fire_due_timers() == 4
     assert queue.fire_due_timers() == 0
     assert queue.counts() == {("pacs", "pending"): 2, ("cloud", "pending"): 2}
+
+
+def test_a_large_dead_letter_set_is_purged_within_database_timeout(
+    database_url: str, index: Index
+) -> None:
+    """200,000 dead jobs with a million attempts, against a 1-second database.timeout: one
+    DELETE of them all takes seconds here (cancelled); each batch of the purge, a few ms."""
+    store_many(index, 1, NewJob("pacs", "r"))
+    with psycopg.connect(database_url, autocommit=True) as connection:  # no time limit
+        connection.execute("SET session_replication_role = replica")  # no FK checks: quick
+        connection.execute(
+            "INSERT INTO delivery_job (instance_pk, destination, route, state, attempts,"
+            " not_before, created_at, updated_at)"
+            " SELECT (SELECT min(id) FROM instance), 'pacs', 'r', 'dead', 5, now(), now(), now()"
+            " FROM generate_series(1, 200000)"
+        )
+        connection.execute(
+            "INSERT INTO delivery_attempt (job_id, attempt, started_at, finished_at, outcome)"
+            " SELECT j.id, a, now(), now(), 'failed' FROM delivery_job j,"
+            " generate_series(1, 5) a WHERE j.state = 'dead'"
+        )
+        connection.execute("ANALYZE")
+    strict = Index.open(database_url, timeout=1)
+    try:
+        queue = JobQueue(strict.engine, QueueConfig())
+        assert queue.purge(state="dead") == 200_000
+        assert queue.counts() == {("pacs", "pending"): 1}
+        with strict.engine.connect() as connection:
+            left = connection.exec_driver_sql("SELECT count(*) FROM delivery_attempt").scalar()
+        assert left == 0
+    finally:
+        strict.close()

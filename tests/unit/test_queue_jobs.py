@@ -30,6 +30,7 @@ from dicomgate.queue import (
     RetryPolicy,
     backoff,
 )
+from dicomgate.queue import jobs as jobs_module
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -429,6 +430,28 @@ def test_retry_retry_dead_and_purge(index: Index, queue: JobQueue, clock: Clock)
         queue.list(state="bogus")
     assert queue.get(10_000) is None
     assert len(queue.list(limit=2, offset=2)) == 1
+
+
+def test_retry_dead_and_purge_work_in_batches(
+    index: Index, queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large dead-letter set goes in several transactions, each job once."""
+    monkeypatch.setattr(jobs_module, "_OPERATOR_BATCH", 3)
+    monkeypatch.setattr(jobs_module, "_ID_CHUNK", 2)
+    for n in range(7):
+        store(index, f"14.5.{n}", NewJob("pacs", "r"), NewJob("cloud", "r"))
+    for job in queue.lease("pacs", 10, "w") + queue.lease("cloud", 10, "w"):
+        queue.fail(job, "bad", retryable=False)
+    assert queue.retry_dead("pacs") == 7
+    assert queue.counts() == {("pacs", "pending"): 7, ("cloud", "dead"): 7}
+    for job in queue.lease("pacs", 10, "w"):
+        outcomes = [h["outcome"] for h in queue.history(job.id)]
+        assert outcomes == ["dead", "redriven"], outcomes
+        queue.complete([job])
+    assert queue.purge(state="dead", destination="cloud") == 7
+    assert queue.purge(state="done") == 7
+    assert queue.counts() == {}
+    assert _history_rows(index) == 0
 
 
 def test_a_redriven_job_gets_a_fresh_age_budget(index: Index, clock: Clock) -> None:

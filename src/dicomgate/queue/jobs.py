@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ log = logging.getLogger(__name__)
 
 _ID_CHUNK = 500  # ids per IN (...) list, well under every backend's parameter limit
 _TIMER_BATCH = 100  # timers fired per transaction
+# Jobs purged or re-driven per transaction: a dead-letter set of a million jobs neither holds
+# SQLite's write lock (and the C-STOREs waiting on it) nor runs one statement past
+# database.timeout on PostgreSQL.
+_OPERATOR_BATCH = 2000
+# Pause between two such transactions on SQLite: the write lock is not fair, and a committer
+# waiting on it would otherwise lose it to the next batch again and again.
+_OPERATOR_PAUSE = 0.01
 _ERROR_MAX = 2000  # characters of last_error kept
 # Any 64-bit constant: one node at a time fires stable timers on a shared PostgreSQL.
 _TIMER_LOCK_ID = 0x646963_6F6D68
@@ -629,16 +637,29 @@ class JobQueue:
 
     def purge(self, *, state: str, destination: str | None = None) -> int:
         """Delete done or dead jobs (of ``destination``), their history with them (ON DELETE
-        CASCADE); returns how many."""
+        CASCADE); returns how many.
+
+        The jobs there when asked, in transactions of ``_OPERATOR_BATCH``: stores and
+        deliveries go on between them.
+        """
         chosen = JobState(state)
         if chosen not in (JobState.DONE, JobState.DEAD):
             raise ValueError(f"only done or dead jobs can be purged, not {chosen.value!r}")
         j = delivery_job.c
-        stmt = delete(delivery_job).where(j.state == chosen.value)
+        condition = and_(j.state == chosen.value, j.id <= self._newest_job())
         if destination is not None:
-            stmt = stmt.where(j.destination == destination)
-        with self._write() as connection:
-            return int(connection.execute(stmt).rowcount)
+            condition = and_(condition, j.destination == destination)
+        batch = select(j.id).where(condition).limit(_OPERATOR_BATCH).scalar_subquery()
+        deleted = 0
+        while True:
+            with self._write() as connection:
+                count = int(
+                    connection.execute(delete(delivery_job).where(j.id.in_(batch))).rowcount
+                )
+            deleted += count
+            if count < _OPERATOR_BATCH:
+                return deleted
+            self._let_writers_in()
 
     def depth(self) -> dict[str, tuple[dict[str, int], datetime | None]]:
         """Per destination: unfinished jobs by state (pending, leased, dead) and the creation
@@ -668,8 +689,34 @@ class JobQueue:
     # -- internals --------------------------------------------------------------------
 
     def _redrive(self, condition: Any) -> int:
+        """Re-drive the jobs matching ``condition`` that are there now, in transactions of
+        ``_OPERATOR_BATCH`` jobs.
+
+        A re-driven job is pending, so the condition must leave out pending jobs, or match
+        fewer than a batch (:meth:`retry`). Unordered: an ORDER BY would sort every dead job
+        again for each batch.
+        """
+        j = delivery_job.c
+        pick = select(j.id).where(condition, j.id <= self._newest_job()).limit(_OPERATOR_BATCH)
+        if self._postgres:  # the rows stay as read until both statements ran
+            pick = pick.with_for_update()
+        count = 0
+        while True:
+            with self._write() as connection:
+                ids = list(connection.execute(pick).scalars())
+                for start in range(0, len(ids), _ID_CHUNK):
+                    count += self._redrive_ids(connection, ids[start : start + _ID_CHUNK])
+            if len(ids) < _OPERATOR_BATCH:
+                break
+            self._let_writers_in()
+        if count:
+            log.info("jobs re-driven", extra={"event": "queue.redriven", "jobs": count})
+        return count
+
+    def _redrive_ids(self, connection: Connection, ids: Sequence[int]) -> int:
         now = self._clock()
         j = delivery_job.c
+        chosen = j.id.in_(ids)
         # The history keeps what the reset counter forgets: one "redriven" row per job.
         marks = insert(delivery_attempt).from_select(
             ["job_id", "attempt", "started_at", "finished_at", "outcome", "node"],
@@ -680,11 +727,11 @@ class JobQueue:
                 literal(now, UtcDateTime()),
                 literal(AttemptOutcome.REDRIVEN.value),
                 literal(""),
-            ).where(condition),
+            ).where(chosen),
         )
         stmt = (
             update(delivery_job)
-            .where(condition)
+            .where(chosen)
             .values(
                 state=JobState.PENDING.value,
                 attempts=0,
@@ -694,14 +741,17 @@ class JobQueue:
                 updated_at=now,
             )
         )
-        with self._write() as connection:
-            if self._postgres:  # the rows stay as read until both statements ran
-                connection.execute(select(j.id).where(condition).with_for_update())
-            connection.execute(marks)
-            count = int(connection.execute(stmt).rowcount)
-        if count:
-            log.info("jobs re-driven", extra={"event": "queue.redriven", "jobs": count})
-        return count
+        connection.execute(marks)
+        return int(connection.execute(stmt).rowcount)
+
+    def _let_writers_in(self) -> None:
+        if not self._postgres:
+            time.sleep(_OPERATOR_PAUSE)
+
+    def _newest_job(self) -> int:
+        """The highest job id now (0 for none): operators act on the jobs there when asked."""
+        with self._read() as connection:
+            return int(connection.execute(select(func.max(delivery_job.c.id))).scalar() or 0)
 
     def _fire_timer_batch(self) -> tuple[int, int]:
         """Fire up to ``_TIMER_BATCH`` due timers; returns (timers fired, jobs created)."""
