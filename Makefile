@@ -63,7 +63,7 @@ peers:
 test: install-test bytecode
 	TCP_NODELAY=1 $(BIN)/pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 	@# The database-heavy modules again, each gateway on a fresh PostgreSQL database
-	@# (TEST_DATABASE=postgresql, tests/conftest.py); about 3 minutes here.
+	@# (TEST_DATABASE=postgresql, tests/conftest.py); about 1.5 minutes here.
 	TEST_DATABASE=postgresql TCP_NODELAY=1 $(BIN)/pytest -m "not slow" $(XDIST) $(PYTEST_ARGS) \
 	  tests/integration/test_routing_delivery.py tests/integration/test_queue_operations.py \
 	  tests/integration/test_crash_recovery.py tests/integration/test_retention.py \
