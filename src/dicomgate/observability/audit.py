@@ -38,6 +38,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexUnavailable
+from dicomgate.index import SQLITE_BULK_PAUSE
 from dicomgate.index.schema import audit_event, storable
 from dicomgate.observability.audit_journal import AuditJournal
 
@@ -463,6 +464,8 @@ class AuditTrail:
             total += len(ids)
             if len(ids) < _PRUNE_BATCH:
                 return total
+            if self._sqlite:
+                time.sleep(SQLITE_BULK_PAUSE)
 
     # -- reading ------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexError_, IndexUnavailable, one_line
+from dicomgate.index import SQLITE_BULK_PAUSE
 from dicomgate.index.schema import (
     UtcDateTime,
     delivery_attempt,
@@ -80,9 +81,6 @@ _TIMER_BATCH = 100  # timers fired per transaction
 # SQLite's write lock (and the C-STOREs waiting on it) nor runs one statement past
 # database.timeout on PostgreSQL.
 _OPERATOR_BATCH = 2000
-# Pause between two such transactions on SQLite: the write lock is not fair, and a committer
-# waiting on it would otherwise lose it to the next batch again and again.
-_OPERATOR_PAUSE = 0.01
 _ERROR_MAX = 2000  # characters of last_error kept
 # Any 64-bit constant: one node at a time fires stable timers on a shared PostgreSQL.
 _TIMER_LOCK_ID = 0x646963_6F6D68
@@ -746,7 +744,7 @@ class JobQueue:
 
     def _let_writers_in(self) -> None:
         if not self._postgres:
-            time.sleep(_OPERATOR_PAUSE)
+            time.sleep(SQLITE_BULK_PAUSE)
 
     def _newest_job(self) -> int:
         """The highest job id now (0 for none): operators act on the jobs there when asked."""
