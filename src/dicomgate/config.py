@@ -183,7 +183,7 @@ class DatabaseConfig(_Model):
         le=3600,
         description=(
             "PostgreSQL: seconds the gateway waits on the database before it gives up and"
-            " answers *try later* (C-STORE 0xA700, STOW-RS FailureReason 0xA700, QIDO-RS"
+            " answers *try later* (C-STORE 0xA700, STOW-RS 503 with FailureReason 0xA700, QIDO-RS"
             " 503, C-FIND 0xA700). It bounds a statement (cancelled by the server:"
             " a lock held by another session, an overloaded server), a connection whose"
             " packets go unanswered (a network partition: without it each connection hangs"

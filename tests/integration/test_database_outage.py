@@ -4,7 +4,7 @@ A PostgreSQL database of the test's own stops accepting connections (its open on
 ended), as in a database restart or failover. What a PACS administrator expects then:
 
 - what arrives is refused with a status that says *retry later* (C-STORE 0xA700, STOW-RS
-  FailureReason 0xA700, a dropped file left where it is), and nothing is half kept;
+  503 Busy with FailureReason 0xA700, a dropped file left where it is), and nothing is half kept;
 - every reader answers a clear error (HTTP 503 with a JSON body, C-FIND 0xA700,
   C-MOVE/C-GET 0xA701), never a 500 or an aborted association;
 - a delivery that was sent meanwhile is recorded once the database answers again, so it
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -76,7 +77,9 @@ def test_stores_meanwhile_are_refused_and_nothing_is_half_kept(
             headers={"content-type": "application/dicom"},
             timeout=30,
         )
-        assert stow.status_code == 409, stow.text
+        # PS3.18 10.5.3 "503 Busy": none stored for want of resources; retry later.
+        assert stow.status_code == 503, stow.text
+        assert stow.headers["retry-after"] == "10"
         failed = stow.json()["00081198"]["Value"]
         assert [f["00081197"]["Value"] for f in failed] == [[OUT_OF_RESOURCES]]
         watch.mkdir(exist_ok=True)
@@ -288,4 +291,42 @@ def test_audit_events_meanwhile_wait_on_disk_and_are_written_when_it_is_back(
     status, body = gw.http_get("/readyz")
     assert status == 200 and body["details"]["audit"]["dropped"] == 0, body
     assert gw.log_count("audit.write_failed") == 0
+    _no_traceback(gw)
+
+
+def test_dicomweb_client_retries_a_stow_through_an_outage(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus
+) -> None:
+    """dicomweb-client (a client nobody here wrote) retries a 503 by default, with
+    exponential waits (2 s, 4 s, ...), and gives up at once on a 409. Sent while the index
+    is unreachable, its STOW-RS is refused 503 Busy; the database comes back before the
+    client's next try, and the same call returns the instance stored."""
+    from dicomweb_client.api import DICOMwebClient
+
+    name, url = own_database
+    gw = gateway({"database": {"url": url}})
+    (path,) = corpus.mr("db-outage-client", 1, seed=933)
+    client = DICOMwebClient(gw.url("/dicomweb"))
+    pg_cut_off(name, allow=False)
+    outcome: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            outcome["answer"] = client.store_instances([pydicom.dcmread(path)])
+        except Exception as exc:  # the test's assertion reports it
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        wait_until(lambda: gw.log_count("stow.request") >= 1, 30, "the first, refused try")
+        assert "answer" not in outcome and "error" not in outcome, outcome
+    finally:
+        pg_cut_off(name, allow=True)
+    sender.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    stored = outcome["answer"].ReferencedSOPSequence
+    assert [item.ReferencedSOPInstanceUID for item in stored] == [sop_uid_of(path)]
+    assert gw.index.instance(sop_uid_of(path)) is not None
+    assert gw.log_count("stow.request") == 2  # refused once, stored on the retry
     _no_traceback(gw)

@@ -69,7 +69,8 @@ def test_stow_request_past_the_free_space_stores_what_fits_and_fails_the_rest(
     full_gateway: GatewayProcess, corpus: Corpus
 ) -> None:
     """Two CT parts where one fits: the first is stored, the second fails with 0xA700
-    (HTTP 202); a third CT alone fails (409); a small instance still fits (200)."""
+    (HTTP 202); a third CT alone fails (503 Busy, Retry-After); a small instance still fits
+    (200)."""
     gw = full_gateway
     ct = corpus.ct("full-ct", 3, seed=701)
     uids = [sop_uid_of(f) for f in ct]
@@ -83,7 +84,7 @@ def test_stow_request_past_the_free_space_stores_what_fits_and_fails_the_rest(
     assert dataset_bytes(only) == dataset_bytes(ct[0])
     assert _spool_bytes(gw) == 0  # the failed part's bytes are gone, not left to fill it
     r = post(gw, multipart([ct[2].read_bytes()]), accept="application/dicom+json")
-    assert r.status_code == 409, r.text
+    assert r.status_code == 503 and r.headers["retry-after"] == "10", r.text
     assert failed_reasons(r.json()) == {uids[2]: OUT_OF_RESOURCES}
     assert gw.log_count("instance.refused") == 2
     # Still serving: a small instance fits in what is left, and is stored.

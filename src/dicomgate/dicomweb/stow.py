@@ -9,7 +9,9 @@ a wrong part type) is refused with 400/415 and stores nothing (rule 6). The resp
 sent after every accepted instance is durable and indexed with its route jobs (rule 1).
 
 Statuses: 200 all stored; 202 some stored, some failed; 409 none stored (each failure in
-FailedSOPSequence with its FailureReason, the C-STORE status codes of PS3.4 B.2.3); 400
+FailedSOPSequence with its FailureReason, the C-STORE status codes of PS3.4 B.2.3); 503
+with Retry-After and the same body, none stored and every failure 0xA7xx (out of
+resources: the index unreachable, the disk full; PS3.18 10.5.3 "Busy"); 400
 malformed body; 406 an Accept we cannot answer (we answer ``application/dicom+json``);
 415 a content type other than ``multipart/related; type="application/dicom"``,
 ``application/dicom`` or ``multipart/related; type="application/dicom+json"`` (metadata
@@ -43,6 +45,7 @@ from dicomgate.dicomweb.multipart import (
 from dicomgate.dicomweb.qido import public_base_url
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.dicomweb.stow_json import JsonStager, MetadataError
+from dicomgate.dimse.commands import Status
 from dicomgate.dimse.server import status_for
 from dicomgate.errors import DicomgateError, InvalidInstance, StoreFullError
 from dicomgate.ingest import IngestJob
@@ -63,6 +66,9 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.4 C.4.2.1.4 / PS3.18 FailureReason: a DICOMDIR part
 _ANSWERABLE = {DICOM_JSON, "application/json", "application/*", "*/*"}
+# Seconds a 503 (none stored for want of resources) asks the client to wait before sending
+# again: the index back after a fail-over, a disk with room again.
+RETRY_AFTER = 10
 
 
 class _Refused(Exception):
@@ -403,6 +409,7 @@ async def store_instances(
         {**_seq_item(f.sop_class_uid, f.sop_instance_uid), "00081197": _us(f.reason)}
         for f in stager.failed
     ]
+    reasons = [f.reason for f in stager.failed]
     studies: set[str] = set()
     for job, error in zip(jobs, results, strict=True):
         if error is None and job.stored is not None:
@@ -420,6 +427,7 @@ async def store_instances(
             )
         else:
             reason = status_for(error) if error is not None else 0x0110
+            reasons.append(reason)
             failed.append(
                 {**_seq_item(job.sop_class_uid, job.sop_instance_uid), "00081197": _us(reason)}
             )
@@ -429,6 +437,11 @@ async def store_instances(
     body["00081198"] = {"vr": "SQ", "Value": failed} if failed else {"vr": "SQ"}
     body["00081199"] = {"vr": "SQ", "Value": referenced} if referenced else {"vr": "SQ"}
     status = 200 if not failed else (202 if referenced else 409)
+    headers: dict[str, str] | None = None
+    if status == 409 and all(reason >> 8 == Status.OUT_OF_RESOURCES >> 8 for reason in reasons):
+        # PS3.18 10.5.3: "503 Busy", none stored for want of resources (the index is
+        # unreachable, the disk filled): a client's retry policy takes a 503, not a 409.
+        status, headers = 503, {"Retry-After": str(RETRY_AFTER)}
     log.info(
         "STOW-RS: %d stored, %d failed, %d bytes in %.0f ms",
         len(referenced),
@@ -445,7 +458,7 @@ async def store_instances(
             "seconds": round(time.monotonic() - started, 6),
         },
     )
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 def _us(value: int) -> dict[str, Any]:
