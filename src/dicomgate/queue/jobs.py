@@ -650,10 +650,11 @@ class JobQueue:
         batch = select(j.id).where(condition).limit(_OPERATOR_BATCH).scalar_subquery()
         deleted = 0
         while True:
+            # The condition again outside the subquery: PostgreSQL re-checks it on a row
+            # another transaction changed meanwhile (a job re-driven is not purged).
             with self._write() as connection:
-                count = int(
-                    connection.execute(delete(delivery_job).where(j.id.in_(batch))).rowcount
-                )
+                stmt = delete(delivery_job).where(j.id.in_(batch), condition)
+                count = int(connection.execute(stmt).rowcount)
             deleted += count
             if count < _OPERATOR_BATCH:
                 return deleted
