@@ -2,9 +2,10 @@
 
 It parses every ``multipart/related`` request into its parts (kept byte for byte, with the
 SOP Instance UID of each) and answers with whatever :attr:`StowServer.respond` returns for
-the request, by default a 200 naming every instance in the Referenced SOP Sequence
-(PS3.18 10.5.3). A test switches behaviour by assigning ``respond`` (or ``delay`` /
-``hold``) at any time; requests are recorded in arrival order.
+the request (a status, a body and optionally more response headers), by default a 200
+naming every instance in the Referenced SOP Sequence (PS3.18 10.5.3). A test switches
+behaviour by assigning ``respond`` (or ``delay`` / ``hold``) at any time; requests are
+recorded in arrival order.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ __all__ = [
     "stow_server",
 ]
 
-Answer = tuple[int, bytes]
+# (status, body) or (status, body, extra response headers)
+Answer = tuple[int, bytes] | tuple[int, bytes, Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -149,12 +151,15 @@ def stow_server(tls: tuple[Path, Path] | None = None) -> Iterator[StowServer]:
                 state.hold.wait(60)
             if state.delay:
                 time.sleep(state.delay)
-            status, answer = state.respond(request)
+            reply = state.respond(request)
+            status, answer = reply[0], reply[1]
             state.record(request, status)
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(answer)))
+                for name, value in (reply[2] if len(reply) > 2 else {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(answer)
             except OSError:

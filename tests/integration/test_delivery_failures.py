@@ -132,6 +132,39 @@ def test_http_500_is_retried_with_backoff_then_everything_is_delivered(
 # ----------------------------------------------------------------- 409, dead-letter, re-drive
 
 
+def test_a_retry_after_holds_every_request_to_the_destination_that_long(
+    gateway: Gateway, stow: StowServer, corpus: Corpus
+) -> None:
+    """A cloud DICOMweb service over its quota answers 429 with Retry-After: 3. Its backoff
+    (0.2 s) would have sent again at once; the gateway sends nothing to it for 3 s, not the
+    refused batch nor the jobs that arrive meanwhile, then delivers everything."""
+    first, later = corpus.mr("fail-429", 2, seed=705), corpus.mr("fail-429-later", 2, seed=706)
+    refused = threading.Event()
+
+    def respond(request: StowRequest) -> tuple[int, bytes] | tuple[int, bytes, dict[str, str]]:
+        if not refused.is_set():
+            refused.set()
+            return 429, b'{"error": "quota"}', {"Retry-After": "3"}
+        return 200, stow_body(request.uids)
+
+    stow.respond = respond
+    route = {"name": "all", "to": ["cloud"]}
+    # Retry-After is honoured up to queue.retry.max (10 s here); the backoff starts at 0.2 s.
+    queue = {"poll_interval": 0.1, "retry": {**FAST_RETRY, "max": 10.0}}
+    gw = gateway({"destinations": {"cloud": _cloud(stow)}, "routes": [route], "queue": queue})
+    assert gw.storescu(first).returncode == 0
+    refused.wait(30)
+    assert gw.storescu(later).returncode == 0  # more jobs for it during the wait
+    every = {sop_uid_of(f) for f in first + later}
+    wait_until(lambda: _count(gw, "cloud", "done") == len(every), 30, "every job done")
+    with stow.lock:
+        times = [r.at for r in stow.requests]
+    assert len(times) >= 2
+    assert times[1] - times[0] >= 2.9, f"sent again {times[1] - times[0]:.2f} s after the 429"
+    assert set(stow.parts_by_uid(200)) == every
+    assert gw.log_count("delivery.held") == 1
+
+
 def test_409_failure_reasons_dead_letter_then_redrive_delivers(
     gateway: Gateway, stow: StowServer, corpus: Corpus
 ) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from dicomgate.config import parse_config
 from dicomgate.egress import build_sender
-from dicomgate.egress.base import failure_status_retryable
+from dicomgate.egress.base import failure_status_retryable, retry_after_seconds
 from dicomgate.egress.dicomweb import DicomwebSender
 from dicomgate.egress.dimse import DimseSender
 from dicomgate.egress.folder import FolderSender
@@ -130,3 +133,18 @@ def test_build_sender_picks_the_kind(tmp_path: Path) -> None:
     assert isinstance(senders["share"], FolderSender)
     assert isinstance(senders["ai"], WebhookSender)
     assert senders["ai"].concurrency == 5
+
+
+def test_retry_after_in_seconds_or_as_an_http_date() -> None:
+    def answer(status: int, value: str | None) -> httpx.Response:
+        return httpx.Response(status, headers={} if value is None else {"Retry-After": value})
+
+    assert retry_after_seconds(answer(429, "120")) == 120.0
+    assert retry_after_seconds(answer(503, "0")) == 0.0
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
+    assert 80 <= retry_after_seconds(answer(503, soon)) <= 90
+    past = format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)
+    assert retry_after_seconds(answer(429, past)) == 0.0
+    for unreadable in (None, "", "soon", "-5", "1.5"):
+        assert retry_after_seconds(answer(429, unreadable)) == 0.0, unreadable
+    assert retry_after_seconds(answer(500, "120")) == 0.0  # only a 429 or 503 asks to wait

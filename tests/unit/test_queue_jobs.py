@@ -315,6 +315,20 @@ def test_fail_reschedules_with_backoff_and_keeps_the_error(
     assert 1.6 <= (row["not_before"] - clock.now).total_seconds() <= 2.4
 
 
+def test_fail_waits_the_peers_retry_after_up_to_the_policy_max(index: Index, clock: Clock) -> None:
+    queue = make_queue(index, clock, initial=1.0, max=60.0, jitter=0.0)
+    store(index, "8.2", NewJob("pacs", "r"), NewJob("cloud", "r"), NewJob("ai", "r"))
+    waits = {}
+    for destination, retry_after in (("pacs", 30.0), ("cloud", 0.5), ("ai", 3600.0)):
+        job = lease_one(queue, destination)
+        queue.fail(job, "HTTP 429", wait=retry_after)
+        row = queue.get(job.id)
+        assert row is not None
+        waits[destination] = (row["not_before"] - clock.now).total_seconds()
+    # Longer than the backoff: the peer's; shorter: the backoff; past max: max.
+    assert waits == {"pacs": 30.0, "cloud": 1.0, "ai": 60.0}
+
+
 def test_an_error_with_a_nul_is_recorded(index: Index, queue: JobQueue) -> None:
     """A peer's error comment may hold a NUL (PostgreSQL refuses one in text): the failure
     is still recorded, the NUL made a space, on both databases."""

@@ -10,10 +10,12 @@ is dead-lettered at once.
 
 from __future__ import annotations
 
+import email.utils
 import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -69,6 +71,9 @@ class Outcome:
     retryable: bool = True
     error: str = ""  # short reason, no PHI: status code, HTTP code, exception class
     warning: str = ""  # delivered, but the peer reported a warning
+    # Seconds the peer asked us to wait before the next request (its Retry-After on a 429
+    # or 503); 0 when it said nothing.
+    retry_after: float = 0.0
 
 
 class Sender(Protocol):
@@ -87,9 +92,28 @@ class Sender(Protocol):
         ...
 
 
-def failed_all(batch: Sequence[Delivery], error: str, *, retryable: bool = True) -> list[Outcome]:
+def failed_all(
+    batch: Sequence[Delivery], error: str, *, retryable: bool = True, retry_after: float = 0.0
+) -> list[Outcome]:
     """The same failure for every delivery of `batch`."""
-    return [Outcome(d.job_id, False, retryable, error) for d in batch]
+    return [Outcome(d.job_id, False, retryable, error, retry_after=retry_after) for d in batch]
+
+
+def retry_after_seconds(response: httpx.Response) -> float:
+    """Seconds a 429 or 503 answer asks the client to wait (RFC 9110 10.2.3: delay-seconds
+    or an HTTP-date); 0 for any other status, or no or an unreadable header."""
+    if response.status_code not in (429, 503):
+        return 0.0
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 # PS3.4 B.2.3 (Storage) and GG.4 (STOW-RS FailureReason): failures that repeat on every

@@ -21,7 +21,8 @@ Referenced SOP Sequence (0008,1199) lists the stored ones, with an optional Warn
 - 3xx: redirects are not followed (a streamed body cannot be sent twice, and a credential
   must not follow a redirect to another host): like a wrong URL, with the ``Location`` the
   server named in the log (``http://`` redirected to ``https://`` is the usual cause).
-- 401, 403, 408, 425, 429, 5xx, connection errors and timeouts: retried.
+- 401, 403, 408, 425, 429, 5xx, connection errors and timeouts: retried; a 429 or 503 with
+  Retry-After holds the destination that long (egress/dispatcher.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from dicomgate.egress.base import (
     http_transport,
     os_error_reason,
     read_at_most,
+    retry_after_seconds,
 )
 from dicomgate.egress.models import DicomwebDestination, HttpAuth
 
@@ -381,7 +383,8 @@ class DicomwebSender:
             )
             return self._fail(batch, f"HTTP {status} from {self._url}", retryable=False)
         retryable = not (400 <= status < 500) or status in (401, 403, 408, 425, 429)
-        return self._fail(batch, f"HTTP {status}", retryable=retryable)
+        wait = retry_after_seconds(response)
+        return self._fail(batch, f"HTTP {status}", retryable=retryable, retry_after=wait)
 
     async def _read_answer(self, response: httpx.Response) -> bytes:
         """The response body, up to :data:`MAX_ANSWER` bytes: a larger one (no STOW-RS
@@ -403,7 +406,14 @@ class DicomwebSender:
             outcomes.extend(await self._store([delivery]))
         return outcomes
 
-    def _fail(self, batch: list[Delivery], error: str, *, retryable: bool = True) -> list[Outcome]:
+    def _fail(
+        self,
+        batch: list[Delivery],
+        error: str,
+        *,
+        retryable: bool = True,
+        retry_after: float = 0.0,
+    ) -> list[Outcome]:
         LOGGER.warning(
             "STOW-RS of %d instance(s) failed: %s",
             len(batch),
@@ -412,9 +422,10 @@ class DicomwebSender:
                 "event": "egress.dicomweb_failed",
                 "destination": self.name,
                 "retryable": retryable,
+                **({"retry_after": retry_after} if retry_after else {}),
             },
         )
-        return failed_all(batch, error, retryable=retryable)
+        return failed_all(batch, error, retryable=retryable, retry_after=retry_after)
 
     def _log_failures(self, outcomes: list[Outcome], status: int) -> None:
         failed = sum(not o.delivered for o in outcomes)

@@ -77,6 +77,7 @@ class _Destination:
     closed_logged: bool = False
     paused: bool = False  # by an administrator: lease nothing until resumed
     resumed: asyncio.Event = field(default_factory=asyncio.Event)  # set when not paused
+    held_until: float = 0.0  # monotonic: the destination's Retry-After; lease nothing before
 
 
 def _controls(name: str, sender: Sender, model: DestinationControls | None) -> _Destination:
@@ -115,6 +116,7 @@ def _per_job(outcomes: list[Outcome]) -> dict[int, Outcome]:
             False,
             any(o.retryable for o in failed),
             f"{len(failed)} of {len(items)} instances failed: {errors}",
+            retry_after=max(o.retry_after for o in failed),
         )
     return merged
 
@@ -474,6 +476,11 @@ class Dispatcher:
                     "schedule window open",
                     extra={"event": "delivery.schedule_open", "destination": dest.name},
                 )
+            held_for = dest.held_until - time.monotonic()
+            if held_for > 0:  # the peer asked us to wait (Retry-After): no request before
+                dest.collectors.discard(slot)
+                await self._sleep_unwoken(held_for)
+                continue
             allowed = dest.breaker.allow()
             if allowed == 0:
                 dest.collectors.discard(slot)
@@ -548,6 +555,20 @@ class Dispatcher:
         if limit > 1 and self.batch_wait > 0:
             dest.collectors.add(slot)
             await self._sleep_unwoken(self.batch_wait)
+
+    def _hold(self, dest: _Destination, retry_after: float) -> None:
+        """Lease nothing for the destination during the peer's Retry-After (a cloud
+        service's 429 when over quota, a 503 while it cannot store), up to the retry
+        policy's ``max``: its failed jobs wait as long (:meth:`JobQueue.fail`)."""
+        seconds = min(retry_after, self.queue.config.retry.max)
+        if seconds <= 0:
+            return
+        dest.held_until = max(dest.held_until, time.monotonic() + seconds)
+        log.warning(
+            "destination asked us to wait; no request for %.0f s",
+            seconds,
+            extra={"event": "delivery.held", "destination": dest.name, "seconds": seconds},
+        )
 
     async def _sleep_unwoken(self, seconds: float) -> None:
         """Sleep that only a stop cuts short (new jobs do not shorten a rate-limit wait)."""
@@ -685,11 +706,16 @@ class Dispatcher:
         if delivered:
             await self._record(self.queue.complete, delivered)
         failed = [j for j in jobs if j.id not in done]
+        self._hold(dest, max((o.retry_after for o in outcomes), default=0.0))
         dead: set[int] = set()
         for job in failed:
             outcome = by_id.get(job.id) or Outcome(job.id, False, True, "no outcome from sender")
             state = await self._record(
-                self.queue.fail, job, outcome.error, retryable=outcome.retryable
+                self.queue.fail,
+                job,
+                outcome.error,
+                retryable=outcome.retryable,
+                wait=outcome.retry_after,
             )
             if state is JobState.DEAD:
                 dead.add(job.id)

@@ -8,6 +8,7 @@ notification. 2xx is delivered; 4xx other than 408 and 429 will not change on re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from dicomgate.egress.base import (
     exception_reason,
     http_transport,
     read_at_most,
+    retry_after_seconds,
 )
 from dicomgate.egress.models import WebhookDestination
 from dicomgate.observability.logging import uid_hash
@@ -93,7 +95,8 @@ class WebhookSender:
         if response.is_success:
             return Outcome(delivery.job_id, True)
         code = response.status_code
-        return self._failed(delivery, f"HTTP {code}", retryable=http_status_retryable(code))
+        outcome = self._failed(delivery, f"HTTP {code}", retryable=http_status_retryable(code))
+        return dataclasses.replace(outcome, retry_after=retry_after_seconds(response))
 
     def _failed(self, delivery: Delivery, error: str, *, retryable: bool) -> Outcome:
         LOGGER.warning(

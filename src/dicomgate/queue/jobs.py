@@ -420,11 +420,12 @@ class JobQueue:
                 if rows:  # only jobs still there: a deleted one would break the foreign key
                     connection.execute(_RECORD_ATTEMPTS, rows)
 
-    def fail(self, job: Job, error: str, *, retryable: bool = True) -> JobState:
+    def fail(self, job: Job, error: str, *, retryable: bool = True, wait: float = 0.0) -> JobState:
         """Record a failed attempt of a leased job; returns its new state.
 
         Retryable and within ``max_attempts`` and ``max_age``: pending again after
-        :func:`backoff`. Otherwise dead, ``error`` kept as ``last_error``. A job that is no
+        :func:`backoff`, or after ``wait`` (the peer's Retry-After) if that is longer, up to
+        the policy's ``max``. Otherwise dead, ``error`` kept as ``last_error``. A job that is no
         longer leased (completed or re-driven meanwhile) is left alone and its state
         returned; a job that is gone counts as dead.
         """
@@ -446,7 +447,8 @@ class JobQueue:
                 not_before = now
             else:
                 state = JobState.PENDING
-                not_before = now + timedelta(seconds=backoff(row.attempts, policy, self._rng))
+                delay = max(backoff(row.attempts, policy, self._rng), min(wait, policy.max))
+                not_before = now + timedelta(seconds=delay)
             connection.execute(
                 update(delivery_job)
                 .where(j.id == job.id)

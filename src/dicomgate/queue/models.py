@@ -16,7 +16,9 @@ class RetryPolicy(_Model):
         gt=0,
         description=(
             "Longest wait between two attempts, in seconds. It bounds how long a destination"
-            " that comes back waits for its backlog: about one `max`."
+            " that comes back waits for its backlog: about one `max`. A DICOMweb or webhook"
+            " destination's `Retry-After` (on a 429 or 503) is honoured up to this long:"
+            " nothing is sent to it meanwhile."
         ),
     )
     multiplier: float = Field(
