@@ -330,3 +330,35 @@ def test_dicomweb_client_retries_a_stow_through_an_outage(
     assert gw.index.instance(sop_uid_of(path)) is not None
     assert gw.log_count("stow.request") == 2  # refused once, stored on the retry
     _no_traceback(gw)
+
+
+def test_a_gateway_delivering_to_one_whose_index_is_down_waits_its_retry_after(
+    gateway: Gateway, own_database: tuple[str, str], corpus: Corpus
+) -> None:
+    """Two gateways: the far one's index is unreachable, so its STOW-RS answer is 503 with
+    Retry-After: 10. The near one sends nothing to it for those 10 s (its own backoff
+    would have tried again after 1 s), then delivers once the far one is back."""
+    name, url = own_database
+    far = gateway({"database": {"url": url}})
+    near = gateway(
+        {
+            "destinations": {"far": {"type": "dicomweb", "url": far.url("/dicomweb")}},
+            "routes": [{"name": "all", "to": ["far"]}],
+        }
+    )
+    files = corpus.mr("db-outage-far", 2, seed=934)
+    pg_cut_off(name, allow=False)
+    try:
+        assert near.storescu(files).returncode == 0
+        near.wait_log("delivery.held")
+        refused_at = time.monotonic()
+        assert far.log_count("stow.request") == 1
+    finally:
+        pg_cut_off(name, allow=True)
+    wait_until(lambda: far.log_count("stow.request") == 2, 30, "the delivery after the wait")
+    assert time.monotonic() - refused_at >= 9.0, "sent again before the far end's Retry-After"
+    wait_until(lambda: far.index.count_instances() == 2, 10, "both instances at the far end")
+    assert near.log_count("delivery.held") == 1
+    assert "no request for 10 s" in near.log_text()
+    _no_traceback(near)
+    _no_traceback(far)
