@@ -346,7 +346,7 @@ def test_a_gateway_delivering_to_one_whose_index_is_down_waits_its_retry_after(
             "routes": [{"name": "all", "to": ["far"]}],
         }
     )
-    files = corpus.mr("db-outage-far", 2, seed=934)
+    files = corpus.mr("db-outage-far", 1, seed=934)  # one job: one request each time
     pg_cut_off(name, allow=False)
     try:
         assert near.storescu(files).returncode == 0
@@ -355,9 +355,10 @@ def test_a_gateway_delivering_to_one_whose_index_is_down_waits_its_retry_after(
         assert far.log_count("stow.request") == 1
     finally:
         pg_cut_off(name, allow=True)
-    wait_until(lambda: far.log_count("stow.request") == 2, 30, "the delivery after the wait")
+    wait_until(lambda: far.log_count("stow.request") >= 2, 30, "the delivery after the wait")
     assert time.monotonic() - refused_at >= 9.0, "sent again before the far end's Retry-After"
-    wait_until(lambda: far.index.count_instances() == 2, 10, "both instances at the far end")
+    wait_until(lambda: far.index.count_instances() == 1, 10, "the instance at the far end")
+    assert far.log_count("stow.request") == 2
     assert near.log_count("delivery.held") == 1
     assert "no request for 10 s" in near.log_text()
     _no_traceback(near)
