@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from dicomgate.dicomweb.server import retry_later
 from dicomgate.errors import DicomgateError
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ MAX_SQL_INTEGER = 2**63 - 1
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=retry_later(status))
 
 
 _ERROR_MEANING = {

@@ -141,6 +141,7 @@ def test_readers_answer_a_clear_error_meanwhile(
         for path in paths:
             answer = httpx.get(gw.url(path), timeout=30)
             assert answer.status_code == 503, (path, answer.status_code, answer.text[:300])
+            assert answer.headers.get("retry-after") == "10", path  # when to ask again
             assert answer.headers["content-type"].split(";")[0].endswith("json"), path
             body = json.loads(answer.text)
             assert "unavailable" in json.dumps(body), (path, body)

@@ -36,7 +36,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import Connection
 
 from dicomgate.dicomweb.qido import public_base_url
-from dicomgate.dicomweb.server import PREFIX
+from dicomgate.dicomweb.server import PREFIX, retry_later
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index.extract import nameable_uid
 from dicomgate.index.query import (
@@ -93,6 +93,7 @@ def router(gateway: Gateway) -> APIRouter:
             json.dumps(body, ensure_ascii=False).encode("utf-8"),
             status_code=status,
             media_type=FHIR_JSON,
+            headers=retry_later(status),
         )
 
     def run(

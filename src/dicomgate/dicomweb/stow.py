@@ -43,7 +43,7 @@ from dicomgate.dicomweb.multipart import (
     parse_content_type,
 )
 from dicomgate.dicomweb.qido import public_base_url
-from dicomgate.dicomweb.server import PREFIX, problem
+from dicomgate.dicomweb.server import PREFIX, RETRY_AFTER, problem
 from dicomgate.dicomweb.stow_json import JsonStager, MetadataError
 from dicomgate.dimse.commands import Status
 from dicomgate.dimse.server import status_for
@@ -66,9 +66,6 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.4 C.4.2.1.4 / PS3.18 FailureReason: a DICOMDIR part
 _ANSWERABLE = {DICOM_JSON, "application/json", "application/*", "*/*"}
-# Seconds a 503 (none stored for want of resources) asks the client to wait before sending
-# again: the index back after a fail-over, a disk with room again.
-RETRY_AFTER = 10
 
 
 class _Refused(Exception):

@@ -21,12 +21,13 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from dicomgate.api import errors, sql_offset
+from dicomgate.dicomweb.server import retry_later
 from dicomgate.errors import IndexUnavailable
 from dicomgate.observability.audit import AuditQuery, AuditTrail
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=retry_later(status))
 
 
 def _time(name: str, value: str | None) -> datetime | None:
