@@ -25,6 +25,7 @@ from typing import Any
 import pydicom
 
 __all__ = [
+    "Answer",
     "StowRequest",
     "StowServer",
     "failed_item",

@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from dicomgate.dicomweb.server import retry_later
+from dicomgate.dicomweb.server import problem
 from dicomgate.errors import DicomgateError
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 # The largest id or OFFSET the index databases take (SQLite INTEGER, PostgreSQL BIGINT).
 MAX_SQL_INTEGER = 2**63 - 1
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=retry_later(status))
 
 
 _ERROR_MEANING = {
@@ -101,13 +97,13 @@ def queue_router(queue: JobQueue) -> APIRouter:
     ) -> Any:
         """Counts per destination and state, and the jobs matching the filters."""
         if not 1 <= limit <= 1000 or offset < 0:
-            return _error(400, "limit must be 1-1000 and offset >= 0")
+            return problem(400, "limit must be 1-1000 and offset >= 0")
         try:
             jobs = queue.list(
                 state=state, destination=destination, limit=limit, offset=sql_offset(offset)
             )
         except ValueError as exc:
-            return _error(400, str(exc))
+            return problem(400, str(exc))
         counts: dict[str, dict[str, int]] = {}
         for (dest, st), n in queue.counts().items():
             counts.setdefault(dest, {})[st] = n
@@ -118,16 +114,16 @@ def queue_router(queue: JobQueue) -> APIRouter:
         """One job, with ``history``: its finished attempts and re-drives, oldest first."""
         row = queue.get(job_id) if known_id(job_id) else None
         if row is None:
-            return _error(404, f"no job {job_id}")
+            return problem(404, f"no job {job_id}")
         return {**row, "history": queue.history(job_id)}
 
     @router.post("/{job_id}/retry", responses=errors(400, 404, 409, 503))
     def retry_job(job_id: int) -> Any:
         """Re-drive one job now (dead-lettered or waiting), attempts reset."""
         if not known_id(job_id) or queue.get(job_id) is None:
-            return _error(404, f"no job {job_id}")
+            return problem(404, f"no job {job_id}")
         if not queue.retry(job_id):
-            return _error(409, f"job {job_id} is leased or done; it cannot be retried")
+            return problem(409, f"job {job_id} is leased or done; it cannot be retried")
         return {"retried": job_id}
 
     @router.post("/retry-dead", responses=errors(503))
@@ -139,7 +135,7 @@ def queue_router(queue: JobQueue) -> APIRouter:
         try:
             return {"deleted": queue.purge(state=state, destination=destination)}
         except ValueError as exc:
-            return _error(400, str(exc))
+            return problem(400, str(exc))
 
     return router
 
@@ -157,13 +153,13 @@ def destinations_router(dispatcher: Dispatcher) -> APIRouter:
     @router.post("/{name}/pause", responses=errors(404))
     async def pause(name: str) -> Any:
         if not dispatcher.pause(name):
-            return _error(404, f"no destination {name!r}")
+            return problem(404, f"no destination {name!r}")
         return {"destination": name, **dispatcher.states()[name]}
 
     @router.post("/{name}/resume", responses=errors(404))
     async def resume(name: str) -> Any:
         if not dispatcher.resume(name):
-            return _error(404, f"no destination {name!r}")
+            return problem(404, f"no destination {name!r}")
         return {"destination": name, **dispatcher.states()[name]}
 
     return router
@@ -176,4 +172,4 @@ def install_api(app: FastAPI, queue: JobQueue, dispatcher: Dispatcher | None = N
 
     @app.exception_handler(DicomgateError)
     async def _unavailable(_request: Request, exc: DicomgateError) -> JSONResponse:
-        return _error(503, f"index unavailable: {exc}")
+        return problem(503, f"index unavailable: {exc}")

@@ -27,7 +27,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.integration.test_stow import multipart, post
-from tests.stow_server import StowRequest, StowServer, stow_body, stow_server
+from tests.stow_server import Answer, StowRequest, StowServer, stow_body, stow_server
 
 pytestmark = [pytest.mark.timeout(120), needs_dcmtk]
 
@@ -142,7 +142,7 @@ def test_a_retry_after_holds_every_request_to_the_destination_that_long(
     first, later = corpus.mr("fail-429", 1, seed=705), corpus.mr("fail-429-later", 2, seed=706)
     refused = threading.Event()
 
-    def respond(request: StowRequest) -> tuple[int, bytes] | tuple[int, bytes, dict[str, str]]:
+    def respond(request: StowRequest) -> Answer:
         if not refused.is_set():
             refused.set()
             return 429, b'{"error": "quota"}', {"Retry-After": "3"}

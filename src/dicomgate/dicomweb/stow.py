@@ -43,7 +43,7 @@ from dicomgate.dicomweb.multipart import (
     parse_content_type,
 )
 from dicomgate.dicomweb.qido import public_base_url
-from dicomgate.dicomweb.server import PREFIX, RETRY_AFTER, problem
+from dicomgate.dicomweb.server import PREFIX, problem, retry_later
 from dicomgate.dicomweb.stow_json import JsonStager, MetadataError
 from dicomgate.dimse.commands import Status
 from dicomgate.dimse.server import status_for
@@ -434,11 +434,10 @@ async def store_instances(
     body["00081198"] = {"vr": "SQ", "Value": failed} if failed else {"vr": "SQ"}
     body["00081199"] = {"vr": "SQ", "Value": referenced} if referenced else {"vr": "SQ"}
     status = 200 if not failed else (202 if referenced else 409)
-    headers: dict[str, str] | None = None
     if status == 409 and all(reason >> 8 == Status.OUT_OF_RESOURCES >> 8 for reason in reasons):
         # PS3.18 10.5.3: "503 Busy", none stored for want of resources (the index is
         # unreachable, the disk filled): a client's retry policy takes a 503, not a 409.
-        status, headers = 503, {"Retry-After": str(RETRY_AFTER)}
+        status = 503
     log.info(
         "STOW-RS: %d stored, %d failed, %d bytes in %.0f ms",
         len(referenced),
@@ -455,7 +454,9 @@ async def store_instances(
             "seconds": round(time.monotonic() - started, 6),
         },
     )
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+    return JSONResponse(
+        body, status_code=status, media_type=DICOM_JSON, headers=retry_later(status)
+    )
 
 
 def _us(value: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ notification. 2xx is delivered; 4xx other than 408 and 429 will not change on re
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -95,10 +94,16 @@ class WebhookSender:
         if response.is_success:
             return Outcome(delivery.job_id, True)
         code = response.status_code
-        outcome = self._failed(delivery, f"HTTP {code}", retryable=http_status_retryable(code))
-        return dataclasses.replace(outcome, retry_after=retry_after_seconds(response))
+        return self._failed(
+            delivery,
+            f"HTTP {code}",
+            retryable=http_status_retryable(code),
+            retry_after=retry_after_seconds(response),
+        )
 
-    def _failed(self, delivery: Delivery, error: str, *, retryable: bool) -> Outcome:
+    def _failed(
+        self, delivery: Delivery, error: str, *, retryable: bool, retry_after: float = 0.0
+    ) -> Outcome:
         LOGGER.warning(
             "webhook notification failed: %s",
             error,
@@ -109,7 +114,7 @@ class WebhookSender:
                 "retryable": retryable,
             },
         )
-        return Outcome(delivery.job_id, False, retryable, error)
+        return Outcome(delivery.job_id, False, retryable, error, retry_after=retry_after)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -38,7 +38,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexUnavailable
-from dicomgate.index import SQLITE_BULK_PAUSE
+from dicomgate.index import let_writers_in
 from dicomgate.index.schema import audit_event, storable
 from dicomgate.observability.audit_journal import AuditJournal
 
@@ -464,8 +464,7 @@ class AuditTrail:
             total += len(ids)
             if len(ids) < _PRUNE_BATCH:
                 return total
-            if self._sqlite:
-                time.sleep(SQLITE_BULK_PAUSE)
+            let_writers_in(self._sqlite)
 
     # -- reading ------------------------------------------------------------------------
 

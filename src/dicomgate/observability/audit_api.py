@@ -18,16 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from dicomgate.api import errors, sql_offset
-from dicomgate.dicomweb.server import retry_later
+from dicomgate.dicomweb.server import problem
 from dicomgate.errors import IndexUnavailable
 from dicomgate.observability.audit import AuditQuery, AuditTrail
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=retry_later(status))
 
 
 def _time(name: str, value: str | None) -> datetime | None:
@@ -58,9 +53,9 @@ def audit_router(trail: AuditTrail) -> APIRouter:
     ) -> Any:
         """Audit events matching the filters, newest first."""
         if not 1 <= limit <= 1000 or offset < 0:
-            return _error(400, "limit must be 1-1000 and offset >= 0")
+            return problem(400, "limit must be 1-1000 and offset >= 0")
         if outcome not in (None, "", "success", "failure"):
-            return _error(400, "outcome must be success or failure")
+            return problem(400, "outcome must be success or failure")
         try:
             query = AuditQuery(
                 since=_time("since", since),
@@ -74,11 +69,11 @@ def audit_router(trail: AuditTrail) -> APIRouter:
                 offset=sql_offset(offset),
             )
         except ValueError as exc:
-            return _error(400, str(exc))
+            return problem(400, str(exc))
         try:
             events = trail.query(query)
         except IndexUnavailable as exc:
-            return _error(503, f"index unavailable: {exc}")
+            return problem(503, f"index unavailable: {exc}")
         return {"events": events, "limit": limit, "offset": offset}
 
     return router

@@ -33,7 +33,6 @@ import json
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexError_, IndexUnavailable, one_line
-from dicomgate.index import SQLITE_BULK_PAUSE
+from dicomgate.index import let_writers_in
 from dicomgate.index.schema import (
     UtcDateTime,
     delivery_attempt,
@@ -660,7 +659,7 @@ class JobQueue:
             deleted += count
             if count < _OPERATOR_BATCH:
                 return deleted
-            self._let_writers_in()
+            let_writers_in(not self._postgres)
 
     def depth(self) -> dict[str, tuple[dict[str, int], datetime | None]]:
         """Per destination: unfinished jobs by state (pending, leased, dead) and the creation
@@ -709,7 +708,7 @@ class JobQueue:
                     count += self._redrive_ids(connection, ids[start : start + _ID_CHUNK])
             if len(ids) < _OPERATOR_BATCH:
                 break
-            self._let_writers_in()
+            let_writers_in(not self._postgres)
         if count:
             log.info("jobs re-driven", extra={"event": "queue.redriven", "jobs": count})
         return count
@@ -744,10 +743,6 @@ class JobQueue:
         )
         connection.execute(marks)
         return int(connection.execute(stmt).rowcount)
-
-    def _let_writers_in(self) -> None:
-        if not self._postgres:
-            time.sleep(SQLITE_BULK_PAUSE)
 
     def _newest_job(self) -> int:
         """The highest job id now (0 for none): operators act on the jobs there when asked."""
