@@ -741,17 +741,20 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # time.monotonic() on arrival
 
 
 @dataclass
 class RecordingServer:
-    """A tiny HTTP server on a free port: records POSTs, answers ``status`` and ``body``."""
+    """A tiny HTTP server on a free port: records POSTs, answers ``status`` and ``body``;
+    the first requests take their status and extra headers from ``first`` while it lasts."""
 
     status: int = 200
     body: bytes = b""
     content_type: str = "application/dicom+json"
     requests: list[Recorded] = field(default_factory=list)
     port: int = 0
+    first: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -768,10 +771,13 @@ def http_server() -> Iterator[RecordingServer]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             headers = {k.lower(): v for k, v in self.headers.items()}
-            state.requests.append(Recorded("POST", self.path, headers, body))
-            self.send_response(state.status)
+            state.requests.append(Recorded("POST", self.path, headers, body, time.monotonic()))
+            status, extra = state.first.pop(0) if state.first else (state.status, {})
+            self.send_response(status)
             self.send_header("Content-Length", str(len(state.body)))
             self.send_header("Content-Type", state.content_type)
+            for name, value in extra.items():
+                self.send_header(name, value)
             self.end_headers()
             with contextlib.suppress(ConnectionError):  # the client read enough
                 self.wfile.write(state.body)

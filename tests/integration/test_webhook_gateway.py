@@ -106,6 +106,38 @@ def test_notifications_use_http_public_url(
     assert pydicom.dcmread(io.BytesIO(part)).SOPInstanceUID == note["sop_instance_uid"]
 
 
+def test_a_webhook_answering_503_with_retry_after_is_held_that_long(
+    gateway: Callable[..., GatewayProcess], http_server: RecordingServer, corpus: Corpus
+) -> None:
+    """An AI engine that is busy answers 503 with Retry-After: 3. The gateway's own backoff
+    (0.2 s) would knock again at once; it sends nothing to the engine for 3 s, neither the
+    refused notification nor those of instances stored meanwhile, then delivers them all."""
+    http_server.first = [(503, {"Retry-After": "3"})]
+    first, later = corpus.mr("webhook-busy", 1, seed=613), corpus.mr("webhook-busy-2", 2, seed=614)
+    gw = gateway(
+        {
+            "destinations": {"ai": {"type": "webhook", "url": http_server.url + "/hook"}},
+            "routes": [{"name": "to-ai", "to": ["ai"]}],
+            # Retry-After is honoured up to queue.retry.max (10 s here).
+            "queue": {"poll_interval": 0.1, "retry": {"initial": 0.2, "max": 10.0, "jitter": 0}},
+        }
+    )
+    assert gw.storescu(first).returncode == 0
+    gw.wait_log("delivery.held", timeout=30)
+    assert gw.storescu(later).returncode == 0  # more notifications for it during the wait
+    wait_until(lambda: len(http_server.requests) == 4, 30, "the refused one and three more")
+    refused, *rest = http_server.requests
+    assert min(r.at for r in rest) - refused.at >= 2.9, "sent again before the Retry-After"
+    notified = [json.loads(r.body)["sop_instance_uid"] for r in http_server.requests]
+    assert notified.count(notified[0]) == 2 and len(set(notified)) == 3
+    wait_until(
+        lambda: gw.http_get("/api/queue?state=done")[1]["counts"]["ai"].get("done") == 3,
+        10,
+        "three done jobs",
+    )
+    assert gw.log_count("delivery.held") == 1
+
+
 def test_a_route_with_a_pipeline_cannot_notify_a_webhook(tmp_path: Path) -> None:
     """The notification names the stored original; a processed copy is never stored, so
     its URL would answer 404 (new UIDs) or hand over what the pipeline removed."""
