@@ -44,7 +44,12 @@ from dicomgate.observability.logging import uid_hash
 from dicomgate.queue.jobs import NewJob, NewTimer
 from dicomgate.routing.matcher import MatchContext, Router
 from dicomgate.store.part10 import parse_arrival
-from dicomgate.store.scan import IMPLICIT_LE, scan_buffer, scan_dataset
+from dicomgate.store.scan import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    IMPLICIT_LE,
+    scan_buffer,
+    scan_dataset,
+)
 
 if TYPE_CHECKING:
     from dicomgate.config import DuplicatePolicy
@@ -67,6 +72,12 @@ class _FlushFailed(Exception):
 
 class InstanceMismatch(InvalidInstance):
     """The data set's SOP Class/Instance UID differs from the one the sender announced."""
+
+
+class TransferSyntaxNotSupported(InvalidInstance):
+    """A file meta naming a transfer syntax no ingress accepts (an unknown or private UID):
+    its data set cannot be checked, decoded or sent on. The Storage SCP refuses such a
+    syntax at negotiation; STOW-RS answers FailureReason 0xC122 (PS3.18 I.2)."""
 
 
 class StudyMismatch(InstanceMismatch):
@@ -327,6 +338,8 @@ class Ingestor:
 
     def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
         """Check the data set is complete and the instance the sender announced."""
+        if job.transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
+            raise TransferSyntaxNotSupported(f"transfer syntax {job.transfer_syntax} not supported")
         content = job.spool.content
         ds = None if content is None else scan_buffer(content, job.data_offset, job.transfer_syntax)
         if ds is None:  # too large to be kept in memory, or deflated

@@ -39,10 +39,13 @@ RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 STATUS_SUCCESS = 0x0000
 
 
-def implicit_data_set(suffix: str) -> tuple[pydicom.Dataset, bytes]:
-    """MR_small in Implicit VR Little Endian (its data set bytes), under its SOP Instance
-    UID + ``suffix`` (not the one of MR_small.dcm, which the tests also send)."""
-    ds = pydicom.dcmread(bundled_file("MR_small_implicit.dcm"))
+def implicit_data_set(
+    suffix: str, source: str = "MR_small_implicit.dcm"
+) -> tuple[pydicom.Dataset, bytes]:
+    """MR_small (``source``: a bundled copy of it) in Implicit VR Little Endian (its data set
+    bytes), under its SOP Instance UID + ``suffix`` (not the one of MR_small.dcm, which the
+    tests also send)."""
+    ds = pydicom.dcmread(bundled_file(source))
     ds.SOPInstanceUID = f"{ds.SOPInstanceUID}{suffix}"
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, True
@@ -223,8 +226,9 @@ def test_stow_part10_implicit_data_set_under_explicit_meta_is_relabelled(
     ds, data = implicit_data_set(".5")
     normal_path = bundled_file("CT_small.dcm")
     normal = pydicom.dcmread(normal_path)
-    # Implicit VR under RLE Lossless: no Implicit VR form to relabel to; kept, with a warning.
-    rle, rle_data = implicit_data_set(".9")
+    # Implicit VR under RLE Lossless (its pixels RLE fragments, as the syntax requires): no
+    # Implicit VR form to relabel to; kept, with a warning.
+    rle, rle_data = implicit_data_set(".9", "MR_small_RLE.dcm")
     body = multipart(
         [
             mislabelled_part10(ds, data),

@@ -40,6 +40,9 @@ class Status(IntEnum):
     OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set does not match SOP Class
     CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand
+    # In the "cannot understand" range; PS3.18 Table I.2-2 names it for STOW-RS (an unknown
+    # syntax never reaches a C-STORE: negotiation refuses it).
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # Referenced Transfer Syntax not supported
     DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.5.6, used under storage.duplicates: reject
     UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.2
     SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.5.4 Refused: SOP Class not Supported

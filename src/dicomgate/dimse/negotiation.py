@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from enum import Enum
 
-from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import sop_class
 
 from dicomgate.dimse.pdu import (
@@ -17,6 +17,7 @@ from dicomgate.dimse.pdu import (
     PresentationContextRQ,
     RoleSelection,
 )
+from dicomgate.store.scan import ACCEPTED_TRANSFER_SYNTAXES
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -54,13 +55,6 @@ QR_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
     [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
 )
 
-# Every transfer syntax pydicom knows, plus retired JPEG processes and Encapsulated
-# Uncompressed: we store the bytes as received, so decoding support is not needed to accept.
-ACCEPTED_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
-    [str(uid) for uid in AllTransferSyntaxes]
-    + [f"1.2.840.10008.1.2.4.{n}" for n in range(52, 67)]
-    + ["1.2.840.10008.1.2.1.98"]
-)
 
 # Service classes that are not storage: refused until their SCP exists (Q/R: issue #5).
 _NOT_STORAGE: frozenset[str] = frozenset(

@@ -20,7 +20,7 @@ from dicomgate.errors import (
     InvalidInstance,
     StoreError,
 )
-from dicomgate.ingest import InstanceMismatch
+from dicomgate.ingest import InstanceMismatch, TransferSyntaxNotSupported
 from dicomgate.store.filestore import SpoolFile
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ def status_for(error: DicomgateError) -> int:
         return Status.SOP_CLASS_NOT_SUPPORTED
     if isinstance(error, InstanceMismatch):
         return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(error, TransferSyntaxNotSupported):
+        return Status.TRANSFER_SYNTAX_NOT_SUPPORTED
     if isinstance(error, InvalidInstance):
         return Status.CANNOT_UNDERSTAND
     if isinstance(error, DuplicateRejected):

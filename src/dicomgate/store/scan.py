@@ -24,7 +24,7 @@ from typing import BinaryIO
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
-from pydicom.uid import UID
+from pydicom.uid import UID, AllTransferSyntaxes
 
 from dicomgate.errors import InvalidInstance
 
@@ -41,6 +41,15 @@ _INFLATE_BLOCK = 1 << 20  # bytes read, and inflated, at a time
 _INFLATE_IN_MEMORY = 64 << 20  # inflated bytes kept in memory; more go to a temporary file
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+
+# What every ingress accepts (the Storage SCP's Annex A in docs/conformance.md): every
+# transfer syntax pydicom knows, plus retired JPEG processes and Encapsulated Uncompressed.
+# We store the bytes as received, so decoding support is not needed to accept.
+ACCEPTED_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
+    [str(uid) for uid in AllTransferSyntaxes]
+    + [f"1.2.840.10008.1.2.4.{n}" for n in range(52, 67)]
+    + ["1.2.840.10008.1.2.1.98"]
+)
 
 
 def implicit_under_explicit(first: bytes | memoryview) -> bool:
@@ -116,6 +125,39 @@ def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
     return bool(uid.is_deflated), uid.is_implicit_VR is False, bool(uid.is_little_endian)
 
 
+# JPIP Referenced (PS3.5 A.4.7-8): the pixels are fetched from a provider; Pixel Data, if a
+# sender puts one in, is not the syntax's concern.
+_JPIP = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"})
+
+
+@functools.lru_cache(maxsize=64)
+def _encapsulated(transfer_syntax: str) -> bool | None:
+    """Whether ``transfer_syntax`` carries Pixel Data encapsulated (PS3.5 A.4); None when
+    the syntax does not say (unknown, private, JPIP)."""
+    uid = UID(transfer_syntax)
+    if transfer_syntax in _JPIP or not uid.is_transfer_syntax:
+        return None
+    return bool(uid.is_encapsulated)
+
+
+def _check_pixel_encoding(encapsulated: bool, transfer_syntax: str) -> None:
+    """Refuse top-level Pixel Data encoded against its transfer syntax (PS3.5 A.4: under an
+    encapsulated syntax it is a sequence of fragments of undefined length; under a native
+    one, a defined-length value). Such a file is complete, but every reader decodes its
+    pixels wrongly: compressed bytes drawn as native ones, or native ones fed to a codec."""
+    expected = _encapsulated(transfer_syntax)
+    if expected is None or expected == encapsulated:
+        return
+    if expected:
+        raise InvalidInstance(
+            f"Pixel Data is native, but transfer syntax {transfer_syntax} requires it "
+            "encapsulated (PS3.5 A.4)"
+        )
+    raise InvalidInstance(
+        f"Pixel Data is encapsulated, but transfer syntax {transfer_syntax} is native (PS3.5 A.4)"
+    )
+
+
 class _Walker:
     def __init__(self, buf: mmap.mmap | bytes, end: int, little: bool) -> None:
         self.buf = buf
@@ -126,6 +168,8 @@ class _Walker:
         # group, element, VR, 16-bit length: an explicit VR element header in one unpack
         self.explicit_head = struct.Struct(self.prefix + "HH2sH")
         self.little = little
+        # The top-level Pixel Data: None (absent), True (encapsulated), False (native).
+        self.pixels_encapsulated: bool | None = None
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > self.end:
@@ -188,6 +232,8 @@ class _Walker:
                         f"element {_tag(group, element)} has length {length}, "
                         "past the end of the data set"
                     )
+                if group == 0x7FE0 and element == 0x0010 and keep is not None:
+                    self.pixels_encapsulated = False
                 if keep is not None and (
                     length <= KEEP_VALUE_MAX or (vr == b"SQ" and length <= KEEP_SEQUENCE_MAX)
                 ):
@@ -200,6 +246,8 @@ class _Walker:
             if (group, element) == (0x7FE0, 0x0010) and vr != b"SQ":
                 # Encapsulated Pixel Data (also under implicit VR, as some senders write it).
                 pos = self.fragments(value_pos)
+                if keep is not None:
+                    self.pixels_encapsulated = True
             elif vr == b"UN" or (explicit and vr == b"SQ") or not explicit:
                 # PS3.5 6.2.2: UN of undefined length holds Implicit VR Little Endian items.
                 inner = explicit and vr == b"SQ"
@@ -352,7 +400,10 @@ def _scan(buf: mmap.mmap | bytes, start: int, end: int, transfer_syntax: str) ->
         # VR Little Endian the ingresses have relabelled the file already.
         explicit = False
     keep: dict[BaseTag, DataElement | RawDataElement] = {}
-    _Walker(buf, end, little).dataset(start, explicit, 0, in_item=False, keep=keep)
+    walker = _Walker(buf, end, little)
+    walker.dataset(start, explicit, 0, in_item=False, keep=keep)
+    if walker.pixels_encapsulated is not None:
+        _check_pixel_encoding(walker.pixels_encapsulated, transfer_syntax)
     ds = Dataset(keep)  # a dict argument is adopted as is: no per-element __setitem__
     ds.set_original_encoding(not explicit, little)
     return ds
