@@ -53,7 +53,7 @@ def populate(url: str, instances: int, studies: int, seed: int) -> None:
     from sqlalchemy import insert
 
     from dicomgate.index.db import Index
-    from dicomgate.index.extract import search_name
+    from dicomgate.index.extract import STUDY_PATIENT_COLUMNS, search_name
     from dicomgate.index.schema import instance, patient, series, study
 
     rng = random.Random(seed)
@@ -91,6 +91,8 @@ def populate(url: str, instances: int, studies: int, seed: int) -> None:
                 "study_id": str(s + 1),
                 "study_description": rng.choice(["CT CHEST", "MR BRAIN", "US ABDOMEN", "XR"]),
                 "last_received_at": now,
+                # The study's own copy of its patient's attributes (index/schema.py).
+                **{k: patients[-1][k] for k in STUDY_PATIENT_COLUMNS},
             }
         )
         count = per_study + (1 if s < instances - per_study * studies else 0)

@@ -14,7 +14,7 @@ from pydicom.data import get_charset_files, get_testdata_file
 
 from dicomgate.config import DuplicatePolicy
 from dicomgate.errors import IndexError_
-from dicomgate.index.db import Index, Outcome, RecordResult, StoredInstance
+from dicomgate.index.db import SCHEMA_HEAD, Index, Outcome, RecordResult, StoredInstance
 from dicomgate.index.extract import extract_record
 from dicomgate.index.schema import metadata
 
@@ -74,7 +74,7 @@ def test_plain_postgresql_url_uses_psycopg_and_migrates_once(
     index.ping()
     again = Index.open(database_url)
     try:
-        assert _scalar(again, "SELECT version_num FROM alembic_version") == "0004"
+        assert _scalar(again, "SELECT version_num FROM alembic_version") == SCHEMA_HEAD
         with again.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, metadata) == []

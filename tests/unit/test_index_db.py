@@ -117,7 +117,7 @@ def test_open_twice_keeps_data_and_schema(tmp_path: Path) -> None:
     second = Index.open(url)
     try:
         assert second.count_instances() == 1
-        assert _scalar(second, "SELECT version_num FROM alembic_version") == "0004"
+        assert _scalar(second, "SELECT version_num FROM alembic_version") == index_db.SCHEMA_HEAD
     finally:
         second.close()
 
@@ -152,7 +152,7 @@ def test_a_database_behind_the_head_is_migrated(tmp_path: Path) -> None:
     engine.dispose()
     opened = Index.open(url)
     try:
-        assert _scalar(opened, "SELECT version_num FROM alembic_version") == "0004"
+        assert _scalar(opened, "SELECT version_num FROM alembic_version") == index_db.SCHEMA_HEAD
         assert _scalar(opened, "SELECT count(*) FROM delivery_attempt") == 0
     finally:
         opened.close()
@@ -588,7 +588,13 @@ def test_rows_written_by_the_first_revision_survive_migrating_to_head(
         assert idx.count_instances() == 1
         with idx.engine.connect() as connection:
             found = search(connection, Level.STUDY, {"PatientID": "PID-0001"})
+            # 0005 copied the patient row's values into the study row, which the study
+            # level matches.
+            by_name = search(connection, Level.STUDY, {"PatientName": "Doe^Jane"})
+            by_birth = search(connection, Level.SERIES, {"PatientBirthDate": "19700102"})
         assert [m.study_uid for m in found.matches] == ["1.2.840.99.1"]
+        assert [m.study_uid for m in by_name.matches] == ["1.2.840.99.1"]
+        assert [m.series_uid for m in by_birth.matches] == ["1.2.840.99.1.1"]
         # A new instance of the old study joins the old rows (no second patient/study).
         idx.record(
             [
@@ -614,3 +620,85 @@ def test_rows_written_by_the_first_revision_survive_migrating_to_head(
         assert _scalar(idx, "SELECT outcome FROM delivery_attempt") == "delivered"
     finally:
         idx.close()
+
+
+def test_each_study_keeps_the_patient_attributes_its_instances_carry(index: Index) -> None:
+    """Two studies of one Patient ID under two names (a name corrected between visits), and
+    two studies of two patients with no Patient ID at all: each study is found by, and
+    answers with, its own patient's name (PS3.4 C.6.2.1). The patient row keeps the
+    latest name, for patient-level searches. Before, the last instance stored renamed every
+    study of the Patient ID, and every study without one."""
+    from dicomgate.index.query import Level, QueryOptions, search
+
+    index.record(
+        [
+            make_item(
+                "1.9.1.1.1",
+                series_uid="1.9.1.1",
+                study_uid="1.9.1",
+                PatientID="P1",
+                PatientName="Doe^John",
+                PatientBirthDate="19500101",
+            ),
+            make_item(
+                "1.9.2.1.1",
+                series_uid="1.9.2.1",
+                study_uid="1.9.2",
+                PatientID="P1",
+                PatientName="Doe^Johnny",
+                PatientBirthDate="19500102",
+            ),
+            make_item(
+                "1.9.3.1.1",
+                series_uid="1.9.3.1",
+                study_uid="1.9.3",
+                PatientID="",
+                PatientName="Anon^One",
+                PatientSex="F",
+            ),
+            make_item(
+                "1.9.4.1.1",
+                series_uid="1.9.4.1",
+                study_uid="1.9.4",
+                PatientID="",
+                PatientName="Anon^Two",
+                PatientSex="M",
+            ),
+        ],
+        DuplicatePolicy.KEEP_BOTH,
+    )
+
+    def names(level: Level, keys: dict[str, str]) -> dict[str, str]:
+        with index.engine.connect() as connection:
+            found = search(connection, level, keys | {"PatientName": keys.get("PatientName", "")})
+        return {
+            str(m.study_uid): next(
+                str(v) for a, v in m.values.items() if a.keyword == "PatientName"
+            )
+            for m in found.matches
+        }
+
+    assert names(Level.STUDY, {}) == {
+        "1.9.1": "Doe^John",
+        "1.9.2": "Doe^Johnny",
+        "1.9.3": "Anon^One",
+        "1.9.4": "Anon^Two",
+    }
+    assert names(Level.STUDY, {"PatientName": "Doe^John"}) == {"1.9.1": "Doe^John"}
+    assert names(Level.STUDY, {"PatientName": "Anon^One"}) == {"1.9.3": "Anon^One"}
+    assert names(Level.SERIES, {"PatientSex": "M"}) == {"1.9.4": "Anon^Two"}
+    assert names(Level.IMAGE, {"PatientBirthDate": "19500102"}) == {"1.9.2": "Doe^Johnny"}
+    with index.engine.connect() as connection:
+        fuzzy = search(
+            connection,
+            Level.STUDY,
+            {"PatientName": "johnny doe"},
+            QueryOptions(fuzzy=True),
+        )
+        patients = search(connection, Level.PATIENT, {"PatientID": "P1", "PatientName": ""})
+    assert sorted(str(m.study_uid) for m in fuzzy.matches) == ["1.9.2"]
+    # The patient level has one entity per Patient ID: the latest name.
+    (patient,) = patients.matches
+    assert [v for a, v in patient.values.items() if a.keyword == "PatientName"] == ["Doe^Johnny"]
+    row = index.instance("1.9.1.1.1")
+    assert row is not None and row["patient_name"] == "Doe^John"

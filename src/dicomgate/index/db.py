@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 from dicomgate import __version__
 from dicomgate.config import DatabaseConfig, DuplicatePolicy
 from dicomgate.errors import CommitUncertain, IndexError_, IndexUnavailable, one_line
-from dicomgate.index.extract import InstanceRecord
+from dicomgate.index.extract import STUDY_PATIENT_COLUMNS, InstanceRecord
 from dicomgate.index.schema import (
     audit_event,
     delivery_job,
@@ -119,7 +119,7 @@ class SchemaTooNew(IndexUnavailable):
 # The newest revision in migrations/versions (a unit test holds it to alembic's head). A
 # start on a database already there reads ``alembic_version`` itself: alembic, with mako
 # and pygments, is imported only to migrate or to name a revision (~0.15 s of every start).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:
@@ -992,11 +992,14 @@ class _Statements:
             .join(patient, study.c.patient_pk == patient.c.id)
         )
         hidden = {"id", "series_pk", "study_pk", "patient_pk", "last_received_at"}
+        # The patient's name, birth date and sex as the instance's study has them; the
+        # patient row holds only the latest ones of its Patient ID.
+        from_study = set(STUDY_PATIENT_COLUMNS)
         selected = [instance.c.id.label("instance_pk")] + [
             column
             for table in (instance, series, study, patient)
             for column in table.columns
-            if column.name not in hidden
+            if column.name not in hidden and not (table is patient and column.name in from_study)
         ]
         by_uid = (
             select(*selected)

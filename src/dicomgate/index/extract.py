@@ -27,6 +27,8 @@ from dicomgate.index.schema import COLUMN_LENGTHS, storable
 
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 _DATE_RE = re.compile(r"^\d{8}$")
+# Patient Module columns the study row keeps a copy of (schema.study).
+STUDY_PATIENT_COLUMNS = ("patient_name", "patient_name_search", "patient_birth_date", "patient_sex")
 _LEGACY_DATE_RE = re.compile(r"^(\d{4})\.(\d{2})\.(\d{2})$")  # ACR-NEMA form, PS3.5 6.2 note
 
 
@@ -84,6 +86,8 @@ def extract_record(ds: Dataset) -> InstanceRecord:
         "referring_physician_name_search": search_name(referring),
         "study_id": _text(ds, 0x00200010, encodings),
         "study_description": _text(ds, 0x00081030, encodings),
+        # The study's own copy of the Patient Module (schema.study).
+        **{k: patient[k] for k in STUDY_PATIENT_COLUMNS},
     }
     request = _first_item(ds, 0x00400275)  # Request Attributes Sequence
     request_encodings = _encodings(request, encodings) if request is not None else encodings

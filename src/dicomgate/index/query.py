@@ -107,6 +107,23 @@ class Attribute:
     computed: Computed | None = None
     parent: int | None = None  # the sequence it is an item attribute of
     hex: str = ""  # the tag as the DICOM JSON key, 'GGGGEEEE'
+    # A patient attribute's copy in the study row: what a search at the study level or
+    # below matches and returns (PS3.4 C.6.2.1: in the Study Root model the patient
+    # attributes are the study's). The patient row's column serves patient-level searches.
+    study_column: Any = None
+    study_search: Any = None
+
+    def column_at(self, level: Level) -> Any:
+        """The column holding this attribute for a search at ``level``."""
+        if self.study_column is not None and level.value >= Level.STUDY.value:
+            return self.study_column
+        return self.column
+
+    def search_at(self, level: Level) -> Any:
+        """The PN search-form column for a search at ``level``."""
+        if self.study_search is not None and level.value >= Level.STUDY.value:
+            return self.study_search
+        return self.search
 
     @property
     def matchable(self) -> bool:
@@ -132,11 +149,20 @@ def _a(keyword: str, level: Level, column: Any = None, **extra: Any) -> Attribut
 
 P, ST, SE, IM = Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE
 ATTRIBUTES: tuple[Attribute, ...] = (
-    _a("PatientName", P, patient.c.patient_name, search=patient.c.patient_name_search),
+    _a(
+        "PatientName",
+        P,
+        patient.c.patient_name,
+        search=patient.c.patient_name_search,
+        study_column=study.c.patient_name,
+        study_search=study.c.patient_name_search,
+    ),
     _a("PatientID", P, patient.c.patient_id),
     _a("IssuerOfPatientID", P, patient.c.issuer_of_patient_id),
-    _a("PatientBirthDate", P, patient.c.patient_birth_date),
-    _a("PatientSex", P, patient.c.patient_sex),
+    _a(
+        "PatientBirthDate", P, patient.c.patient_birth_date, study_column=study.c.patient_birth_date
+    ),
+    _a("PatientSex", P, patient.c.patient_sex, study_column=study.c.patient_sex),
     _a("NumberOfPatientRelatedStudies", P, computed=Computed.PATIENT_STUDIES),
     _a("NumberOfPatientRelatedSeries", P, computed=Computed.PATIENT_SERIES),
     _a("NumberOfPatientRelatedInstances", P, computed=Computed.PATIENT_INSTANCES),
@@ -544,12 +570,26 @@ def _conditions(
         if attribute.computed is not None:
             conditions.append(_computed_condition(attribute, value, dialect))
         else:
-            conditions.append(_condition(attribute, attribute.column, value, fuzzy, dialect))
+            conditions.append(
+                _condition(
+                    attribute,
+                    attribute.column_at(level),
+                    value,
+                    fuzzy,
+                    dialect,
+                    attribute.search_at(level),
+                )
+            )
     return conditions
 
 
 def _condition(
-    attribute: Attribute, column: Any, value: str, fuzzy: bool, dialect: str
+    attribute: Attribute,
+    column: Any,
+    value: str,
+    fuzzy: bool,
+    dialect: str,
+    search: Any = None,
 ) -> ColumnElement[bool]:
     vr = attribute.vr
     if vr == "UI":
@@ -570,7 +610,7 @@ def _condition(
         return column == number  # type: ignore[no-any-return]
     alternatives = _alternatives(attribute, value)
     if vr == "PN" and fuzzy:
-        return or_(*(_fuzzy_name(attribute.search, v, dialect) for v in alternatives))
+        return or_(*(_fuzzy_name(search, v, dialect) for v in alternatives))
     return or_(*(_string_match(column, v, dialect) for v in alternatives))
 
 
@@ -719,7 +759,9 @@ def _run(connection: Connection, plan: _Plan) -> QueryResult:
             and a.computed not in (Computed.AVAILABILITY, Computed.RETRIEVE_URL)
         )
     )
-    columns = [table.c.id.label("_pk")] + [a.column.label(f"c{i}") for i, a in enumerate(stored)]
+    columns = [table.c.id.label("_pk")] + [
+        a.column_at(level).label(f"c{i}") for i, a in enumerate(stored)
+    ]
     uid_levels = [lv for lv in (ST, SE, IM) if lv.value <= level.value]
     columns += [_BY_KEY[_UID_KEY[lv]].column.label(f"uid{lv.value}") for lv in uid_levels]
     dialect = connection.dialect.name

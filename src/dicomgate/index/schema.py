@@ -111,6 +111,14 @@ study = Table(
     Column("study_id", String(SH)),
     Column("study_description", String(LO)),
     Column("last_received_at", UtcDateTime()),
+    # The Patient Module as this study's instances carry it (PS3.4 C.6.2: in the Study
+    # Root model the patient attributes are study attributes). The patient row keeps the
+    # latest values per Patient ID (and Issuer) for Patient Root queries; two studies with
+    # one Patient ID but another name, or with no Patient ID at all, keep their own here.
+    Column("patient_name", String(PN)),
+    Column("patient_name_search", String(PN)),
+    Column("patient_birth_date", String(DA)),
+    Column("patient_sex", String(CS)),
     UniqueConstraint("study_instance_uid"),
     sqlite_autoincrement=True,
 )
@@ -182,6 +190,8 @@ Index("ix_study_study_date", study.c.study_date)
 Index("ix_study_accession_number", study.c.accession_number)
 Index("ix_patient_patient_name_search", patient.c.patient_name_search)
 Index("ix_patient_patient_name", patient.c.patient_name)
+Index("ix_study_patient_name_search", study.c.patient_name_search)
+Index("ix_study_patient_name", study.c.patient_name)
 # patient_id is the leading column of the unique key, which serves as its index.
 
 # -- delivery queue (queue/jobs.py) --------------------------------------------------------
