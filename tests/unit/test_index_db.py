@@ -538,7 +538,7 @@ def test_rows_written_by_the_first_revision_survive_migrating_to_head(
             for sql in (
                 "INSERT INTO patient (id, patient_id, issuer_of_patient_id, patient_name,"
                 " patient_name_search, patient_birth_date, patient_sex)"
-                " VALUES (7, 'PID-0001', '', 'Doe^Jane', 'DOE^JANE', '19700102', 'F')",
+                " VALUES (7, 'PID-0001', '', 'Doe^Jane^^', 'DOE^JANE', '19700102', 'F')",
                 "INSERT INTO study (id, study_instance_uid, patient_pk, study_date,"
                 " accession_number, study_description, last_received_at)"
                 " VALUES (8, '1.2.840.99.1', 7, '20240501', 'ACC-1', 'Old study', :t)",
@@ -702,3 +702,52 @@ def test_each_study_keeps_the_patient_attributes_its_instances_carry(index: Inde
     assert [v for a, v in patient.values.items() if a.keyword == "PatientName"] == ["Doe^Johnny"]
     row = index.instance("1.9.1.1.1")
     assert row is not None and row["patient_name"] == "Doe^John"
+
+
+def test_person_names_match_without_their_trailing_empty_components(index: Index) -> None:
+    """'Doe^John^^^' as a modality wrote it and 'Doe^John^' as a user typed it are the name
+    'Doe^John' (PS3.5 6.2.1.1); two values of a name are two PN objects, an empty one null
+    (PS3.18 F.2.2, F.2.5)."""
+    from dicomgate.index.query import Level, search
+
+    index.record(
+        [
+            make_item(
+                "1.8.1.1.1",
+                series_uid="1.8.1.1",
+                study_uid="1.8.1",
+                PatientName="Doe^John^^^",
+                ReferringPhysicianName="Smith^Anne\\Jones^Bob",
+            ),
+            make_item(
+                "1.8.2.1.1",
+                series_uid="1.8.2.1",
+                study_uid="1.8.2",
+                PatientName="Yamada^Tarou=山田^太郎=",
+            ),
+        ],
+        DuplicatePolicy.KEEP_BOTH,
+    )
+
+    def found(value: str) -> list[str]:
+        with index.engine.connect() as connection:
+            answer = search(connection, Level.STUDY, {"PatientName": value})
+        return [str(m.study_uid) for m in answer.matches]
+
+    for typed in ("Doe^John", "Doe^John^", "Doe^John^^^^", "Doe^John="):
+        assert found(typed) == ["1.8.1"], typed
+    assert found("Yamada^Tarou=山田^太郎") == ["1.8.2"]
+    assert found("Doe") == []  # a family name alone is another name
+    with index.engine.connect() as connection:
+        answer = search(
+            connection,
+            Level.STUDY,
+            {"StudyInstanceUID": "1.8.1", "ReferringPhysicianName": "", "PatientName": ""},
+        )
+    (found_study,) = answer.matches
+    match = found_study.to_json()
+    assert match["00080090"] == {
+        "vr": "PN",
+        "Value": [{"Alphabetic": "Smith^Anne"}, {"Alphabetic": "Jones^Bob"}],
+    }
+    assert match["00100010"]["Value"] == [{"Alphabetic": "Doe^John"}]

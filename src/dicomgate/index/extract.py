@@ -278,6 +278,16 @@ def _text(ds: Dataset | None, tag: int, encodings: list[str]) -> str | None:
     return text.strip("\0 ") or None
 
 
+def trim_name(name: str) -> str:
+    """A PN value without the trailing empty components and groups of each of its values:
+    PS3.5 6.2.1.1 lets them be left out, so 'Doe^John^^^' and 'Doe^John' are one name
+    (stored and matched in this form; :func:`search_name` folds further)."""
+    return "\\".join(
+        "=".join(group.rstrip("^") for group in value.split("=")).rstrip("=")
+        for value in name.split("\\")
+    )
+
+
 def _person_name(ds: Dataset | None, tag: int, encodings: list[str]) -> str | None:
     """A PN value; each component group decoded on its own (PS3.5 6.1.2.5.3)."""
     element = _element(ds, tag)
@@ -294,7 +304,7 @@ def _person_name(ds: Dataset | None, tag: int, encodings: list[str]) -> str | No
         text = str(name)
     if text is None:
         return None
-    return text.strip("\0 ") or None
+    return trim_name(text.strip("\0 ")) or None
 
 
 def _date(ds: Dataset | None, tag: int) -> str | None:

@@ -58,7 +58,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import DicomgateError, IndexUnavailable
-from dicomgate.index.extract import nameable_uid, search_name
+from dicomgate.index.extract import nameable_uid, search_name, trim_name
 from dicomgate.index.schema import instance, patient, series, study
 
 MAX_KEY_VALUE = 1024  # characters of one key value
@@ -611,6 +611,8 @@ def _condition(
     alternatives = _alternatives(attribute, value)
     if vr == "PN" and fuzzy:
         return or_(*(_fuzzy_name(search, v, dialect) for v in alternatives))
+    if vr == "PN":  # 'Doe^John^' is 'Doe^John', the form the index holds (PS3.5 6.2.1.1)
+        alternatives = [trim_name(v) for v in alternatives]
     return or_(*(_string_match(column, v, dialect) for v in alternatives))
 
 
@@ -878,11 +880,14 @@ def _json_element(vr: str, value: Any) -> dict[str, Any]:
     if value is None or value == "" or value == []:
         return {"vr": vr}
     if vr == "PN":
-        names = value if isinstance(value, list) else [value]
-        out = []
+        # One object per value, of its non-empty groups; an empty value among others is
+        # null (PS3.18 F.2.2, F.2.5).
+        names = value if isinstance(value, list) else str(value).split("\\")
+        out: list[dict[str, str] | None] = []
         for name in names:
             groups = str(name).split("=")
-            out.append({label: g for label, g in zip(_PN_GROUPS, groups, strict=False) if g})
+            person = {label: g for label, g in zip(_PN_GROUPS, groups, strict=False) if g}
+            out.append(person or None)
         return {"vr": vr, "Value": out}
     if isinstance(value, list):
         values = value

@@ -36,6 +36,18 @@ def upgrade() -> None:
         for name, _ in _COLUMNS
     )
     op.execute(f"UPDATE study SET {copied}")
+    # Names are now indexed without trailing empty components and groups (PS3.5 6.2.1.1,
+    # extract.trim_name), so that 'Doe^John^^^' is found by 'Doe^John'. rtrim cuts them at
+    # the end of a name; a multi-group name keeps those inside until it is received again.
+    for table, column in (
+        ("patient", "patient_name"),
+        ("study", "patient_name"),
+        ("study", "referring_physician_name"),
+    ):
+        op.execute(
+            f"UPDATE {table} SET {column} = rtrim({column}, '^=')"
+            f" WHERE {column} LIKE '%^' OR {column} LIKE '%='"
+        )
     op.create_index("ix_study_patient_name_search", "study", ["patient_name_search"])
     op.create_index("ix_study_patient_name", "study", ["patient_name"])
 
