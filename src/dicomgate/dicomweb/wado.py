@@ -33,7 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 from dicomgate.bridge.dicomweb_bridge import bridge_for, wado_error
 from dicomgate.bridge.dimse_upstream import UpstreamFailed, UpstreamNotFound
 from dicomgate.dicomweb.catalog import StoredRef, find_instances
-from dicomgate.dicomweb.dicomjson import MetadataCache, locate_bulk
+from dicomgate.dicomweb.dicomjson import MetadataCache, bulk_path, locate_bulk
 from dicomgate.dicomweb.frames import (
     FrameError,
     PixelLayout,
@@ -53,6 +53,8 @@ from dicomgate.dicomweb.negotiate import (
     choose_frame_encoding,
     choose_instance_syntax,
     choose_simple,
+    default_syntax,
+    is_native,
     parse_accept,
 )
 from dicomgate.dicomweb.render import (
@@ -78,7 +80,7 @@ from dicomgate.observability.logging import uid_hash
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
 
-__all__ = ["WadoError", "WadoService", "router"]
+__all__ = ["WadoError", "WadoService", "frame_encoding", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,47 @@ def _swap(data: bytes, width: int) -> bytes:
 
 
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _names_no_representation(entry: MediaRange) -> bool:
+    """The media range asks for no media type nor transfer syntax in particular: ``*/*``,
+    ``multipart/*`` or ``multipart/related`` without ``type`` (also no Accept at all)."""
+    inner = entry.inner_type if entry.media_type == "multipart/related" else "*/*"
+    return inner == "*/*" and entry.transfer_syntax is None
+
+
+def frame_encoding(accept: list[MediaRange], stored: str) -> FrameEncoding | None:
+    """How to send frames (or Pixel Data bulk data) stored in ``stored``; ``None``: 406.
+
+    As :func:`~.negotiate.choose_frame_encoding`, except for a request that names no media
+    type and no transfer syntax: PS3.18 8.7.3.3 (and the Selected Media Type of 8.7.8) make
+    that Explicit VR Little Endian (``application/octet-stream``, decoded) "unless the
+    origin server has only access to the pixel data in lossy compressed form", which is
+    then sent as stored, as is what pydicom cannot decode (the same rule as whole
+    instances, :func:`~.negotiate.default_syntax`). A compressed media type, ``image/*``
+    or ``transfer-syntax=*`` still gets the frames as stored.
+    """
+    for entry in accept:
+        encoding = choose_frame_encoding([entry], stored)
+        if encoding is None:
+            continue
+        if (
+            not encoding.decode
+            and not is_native(stored)
+            and _names_no_representation(entry)
+            and default_syntax(stored) == EXPLICIT_VR_LITTLE_ENDIAN
+        ):
+            return FrameEncoding("application/octet-stream", EXPLICIT_VR_LITTLE_ENDIAN, True)
+        return encoding
+    return None
+
+
+def _located(head: bytes, location: str) -> bytes:
+    """The opening of a part (:meth:`Multipart.part`, headers ending with an empty line)
+    with a ``Content-Location`` header: PS3.18 10.4.3.3.5, bulk data in a multipart
+    response carry the URI that names them (the ``BulkDataURI`` of the metadata, or the
+    frame's URL)."""
+    return head[:-2] + b"Content-Location: " + location.encode("latin-1") + b"\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -360,7 +403,7 @@ class WadoService:
         beyond = [n for n in frames if n > layout.frames]
         if beyond:
             raise WadoError(404, f"frame {beyond[0]} does not exist ({layout.frames} frame(s))")
-        encoding = choose_frame_encoding(_accept(request), layout.transfer_syntax)
+        encoding = frame_encoding(_accept(request), layout.transfer_syntax)
         if encoding is None:
             raise WadoError(
                 406,
@@ -455,15 +498,22 @@ class WadoService:
             raise
 
     async def frames(self, request: Request, ref: StoredRef, frames: list[int]) -> Response:
-        plan, frames = await self._frame_plan(request, ref, frames)
-        return await self._frames_response(plan, frames)
+        plan, sent = await self._frame_plan(request, ref, frames)
+        instance = self.instance_url(request, ref)
+        if plan.encoding.media_type.startswith("video/"):  # one part: the frames asked
+            asked = f"{instance}/frames/{','.join(map(str, frames))}"
+            return await self._frames_response(plan, sent, lambda _: asked)
+        return await self._frames_response(plan, sent, lambda n: f"{instance}/frames/{n}")
 
-    async def _frames_response(self, plan: _FramePlan, frames: list[int]) -> Response:
-        """The frames as multipart/related. Decoded frames are decoded before the status
-        line while they fit ``PREDECODED_BYTES`` (the first one always), so a frame that
-        cannot be decoded is a 500 JSON error; past that budget they are decoded as they
-        are sent, and one that fails then ends the body without its close delimiter (the
-        status is out; the client sees a truncated multipart) with one log line."""
+    async def _frames_response(
+        self, plan: _FramePlan, frames: list[int], location: Callable[[int], str]
+    ) -> Response:
+        """The frames as multipart/related, each part's Content-Location ``location(frame
+        number)``. Decoded frames are decoded before the status line while they fit
+        ``PREDECODED_BYTES`` (the first one always), so a frame that cannot be decoded is a
+        500 JSON error; past that budget they are decoded as they are sent, and one that
+        fails then ends the body without its close delimiter (the status is out; the
+        client sees a truncated multipart) with one log line."""
         encoding = plan.encoding
         writer = Multipart(encoding.media_type)
         part_type = f"{encoding.media_type}; transfer-syntax={encoding.transfer_syntax}"
@@ -483,17 +533,17 @@ class WadoService:
             for n, number in enumerate(frames):
                 if n < len(ready):
                     data, ready[n] = ready[n], b""  # let it go once sent
-                    yield writer.part(part_type)
+                    yield _located(writer.part(part_type), location(number))
                     yield data
                 elif plan.decodes:
                     try:
                         data = await self._decode(plan, number)
                     except FrameError:
                         return
-                    yield writer.part(part_type)
+                    yield _located(writer.part(part_type), location(number))
                     yield data
                 else:
-                    yield writer.part(part_type)
+                    yield _located(writer.part(part_type), location(number))
                     async for chunk in self._frame_chunks(plan, number - 1):
                         yield chunk
             yield writer.close()
@@ -511,26 +561,32 @@ class WadoService:
             raise WadoError(500, f"cannot read the stored instance: {reason}") from None
         if value is None:
             raise WadoError(404, f"no bulk data at {tag_path}")
+        # PS3.18 10.4.3.3.5: the part names itself by the BulkDataURI of the metadata.
+        instance = self.instance_url(request, ref)
+        uri = f"{instance}/bulkdata/{bulk_path(tag_path)}"
         if value.pixel_data:
             plan, frames = await self._frame_plan(request, ref, None)
             if plan.layout.encapsulated or plan.decodes:
-                return await self._frames_response(plan, frames)
+                if len(frames) == 1:  # one frame (or a video stream): the value itself
+                    return await self._frames_response(plan, frames, lambda _: uri)
+                return await self._frames_response(plan, frames, lambda n: f"{instance}/frames/{n}")
             # Native pixel data: the whole value as one part.
             if plan.inflated is not None:
-                return self._bulk_response([], plan.inflated, 0)
+                return self._bulk_response(uri, [], plan.inflated, 0)
             layout = plan.layout
             value_span = (layout.value_offset, layout.value_length)
             swap = 0 if layout.little_endian else layout.bits_allocated // 8
-            return self._bulk_response([value_span], None, swap, plan.path)
+            return self._bulk_response(uri, [value_span], None, swap, plan.path)
         if choose_frame_encoding(_accept(request), EXPLICIT_VR_LITTLE_ENDIAN) is None:
             raise WadoError(406, "bulk data is available as application/octet-stream only")
         swap = _SWAP_WIDTH.get(value.vr, 0) if value.big_endian else 0
         if value.data is not None:
-            return self._bulk_response([], _swap(value.data, swap), 0, path)
-        return self._bulk_response([(value.offset, value.length)], None, swap, path)
+            return self._bulk_response(uri, [], _swap(value.data, swap), 0, path)
+        return self._bulk_response(uri, [(value.offset, value.length)], None, swap, path)
 
     def _bulk_response(
         self,
+        location: str,
         spans: list[tuple[int, int]],
         data: bytes | None,
         swap: int,
@@ -541,7 +597,7 @@ class WadoService:
         source = path
 
         async def body() -> AsyncIterator[bytes]:
-            yield writer.part(part_type)
+            yield _located(writer.part(part_type), location)
             if data is not None:
                 yield data
             elif source is not None:
