@@ -86,7 +86,7 @@ class ObservabilityMiddleware:
         m = self.metrics
         m.http_requests.labels(method, template, str(status)).inc()
         m.http_seconds.labels(method, template).observe(seconds)
-        if method != "GET" or route is None:
+        if route is None or (method != "GET" and not template.endswith("/_search")):  # FHIR POST
             return
         tags = [str(t) for t in getattr(route, "tags", None) or []]
         if "QIDO-RS" in tags or "FHIR" in tags:

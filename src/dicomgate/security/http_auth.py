@@ -74,7 +74,8 @@ def required_access(method: str, path: str, protect_metrics: bool = False) -> Re
         return Access.AUTHENTICATED if protect_metrics else Access.OPEN
     for prefix in ("/dicomweb", "/fhir"):
         if path == prefix or path.startswith(prefix + "/"):
-            return Permission.READ if method in _READ_METHODS else Permission.WRITE
+            search = method == "POST" and path == "/fhir/ImagingStudy/_search"  # a FHIR read
+            return Permission.READ if method in _READ_METHODS or search else Permission.WRITE
     if is_ui_path(path):  # the web console: docs/security.md
         need = ui_requirement(path)
         return Access.OPEN if need == "open" else Permission(need)
