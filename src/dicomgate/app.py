@@ -1,7 +1,9 @@
 """The HTTP application: health, the admin API (/api), DICOMweb (/dicomweb), FHIR (/fhir).
 
 Security (IP allow-list, rate and body limits, API keys and JWTs, permissions per path) is
-middleware from :mod:`dicomgate.security.middleware`; see docs/security.md.
+middleware from :mod:`dicomgate.security.middleware`; see docs/security.md. Forwarded
+headers count only from ``http.trusted_proxies`` (:mod:`dicomgate.security.forwarded`);
+every GET resource answers HEAD too (:mod:`dicomgate.http_semantics`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomgate import __version__
 from dicomgate.api import install_api, validation_message
-from dicomgate.dicomweb.server import install_dicomweb, problem
+from dicomgate.dicomweb.server import PREFIX, install_dicomweb, problem
 from dicomgate.errors import error_type
+from dicomgate.http_semantics import HeadAsGet, VaryOnAccept
 from dicomgate.observability.health import readiness
 from dicomgate.observability.http import _template, install_observability
+from dicomgate.security.forwarded import ForwardedHeaders
 from dicomgate.security.http_models import HttpCorsConfig
+from dicomgate.security.ip_filter import IpAllowList
 from dicomgate.security.middleware import install_http_security
 from dicomgate.ui.console import install_ui
 
@@ -163,16 +168,18 @@ def _allowed(request: Request) -> str:
     route whose path matched: ``PUT /api/queue/retry-dead`` said ``Allow: GET`` (the
     ``/api/queue/{job_id}`` route) though the path serves POST. Each method is tried
     against the routes (included routers match as one route, so their routes' own
-    ``methods`` cannot be read)."""
+    ``methods`` cannot be read). A path that serves GET serves HEAD (:class:`HeadAsGet`)."""
     routes = request.app.router.routes
-    served = [
+    served = {
         method
         for method in _METHODS
         if any(
             route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
         )
-    ]
-    return ", ".join(served)
+    }
+    if "GET" in served:
+        served.add("HEAD")
+    return ", ".join(method for method in _METHODS if method in served)
 
 
 async def _invalid_parameter(_request: Request, exc: Exception) -> Response:
@@ -290,6 +297,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_parameter)
     _openapi_with_400(app)
-    # Outermost: an exception no handler took is a JSON 500 and one log line.
+    # Representations chosen by Accept (PS3.18 8.7, 9.3; QIDO-RS JSON or dicom+json).
+    app.add_middleware(VaryOnAccept, prefixes=(PREFIX,))
+    # An exception no handler took is a JSON 500 and one log line.
     app.add_middleware(_InternalError)
+    # Outside all of the above: each sees a HEAD as the GET it is answered as.
+    app.add_middleware(HeadAsGet)
+    # Outermost: the client address, scheme and host every layer sees (trusted proxies).
+    app.add_middleware(ForwardedHeaders, trusted=IpAllowList(gateway.config.http.trusted_proxies))
     return app

@@ -550,11 +550,13 @@ class HttpConfig(_Model):
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description=(
-            "Reverse proxies (IP addresses or CIDR blocks) whose `X-Forwarded-For` and"
-            " `X-Forwarded-Proto` headers are believed: requests from them count as coming"
-            " from the forwarded client address (for `allowed_ips`, rate limits, routing on"
-            " `source_ip` and the log). Empty: the TCP peer is the client and those headers are"
-            " ignored."
+            "Reverse proxies (IP addresses or CIDR blocks) whose `X-Forwarded-For`,"
+            " `X-Forwarded-Proto` and `X-Forwarded-Host` headers are believed: requests from"
+            " them count as coming from the forwarded client address (for `allowed_ips`, rate"
+            " limits, routing on `source_ip` and the log), and the URLs in answers (RetrieveURL,"
+            " BulkDataURI, FHIR endpoints) use the forwarded scheme and host. From any other"
+            " peer these headers (and `Forwarded`) are removed before the request is served."
+            " Empty: the TCP peer is the client."
         ),
     )
     limits: HttpLimitsConfig = Field(

@@ -369,8 +369,9 @@ class Gateway:
             # uvicorn takes whole seconds in its signature but only hands them to call_later.
             timeout_keep_alive=cast(int, http.limits.keep_alive_timeout),
             timeout_graceful_shutdown=cast(int, http.shutdown_grace),
-            proxy_headers=bool(http.trusted_proxies),
-            forwarded_allow_ips=list(http.trusted_proxies) or None,
+            # Forwarded headers are the app's (security.forwarded): uvicorn's own would apply
+            # X-Forwarded-For/-Proto before the app could tell a trusted proxy's from others'.
+            proxy_headers=False,
             ssl_context_factory=(lambda _config, _default: tls.context) if tls else None,
         )
 

@@ -363,9 +363,9 @@ def test_unknown_fhir_paths_answer_an_operation_outcome(
         outcome = refused(get(gw, path), 404)
         assert outcome.issue[0].code == "not-found"
     for method, path, allow in (
-        ("DELETE", f"/fhir/ImagingStudy/{corpus.study['A']}", "GET"),
-        ("POST", "/fhir/ImagingStudy", "GET"),
-        ("PUT", "/fhir/metadata", "GET"),
+        ("DELETE", f"/fhir/ImagingStudy/{corpus.study['A']}", "GET, HEAD"),
+        ("POST", "/fhir/ImagingStudy", "GET, HEAD"),
+        ("PUT", "/fhir/metadata", "GET, HEAD"),
         ("GET", "/fhir/ImagingStudy/_search?patient=QP1", None),  # a read of id "_search"
     ):
         response = httpx.request(method, gw.url(path), timeout=10)

@@ -236,10 +236,12 @@ def test_errors_have_the_documented_shape(
     ("method", "path", "allowed"),
     [
         # Starlette named only the first route whose path matched: "GET" (/api/queue/{job_id})
-        ("PUT", "/api/queue/retry-dead", {"GET", "POST"}),
+        ("PUT", "/api/queue/retry-dead", {"GET", "HEAD", "POST"}),
         ("PUT", "/api/queue/7/retry", {"POST"}),
-        ("DELETE", "/dicomweb/studies", {"GET", "POST"}),
-        ("DELETE", "/healthz", {"GET"}),
+        ("DELETE", "/dicomweb/studies", {"GET", "HEAD", "POST"}),
+        # Every GET resource serves HEAD (RFC 9110 9.1), and its Allow says so.
+        ("DELETE", "/healthz", {"GET", "HEAD"}),
+        ("POST", f"/dicomweb/studies/{S1}/metadata", {"GET", "HEAD"}),
     ],
 )
 def test_405_allow_names_every_method_the_path_serves(

@@ -206,6 +206,112 @@ def test_accept_header(served: tuple[GatewayProcess, QueryCorpus]) -> None:
     assert "dicom+xml" in xml.json()["error"]
 
 
+def test_accept_parameter_typed_with_a_plus(
+    served: tuple[GatewayProcess, QueryCorpus], corpus: QueryCorpus
+) -> None:
+    """``?accept=application/dicom+json`` as people type it: form decoding makes the ``+`` a
+    space ("cannot answer in 'application/dicom json'" was a 406). Read back as ``+``, in
+    QIDO-RS and in WADO-RS, which share the parser."""
+    gw, _ = served
+    for query in ("accept=application/dicom+json", "accept=application/dicom%2Bjson"):
+        answer = httpx.get(gw.url(f"/dicomweb/studies?{query}"))
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"].startswith("application/dicom+json")
+    plain = httpx.get(gw.url("/dicomweb/studies?accept=application/json"))
+    assert plain.headers["content-type"].startswith("application/json")
+    metadata = httpx.get(
+        gw.url(f"/dicomweb/studies/{corpus.study['C']}/metadata?accept=application/dicom+json")
+    )
+    assert metadata.status_code == 200, metadata.text
+    assert metadata.headers["content-type"].startswith("application/dicom+json")
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("application/dicom+json;q=0", 406),
+        ("application/dicom+json;q=0, application/json", "application/json"),
+        ("application/dicom+json;q=0, */*", "application/json"),
+        ("application/*;q=0", 406),
+        ("application/json;q=0.5, application/dicom+json;q=0.8", "application/dicom+json"),
+        ("application/dicom+json;q=0.2, application/json", "application/json"),
+        ("*/*, application/dicom+json;q=0", "application/json"),
+        ("application/json;q=0, */*", "application/dicom+json"),
+    ],
+)
+def test_accept_qualities_and_q_zero(
+    served: tuple[GatewayProcess, QueryCorpus], accept: str, expected: int | str
+) -> None:
+    """RFC 9110 12.4.2: ``q=0`` is "not acceptable"; 12.5.1: the most specific range
+    naming a type gives its quality (was 200 dicom+json for ``dicom+json;q=0``)."""
+    gw, _ = served
+    answer = httpx.get(gw.url("/dicomweb/studies"), headers={"Accept": accept})
+    if expected == 406:
+        assert answer.status_code == 406, answer.text
+        assert answer.json()["error"].startswith("cannot answer in")
+    else:
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"].split(";")[0] == expected
+
+
+def test_empty_and_multiple_value_matching_parameters(
+    served: tuple[GatewayProcess, QueryCorpus], corpus: QueryCorpus
+) -> None:
+    """PS3.18 Table 8.3.4-1 lists both (they were 400 "unknown attribute")."""
+    gw, _ = served
+    url = gw.url("/dicomweb/studies")
+    host = f"127.0.0.1:{gw.http_port}"
+    # 8.3.4.5: not supported -> the search is answered, with the warning of the standard.
+    empty = httpx.get(url, params={"emptyvaluematching": "true", "PatientID": "QP2"})
+    assert empty.status_code == 200, empty.text
+    assert study_keys(corpus, empty.json()) == ["B"]
+    assert empty.headers.get_list("warning") == [
+        f'299 {host} "The emptyvaluematching parameter is not supported. '
+        'Empty Value Matching has not been performed."'
+    ]
+    quiet = httpx.get(url, params={"emptyvaluematching": "false", "PatientID": "QP2"})
+    assert study_keys(corpus, quiet.json()) == ["B"]
+    assert "warning" not in quiet.headers
+    # 8.3.4.6 / PS3.4 C.2.2.2.8: a value per alternative, any one matching: what matching
+    # does with a backslash-separated value anyway; no warning.
+    several = {"ModalitiesInStudy": "OT\\CT", "multiplevaluematching": "true"}
+    multiple = httpx.get(url, params=several)
+    assert multiple.status_code == 200, multiple.text
+    assert study_keys(corpus, multiple.json()) == ["A", "D"]
+    assert "warning" not in multiple.headers
+    # "false" asks for no Multiple Value Matching: a several-valued key cannot be searched.
+    refused = httpx.get(url, params={**several, "multiplevaluematching": "false"})
+    assert refused.status_code == 400
+    assert "multiplevaluematching=false" in refused.json()["error"]
+    single = httpx.get(url, params={"ModalitiesInStudy": "OT", "multiplevaluematching": "false"})
+    assert study_keys(corpus, single.json()) == ["D"]
+    # UID lists are List of UID Matching (PS3.4 C.2.2.2.2), not several values.
+    uids = f"{corpus.study['C']}\\{corpus.study['D']}"
+    listed = httpx.get(url, params={"StudyInstanceUID": uids, "multiplevaluematching": "false"})
+    assert study_keys(corpus, listed.json()) == ["C", "D"]
+    for name in ("emptyvaluematching", "multiplevaluematching"):
+        for bad in ("yes", "TRUE", "1", ""):
+            answer = httpx.get(url, params={name: bad})
+            assert answer.status_code == 400, (name, bad)
+            assert answer.json() == {"error": f"{name} must be true or false, not {bad!r}"}
+        twice = httpx.get(url, params=[(name, "true"), (name, "true")])
+        assert twice.status_code == 400
+        assert "more than once" in twice.json()["error"]
+
+
+@pytest.mark.parametrize("limit", ["1000000000", "99999999999999999999", "00000000000000001001"])
+def test_a_limit_beyond_the_maximum_is_cut_to_it(
+    served: tuple[GatewayProcess, QueryCorpus], corpus: QueryCorpus, limit: str
+) -> None:
+    """PS3.18 8.3.4.4 lets the server answer fewer than ``limit`` (``uint``): a limit past
+    the maximum is the maximum (``limit=1000000000`` was a 400)."""
+    gw, _ = served
+    answer = httpx.get(gw.url("/dicomweb/studies"), params={"limit": limit})
+    assert answer.status_code == 200, answer.text
+    assert study_keys(corpus, answer.json()) == ["A", "B", "C", "D"]
+    assert "warning" not in answer.headers  # nothing was cut: all four are here
+
+
 def test_unsupported_keys_are_reported_in_a_warning_header(
     served: tuple[GatewayProcess, QueryCorpus],
 ) -> None:

@@ -248,6 +248,10 @@ def router(gateway: Gateway) -> APIRouter:
                 for route in known
             )
         ]
+        if (
+            "GET" in allowed and "HEAD" not in allowed
+        ):  # every GET resource answers HEAD (http_semantics.HeadAsGet)
+            allowed.insert(allowed.index("GET") + 1, "HEAD")
         if allowed:
             return respond(
                 outcome("not-supported", f"{request.method} is not supported here"),

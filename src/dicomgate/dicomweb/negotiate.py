@@ -2,13 +2,21 @@
 
 An ``Accept`` header is parsed into :class:`MediaRange` s ordered by quality; the
 ``choose_*`` functions walk them in that order and return the first representation we
-can produce, or ``None`` (the caller answers 406).
+can produce, or ``None`` (the caller answers 406). :func:`choose_by_quality` weighs each
+offered type by the most specific range that names it (RFC 9110 12.5.1), so ``q=0``
+refuses a type even where ``*/*`` would allow it.
+
+The ``accept`` query parameter (PS3.18 8.3.3.1) is parsed the same way. Typed into an
+address, ``application/dicom+json`` reaches us as ``application/dicom json``: form
+decoding reads ``+`` as a space. Media types never contain spaces (RFC 9110 8.3.1: type
+and subtype are tokens), so a space inside one is read back as the ``+`` it was.
 
 Media types of compressed pixel data follow PS3.18 Table 8.7.3-2 (Frames and Bulk Data).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dicomgate.dicomweb.transcode import EXPLICIT_VR_LITTLE_ENDIAN, can_transcode
@@ -19,6 +27,7 @@ __all__ = [
     "AcceptError",
     "FrameEncoding",
     "MediaRange",
+    "choose_by_quality",
     "choose_frame_encoding",
     "choose_instance_syntax",
     "choose_simple",
@@ -120,14 +129,20 @@ def _split(text: str, sep: str) -> list[str]:
     return parts
 
 
-def parse_accept(header: str | None) -> list[MediaRange]:
-    """The media ranges of an Accept header, best first; no header means ``*/*``."""
+def _media_token(text: str) -> str:
+    """A media type (or a ``type`` parameter's value) in lower case, with a space inside it
+    read as the ``+`` that form decoding turned into one (``application/dicom json``)."""
+    return "+".join(text.strip().lower().split())
+
+
+def _ranges(header: str | None) -> list[MediaRange]:
+    """Every media range of an Accept header in the order given, ``q=0`` ones included."""
     if header is None or not header.strip():
         return [MediaRange("*/*")]
-    ranges: list[tuple[float, int, MediaRange]] = []
-    for n, item in enumerate(_split(header, ",")):
+    ranges: list[MediaRange] = []
+    for item in _split(header, ","):
         pieces = [p.strip() for p in _split(item, ";")]
-        media_type = pieces[0].lower()
+        media_type = _media_token(pieces[0])
         if not media_type:
             continue
         if media_type.count("/") != 1:
@@ -147,11 +162,51 @@ def parse_accept(header: str | None) -> list[MediaRange]:
                     q = float(value)
                 except ValueError:
                     raise AcceptError(f"bad quality value in Accept: {value!r}") from None
+                if q != q:  # NaN: float() takes "nan"; no quality at all
+                    q = 0.0
+            elif name == "type":
+                params[name] = _media_token(value)
             else:
                 params[name] = value
-        if q > 0:
-            ranges.append((-q, n, MediaRange(media_type, params, q)))
-    return [entry for _, _, entry in sorted(ranges, key=lambda t: (t[0], t[1]))]
+        ranges.append(MediaRange(media_type, params, q))
+    return ranges
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """The acceptable media ranges of an Accept header, best first; no header means
+    ``*/*``. A range with ``q=0`` is "not acceptable" (RFC 9110 12.4.2) and left out."""
+    ranked = sorted(enumerate(_ranges(header)), key=lambda item: (-item[1].q, item[0]))
+    return [entry for _, entry in ranked if entry.q > 0]
+
+
+def choose_by_quality(header: str | None, offered: Sequence[str]) -> str | None:
+    """The one of ``offered`` (single-part media types, the first preferred) the client
+    rates highest, or ``None`` when it accepts none of them.
+
+    RFC 9110 12.5.1: the quality of a type is that of the most specific range naming it
+    (``type/subtype``, then ``type/*``, then ``*/*``), so ``application/dicom+json;q=0,
+    */*`` refuses application/dicom+json; ``q=0`` is "not acceptable" (12.4.2). Of types
+    rated alike, the one whose range the client listed first, then the first offered.
+    Raises :class:`AcceptError` for a header that is no list of media ranges.
+    """
+    ranges = list(enumerate(_ranges(header)))
+    best: tuple[float, int, int] | None = None
+    chosen: str | None = None
+    for rank, candidate in enumerate(offered):
+        major = candidate.split("/")[0]
+        deciding: tuple[int, float, int] | None = None  # (specificity, q, position)
+        for position, entry in ranges:
+            specificity = {candidate: 2, f"{major}/*": 1, "*/*": 0}.get(entry.media_type)
+            if specificity is None:
+                continue
+            if deciding is None or (specificity, entry.q) > deciding[:2]:
+                deciding = (specificity, entry.q, position)
+        if deciding is None or deciding[1] <= 0:
+            continue
+        key = (-deciding[1], deciding[2], rank)
+        if best is None or key < best:
+            best, chosen = key, candidate
+    return chosen
 
 
 def _is_multipart(entry: MediaRange) -> bool:

@@ -14,11 +14,15 @@ path                                                     level      default attr
 =======================================================  =========  ======================
 
 Matching is :mod:`dicomgate.index.query`. Query keys the index cannot match, includefield
-attributes it cannot return and a result cut at the server's maximum are reported in
-``Warning: 299 <host> "<text>"`` headers (PS3.18 8.3.4.1, RFC 7234 5.5). A malformed request
-(unknown attribute, bad value, bad limit/offset/fuzzymatching, repeated non-UID key) is a
-400 with ``{"error": ...}``; an Accept the service cannot produce is a 406. No match is a
-200 with ``[]`` (PS3.18 also allows 204; every client we tried handles ``[]``).
+attributes it cannot return, a result cut at the server's maximum (whatever ``limit`` asked,
+PS3.18 8.3.4.4) and ``emptyvaluematching=true`` (not supported, 8.3.4.5) are reported in
+``Warning: 299 <host> "<text>"`` headers (PS3.18 8.3.4.1, RFC 7234 5.5).
+``multiplevaluematching=true`` is what matching always does with a ``\\``-separated value of
+a text key (PS3.18 8.3.4.6, PS3.4 C.2.2.2.8). A malformed request (unknown attribute, bad
+value, bad limit/offset/fuzzymatching/emptyvaluematching/multiplevaluematching, repeated
+non-UID key) is a 400 with ``{"error": ...}``; an Accept the service cannot produce (or
+refuses with ``q=0``) is a 406. No match is a 200 with ``[]`` (PS3.18 also allows 204; every
+client we tried handles ``[]``).
 
 With ``query.dicomweb.source`` naming a ``dimse`` destination, searches become C-FIND on
 that PACS instead (:mod:`dicomgate.bridge.dicomweb_bridge`; 502/504 when it fails).
@@ -29,12 +33,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
 from dicomgate.bridge.dicomweb_bridge import bridge_for
 from dicomgate.bridge.dimse_upstream import UpstreamFailed
+from dicomgate.dicomweb.negotiate import AcceptError, choose_by_quality
 from dicomgate.dicomweb.server import PREFIX, problem
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index.extract import nameable_uid
@@ -48,6 +54,7 @@ from dicomgate.index.query import (
     resolve_key,
     search,
 )
+from dicomgate.security.forwarded import FORWARDED_HEADERS
 
 if TYPE_CHECKING:
     from dicomgate.service import Gateway
@@ -58,10 +65,27 @@ DICOM_JSON = "application/dicom+json"
 # The most matches one response carries; more are announced in a Warning (PS3.18 8.3.4.4).
 MAX_RESULTS = {Level.STUDY: 1000, Level.SERIES: 1000, Level.IMAGE: 10_000}
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
+# Parameters of PS3.18 Table 8.3.4-1 that are true or false, each given at most once.
+_SWITCHES = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
 _TRUNCATED = (
     "The number of results exceeded the maximum supported by the server. "
     "Additional results can be requested."
 )
+# PS3.18 8.3.4.5: the search is answered, without Empty Value Matching, with this warning.
+_NO_EMPTY_VALUE_MATCHING = (
+    "The emptyvaluematching parameter is not supported. "
+    "Empty Value Matching has not been performed."
+)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """A QIDO-RS request as the index takes it."""
+
+    keys: dict[str, str]  # attribute key -> value
+    options: QueryOptions
+    capped: bool  # the server's maximum replaced the client's limit (or its absence)
+    warnings: list[str]  # for the Warning headers, whatever the index adds
 
 
 class _BadRequest(Exception):
@@ -89,7 +113,8 @@ def router(gateway: Gateway) -> APIRouter:
         started = time.perf_counter()
         try:
             media_type = _negotiate(request)
-            keys, options, capped = _parse(request, level, defaults)
+            parsed = _parse(request, level, defaults)
+            keys, options = parsed.keys, parsed.options
             for name, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
                 if uid is not None:
                     if not nameable_uid(uid):
@@ -109,8 +134,8 @@ def router(gateway: Gateway) -> APIRouter:
             return problem(503, f"index unavailable: {error}")
         except UpstreamFailed as error:
             return problem(error.status, f"upstream {error}")
-        warnings = list(result.warnings)
-        if result.more and capped:
+        warnings = [*parsed.warnings, *result.warnings]
+        if result.more and parsed.capped:
             warnings.append(_TRUNCATED)
         base = public_base_url(request) + PREFIX
         if bridge is not None:
@@ -171,15 +196,18 @@ def router(gateway: Gateway) -> APIRouter:
 def public_base_url(request: Request) -> str:
     """``scheme://host[:port]`` (plus any root path) as the client reached us, no trailing /.
 
-    From the Host header; a Host without a port (dicomweb-client sends one) gets the port the
-    request arrived on when that is not the scheme's default and no proxy header says
-    otherwise. Behind a reverse proxy, forward Host with its port (or X-Forwarded-Host).
+    From the scheme and the Host header of the request. Through a proxy listed in
+    ``http.trusted_proxies`` those are already its ``X-Forwarded-Proto`` and
+    ``X-Forwarded-Host`` (:class:`dicomgate.security.forwarded.ForwardedHeaders`, which
+    drops forwarded headers from anyone else). A Host without a port (dicomweb-client sends
+    one) gets the port the request arrived on when that is not the scheme's default, unless
+    a trusted proxy forwarded it: the port we listen on is then not the client's.
     """
     url = request.base_url
-    forwarded = request.headers.get("x-forwarded-host")
-    host = forwarded.split(",")[0].strip() if forwarded else request.headers.get("host", "")
+    host = request.headers.get("host", "")
     server = request.scope.get("server")
-    if host and ":" not in host.rsplit("]", 1)[-1] and not forwarded and server:
+    proxied = any(name in request.headers for name in FORWARDED_HEADERS)
+    if host and ":" not in host.rsplit("]", 1)[-1] and not proxied and server:
         port = int(server[1]) if server[1] is not None else None
         if port is not None and port != {"http": 80, "https": 443}.get(url.scheme):
             host = f"{host}:{port}"
@@ -189,46 +217,44 @@ def public_base_url(request: Request) -> str:
 
 
 def _negotiate(request: Request) -> str:
-    """The media type to answer with: application/dicom+json unless only JSON is accepted."""
-    accept = request.query_params.get("accept") or request.headers.get("accept") or ""
-    ranges = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
-    if not ranges:
-        return DICOM_JSON
-    for media_range in ranges:
-        if media_range in (DICOM_JSON, "*/*", "application/*"):
-            return DICOM_JSON
-        if media_range == "application/json":
-            return "application/json"
-    raise _BadRequest(
-        406,
-        f"cannot answer in {accept!r}: QIDO-RS answers application/dicom+json "
-        "(or application/json); application/dicom+xml is not supported",
-    )
+    """The media type to answer with: application/dicom+json unless the client prefers
+    application/json (the ``accept`` parameter, PS3.18 8.3.3.1, wins over the header)."""
+    accept = request.query_params.get("accept") or request.headers.get("accept")
+    try:
+        chosen = choose_by_quality(accept, (DICOM_JSON, "application/json"))
+    except AcceptError as error:
+        raise _BadRequest(400, str(error)) from None
+    if chosen is None:
+        raise _BadRequest(
+            406,
+            f"cannot answer in {accept!r}: QIDO-RS answers application/dicom+json "
+            "(or application/json); application/dicom+xml is not supported",
+        )
+    return chosen
 
 
-def _parse(
-    request: Request, level: Level, defaults: tuple[Level, ...]
-) -> tuple[dict[str, str], QueryOptions, bool]:
-    """Query keys, options, and whether the server's maximum replaced the client's limit."""
+def _parse(request: Request, level: Level, defaults: tuple[Level, ...]) -> _Search:
+    """The keys and options of a search, refused with :class:`_BadRequest` (400)."""
     keys: dict[str, str] = {}
     include: list[str] = []
     include_all = False
-    fuzzy = False
+    switches = dict.fromkeys(_SWITCHES, False)
     limit: int | None = None
     offset = 0
     seen: set[str] = set()
+    listed: list[str] = []  # text keys given several values (CT\MR)
     for name, value in request.query_params.multi_items():
-        if name in ("limit", "offset", "fuzzymatching") and name in seen:
+        if name in ("limit", "offset", *_SWITCHES) and name in seen:
             raise _BadRequest(400, f"{name} is given more than once")
         seen.add(name)
         if name == "limit":
-            limit = _count(name, value)
+            limit = _limit(value)
         elif name == "offset":
             offset = _count(name, value)
-        elif name == "fuzzymatching":
+        elif name in switches:
             if value not in ("true", "false"):
-                raise _BadRequest(400, f"fuzzymatching must be true or false, not {value!r}")
-            fuzzy = value == "true"
+                raise _BadRequest(400, f"{name} must be true or false, not {value!r}")
+            switches[name] = value == "true"
         elif name == "includefield":
             for field in (f.strip() for f in value.split(",")):
                 if field == "all":
@@ -241,23 +267,34 @@ def _parse(
         else:
             attribute = resolve_key(name)
             key = attribute.key if attribute is not None else name
+            if attribute is not None and attribute.vr != "UI" and "\\" in value:
+                listed.append(name)
             if key in keys:
                 if attribute is None or attribute.vr != "UI":
                     raise _BadRequest(400, f"{name} is given more than once")
                 keys[key] = f"{keys[key]}\\{value}"
             else:
                 keys[key] = value
+    if listed and "multiplevaluematching" in seen and not switches["multiplevaluematching"]:
+        # PS3.18 8.3.4.6: "false" asks for a search without Multiple Value Matching, where
+        # a backslash (the value delimiter, PS3.5 6.4) has no meaning left: the index
+        # cannot match it literally, so this is not a search we can run.
+        raise _BadRequest(
+            400,
+            f"{listed[0]} has several values ('\\'-separated) but multiplevaluematching=false",
+        )
+    warnings = [_NO_EMPTY_VALUE_MATCHING] if switches["emptyvaluematching"] else []
     maximum = MAX_RESULTS[level]
     capped = limit is None or limit > maximum
     options = QueryOptions(
-        fuzzy=fuzzy,
+        fuzzy=switches["fuzzymatching"],
         limit=maximum if capped else limit,
         offset=offset,
         include=include,
         include_all=include_all,
         default_levels=defaults,
     )
-    return keys, options, capped
+    return _Search(keys, options, capped, warnings)
 
 
 def _count(name: str, value: str) -> int:
@@ -265,6 +302,15 @@ def _count(name: str, value: str) -> int:
     if not (value.isascii() and value.isdecimal()) or len(value) > 9:
         raise _BadRequest(400, f"{name} must be a non-negative integer, not {value!r}")
     return int(value)
+
+
+def _limit(value: str) -> int:
+    """``limit``: any non-negative integer (PS3.18 8.3.4.4, ``uint``); one beyond the
+    server's maximum is cut to it, so its size does not matter past 9 digits."""
+    if not (value.isascii() and value.isdecimal()):
+        raise _BadRequest(400, f"limit must be a non-negative integer, not {value!r}")
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 9 else 10**9
 
 
 def _render(match: Match, base: str, level: Level) -> dict[str, object]:

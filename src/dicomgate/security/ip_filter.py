@@ -1,7 +1,7 @@
 """Network access control for HTTP: an allow-list of client addresses (CIDR blocks).
 
 The address is the TCP peer, or the forwarded client when the peer is one of
-``http.trusted_proxies`` (uvicorn's proxy-headers middleware runs before this one).
+``http.trusted_proxies`` (:mod:`dicomgate.security.forwarded` runs before this one).
 """
 
 from __future__ import annotations
