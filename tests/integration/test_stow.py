@@ -6,6 +6,8 @@ route delivered; a refused request must leave the index empty.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import io
 import socket
 import time
@@ -14,6 +16,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -28,11 +31,15 @@ from tests.conftest import (
     GatewayProcess,
     Orthanc,
     bundled_file,
+    delivery_of,
     large_mr,
     sop_uid_of,
     wait_until,
 )
 
+from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.dicomweb import DicomwebSender
+from dicomgate.egress.models import DicomwebDestination
 from dicomgate.ingress.sniff import sniff
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -64,7 +71,10 @@ def dataset_bytes(path: Path) -> bytes:
     return data[sniff(data, complete=True).data_offset :]
 
 
-def multipart(files: list[bytes], boundary: str = "dicomgate-test-boundary") -> bytes:
+BOUNDARY = "dicomgate-test-boundary"
+
+
+def multipart(files: list[bytes], boundary: str = BOUNDARY) -> bytes:
     body = b""
     for data in files:
         body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
@@ -81,13 +91,13 @@ def post(
     return httpx.post(gw.url(path), content=body, headers=headers, timeout=60)
 
 
-def failed_reasons(answer: dict[str, object]) -> dict[str, int]:
-    items = answer["00081198"].get("Value", [])  # type: ignore[attr-defined]
+def failed_reasons(answer: dict[str, Any]) -> dict[str, int]:
+    items = answer.get("00081198", {}).get("Value", [])  # Type 1C: absent when empty
     return {i["00081155"]["Value"][0]: i["00081197"]["Value"][0] for i in items}
 
 
-def referenced(answer: dict[str, object]) -> list[str]:
-    items = answer["00081199"].get("Value", [])  # type: ignore[attr-defined]
+def referenced(answer: dict[str, Any]) -> list[str]:
+    items = answer.get("00081199", {}).get("Value", [])  # Type 1C: absent when empty
     return [i["00081155"]["Value"][0] for i in items]
 
 
@@ -215,7 +225,7 @@ def test_raw_multipart_is_stored_byte_for_byte(
     answer = r.json()
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert answer["00081190"]["Value"] == [gw.url(f"/dicomweb/studies/{study}")]
-    assert answer["00081198"] == {"vr": "SQ"}
+    assert "00081198" not in answer  # PS3.18 Table I.1-1: Type 1C, no failure
     for f in files:
         uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
         row = gw.index.instance(uid)
@@ -305,7 +315,7 @@ def test_duplicate_stored_under_keep_both_or_overwrite_is_a_plain_success(
     r = post(gw, multipart([second.read_bytes()]))
     assert r.status_code == 200, r.text
     answer = r.json()
-    assert answer["00081198"] == {"vr": "SQ"}
+    assert "00081198" not in answer
     (item,) = answer["00081199"]["Value"]
     assert item["00081155"]["Value"] == [sop] and "00081196" not in item
     current = gw.index.instance(sop)
@@ -391,6 +401,245 @@ def test_malformed_requests_store_nothing(
     assert not [p for p in gw.spool.iterdir() if p.stat().st_size > 0]
     # ...and the gateway keeps serving.
     assert post(gw, multipart(good)).status_code == 200
+
+
+# -- the response data set (PS3.18 Annex I) -------------------------------------------------
+
+
+def test_the_response_has_the_attributes_of_table_i_1_1(gateway: Gateway, corpus: Corpus) -> None:
+    """PS3.18 Annex I, Table I.1-1: Retrieve URL (0008,1190) is Type 2, so present and empty
+    when no one study can be named (it was left out); Failed SOP Sequence (0008,1198) and
+    Referenced SOP Sequence (0008,1199) are Type 1C, present only with items (they were
+    sent empty). dicomweb-client and our own DICOMweb egress read every shape."""
+    gw = gateway({"storage": {"duplicates": "reject"}})
+    (a,) = corpus.mr("stow-table-a", 1, seed=103)
+    (b,) = corpus.mr("stow-table-b", 1, seed=104)
+    (c,) = corpus.mr("stow-table-c", 1, seed=105)
+    study_a = str(pydicom.dcmread(a, stop_before_pixels=True).StudyInstanceUID)
+
+    one = post(gw, multipart([a.read_bytes()])).json()  # 200, one study
+    assert one["00081190"] == {"vr": "UR", "Value": [gw.url(f"/dicomweb/studies/{study_a}")]}
+    assert "00081198" not in one and referenced(one) == [sop_uid_of(a)]
+    r = post(gw, multipart([a.read_bytes(), b.read_bytes()]))  # 202: a duplicate, b stored
+    assert r.status_code == 202, r.text
+    assert r.json()["00081190"]["Value"] == [gw.url(f"/dicomweb/studies/{sop_study(b)}")]
+    assert failed_reasons(r.json()) == {sop_uid_of(a): 0x0111}
+    r = post(gw, multipart([c.read_bytes()]), f"/dicomweb/studies/{study_a}")  # 409
+    assert r.status_code == 409, r.text
+    assert r.json()["00081190"] == {"vr": "UR"}
+    assert "00081199" not in r.json() and failed_reasons(r.json()) == {sop_uid_of(c): 0xA900}
+
+    # Two studies in one request: no one study to name.
+    d, e = corpus.mr("stow-table-d", 1, seed=106)[0], corpus.mr("stow-table-e", 1, seed=107)[0]
+    client = DICOMwebClient(url=gw.url("/dicomweb"))
+    answer = client.store_instances([pydicom.dcmread(d), pydicom.dcmread(e)])
+    assert answer.to_json_dict()["00081190"] == {"vr": "UR"}
+    assert "FailedSOPSequence" not in answer and len(answer.ReferencedSOPSequence) == 2
+
+    # Our own STOW-RS client (egress, `dicomgate send`) reads a 200 without Failed SOP
+    # Sequence and a 409 without Referenced SOP Sequence.
+    (f,) = corpus.mr("stow-table-f", 1, seed=108)
+    assert send_to(gw, [delivery_of(f, 1)]) == [Outcome(1, True)]
+    (again,) = send_to(gw, [delivery_of(f, 1)])
+    assert not again.delivered and "FailureReason 0x0111" in again.error
+
+
+def sop_study(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def send_to(gw: GatewayProcess, deliveries: list[Delivery]) -> list[Outcome]:
+    model = DicomwebDestination.model_validate({"type": "dicomweb", "url": gw.url("/dicomweb")})
+
+    async def run() -> list[Outcome]:
+        sender = DicomwebSender("self", model)
+        try:
+            return await sender.send(deliveries)
+        finally:
+            await sender.close()
+
+    return asyncio.run(run())
+
+
+# -- part types and content codings ---------------------------------------------------------
+
+DICOM_PART = b"Content-Type: application/dicom\r\n"
+
+
+@pytest.mark.parametrize(
+    "part_type",
+    ["application/octet-stream", 'multipart/related; type="application/dicom"; boundary=inner'],
+)
+def test_a_bulk_data_part_under_type_dicom_says_how_to_send_one(
+    stow_gateway: GatewayProcess, corpus: Corpus, part_type: str
+) -> None:
+    """Metadata + bulk data uploads are supported (type="application/dicom+json"); the 415
+    said they were not. It now says what the request's type allows and how to send them."""
+    gw = stow_gateway
+    good = [f.read_bytes() for f in corpus.mr("stow-bulk-part", 2, seed=109)]
+    # The first part application/dicom, the second of the other type.
+    body = multipart(good).replace(DICOM_PART, f"Content-Type: {part_type}\r\n".encode())
+    body = body.replace(f"Content-Type: {part_type}\r\n".encode(), DICOM_PART, 1)
+    r = post(gw, body)
+    assert r.status_code == 415, r.text
+    error = r.json()["error"]
+    assert "not supported" not in error
+    assert f"part 2 is {part_type.split(';')[0]}" in error
+    assert 'type="application/dicom+json"' in error and "PS3.18 10.5.1.2.2" in error
+    assert gw.index.count_instances() == 0
+
+
+def encoded(body: bytes, coding: str) -> bytes:
+    if coding in ("gzip", "x-gzip"):
+        return gzip.compress(body)
+    if coding == "deflate":
+        return zlib.compress(body)
+    if coding == "raw deflate":  # RFC 1951 without the RFC 1950 header, as some clients send
+        deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return deflater.compress(body) + deflater.flush()
+    return body
+
+
+@pytest.mark.parametrize(
+    ("coding", "header"),
+    [
+        ("gzip", "gzip"),
+        ("x-gzip", "x-gzip"),
+        ("deflate", "deflate"),
+        ("raw deflate", "deflate"),
+        ("gzip", "identity, GZIP"),
+        ("identity", "identity"),
+    ],
+)
+def test_a_gzip_or_deflate_body_is_decoded(
+    stow_gateway: GatewayProcess, corpus: Corpus, coding: str, header: str
+) -> None:
+    """RFC 9110 8.4: ``Content-Encoding: gzip`` (as Orthanc decodes it) was answered 400
+    "no part with the declared boundary". The body is now decoded as it arrives and each
+    instance stored byte for byte."""
+    gw = stow_gateway
+    files = corpus.ct("stow-coded", 2, seed=110)
+    r = post(gw, encoded(multipart([f.read_bytes() for f in files]), coding), **{
+        "content-encoding": header
+    })  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert sorted(referenced(r.json())) == sorted(sop_uid_of(f) for f in files)
+    for f in files:
+        row = gw.index.instance(sop_uid_of(f))
+        assert row is not None and dataset_bytes(gw.stored_path(row)) == dataset_bytes(f)
+    # One application/dicom body; for gzip, in two members (RFC 1952 2.2).
+    one = bundled_file("MR_small.dcm").read_bytes()
+    body = encoded(one, coding)
+    if coding == "gzip":
+        body = gzip.compress(one[:1000]) + gzip.compress(one[1000:])
+    headers = {"content-type": "application/dicom", "content-encoding": header}
+    r = post(gw, body, **headers)
+    assert r.status_code == 200, r.text
+    row = gw.index.instance(sop_uid_of(bundled_file("MR_small.dcm")))
+    assert row is not None and dataset_bytes(gw.stored_path(row)) == dataset_bytes(
+        bundled_file("MR_small.dcm")
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "words"),
+    [
+        ("br", 415, "Content-Encoding br is not supported"),
+        ("gzip twice", 415, "Content-Encoding gzip, gzip is not supported"),
+        ("corrupt gzip", 400, "the gzip body cannot be decoded"),
+        ("truncated gzip", 400, "the gzip body is truncated"),
+        ("deflate then junk", 400, "data after the end of the deflate body"),
+    ],
+)
+def test_a_body_we_cannot_decode_stores_nothing(
+    stow_gateway: GatewayProcess, corpus: Corpus, case: str, status: int, words: str
+) -> None:
+    """RFC 9110 15.5.16: 415 for a content coding we do not decode, with Accept-Encoding
+    naming those we do (12.5.3); the header was ignored and the body stored as sent."""
+    gw = stow_gateway
+    body = multipart([f.read_bytes() for f in corpus.mr("stow-bad-coding", 2, seed=111)])
+    coding, sent = ("gzip" if "gzip" in case else case.split()[0]), body
+    if case == "gzip twice":
+        coding, sent = "gzip, gzip", gzip.compress(gzip.compress(body))
+    elif case == "corrupt gzip":
+        sent = gzip.compress(body)
+        sent = sent[:200] + bytes(b ^ 0x5A for b in sent[200:400]) + sent[400:]
+    elif case == "truncated gzip":
+        sent = gzip.compress(body)[:-2000]
+    elif case == "deflate then junk":
+        sent = zlib.compress(body) + b"junk"
+    r = post(gw, sent, **{"content-encoding": coding})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert words in r.json()["error"]
+    if status == 415:
+        assert r.headers["accept-encoding"] == "gzip, deflate, identity"
+    assert gw.index.count_instances() == 0
+    assert not list((gw.data / "store").rglob("*.dcm"))
+    assert not [p for p in gw.spool.iterdir() if p.stat().st_size > 0]
+
+
+def zeros_gzip(prefix: bytes, zeros: int, suffix: bytes) -> Iterator[bytes]:
+    """gzip of ``prefix + bytes(zeros) + suffix``, made and sent a piece at a time."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    yield deflater.compress(prefix)
+    block = bytes(1 << 20)
+    for _ in range(zeros >> 20):
+        yield deflater.compress(block)
+    yield deflater.compress(suffix) + deflater.flush()
+
+
+def test_a_gzip_bomb_is_cut_off_at_the_body_limit(gateway: Gateway, corpus: Corpus) -> None:
+    """About 1 MB of gzip that decodes to 1 GiB: decoded a step at a time into the spool
+    file (memory stays flat) and refused with 413 once past http.limits.max_stow_bytes,
+    which counts decoded bytes too; nothing is kept."""
+    gw = gateway({"http": {"limits": {"max_stow_bytes": 8 * 1024 * 1024}}})
+    (f,) = corpus.mr("stow-bomb", 1, seed=112)
+    head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes()
+    sent = b"".join(zeros_gzip(head, 1 << 30, f"\r\n--{BOUNDARY}--\r\n".encode()))
+    assert len(sent) < 2 * 1024 * 1024
+    before = psutil.Process(gw.pid).memory_info().rss
+    r = post(gw, sent, **{"content-encoding": "gzip"})
+    assert r.status_code == 413, r.text
+    assert "max_stow_bytes" in r.json()["error"]
+    grown = psutil.Process(gw.pid).memory_info().rss - before
+    assert grown < 60 * 1024 * 1024, f"RSS grew by {grown / 1e6:.0f} MB"
+    assert gw.index.count_instances() == 0
+    assert not [p for p in gw.spool.iterdir() if p.stat().st_size > 0]
+    assert post(gw, multipart([f.read_bytes()])).status_code == 200  # and it keeps serving
+
+
+def test_a_large_gzip_upload_is_decoded_as_it_arrives(gateway: Gateway, tmp_path: Path) -> None:
+    """A ~150 MB instance sent gzip-coded and chunked: decoded to disk in steps, the
+    gateway's memory stays flat, and the data set is stored exactly."""
+    gw = gateway()
+    big = large_mr(tmp_path / "big.dcm", 150)
+    proc = psutil.Process(gw.pid)
+    before = proc.memory_info().rss
+
+    def chunks() -> Iterator[bytes]:
+        deflater = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        yield deflater.compress(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        with big.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                yield deflater.compress(block)
+        yield deflater.compress(f"\r\n--{BOUNDARY}--\r\n".encode()) + deflater.flush()
+
+    r = httpx.post(
+        gw.url("/dicomweb/studies"),
+        content=chunks(),
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "content-encoding": "gzip",
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    grown = proc.memory_info().rss - before
+    assert grown < 60 * 1024 * 1024, f"RSS grew by {grown / 1e6:.0f} MB"
+    row = gw.index.instance(sop_uid_of(big))
+    assert row is not None
+    assert dataset_bytes(gw.stored_path(row)) == dataset_bytes(big)
 
 
 def test_large_upload_is_streamed(gateway: Gateway, tmp_path: Path) -> None:

@@ -92,11 +92,11 @@ def retrieve(gw: GatewayProcess, ds: Dataset) -> Dataset:
 
 
 def referenced(answer: dict[str, Any]) -> list[str]:
-    return [i["00081155"]["Value"][0] for i in answer["00081199"].get("Value", [])]
+    return [i["00081155"]["Value"][0] for i in answer.get("00081199", {}).get("Value", [])]
 
 
 def failed(answer: dict[str, Any]) -> dict[str, int]:
-    items = answer["00081198"].get("Value", [])
+    items = answer.get("00081198", {}).get("Value", [])
     return {i["00081155"]["Value"][0]: i["00081197"]["Value"][0] for i in items}
 
 

@@ -384,7 +384,7 @@ def test_compressed_frames_in_their_own_media_type(loaded: Loaded) -> None:
             sent.study, sent.series, sent.sop, numbers, media_types=(media,)
         )
         assert got == [all_frames[n - 1] for n in numbers], name
-        response = get(loaded.url(name, "/frames/1"))  # no Accept: as stored
+        response = get(loaded.url(name, "/frames/1"), f'multipart/related; type="{media}"')
         assert response.status_code == 200
         headers, body = multipart_parts(response)[0]
         assert headers["content-type"] == f"{media}; transfer-syntax={sent.syntax}"
@@ -397,6 +397,92 @@ def test_compressed_frames_in_their_own_media_type(loaded: Loaded) -> None:
         headers, body = multipart_parts(anything)[0]
         assert headers["content-type"] == f"application/octet-stream; transfer-syntax={sent.syntax}"
         assert body == all_frames[0]
+
+
+LOSSLESS_FRAMES = {  # stored losslessly compressed -> the file frame 1 decodes to
+    "SC_rgb_rle_2frame.dcm": "SC_rgb_rle_2frame.dcm",
+    "MR_small_jp2klossless.dcm": "MR_small.dcm",
+    "MR_small_jpeg_ls_lossless.dcm": "MR_small.dcm",
+    "MR_small_RLE.dcm": "MR_small.dcm",
+}
+
+
+def _le(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def test_frames_and_pixel_bulk_data_default_to_explicit_le(loaded: Loaded) -> None:
+    """PS3.18 8.7.3.3: a request naming no transfer syntax (no Accept, */*, or
+    dicomweb-client's type="*/*") gets Explicit VR Little Endian, application/octet-stream,
+    decoded by the gateway, "unless the origin server has only access to the pixel data in
+    lossy compressed form": JPEG baseline and lossy JPEG 2000 still come as stored. The
+    stored RLE / JPEG-LS / JPEG 2000 bitstream used to be sent."""
+    octets = f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
+    for name, source in LOSSLESS_FRAMES.items():
+        decoded = pixels(read(bundled_file(source)))
+        frame = _le(decoded[0] if decoded.ndim == 4 else decoded)  # 2 RGB frames: the first
+        for accept in (None, "*/*", 'multipart/related; type="*/*"', "multipart/related"):
+            response = get(loaded.url(name, "/frames/1"), accept)
+            assert response.status_code == 200, (name, accept, response.text)
+            [(headers, body)] = multipart_parts(response)
+            assert headers["content-type"] == octets, (name, accept)
+            assert body == frame, (name, accept)
+        sent = loaded.files[name]
+        meta = loaded.client.retrieve_instance_metadata(sent.study, sent.series, sent.sop)
+        bulk = loaded.client.retrieve_bulkdata(meta["7FE00010"]["BulkDataURI"])  # type="*/*"
+        assert bulk[0] == frame, name
+        parts = multipart_parts(get(loaded.url(name, "/bulkdata/7FE00010")))  # no Accept
+        assert {headers["content-type"] for headers, _ in parts} == {octets}, name
+        assert parts[0][1] == frame, name
+        # Named explicitly, the stored form is still there (OHIF asks transfer-syntax=*).
+        anything = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+        [(headers, body)] = multipart_parts(get(loaded.url(name, "/frames/1"), anything))
+        assert headers["content-type"].endswith(f"transfer-syntax={sent.syntax}"), name
+        assert body != frame
+    for name in ("examples_ybr_color.dcm", "693_J2KI.dcm", "JPGExtended.dcm"):  # lossy
+        sent = loaded.files[name]
+        original = read(sent.path)
+        first = next(generate_frames(original.PixelData, number_of_frames=1))
+        for accept in (None, "*/*"):
+            [(headers, body), *_] = multipart_parts(get(loaded.url(name, "/frames/1"), accept))
+            assert headers["content-type"].endswith(f"transfer-syntax={sent.syntax}"), name
+            assert not headers["content-type"].startswith("application/octet-stream"), name
+            assert body == first, name
+
+
+def test_bulk_data_and_frame_parts_carry_their_content_location(loaded: Loaded) -> None:
+    """PS3.18 10.4.3.3.5: bulk data in a multipart response carry a Content-Location, the
+    BulkDataURI of the metadata; frames carry their own URL (.../frames/{n})."""
+    ct = loaded.files["CT_small.dcm"]
+    meta = loaded.client.retrieve_instance_metadata(ct.study, ct.series, ct.sop)
+    for key in ("00431029", "7FE00010"):  # a private OB value; native Pixel Data
+        uri = meta[key]["BulkDataURI"]
+        [(headers, _)] = multipart_parts(get(uri))
+        assert headers["content-location"] == uri, key
+    lower = meta["7FE00010"]["BulkDataURI"].replace("7FE00010", "7fe00010")
+    [(headers, _)] = multipart_parts(get(lower))
+    assert headers["content-location"] == meta["7FE00010"]["BulkDataURI"]
+    for name in ("693_J2KI.dcm", "MR_small_RLE.dcm"):  # one frame: the value itself
+        sent = loaded.files[name]
+        meta = loaded.client.retrieve_instance_metadata(sent.study, sent.series, sent.sop)
+        uri = meta["7FE00010"]["BulkDataURI"]
+        [(headers, _)] = multipart_parts(get(uri))
+        assert headers["content-location"] == uri, name
+    ybr = loaded.files["examples_ybr_color.dcm"]  # 30 JPEG frames: each at its own URL
+    meta = loaded.client.retrieve_instance_metadata(ybr.study, ybr.series, ybr.sop)
+    parts = multipart_parts(get(meta["7FE00010"]["BulkDataURI"]))
+    instance = loaded.url("examples_ybr_color.dcm")
+    assert [h["content-location"] for h, _ in parts] == [
+        f"{instance}/frames/{n}" for n in range(1, 31)
+    ]
+    for name, numbers in (("rtdose.dcm", "2,15,5"), ("SC_rgb_rle_2frame.dcm", "2,1")):
+        for accept in (None, "multipart/related; type=application/octet-stream; transfer-syntax=*"):
+            response = get(loaded.url(name, f"/frames/{numbers}"), accept)
+            locations = [h["content-location"] for h, _ in multipart_parts(response)]
+            assert locations == [loaded.url(name, f"/frames/{n}") for n in numbers.split(",")], (
+                name,
+                accept,
+            )
 
 
 def test_compressed_frames_decoded_on_request(loaded: Loaded) -> None:
@@ -549,8 +635,8 @@ def test_wado_uri(loaded: Loaded) -> None:
     )
     assert response.content == loaded.stored("MR_small_RLE.dcm").read_bytes()
     response = wado_uri(
-        loaded, "CT_small.dcm", contentType="image/png", rows="50", columns="100", frameNumber="1"
-    )
+        loaded, "CT_small.dcm", contentType="image/png", rows="50", columns="100"
+    )  # no frameNumber: a 400 on a single-frame image (PS3.18 9.5.2.1, test_wado_uri.py)
     assert image(response.content).size == (50, 50)
     response = wado_uri(loaded, "CT_small.dcm", region="0,0,0.5,0.25", contentType="image/png")
     assert image(response.content).size == (64, 32)  # a quarter of the width, kept 1:1

@@ -15,8 +15,12 @@ resources: the index unreachable, the disk full; PS3.18 10.5.3 "Busy"); 400
 malformed body; 406 an Accept we cannot answer (we answer ``application/dicom+json``);
 415 a content type other than ``multipart/related; type="application/dicom"``,
 ``application/dicom`` or ``multipart/related; type="application/dicom+json"`` (metadata
-and bulk data, :mod:`dicomgate.dicomweb.stow_json`); 507 the store is below
-``storage.min_free_bytes``.
+and bulk data, :mod:`dicomgate.dicomweb.stow_json`), or a content coding other than gzip,
+deflate or identity (RFC 9110 15.5.16); 413 a body that decodes past
+``http.limits.max_stow_bytes``; 507 the store is below ``storage.min_free_bytes``.
+
+A gzip or deflate body (RFC 9110 8.4.1) is decoded as it arrives, at most
+:data:`INFLATE_STEP` bytes of output at a time, into the same spool files.
 
 No item carries WarningReason (0008,1196, PS3.18 10.5.3): the gateway never coerces or
 discards elements, and a duplicate that ``storage.duplicates`` stores is a success, as the
@@ -28,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,9 +77,10 @@ _ANSWERABLE = {DICOM_JSON, "application/json", "application/*", "*/*"}
 class _Refused(Exception):
     """The request is refused as a whole: nothing from it is stored."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 @dataclass
@@ -129,10 +136,17 @@ class _Stager:
         self._part += 1
         media, _ = parse_content_type(event.content_type) if event.content_type else (DICOM, {})
         if media != DICOM:
+            # PS3.18 10.5.1.2.1: under type="application/dicom" every part is a Part 10
+            # file; metadata and bulk data parts go under type="application/dicom+json"
+            # (10.5.1.2.2, :mod:`dicomgate.dicomweb.stow_json`).
             raise _Refused(
                 415,
-                f"part {self._part} is {media or 'untyped'}; only application/dicom parts are"
-                " accepted (metadata + bulk data uploads are not supported)",
+                f"part {self._part} is {media or 'untyped'}, but the request is"
+                ' multipart/related; type="application/dicom", whose parts must all be'
+                " application/dicom (DICOM Part 10 files). To upload metadata with bulk data"
+                " (application/octet-stream or compressed frames), send multipart/related;"
+                ' type="application/dicom+json" with application/dicom+json metadata parts'
+                " and bulk data parts named by Content-Location (PS3.18 10.5.1.2.2)",
             )
         self._head = bytearray()
         self._spool = None
@@ -258,15 +272,119 @@ def _boundary(request: Request) -> tuple[str | None, str]:
     return boundary, part_type
 
 
+def _content_coding(request: Request) -> str | None:
+    """The content coding to undo (RFC 9110 8.4): None for none or ``identity``; a coding
+    we cannot decode, or more than one, is a 415 naming it with ``Accept-Encoding``
+    (RFC 9110 15.5.16, 12.5.3)."""
+    declared = request.headers.get("content-encoding", "")
+    codings = [c.strip().lower() for c in declared.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _WBITS:
+        return codings[0]
+    raise _Refused(
+        415,
+        f"Content-Encoding {declared.strip()} is not supported: send the body as it is"
+        " (identity) or with one of gzip, deflate",
+        {"Accept-Encoding": "gzip, deflate, identity"},
+    )
+
+
+# zlib's wbits per content coding (RFC 9110 8.4.1): gzip (x-gzip is its old name) has
+# the RFC 1952 header; deflate is RFC 1950 zlib data, though some clients send raw
+# RFC 1951 deflate (told apart by the first two bytes, as browsers do).
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Decoded bytes per step: memory stays bounded whatever the compression ratio (a "zip
+# bomb" is decoded into the spool file a step at a time, and cut off at the body limit).
+INFLATE_STEP = 1 << 20
+
+
+class _Inflater:
+    """Undoes a gzip or deflate content coding chunk by chunk."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.coding = coding
+        self.limit = limit  # http.limits.max_stow_bytes; 0: no limit
+        self.decoded = 0
+        self._zlib: zlib._Decompress | None = None  # made once the first 2 bytes are in
+        self._head = b""
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes of the next ``data``, in pieces of at most INFLATE_STEP."""
+        decoder = self._zlib
+        if decoder is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return
+            self._head = b""
+            decoder = self._zlib = zlib.decompressobj(self._wbits(data))
+        try:
+            while data:
+                out = decoder.decompress(data, INFLATE_STEP)
+                data = decoder.unconsumed_tail
+                while out:
+                    self._count(out)
+                    yield out
+                    # Output may still be pending with all input consumed: drain it.
+                    out = decoder.decompress(b"", INFLATE_STEP) if not data else b""
+                if decoder.eof:
+                    data = decoder.unused_data + data
+                    if data and self.coding == "deflate":
+                        raise _Refused(400, "data after the end of the deflate body")
+                    if data:  # RFC 1952 2.2: a gzip file is a series of members
+                        decoder = self._zlib = zlib.decompressobj(_WBITS["gzip"])
+        except zlib.error as exc:
+            raise _Refused(400, f"the {self.coding} body cannot be decoded: {exc}") from None
+
+    def close(self) -> None:
+        """The body ended: it must have ended with its compressed data."""
+        if self._head or (self._zlib is not None and not self._zlib.eof):
+            raise _Refused(400, f"the {self.coding} body is truncated")
+
+    def _wbits(self, head: bytes) -> int:
+        wbits = _WBITS[self.coding]
+        if self.coding == "deflate" and not (
+            head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
+        ):
+            return -zlib.MAX_WBITS  # raw deflate (no RFC 1950 header)
+        return wbits
+
+    def _count(self, out: bytes) -> None:
+        self.decoded += len(out)
+        if self.limit and self.decoded > self.limit:
+            raise _Refused(
+                413,
+                f"the decoded ({self.coding}) request body is larger than"
+                f" http.limits.max_stow_bytes ({self.limit} bytes)",
+            )
+
+
+async def _body(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
+    """The request body, its content coding undone as it arrives (never held whole)."""
+    coding = _content_coding(request)
+    if coding is None:
+        async for chunk in request.stream():
+            yield chunk
+        return
+    inflater = _Inflater(coding, gateway.config.http.limits.max_stow_bytes)
+    async for chunk in request.stream():
+        for out in inflater.feed(chunk):
+            yield out
+    inflater.close()
+
+
 async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
     boundary, part_type = _boundary(request)
+    _content_coding(request)  # refused (415) before a byte is read
     if part_type == DICOM_JSON:
         assert boundary is not None
         await _receive_json(gateway, request, stager, boundary)
         return
     if boundary is None:  # one application/dicom body
         stager.start(PartStart({"content-type": DICOM}))
-        async for chunk in request.stream():
+        async for chunk in _body(gateway, request):
             if chunk:
                 stager.data(chunk)
         stager.end()
@@ -276,7 +394,7 @@ async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
     except MultipartError as exc:
         raise _Refused(400, str(exc)) from None
     try:
-        async for chunk in request.stream():
+        async for chunk in _body(gateway, request):
             for event in parser.feed(chunk):
                 if isinstance(event, bytes):
                     stager.data(event)
@@ -297,7 +415,7 @@ async def _receive_json(gateway: Gateway, request: Request, stager: _Stager, bou
     try:
         try:
             parser = MultipartParser(boundary)
-            async for chunk in request.stream():
+            async for chunk in _body(gateway, request):
                 for event in parser.feed(chunk):
                     if isinstance(event, bytes):
                         stager.bytes += len(event)
@@ -357,7 +475,7 @@ async def store_instances(
             exc,
             extra={"event": "stow.refused", "status": exc.status, "peer": source_ip},
         )
-        return problem(exc.status, str(exc))
+        return problem(exc.status, str(exc), exc.headers)
     except StoreFullError as exc:
         stager.discard()
         return problem(507, str(exc))
@@ -428,11 +546,17 @@ async def store_instances(
             failed.append(
                 {**_seq_item(job.sop_class_uid, job.sop_instance_uid), "00081197": _us(reason)}
             )
-    body: dict[str, Any] = {}
+    # PS3.18 Annex I, Table I.1-1: Retrieve URL (0008,1190) is Type 2, always present and
+    # empty when there is no one study to name (instances of several studies, or none
+    # stored); Failed SOP Sequence (0008,1198) and Referenced SOP Sequence (0008,1199) are
+    # Type 1C, present only when they have items.
+    body: dict[str, Any] = {"00081190": {"vr": "UR"}}
     if len(studies) == 1:
-        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]}
-    body["00081198"] = {"vr": "SQ", "Value": failed} if failed else {"vr": "SQ"}
-    body["00081199"] = {"vr": "SQ", "Value": referenced} if referenced else {"vr": "SQ"}
+        body["00081190"]["Value"] = [f"{base}/studies/{next(iter(studies))}"]
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        body["00081199"] = {"vr": "SQ", "Value": referenced}
     status = 200 if not failed else (202 if referenced else 409)
     if status == 409 and all(reason >> 8 == Status.OUT_OF_RESOURCES >> 8 for reason in reasons):
         # PS3.18 10.5.3: "503 Busy", none stored for want of resources (the index is
