@@ -165,6 +165,26 @@ def test_uid_lists(client: DICOMwebClient, corpus: QueryCorpus) -> None:
     assert values(found, "00080018") == sops
 
 
+def test_a_uid_key_and_the_path_constrain_together(
+    client: DICOMwebClient, corpus: QueryCorpus
+) -> None:
+    """The study in the path and a StudyInstanceUID key both apply: another study in the
+    key leaves nothing (the key was dropped, and study A's series came back)."""
+    a, b = corpus.study["A"], corpus.study["B"]
+    other = client.search_for_series(study_instance_uid=a, search_filters={"StudyInstanceUID": b})
+    assert other == []
+    both = client.search_for_series(
+        study_instance_uid=a, search_filters={"StudyInstanceUID": f"{b},{a}"}
+    )
+    assert values(both, "0020000E") == corpus.series["A"]
+    series = client.search_for_instances(
+        study_instance_uid=a,
+        series_instance_uid=corpus.series["A"][0],
+        search_filters={"SeriesInstanceUID": corpus.series["B"][0]},
+    )
+    assert series == []
+
+
 def test_series_and_instance_matching(client: DICOMwebClient, corpus: QueryCorpus) -> None:
     ct = client.search_for_series(search_filters={"Modality": "CT"})
     assert values(ct, "0020000E") == [corpus.series["A"][1]]

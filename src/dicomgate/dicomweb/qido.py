@@ -30,8 +30,10 @@ that PACS instead (:mod:`dicomgate.bridge.dicomweb_bridge`; 502/504 when it fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -119,6 +121,11 @@ def router(gateway: Gateway) -> APIRouter:
                 if uid is not None:
                     if not nameable_uid(uid):
                         raise _BadRequest(400, f"{uid!r} in the path is not a UID")
+                    asked = keys.get(name)
+                    if asked is not None and uid not in re.split(r"[\\,]", asked):
+                        # The path and the query key both constrain the search (PS3.18
+                        # 10.6.1): another UID in the query leaves nothing to match.
+                        options = dataclasses.replace(options, limit=0)
                     keys[name] = uid
             if bridge is not None:
                 found, more = bridge.search(level, keys, options)
