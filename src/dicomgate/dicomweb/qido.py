@@ -15,8 +15,9 @@ path                                                     level      default attr
 
 Matching is :mod:`dicomgate.index.query`. Query keys the index cannot match, includefield
 attributes it cannot return, a result cut at the server's maximum (whatever ``limit`` asked,
-PS3.18 8.3.4.4) and ``emptyvaluematching=true`` (not supported, 8.3.4.5) are reported in
-``Warning: 299 <host> "<text>"`` headers (PS3.18 8.3.4.1, RFC 7234 5.5).
+PS3.18 8.3.4.4) are reported in ``Warning: 299 <host> "<text>"`` headers (PS3.18 8.3.4.1,
+RFC 7234 5.5). ``emptyvaluematching=true`` also matches the entities without a value for a
+key (PS3.18 8.3.4.5).
 ``multiplevaluematching=true`` is what matching always does with a ``\\``-separated value of
 a text key (PS3.18 8.3.4.6, PS3.4 C.2.2.2.8). A malformed request (unknown attribute, bad
 value, bad limit/offset/fuzzymatching/emptyvaluematching/multiplevaluematching, repeated
@@ -72,11 +73,6 @@ _SWITCHES = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
 _TRUNCATED = (
     "The number of results exceeded the maximum supported by the server. "
     "Additional results can be requested."
-)
-# PS3.18 8.3.4.5: the search is answered, without Empty Value Matching, with this warning.
-_NO_EMPTY_VALUE_MATCHING = (
-    "The emptyvaluematching parameter is not supported. "
-    "Empty Value Matching has not been performed."
 )
 
 
@@ -290,11 +286,12 @@ def _parse(request: Request, level: Level, defaults: tuple[Level, ...]) -> _Sear
             400,
             f"{listed[0]} has several values ('\\'-separated) but multiplevaluematching=false",
         )
-    warnings = [_NO_EMPTY_VALUE_MATCHING] if switches["emptyvaluematching"] else []
+    warnings: list[str] = []
     maximum = MAX_RESULTS[level]
     capped = limit is None or limit > maximum
     options = QueryOptions(
         fuzzy=switches["fuzzymatching"],
+        empty_matches=switches["emptyvaluematching"],
         limit=maximum if capped else limit,
         offset=offset,
         include=include,

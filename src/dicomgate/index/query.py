@@ -46,6 +46,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
+    String,
     and_,
     exists,
     false,
@@ -293,6 +294,9 @@ class QueryOptions:
     """How to run a query (the QIDO-RS parameters of PS3.18 8.3.4, minus the keys)."""
 
     fuzzy: bool = False  # fuzzymatching=true: fuzzy semantic matching of PN (C.2.2.2.1)
+    # emptyvaluematching=true (PS3.18 8.3.4.5): an entity without a value for a key
+    # matches it too, as well as one whose value matches.
+    empty_matches: bool = False
     limit: int | None = None  # at most this many matches (None: no limit)
     offset: int = 0  # skip this many matches first
     include: Sequence[str] = ()  # includefield: more attributes to return
@@ -524,7 +528,7 @@ def _plan(level: Level, keys: Mapping[str, str], options: QueryOptions, dialect:
             )
             continue
         values[attribute] = value
-    conditions = _conditions(level, values, options.fuzzy, dialect)
+    conditions = _conditions(level, values, options.fuzzy, dialect, options.empty_matches)
 
     for default_level in options.default_levels:
         for name in DEFAULT_RETURN[default_level]:
@@ -550,9 +554,23 @@ def _plan(level: Level, keys: Mapping[str, str], options: QueryOptions, dialect:
 
 
 def _conditions(
-    level: Level, values: dict[Attribute, str], fuzzy: bool, dialect: str
+    level: Level,
+    values: dict[Attribute, str],
+    fuzzy: bool,
+    dialect: str,
+    empty_matches: bool = False,
 ) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
+
+    def or_empty(condition: ColumnElement[bool], column: Any) -> ColumnElement[bool]:
+        """With Empty Value Matching, also the entities that hold no value (NULL; an
+        empty string in the key columns, which hold '' for none)."""
+        if not empty_matches:
+            return condition
+        if isinstance(column.type, String):
+            return or_(condition, column.is_(None), column == "")
+        return or_(condition, column.is_(None))
+
     by_name = {a.keyword: a for a in values}
     combined: set[Attribute] = set()
     for date_key, time_key in _DATETIME_PAIRS:
@@ -562,7 +580,11 @@ def _conditions(
         day_range = _date_range(values[day], day.key)
         time_range = _time_range(values[time], time.key)
         if "-" in values[day] or "-" in values[time]:
-            conditions.append(_datetime_range(day.column, time.column, day_range, time_range))
+            conditions.append(
+                or_empty(
+                    _datetime_range(day.column, time.column, day_range, time_range), day.column
+                )
+            )
             combined.update((day, time))
     for attribute, value in values.items():
         if attribute in combined:
@@ -570,16 +592,11 @@ def _conditions(
         if attribute.computed is not None:
             conditions.append(_computed_condition(attribute, value, dialect))
         else:
-            conditions.append(
-                _condition(
-                    attribute,
-                    attribute.column_at(level),
-                    value,
-                    fuzzy,
-                    dialect,
-                    attribute.search_at(level),
-                )
+            column = attribute.column_at(level)
+            condition = _condition(
+                attribute, column, value, fuzzy, dialect, attribute.search_at(level)
             )
+            conditions.append(or_empty(condition, column))
     return conditions
 
 
