@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -166,6 +167,15 @@ def test_searches_through_the_bridge_equal_orthanc_dicomweb(
     page = ours.search_for_instances(study, series, limit=2, offset=1)
     assert len(page) == 2
     assert ours.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
+    # C-FIND has no Empty Value Matching: answered without it, with the standard's warning.
+    bridged_empty = httpx.get(
+        gw.url("/dicomweb/studies"),
+        params={"PatientID": str(mr_ds.PatientID), "emptyvaluematching": "true"},
+        timeout=30,
+    )
+    assert bridged_empty.status_code == 200, bridged_empty.text
+    assert [_uid(s, UID["study"]) for s in bridged_empty.json()] == [study]
+    assert "Empty Value Matching has not been performed" in bridged_empty.headers["warning"]
 
 
 def test_retrieve_series_gives_orthanc_pixels_and_metadata_then_frames_fetch_once(

@@ -70,6 +70,11 @@ MAX_RESULTS = {Level.STUDY: 1000, Level.SERIES: 1000, Level.IMAGE: 10_000}
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 # Parameters of PS3.18 Table 8.3.4-1 that are true or false, each given at most once.
 _SWITCHES = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
+# PS3.18 8.3.4.5: a search bridged to C-FIND is answered without it, with this warning.
+_NO_EMPTY_VALUE_MATCHING = (
+    "The emptyvaluematching parameter is not supported. "
+    "Empty Value Matching has not been performed."
+)
 _TRUNCATED = (
     "The number of results exceeded the maximum supported by the server. "
     "Additional results can be requested."
@@ -140,6 +145,8 @@ def router(gateway: Gateway) -> APIRouter:
         warnings = [*parsed.warnings, *result.warnings]
         if result.more and parsed.capped:
             warnings.append(_TRUNCATED)
+        if bridge is not None and options.empty_matches:
+            warnings.append(_NO_EMPTY_VALUE_MATCHING)  # C-FIND has no such matching
         base = public_base_url(request) + PREFIX
         if bridge is not None:
             body = [_render_json(found_json, base, level) for found_json in found]
