@@ -263,6 +263,9 @@ def test_send_decompresses_when_the_peer_takes_only_uncompressed(
     got = pydicom.dcmread(path)
     assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(got.pixel_array, original.pixel_array)
+    # The same instance, decompressed: not a new SOP Instance UID.
+    assert got.SOPInstanceUID == original.SOPInstanceUID
+    assert got.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
 
 
 def test_send_reconnects_after_the_peer_aborts(

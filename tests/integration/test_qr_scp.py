@@ -857,6 +857,9 @@ def test_get_converts_what_the_requestor_did_not_accept(tmp_path: Path) -> None:
         ds = pydicom.dcmread(received)
         assert ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
         assert np.array_equal(ds.pixel_array, pydicom.dcmread(rle).pixel_array)
+        # The same instance, converted: its identity is the one the C-STORE-RQ announced
+        # (pydicom's decompress() gives a new SOP Instance UID unless told not to).
+        assert ds.SOPInstanceUID == uid == ds.file_meta.MediaStorageSOPInstanceUID
     finally:
         gw.close_index()
         assert gw.terminate() == 0, gw.log_tail()
@@ -1172,3 +1175,41 @@ def test_get_partial_failure(big_study: BigStudy, site: Site, tmp_path: Path) ->
     assert listed.responses[-1][5] == [lost_uid]
     assert len(listed.stored) == BIG - 1 and lost_uid not in listed.stored
     assert_serving(gw)
+
+
+def test_move_whose_sub_operations_had_warnings_ends_with_warning(
+    tmp_path: Path, corpus: Any
+) -> None:
+    """A destination that stores each instance with a warning (0xB007, data set does not
+    match SOP class, stored anyway): the C-MOVE ends with 0xB000, not Success, which
+    PS3.4 C.4.2.1.5 keeps for "all sub-operations completed successfully"."""
+    from pynetdicom import AE, evt
+
+    files = corpus.mr("qr-warn", 3, seed=5311)
+    answered: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        answered.append(str(event.request.AffectedSOPInstanceUID))
+        return 0xB007
+
+    scp_ae = AE(ae_title="WARNSCP")
+    scp_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+    port = free_port()
+    server = scp_ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    gw = start_gateway(
+        tmp_path / "gw", {"move_destinations": {"WARNSCP": {"host": "127.0.0.1", "port": port}}}
+    )
+    try:
+        assert gw.storescu(files).returncode == 0
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+        moved = movescu(gw, STUDY_ROOT, keys, "WARNSCP")
+        assert moved.final == 0xB000, moved.output[-2000:]
+        assert moved.counts()[-1] == (-1, 0, 0, 3)  # completed 0, failed 0, warning 3
+        assert len(answered) == 3
+    finally:
+        server.shutdown()
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()

@@ -452,7 +452,9 @@ class QueryRetrieve:
             status = int(Status.CANCEL)
         elif counts.failed and not counts.completed and not counts.warning:
             status = int(Status.OUT_OF_RESOURCES_SUBOPERATIONS)
-        elif counts.failed:
+        elif counts.failed or counts.warning:
+            # Warning 0xB000: "one or more sub-operations were unsuccessful or had a status
+            # of warning, or all had a status of warning" (PS3.4 C.4.2.1.5, C.4.3.1.4).
             status = int(Status.SUBOPERATIONS_WITH_FAILURES)
         else:
             status = int(Status.SUCCESS)
@@ -746,7 +748,10 @@ def _converted(path: Path, stored_syntax: str, target: str) -> bytes:
     """The data set of ``path`` decompressed / re-encoded in ``target`` (whole in memory)."""
     ds = dcmread(path)
     if UID(stored_syntax).is_compressed:
-        ds.decompress()
+        # The same instance in another syntax: pydicom would give it a new SOP Instance
+        # UID, so the data set would no longer be the one the C-STORE-RQ names
+        # (PS3.7 9.3.1.1; our own SCP refuses that with 0xA900).
+        ds.decompress(generate_instance_uid=False)
     body = encode(ds, target == ImplicitVRLittleEndian, True)
     if body is None:
         raise DicomgateError("cannot encode the converted data set")

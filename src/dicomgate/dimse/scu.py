@@ -488,7 +488,9 @@ def _load_for_conversion(f: ScannedFile) -> Dataset:
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = f.transfer_syntax_uid
     if f.transfer_syntax_uid.is_encapsulated:
-        ds.decompress()  # sets the transfer syntax to Explicit VR Little Endian
+        # Explicit VR Little Endian, the same instance: pydicom would give it a new SOP
+        # Instance UID, and the peer would store another instance than the one sent.
+        ds.decompress(generate_instance_uid=False)
     return ds
 
 
