@@ -1213,3 +1213,55 @@ def test_move_whose_sub_operations_had_warnings_ends_with_warning(
         server.shutdown()
         gw.close_index()
         assert gw.terminate() == 0, gw.log_tail()
+
+
+def test_find_combines_date_and_time_only_when_negotiated(tmp_path: Path, corpus: Any) -> None:
+    """StudyDate=20230105-20230107 with StudyTime=1000-1200: without extended negotiation the
+    two ranges are matched each on its own (PS3.4 C.2.2.2.5: 10:00-12:00 on any of those
+    days); an SCU that negotiated combined date-time matching (byte 1, C.5.1.1.2) asks for
+    5 January 10:00 to 7 January 12:00. Before, the combined form was always applied."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    find = "1.2.840.10008.5.1.4.1.2.2.1"
+    studies = {}
+    dated = (("A", "20230105", "110000", 5321), ("B", "20230107", "080000", 5322))
+    for key, day, tm, seed in dated:
+        path = corpus.mr(f"qr-dt-{key}", 1, seed=seed)[0]
+        ds = pydicom.dcmread(path)
+        ds.StudyDate, ds.StudyTime = day, tm
+        ds.save_as(path, enforce_file_format=True)
+        studies[key] = (path, str(ds.StudyInstanceUID))
+    gw = start_gateway(tmp_path / "gw")
+
+    def found(combined: bool) -> set[str]:
+        ae = AE(ae_title="DTFIND")
+        ae.add_requested_context(find, "1.2.840.10008.1.2.1")
+        extended = []
+        if combined:
+            item = SOPClassExtendedNegotiation()
+            item.sop_class_uid = find
+            item.service_class_application_information = bytes([0, 1, 0])
+            extended = [item]
+        assoc = ae.associate("127.0.0.1", gw.dimse_port, ae_title=AE_TITLE, ext_neg=extended)
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        query.StudyDate, query.StudyTime = "20230105-20230107", "1000-1200"
+        uids = set()
+        try:
+            for status, identifier in assoc.send_c_find(query, find):
+                if status is not None and status.Status in (0xFF00, 0xFF01):
+                    uids.add(str(identifier.StudyInstanceUID))
+        finally:
+            assoc.release()
+        return uids
+
+    try:
+        assert gw.storescu([path for path, _ in studies.values()]).returncode == 0
+        assert found(combined=False) == {studies["A"][1]}
+        assert found(combined=True) == {studies["A"][1], studies["B"][1]}
+    finally:
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()

@@ -424,6 +424,7 @@ class DimseMessages:
             calling_ae=assoc.calling_ae,
             called_ae=assoc.called_ae,
             fuzzy=context_id in assoc.fuzzy_contexts,
+            combined_datetime=context_id in assoc.combined_datetime_contexts,
         )
         task = asyncio.get_running_loop().create_task(self._run_operation(assoc, request))
         assoc.operations[command.message_id] = (request, task)

@@ -140,6 +140,7 @@ class Request:
     calling_ae: str
     called_ae: str = ""  # picks the query source (``query.ae_titles``)
     fuzzy: bool = False  # fuzzy semantic matching of PN was negotiated (PS3.4 C.5.1.1)
+    combined_datetime: bool = False  # combined date-time matching was negotiated (C.5.1.1)
     cancelled: bool = False  # a C-CANCEL-RQ arrived for it
     started: float = field(default_factory=time.monotonic)
 
@@ -342,7 +343,11 @@ class QueryRetrieve:
         offset = 0
         while True:
             options = QueryOptions(
-                fuzzy=request.fuzzy, limit=FIND_PAGE, offset=offset, include=include
+                fuzzy=request.fuzzy,
+                combined_datetime=request.combined_datetime,
+                limit=FIND_PAGE,
+                offset=offset,
+                include=include,
             )
             result = await self._search(level, keys, options)
             pending = Status.PENDING_WARNING if result.warnings else Status.PENDING

@@ -429,6 +429,10 @@ class DimseServer(DimseMessages):
         extended = negotiate_extended(rq.extended, accepted)
         fuzzy = {e.sop_class_uid for e in extended if len(e.info) > 2 and e.info[2]}
         assoc.fuzzy_contexts = {cid for cid, (sop, _) in assoc.contexts.items() if sop in fuzzy}
+        combined = {e.sop_class_uid for e in extended if len(e.info) > 1 and e.info[1]}
+        assoc.combined_datetime_contexts = {
+            cid for cid, (sop, _) in assoc.contexts.items() if sop in combined
+        }
         assoc.may_store = ae_matches(rq.calling_ae, cfg.allow.store)
         self._active += 1
         self._per_ae[rq.calling_ae] += 1

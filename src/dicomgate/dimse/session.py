@@ -134,6 +134,8 @@ class Association:
     may_store: bool = True  # dimse.allow.store, decided once per association
     scp_role_classes: set[str] = field(default_factory=set)  # requestor took the SCP role
     fuzzy_contexts: set[int] = field(default_factory=set)  # C-FIND: fuzzy PN negotiated
+    # C-FIND: combined date-time matching negotiated (extended negotiation byte 1)
+    combined_datetime_contexts: set[int] = field(default_factory=set)
     # Q/R operations running, by Message ID; C-STORE-RSPs awaited by C-GET sub-operations.
     operations: dict[int, tuple[Request, asyncio.Task[None]]] = field(default_factory=dict)
     store_waiters: dict[int, asyncio.Future[Command]] = field(default_factory=dict)

@@ -297,6 +297,10 @@ class QueryOptions:
     # emptyvaluematching=true (PS3.18 8.3.4.5): an entity without a value for a key
     # matches it too, as well as one whose value matches.
     empty_matches: bool = False
+    # A date and a time key with a range are one datetime range (PS3.4 C.2.2.2.5.1). C-FIND
+    # does so only when the SCU negotiated it (C.5.1.1.2); otherwise, and for a date or
+    # time alone, each is matched on its own (C.2.2.2.5).
+    combined_datetime: bool = True
     limit: int | None = None  # at most this many matches (None: no limit)
     offset: int = 0  # skip this many matches first
     include: Sequence[str] = ()  # includefield: more attributes to return
@@ -528,7 +532,14 @@ def _plan(level: Level, keys: Mapping[str, str], options: QueryOptions, dialect:
             )
             continue
         values[attribute] = value
-    conditions = _conditions(level, values, options.fuzzy, dialect, options.empty_matches)
+    conditions = _conditions(
+        level,
+        values,
+        options.fuzzy,
+        dialect,
+        options.empty_matches,
+        options.combined_datetime,
+    )
 
     for default_level in options.default_levels:
         for name in DEFAULT_RETURN[default_level]:
@@ -559,6 +570,7 @@ def _conditions(
     fuzzy: bool,
     dialect: str,
     empty_matches: bool = False,
+    combined_datetime: bool = True,
 ) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
 
@@ -573,7 +585,7 @@ def _conditions(
 
     by_name = {a.keyword: a for a in values}
     combined: set[Attribute] = set()
-    for date_key, time_key in _DATETIME_PAIRS:
+    for date_key, time_key in _DATETIME_PAIRS if combined_datetime else ():
         day, time = by_name.get(date_key), by_name.get(time_key)
         if day is None or time is None:
             continue
