@@ -1265,3 +1265,43 @@ def test_find_combines_date_and_time_only_when_negotiated(tmp_path: Path, corpus
     finally:
         gw.close_index()
         assert gw.terminate() == 0, gw.log_tail()
+
+
+def test_move_cancel_interrupts_the_batch_being_sent(tmp_path: Path, corpus: Any) -> None:
+    """A C-CANCEL-MOVE after the first pending response (16 sent) to a destination taking
+    0.1 s an instance: the gateway stops before the next instance, not after the next batch
+    of 16 (PS3.4 C.4.2.3.1: the SCP shall interrupt the sub-operations)."""
+    from pynetdicom import AE, evt
+
+    files = corpus.mr("qr-cancel-slow", 40, seed=5331)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        time.sleep(0.1)
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    scp_ae = AE(ae_title="SLOWSCP")
+    scp_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+    port = free_port()
+    server = scp_ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    gw = start_gateway(
+        tmp_path / "gw", {"move_destinations": {"SLOWSCP": {"host": "127.0.0.1", "port": port}}}
+    )
+    try:
+        assert gw.storescu(files).returncode == 0
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+        moved = movescu(gw, STUDY_ROOT, keys, "SLOWSCP", "--cancel", "1")
+        assert moved.final == 0xFE00, moved.output[-2000:]
+        remaining, completed, failed, _ = moved.counts()[-1]
+        # The cancel came during the second batch: a few more at most, not all 16.
+        assert 16 <= completed < 24, moved.counts()
+        assert remaining + completed == 40 and failed == 0
+        assert len(received) == completed
+    finally:
+        server.shutdown()
+        gw.close_index()
+        assert gw.terminate() == 0, gw.log_tail()

@@ -62,7 +62,7 @@ from dicomgate.dimse.commands import (
 from dicomgate.dimse.negotiation import QRModel, QRService
 from dicomgate.dimse.scu import FALLBACK_SYNTAXES, can_send_uncompressed
 from dicomgate.egress.base import Delivery, Outcome
-from dicomgate.egress.dimse import DimseSender
+from dicomgate.egress.dimse import NOT_SENT, DimseSender
 from dicomgate.egress.models import DimseDestination
 from dicomgate.errors import (
     DicomgateError,
@@ -532,7 +532,7 @@ class QueryRetrieve:
                     return
                 batch = files[start : start + RETRIEVE_BATCH]
                 deliveries = [self._delivery(n, f) for n, f in enumerate(batch, start)]
-                outcomes = await sender.send(deliveries)
+                outcomes = await sender.send(deliveries, stop=lambda: request.cancelled)
                 self._count(counts, failed_uids, batch, outcomes)
                 if counts.remaining:
                     await self._pending(request, channel, counts)
@@ -572,6 +572,8 @@ class QueryRetrieve:
         outcomes: list[Outcome],
     ) -> None:
         for f, outcome in zip(batch, outcomes, strict=True):
+            if outcome.error == NOT_SENT:  # cancelled before it: still remaining
+                continue
             assert counts.remaining is not None
             counts.remaining -= 1
             if not outcome.delivered:

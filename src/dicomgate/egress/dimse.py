@@ -30,7 +30,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +68,12 @@ from dicomgate.errors import DicomgateError
 from dicomgate.observability.logging import uid_hash
 from dicomgate.processing.transcode import choose_transfer_syntax, transcode_dataset
 
-__all__ = ["DimseSender", "outcome_of_status"]
+__all__ = ["NOT_SENT", "DimseSender", "outcome_of_status"]
 
 LOGGER = logging.getLogger(__name__)
+
+# The error of an instance a send() was asked to stop before (a C-MOVE's C-CANCEL).
+NOT_SENT = "not sent: cancelled"
 
 _REAP_MIN_INTERVAL = 0.05
 _REAP_MAX_INTERVAL = 5.0
@@ -192,7 +195,12 @@ class DimseSender:
 
     # ------------------------------------------------------------------ public
 
-    async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
+    async def send(
+        self, batch: Sequence[Delivery], stop: Callable[[], bool] | None = None
+    ) -> list[Outcome]:
+        """Deliver ``batch``; ``stop`` (a C-MOVE's cancel) is asked before each instance,
+        and once it says so the rest are not sent: their outcome's error is
+        :data:`NOT_SENT`."""
         if not batch:
             return []
         self._start_reaper()
@@ -232,7 +240,7 @@ class DimseSender:
                     )
             else:
                 try:
-                    await self._store_all(link, items, outcomes)
+                    await self._store_all(link, items, outcomes, stop)
                 finally:
                     self._checkin(link)
         return [outcomes[id(d)] for d in batch]
@@ -474,9 +482,19 @@ class DimseSender:
         return _Item(delivery, scanned_file, None)
 
     async def _store_all(
-        self, link: _Link, items: list[_Item], outcomes: dict[int, Outcome]
+        self,
+        link: _Link,
+        items: list[_Item],
+        outcomes: dict[int, Outcome],
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         for n, item in enumerate(items):
+            if stop is not None and stop():
+                for rest in items[n:]:
+                    outcomes[id(rest.delivery)] = Outcome(
+                        rest.delivery.job_id, False, True, NOT_SENT
+                    )
+                return
             try:
                 outcomes[id(item.delivery)] = await self._store_one(link, item)
             except AssociationLost as exc:
