@@ -380,6 +380,25 @@ def test_sop_instance_mismatch_is_refused(gateway: Gateway) -> None:
     assert_still_serves(gw)
 
 
+def test_c_store_without_affected_sop_instance_uid_says_so(gateway: Gateway) -> None:
+    """PS3.7 Table 9.3-1 makes it mandatory: 0xA900, and the reason names the missing field
+    (it said the data set's UID "differs"); nothing stored, the association goes on."""
+    gw = gateway()
+    path = bundled_file("MR_small.dcm")
+    sop_class, sop = _sop_of(path)
+    peer = RawPeer(gw.dimse_port)
+    try:
+        peer.associate(gw.ae_title, [(1, sop_class, ["1.2.840.10008.1.2.1"])])
+        assert peer.c_store(1, sop_class, "", dataset_bytes(path)) == STATUS_DATASET_DOES_NOT_MATCH
+        assert peer.c_store(1, sop_class, sop, dataset_bytes(path)) == 0x0000  # still serving
+        peer.release()
+    finally:
+        peer.close()
+    gw.wait_log("instance.refused")
+    assert "C-STORE-RQ without Affected SOP Instance UID" in gw.log_text()
+    assert gw.index.count_instances(current_only=False) == 1
+
+
 # -- timeouts -------------------------------------------------------------------------------
 
 

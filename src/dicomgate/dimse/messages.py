@@ -185,6 +185,15 @@ class DimseMessages:
             if not assoc.may_store:
                 incoming.error = NotAuthorized(f"{assoc.calling_ae!r} may not store here")
                 return incoming
+            # PS3.7 Table 9.3-1: both are mandatory in a C-STORE-RQ; say which is missing
+            # rather than that it "differs" (the data set is read and dropped either way).
+            for name, value in (
+                ("Class", command.affected_sop_class_uid),
+                ("Instance", command.affected_sop_instance_uid),
+            ):
+                if not value:
+                    incoming.error = InstanceMismatch(f"C-STORE-RQ without Affected SOP {name} UID")
+                    return incoming
             if command.affected_sop_class_uid != sop_class:
                 incoming.error = InstanceMismatch(
                     "Affected SOP Class UID differs from the presentation context's"
