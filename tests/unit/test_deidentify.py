@@ -308,7 +308,7 @@ def test_clean_options_scrub_unlisted_text_inside_their_sequences() -> None:
     out, _ = roundtrip(step(options=options).apply(phi_dataset())[0])
     text = out.ContentSequence[1]
     # Identifiers the data set spells out are removed; the rest of the text stays.
-    assert text.TextValue == "( ) seen on by DR^"
+    assert text.TextValue == "( ) seen on by ^"  # 'DR', a name part, as a whole word
     assert text.ContentSequence[0].TextValue == "born ,"
     assert text.ConceptNameCodeSequence[0].CodeMeaning == "Comment"
     annotation = out.GraphicAnnotationSequence[0]
@@ -371,7 +371,7 @@ def test_clean_descriptors_keeps_descriptions_without_identifiers() -> None:
     out = step(options=["clean_descriptors"]).apply(phi_dataset())[0]
     assert out.StudyDescription == "MR BRAIN for"
     assert out.SeriesDescription == "t2 follow-up"
-    assert out.ImageComments == "seen by DR^ on"  # name parts under 3 letters stay
+    assert out.ImageComments == "seen by ^ on"  # 'DR' (a name part) goes as a whole word
     assert "JOHNATHAN" not in out.PatientComments
 
 
@@ -739,3 +739,33 @@ def test_written_output_is_a_readable_part10_file(tmp_path: Path, corpus: Corpus
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert back.PatientIdentityRemoved == "YES"
     assert isinstance(back.DeidentificationMethodCodeSequence, Sequence)
+
+
+def test_clean_options_leave_no_short_name_other_date_spelling_or_binary_value() -> None:
+    """What a PS3.15 probe found left by clean_descriptors / clean_structured_content: a PN
+    inside a cleaned sequence split into characters (the name still readable), a Maker
+    Note kept byte for byte, names and IDs under three characters (Li, Wu, P7, 山田),
+    dates written 1961-02-03 or 03/02/1961; and, with any options, a public attribute no
+    dictionary knows."""
+    ds = phi_dataset()
+    ds.PatientName = "Li^Wu=山田^太郎"
+    ds.PatientID = "P7"
+    ds.PatientBirthDate = "19610203"
+    ds.StudyDescription = "Li Wu P7 brain 山田太郎 clinical"
+    ds.ImageComments = "born 1961-02-03, seen 03/02/1961 and 02/03/1961"
+    ds.add_new(0x0016002B, "OB", b"MAKERNOTE serial 998877")  # Maker Note
+    ds.add_new(0x00209999, "UN", b"UNKNOWNPUB")  # in no dictionary
+    item = Dataset()
+    item.add_new(0x0040A067, "PN", "Authorqx^Ann")  # Document Author (Trial): unlisted
+    item.RequestedProcedureID = "RP1"
+    ds.RequestAttributesSequence = [item]
+    out = step(options=["clean_descriptors"]).apply(ds)[0]
+    assert out.StudyDescription == "brain clinical"  # 'li' inside 'clinical' stays
+    assert out.ImageComments == "born , seen and"
+    assert 0x0016002B not in out
+    assert 0x00209999 not in out
+    author = out.RequestAttributesSequence[0][0x0040A067]
+    assert author.VM == 1 and str(author.value) == "ANONYMIZED"
+    bare = phi_dataset()  # the Basic Profile without options
+    bare.add_new(0x00209999, "UN", b"UNKNOWNPUB")
+    assert 0x00209999 not in step().apply(bare)[0]

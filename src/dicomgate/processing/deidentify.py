@@ -261,6 +261,7 @@ _DUMMIES: dict[str, Any] = {
 }
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _STRING_VRS = _TEXT_VRS | {"AS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 #: VRs an inherited action leaves alone: coded enumerations, ages and numbers.
 _KEPT_VRS = frozenset(
     {"CS", "AS", "DS", "IS", "AT", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"}
@@ -526,6 +527,12 @@ class Deidentify(Step):
             op = ops.get(tag)
             if op is None and 0x5000 <= group <= 0x60FF:
                 op = self._repeating_op(tag)
+            if op is None and tag not in DicomDictionary and not 0x5000 <= group <= 0x60FF:
+                # A public attribute no dictionary we have knows (a later edition's, or a
+                # sender's invention): it cannot be shown to be safe, so it goes, as the
+                # Basic Profile removes what may identify (PS3.15 E.2).
+                del raw[tag]
+                continue
             if op is None and inherited is not None:
                 self._inherit(ds, tag, inherited, state)
                 continue
@@ -574,8 +581,14 @@ class Deidentify(Step):
                 raw[tag] = _element(tag, vr, days[0] if len(days) == 1 else days)
         elif op == _UID_REF:
             pass  # an instance-UID attribute written with another VR: left as it is
-        elif vr in _TEXT_VRS and state.scrub is not None:  # _CLEAN of free text
-            self._scrub_text(ds, tag, vr, state.scrub)
+        elif vr in _TEXT_VRS:  # _CLEAN of free text
+            if state.scrub is not None:
+                self._scrub_text(ds, tag, vr, state.scrub)
+        elif op == _CLEAN and vr in _BINARY_VRS and not 0x5000 <= (tag >> 16) <= 0x60FF:
+            # A binary or unknown value (Maker Note, OB/OW/UN) under a cleaning option: no
+            # way to clean it of identifying information, so it goes (PS3.15 E.1-1 "C").
+            # Curve and overlay data stay with clean_graphics (docs/processing.md).
+            del raw[tag]
 
     def _inherit(self, ds: Dataset, tag: BaseTag, inherited: int, state: _Instance) -> None:
         """An attribute the table does not list, inside a sequence being replaced with
@@ -622,11 +635,16 @@ class Deidentify(Step):
 
     @staticmethod
     def _scrub_text(ds: Dataset, tag: BaseTag, vr: str, pattern: re.Pattern[str]) -> None:
+        if vr == "PN":
+            # A person's name is identifying whoever it names: replaced, not scrubbed (a
+            # PersonName iterates over its characters, which were kept one by one).
+            ds._dict[tag] = _element(tag, vr, _DUMMIES["PN"])
+            return
         value = ds[tag].value  # decoded with the data set's character set
-        if isinstance(value, str):
-            ds._dict[tag] = _element(tag, vr, _scrub(value, pattern))
-        elif value is not None:
+        if isinstance(value, MultiValue | list | tuple):
             ds._dict[tag] = _element(tag, vr, [_scrub(str(v), pattern) for v in value])
+        elif value is not None:
+            ds._dict[tag] = _element(tag, vr, _scrub(str(value), pattern))
 
     def _private(self, ds: Dataset, tag: BaseTag) -> None:
         """Private attributes go unless retain_safe_private lists them (PS3.15 E.3.10)."""
@@ -788,17 +806,43 @@ _SCRUB_VALUES = (
 
 def _scrub_pattern(ds: Dataset) -> re.Pattern[str] | None:
     """The patient's identifiers as this data set spells them (names, IDs, birth date,
-    accession number, institution), to remove from the free text that an option keeps."""
+    accession number, institution), to remove from the free text that an option keeps.
+
+    Three characters or more are removed wherever they stand; shorter ASCII ones (a name
+    'Li', an ID 'P7') only as whole words, so that they do not cut other words apart; a
+    name in another script (山田) at any length, as such text has no spaces between words.
+    Dates are also removed as people write them: 1961-02-03, 1961/02/03, 03/02/1961,
+    02/03/1961, 03.02.1961."""
     words: set[str] = set()
     for keyword in _SCRUB_NAMES:
         for name in _values(ds.get(keyword)):
-            words.update(w for w in re.split(r"[\^=\s,]+", name) if len(w) >= 3)
+            words.update(w for w in re.split(r"[\^=\s,]+", name) if w)
     for keyword in _SCRUB_VALUES:
-        words.update(v.strip() for v in _values(ds.get(keyword)) if len(v.strip()) >= 3)
-    if not words:
+        for value in (v.strip() for v in _values(ds.get(keyword))):
+            if value:
+                words.add(value)
+                words.update(_date_spellings(value))
+    parts = []
+    for word in sorted(words, key=len, reverse=True):
+        if len(word) >= 3 or not word.isascii():
+            parts.append(re.escape(word))
+        elif word.isalnum():
+            parts.append(rf"(?<!\w){re.escape(word)}(?!\w)")
+    if not parts:
         return None
-    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.compile(alternatives, re.IGNORECASE)
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+_DATE_VALUE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+
+
+def _date_spellings(value: str) -> list[str]:
+    """A DA value (YYYYMMDD) as free text writes it: ISO, slashes, day or month first."""
+    found = _DATE_VALUE.fullmatch(value)
+    if found is None:
+        return []
+    y, m, d = found.groups()
+    return [f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
 
 
 def _values(value: Any) -> list[str]:
