@@ -353,3 +353,73 @@ def test_route_to_a_dicomweb_destination_stores_in_orthanc(
         for i in orthanc.get("/instances")
     }
     assert sops == {sop_uid_of(f) for f in files}
+
+
+def test_a_stable_route_sends_only_the_instances_its_match_took(
+    gateway: Gateway, tmp_path: Path, corpus: Corpus
+) -> None:
+    """One study: two CT instances, one of them in a PRIVATE series that a `final` route
+    keeps for the archive, an MR and an SR-like OT instance. A study_stable route matching
+    Modality CT sends the CT instance the final route let through, nothing else; a
+    series_stable route on `calling_ae` sends only what that AE sent. Before, a fired timer
+    queued every instance of its study or series, whatever the match said."""
+    ct = corpus.ct("stable-ct", 2, seed=431)
+    mr = corpus.mr("stable-mr", 1, seed=432)
+    other = corpus.mr("stable-ot", 1, seed=433)
+    study = str(pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
+    for path, modality, description in (
+        (ct[1], "CT", "PRIVATE"),
+        (mr[0], "MR", None),
+        (other[0], "OT", None),
+    ):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.Modality = study, modality
+        if description is not None:
+            ds.SeriesInstanceUID = f"{ds.SeriesInstanceUID}.9"
+            ds.SeriesDescription = description
+        ds.save_as(path, enforce_file_format=True)
+    folders = {name: tmp_path / name for name in ("archive", "ai", "fromct")}
+    gw = gateway(
+        {
+            "destinations": {n: {"type": "folder", "path": str(p)} for n, p in folders.items()},
+            "routes": [
+                {
+                    "name": "stopper",
+                    "match": {"SeriesDescription": "PRIVATE"},
+                    "final": True,
+                    "to": ["archive"],
+                },
+                {
+                    "name": "ct-study",
+                    "match": {"Modality": "CT"},
+                    "to": ["ai"],
+                    "trigger": "study_stable",
+                    "stable_after": "1s",
+                },
+                {
+                    "name": "from-ct",
+                    "match": {"calling_ae": "CT*"},
+                    "to": ["fromct"],
+                    "trigger": "series_stable",
+                    "stable_after": "1s",
+                },
+            ],
+        }
+    )
+    assert gw.storescu([ct[0], ct[1]], "-aet", "CT1").returncode == 0
+    assert gw.storescu([mr[0], other[0]], "-aet", "MR1").returncode == 0
+
+    def sent(folder: Path) -> set[str]:
+        if not folder.exists():
+            return set()
+        return {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
+
+    wait_until(lambda: sent(folders["ai"]) and sent(folders["fromct"]), 30, "both timers fired")
+    time.sleep(2)  # anything else would have come by now
+    assert sent(folders["archive"]) == {sop_uid_of(ct[1])}
+    assert sent(folders["ai"]) == {sop_uid_of(ct[0])}
+    assert sent(folders["fromct"]) == {sop_uid_of(ct[0])}  # the PRIVATE one went to archive only

@@ -563,6 +563,14 @@ def test_rows_written_by_the_first_revision_survive_migrating_to_head(
                 ),
                 {"t": received},
             )
+            # and a study_stable timer armed before 0005: it keeps sending its whole study
+            connection.execute(
+                text(
+                    "INSERT INTO stable_timer (route, level, uid, deadline, destinations,"
+                    " priority) VALUES ('whole', 'study', '1.2.840.99.1', :t, '[\"pacs\"]', 0)"
+                ),
+                {"t": received},
+            )
             connection.commit()
             migrate(connection)
             connection.commit()
@@ -586,6 +594,7 @@ def test_rows_written_by_the_first_revision_survive_migrating_to_head(
             "MR",
         )
         assert idx.count_instances() == 1
+        assert _scalar(idx, "SELECT instance_pk FROM stable_member WHERE route = 'whole'") == 10
         with idx.engine.connect() as connection:
             found = search(connection, Level.STUDY, {"PatientID": "PID-0001"})
             # 0005 copied the patient row's values into the study row, which the study

@@ -54,6 +54,7 @@ from dicomgate.index.schema import (
     metadata,
     patient,
     series,
+    stable_member,
     stable_timer,
     storable,
     study,
@@ -464,7 +465,14 @@ class Index:
 
         def statements(cursor: Any) -> list[RecordResult]:
             results = [
-                self._record_one(cursor, item, policy, jobs[i] if jobs else (), job_binds)
+                self._record_one(
+                    cursor,
+                    item,
+                    policy,
+                    jobs[i] if jobs else (),
+                    job_binds,
+                    timers[i] if timers else (),
+                )
                 for i, item in enumerate(items)
             ]
             if timers:
@@ -571,6 +579,7 @@ class Index:
         policy: DuplicatePolicy,
         jobs: Sequence[NewJob],
         job_binds: list[_Bind],
+        timers: Sequence[NewTimer] = (),
     ) -> RecordResult:
         stmts = self._statements
         record = item.record
@@ -632,8 +641,21 @@ class Index:
                 "is_current": True,
             },
         )
-        if jobs or replaced_pk is not None:
+        if jobs or replaced_pk is not None or timers:
             instance_pk = int(cursor.lastrowid) if self._sqlite else int(cursor.fetchone()[0])
+            if timers:  # the instances each stable timer sends (schema.stable_member)
+                stmts.insert_member.executemany(
+                    cursor,
+                    [
+                        {
+                            "route": t.route,
+                            "level": t.level,
+                            "uid": t.uid,
+                            "instance_pk": instance_pk,
+                        }
+                        for t in timers
+                    ],
+                )
             if replaced_pk is not None:
                 jobs = self._repoint_jobs(cursor, replaced_pk, instance_pk, jobs)
                 stmts.delete_instance.execute(cursor, {"row_id": replaced_pk})
@@ -948,6 +970,12 @@ class _Statements:
             insert_instance = insert_instance.returning(instance.c.id)
         self.insert_instance = prepare(insert_instance, columns(instance))
         self.insert_job = prepare(delivery_job.insert().inline(), columns(delivery_job))
+        member_insert: Any = (sqlite.insert if dialect.name == "sqlite" else postgresql.insert)(
+            stable_member
+        )
+        self.insert_member = prepare(
+            member_insert.on_conflict_do_nothing(), [c.name for c in stable_member.columns]
+        )
         self.insert_audit = prepare(audit_event.insert().inline(), columns(audit_event))
         self.pending_jobs = prepare(
             select(delivery_job.c.destination, delivery_job.c.route).where(

@@ -276,6 +276,24 @@ stable_timer = Table(
 )
 Index("ix_stable_timer_deadline", stable_timer.c.deadline)
 
+# The instances a stable timer sends when it fires: those its route matched (a study_stable
+# route on Modality CT sends the study's CT instances, not its MR or SR ones, nor one a
+# `final` route kept from it). Deleted with the timer; with the instance (cascade).
+stable_member = Table(
+    "stable_member",
+    metadata,
+    Column("route", String(LO), primary_key=True),
+    Column("level", String(CS), primary_key=True),
+    Column("uid", String(UI), primary_key=True),
+    Column(
+        "instance_pk",
+        SurrogateKey,
+        ForeignKey("instance.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+)
+Index("ix_stable_member_instance_pk", stable_member.c.instance_pk)
+
 # -- audit trail (observability/audit.py) -------------------------------------------------
 
 # One security-relevant or data-moving event. Unlike the application log it may hold PHI

@@ -66,6 +66,7 @@ from dicomgate.index.schema import (
     delivery_job,
     instance,
     series,
+    stable_member,
     stable_timer,
     storable,
     study,
@@ -557,10 +558,11 @@ class JobQueue:
     def fire_due_timers(self) -> int:
         """Fire every stable timer whose deadline passed; returns the number of jobs created.
 
-        Per timer, in one transaction: one pending job per current instance of its series
-        or study and per destination, unless that instance already has a job of that route
-        and destination (a timer pushed after firing sends only what is new); then the timer
-        is deleted, unless an instance pushed its deadline meanwhile.
+        Per timer, in one transaction: one pending job per instance its route matched
+        (current ones; ``stable_member``) and per destination, unless that instance already
+        has a job of that route and destination (a timer pushed after firing sends only
+        what is new); then the timer and its members are deleted, unless an instance pushed
+        its deadline meanwhile.
         """
         t = stable_timer.c
         with self._read() as connection:  # most calls find nothing: no write transaction
@@ -772,14 +774,21 @@ class JobQueue:
                     created += self._create_timer_jobs(connection, timer, str(destination), now)
                 # An instance that pushed the deadline meanwhile keeps the timer armed (the
                 # jobs already created stay: the next firing adds only the new instances).
-                connection.execute(
+                gone = connection.execute(
                     delete(stable_timer).where(
                         t.route == timer.route,
                         t.level == timer.level,
                         t.uid == timer.uid,
                         t.deadline <= now,
                     )
-                )
+                ).rowcount
+                if gone:  # its members were sent: the next arming starts a new list
+                    m = stable_member.c
+                    connection.execute(
+                        delete(stable_member).where(
+                            m.route == timer.route, m.level == timer.level, m.uid == timer.uid
+                        )
+                    )
         if created:
             log.info(
                 "stable timers fired",
@@ -790,22 +799,29 @@ class JobQueue:
     def _create_timer_jobs(
         self, connection: Connection, timer: Any, destination: str, now: datetime
     ) -> int:
-        if timer.level == "series":
-            members = series.c.series_instance_uid == timer.uid
-            series_ids = select(series.c.id).where(members)
-        elif timer.level == "study":
-            series_ids = (
-                select(series.c.id)
-                .join(study, series.c.study_pk == study.c.id)
-                .where(study.c.study_instance_uid == timer.uid)
-            )
-        else:
+        """Jobs for the instances the timer's route matched (``stable_member``), current
+        ones, that have no job of that route and destination yet. Not every instance of
+        the series or study: the route's match (and a ``final`` route before it) decided
+        which instances it takes, as ``dicomgate route test`` shows."""
+        if timer.level not in ("series", "study"):
             log.error(
                 "unknown stable timer level %r",
                 timer.level,
                 extra={"event": "queue.bad_timer", "route": timer.route},
             )
             return 0
+        m = stable_member.c
+        members = select(m.instance_pk).where(
+            m.route == timer.route, m.level == timer.level, m.uid == timer.uid
+        )
+        if timer.level == "series":
+            series_ids = select(series.c.id).where(series.c.series_instance_uid == timer.uid)
+        else:
+            series_ids = (
+                select(series.c.id)
+                .join(study, series.c.study_pk == study.c.id)
+                .where(study.c.study_instance_uid == timer.uid)
+            )
         j = delivery_job.c
         # One job per (instance, destination, pipeline): another route with the same
         # pipeline (a second stable route, an instance route) may have queued it already.
@@ -826,7 +842,8 @@ class JobQueue:
             literal(now, UtcDateTime()),
             literal(now, UtcDateTime()),
         ).where(
-            instance.c.series_pk.in_(series_ids),
+            instance.c.id.in_(members),
+            instance.c.series_pk.in_(series_ids),  # and still of its series or study
             instance.c.is_current == true(),
             ~already,
         )

@@ -142,7 +142,9 @@ class RouteConfig(_Model):
         description=(
             "When to send: `instance` as each instance arrives; `series_stable` or"
             " `study_stable` once the series or study has received nothing new for"
-            " `stable_after`."
+            " `stable_after`. A stable route sends the instances its `match` took (as"
+            " `dicomgate route test` shows), not every instance of the series or study: to"
+            " send a whole study once it holds a CT, match what all its instances share."
         ),
     )
     stable_after: str | float = Field(

@@ -1,4 +1,5 @@
-"""The study row's own copy of the Patient Module (see index/schema.py study).
+"""The study row's own copy of the Patient Module (see index/schema.py study), and
+stable_member: the instances a stable timer sends (those its route matched).
 
 Studies indexed before keep the values their patient row had then (the latest instance
 of that Patient ID): the files are not read again. An instance received again, or a new
@@ -19,6 +20,7 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
+_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _COLUMNS = (
     ("patient_name", 194),
     ("patient_name_search", 194),
@@ -50,9 +52,43 @@ def upgrade() -> None:
         )
     op.create_index("ix_study_patient_name_search", "study", ["patient_name_search"])
     op.create_index("ix_study_patient_name", "study", ["patient_name"])
+    op.create_table(
+        "stable_member",
+        sa.Column("route", sa.String(length=64), nullable=False),
+        sa.Column("level", sa.String(length=16), nullable=False),
+        sa.Column("uid", sa.String(length=128), nullable=False),
+        sa.Column("instance_pk", _KEY, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["instance_pk"],
+            ["instance.id"],
+            name=op.f("fk_stable_member_instance_pk_instance"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint(
+            "route", "level", "uid", "instance_pk", name=op.f("pk_stable_member")
+        ),
+    )
+    op.create_index("ix_stable_member_instance_pk", "stable_member", ["instance_pk"])
+    # Timers armed before: they send what they always did, every current instance of
+    # their series or study.
+    op.execute(
+        "INSERT INTO stable_member (route, level, uid, instance_pk)"
+        " SELECT t.route, t.level, t.uid, i.id FROM stable_timer t"
+        " JOIN series s ON t.level = 'series' AND s.series_instance_uid = t.uid"
+        " JOIN instance i ON i.series_pk = s.id AND i.is_current = true"
+    )
+    op.execute(
+        "INSERT INTO stable_member (route, level, uid, instance_pk)"
+        " SELECT t.route, t.level, t.uid, i.id FROM stable_timer t"
+        " JOIN study st ON t.level = 'study' AND st.study_instance_uid = t.uid"
+        " JOIN series s ON s.study_pk = st.id"
+        " JOIN instance i ON i.series_pk = s.id AND i.is_current = true"
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_stable_member_instance_pk", table_name="stable_member")
+    op.drop_table("stable_member")
     op.drop_index("ix_study_patient_name", table_name="study")
     op.drop_index("ix_study_patient_name_search", table_name="study")
     with op.batch_alter_table("study") as batch:
