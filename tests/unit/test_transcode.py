@@ -499,3 +499,36 @@ def test_dcmtk_reads_deflated_and_htj2k_files(target: str, tmp_path: Path) -> No
         assert np.array_equal(
             _pixels(pydicom.dcmread(plain)), _pixels(_read("SC_rgb_rle_2frame.dcm"))
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("JPEGLSNearLossless_08.dcm", "ISO_14495_1"),  # NEAR=2 in the stream, no flag
+        ("SC_rgb_jls_lossy_line.dcm", "ISO_14495_1"),
+        ("JPEG2000.dcm", "ISO_15444_1"),  # 9-7 irreversible wavelet
+        ("SC_rgb_jpeg_dcmtk.dcm", "ISO_10918_1"),
+    ],
+)
+@pytest.mark.parametrize("target", ["ExplicitVRLittleEndian", "JPEGLSLossless", "RLELossless"])
+def test_lossy_sources_stay_marked_lossy_in_lossless_outputs(
+    name: str, method: str, target: str
+) -> None:
+    """PS3.3 C.7.6.1.1.5, once lossy always lossy: the output's lossless syntax no longer
+    shows the loss, so the flag and its method must. Before, only JPEG sources got the
+    flag (without a method), and a near-lossless JPEG-LS or lossy JPEG 2000 lost it."""
+    ds = _read(name)
+    for keyword in ("LossyImageCompression", "LossyImageCompressionMethod"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    out = transcode_dataset(ds, target)
+    assert out.LossyImageCompression == "01"
+    assert out.LossyImageCompressionMethod == method
+
+
+def test_lossless_sources_are_not_marked_lossy() -> None:
+    """JPEG 2000 with the reversible 5-3 wavelet under the lossy-or-lossless syntax, and
+    the lossless-only syntaxes: no flag appears."""
+    for name in ("MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"):
+        out = transcode_dataset(_read(name), "ExplicitVRLittleEndian")
+        assert "LossyImageCompression" not in out, name

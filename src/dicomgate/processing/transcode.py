@@ -105,6 +105,40 @@ TARGETS: dict[UID, _Target] = {
 }
 
 _LOSSY_JPEG_SOURCES = {JPEGBaseline8Bit, JPEGExtended12Bit}
+# Syntaxes that may be lossy or not: the codestream says (JPEG-LS NEAR > 0; JPEG 2000's
+# irreversible 9-7 wavelet). Their Lossy Image Compression Method (PS3.3 C.7.6.1.1.5.1).
+_MAYBE_LOSSY = {
+    JPEGLSNearLossless: "ISO_14495_1",
+    JPEG2000: "ISO_15444_1",
+    UID("1.2.840.10008.1.2.4.203"): "ISO_15444_15",  # HTJ2K (lossy or lossless)
+}
+
+
+def _lossy_source_method(ds: Dataset, source: UID) -> str | None:
+    """The compression method when the received pixels are lossy, else None: JPEG
+    baseline/extended always; JPEG-LS near-lossless with NEAR > 0 and JPEG 2000 / HTJ2K
+    with the irreversible wavelet, read from the first frame's codestream (a stream that
+    cannot be read counts as lossy: the syntax allows it, and claiming a loss that is not
+    there is the safer mistake)."""
+    if source in _LOSSY_JPEG_SOURCES:
+        return "ISO_10918_1"
+    method = _MAYBE_LOSSY.get(source)
+    if method is None:
+        return None
+    try:
+        from pydicom.encaps import generate_frames
+
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        first = next(generate_frames(ds.PixelData, number_of_frames=frames))
+        if source == JPEGLSNearLossless:
+            sos = first.index(b"\xff\xda")  # Start of Scan: Ls, Ns, Ns x (Ci, Tm), NEAR
+            return method if first[sos + 5 + 2 * first[sos + 4]] else None
+        cod = first.index(b"\xff\x52")  # COD: L(2) Scod SGcod(4) levels, xcb, ycb, style
+        return method if first[cod + 13] == 0 else None  # 0: 9-7 irreversible (ISO 15444-1 A.6.1)
+    except (ValueError, IndexError, StopIteration):
+        return method
+
+
 _SUBSAMPLED = {"YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420"}
 
 # PS3.5 Tables 8.2.1-1, 8.2.1-2, 8.2.3-1, 8.2.4-1, 8.2.2-1 (HTJ2K, 8.2.14, follows 8.2.4):
@@ -285,8 +319,13 @@ def _transcode(ds: Dataset, source: UID, target: _Target, opts: TranscodeOptions
         _to_little_endian(ds)
         source = ExplicitVRLittleEndian
     has_pixels = "PixelData" in ds
-    if has_pixels and source in _LOSSY_JPEG_SOURCES and "LossyImageCompression" not in ds:
-        ds.LossyImageCompression = "01"  # PS3.3 C.7.6.1.1.5: once lossy, always lossy
+    method = _lossy_source_method(ds, source) if has_pixels else None
+    if method is not None and str(ds.get("LossyImageCompression", "")).strip() != "01":
+        # PS3.3 C.7.6.1.1.5: once lossy, always lossy. The output's syntax (lossless, or
+        # native) no longer shows the loss; only these attributes say it.
+        ds.LossyImageCompression = "01"
+        if not _values(ds, "LossyImageCompressionMethod"):
+            ds.LossyImageCompressionMethod = method
     if target.backend == "native":
         if has_pixels and source.is_compressed:
             ds.decompress(as_rgb=_as_rgb(ds, source, target), generate_instance_uid=False)
