@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import pytest
@@ -164,6 +165,35 @@ def test_numbers() -> None:
     assert _matches({"SeriesNumber": ["10-20", "1-3"]})
     with pytest.raises(ConfigError, match="empty range"):
         _matches({"SeriesNumber": "10-1"})
+
+
+@pytest.mark.parametrize(
+    ("match", "key"),
+    [
+        ({"SeriesNumber": "1-10-20"}, "SeriesNumber"),
+        ({"SeriesNumber": "1--"}, "SeriesNumber"),
+        ({"SeriesNumber": "1-x"}, "SeriesNumber"),
+        ({"SeriesNumber": "abc"}, "SeriesNumber"),
+        ({"StudyDate": "yesterday"}, "StudyDate"),
+        ({"StudyDate": "20261301-"}, "StudyDate"),
+        ({"StudyDate": "20260132"}, "StudyDate"),
+        ({"StudyTime": "25-"}, "StudyTime"),
+        ({"StudyTime": "1260"}, "StudyTime"),
+        ({"SeriesNumber": ["1-3", "x"]}, "SeriesNumber[1]"),
+    ],
+)
+def test_values_that_could_never_match_are_config_errors(match: dict[str, Any], key: str) -> None:
+    """A malformed number range or an impossible date or time passed check-config and then
+    matched nothing, so images were silently not routed: now a config error naming it."""
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        _router({"name": "r", "match": match})
+    # What they meant is accepted.
+    _router(
+        {
+            "name": "ok",
+            "match": {"SeriesNumber": "-10", "StudyDate": "2026-", "StudyTime": "0800-1800"},
+        }
+    )
 
 
 @pytest.mark.parametrize(

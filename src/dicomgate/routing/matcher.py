@@ -410,11 +410,31 @@ def _is_literal(spec: object) -> bool:
     )
 
 
-def _date_bound(text: str, kind: Kind, path: str) -> str:
+def _date_bound(text: str, kind: Kind, path: str, what: str = "bound") -> str:
     bound = text.strip().replace(":", "") if kind == "TM" else text.strip()
-    if not _BOUND_RE[kind].fullmatch(bound):
-        raise ConfigError(path, f"bad {kind} bound {text!r} in a range")
+    if not _BOUND_RE[kind].fullmatch(bound) or not _on_the_calendar(bound, kind):
+        where = " in a range" if what == "bound" else ""
+        raise ConfigError(path, f"bad {kind} {what} {text!r}{where}")
     return bound
+
+
+def _on_the_calendar(bound: str, kind: Kind) -> bool:
+    """The fields a (partial) DA, DT or TM bound has are in range: month 01-12, day 01-31,
+    hour 00-23, minute 00-59, second 00-60 (a leap second). ``20261301`` or ``25`` would
+    pass the digit pattern and then never match anything."""
+    digits = bound.split(".", 1)[0]
+    fields: list[tuple[int, int, int, int]] = []  # (start, end, low, high)
+    if kind in ("DA", "DT"):
+        fields += [(4, 6, 1, 12), (6, 8, 1, 31)]
+    time_at = 8 if kind == "DT" else 0
+    if kind in ("DT", "TM"):
+        fields += [(time_at, time_at + 2, 0, 23), (time_at + 2, time_at + 4, 0, 59)]
+        fields += [(time_at + 4, time_at + 6, 0, 60)]
+    for start, end, low, high in fields:
+        part = digits[start:end]
+        if len(part) == 2 and not low <= int(part) <= high:
+            return False
+    return True
 
 
 def _date_text(value: str, kind: str) -> str:
@@ -564,6 +584,10 @@ def _string_condition(spec: str, kind: Kind, path: str, *, ignore_case: bool) ->
         raise ConfigError(path, f"received_via is one of {', '.join(RECEIVED_VIA)}, not {spec!r}")
     if kind in ("DA", "DT", "TM") and "-" in spec and _is_literal(spec):
         return _dicom_range(spec, kind, path)
+    if kind in ("DA", "TM") and _is_literal(spec):
+        # One date or time: it must be one ('yesterday', '20261301' never match). A DT
+        # literal may carry a UTC offset ('+0100'), which its ranges handle.
+        _date_bound(spec, kind, path, "value")
     if kind in ("number", "other") and _is_literal(spec) and not ignore_case:
         number = _as_number(spec.strip())
         if number is not None:  # SliceThickness: "5" also matches a DS of "5.0"
@@ -575,6 +599,12 @@ def _string_condition(spec: str, kind: Kind, path: str, *, ignore_case: bool) ->
             # SeriesNumber: "1-10", the range form dates use; ends included.
             bounds = {"ge": numeric_range["low"], "le": numeric_range["high"]}
             return _comparisons({k: v for k, v in bounds.items() if v}, kind, path)
+        if kind == "number":  # '1-10-20', '1-x', 'abc' would never match a number
+            raise ConfigError(
+                path,
+                f"{spec!r} is not a number nor a range like 1-10 (an open end: {{ge: 1}};"
+                " '-10' is the number minus ten)",
+            )
     return _on_text(_text_check(spec, path, ignore_case))
 
 

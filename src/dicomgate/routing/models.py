@@ -71,7 +71,8 @@ MATCH_DESCRIPTION = (
     ' `{eq: "A*B"}` for text taken literally;'
     " numeric comparisons on number attributes (`SeriesNumber: {ge: 1, lt: 100}`,"
     " `SliceThickness: {range: [0.5, 2]}`, both ends included, `null` for an open end;"
-    ' or the range form dates use, `SeriesNumber: "1-10"`, `"100-"`);'
+    ' or the range form dates use, `SeriesNumber: "1-10"`, `"100-"`; `"-10"` is the'
+    " number minus ten, write `{le: 10}` for an open lower end);"
     ' DICOM ranges on dates and times (`StudyDate: "20260101-20261231"`,'
     ' `"20260101-"`, `"-20261231"`, `StudyTime: "0800-1800"`; bounds compare at their'
     ' own precision, so `"2026-"` means from 2026 on; `{ge:, lt:}` work too);'
@@ -82,8 +83,9 @@ MATCH_DESCRIPTION = (
     ' `not` conditions, so `Modality: "*"` means "present". A value that cannot be read'
     ' never matches. Quote values YAML would read otherwise (`"NO"`, `"0012"`).'
     " `match: {}` matches every instance. Mistakes (unknown keyword, bad regular"
-    " expression, bad range) stop the gateway at start-up with the key named, e.g."
-    " `routes[2].match.Modality`."
+    " expression, bad range, a number attribute given text that is no number nor range,"
+    " a date or time off the calendar such as `20261301`) stop the gateway at start-up"
+    " with the key named, e.g. `routes[2].match.Modality`."
 )
 
 
