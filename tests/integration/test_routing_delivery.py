@@ -423,3 +423,43 @@ def test_a_stable_route_sends_only_the_instances_its_match_took(
     assert sent(folders["archive"]) == {sop_uid_of(ct[1])}
     assert sent(folders["ai"]) == {sop_uid_of(ct[0])}
     assert sent(folders["fromct"]) == {sop_uid_of(ct[0])}  # the PRIVATE one went to archive only
+
+
+def test_a_route_matches_a_value_longer_than_16_kib(
+    gateway: Gateway, tmp_path: Path, corpus: Corpus
+) -> None:
+    """A private UT report of 20 KB and an ImageType of 3,001 values: the router saw
+    values past the scan's 16 KiB as missing, so these routes never fired (`route test`,
+    which reads the whole file, said they matched)."""
+    long_private, long_comment = corpus.mr("route-long", 2, seed=441)
+    ds = pydicom.dcmread(long_private)
+    block = ds.private_block(0x0019, "ACME", create=True)
+    block.add_new(0x20, "UT", "LONG" + "x" * 20_000)
+    private_tag = block.get_tag(0x20)
+    ds.save_as(long_private, enforce_file_format=True)
+    ds = pydicom.dcmread(long_comment)
+    ds.ImageType = ["DERIVED"] * 3000 + ["MARKER"]
+    ds.save_as(long_comment, enforce_file_format=True)
+    out = {name: tmp_path / name for name in ("private", "comment")}
+    gw = gateway(
+        {
+            "destinations": {n: {"type": "folder", "path": str(p)} for n, p in out.items()},
+            "routes": [
+                {
+                    "name": "by-private",
+                    "match": {f"({private_tag >> 16:04X},{private_tag & 0xFFFF:04X})": "LONG*"},
+                    "to": ["private"],
+                },
+                {"name": "by-type", "match": {"ImageType": "MARKER"}, "to": ["comment"]},
+            ],
+        }
+    )
+    assert gw.storescu([long_private, long_comment]).returncode == 0
+
+    def sent(folder: Path) -> set[str]:
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+    wait_until(lambda: sent(out["private"]) and sent(out["comment"]), 30, "both routes")
+    assert sent(out["private"]) == {sop_uid_of(long_private)}
+    assert sent(out["comment"]) == {sop_uid_of(long_comment)}

@@ -81,7 +81,10 @@ MATCH_DESCRIPTION = (
     " values does; `ImageType: {all: [ORIGINAL, PRIMARY]}` needs both."
     ' A missing or empty attribute matches only `""` (e.g. `BodyPartExamined: ""`) and'
     ' `not` conditions, so `Modality: "*"` means "present". A value that cannot be read'
-    ' never matches. Quote values YAML would read otherwise (`"NO"`, `"0012"`).'
+    " never matches; nor does a top-level value the ingest scan does not keep: a text value"
+    " over 1 MiB, any other over 16 KiB (before, text over 16 KiB too), or, in an Implicit"
+    " VR data set, any value over 16 KiB."
+    ' Quote values YAML would read otherwise (`"NO"`, `"0012"`).'
     " `match: {}` matches every instance. Mistakes (unknown keyword, bad regular"
     " expression, bad range, a number attribute given text that is no number nor range,"
     " a date or time off the calendar such as `20261301`) stop the gateway at start-up"

@@ -36,6 +36,11 @@ _ITEM, _ITEM_END, _SEQ_END = 0xE000, 0xE00D, 0xE0DD
 MAX_SEQUENCE_DEPTH = 64  # sequences in sequences; deeper is refused (real data: < 10)
 KEEP_VALUE_MAX = 16384  # top-level values up to this size are kept for index and routing
 KEEP_SEQUENCE_MAX = 1 << 20
+# Text values (explicit VR) are kept up to this size: a route may match a long report text
+# or a private UT, or a CS with thousands of values; past 16 KiB the router saw them as
+# missing (and `dicomgate route test`, which reads the whole file, did not).
+KEEP_TEXT_MAX = 1 << 20
+_TEXT_VR_BYTES = frozenset(b"AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _READ_WHOLE_MAX = 256 << 10  # bytes; larger files are memory-mapped
 _INFLATE_BLOCK = 1 << 20  # bytes read, and inflated, at a time
 _INFLATE_IN_MEMORY = 64 << 20  # inflated bytes kept in memory; more go to a temporary file
@@ -235,7 +240,9 @@ class _Walker:
                 if group == 0x7FE0 and element == 0x0010 and keep is not None:
                     self.pixels_encapsulated = False
                 if keep is not None and (
-                    length <= KEEP_VALUE_MAX or (vr == b"SQ" and length <= KEEP_SEQUENCE_MAX)
+                    length <= KEEP_VALUE_MAX
+                    or (vr == b"SQ" and length <= KEEP_SEQUENCE_MAX)
+                    or (length <= KEEP_TEXT_MAX and vr in _TEXT_VR_BYTES)
                 ):
                     tag = BaseTag(group << 16 | element)
                     keep[tag] = RawDataElement(
