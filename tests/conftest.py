@@ -795,3 +795,24 @@ def http_server() -> Iterator[RecordingServer]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def assert_relayed(sent: bytes, stored: bytes) -> None:
+    """``sent`` is the stored file as a relay sends it: the same data set, byte for byte,
+    and the same file meta less our arrival context ((0002,0100), (0002,0102): the sender's
+    AE titles and IP address stay with us)."""
+    import io
+
+    from pydicom import dcmread
+
+    def split(data: bytes) -> tuple[Any, bytes]:
+        assert data[128:132] == b"DICM"
+        offset = 144 + int.from_bytes(data[140:144], "little")
+        return dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta, data[offset:]
+
+    sent_meta, sent_data = split(sent)
+    stored_meta, stored_data = split(stored)
+    assert sent_data == stored_data, "the data set differs from the stored one"
+    assert 0x00020102 not in sent_meta and 0x00020100 not in sent_meta
+    for keyword in ("MediaStorageSOPInstanceUID", "MediaStorageSOPClassUID", "TransferSyntaxUID"):
+        assert sent_meta.get(keyword) == stored_meta.get(keyword), keyword

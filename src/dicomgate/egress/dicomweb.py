@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from dicomgate.egress.base import (
     retry_after_seconds,
 )
 from dicomgate.egress.models import DicomwebDestination, HttpAuth
+from dicomgate.store.part10 import relay_header
 
 __all__ = [
     "BearerFileAuth",
@@ -135,12 +137,33 @@ def split_batch(
     return pieces
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One stored file as the body sends it: ``header`` (the file meta without our arrival
+    context, :func:`~dicomgate.store.part10.relay_header`), then the file from ``offset``."""
+
+    path: Path
+    size: int  # bytes of the file from offset on
+    header: bytes = b""
+    offset: int = 0
+
+
+def _parts(paths: list[Path]) -> list[_Part]:
+    """Each file's relay header and sizes (blocking: run in a thread)."""
+    parts = []
+    for path in paths:
+        with path.open("rb") as fh:
+            header, offset = relay_header(fh)
+            size = os.fstat(fh.fileno()).st_size
+        parts.append(_Part(path, size - offset, header, offset))
+    return parts
+
+
 @dataclass
 class _Body:
     """A multipart/related body streamed from files, with its exact length."""
 
-    paths: list[Path]
-    sizes: list[int]
+    parts: list[_Part]
     boundary: str = field(default_factory=lambda: f"dicomgate-{uuid.uuid4().hex}")
 
     @property
@@ -157,14 +180,19 @@ class _Body:
 
     def length(self) -> int:
         per_part = len(self.part_header) + 2  # header, data, CRLF
-        return sum(self.sizes) + per_part * len(self.sizes) + len(self.closing)
+        data = sum(len(part.header) + part.size for part in self.parts)
+        return data + per_part * len(self.parts) + len(self.closing)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        for path, size in zip(self.paths, self.sizes, strict=True):
+        for part in self.parts:
             yield self.part_header
-            fp = await asyncio.to_thread(path.open, "rb")
+            if part.header:
+                yield part.header
+            fp = await asyncio.to_thread(part.path.open, "rb")
             try:
-                left = size
+                if part.offset:
+                    fp.seek(part.offset)
+                left = part.size
                 while left > 0:
                     chunk = await asyncio.to_thread(fp.read, min(CHUNK_SIZE, left))
                     if not chunk:
@@ -319,12 +347,12 @@ class DicomwebSender:
         """One STOW-RS request for `batch` (split further when the server names no
         culprit for a refusal)."""
         try:
-            sizes = [d.path.stat().st_size for d in batch]
+            parts = await asyncio.to_thread(_parts, [d.path for d in batch])
         except OSError as exc:
             if len(batch) > 1:
                 return await self._store_each(batch)
             return self._fail(batch, f"cannot read the stored file: {os_error_reason(exc)}")
-        body = _Body([d.path for d in batch], sizes)
+        body = _Body(parts)
         try:
             async with self._client.stream(
                 "POST",

@@ -27,6 +27,7 @@ from dicomgate.egress.base import Delivery, Outcome, exception_reason, os_error_
 from dicomgate.egress.models import FolderDestination, template_keywords
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.filestore import fsync_dir
+from dicomgate.store.part10 import relay_header
 
 __all__ = ["FolderSender", "render_path", "safe_component"]
 
@@ -85,11 +86,15 @@ def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
 
 
 def write_atomically(source: Path, target: Path) -> None:
-    """Copy `source` to `target` via a flushed temporary file and a rename."""
+    """Copy `source` to `target` via a flushed temporary file and a rename; the stored
+    file's arrival context is left out of its file meta (:func:`relay_header`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = _create_temporary(target.parent, target.name)
     try:
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            header, offset = relay_header(src)
+            out.write(header)
+            src.seek(offset)
             shutil.copyfileobj(src, out, _COPY_CHUNK)
             out.flush()
             os.fsync(out.fileno())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import BinaryIO
 
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -75,3 +76,47 @@ def parse_arrival(private_information: bytes | None) -> dict[str, str]:
     except (UnicodeDecodeError, ValueError):
         return {}
     return {k: str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_OURS = frozenset({0x0100, 0x0102})  # Private Information Creator UID, Private Information
+_META_MAX = 1 << 16  # a file meta longer than this is not one we wrote: sent as it is
+
+
+def relay_header(fh: BinaryIO) -> tuple[bytes, int]:
+    """What a relay sends instead of a stored file's first bytes: ``(header, offset)``, the
+    preamble and file meta without our arrival context ((0002,0100), (0002,0102): the
+    sender's AE titles and IP address, which are ours to keep, not the destination's), its
+    group length fixed; then the file from ``offset`` on. ``(b"", 0)`` when there is
+    nothing to take out (the file is sent as it is)."""
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return b"", 0
+    group_length = int.from_bytes(head[140:144], "little")
+    if group_length > _META_MAX:
+        return b"", 0
+    meta = fh.read(group_length)
+    if len(meta) < group_length:
+        return b"", 0
+    kept, pos, dropped = bytearray(), 0, False
+    while pos + 8 <= len(meta):
+        group, element, vr = struct.unpack_from("<HH2s", meta, pos)
+        if vr in _LONG_VRS:
+            if pos + 12 > len(meta):
+                return b"", 0
+            end = pos + 12 + int.from_bytes(meta[pos + 8 : pos + 12], "little")
+        else:
+            end = pos + 8 + int.from_bytes(meta[pos + 6 : pos + 8], "little")
+        if group != 0x0002 or end > len(meta):
+            return b"", 0
+        if element in _OURS:
+            dropped = True
+        else:
+            kept += meta[pos:end]
+        pos = end
+    if not dropped or pos != len(meta):
+        return b"", 0
+    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(kept))
+    return head[:132] + length + bytes(kept), 144 + group_length
