@@ -777,3 +777,26 @@ def test_a_write_waiting_for_room_when_the_writer_stops_is_still_made(tmp_path: 
     finally:
         release.set()
         writer.stop()
+
+
+def test_relay_header_leaves_out_only_the_arrival_context() -> None:
+    """A stored file's meta as a relay sends it: (0002,0100) and (0002,0102) gone, the group
+    length fixed, every other element as it was; a file without them, or not ours, as is."""
+    import io
+
+    from dicomgate.store.part10 import arrival_json, relay_header
+
+    data = b"\x08\x00\x16\x00UI\x02\x001\x00"  # one element: the data set follows the meta
+    context = arrival_json("MODALITY", "DICOMGATE", "10.1.2.3", "dimse", "")
+    stored = encode_file_meta(CT_STORAGE, SOP, ExplicitVRLittleEndian, "MODAE", context) + data
+    header, offset = relay_header(io.BytesIO(stored))
+    assert stored[offset:] == data
+    sent = pydicom.dcmread(io.BytesIO(header + data), stop_before_pixels=True)
+    assert 0x00020102 not in sent.file_meta and 0x00020100 not in sent.file_meta
+    assert sent.file_meta.MediaStorageSOPInstanceUID == SOP
+    assert sent.file_meta.SourceApplicationEntityTitle == "MODAE"
+    assert b"10.1.2.3" not in header
+    plain = encode_file_meta(CT_STORAGE, SOP, ExplicitVRLittleEndian) + data
+    assert relay_header(io.BytesIO(plain)) == (b"", 0)
+    assert relay_header(io.BytesIO(data)) == (b"", 0)  # no preamble: sent as it is
+    assert relay_header(io.BytesIO(stored[:200])) == (b"", 0)  # meta cut short
