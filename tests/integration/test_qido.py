@@ -406,3 +406,22 @@ def test_the_answers_come_from_the_index_not_the_files(
         assert len(client.search_for_instances()) == 7
     finally:
         moved.rename(store)
+
+
+def test_includefield_of_a_sequence_names_its_item_attributes(
+    served: tuple[GatewayProcess, QueryCorpus], corpus: QueryCorpus
+) -> None:
+    """`includefield=RequestAttributesSequence` at the series level returns the items'
+    attributes the index holds, without the "not available" Warning it used to get (while
+    the same sequence came back by default); at the study level it is still unavailable."""
+    gw, _ = served
+    series = httpx.get(
+        gw.url(f"/dicomweb/studies/{corpus.study['A']}/series"),
+        params={"includefield": "RequestAttributesSequence"},
+    )
+    assert series.status_code == 200, series.text
+    assert "warning" not in series.headers
+    studies = httpx.get(
+        gw.url("/dicomweb/studies"), params={"includefield": "RequestAttributesSequence"}
+    )
+    assert "RequestAttributesSequence is not available" in studies.headers["warning"]

@@ -384,6 +384,12 @@ def resolve_key(key: str) -> Attribute | None:
     return _BY_PATH.get(tuple(path))
 
 
+def _item_attributes(key: str) -> list[Attribute]:
+    """The item attributes the index holds of the sequence ``key`` names (keyword or tag)."""
+    tag = _tag_of(key.strip()) if "." not in key else None
+    return [a for a in ATTRIBUTES if tag is not None and a.parent == tag]
+
+
 def _tag_of(part: str) -> int | None:
     found = _TAG_RE.match(part)
     if found:
@@ -551,6 +557,13 @@ def _plan(level: Level, keys: Mapping[str, str], options: QueryOptions, dialect:
             returned.setdefault(attribute, None)
     for key in options.include:
         attribute = resolve_key(key)
+        items = _item_attributes(key) if attribute is None else []
+        if items and all(a.level.value <= level.value for a in items):
+            # A sequence named whole (includefield=RequestAttributesSequence): the item
+            # attributes the index holds. It was "not available" while returned by default.
+            for item in items:
+                returned.setdefault(item, None)
+            continue
         if attribute is None or attribute.level.value > level.value:
             warnings.append(f"The attribute {key} is not available and was not included.")
             continue
