@@ -14,7 +14,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1183,7 +1183,7 @@ def test_move_whose_sub_operations_had_warnings_ends_with_warning(
     """A destination that stores each instance with a warning (0xB007, data set does not
     match SOP class, stored anyway): the C-MOVE ends with 0xB000, not Success, which
     PS3.4 C.4.2.1.5 keeps for "all sub-operations completed successfully"."""
-    from pynetdicom import AE, evt
+    from pynetdicom import evt
 
     files = corpus.mr("qr-warn", 3, seed=5311)
     answered: list[str] = []
@@ -1192,15 +1192,7 @@ def test_move_whose_sub_operations_had_warnings_ends_with_warning(
         answered.append(str(event.request.AffectedSOPInstanceUID))
         return 0xB007
 
-    scp_ae = AE(ae_title="WARNSCP")
-    scp_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
-    port = free_port()
-    server = scp_ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    gw = start_gateway(
-        tmp_path / "gw", {"move_destinations": {"WARNSCP": {"host": "127.0.0.1", "port": port}}}
-    )
+    server, gw = _gateway_moving_to_pynetdicom(tmp_path, "WARNSCP", on_store)
     try:
         assert gw.storescu(files).returncode == 0
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -1271,7 +1263,7 @@ def test_move_cancel_interrupts_the_batch_being_sent(tmp_path: Path, corpus: Any
     """A C-CANCEL-MOVE after the first pending response (16 sent) to a destination taking
     0.1 s an instance: the gateway stops before the next instance, not after the next batch
     of 16 (PS3.4 C.4.2.3.1: the SCP shall interrupt the sub-operations)."""
-    from pynetdicom import AE, evt
+    from pynetdicom import evt
 
     files = corpus.mr("qr-cancel-slow", 40, seed=5331)
     received: list[str] = []
@@ -1281,15 +1273,7 @@ def test_move_cancel_interrupts_the_batch_being_sent(tmp_path: Path, corpus: Any
         received.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
-    scp_ae = AE(ae_title="SLOWSCP")
-    scp_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
-    port = free_port()
-    server = scp_ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
-    gw = start_gateway(
-        tmp_path / "gw", {"move_destinations": {"SLOWSCP": {"host": "127.0.0.1", "port": port}}}
-    )
+    server, gw = _gateway_moving_to_pynetdicom(tmp_path, "SLOWSCP", on_store)
     try:
         assert gw.storescu(files).returncode == 0
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -1305,3 +1289,22 @@ def test_move_cancel_interrupts_the_batch_being_sent(tmp_path: Path, corpus: Any
         server.shutdown()
         gw.close_index()
         assert gw.terminate() == 0, gw.log_tail()
+
+
+def _gateway_moving_to_pynetdicom(
+    tmp_path: Path, aet: str, on_store: Callable[[Any], int]
+) -> tuple[Any, GatewayProcess]:
+    """A pynetdicom MR storage SCP answering with ``on_store`` and a gateway whose move
+    destination ``aet`` it is."""
+    from pynetdicom import AE, evt
+
+    scp_ae = AE(ae_title=aet)
+    scp_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+    port = free_port()
+    server = scp_ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    gw = start_gateway(
+        tmp_path / "gw", {"move_destinations": {aet: {"host": "127.0.0.1", "port": port}}}
+    )
+    return server, gw
