@@ -89,3 +89,34 @@ def test_each_study_answers_with_its_own_patient_like_orthanc(
     assert [(str(r.StudyInstanceUID), str(r.PatientName)) for r in answer.responses] == [
         (study_of["unknown-1"], "Anon^One")
     ]
+
+
+def test_qido_sequence_matching_finds_any_request_item(gateway: Any, tmp_path: Path) -> None:
+    """Two instances of one series: the first fulfils two requested procedures (RPX, RPY),
+    the second one (RPZ). A series search on any of them finds the series (PS3.4
+    C.2.2.2.6); before, only RPZ did (the first item of the last instance stored)."""
+    from pydicom.dataset import Dataset as Item
+
+    files = make_mr_series(tmp_path / "requests", 2, seed=971)
+    for path, procedures in zip(files, (["RPX", "RPY"], ["RPZ"]), strict=True):
+        ds = pydicom.dcmread(path)
+        items = []
+        for procedure in procedures:
+            item = Item()
+            item.RequestedProcedureID = procedure
+            items.append(item)
+        ds.RequestAttributesSequence = items
+        ds.save_as(path, enforce_file_format=True)
+    series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    gw: GatewayProcess = gateway()
+    assert gw.storescu(files).returncode == 0
+    for procedure, expected in (
+        ("RPX", [series]),
+        ("RPY", [series]),
+        ("RPZ", [series]),
+        ("RPW", []),
+    ):
+        url = gw.url(f"/dicomweb/series?RequestAttributesSequence.RequestedProcedureID={procedure}")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            found = [r["0020000E"]["Value"][0] for r in json.loads(response.read())]
+        assert found == expected, procedure

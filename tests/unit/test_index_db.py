@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -760,3 +761,52 @@ def test_person_names_match_without_their_trailing_empty_components(index: Index
         "Value": [{"Alphabetic": "Smith^Anne"}, {"Alphabetic": "Jones^Bob"}],
     }
     assert match["00100010"]["Value"] == [{"Alphabetic": "Doe^John"}]
+
+
+def test_sequence_matching_finds_any_item_of_any_instance(index: Index) -> None:
+    """PS3.4 C.2.2.2.6: a Request Attributes Sequence key matches when any item of the
+    series' instances matches, every key of the query in one item. The index kept one item
+    per series (the first of the last instance stored), so RPX and RPY were not found."""
+    from pydicom.dataset import Dataset as Item
+
+    from dicomgate.index.query import Level, search
+
+    def item(requested: str, scheduled: str) -> Item:
+        found = Item()
+        found.RequestedProcedureID, found.ScheduledProcedureStepID = requested, scheduled
+        return found
+
+    first = make_item("1.7.1.1.1", series_uid="1.7.1.1", study_uid="1.7.1")
+    second = make_item("1.7.1.1.2", series_uid="1.7.1.1", study_uid="1.7.1")
+    other = make_item("1.7.2.1.1", series_uid="1.7.2.1", study_uid="1.7.2")
+    records = []
+    for stored, items in (
+        (first, [item("RPX", "S1"), item("RPY", "S2")]),
+        (second, [item("RPZ", "S3")]),
+        (other, []),
+    ):
+        ds = pydicom.dcmread(_testdata("CT_small.dcm"), stop_before_pixels=True)
+        ds.StudyInstanceUID = stored.record.study_uid
+        ds.SeriesInstanceUID = stored.record.series_uid
+        ds.SOPInstanceUID = stored.record.sop_instance_uid
+        ds.RequestAttributesSequence = items
+        records.append(dataclasses.replace(stored, record=extract_record(ds)))
+    index.record(records, DuplicatePolicy.KEEP_BOTH)
+
+    def found(keys: dict[str, str]) -> list[str]:
+        with index.engine.connect() as connection:
+            answer = search(connection, Level.SERIES, keys)
+        return sorted(str(m.series_uid) for m in answer.matches)
+
+    rp, sps = (
+        "RequestAttributesSequence.RequestedProcedureID",
+        "RequestAttributesSequence.ScheduledProcedureStepID",
+    )
+    for requested in ("RPX", "RPY", "RPZ", "RP?"):
+        assert found({rp: requested}) == ["1.7.1.1"], requested
+    assert found({rp: "RPW"}) == []
+    assert found({rp: "RPX", sps: "S1"}) == ["1.7.1.1"]
+    assert found({rp: "RPX", sps: "S2"}) == []  # S2 is in another item
+    with index.engine.connect() as connection:
+        instances = search(connection, Level.IMAGE, {rp: "RPY"})
+    assert sorted(str(m.sop_instance_uid) for m in instances.matches) == ["1.7.1.1.1", "1.7.1.1.2"]

@@ -53,6 +53,7 @@ from dicomgate.index.schema import (
     instance,
     metadata,
     patient,
+    request_attribute,
     series,
     stable_member,
     stable_timer,
@@ -610,6 +611,18 @@ class Index:
             item.received_at,
             cursor,
         )
+        for requested, scheduled in record.requests:  # sequence matching (C.2.2.2.6)
+            key = ("request", str(series_pk), requested, scheduled)
+            if self._levels.get(key, (), None) is None:
+                stmts.insert_request.execute(
+                    cursor,
+                    {
+                        "series_pk": series_pk,
+                        "requested_procedure_id": requested,
+                        "scheduled_procedure_step_id": scheduled,
+                    },
+                )
+                self._levels.put(key, 0, (), None)
 
         outcome, obsolete, replaced_pk = Outcome.STORED, None, None
         if existing is not None:
@@ -970,6 +983,13 @@ class _Statements:
             insert_instance = insert_instance.returning(instance.c.id)
         self.insert_instance = prepare(insert_instance, columns(instance))
         self.insert_job = prepare(delivery_job.insert().inline(), columns(delivery_job))
+        request_insert: Any = (sqlite.insert if dialect.name == "sqlite" else postgresql.insert)(
+            request_attribute
+        )
+        self.insert_request = prepare(
+            request_insert.on_conflict_do_nothing(),
+            [c.name for c in request_attribute.columns],
+        )
         member_insert: Any = (sqlite.insert if dialect.name == "sqlite" else postgresql.insert)(
             stable_member
         )

@@ -23,7 +23,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
 
 from dicomgate.errors import InvalidInstance
-from dicomgate.index.schema import COLUMN_LENGTHS, storable
+from dicomgate.index.schema import COLUMN_LENGTHS, SH, storable
 
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 _DATE_RE = re.compile(r"^\d{8}$")
@@ -47,6 +47,9 @@ class InstanceRecord:
     # Columns whose value did not decode in the declared character set (kept with U+FFFD
     # in place of what did not): the instance.stored line names them.
     undecodable: tuple[str, ...] = ()
+    # (Requested Procedure ID, Scheduled Procedure Step ID) of every Request Attributes
+    # Sequence item, '' for none (schema.request_attribute: sequence matching, C.2.2.2.6).
+    requests: tuple[tuple[str, str], ...] = ()
 
 
 def extract_record(ds: Dataset) -> InstanceRecord:
@@ -121,6 +124,7 @@ def extract_record(ds: Dataset) -> InstanceRecord:
         "instance": _fit("instance", instance),
     }
     return InstanceRecord(
+        requests=_request_items(ds, encodings),
         **rows,
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
@@ -349,6 +353,29 @@ def _unsigned_short(ds: Dataset | None, tag: int) -> int | None:
     if isinstance(value, MultiValue | list | tuple):
         value = value[0] if value else None
     return value if isinstance(value, int) else None
+
+
+def _request_items(ds: Dataset, encodings: list[str]) -> tuple[tuple[str, str], ...]:
+    """Every Request Attributes Sequence item's (Requested Procedure ID, Scheduled Procedure
+    Step ID), each cut to its column, '' for none; items with neither are left out."""
+    if _element(ds, 0x00400275) is None:
+        return ()
+    try:
+        items = ds[BaseTag(0x00400275)].value
+    except (KeyError, ValueError, TypeError, NotImplementedError):
+        return ()
+    if not isinstance(items, DicomSequence):
+        return ()
+    found: dict[tuple[str, str], None] = {}
+    for item in items[:64]:  # a few in practice; a bound against a hostile sequence
+        item_encodings = _encodings(item, encodings)
+        key = (
+            (_text(item, 0x00401001, item_encodings) or "")[:SH],
+            (_text(item, 0x00400009, item_encodings) or "")[:SH],
+        )
+        if any(key):
+            found[key] = None
+    return tuple(found)
 
 
 def _first_item(ds: Dataset, tag: int) -> Dataset | None:

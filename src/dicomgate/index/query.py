@@ -60,7 +60,7 @@ from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import DicomgateError, IndexUnavailable
 from dicomgate.index.extract import nameable_uid, search_name, trim_name
-from dicomgate.index.schema import instance, patient, series, study
+from dicomgate.index.schema import instance, patient, request_attribute, series, study
 
 MAX_KEY_VALUE = 1024  # characters of one key value
 MAX_LIST_ITEMS = 1000  # UIDs (or alternatives) in one key value
@@ -611,8 +611,11 @@ def _conditions(
                 )
             )
             combined.update((day, time))
+    items = {a: v for a, v in values.items() if a.parent == _REQUEST_ATTRIBUTES}
+    if items:
+        conditions.append(_sequence_condition(items, fuzzy, dialect, empty_matches))
     for attribute, value in values.items():
-        if attribute in combined:
+        if attribute in combined or attribute in items:
             continue
         if attribute.computed is not None:
             conditions.append(_computed_condition(attribute, value, dialect))
@@ -623,6 +626,26 @@ def _conditions(
             )
             conditions.append(or_empty(condition, column))
     return conditions
+
+
+def _sequence_condition(
+    items: dict[Attribute, str], fuzzy: bool, dialect: str, empty_matches: bool
+) -> ColumnElement[bool]:
+    """Sequence matching (PS3.4 C.2.2.2.6): the series has an item of its instances'
+    Request Attributes Sequence in which every key matches (``request_attribute``; the
+    series row keeps only the first item of the last instance)."""
+    r = request_attribute.c
+    columns = {
+        "RequestedProcedureID": r.requested_procedure_id,
+        "ScheduledProcedureStepID": r.scheduled_procedure_step_id,
+    }
+    matched = exists().where(
+        r.series_pk == series.c.id,
+        *(_condition(a, columns[a.keyword], v, fuzzy, dialect) for a, v in items.items()),
+    )
+    if empty_matches:  # a series without any item matches too (PS3.18 8.3.4.5)
+        return or_(matched, ~exists().where(r.series_pk == series.c.id))
+    return matched
 
 
 def _condition(

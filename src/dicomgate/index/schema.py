@@ -194,6 +194,22 @@ Index("ix_study_patient_name_search", study.c.patient_name_search)
 Index("ix_study_patient_name", study.c.patient_name)
 # patient_id is the leading column of the unique key, which serves as its index.
 
+# Every Request Attributes Sequence item of a series' instances (Requested Procedure ID,
+# Scheduled Procedure Step ID; '' for none): sequence matching looks for any item (PS3.4
+# C.2.2.2.6). The series row keeps one item (the first of the last instance) to return.
+request_attribute = Table(
+    "request_attribute",
+    metadata,
+    Column(
+        "series_pk",
+        SurrogateKey,
+        ForeignKey("series.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("requested_procedure_id", String(SH), primary_key=True),
+    Column("scheduled_procedure_step_id", String(SH), primary_key=True),
+)
+
 # -- delivery queue (queue/jobs.py) --------------------------------------------------------
 
 # One delivery of one instance to one destination, decided by a route. State machine:

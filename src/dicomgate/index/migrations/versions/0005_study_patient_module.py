@@ -69,6 +69,33 @@ def upgrade() -> None:
         ),
     )
     op.create_index("ix_stable_member_instance_pk", "stable_member", ["instance_pk"])
+    op.create_table(
+        "request_attribute",
+        sa.Column("series_pk", _KEY, nullable=False),
+        sa.Column("requested_procedure_id", sa.String(length=16), nullable=False),
+        sa.Column("scheduled_procedure_step_id", sa.String(length=16), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["series_pk"],
+            ["series.id"],
+            name=op.f("fk_request_attribute_series_pk_series"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint(
+            "series_pk",
+            "requested_procedure_id",
+            "scheduled_procedure_step_id",
+            name=op.f("pk_request_attribute"),
+        ),
+    )
+    # Series indexed before: the one item their row kept (the files are not read again).
+    op.execute(
+        "INSERT INTO request_attribute"
+        " (series_pk, requested_procedure_id, scheduled_procedure_step_id)"
+        " SELECT id, coalesce(requested_procedure_id, ''),"
+        " coalesce(scheduled_procedure_step_id, '')"
+        " FROM series"
+        " WHERE requested_procedure_id IS NOT NULL OR scheduled_procedure_step_id IS NOT NULL"
+    )
     # Timers armed before: they send what they always did, every current instance of
     # their series or study.
     op.execute(
@@ -87,6 +114,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("request_attribute")
     op.drop_index("ix_stable_member_instance_pk", table_name="stable_member")
     op.drop_table("stable_member")
     op.drop_index("ix_study_patient_name", table_name="study")
