@@ -51,6 +51,7 @@ from starlette.routing import BaseRoute
 from starlette.routing import Match as RouteMatch
 
 from dicomgate import __version__
+from dicomgate.dicomweb.multipart import parse_content_type
 from dicomgate.dicomweb.negotiate import AcceptError, parse_accept
 from dicomgate.dicomweb.qido import public_base_url
 from dicomgate.dicomweb.server import PREFIX, retry_later
@@ -412,14 +413,6 @@ def _check_pretty(items: Sequence[tuple[str, str]]) -> None:
         raise _FhirError(400, "invalid", f"_pretty must be true or false, not {values[0]!r}")
 
 
-def _media_params(pieces: list[str]) -> dict[str, str]:
-    params = {}
-    for piece in pieces:
-        name, _, value = piece.partition("=")
-        params[name.strip().lower()] = value.strip().strip('"')
-    return params
-
-
 def _check_format(items: Sequence[tuple[str, str]], accept: str | None) -> None:
     """406 unless FHIR JSON may be the answer.
 
@@ -431,9 +424,9 @@ def _check_format(items: Sequence[tuple[str, str]], accept: str | None) -> None:
     if len(formats) > 1:
         raise _FhirError(400, "invalid", "_format is given more than once")
     if formats:
-        media, *pieces = formats[0].split(";")
-        version = _media_params(pieces).get("fhirversion")
-        if media.strip().lower() in _JSON_FORMATS and version in (None, *_FHIR_VERSIONS):
+        media, params = parse_content_type(formats[0])
+        version = params.get("fhirversion")
+        if media in _JSON_FORMATS and version in (None, *_FHIR_VERSIONS):
             return
         raise _FhirError(
             406, "not-supported", f"only FHIR R4 JSON is served, not _format={formats[0]!r}"
@@ -463,9 +456,9 @@ async def _form_parameters(request: Request) -> list[tuple[str, str]]:
             raise too_long
     if not body:
         return []
-    media, *pieces = request.headers.get("content-type", "").split(";")
-    charset = _media_params(pieces).get("charset", "utf-8").lower()
-    if media.strip().lower() != "application/x-www-form-urlencoded" or charset != "utf-8":
+    media, params = parse_content_type(request.headers.get("content-type", ""))
+    charset = params.get("charset", "utf-8").lower()
+    if media != "application/x-www-form-urlencoded" or charset != "utf-8":
         raise _FhirError(
             415, "not-supported", "a search body is application/x-www-form-urlencoded (UTF-8)"
         )

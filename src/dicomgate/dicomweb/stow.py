@@ -361,14 +361,16 @@ class _Inflater:
             )
 
 
-async def _body(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
-    """The request body, its content coding undone as it arrives (never held whole)."""
+def _body(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
+    """The request body, its content coding undone as it arrives (never held whole). A
+    coding we cannot undo is refused (415) here, before a byte is read."""
     coding = _content_coding(request)
     if coding is None:
-        async for chunk in request.stream():
-            yield chunk
-        return
-    inflater = _Inflater(coding, gateway.config.http.limits.max_stow_bytes)
+        return request.stream()
+    return _decoded(request, _Inflater(coding, gateway.config.http.limits.max_stow_bytes))
+
+
+async def _decoded(request: Request, inflater: _Inflater) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         for out in inflater.feed(chunk):
             yield out
@@ -377,14 +379,14 @@ async def _body(gateway: Gateway, request: Request) -> AsyncIterator[bytes]:
 
 async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
     boundary, part_type = _boundary(request)
-    _content_coding(request)  # refused (415) before a byte is read
+    body = _body(gateway, request)
     if part_type == DICOM_JSON:
         assert boundary is not None
-        await _receive_json(gateway, request, stager, boundary)
+        await _receive_json(gateway, body, stager, boundary)
         return
     if boundary is None:  # one application/dicom body
         stager.start(PartStart({"content-type": DICOM}))
-        async for chunk in _body(gateway, request):
+        async for chunk in body:
             if chunk:
                 stager.data(chunk)
         stager.end()
@@ -394,7 +396,7 @@ async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
     except MultipartError as exc:
         raise _Refused(400, str(exc)) from None
     try:
-        async for chunk in _body(gateway, request):
+        async for chunk in body:
             for event in parser.feed(chunk):
                 if isinstance(event, bytes):
                     stager.data(event)
@@ -408,14 +410,16 @@ async def _receive(gateway: Gateway, request: Request, stager: _Stager) -> None:
         raise _Refused(400, f"malformed multipart body: {exc}") from None
 
 
-async def _receive_json(gateway: Gateway, request: Request, stager: _Stager, boundary: str) -> None:
+async def _receive_json(
+    gateway: Gateway, body: AsyncIterator[bytes], stager: _Stager, boundary: str
+) -> None:
     """A metadata + bulk data request (:mod:`dicomgate.dicomweb.stow_json`): its
     instances are built into spool files and staged like application/dicom parts."""
     parts = JsonStager(gateway.store, stager.private)
     try:
         try:
             parser = MultipartParser(boundary)
-            async for chunk in _body(gateway, request):
+            async for chunk in body:
                 for event in parser.feed(chunk):
                     if isinstance(event, bytes):
                         stager.bytes += len(event)

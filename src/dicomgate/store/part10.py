@@ -7,6 +7,7 @@ import struct
 from typing import BinaryIO
 
 from dicomgate import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomgate.store.scan import LONG_VRS
 
 
 def _short(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
@@ -78,9 +79,6 @@ def parse_arrival(private_information: bytes | None) -> dict[str, str]:
     return {k: str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
 
 
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 _OURS = frozenset({0x0100, 0x0102})  # Private Information Creator UID, Private Information
 _META_MAX = 1 << 16  # a file meta longer than this is not one we wrote: sent as it is
 
@@ -103,7 +101,7 @@ def relay_header(fh: BinaryIO) -> tuple[bytes, int]:
     kept, pos, dropped = bytearray(), 0, False
     while pos + 8 <= len(meta):
         group, element, vr = struct.unpack_from("<HH2s", meta, pos)
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > len(meta):
                 return b"", 0
             end = pos + 12 + int.from_bytes(meta[pos + 8 : pos + 12], "little")

@@ -28,7 +28,7 @@ from pydicom.uid import UID, AllTransferSyntaxes
 
 from dicomgate.errors import InvalidInstance
 
-_LONG_VRS = frozenset(
+LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 )
 _UNDEFINED = 0xFFFFFFFF
@@ -211,7 +211,7 @@ class _Walker:
                     if element == _ITEM_END and in_item:
                         return pos + 8
                     raise InvalidInstance(f"unexpected delimiter {_tag(group, element)}")
-                if vr in _LONG_VRS:
+                if vr in LONG_VRS:
                     if pos + 12 > end:
                         raise InvalidInstance("data set truncated inside an element header")
                     (length,) = u32(buf, pos + 8)
