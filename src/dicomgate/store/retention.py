@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy import exc as sa_exc
 
+from dicomgate.index import let_writers_in
 from dicomgate.index.schema import delivery_job, instance, patient, series, stable_timer, study
 from dicomgate.observability.logging import Outage
 
@@ -87,6 +88,7 @@ class Retention:
             self.deleted += len(relpaths)
             if len(relpaths) < _BATCH:
                 return total
+            let_writers_in(not self._postgres)  # a committer waiting for the write lock
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep until ``stop`` is set; failures are logged and retried next interval."""
