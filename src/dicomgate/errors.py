@@ -16,6 +16,8 @@ Errors are mapped to DIMSE statuses in ``dimse/`` and to HTTP codes in ``dicomwe
 
 from __future__ import annotations
 
+import re
+
 
 class DicomgateError(Exception):
     """Root of every error raised on purpose by dicomgate."""
@@ -77,6 +79,16 @@ def one_line(error: BaseException) -> str:
     cause = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     return lines[0] if lines else type(cause).__name__
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def without_values(text: str) -> str:
+    """``text`` with every quoted part (how our messages and pydicom's quote a value:
+    ``PatientBirthDate: '1923-04-17' is not a value or a range``) replaced by ``'…'``:
+    for a log line, when the full text goes to the requester only."""
+    return _QUOTED.sub("'…'", text)
 
 
 def error_type(error: BaseException) -> str:

@@ -522,6 +522,24 @@ def test_find_bad_identifiers(
     assert_serving(site.gw)
 
 
+def test_find_refusal_keeps_the_requesters_value_out_of_the_log(site: Site, tmp_path: Path) -> None:
+    # The comment goes back to the requester with the value it sent; the log line (rule 5:
+    # no patient data in logs) says what was wrong without it.
+    before = site.gw.log_count("find.refused")
+    answer = findscu(
+        site.gw,
+        STUDY_ROOT,
+        {"QueryRetrieveLevel": "STUDY", "PatientBirthDate": "1923-04-17-x"},
+        tmp_path,
+    )
+    assert answer.statuses() == [0xC000], answer.output[-2000:]
+    assert "1923-04-17-x" in answer.output
+    site.gw.wait_log("find.refused", before + 1)
+    refused = [line for line in site.gw.log_text().splitlines() if "find.refused" in line]
+    assert refused and "PatientBirthDate" in refused[-1]
+    assert "1923" not in site.gw.log_text()
+
+
 # -- C-MOVE -----------------------------------------------------------------------------------
 
 

@@ -70,6 +70,7 @@ from dicomgate.errors import (
     InvalidInstance,
     error_text,
     os_error_reason,
+    without_values,
 )
 from dicomgate.index.db import Index
 from dicomgate.index.query import (
@@ -285,10 +286,12 @@ class QueryRetrieve:
             else:
                 await handler(request, channel)
         except _Refusal as refusal:
+            # The requester's own values stay out of the log (rule 5): its comment
+            # quotes them (``PatientBirthDate: '19230417' is not ...``).
             log.warning(
                 "%s refused: %s",
                 request.service.value,
-                refusal,
+                without_values(str(refusal)),
                 extra={
                     "event": f"{request.service.value}.refused",
                     "calling_ae": request.calling_ae,
