@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -165,3 +166,37 @@ def test_index_on_the_full_disk_refuses_with_a700_and_keeps_index_and_store_in_s
     assert _spool_bytes(gw) == 0
     assert gw.echoscu().returncode == 0
     assert gw.log_count("ingest.commit_failed") + gw.log_count("instance.refused") >= 1
+
+
+def test_readyz_says_not_ready_while_the_store_is_below_min_free_bytes(
+    gateway: Gateway, small_store: Path, tmp_path: Path, corpus: Corpus
+) -> None:
+    # A node that refuses every instance (0xA700, 507) must leave a load balancer's pool:
+    # /readyz said ready, "store": "ok", while the guard refused everything (os.access is
+    # true for root on a full disk).
+    index = tmp_path / "index"
+    index.mkdir()
+    guard = 600 << 10
+    gw = gateway(
+        {
+            "storage": {"path": str(small_store), "min_free_bytes": guard},
+            "database": {"url": f"sqlite:///{index}/index.db"},
+        }
+    )
+    status, body = gw.http_get("/readyz")
+    assert status == 200 and body["checks"]["store"] == "ok", body
+    filler = small_store / "filler"
+    filler.write_bytes(b"\0" * (os.statvfs(small_store).f_bavail * 4096 - (400 << 10)))
+    try:
+        out = gw.storescu(corpus.mr("guard-mr", 1, seed=705), "-v")
+        assert "refused:outofresources" in out.stdout.lower().replace(" ", ""), out.stdout
+        status, body = gw.http_get("/readyz")
+        assert status == 503 and "store" in body["failing"], body
+        assert body["checks"]["store"].startswith("failed: full:"), body
+        assert "storage.min_free_bytes" in body["checks"]["store"]
+    finally:
+        filler.unlink()
+    status, body = gw.http_get("/readyz")
+    assert status == 200 and body["checks"]["store"] == "ok", body
+    time.sleep(1.1)  # the ingest's own check keeps its answer for a second
+    assert gw.storescu(corpus.mr("guard-mr-2", 1, seed=706)).returncode == 0

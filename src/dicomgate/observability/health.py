@@ -137,7 +137,11 @@ def _ingest(gateway: Gateway) -> Check:
 
 
 def _store(gateway: Gateway) -> Check:
-    return Check("store", None if gateway.store.writable() else "not writable")
+    try:
+        problem = gateway.store.problem()
+    except OSError as exc:  # the file system itself gone (an unmounted share)
+        problem = f"cannot read its file system: {exc.strerror or exc}"
+    return Check("store", problem)
 
 
 def _dimse(gateway: Gateway) -> Check:

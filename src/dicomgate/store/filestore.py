@@ -368,6 +368,21 @@ class ContentStore:
     def writable(self) -> bool:
         return os.access(self.spool_dir, os.W_OK) and os.access(self.store_dir, os.W_OK)
 
+    def problem(self) -> str | None:
+        """Why new instances would be refused now (readiness), or None: the folders not
+        writable (a read-only file system), or free space below ``min_free_bytes`` (read
+        afresh: a readiness probe is not the hot path)."""
+        if not self.writable():
+            return "not writable"
+        if self.min_free_bytes:
+            free = shutil.disk_usage(self.root).free
+            if free < self.min_free_bytes:
+                return (
+                    f"full: {free} bytes free, below storage.min_free_bytes"
+                    f" ({self.min_free_bytes}); new instances are refused"
+                )
+        return None
+
     def check_space(self) -> None:
         """Raise :class:`StoreFullError` when free space is below ``min_free_bytes``.
 
