@@ -112,6 +112,8 @@ class IngestJob:
     stored: InstanceRecord | None = field(default=None, repr=False)
     # time.monotonic() when the instance was fully received: the ack latency starts here.
     submitted_at: float = field(default_factory=time.monotonic, repr=False)
+    # STOW-RS: the authenticated user or API key name (the audit rows' actor).
+    user: str = ""
 
 
 class Ingestor:
@@ -366,17 +368,7 @@ class Ingestor:
 
     def _refuse(self, job: IngestJob, exc: DicomgateError) -> None:
         job.spool.discard()
-        log.warning(
-            "instance refused: %s",
-            exc,
-            extra={
-                "event": "instance.refused",
-                "sop": uid_hash(job.sop_instance_uid),
-                "calling_ae": job.calling_ae,
-                "reason": type(exc).__name__,
-            },
-        )
-        _resolve(job, exc)
+        _refused(job, exc)
 
     def _commit_batch(self, batch: list[IngestJob]) -> None:
         """Durable and indexed, or refused, for every job of the batch.
@@ -478,7 +470,7 @@ class Ingestor:
                     except OSError:
                         mtime = now
                     self._uncertain.append((job.sop_instance_uid, item.relpath, mtime))
-                    _resolve(job, exc)
+                    _refused(job, exc)
                 return
             except DicomgateError as exc:
                 log.error(
@@ -537,7 +529,7 @@ class Ingestor:
     def _refuse_placed(self, job: IngestJob, item: StoredInstance, exc: DicomgateError) -> None:
         """A file already renamed into the store that will not be indexed: remove it."""
         self.store.remove(item.relpath)
-        _resolve(job, exc)
+        _refused(job, exc)
 
     def _record(
         self,
@@ -728,7 +720,7 @@ def _received_events(
         outcome = FAILURE if result.outcome is Outcome.REJECTED else SUCCESS
         key = (
             rec.study_uid,
-            job.calling_ae,
+            job.calling_ae or job.user,
             job.called_ae,
             job.source_ip,
             job.received_via,
@@ -799,6 +791,26 @@ def _start_writeback(batch: list[IngestJob]) -> None:
 def _set(future: asyncio.Future[DicomgateError | None], value: DicomgateError | None) -> None:
     if not future.done():  # the association may have gone away meanwhile
         future.set_result(value)
+
+
+def _refused(job: IngestJob, exc: DicomgateError) -> None:
+    """Answer ``job`` with its refusal, and log it as ``instance.refused`` (counted in
+    ``dicomgate_instances_refused_total`` and audited), whatever refused it: the instance
+    itself, its flush, or the index (an outage: 0xA700, counted per instance since
+    2026-12-07)."""
+    _resolve(job, exc)
+    log.warning(
+        "instance refused: %s",
+        exc,
+        extra={
+            "event": "instance.refused",
+            "sop": uid_hash(job.sop_instance_uid),
+            "calling_ae": job.calling_ae,
+            "reason": type(exc).__name__,
+            "peer": job.source_ip,
+            "user": job.user,
+        },
+    )
 
 
 def _resolve(job: IngestJob, value: DicomgateError | None) -> None:

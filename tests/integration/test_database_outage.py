@@ -37,12 +37,14 @@ from tests.conftest import (
     wait_until,
 )
 from tests.integration.test_cli_console import _run as run_cli
+from tests.integration.test_metrics_audit import _metrics, _value
 from tests.integration.test_qr_scp import STUDY_ROOT, findscu, getscu, movescu
 
 pytestmark = [pytest.mark.timeout(180)]
 
 Gateway = Callable[..., GatewayProcess]
 OUT_OF_RESOURCES = 0xA700
+REFUSED = ("dicomgate_instances_refused_total", "IndexUnavailable")
 
 
 def _store_files(gw: GatewayProcess) -> list[Path]:
@@ -90,6 +92,10 @@ def test_stores_meanwhile_are_refused_and_nothing_is_half_kept(
         assert [p for p in watch.rglob("*") if p.is_file() and p.name != "e.dcm"] == []
         # Nothing refused was kept: the store holds the two acknowledged instances only.
         assert len(_store_files(gw)) == 2
+        # Each refusal is counted (it was not: the index's refusals bypassed the counter).
+        refused = _metrics(gw)
+        metric, reason = REFUSED
+        assert _value(refused, metric, calling_ae="STORESCU", reason=reason) == 1, refused
         assert gw.running()
     finally:
         pg_cut_off(name, allow=True)
