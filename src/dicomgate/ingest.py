@@ -114,6 +114,11 @@ class IngestJob:
     submitted_at: float = field(default_factory=time.monotonic, repr=False)
     # STOW-RS: the authenticated user or API key name (the audit rows' actor).
     user: str = ""
+    # Set by the committer: the job was answered (``_resolve``); its index transaction
+    # committed (its file is named by a row, or was refused as a duplicate). The
+    # committer's last-resort handler must leave such files alone.
+    answered: bool = field(default=False, repr=False)
+    committed: bool = field(default=False, repr=False)
 
 
 class Ingestor:
@@ -155,6 +160,7 @@ class Ingestor:
         # (SOP Instance UID, store path, file mtime) of instances whose commit's outcome is
         # unknown
         self._uncertain: list[tuple[str, str, float]] = []
+        self._stopping = False
 
     def stalled_for(self, allowed: float, disk_rate: float) -> float:
         """Seconds the batch being committed has taken beyond ``allowed`` plus the time
@@ -174,12 +180,19 @@ class Ingestor:
         outcome is still unknown (the next start's recovery must look at it), else None."""
         return min((mtime for _, _, mtime in self._uncertain), default=None)
 
+    @property
+    def dead(self) -> bool:
+        """The committer thread ended without being stopped (a bug): nothing is stored
+        any more, and ``/readyz`` must say so."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stopping
+
     def start(self) -> None:
         self.store.start_spool_refiller()
         self._thread.start()
 
     def stop(self) -> None:
         """Finish the queued jobs, then stop the thread."""
+        self._stopping = True
         self._queue.put(None)
         self._thread.join()
         self._flusher.shutdown()
@@ -236,6 +249,23 @@ class Ingestor:
                 },
             )
             return False
+        mtime = path.stat().st_mtime
+        if self.policy == "overwrite" and any(  # DuplicatePolicy.OVERWRITE (a StrEnum)
+            row.get("is_current") and _mtime(self.store.path_of(str(row["relpath"]))) > mtime
+            for row in rows
+        ):
+            # A version this one's newer replacement was committed over: the crash came
+            # between that commit and the removal of this file. Indexing it would put the
+            # old version back as current (and remove the newer one's file).
+            path.unlink(missing_ok=True)
+            log.info(
+                "removed a replaced version of an indexed instance",
+                extra={
+                    "event": "recovery.replaced_removed",
+                    "sop": uid_hash(record.sop_instance_uid),
+                },
+            )
+            return False
         item = StoredInstance(
             record=record,
             relpath=relpath,
@@ -246,7 +276,7 @@ class Ingestor:
             called_ae="",
             source_ip="",
             received_via="recovery",
-            received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+            received_at=datetime.fromtimestamp(mtime, UTC),
         )
         arrival = parse_arrival(meta.file_meta.get("PrivateInformation"))
         ctx = MatchContext(
@@ -319,9 +349,7 @@ class Ingestor:
                 self._commit_batch(batch)
             except Exception:  # a bug must fail the batch, never kill the committer
                 log.exception("ingest batch failed", extra={"event": "ingest.internal_error"})
-                for job in batch:
-                    job.spool.discard()
-                    _resolve(job, StoreError("internal error while storing"))
+                self._fail_unanswered(batch)
             finally:
                 self._busy = None
             if len(self._lines) >= _LINES_MAX:
@@ -337,6 +365,23 @@ class Ingestor:
                 len(self._uncertain),
                 extra={"event": "ingest.commit_unsettled", "instances": len(self._uncertain)},
             )
+
+    @staticmethod
+    def _fail_unanswered(batch: list[IngestJob]) -> None:
+        """After an unexpected error in a batch: answer the jobs not answered yet. A job
+        whose transaction committed keeps its file (a row names it; removing it lost an
+        acknowledged instance when the removal of a replaced file failed after the
+        commit); it is answered with a failure all the same (the sender sends again, a
+        duplicate of what is stored), never with a success this handler cannot vouch
+        for. The others' files go."""
+        for job in batch:
+            if job.answered:
+                continue
+            if job.committed:
+                _resolve(job, StoreError("internal error after storing; send it again"))
+                continue
+            job.spool.discard()
+            _resolve(job, StoreError("internal error while storing"))
 
     def _inspect(self, job: IngestJob) -> tuple[InstanceRecord, Dataset]:
         """Check the data set is complete and the instance the sender announced."""
@@ -483,6 +528,8 @@ class Ingestor:
                 return
         if not prepared:  # every flush failed
             return
+        for job, _ in prepared:
+            job.committed = True
         self._finish(prepared, results)
         if self._uncertain:  # the index answers again
             self._settle_uncertain()
@@ -813,5 +860,14 @@ def _refused(job: IngestJob, exc: DicomgateError) -> None:
     )
 
 
+def _mtime(path: Path) -> float:
+    """``path``'s modification time, or -inf when it is gone."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("-inf")
+
+
 def _resolve(job: IngestJob, value: DicomgateError | None) -> None:
+    job.answered = True
     job.loop.call_soon_threadsafe(_set, job.future, value)

@@ -156,6 +156,8 @@ def recover(
         try:
             if adopt(path):
                 indexed += 1
+        except FileNotFoundError:
+            continue  # removed meanwhile (a replaced version an earlier file superseded)
         except DicomgateError as exc:
             quarantine.mkdir(exist_ok=True)
             os.replace(path, quarantine / f"{uuid.uuid4().hex}-{path.name}")

@@ -126,6 +126,8 @@ def _ingest(gateway: Gateway) -> Check:
     committer (a lock held by another session, an I/O stall on its host) or a store disk
     that stopped answering shows here, not in ``database``."""
     ingestor = getattr(gateway, "ingestor", None)  # not yet made early in start-up
+    if ingestor is not None and ingestor.dead:
+        return Check("ingest", "the committer thread has stopped: restart the gateway")
     allowed = min(INGEST_STALL, gateway.config.database.timeout / 2)
     late = 0.0 if ingestor is None else ingestor.stalled_for(allowed, INGEST_DISK_RATE)
     if late > 0:

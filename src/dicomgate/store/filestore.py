@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomgate.errors import DicomgateError, StoreError, StoreFullError
+
+log = logging.getLogger(__name__)
 
 MEMORY_COPY_MAX = 64 << 10  # bytes: a spool file up to this size is also kept in memory
 _POOL_SIZE = 32  # ready spool files: a burst of C-STOREs or STOW-RS parts
@@ -315,11 +318,22 @@ class SpoolFile:
         self._copy = None  # scanned by now
 
     def discard(self) -> None:
+        """Drop the file. Never raises: it runs while an error is being handled (a
+        read-only or failing file system refuses the unlink too), and an exception here
+        once killed the committer thread; a spool file left behind is removed at the next
+        start, a store file is one recovery looks at."""
         self._copy = None
         if self._error is None:
             self._error = StoreError("spool file discarded")  # skip writes still queued
-        self.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            self.close()
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning(
+                "cannot remove a refused file: %s",
+                exc.strerror or exc,
+                extra={"event": "store.remove_failed"},
+            )
 
 
 class ContentStore:
@@ -549,5 +563,14 @@ class ContentStore:
                 known[folder] = None
 
     def remove(self, relpath: str) -> None:
-        """Delete a stored file (used when an index transaction refused it)."""
-        (self.root / relpath).unlink(missing_ok=True)
+        """Delete a stored file (one an index transaction refused, or one replaced by a
+        newer version). Never raises (see :meth:`SpoolFile.discard`): the file stays, and
+        the log says so."""
+        try:
+            (self.root / relpath).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning(
+                "cannot remove a store file no row names: %s",
+                exc.strerror or exc,
+                extra={"event": "store.remove_failed"},
+            )
