@@ -73,6 +73,12 @@ def os_error_reason(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc.strerror or 'errno ' + str(exc.errno)}"
 
 
+# What a client of the DICOM services (DICOMweb, FHIR, DIMSE) is told when the index does
+# not answer: not the driver's text, which names the database's host, port and name (the
+# operator reads it in /readyz, the log and the admin API).
+INDEX_UNAVAILABLE = "the index database is unavailable; try again later"
+
+
 def one_line(error: BaseException) -> str:
     """The first non-empty line of an error (of the database driver's own error when
     SQLAlchemy wraps one: ``.orig``), else its class name: for log lines and answers."""

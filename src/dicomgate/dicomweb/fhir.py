@@ -55,7 +55,7 @@ from dicomgate.dicomweb.multipart import parse_content_type
 from dicomgate.dicomweb.negotiate import AcceptError, parse_accept
 from dicomgate.dicomweb.qido import public_base_url
 from dicomgate.dicomweb.server import PREFIX, retry_later
-from dicomgate.errors import IndexUnavailable
+from dicomgate.errors import INDEX_UNAVAILABLE, IndexUnavailable
 from dicomgate.index.extract import nameable_uid
 from dicomgate.index.query import (
     MAX_KEY_VALUE,
@@ -190,8 +190,8 @@ def router(gateway: Gateway) -> APIRouter:
                 raise _FhirError(404, "not-found", f"no ImagingStudy {study_id!r}")
         except _FhirError as error:
             return failed(error, pretty)
-        except IndexUnavailable as error:
-            return respond(outcome("transient", f"index unavailable: {error}"), 503, pretty)
+        except IndexUnavailable:
+            return respond(outcome("transient", INDEX_UNAVAILABLE), 503, pretty)
         return respond(found[0], pretty=pretty)
 
     def answer_search(request: Request, items: list[tuple[str, str]]) -> Response:
@@ -214,8 +214,8 @@ def router(gateway: Gateway) -> APIRouter:
             return failed(error, pretty, applied)
         except InvalidQuery as error:
             return failed(_FhirError(400, "invalid", str(error)), pretty, applied)
-        except IndexUnavailable as error:
-            return respond(outcome("transient", f"index unavailable: {error}"), 503, pretty)
+        except IndexUnavailable:
+            return respond(outcome("transient", INDEX_UNAVAILABLE), 503, pretty)
         base = public_base_url(request)
         return respond(_search_bundle(base, wanted, found, total), pretty=pretty, headers=applied)
 

@@ -45,7 +45,7 @@ from dicomgate.bridge.dicomweb_bridge import bridge_for
 from dicomgate.bridge.dimse_upstream import UpstreamFailed
 from dicomgate.dicomweb.negotiate import AcceptError, choose_by_quality
 from dicomgate.dicomweb.server import PREFIX, problem
-from dicomgate.errors import IndexUnavailable
+from dicomgate.errors import INDEX_UNAVAILABLE, IndexUnavailable
 from dicomgate.index.extract import nameable_uid
 from dicomgate.index.query import (
     RETRIEVE_URL_TAG,
@@ -138,8 +138,8 @@ def router(gateway: Gateway) -> APIRouter:
             return problem(error.status, error.message)
         except InvalidQuery as error:
             return problem(400, str(error))
-        except IndexUnavailable as error:
-            return problem(503, f"index unavailable: {error}")
+        except IndexUnavailable:
+            return problem(503, INDEX_UNAVAILABLE)
         except UpstreamFailed as error:
             return problem(error.status, f"upstream {error}")
         warnings = [*parsed.warnings, *result.warnings]

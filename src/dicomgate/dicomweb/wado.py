@@ -74,7 +74,7 @@ from dicomgate.dicomweb.transcode import (
     TranscodeError,
     transcode,
 )
-from dicomgate.errors import IndexUnavailable, error_text, os_error_reason
+from dicomgate.errors import INDEX_UNAVAILABLE, IndexUnavailable, error_text, os_error_reason
 from dicomgate.observability.logging import uid_hash
 
 if TYPE_CHECKING:
@@ -235,8 +235,8 @@ class WadoService:
             refs = await asyncio.to_thread(
                 find_instances, self.gateway.index.engine, study, series, sop
             )
-        except IndexUnavailable as exc:
-            raise WadoError(503, f"index unavailable: {exc}") from None
+        except IndexUnavailable:
+            raise WadoError(503, INDEX_UNAVAILABLE) from None
         if not refs:
             what = "instance" if sop else "series" if series else "study"
             raise WadoError(404, f"unknown {what}")
