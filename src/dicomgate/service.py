@@ -362,7 +362,8 @@ class Gateway:
             app,
             host=http.host,
             port=http.port,
-            http=guarded_http_protocol(guard),
+            # TLS is the guard's (counted and timed from the accept), not uvicorn's.
+            http=guarded_http_protocol(guard, tls=(lambda: tls.context) if tls else None),
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -372,7 +373,6 @@ class Gateway:
             # Forwarded headers are the app's (security.forwarded): uvicorn's own would apply
             # X-Forwarded-For/-Proto before the app could tell a trusted proxy's from others'.
             proxy_headers=False,
-            ssl_context_factory=(lambda _config, _default: tls.context) if tls else None,
         )
 
     def _warn_http_exposure(self) -> None:

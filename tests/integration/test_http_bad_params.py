@@ -278,7 +278,7 @@ def test_openapi_documents_400_errors(client: httpx.Client) -> None:
         ("/api/queue", "delete", {"400", "503"}),
         ("/api/queue/{job_id}", "get", {"400", "404", "503"}),
         ("/api/queue/{job_id}/retry", "post", {"400", "404", "409", "503"}),
-        ("/api/queue/retry-dead", "post", {"400", "503"}),
+        ("/api/queue/retry-dead", "post", {"400", "404", "503"}),
         ("/api/destinations/{name}/pause", "post", {"400", "404"}),
         ("/api/destinations/{name}/resume", "post", {"400", "404"}),
         ("/api/audit", "get", {"400", "503"}),
@@ -300,14 +300,22 @@ def test_openapi_lists_the_errors_each_admin_route_answers(
         }
 
 
-def test_sign_in_page_status_is_a_4xx(gateway: Callable[..., GatewayProcess]) -> None:
-    """``status`` of the sign-in page is any integer in its URL: 99999 is no HTTP status."""
+def test_sign_in_page_status_comes_from_its_error_code_only(
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    """The sign-in page's status followed a ``status`` integer in its URL (99999 is no HTTP
+    status); now only a known ``error`` code sets it, and the URL's ``status`` is ignored."""
     keys = [{"name": "ops", "sha256": hash_api_key(new_api_key()), "scopes": ["admin"]}]
     gw = gateway({"http": {"auth": {"api_keys": keys}}})
     with httpx.Client(base_url=gw.url(""), timeout=30) as client:
-        for status, expected in (("99999", 401), ("200", 401), ("-1", 401), ("403", 403)):
-            page = client.get("/ui/login", params={"error": "refused", "status": status})
-            assert page.status_code == expected, page.text
+        for params, expected in (
+            ({"error": "refused", "status": "99999"}, 200),  # unknown code: no error shown
+            ({"error": "invalid_api_key", "status": "200"}, 401),
+            ({"error": "invalid_api_key", "status": "-1"}, 401),
+            ({"error": "keys_unavailable", "status": "403"}, 503),
+        ):
+            page = client.get("/ui/login", params=params)
+            assert page.status_code == expected, (params, page.status_code)
             assert page.headers["content-type"].startswith("text/html")
         assert client.get("/healthz").status_code == 200
 

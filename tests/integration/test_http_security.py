@@ -211,7 +211,217 @@ def test_https_refuses_to_start_with_a_bad_key_pair(gateway: Gateway, tmp_path: 
         check=False,
     )
     assert result.returncode == 1
-    assert "cannot start: http.tls: cannot load" in result.stderr
+    assert (
+        f"cannot start: http.tls.key: cannot load {tmp_path / 'b.key'}: it does not match"
+        f" the certificate {tmp_path / 'a.pem'}" in result.stderr
+    )
+
+
+def check_config(gw: GatewayProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DICOMGATE, "check-config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_loads_the_tls_files_and_names_the_key(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """``check-config`` loads certificates, keys and CAs as ``serve`` does: exit 2 and one
+    line naming the key and the file (ssl's own error named neither: ``cannot read None``)."""
+    ca = Ca(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue("server", cert, key)
+    ca.issue("other", tmp_path / "other.pem", tmp_path / "other.key")
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+    missing = tmp_path / "nowhere" / "server.key"
+    http_cases: list[tuple[dict[str, Any], str]] = [
+        ({"key": str(missing)}, f"http.tls.key: cannot read {missing}: No such file or directory"),
+        ({"cert": str(tmp_path / "no.pem")}, f"http.tls.cert: cannot read {tmp_path / 'no.pem'}"),
+        ({"key": str(tmp_path)}, f"http.tls.key: cannot read {tmp_path}: Is a directory"),
+        ({"cert": str(garbage)}, f"http.tls.cert: cannot load {garbage}: not a PEM certificate"),
+        ({"key": str(garbage)}, f"http.tls.key: cannot load {garbage}: not a PEM private key"),
+        (
+            {"key": str(tmp_path / "other.key")},
+            f"http.tls.key: cannot load {tmp_path / 'other.key'}: it does not match",
+        ),
+        (
+            {"key": str(encrypted)},
+            f"http.tls.key: {encrypted} is encrypted: set http.tls.key_password_env",
+        ),
+        (
+            {"key": str(encrypted), "key_password_env": "DICOMGATE_TEST_UNSET_PASSWORD"},
+            "http.tls.key_password_env: environment variable DICOMGATE_TEST_UNSET_PASSWORD",
+        ),
+        ({"ciphers": "NONSENSE"}, "http.tls.ciphers: no cipher matches 'NONSENSE'"),
+    ]
+    dimse_cases: list[tuple[dict[str, Any], str]] = [
+        (
+            {"ca": str(tmp_path / "no-ca.pem"), "require_client_cert": True},
+            f"dimse.tls.ca: cannot read {tmp_path / 'no-ca.pem'}: No such file or directory",
+        ),
+        ({"ca": str(garbage)}, f"dimse.tls.ca: cannot load {garbage}: no PEM CA certificate"),
+        ({"require_client_cert": True}, "dimse.tls.ca: needed with require_client_cert"),
+        ({"ciphers": "NONSENSE"}, "dimse.tls.ciphers: no cipher matches 'NONSENSE'"),
+        ({"key": str(missing)}, f"dimse.tls.key: cannot read {missing}"),
+    ]
+    pair = {"cert": str(cert), "key": str(key)}
+    cases = [({"http": {"tls": {**pair, **case}}}, want) for case, want in http_cases] + [
+        ({"dimse": {"tls": {"port": 0, **pair, **case}}}, want) for case, want in dimse_cases
+    ]
+    for overrides, want in cases:
+        gw = gateway(overrides, start=False)
+        result = check_config(gw)
+        assert result.returncode == 2, (overrides, result.stdout, result.stderr)
+        assert result.stderr.startswith("dicomgate: config error: "), result.stderr
+        assert want in result.stderr, (want, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    # A good pair passes; serve says the same as check-config about a missing key.
+    good = gateway({"http": {"tls": pair}, "dimse": {"tls": {"port": 0, **pair}}}, start=False)
+    assert check_config(good).returncode == 0, check_config(good).stderr
+    bad = gateway({"http": {"tls": {**pair, "key": str(missing)}}}, start=False)
+    served = subprocess.run(
+        [DICOMGATE, "serve", "--config", str(bad.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert served.returncode == 1
+    assert f"cannot start: http.tls.key: cannot read {missing}: No such file" in served.stderr
+
+
+def openssl_handshake(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``openssl s_client`` to 127.0.0.1:port with ``args``; returncode 0 when it connected."""
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_https_cipher_policy_is_bcp195_and_hsts_is_optional(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """HTTPS takes the DICOM TLS cipher policy (BCP 195, PS3.15 B.9): ECDHE with AEAD only
+    in TLS 1.2, no CBC suite; ``http.tls.ciphers`` narrows it; HSTS only when asked."""
+    ca = Ca(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue("server", cert, key)
+    gw = gateway({"http": {"tls": {"cert": str(cert), "key": str(key)}}}, start=False)
+    start_https(gw, ca)
+    tls12 = ("-tls1_2", "-cipher")
+    for cbc in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA"):
+        refused = openssl_handshake(gw.http_port, *tls12, cbc)
+        assert refused.returncode != 0, (cbc, refused.stdout[-400:])
+    for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+        accepted = openssl_handshake(gw.http_port, *tls12, aead)
+        assert accepted.returncode == 0, (aead, accepted.stderr[-400:])
+        assert f"Cipher is {aead}" in accepted.stdout
+    assert openssl_handshake(gw.http_port, "-tls1_3").returncode == 0
+    response = httpx.get(https_url(gw, "/healthz"), verify=ca.client_context())
+    assert response.status_code == 200
+    assert "strict-transport-security" not in response.headers  # off by default
+    gw.terminate()
+
+    narrow = gateway(
+        {
+            "http": {
+                "tls": {
+                    "cert": str(cert),
+                    "key": str(key),
+                    "ciphers": "ECDHE-ECDSA-AES256-GCM-SHA384",
+                    "hsts_max_age": 31536000,
+                }
+            }
+        },
+        start=False,
+    )
+    start_https(narrow, ca)
+    assert openssl_handshake(narrow.http_port, *tls12, "ECDHE-ECDSA-AES128-GCM-SHA256").returncode
+    assert (
+        openssl_handshake(narrow.http_port, *tls12, "ECDHE-ECDSA-AES256-GCM-SHA384").returncode == 0
+    )
+    for path in ("/healthz", "/api/queue"):
+        answer = httpx.get(https_url(narrow, path), verify=ca.client_context())
+        assert answer.headers["strict-transport-security"] == "max-age=31536000", path
+
+
+def test_https_handshakes_are_timed_and_counted_per_client(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """Connections that never finish the TLS handshake count against
+    ``max_connections_per_client`` from their accept and are closed after
+    ``header_timeout`` (asyncio's own limit was 60 s, and nothing counted them)."""
+    ca = Ca(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue("server", cert, key)
+    gw = gateway(
+        {
+            "http": {
+                "tls": {"cert": str(cert), "key": str(key)},
+                "limits": {"header_timeout": 1.5, "max_connections_per_client": 5},
+            }
+        },
+        start=False,
+    )
+    start_https(gw, ca)
+    port = gw.http_port
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    try:
+        time.sleep(0.3)
+        # The sixth from the same address is closed at once, before any handshake.
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            extra.settimeout(1.0)
+            with contextlib.suppress(ConnectionResetError):
+                assert extra.recv(1) == b""
+        # Another address is served meanwhile.
+        other = httpx.Client(
+            transport=httpx.HTTPTransport(
+                local_address=SECOND_LOOPBACK, verify=ca.client_context()
+            ),
+            timeout=5,
+        )
+        with other:
+            assert other.get(https_url(gw, "/healthz")).status_code == 200
+        # The silent ones are closed after header_timeout, not after 60 s.
+        started = time.monotonic()
+        for sock in silent:
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+        assert time.monotonic() - started < 4
+    finally:
+        for sock in silent:
+            sock.close()
+    # Their places are free again: this address is served.
+    wait_until(
+        lambda: httpx.get(https_url(gw, "/healthz"), verify=ca.client_context()).is_success,
+        5,
+        "served again",
+    )
+    gw.wait_log("http.connection_refused")
+    # A handshake that completes and then sends its head in time is served as before; the
+    # scheme the app sees is https (RetrieveURL and the like).
+    with httpx.Client(verify=ca.client_context()) as client:
+        for _ in range(3):
+            assert client.get(https_url(gw, "/healthz")).status_code == 200
 
 
 # -- API keys --------------------------------------------------------------------------------
@@ -573,6 +783,54 @@ def test_rate_limit_per_client(gateway: Gateway) -> None:
     time.sleep(1.1)
     assert httpx.get(qido).status_code == 200
     gw.wait_log("http.rate_limited")
+
+
+def test_a_request_head_over_the_limit_is_refused_even_in_one_read(gateway: Gateway) -> None:
+    """``max_header_bytes`` (64 KiB) holds when the whole head arrives in one read: 431 and
+    the connection closed (the head used to be parsed and served before it was counted)."""
+    gw = gateway()
+
+    def send_head(header_bytes: int) -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", gw.http_port)) as sock:
+            sock.settimeout(10)
+            head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * header_bytes
+            sock.sendall(head + b"\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                    if header_bytes < 64 * 1024:
+                        break  # a keep-alive answer: the connection stays open
+            status, _, rest = answer.partition(b"\r\n")
+            return status, rest
+
+    status, _ = send_head(60_000)
+    assert status == b"HTTP/1.1 200 OK"
+    for size in (70_000, 1_000_000):
+        status, rest = send_head(size)  # read to the end: the server closed the connection
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", size
+        assert b"connection: close" in rest.lower()
+    gw.wait_log("http.head_too_large")
+
+
+def test_an_unsupported_authorization_scheme_gets_a_challenge_without_error(
+    gateway: Gateway,
+) -> None:
+    """RFC 6750 3.1: a request with an authentication method we do not support gets the
+    challenge without an error code; a bad bearer token gets ``error="invalid_token"``."""
+    _, entry = new_key("viewer", "read")
+    gw = gateway({"http": {"auth": {"api_keys": [entry]}}})
+    qido = gw.url("/dicomweb/studies")
+    for scheme in ("Digest abc", "Negotiate YIIB", "Digest"):
+        response = httpx.get(qido, headers={"Authorization": scheme})
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == 'Bearer realm="dicomgate"', scheme
+    bad = httpx.get(qido, headers={"Authorization": "Bearer dgk_not_a_key"})
+    assert bad.status_code == 401
+    assert bad.headers["www-authenticate"] == 'Bearer realm="dicomgate", error="invalid_token"'
+    assert httpx.get(qido).headers["www-authenticate"] == 'Bearer realm="dicomgate"'
+    gw.wait_log("auth.denied", 5)
+    assert "reason=unsupported_scheme" in gw.log_text()
 
 
 def test_slow_loris_connections_are_closed(gateway: Gateway) -> None:

@@ -99,6 +99,38 @@ class AssociateRQ:
     raw_called_ae: bytes = b""
     raw_calling_ae: bytes = b""
 
+    def invalid_ae_title(self) -> tuple[RejectReason, str] | None:
+        """The A-ASSOCIATE-RJ reason (PS3.8 Table 9-21, source service user) for a called or
+        calling AE title that is no AE value at all (:func:`ae_title_problem`), or None."""
+        for raw, reason, which in (
+            (self.raw_called_ae, RejectReason.CALLED_AE_NOT_RECOGNIZED, "called"),
+            (self.raw_calling_ae, RejectReason.CALLING_AE_NOT_RECOGNIZED, "calling"),
+        ):
+            problem = ae_title_problem(raw)
+            if problem is not None:
+                return reason, f"{which} AE title {raw!r} {problem}"
+        return None
+
+
+def ae_title_problem(raw: bytes) -> str | None:
+    """Why an AE title field is not a value of VR AE, or None when it is one.
+
+    PS3.5 6.2: an AE title is at most 16 characters of the Default Character Repertoire
+    (ISO-IR 6) excluding the backslash (5CH) and all control characters; leading and
+    trailing spaces are not significant (some senders pad with NULs instead, PS3.8 9.3.2
+    asks for spaces: trailing NULs are tolerated). A newline in an AE title would otherwise
+    reach the log and the audit trail as it came.
+    """
+    value = raw.strip(b" \x00")
+    for byte in value:
+        if byte < 0x20 or byte == 0x7F:
+            return "has a control character (PS3.5 6.2)"
+        if byte == 0x5C:
+            return "has a backslash (PS3.5 6.2)"
+        if byte > 0x7F:
+            return "is not in the default character repertoire (PS3.5 6.2)"
+    return None
+
 
 def _uid(raw: bytes) -> str:
     return raw.decode("ascii", "replace").rstrip("\x00 ").strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -51,12 +52,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: in a
+# text log line they would start a new line, or a forged one, or move the terminal's cursor.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_MNEMONIC = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character written as an escape (``\\n``, ``\\x1b``),
+    so that one log record stays one line whatever a peer put into a value (an AE title
+    with a newline must not forge the next line of the log)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match[0]
+    if char in _MNEMONIC:
+        return _MNEMONIC[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record: time, level, event, message, ``[key=value ...]``; control
+    characters in the message and the values are escaped (:func:`escape_controls`); only
+    a traceback adds lines."""
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        event = getattr(record, "event", "")
-        line = f"{stamp} {record.levelname:<7} {event:<24} {record.getMessage()}"
+        extra = " ".join(
+            f"{escape_controls(str(k))}={escape_controls(str(v))}"
+            for k, v in _fields(record).items()
+        )
+        event = escape_controls(str(getattr(record, "event", "")))
+        line = f"{stamp} {record.levelname:<7} {event:<24} {escape_controls(record.getMessage())}"
         if extra:
             line += f" [{extra}]"
         if record.exc_info:

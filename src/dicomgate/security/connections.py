@@ -5,13 +5,14 @@ may take to send its request head, nor on how big the head may grow, nor on conn
 client. A client that opens connections and sends headers a byte at a time would hold them
 forever. :func:`guarded_http_protocol` subclasses uvicorn's httptools protocol to add:
 
-- a head timeout: from the connection's start (after the TLS handshake, which asyncio
-  limits to 60 s) or the end of the previous response, the request line and headers must be
-  complete within ``header_timeout`` seconds, else the connection is closed;
+- a head timeout: from the connection's start (after the TLS handshake, which must itself
+  end within ``header_timeout``) or the end of the previous response, the request line and
+  headers must be complete within ``header_timeout`` seconds, else the connection is closed;
 - a head size limit: more than ``max_header_bytes`` before the headers end gets 431 and the
   connection is closed;
 - connections per client IP address (the TCP peer): one more than
-  ``max_connections_per_client`` is closed at once.
+  ``max_connections_per_client`` is closed at once; on HTTPS counted from the accept,
+  before the TLS handshake (:func:`guarded_http_protocol` does TLS itself for that).
 
 A stalled request *body* is the business of :class:`~dicomgate.security.limits.BodyLimitMiddleware`
 (``body_timeout``); idle keep-alive connections are closed by uvicorn (``timeout_keep_alive``).
@@ -21,11 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from asyncio import sslproto
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+if TYPE_CHECKING:
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
 
 log = logging.getLogger("dicomgate.security")
 
@@ -74,21 +82,40 @@ class ConnectionGuard:
         log.warning(message, extra={"event": event, "client_ip": client})
 
 
-def guarded_http_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with the limits of ``guard`` (pass as ``http=``)."""
+def _head_end(data: bytes) -> int:
+    """The offset just past the blank line that ends a request head in ``data``, or -1."""
+    ends = [i + len(mark) for mark in (b"\r\n\r\n", b"\n\n") if (i := data.find(mark)) >= 0]
+    return min(ends) if ends else -1
+
+
+def guarded_http_protocol(
+    guard: ConnectionGuard, tls: Callable[[], ssl.SSLContext] | None = None
+) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the limits of ``guard`` (pass as ``http=``).
+
+    With ``tls`` (the server context of the moment; then uvicorn gets no ``ssl`` of its
+    own), TLS is done here, in front of the HTTP protocol: the connection counts against
+    ``max_connections_per_client`` from its accept and the handshake must end within
+    ``header_timeout``. Left to the event loop (uvicorn's ``create_server(ssl=...)`` sets no
+    ``ssl_handshake_timeout``), connections still in the handshake were counted nowhere and
+    lived 60 s, so one address could hold any number of them silently.
+    """
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        counts_connections = True  # False behind GuardedTlsProtocol, which counts them
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._head_timer: asyncio.TimerHandle | None = None
             self._head_bytes = 0
+            self._head_tail = b""  # the last bytes of the head so far (a CRLF CRLF split)
             self._reading_head = True
             self._counted_client: str | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             peer = self.client[0] if self.client else None
-            if peer is not None:
+            if peer is not None and self.counts_connections:
                 if not guard.admit(peer):
                     transport.close()
                     return
@@ -106,24 +133,29 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
             if not self._reading_head:
                 super().data_received(data)
                 return
-            self._head_bytes += len(data)
+            # Measured before the parser sees the bytes: a head that arrives whole in one
+            # read would otherwise be complete (and served) before it was counted.
+            window = self._head_tail + data
+            end = _head_end(window)
+            in_head = len(data) if end < 0 else max(0, end - len(self._head_tail))
+            self._head_bytes += in_head
+            if self._head_bytes > guard.max_header_bytes:
+                if not self.transport.is_closing():
+                    self._cancel_head_timer()
+                    if self.client:
+                        guard.log_throttled(
+                            self.client[0], "http.head_too_large", "request head too large"
+                        )
+                    self.transport.write(_HEAD_TOO_LARGE)
+                    self.transport.close()
+                return
+            self._head_tail = window[-3:] if end < 0 else b""
             super().data_received(data)  # may complete the head (body bytes follow it)
-            if (
-                self._reading_head
-                and self._head_bytes > guard.max_header_bytes
-                and not self.transport.is_closing()
-            ):
-                self._cancel_head_timer()
-                if self.client:
-                    guard.log_throttled(
-                        self.client[0], "http.head_too_large", "request head too large"
-                    )
-                self.transport.write(_HEAD_TOO_LARGE)
-                self.transport.close()
 
         def on_headers_complete(self) -> None:
             self._reading_head = False
             self._head_bytes = 0
+            self._head_tail = b""
             self._cancel_head_timer()
             super().on_headers_complete()
 
@@ -136,6 +168,7 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
             ):
                 self._reading_head = True
                 self._head_bytes = 0
+                self._head_tail = b""
                 self._arm_head_timer()
 
         def _arm_head_timer(self) -> None:
@@ -157,4 +190,56 @@ def guarded_http_protocol(guard: ConnectionGuard) -> type[asyncio.Protocol]:
                     )
                 self.transport.close()
 
-    return GuardedHttpToolsProtocol
+    if tls is None:
+        return GuardedHttpToolsProtocol
+    context_of = tls
+
+    class CountedOutside(GuardedHttpToolsProtocol):
+        counts_connections = False
+
+    class GuardedTlsProtocol(sslproto.SSLProtocol):
+        """asyncio's TLS layer (what ``create_server(ssl=...)`` puts in front of a protocol)
+        made by uvicorn's protocol factory: counted per client at accept, the handshake
+        bounded by ``header_timeout``, the HTTP protocol behind it as usual."""
+
+        def __init__(
+            self,
+            config: Config,
+            server_state: ServerState,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            http = CountedOutside(
+                config=config, server_state=server_state, app_state=app_state, _loop=_loop
+            )
+            super().__init__(
+                _loop or asyncio.get_running_loop(),
+                http,
+                context_of(),
+                None,  # type: ignore[arg-type]  # no waiter: nothing awaits the handshake
+                server_side=True,
+                ssl_handshake_timeout=cast(int, guard.header_timeout),  # any number of seconds
+            )
+            self._counted_client: str | None = None
+            self._refused = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            peer = transport.get_extra_info("peername")
+            client = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            if client is not None:
+                if not guard.admit(client):
+                    self._refused = True
+                    transport.close()
+                    return
+                self._counted_client = client
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            if self._counted_client is not None:
+                guard.release(self._counted_client)
+                self._counted_client = None
+            if not self._refused:
+                super().connection_lost(exc)
+
+    # A BufferedProtocol, which uvicorn's factory returns to the loop as it is.
+    return cast("type[asyncio.Protocol]", GuardedTlsProtocol)

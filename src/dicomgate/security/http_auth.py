@@ -192,7 +192,10 @@ class AuthMiddleware:
             return
         credential = presented.value
         if not credential:
-            await self._unauthorized(scope, send, presented.unusable_reason, presented=True)
+            # RFC 6750 3.1: a scheme we do not support (Digest, Negotiate ...) is no bearer
+            # token at all, so its challenge carries no error code.
+            supported = presented.scheme != "other"
+            await self._unauthorized(scope, send, presented.unusable_reason, presented=supported)
             return
         if len(credential) > _MAX_CREDENTIAL:
             await self._unauthorized(scope, send, "credential_too_long", presented=True)

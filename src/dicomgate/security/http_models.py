@@ -92,6 +92,23 @@ class HttpTlsConfig(_Model):
         "1.2",
         description="Oldest TLS version accepted: `1.2` or `1.3`.",
     )
+    ciphers: str | None = Field(
+        None,
+        description=(
+            "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); unset:"
+            " the BCP 195 recommendation `ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM` (forward"
+            " secrecy and AEAD only, as `dimse.tls.ciphers`), which refuses CBC suites."
+        ),
+    )
+    hsts_max_age: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Seconds of `Strict-Transport-Security` sent with every HTTPS answer; `0` (the"
+            " default) sends none. HSTS applies to the whole host name, every port: set it"
+            " only when no plain-HTTP service is reached under the gateway's host name."
+        ),
+    )
 
     @field_validator("min_version", mode="before")
     @classmethod

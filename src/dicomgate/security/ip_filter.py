@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicomgate.security.asgi import client_ip, has_body, log_denied, send_json
+from dicomgate.ui.access import is_ui_path, ui_requirement
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,11 +74,28 @@ LOCAL_ADMIN_ONLY = (
     "the admin API (/api) answers only local clients while HTTP authentication is off:"
     " configure http.auth with an admin API key or token (docs/security.md)"
 )
+_CONSOLE_LOCAL_ONLY = (
+    b"<!doctype html><html lang=en><head><meta charset=utf-8><title>Forbidden - dicomgate"
+    b"</title></head><body><main><h1>Forbidden</h1><p>The console's Queue and Audit pages"
+    b" answer only this host (127.0.0.1, ::1) while HTTP authentication is off: configure"
+    b" <code>http.auth</code> and sign in with an admin key or token"
+    b" (docs/security.md).</p><p><a href=/ui>Overview</a></p></main></body></html>"
+)
+
+
+def needs_local_admin(path: str) -> bool:
+    """Whether ``path`` administers the gateway: the admin API ``/api`` and the console's
+    admin pages (queue re-drive and purge, job details, the audit trail), which do with a
+    form what ``/api`` does with JSON."""
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+        return True
+    return is_ui_path(path) and ui_requirement(path) == "admin"
 
 
 class LocalAdminMiddleware:
-    """Without ``http.auth``: ``/api`` (queue operations, the audit trail with its PHI)
-    answers 127.0.0.1 and ::1 only, others get 403 naming the fix (docs/security.md)."""
+    """Without ``http.auth``: ``/api`` and the console's admin pages (queue operations, the
+    audit trail with its PHI) answer 127.0.0.1 and ::1 only; others get 403 naming the fix
+    (docs/security.md). The rest of the console and DICOMweb stay open."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -85,9 +103,26 @@ class LocalAdminMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = str(scope.get("path", ""))
-            admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
-            if admin and not is_local_host(client_ip(scope)):
+            if needs_local_admin(path) and not is_local_host(client_ip(scope)):
                 log_denied(scope, 403, "admin_needs_auth")
-                await send_json(send, 403, LOCAL_ADMIN_ONLY, close=has_body(scope))
+                if is_ui_path(path):
+                    await _send_console_refusal(send, close=has_body(scope))
+                else:
+                    await send_json(send, 403, LOCAL_ADMIN_ONLY, close=has_body(scope))
                 return
         await self.app(scope, receive, send)
+
+
+async def _send_console_refusal(send: Send, close: bool) -> None:
+    """A 403 page for a browser (the console's own headers: no script, not framed)."""
+    headers = [
+        (b"content-type", b"text/html; charset=utf-8"),
+        (b"content-length", str(len(_CONSOLE_LOCAL_ONLY)).encode()),
+        (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"cache-control", b"no-store"),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": _CONSOLE_LOCAL_ONLY, "more_body": False})

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from dicomgate.security.http_auth import ApiKeyStore, AuthMiddleware
 from dicomgate.security.ip_filter import IpAllowList, IpFilterMiddleware, LocalAdminMiddleware
 from dicomgate.security.limits import BodyLimitMiddleware, RateLimitMiddleware, TokenBuckets
@@ -55,4 +57,26 @@ def install_http_security(app: FastAPI, http: HttpConfig) -> JwtVerifier | None:
         )
     if http.allowed_ips:
         app.add_middleware(IpFilterMiddleware, allowed=IpAllowList(http.allowed_ips))
+    if http.tls is not None and http.tls.hsts_max_age > 0:
+        app.add_middleware(HstsMiddleware, max_age=http.tls.hsts_max_age)  # refusals too
     return verifier
+
+
+class HstsMiddleware:
+    """Adds ``Strict-Transport-Security`` (RFC 6797) to every answer of an HTTPS listener."""
+
+    def __init__(self, app: ASGIApp, max_age: int) -> None:
+        self.app = app
+        self.header = (b"strict-transport-security", f"max-age={max_age}".encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_hsts)

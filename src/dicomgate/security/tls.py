@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from dicomgate.errors import DicomgateError
 from dicomgate.security.dimse_models import DimseTlsConfig
@@ -43,6 +45,29 @@ Signature = tuple[tuple[int, int, int], ...]
 
 # BCP 195 (RFC 9325 4.2): AEAD suites with forward secrecy only.
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM"
+
+
+def _readable(key: str, path: Path) -> None:
+    """Raise :class:`DicomgateError` naming ``key`` and ``path`` unless the file can be read
+    (OpenSSL's own error names neither: ``cannot read None``)."""
+    try:
+        with path.open("rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise DicomgateError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def check_tls_files(
+    http: HttpTlsConfig | None,
+    dimse: DimseTlsConfig | None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Load the HTTPS and DICOM TLS files as ``serve`` would (``dicomgate check-config``);
+    raises :class:`DicomgateError` naming the configuration key."""
+    if http is not None:
+        ServerTls(http, environ, section="http.tls").check()
+    if dimse is not None:
+        ServerTls(dimse, environ, section="dimse.tls", swap=True).check()
 
 
 class ServerTls:
@@ -82,7 +107,8 @@ class ServerTls:
         )
         if isinstance(self.config, HttpTlsConfig):
             context.set_alpn_protocols(["http/1.1"])
-            return context
+        # HTTPS and DICOM TLS alike: BCP 195 (RFC 9325 4.2) / PS3.15 B.9, TLS 1.2 suites with
+        # forward secrecy and AEAD only (no CBC, no RSA key exchange) unless ``ciphers`` says.
         try:
             context.set_ciphers(self.config.ciphers or BCP195_CIPHERS)
         except ssl.SSLError as exc:
@@ -109,19 +135,57 @@ class ServerTls:
         return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
 
     def _load_into(self, context: ssl.SSLContext) -> None:
+        cert, key = Path(self.config.cert), Path(self.config.key)
+        _readable(f"{self.section}.cert", cert)
+        _readable(f"{self.section}.key", key)
+        password = self._password()
+        asked: list[bool] = []
+
+        def no_password() -> bytes:
+            # Without key_password_env an encrypted key would make OpenSSL prompt on the
+            # terminal (a service has none: it would fail, or hang a foreground start).
+            asked.append(True)
+            return b""
+
         try:
             context.load_cert_chain(
-                str(self.config.cert), str(self.config.key), password=self._password()
+                str(cert), str(key), password=password if password is not None else no_password
             )
-        except FileNotFoundError as exc:
-            raise DicomgateError(f"{self.section}: cannot read {exc.filename}") from exc
-        except OSError as exc:  # ssl.SSLError is an OSError
-            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
-            raise DicomgateError(
-                f"{self.section}: cannot load {self.config.cert} with {self.config.key}: {reason}"
-            ) from exc
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise DicomgateError(self._load_problem(exc, cert, key, bool(asked))) from exc
         if isinstance(self.config, DimseTlsConfig):
             self._load_clients(context, self.config)
+
+    def _load_problem(self, exc: Exception, cert: Path, key: Path, asked: bool) -> str:
+        """Which key of the config is wrong, and why (OpenSSL's error names no file)."""
+        section = self.section
+        if asked and self.config.key_password_env is None:
+            return (
+                f"{section}.key: {key} is encrypted: set {section}.key_password_env to the"
+                " name of an environment variable holding its password"
+            )
+        try:
+            x509.load_pem_x509_certificate(cert.read_bytes())
+        except (OSError, ValueError):
+            return f"{section}.cert: cannot load {cert}: not a PEM certificate"
+        try:
+            password = self._password()
+            serialization.load_pem_private_key(
+                key.read_bytes(), password.encode() if password is not None else None
+            )
+        except TypeError:  # encrypted, no password; or a password for a plain key
+            pass
+        except (OSError, ValueError, UnsupportedAlgorithm):
+            if self.config.key_password_env is not None:
+                return (
+                    f"{section}.key: cannot load {key}: not a PEM private key, or the password"
+                    f" in {self.config.key_password_env} does not decrypt it"
+                )
+            return f"{section}.key: cannot load {key}: not a PEM private key"
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        if reason == "KEY_VALUES_MISMATCH":
+            return f"{section}.key: cannot load {key}: it does not match the certificate {cert}"
+        return f"{section}: cannot load {cert} with {key}: {reason or type(exc).__name__}"
 
     def _load_clients(self, context: ssl.SSLContext, config: DimseTlsConfig) -> None:
         """Which client certificates are checked: against ``ca``, required or not."""
@@ -130,13 +194,21 @@ class ServerTls:
                 raise DicomgateError(f"{self.section}.ca: needed with require_client_cert")
             context.verify_mode = ssl.CERT_NONE
             return
+        ca = Path(config.ca)
+        _readable(f"{self.section}.ca", ca)
         try:
-            context.load_verify_locations(cafile=str(config.ca))
-        except FileNotFoundError as exc:
-            raise DicomgateError(f"{self.section}.ca: cannot read {exc.filename}") from exc
+            context.load_verify_locations(cafile=str(ca))
         except (OSError, ValueError) as exc:
-            raise DicomgateError(f"{self.section}.ca: cannot load {config.ca}: {exc}") from exc
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise DicomgateError(
+                f"{self.section}.ca: cannot load {ca}: no PEM CA certificate ({reason})"
+            ) from exc
         context.verify_mode = ssl.CERT_REQUIRED if config.require_client_cert else ssl.CERT_OPTIONAL
+
+    def check(self) -> None:
+        """Load the files into a scratch context, as start-up would (``check-config``);
+        raises :class:`DicomgateError` naming the key. Logs nothing, changes nothing."""
+        self._load_into(self._new_context())
 
     def load(self) -> None:
         """Load the pair at start-up; raises :class:`DicomgateError` naming the key."""

@@ -7,6 +7,10 @@ with the token), and :class:`UiSessionMiddleware` presents it as ``Authorization
 the authentication middleware, so the console is checked exactly like the API: ``admin`` for
 the Queue and Audit pages, ``read`` for the rest. Every POST carries a form token (HMAC of
 the cookie under a per-process secret) that a page of another site cannot read.
+
+Without ``http.auth`` there is no sign-in: the Queue and Audit pages (``admin`` here)
+answer only 127.0.0.1 and ::1, like ``/api``
+(:class:`~dicomgate.security.ip_filter.LocalAdminMiddleware`); the rest stays open.
 """
 
 from __future__ import annotations

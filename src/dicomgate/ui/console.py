@@ -38,7 +38,7 @@ from dicomgate.routing.matcher import RECEIVED_VIA, MatchContext
 from dicomgate.security.http_auth import ApiKeyStore
 from dicomgate.ui import data
 from dicomgate.ui.access import SESSION_COOKIE, cookie_value, csrf_ok, csrf_token
-from dicomgate.ui.signin import check_sign_in
+from dicomgate.ui.signin import SIGN_IN_ERRORS, check_sign_in
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -496,13 +496,14 @@ def console_router(
         return Response(text, media_type=_STATIC[name], headers={"cache-control": "max-age=300"})
 
     @router.get("/login")
-    def login_page(
-        request: Request, next: str = "/ui", error: str = "", status: int = 401
-    ) -> HTMLResponse:
+    def login_page(request: Request, next: str = "/ui", error: str = "") -> HTMLResponse:
+        """The sign-in form; ``error``: a code of SIGN_IN_ERRORS (anything else is ignored,
+        so a link cannot put its own words or status on our page)."""
         if console.keys is None:
             body = "<p>The HTTP interface has no authentication configured: no sign-in.</p>"
             return console.page(request, "Sign in", body + '<p><a href="/ui">Overview</a></p>')
-        alert = f'<p class="error" role="alert">{e(error)}</p>' if error else ""
+        message, status = SIGN_IN_ERRORS.get(error, ("", 200))
+        alert = f'<p class="error" role="alert">{e(message)}</p>' if message else ""
         jwt = console.jwt_verifier is not None
         body = (
             f'{alert}<form method="post" action="/ui/login" class="login">'
@@ -515,10 +516,7 @@ def console_router(
             + (", or paste an access token (JWT) from your identity provider" if jwt else "")
             + ".</p>"
         )
-        # ``status`` comes from the redirect of a failed sign-in: only a 4xx is taken (an
-        # arbitrary number would be no HTTP status at all).
-        code = status if 400 <= status <= 499 else 401
-        return console.page(request, "Sign in", body, status=code if error else 200)
+        return console.page(request, "Sign in", body, status=status)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
@@ -530,10 +528,10 @@ def console_router(
             target = "/ui"
         key = str(fields.get("api_key", "")).strip()
         if console.keys is None:
-            return login_page(request, next=target, error="No sign-in is configured.")
+            return login_page(request, next=target, error="no_sign_in")
         verdict = await check_sign_in(request.scope, key, console.keys, console.jwt_verifier)
         if not verdict.accepted:
-            return login_page(request, next=target, error=verdict.problem, status=verdict.status)
+            return login_page(request, next=target, error=verdict.error)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,

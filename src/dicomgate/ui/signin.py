@@ -20,14 +20,24 @@ from dicomgate.security.asgi import log_denied
 from dicomgate.security.http_auth import _MAX_CREDENTIAL, ApiKeyStore, _looks_like_jwt
 from dicomgate.security.oidc import JwtVerifier, KeysUnavailable, TokenRejected
 
+# What the sign-in page may say, by code: (message, HTTP status of the page). The page
+# shows only these fixed texts, never text from the request (``/ui/login?error=...`` with
+# words of an attacker's choosing would be phishing on our own page).
+SIGN_IN_ERRORS: dict[str, tuple[str, int]] = {
+    "invalid_api_key": ("This API key is not valid.", 401),
+    "token_not_configured": ("Access tokens are not configured here (http.auth.jwt).", 401),
+    "invalid_token": ("This access token is not valid or has expired.", 401),
+    "keys_unavailable": ("Tokens cannot be checked right now; try again later.", 503),
+    "no_sign_in": ("No sign-in is configured.", 401),
+}
+
 
 @dataclass(frozen=True)
 class SignIn:
     """The verdict on one credential."""
 
     accepted: bool
-    problem: str = ""  # shown to the operator when not accepted
-    status: int = 200  # of the login page when not accepted: 401, or 503
+    error: str = ""  # a key of SIGN_IN_ERRORS when not accepted
     max_age: int | None = None  # seconds the session cookie may live (a token's validity)
 
 
@@ -37,23 +47,23 @@ async def check_sign_in(
     """Accept a configured API key, or a JWT the API would accept (refusals logged)."""
     if not credential or len(credential) > _MAX_CREDENTIAL:
         log_denied(scope, 401, "invalid_api_key")
-        return SignIn(False, "This API key is not valid.", 401)
+        return SignIn(False, "invalid_api_key")
     if keys.lookup(credential) is not None:
         return SignIn(True)
     if not _looks_like_jwt(credential):
         log_denied(scope, 401, "invalid_api_key")
-        return SignIn(False, "This API key is not valid.", 401)
+        return SignIn(False, "invalid_api_key")
     if verifier is None:
         log_denied(scope, 401, "token_not_configured")
-        return SignIn(False, "Access tokens are not configured here (http.auth.jwt).", 401)
+        return SignIn(False, "token_not_configured")
     try:
         await verifier.verify(credential)
     except TokenRejected as exc:
         log_denied(scope, 401, f"token_{exc.reason}")
-        return SignIn(False, "This access token is not valid or has expired.", 401)
+        return SignIn(False, "invalid_token")
     except KeysUnavailable:
         log_denied(scope, 503, "keys_unavailable")
-        return SignIn(False, "Tokens cannot be checked right now; try again later.", 503)
+        return SignIn(False, "keys_unavailable")
     # Verified above; only the expiry is read here, so that the browser drops the cookie
     # when the token expires and the next page asks for a new one.
     claims = jwt.decode(credential, options={"verify_signature": False})
