@@ -50,15 +50,25 @@ def version() -> None:
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
     """Validate a config file; exit 2 with the offending key if it is wrong."""
     from dicomgate.config import load_config
+    from dicomgate.errors import DicomgateError
+    from dicomgate.security.tls import check_tls_files
 
     try:
         cfg = load_config(config)
     except ConfigError as exc:
         raise _fail(f"config error: {exc}") from None
+    try:  # the certificates, keys and CA files, loaded as serve loads them
+        check_tls_files(cfg.http.tls if cfg.http.enabled else None, cfg.dimse.tls)
+    except DicomgateError as exc:
+        raise _fail(f"config error: {exc}") from None
     typer.echo(
         f"{config}: ok (AE {cfg.dimse.ae_title} on port {cfg.dimse.port}, "
         f"{len(cfg.destinations)} destinations, {len(cfg.routes)} routes)"
     )
+    from dicomgate.egress.models import destination_warnings
+
+    for warning in destination_warnings(cfg.destinations):  # valid, but likely unintended
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command()
@@ -695,7 +705,18 @@ def queue_retry_dead(
     destination: Annotated[str | None, typer.Option(help="only this destination")] = None,
 ) -> None:
     """Re-drive every dead-lettered job (of one destination)."""
-    n = _open_queue(config).retry_dead(destination)
+    queue = _open_queue(config)
+    n = queue.retry_dead(destination)
+    if n == 0 and destination is not None:
+        # A name neither configured nor named by any job is a typo, not "0 jobs" (as
+        # POST /api/queue/retry-dead answers 404); a destination removed from the config
+        # whose jobs remain is known.
+        from dicomgate.config import load_config
+
+        if destination not in load_config(config).destinations and not any(
+            name == destination for name, _ in queue.counts()
+        ):
+            raise _fail(f"no destination {destination!r}", 1)
     typer.echo(f"{n} dead-lettered jobs queued again")
 
 

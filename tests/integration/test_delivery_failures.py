@@ -207,6 +207,17 @@ def test_409_failure_reasons_dead_letter_then_redrive_delivers(
     assert len(stow.requests) == len(stow.answered(409))
     assert _count(gw, "cloud", "dead") == 4
 
+    # A destination name that is nowhere (a typo) is an error, not "0 jobs".
+    typo = subprocess.run(
+        [DICOMGATE, "queue", "retry-dead", "--config", str(gw.config_path)]
+        + ["--destination", "clowd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert typo.returncode == 1 and "no destination 'clowd'" in typo.stderr, typo
+    assert _count(gw, "cloud", "dead") == 4
     accepting.set()
     redrive = subprocess.run(
         [DICOMGATE, "queue", "retry-dead", "--config", str(gw.config_path)],

@@ -256,3 +256,47 @@ def test_a_tiny_maximum_pdu_length_is_respected() -> None:
     assert outcomes == [Outcome(0, True), Outcome(1, True)]
     assert max(peer.pdu_sizes) == 7
     assert len(peer.pdu_sizes) > 10_000  # CT_small's data set, a byte at a time
+
+
+def _reject_every_context(result: pdu.ContextResult) -> Callable[[bytes], bytes]:
+    """An A-ASSOCIATE-AC rejecting each proposed context with ``result``."""
+
+    def associate(rq_body: bytes) -> bytes:
+        rq = pdu.parse_associate_rq(rq_body)
+        contexts = [
+            pdu.PresentationContextAC(c.context_id, result, c.transfer_syntaxes[0])
+            for c in rq.contexts
+        ]
+        return pdu.encode_associate_ac(
+            rq,
+            contexts,
+            max_pdu_length=16384,
+            implementation_class_uid="1.2.3.4",
+            implementation_version_name="BADPEER",
+        )
+
+    return associate
+
+
+@pytest.mark.parametrize(
+    ("result", "words"),
+    [
+        (pdu.ContextResult.USER_REJECTION, "user-rejection"),
+        (pdu.ContextResult.NO_REASON, "provider-rejection (no reason)"),
+    ],
+)
+def test_contexts_rejected_for_another_reason_fail_for_good_after_the_lossless_offer(
+    result: pdu.ContextResult, words: str
+) -> None:
+    """Every context rejected, but not as an unsupported SOP class: the lossless compressed
+    syntaxes are offered in a second association request; refused again, the instances
+    fail for good (the same proposal gets the same answer), not as a lost association
+    retried and counted against the circuit breaker."""
+    peer = BadPeer(_reject_every_context(result))
+    outcomes = asyncio.run(_deliver(peer))
+    assert [(o.delivered, o.retryable) for o in outcomes] == [(False, False)] * 2, outcomes
+    for outcome, name in zip(outcomes, ("CT Image Storage", "MR Image Storage"), strict=True):
+        assert outcome.error.startswith(f"peer accepted {name} "), outcome.error
+        assert "JPEGLSLossless, JPEGLosslessSV1, JPEG2000Lossless, RLELossless" in outcome.error
+        assert outcome.error.endswith(f"presentation context result: {words})"), outcome.error
+    assert peer.connections == 2

@@ -5,6 +5,10 @@ A-ASSOCIATE-RQ and reads the answer; the :class:`StoreAssociation` it returns se
 C-STORE-RQs whose data set is streamed from the stored file in P-DATA-TF PDUs no larger
 than the peer's maximum PDU length, reads each C-STORE-RSP, and ends with A-RELEASE or
 A-ABORT. One request is outstanding at a time (no asynchronous operations window).
+The association keeps, per SOP class the peer accepted no context of, the presentation
+context results it gave (``refusals``); when it accepted no context at all the
+association is aborted and :class:`ContextsRejected` carries them, so that the caller can
+tell a SOP class the peer does not support from transfer syntaxes it does not take.
 
 Everything runs on the event loop: there is no thread per association. Small files are
 read in one go; larger ones in 1 MiB blocks from a worker thread, so that a multi-GB
@@ -31,10 +35,12 @@ from dicomgate.security.dimse_models import DestinationTls
 __all__ = [
     "AssociationError",
     "AssociationLost",
+    "ContextsRejected",
     "StoreAssociation",
     "StoreResponse",
     "client_ssl_context",
     "dataset_offset",
+    "describe_refusal",
     "request_association",
 ]
 
@@ -54,6 +60,37 @@ class AssociationError(DicomgateError):
 
 class _MalformedAnswer(AssociationError):
     """An A-ASSOCIATE-AC that violates PS3.8: the association is aborted."""
+
+
+class ContextsRejected(AssociationError):
+    """The peer accepted the association but rejected every proposed presentation context
+    (PS3.8 9.3.3.2); ``refusals`` holds, per abstract syntax proposed, the results given
+    for its contexts. The association was aborted."""
+
+    def __init__(self, message: str, refusals: dict[str, frozenset[pdu.ContextResult]]) -> None:
+        super().__init__(message)
+        self.refusals = refusals
+
+
+def describe_refusal(results: frozenset[pdu.ContextResult]) -> str:
+    """The presentation context results a peer gave a SOP class's contexts, in words
+    (PS3.8 Table 9-18): ``abstract-syntax-not-supported`` wins over the others."""
+    order = (
+        pdu.ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED,
+        pdu.ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED,
+        pdu.ContextResult.USER_REJECTION,
+        pdu.ContextResult.NO_REASON,
+    )
+    names = [_RESULT_NAMES[r] for r in order if r in results]
+    return ", ".join(names) or "no reason given"
+
+
+_RESULT_NAMES = {
+    pdu.ContextResult.USER_REJECTION: "user-rejection",
+    pdu.ContextResult.NO_REASON: "provider-rejection (no reason)",
+    pdu.ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract-syntax-not-supported",
+    pdu.ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer-syntaxes-not-supported",
+}
 
 
 class AssociationLost(DicomgateError):
@@ -246,11 +283,22 @@ async def request_association(
         except pdu.PduError as exc:
             raise _MalformedAnswer(f"malformed A-ASSOCIATE-AC from the peer: {exc}") from None
         accepted: dict[int, tuple[str, str]] = {}
+        rejected: dict[str, set[pdu.ContextResult]] = {}
         for n, (abstract, _) in enumerate(contexts):
+            # A context the AC leaves out was not accepted (PS3.8 9.3.3.2).
             result, ts = ac.contexts.get(2 * n + 1, (pdu.ContextResult.NO_REASON, ""))
             if result == pdu.ContextResult.ACCEPTANCE and ts:
                 accepted[2 * n + 1] = (abstract, ts)
-        assoc = StoreAssociation(reader, writer, accepted, ac.max_pdu_length)
+            else:
+                if result == pdu.ContextResult.ACCEPTANCE:  # accepted without a syntax
+                    result = pdu.ContextResult.NO_REASON
+                rejected.setdefault(abstract, set()).add(result)
+        refusals = {
+            abstract: frozenset(results)
+            for abstract, results in rejected.items()
+            if not any(a == abstract for a, _ in accepted.values())
+        }
+        assoc = StoreAssociation(reader, writer, accepted, ac.max_pdu_length, refusals)
         if 0 < ac.max_pdu_length < pdu.MIN_MAX_PDU_LENGTH:
             # PS3.8 D.1: a P-DATA-TF PDU of that length cannot carry one byte of a message.
             assoc.abort()
@@ -259,8 +307,9 @@ async def request_association(
             )
         if not accepted:
             assoc.abort()
-            raise AssociationError(
-                f"peer accepted none of the {len(contexts)} proposed presentation contexts"
+            raise ContextsRejected(
+                f"peer accepted none of the {len(contexts)} proposed presentation contexts",
+                refusals,
             )
         return assoc
     except TimeoutError:
@@ -295,11 +344,15 @@ class StoreAssociation:
         writer: asyncio.StreamWriter,
         accepted: dict[int, tuple[str, str]],
         peer_max_pdu: int,
+        refusals: dict[str, frozenset[pdu.ContextResult]] | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         # context id -> (abstract syntax, transfer syntax), accepted ones only
         self.accepted = accepted
+        # abstract syntax -> the results of its contexts, for the SOP classes of which
+        # the peer accepted no context at all
+        self.refusals = refusals or {}
         self.peer_max_pdu = peer_max_pdu
         self._message_id = 0
         self._closed = False

@@ -52,7 +52,11 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     MediaStorageDirectoryStorage,
+    RLELossless,
 )
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
@@ -63,6 +67,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from dicomgate.errors import DicomgateError
 
 __all__ = [
+    "LOSSLESS_COMPRESSED_SYNTAXES",
     "MAX_CONTEXTS",
     "AssociationPlan",
     "ContextSpec",
@@ -75,6 +80,7 @@ __all__ = [
     "echo_peer",
     "find_peer",
     "iter_candidate_files",
+    "lossless_contexts",
     "move_peer",
     "plan_associations",
     "scan_file",
@@ -87,6 +93,17 @@ MAX_CONTEXTS = 128
 """pynetdicom's (and the standard's) limit of presentation contexts per association."""
 
 FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+# Lossless compressed syntaxes a sender that can transcode proposes, one context each, for
+# a SOP class the peer accepted in none of the syntaxes above (a peer taking only JPEG
+# Lossless, say), in order of preference: compact and fast first, the most widely
+# implemented next, RLE last (egress/dimse.py; docs/conformance.md 4.2.5).
+LOSSLESS_COMPRESSED_SYNTAXES: tuple[UID, ...] = (
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
 # PS3.4 B.2.3: the Storage Service Class warning statuses; the instance was stored.
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
@@ -263,6 +280,12 @@ def _contexts_for_class(files: list[ScannedFile]) -> tuple[list[ContextSpec], Co
     )
     fallback = ContextSpec(sop_class, FALLBACK_SYNTAXES) if needs_fallback else None
     return exact, fallback
+
+
+def lossless_contexts(sop_class_uid: UID, syntaxes: Iterable[UID]) -> list[ContextSpec]:
+    """One context per transfer syntax of ``syntaxes`` for ``sop_class_uid``: separate
+    contexts, so that the peer can accept any of them and the sender choose."""
+    return [ContextSpec(sop_class_uid, (ts,)) for ts in syntaxes]
 
 
 def plan_associations(

@@ -16,6 +16,19 @@ the file's own syntax it is transcoded losslessly in a worker thread
 (:func:`dicomgate.processing.transcode.choose_transfer_syntax`) to a syntax the peer
 accepted: the one case where a whole instance is read into memory.
 
+A SOP class the peer accepted no context of (PS3.8 9.3.3.2; the association may still be
+accepted for the batch's other classes, or carry none and be aborted) is decided per
+class, the same on every attempt and whatever was sent before: result
+``abstract-syntax-not-supported`` means the peer does not support the class, and its
+instances fail permanently ("SOP class not supported", like status 0x0122); any other
+result makes a second association propose, for that class, one context per lossless
+compressed syntax this gateway can encode (:data:`dicomgate.dimse.scu.LOSSLESS_COMPRESSED_SYNTAXES`:
+JPEG-LS Lossless, JPEG Lossless SV1, JPEG 2000 Lossless, RLE Lossless) when one of its
+instances can be transcoded; still refused, they fail permanently too, the reason naming
+what was offered. Such failures say nothing of the destination's health: they do not count
+against its circuit breaker, and the batch's other instances are sent. Peers that accept
+what is first proposed never see the second association.
+
 Per-instance statuses (PS3.4 B.2.3): success; B000/B006/B007 delivered with a warning;
 failures retried or dead-lettered by :func:`dicomgate.egress.base.failure_status_retryable`.
 A refused, rejected or lost association fails the rest of the batch as retryable; the
@@ -40,19 +53,25 @@ from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from dicomgate.dimse import pdu
 from dicomgate.dimse.association import (
     AssociationError,
     AssociationLost,
+    ContextsRejected,
     StoreAssociation,
     client_ssl_context,
+    describe_refusal,
     request_association,
 )
 from dicomgate.dimse.scu import (
+    FALLBACK_SYNTAXES,
+    LOSSLESS_COMPRESSED_SYNTAXES,
     MAX_CONTEXTS,
     WARNING_STATUSES,
     ContextSpec,
     ScannedFile,
     UnreadableDicom,
+    lossless_contexts,
     plan_associations,
     scan_file,
 )
@@ -66,7 +85,11 @@ from dicomgate.egress.base import (
 from dicomgate.egress.models import DimseDestination
 from dicomgate.errors import DicomgateError
 from dicomgate.observability.logging import uid_hash
-from dicomgate.processing.transcode import choose_transfer_syntax, transcode_dataset
+from dicomgate.processing.transcode import (
+    can_produce,
+    choose_transfer_syntax,
+    transcode_dataset,
+)
 
 __all__ = ["NOT_SENT", "DimseSender", "outcome_of_status"]
 
@@ -138,6 +161,29 @@ class _NotAccepted(Exception):
     """The peer accepted no context this instance can be sent in."""
 
 
+class _Rejected(ContextsRejected):
+    """:class:`ContextsRejected`, with the contexts that were proposed."""
+
+    def __init__(
+        self,
+        message: str,
+        refusals: dict[str, frozenset[pdu.ContextResult]],
+        proposal: frozenset[ContextSpec],
+    ) -> None:
+        super().__init__(message, refusals)
+        self.proposal = proposal
+
+
+# How the syntaxes offered for a SOP class are listed in a failure's reason.
+_OFFER_ORDER: dict[str, int] = {
+    str(ts): n for n, ts in enumerate((*FALLBACK_SYNTAXES, *LOSSLESS_COMPRESSED_SYNTAXES))
+}
+
+
+def _offer_order(transfer_syntax: str) -> tuple[int, str]:
+    return _OFFER_ORDER.get(transfer_syntax, -1), transfer_syntax
+
+
 def _dataset_offset(path: Path) -> int | None:
     """Where the data set of a Part 10 file starts, or None (no preamble or group length)."""
     with path.open("rb") as fh:
@@ -192,6 +238,7 @@ class DimseSender:
         self._ssl_failed: _Signature | None = None  # of files that did not load
         self._returned = asyncio.Event()  # set by each check-in (see _checkout)
         self._serial_until = 0.0  # monotonic time until which one association is used
+        self._lossless: list[UID] | None = None  # see _lossless_syntaxes
 
     # ------------------------------------------------------------------ public
 
@@ -222,11 +269,22 @@ class DimseSender:
                 continue
             items.append(item)
         if items:
-            needed = [
-                c for plan in plan_associations(i.scanned for i in items) for c in plan.contexts
-            ]
+            await self._send_items(items, outcomes, stop)
+        return [outcomes[id(d)] for d in batch]
+
+    async def _send_items(
+        self, items: list[_Item], outcomes: dict[int, Outcome], stop: Callable[[], bool] | None
+    ) -> None:
+        """Negotiate (at most twice, see :meth:`_refused`) and send ``items``: those of a
+        SOP class the peer accepted no context of fail for good, the others are sent."""
+        needed = [c for plan in plan_associations(i.scanned for i in items) for c in plan.contexts]
+        link: _Link | None = None
+        refused: dict[int, str] = {}
+        for second in (False, True):
             try:
                 link = await self._checkout(needed)
+            except _Rejected as exc:
+                link, refusals, proposed = None, exc.refusals, exc.proposal
             except AssociationError as exc:
                 LOGGER.warning(
                     "association to %s failed: %s",
@@ -238,12 +296,111 @@ class DimseSender:
                     outcomes[id(item.delivery)] = Outcome(
                         item.delivery.job_id, False, True, str(exc)
                     )
+                return
             else:
-                try:
-                    await self._store_all(link, items, outcomes, stop)
-                finally:
-                    self._checkin(link)
-        return [outcomes[id(d)] for d in batch]
+                refusals, proposed = link.assoc.refusals, link.proposed
+            room = 0 if second else MAX_CONTEXTS - len(needed)  # PS3.8 9.3.2.2: 128 at most
+            refused, more = self._refused(items, refusals, proposed, room > 0)
+            if not more:
+                break
+            # Propose lossless compressed syntaxes for the refused classes: this link
+            # goes back to the pool, and a new association is asked for (the contexts
+            # join the recent ones, so later associations propose them at once).
+            if link is not None:
+                self._checkin(link)
+                link = None
+            more = more[:room]
+            LOGGER.info(
+                "%s accepted no proposed transfer syntax for %d SOP class(es): proposing"
+                " lossless compressed ones",
+                self.name,
+                len({c.sop_class_uid for c in more}),
+                extra={"event": "egress.dimse_lossless_fallback", "destination": self.name},
+            )
+            needed = needed + more
+        sendable = []
+        for item in items:
+            reason = refused.get(id(item))
+            if reason is not None:
+                outcomes[id(item.delivery)] = self._failed(item.delivery, reason, False)
+            elif link is None:  # cannot happen: every class of a rejected proposal is refused
+                outcomes[id(item.delivery)] = self._failed(
+                    item.delivery, "peer accepted none of the proposed presentation contexts", True
+                )
+            else:
+                sendable.append(item)
+        if link is None:
+            return
+        try:
+            await self._store_all(link, sendable, outcomes, stop)
+        finally:
+            self._checkin(link)
+
+    def _refused(
+        self,
+        items: list[_Item],
+        refusals: dict[str, frozenset[pdu.ContextResult]],
+        proposed: frozenset[ContextSpec],
+        may_propose_more: bool,
+    ) -> tuple[dict[int, str], list[ContextSpec]]:
+        """The items of the SOP classes the peer accepted no context of (PS3.8 9.3.3.2):
+        ``id(item)`` -> why it cannot be sent (a permanent failure: the same proposal gets
+        the same answer), and the contexts to propose in a second association instead.
+
+        Result ``abstract-syntax-not-supported``: the peer does not support the SOP class
+        (like status 0x0122), nothing else is tried. Any other result (the transfer
+        syntaxes, a user rejection, none given): the lossless compressed syntaxes this
+        gateway can produce (:data:`LOSSLESS_COMPRESSED_SYNTAXES`) not proposed yet, when
+        the class has an instance that can be transcoded and ``may_propose_more``.
+        """
+        reasons: dict[int, str] = {}
+        more: list[ContextSpec] = []
+        by_class: dict[UID, list[_Item]] = {}
+        for item in items:
+            if item.scanned.sop_class_uid in refusals:
+                by_class.setdefault(item.scanned.sop_class_uid, []).append(item)
+        for sop_class, class_items in by_class.items():
+            results = refusals[sop_class]
+            name = f"{sop_class.name} ({sop_class})" if sop_class.name != sop_class else sop_class
+            if pdu.ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED in results:
+                why = (
+                    f"SOP class not supported: the peer rejected {name}"
+                    f" (presentation context result: {describe_refusal(results)})"
+                )
+                reasons.update((id(i), why) for i in class_items)
+                continue
+            alternatives = [
+                c
+                for c in lossless_contexts(sop_class, self._lossless_syntaxes())
+                if c not in proposed
+            ]
+            if (
+                may_propose_more
+                and alternatives
+                and any(i.scanned.convertible for i in class_items)
+            ):
+                more += alternatives
+                continue
+            syntaxes = {
+                ts for c in proposed if c.sop_class_uid == sop_class for ts in c.transfer_syntaxes
+            }
+            offered = ", ".join(UID(ts).keyword or ts for ts in sorted(syntaxes, key=_offer_order))
+            why = (
+                f"peer accepted {name} in none of the transfer syntaxes offered ({offered};"
+                f" presentation context result: {describe_refusal(results)})"
+            )
+            for i in class_items:
+                stored = i.scanned.transfer_syntax_uid
+                reasons[id(i)] = why + (
+                    "" if i.scanned.convertible else f"; {stored.name} cannot be converted here"
+                )
+        return reasons, more
+
+    def _lossless_syntaxes(self) -> list[UID]:
+        """The syntaxes of :data:`LOSSLESS_COMPRESSED_SYNTAXES` this machine can encode."""
+        if self._lossless is None:
+            self._lossless = [ts for ts in LOSSLESS_COMPRESSED_SYNTAXES if can_produce(ts)]
+        return self._lossless
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -428,16 +585,19 @@ class DimseSender:
 
     async def _connect(self, proposal: list[ContextSpec]) -> _Link:
         model = self._model
-        assoc = await request_association(
-            model.host,
-            model.port,
-            calling_ae=self._calling_ae,
-            called_ae=model.ae_title,
-            contexts=[(c.sop_class_uid, c.transfer_syntaxes) for c in proposal],
-            timeout=model.dimse_timeout,
-            ssl_context=self._ssl_context(),
-            server_name=model.tls.server_name if model.tls else None,
-        )
+        try:
+            assoc = await request_association(
+                model.host,
+                model.port,
+                calling_ae=self._calling_ae,
+                called_ae=model.ae_title,
+                contexts=[(c.sop_class_uid, c.transfer_syntaxes) for c in proposal],
+                timeout=model.dimse_timeout,
+                ssl_context=self._ssl_context(),
+                server_name=model.tls.server_name if model.tls else None,
+            )
+        except ContextsRejected as exc:
+            raise _Rejected(str(exc), exc.refusals, frozenset(proposal)) from None
         self.associations_opened += 1
         LOGGER.info(
             "association to %s established (%d of %d contexts accepted)",

@@ -6,6 +6,13 @@ of the same name is replaced: delivery is at least once, and a repeat is the sam
 Files get the permissions of any file the gateway creates (``0666`` less its umask, like
 ``cp``), not ``tempfile``'s owner-only ``0600``: the folder is there for other programs and
 users (a share, a research drop box) to read.
+
+A template without ``{SOPInstanceUID}`` can give several instances one path; each then
+replaces the file of the one before. That may be intended (one file per series), so it is
+no error: the sender warns at start-up (``config.folder_template_overwrites``, as
+``dicomgate check-config`` does) and logs each file of another instance it replaces
+(``egress.folder_replaced``, both SOP Instance UIDs hashed, never the path: it holds
+patient data).
 """
 
 from __future__ import annotations
@@ -105,6 +112,18 @@ def write_atomically(source: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def _instance_in(path: Path) -> str | None:
+    """The SOP Instance UID of the file at ``path``; None: no file there; "": a file that
+    is no readable instance."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # anything pydicom raises on a file that is not DICOM
+        return "" if path.exists() else None
+    return str(ds.get("SOPInstanceUID", ""))
+
+
 class FolderSender:
     """Writes instances into a folder tree (see the module docstring)."""
 
@@ -114,6 +133,14 @@ class FolderSender:
         self.concurrency = concurrency
         self._root = model.path
         self._template = model.template
+        self._overwrites = (warning := model.overwrite_warning()) is not None
+        if warning is not None:
+            LOGGER.warning(
+                "folder destination %s: %s",
+                name,
+                warning,
+                extra={"event": "config.folder_template_overwrites", "destination": name},
+            )
 
     async def send(self, batch: Sequence[Delivery]) -> list[Outcome]:
         return await asyncio.to_thread(self._send_blocking, list(batch))
@@ -132,10 +159,22 @@ class FolderSender:
             # and is not an internal error of the batch, which would count against the
             # destination's circuit breaker and hold back every other instance.
             return self._failed(delivery, f"cannot read the header: {exception_reason(exc)}", False)
+        written = str(ds.get("SOPInstanceUID", "") or delivery.sop_instance_uid)
+        replaced = _instance_in(target) if self._overwrites else None
         try:
             write_atomically(delivery.path, target)
         except OSError as exc:  # full disk, share unmounted, permissions: may be fixed
             return self._failed(delivery, f"cannot write: {os_error_reason(exc)}")
+        if replaced is not None and replaced != written:
+            LOGGER.warning(
+                "folder delivery replaced the file of another instance",
+                extra={
+                    "event": "egress.folder_replaced",
+                    "destination": self.name,
+                    "sop": uid_hash(written),
+                    "replaced_sop": uid_hash(replaced) if replaced else "unreadable",
+                },
+            )
         return Outcome(delivery.job_id, True)
 
     def _failed(self, delivery: Delivery, error: str, retryable: bool = True) -> Outcome:

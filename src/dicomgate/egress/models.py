@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -342,7 +343,12 @@ class FolderDestination(DestinationControls):
             "Relative path of each file under `path`. `{Keyword}` is replaced by that DICOM"
             " element of the instance (any keyword, e.g. `{PatientID}`, `{Modality}`), made"
             " safe for file names (`/`, `..` and control characters replaced; an empty value"
-            " becomes `UNKNOWN`). A file that exists already is replaced."
+            " becomes `UNKNOWN`). A file that exists already is replaced. A template without"
+            " `{SOPInstanceUID}` (e.g. `{PatientID}/{SeriesNumber}.dcm`, one file per"
+            " series) gives several instances the same file, each replacing the one before:"
+            " `dicomgate check-config` and the start-up log warn of it (event"
+            " `config.folder_template_overwrites`), and each file of another instance"
+            " replaced is logged (event `egress.folder_replaced`, the UIDs hashed)."
         ),
     )
 
@@ -351,6 +357,17 @@ class FolderDestination(DestinationControls):
     def _valid_template(cls, value: str) -> str:
         template_keywords(value)
         return value
+
+    def overwrite_warning(self) -> str | None:
+        """Why instances may replace each other's file (the template names no
+        ``{SOPInstanceUID}``: not an error, a per-series export may be intended), or None."""
+        if "SOPInstanceUID" in template_keywords(self.template):
+            return None
+        return (
+            f"template {self.template!r} has no {{SOPInstanceUID}}: instances given the same"
+            " path replace each other's file (only the last one is kept); add"
+            " {SOPInstanceUID} to the file name unless one file per path is intended"
+        )
 
 
 class WebhookDestination(DestinationControls):
@@ -386,3 +403,17 @@ class WebhookDestination(DestinationControls):
         if not value.startswith(("http://", "https://")):
             raise ValueError("the URL must start with http:// or https://")
         return value
+
+
+def destination_warnings(
+    destinations: Mapping[
+        str, DimseDestination | DicomwebDestination | FolderDestination | WebhookDestination
+    ],
+) -> list[str]:
+    """Settings that are valid but likely unintended, one line each naming the key
+    (``dicomgate check-config`` prints them; the senders log them at start-up)."""
+    out = []
+    for name, model in destinations.items():
+        if isinstance(model, FolderDestination) and (warning := model.overwrite_warning()):
+            out.append(f"destinations.{name}.template: {warning}")
+    return out
