@@ -6,13 +6,15 @@ permission when `http.auth` is set, 127.0.0.1/::1 only when it is not (docs/secu
 meanwhile, no attempt spent; the pause lasts until resumed or the gateway restarts).
 
 Errors are JSON bodies ``{"error": "..."}`` with 400 (bad filter, a parameter that is not
-an integer), 404 (unknown job) or 409 (job in a state that cannot be retried); database
-trouble is 503. A job id beyond the database's 64-bit range is a 404 like any unknown job;
-an offset beyond it is an empty page (it is clamped, as no table holds that many rows).
+an integer), 404 (unknown job or destination) or 409 (job in a state that cannot be
+retried); database trouble is 503. A job id beyond the database's 64-bit range is a 404
+like any unknown job; an offset beyond it is an empty page (it is clamped, as no table
+holds that many rows).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -73,6 +75,16 @@ _WHAT = {
 }
 
 
+def operator(request: Request) -> dict[str, str]:
+    """Who asked for an operator action (``actor``: the user or API key name once
+    authenticated; ``source_ip``), for its audit row (docs/observability.md)."""
+    client = request.client
+    return {
+        "actor": str(getattr(request.state, "principal", "") or ""),
+        "source_ip": client.host if client else "",
+    }
+
+
 def sql_offset(offset: int) -> int:
     """``offset`` as the database takes it: beyond 64 bits it would fail (OverflowError on
     SQLite), and no table holds that many rows, so the page is empty either way."""
@@ -84,8 +96,9 @@ def known_id(job_id: int) -> bool:
     return 0 < job_id <= MAX_SQL_INTEGER
 
 
-def queue_router(queue: JobQueue) -> APIRouter:
-    """Routes for ``/api/queue`` bound to ``queue`` (sync handlers run in a thread pool)."""
+def queue_router(queue: JobQueue, destinations: Collection[str] | None = None) -> APIRouter:
+    """Routes for ``/api/queue`` bound to ``queue`` (sync handlers run in a thread pool);
+    ``destinations``: the configured ones (None: any name is taken as known)."""
     router = APIRouter(prefix="/api/queue", tags=["queue"])
 
     @router.get("", responses=errors(400, 503))
@@ -118,17 +131,30 @@ def queue_router(queue: JobQueue) -> APIRouter:
         return {**row, "history": queue.history(job_id)}
 
     @router.post("/{job_id}/retry", responses=errors(400, 404, 409, 503))
-    def retry_job(job_id: int) -> Any:
+    def retry_job(job_id: int, request: Request) -> Any:
         """Re-drive one job now (dead-lettered or waiting), attempts reset."""
         if not known_id(job_id) or queue.get(job_id) is None:
             return problem(404, f"no job {job_id}")
-        if not queue.retry(job_id):
+        if not queue.retry(job_id, by=operator(request)):
             return problem(409, f"job {job_id} is leased or done; it cannot be retried")
         return {"retried": job_id}
 
-    @router.post("/retry-dead", responses=errors(503))
-    def retry_dead(destination: str | None = None) -> Any:
-        return {"retried": queue.retry_dead(destination)}
+    @router.post("/retry-dead", responses=errors(404, 503))
+    def retry_dead(request: Request, destination: str | None = None) -> Any:
+        """Re-drive every dead-lettered job (of ``destination``), attempts reset.
+
+        404 for a destination that is neither configured nor named by any job. One removed
+        from the configuration whose jobs are still queued is known: its jobs are re-driven
+        and wait until it is configured again (or another node that has it sends them).
+        """
+        if (
+            destination is not None
+            and destinations is not None
+            and destination not in destinations
+            and not any(name == destination for name, _ in queue.counts())
+        ):
+            return problem(404, f"no destination {destination!r}")
+        return {"retried": queue.retry_dead(destination, by=operator(request))}
 
     @router.delete("", responses=errors(400, 503))
     def purge(state: str = "done", destination: str | None = None) -> Any:
@@ -151,14 +177,14 @@ def destinations_router(dispatcher: Dispatcher) -> APIRouter:
         return {"destinations": dispatcher.states()}
 
     @router.post("/{name}/pause", responses=errors(404))
-    async def pause(name: str) -> Any:
-        if not dispatcher.pause(name):
+    async def pause(name: str, request: Request) -> Any:
+        if not dispatcher.pause(name, by=operator(request)):
             return problem(404, f"no destination {name!r}")
         return {"destination": name, **dispatcher.states()[name]}
 
     @router.post("/{name}/resume", responses=errors(404))
-    async def resume(name: str) -> Any:
-        if not dispatcher.resume(name):
+    async def resume(name: str, request: Request) -> Any:
+        if not dispatcher.resume(name, by=operator(request)):
             return problem(404, f"no destination {name!r}")
         return {"destination": name, **dispatcher.states()[name]}
 
@@ -166,7 +192,8 @@ def destinations_router(dispatcher: Dispatcher) -> APIRouter:
 
 
 def install_api(app: FastAPI, queue: JobQueue, dispatcher: Dispatcher | None = None) -> None:
-    app.include_router(queue_router(queue))
+    configured = frozenset(dispatcher.states()) if dispatcher is not None else None
+    app.include_router(queue_router(queue, configured))
     if dispatcher is not None:
         app.include_router(destinations_router(dispatcher))
 

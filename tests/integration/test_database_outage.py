@@ -186,6 +186,9 @@ def test_readers_answer_a_clear_error_meanwhile(
         assert get.final == 0xA701, get.output[-2000:]
         for answer in (find, move, get):  # released normally, not aborted
             assert "Releasing Association" in answer.output, answer.output[-2000:]
+            # The Error Comment says the index is down, not where the database is.
+            assert "index database is unavailable" in answer.output, answer.output[-2000:]
+            assert name not in answer.output and "5432" not in answer.output
     finally:
         pg_cut_off(name, allow=True)
     wait_until(

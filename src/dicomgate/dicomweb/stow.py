@@ -462,30 +462,44 @@ async def store_instances(
 ) -> Response:
     """Receive, stage, ingest and answer one STOW-RS request."""
     started = time.monotonic()
+    source_ip = request.client.host if request.client else ""
+    user = str(getattr(request.state, "principal", "") or "")  # set by http.auth
+
+    def _refused(status: int, why: str, headers: dict[str, str] | None = None) -> Response:
+        """A request refused as a whole: one ``stow.refused`` line (counted as
+        ``stow_requests_total{result="refused"}``, its duration observed, audited as a
+        failed ``stow.request``), then the JSON error."""
+        log.warning(
+            "STOW-RS request refused: %s",
+            why,
+            extra={
+                "event": "stow.refused",
+                "status": status,
+                "peer": source_ip,
+                "user": user,
+                "seconds": round(time.monotonic() - started, 6),
+            },
+        )
+        return problem(status, why, headers)
+
     if not _accepts_json(request.headers.get("accept")):
-        return problem(406, "the response is application/dicom+json; XML is not supported")
+        return _refused(406, "the response is application/dicom+json; XML is not supported")
     try:
         gateway.store.check_space()
     except StoreFullError as exc:
-        return problem(507, str(exc))
-    source_ip = request.client.host if request.client else ""
+        return _refused(507, str(exc))
     stager = _Stager(gateway, source_ip)
     try:
         await _receive(gateway, request, stager)
     except _Refused as exc:
         stager.discard()
-        log.warning(
-            "STOW-RS request refused: %s",
-            exc,
-            extra={"event": "stow.refused", "status": exc.status, "peer": source_ip},
-        )
-        return problem(exc.status, str(exc), exc.headers)
+        return _refused(exc.status, str(exc), exc.headers)
     except StoreFullError as exc:
         stager.discard()
-        return problem(507, str(exc))
+        return _refused(507, str(exc))
     except DicomgateError as exc:
         stager.discard()
-        return problem(500, f"cannot stage the upload: {exc}")
+        return _refused(500, f"cannot stage the upload: {exc}")
     except ClientDisconnect:
         # The client went away mid-upload (a viewer closed, a network cut): nothing is
         # kept, and it is the client's doing, not a server error (it was an ASGI
@@ -493,7 +507,7 @@ async def store_instances(
         stager.discard()
         log.warning(
             "STOW-RS upload cut off by the client; nothing of it was kept",
-            extra={"event": "stow.client_gone", "peer": source_ip},
+            extra={"event": "stow.client_gone", "peer": source_ip, "user": user},
         )
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except BaseException:  # cancelled: nothing is kept
@@ -512,6 +526,7 @@ async def store_instances(
             calling_ae="",
             called_ae="",
             source_ip=source_ip,
+            user=user,
             received_via="stow",
             loop=loop,
             future=loop.create_future(),
@@ -578,6 +593,7 @@ async def store_instances(
             "failed": len(failed),
             "bytes": stager.bytes,
             "peer": source_ip,
+            "user": user,
             "study": uid_hash(next(iter(studies))) if len(studies) == 1 else "",
             "seconds": round(time.monotonic() - started, 6),
         },

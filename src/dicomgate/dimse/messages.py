@@ -37,7 +37,13 @@ from dicomgate.dimse.session import Channel as _Channel
 from dicomgate.dimse.session import Incoming as _Incoming
 from dicomgate.dimse.session import NotAuthorized, NotStorageContext, status_for
 from dicomgate.dimse.session import PeerGone as _PeerGone
-from dicomgate.errors import DicomgateError, InvalidInstance, StoreError
+from dicomgate.errors import (
+    INDEX_UNAVAILABLE,
+    DicomgateError,
+    IndexUnavailable,
+    InvalidInstance,
+    StoreError,
+)
 from dicomgate.ingest import IngestJob, Ingestor, InstanceMismatch
 from dicomgate.observability.logging import uid_hash
 from dicomgate.store.part10 import arrival_json, encode_file_meta
@@ -339,7 +345,9 @@ class DimseMessages:
         else:
             assoc.failed += 1
             status = status_for(error)
-            comment = str(error)
+            # The sender is told the index is down, not the driver's text (host, port and
+            # name of the database).
+            comment = INDEX_UNAVAILABLE if isinstance(error, IndexUnavailable) else str(error)
             if incoming.error is not None:  # refused before the ingestor saw it
                 log.warning(
                     "instance refused: %s",
@@ -408,6 +416,8 @@ class DimseMessages:
                     "event": f"{service.value}.refused",
                     "calling_ae": assoc.calling_ae,
                     "status": f"0x{status:04X}",
+                    "peer": assoc.peer_ip,
+                    "sop_class": command.affected_sop_class_uid or "",
                 },
             )
             await self._respond(
@@ -432,6 +442,7 @@ class DimseMessages:
             service=service,
             calling_ae=assoc.calling_ae,
             called_ae=assoc.called_ae,
+            peer_ip=assoc.peer_ip,
             fuzzy=context_id in assoc.fuzzy_contexts,
             combined_datetime=context_id in assoc.combined_datetime_contexts,
         )

@@ -36,6 +36,7 @@ A calling AE not in ``dimse.allow.<service>`` gets 0x0124 (Refused: Not Authoriz
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import struct
 import time
@@ -65,6 +66,7 @@ from dicomgate.egress.base import Delivery, Outcome
 from dicomgate.egress.dimse import NOT_SENT, DimseSender
 from dicomgate.egress.models import DimseDestination
 from dicomgate.errors import (
+    INDEX_UNAVAILABLE,
     DicomgateError,
     IndexUnavailable,
     InvalidInstance,
@@ -140,14 +142,45 @@ class Request:
     service: QRService
     calling_ae: str
     called_ae: str = ""  # picks the query source (``query.ae_titles``)
+    peer_ip: str = ""  # the requestor's address (audit trail)
     fuzzy: bool = False  # fuzzy semantic matching of PN was negotiated (PS3.4 C.5.1.1)
     combined_datetime: bool = False  # combined date-time matching was negotiated (C.5.1.1)
     cancelled: bool = False  # a C-CANCEL-RQ arrived for it
     started: float = field(default_factory=time.monotonic)
+    # For the audit trail: the search keys decoded (PHI), the instances a retrieve names.
+    audit_query: dict[str, str] = field(default_factory=dict, repr=False)
+    files: list[InstanceFile] = field(default_factory=list, repr=False)
 
     @property
     def response_field(self) -> int:
         return self.command.command_field | 0x8000
+
+
+def _audit_fields(request: Request) -> dict[str, Any]:
+    """Fields of a query/retrieve log line for the audit trail (observability/events.py):
+    the PHI-free ones (peer, SOP class, move destination) are logged; those named
+    ``audit_*`` (search keys, the identifier, studies) reach the audit row only."""
+    fields: dict[str, Any] = {
+        "peer": request.peer_ip,
+        "sop_class": request.command.affected_sop_class_uid or "",
+        "transfer_syntax": request.transfer_syntax,
+    }
+    if request.service is QRService.MOVE:
+        fields["move_destination"] = request.command.move_destination or ""
+    if request.audit_query:
+        fields["audit_query"] = request.audit_query
+    if request.identifier and len(request.identifier) <= _AUDIT_IDENTIFIER_MAX:
+        fields["audit_identifier"] = base64.b64encode(request.identifier).decode("ascii")
+    if request.files:
+        studies: dict[str, dict[str, int]] = {}
+        for f in request.files:
+            per_class = studies.setdefault(f.study_instance_uid, {})
+            per_class[f.sop_class_uid] = per_class.get(f.sop_class_uid, 0) + 1
+        fields["audit_studies"] = studies
+    return fields
+
+
+_AUDIT_IDENTIFIER_MAX = 4096  # bytes of an identifier kept (base64) for the ATNA message
 
 
 class _Refusal(Exception):
@@ -296,6 +329,7 @@ class QueryRetrieve:
                     "event": f"{request.service.value}.refused",
                     "calling_ae": request.calling_ae,
                     "status": f"0x{refusal.status:04X}",
+                    **_audit_fields(request),
                 },
             )
             await self._final(request, channel, refusal.status, str(refusal), refusal.offending)
@@ -335,6 +369,7 @@ class QueryRetrieve:
         except InvalidQuery as exc:
             raise _Refusal(Status.UNABLE_TO_PROCESS, str(exc)[:64]) from None
         retrieve_ae = keys.pop(_RETRIEVE_AE_TITLE, None) is not None
+        request.audit_query = {"QueryRetrieveLevel": level_text, **keys}
         implicit = request.transfer_syntax == ImplicitVRLittleEndian
         # In the Patient Root (and Patient/Study Only) model the patient is the top level:
         # its unique key, Patient ID, identifies every lower-level match too (PS3.4 C.4.1.2,
@@ -399,7 +434,13 @@ class QueryRetrieve:
             sent,
             how,
             (time.monotonic() - request.started) * 1000,
-            extra={"event": "find.answered", "calling_ae": request.calling_ae},
+            extra={
+                "event": "find.answered",
+                "calling_ae": request.calling_ae,
+                "level": level,
+                "matches": sent,
+                **_audit_fields(request),
+            },
         )
 
     async def _search(
@@ -413,8 +454,8 @@ class QueryRetrieve:
             return await asyncio.to_thread(run)
         except InvalidQuery as exc:
             raise _Refusal(Status.UNABLE_TO_PROCESS, str(exc)[:64]) from None
-        except IndexUnavailable as exc:
-            raise _Refusal(Status.OUT_OF_RESOURCES, f"index unavailable: {exc}"[:64]) from None
+        except IndexUnavailable:
+            raise _Refusal(Status.OUT_OF_RESOURCES, INDEX_UNAVAILABLE) from None
 
     # -- retrieve: shared ----------------------------------------------------------------
 
@@ -426,6 +467,7 @@ class QueryRetrieve:
             keys = {k: v for k, v in identifier_keys(ds).items() if v.strip() not in ("", "*")}
         except InvalidQuery as exc:
             raise _Refusal(Status.UNABLE_TO_PROCESS, str(exc)[:64]) from None
+        request.audit_query = {"QueryRetrieveLevel": level_text, **keys}
         unique = _UNIQUE_KEY[level]
         # A retrieve without the level's unique key would send everything that happens to
         # match the other keys (or the whole store): refuse it instead.
@@ -440,13 +482,13 @@ class QueryRetrieve:
                 return instance_files(connection, keys)
 
         try:
-            return await asyncio.to_thread(run)
+            files = await asyncio.to_thread(run)
         except InvalidQuery as exc:
             raise _Refusal(Status.UNABLE_TO_PROCESS, str(exc)[:64]) from None
-        except IndexUnavailable as exc:
-            raise _Refusal(
-                Status.OUT_OF_RESOURCES_MATCHES, f"index unavailable: {exc}"[:64]
-            ) from None
+        except IndexUnavailable:
+            raise _Refusal(Status.OUT_OF_RESOURCES_MATCHES, INDEX_UNAVAILABLE) from None
+        request.files = files
+        return files
 
     async def _retrieve_final(
         self,
@@ -486,6 +528,11 @@ class QueryRetrieve:
                 "event": f"{request.service.value}.answered",
                 "calling_ae": request.calling_ae,
                 "status": f"0x{status:04X}",
+                "instances": len(request.files),
+                "completed": counts.completed,
+                "warning": counts.warning,
+                "failed": counts.failed,
+                **_audit_fields(request),
             },
         )
 

@@ -60,6 +60,11 @@ from dicomgate.security.tls import ServerTls
 
 log = logging.getLogger("dicomgate.dimse")
 
+
+class _PeerAborted(_PeerGone):
+    """The peer sent an A-ABORT during the association."""
+
+
 _MAX_RQ_LENGTH = 1 << 20  # an A-ASSOCIATE-RQ larger than 1 MiB is not a real one
 _MAX_COMMAND_LENGTH = 1 << 16
 _WHOLE_PDU = 1 << 20  # P-DATA-TF PDUs up to this size are read in one call
@@ -298,6 +303,19 @@ class DimseServer(DimseMessages):
                 },
             )
             await self._send(assoc, pdu.encode_abort(exc.reason))
+        except _PeerAborted as exc:
+            # The peer's A-ABORT (PS3.8 7.3) ends it as aborted, not lost: counted as
+            # associations_ended_total{how="aborted"}, like an abort of ours.
+            log.info(
+                "association aborted by the peer: %s",
+                exc,
+                extra={
+                    "event": "association.aborted",
+                    "by": "peer",
+                    "calling_ae": assoc.calling_ae,
+                    "peer": assoc.peer_ip,
+                },
+            )
         except _PeerGone as exc:
             log.info(
                 "association ended: %s",
@@ -475,6 +493,9 @@ class DimseServer(DimseMessages):
                 pdu.RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED,
                 ("application context not supported"),
             )
+        invalid = rq.invalid_ae_title()  # PS3.5 6.2: e.g. a newline, which forges log lines
+        if invalid is not None:
+            return perm, user, invalid[0], invalid[1]
         if (
             cfg.check_called_ae
             and rq.called_ae != cfg.ae_title
@@ -551,7 +572,7 @@ class DimseServer(DimseMessages):
                 if pdu_type == pdu.PduType.ABORT:
                     if incoming is not None and incoming.spool is not None:
                         incoming.spool.discard()
-                    raise _PeerGone("peer sent A-ABORT")
+                    raise _PeerAborted("peer sent A-ABORT")
                 if pdu_type != pdu.PduType.P_DATA_TF:
                     if incoming is not None and incoming.spool is not None:
                         incoming.spool.discard()

@@ -291,19 +291,23 @@ class Dispatcher:
             if dest is not None:
                 loop.call_soon_threadsafe(_wake_one, dest)
 
-    def pause(self, name: str) -> bool:
-        """Stop leasing for destination ``name`` (sends under way finish); False: unknown."""
+    def pause(self, name: str, *, by: Mapping[str, str] | None = None) -> bool:
+        """Stop leasing for destination ``name`` (sends under way finish); False: unknown.
+        ``by``: who asked (``actor``, ``source_ip``), for the audit row."""
         dest = self._destinations.get(name)
         if dest is None:
             return False
         if not dest.paused:
             dest.paused = True
             dest.resumed.clear()
-            log.info("destination paused", extra={"event": "delivery.paused", "destination": name})
+            log.info(
+                "destination paused",
+                extra={"event": "delivery.paused", "destination": name, **(by or {})},
+            )
         return True
 
-    def resume(self, name: str) -> bool:
-        """Lease again for destination ``name``; False: unknown."""
+    def resume(self, name: str, *, by: Mapping[str, str] | None = None) -> bool:
+        """Lease again for destination ``name``; False: unknown. ``by`` as for pause."""
         dest = self._destinations.get(name)
         if dest is None:
             return False
@@ -312,7 +316,8 @@ class Dispatcher:
             dest.resumed.set()
             _wake_all(dest)
             log.info(
-                "destination resumed", extra={"event": "delivery.resumed", "destination": name}
+                "destination resumed",
+                extra={"event": "delivery.resumed", "destination": name, **(by or {})},
             )
         return True
 

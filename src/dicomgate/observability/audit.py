@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,9 @@ from sqlalchemy import exc as sa_exc
 
 from dicomgate.errors import IndexUnavailable
 from dicomgate.index import let_writers_in
-from dicomgate.index.schema import audit_event, storable
+from dicomgate.index.schema import audit_event, patient, storable, study
 from dicomgate.observability.audit_journal import AuditJournal
+from dicomgate.observability.logging import Outage
 
 log = logging.getLogger("dicomgate.audit")
 
@@ -128,6 +129,20 @@ class AuditQuery:
 Sink = Callable[[Sequence[AuditEvent]], None]
 
 
+class ForwardFailed(Exception):
+    """A :data:`Sink` could not send ``unsent`` of the messages it had to send (the events
+    without a message of its kind are not among them)."""
+
+    def __init__(self, unsent: int, cause: BaseException) -> None:
+        super().__init__(str(cause) or type(cause).__name__)
+        self.unsent = unsent
+
+
+# Kinds whose rows name a study but not its patient (the delivery worker and the
+# retrieve log lines do not have it): the writer looks the patient up in the index.
+_NEEDS_PATIENT = ("delivery.", "retrieve")
+
+
 class AuditTrail:
     """Writes and reads the audit trail of one node (thread-safe)."""
 
@@ -167,6 +182,16 @@ class AuditTrail:
         # Without a journal (tests of one function), rows the database refuses are dropped.
         self._journal = None if journal is None else AuditJournal(journal, journal_max_bytes)
         self._journaling = False  # said so in the log during this outage
+        # One audit.forward_failed line per repository outage, then a reminder every 5 min
+        # (a line per batch buried the log while the repository was down).
+        self._forward_outage = Outage(
+            log,
+            "audit repository",
+            "audit.forward_failed",
+            "audit.forward_recovered",
+            level=logging.WARNING,
+            expected=(OSError, ForwardFailed),
+        )
 
     # -- writing ------------------------------------------------------------------------
 
@@ -260,6 +285,7 @@ class AuditTrail:
             self._maybe_prune()
 
     def _write(self, items: list[tuple[AuditEvent, bool]]) -> None:
+        items = self._with_patients(items)
         new = [event for event, stored in items if not stored]
         if new:
             self._keep(new)
@@ -267,16 +293,54 @@ class AuditTrail:
             try:
                 self._forward([event for event, _ in items])
             except Exception as exc:
-                log.warning(
-                    "audit repository unreachable: %s",
-                    exc,
-                    extra={"event": "audit.forward_failed", "events": len(items)},
-                )
+                # Only the messages that were to be sent count as failed: most kinds
+                # (association.accepted ...) have none.
+                unsent = exc.unsent if isinstance(exc, ForwardFailed) else len(items)
+                self._forward_outage.failed(exc)
                 if self._on_failure is not None:
-                    for _ in items:
+                    for _ in range(unsent):
                         self._on_failure("syslog")
+            else:
+                self._forward_outage.ok()
         with self._backlog_lock:
             self._backlog -= len(items)
+
+    def _with_patients(self, items: list[tuple[AuditEvent, bool]]) -> list[tuple[AuditEvent, bool]]:
+        """Deliveries and retrievals with the Patient ID and name of their study, from the
+        index (one query per batch). While the index does not answer they go without."""
+        wanted = {
+            event.study_uid
+            for event, stored in items
+            if not stored
+            and event.study_uid
+            and event.patient_id is None
+            and event.event.startswith(_NEEDS_PATIENT)
+        }
+        if not wanted:
+            return items
+        query = (
+            select(study.c.study_instance_uid, patient.c.patient_id, study.c.patient_name)
+            .select_from(study.join(patient, study.c.patient_pk == patient.c.id))
+            .where(study.c.study_instance_uid.in_(sorted(wanted)))
+        )
+        try:
+            with self._engine.connect() as connection:
+                found = {str(r[0]): (r[1], r[2]) for r in connection.execute(query)}
+        except Exception as exc:  # IndexUnavailable, a driver error ...: best effort only
+            # (an escape here ended the audit writer thread during a database outage)
+            log.debug("no patient for the audit rows: %s", exc, extra={"event": "audit.no_patient"})
+            return items
+        out = []
+        for event, stored in items:
+            known = found.get(event.study_uid or "") if not stored else None
+            if (
+                known is not None
+                and event.patient_id is None
+                and event.event.startswith(_NEEDS_PATIENT)
+            ):
+                event = replace(event, patient_id=known[0] or "", patient_name=known[1])
+            out.append((event, stored))
+        return out
 
     def _keep(self, new: list[AuditEvent]) -> None:
         """Insert ``new``; while the database is away (or earlier rows still wait in the
@@ -513,4 +577,12 @@ class AuditTrail:
             raise IndexUnavailable(str(error.orig or error).splitlines()[0]) from error
 
 
-__all__ = ["FAILURE", "SUCCESS", "AuditEvent", "AuditHealth", "AuditQuery", "AuditTrail"]
+__all__ = [
+    "FAILURE",
+    "SUCCESS",
+    "AuditEvent",
+    "AuditHealth",
+    "AuditQuery",
+    "AuditTrail",
+    "ForwardFailed",
+]

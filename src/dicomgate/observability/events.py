@@ -3,9 +3,11 @@
 Every component already logs each thing that happens with a stable event name
 (``extra={"event": "association.accepted", "calling_ae": ...}``, see
 :mod:`dicomgate.observability.logging`). :class:`EventHandler`, installed on the
-``dicomgate`` logger, maps those names to metric updates and, for security-relevant events
-that carry no PHI, to audit rows. The components that own PHI (the ingest committer, the
-delivery dispatcher) write their audit rows themselves.
+``dicomgate`` logger, maps those names to metric updates and, for security-relevant and
+data-moving events, to audit rows. PHI reaches a row only through fields named ``audit_*``
+(the C-FIND search keys, the studies of a C-MOVE/C-GET), which the log formatters never
+print; the components that own more PHI (the ingest committer, the delivery dispatcher)
+write their audit rows themselves.
 
 Durations travel as a ``seconds`` field of the event (``instance.stored``,
 ``stow.request``, ``delivery.done``). A handler never raises into the logging call.
@@ -26,6 +28,18 @@ Update = Callable[[logging.LogRecord], None]
 # future events may use any of them).
 _ACTOR_FIELDS = ("calling_ae", "user", "key", "key_name", "subject", "actor", "client")
 _IP_FIELDS = ("peer", "source_ip", "client_ip", "ip", "remote")
+# PHI-free fields of the C-FIND/C-MOVE/C-GET lines kept in the audit row's detail.
+_QR_FIELDS = (
+    "level",
+    "sop_class",
+    "transfer_syntax",
+    "move_destination",
+    "matches",
+    "instances",
+    "completed",
+    "warning",
+    "failed",
+)
 
 
 def _get(record: logging.LogRecord, name: str, default: Any = None) -> Any:
@@ -85,7 +99,9 @@ class EventHandler(logging.Handler):
             "get.refused": lambda r: self._query(r, "get", FAILURE),
             "auth.denied": self._auth_denied,
             "retention.deleted": self._retention,
-            "queue.redriven": lambda r: self._audit(r, "queue.redriven", SUCCESS),
+            "queue.redriven": self._redriven,
+            "delivery.paused": lambda r: self._destination(r, "destination.paused"),
+            "delivery.resumed": lambda r: self._destination(r, "destination.resumed"),
             "queue.orphaned": lambda r: self._audit(r, "queue.orphaned", FAILURE),
             "gateway.ready": lambda r: self._audit(r, "application.start", SUCCESS),
             "gateway.stopping": lambda r: self._audit(r, "application.stop", SUCCESS),
@@ -223,6 +239,9 @@ class EventHandler(logging.Handler):
 
     def _stow_refused(self, record: logging.LogRecord) -> None:
         self.metrics.stow_requests.labels("refused").inc()
+        seconds = _get(record, "seconds")
+        if seconds is not None:
+            self.metrics.stow_seconds.observe(float(seconds))
         self._audit(
             record,
             "stow.request",
@@ -257,16 +276,63 @@ class EventHandler(logging.Handler):
         if outcome == FAILURE and str(_get(record, "status", "")).upper() == "0X0124":
             self.metrics.auth_failures.labels("dimse").inc()  # dimse.allow.<service>
         kind = "query" if service == "find" else "retrieve"
+        detail: dict[str, Any] = {
+            "service": service,
+            "status": _get(record, "status"),
+            "message": record.getMessage(),
+        }
+        for name in _QR_FIELDS:
+            value = _get(record, name)
+            if value is not None and value != "":
+                detail[name] = value
+        # audit_* fields: PHI (search keys, study UIDs), for the audit row only.
+        query = _get(record, "audit_query")
+        if query:
+            detail["query"] = query
+        identifier = _get(record, "audit_identifier")
+        if identifier:
+            detail["identifier"] = identifier  # base64, for the ATNA Query message
+        studies = _get(record, "audit_studies") or {}
+        if studies:
+            detail["studies"] = studies  # {study UID: {SOP class UID: instances}}
         self._audit(
             record,
             kind,
             outcome,
             object=f"C-{service.upper()}",
-            detail={
-                "service": service,
-                "status": _get(record, "status"),
-                "message": record.getMessage(),
-            },
+            study_uid=next(iter(studies), None),
+            detail=detail,
+        )
+
+    def _redriven(self, record: logging.LogRecord) -> None:
+        destination = str(_get(record, "destination", "") or "")
+        job = _get(record, "job_id")
+        detail: dict[str, Any] = {
+            "jobs": int(_number(record, "jobs")),
+            "message": record.getMessage(),
+        }
+        if destination:
+            detail["destination"] = destination
+        if job is not None:
+            detail["job_id"] = job
+        self._audit(
+            record,
+            "queue.redriven",
+            SUCCESS,
+            object=destination or (f"job {job}" if job is not None else "dead jobs"),
+            detail=detail,
+        )
+
+    def _destination(self, record: logging.LogRecord, kind: str) -> None:
+        destination = str(_get(record, "destination", "") or "")
+        # The destination is the object; who paused it is the operator (never the
+        # destination, as _ACTOR_FIELDS would not take it anyway).
+        self._audit(
+            record,
+            kind,
+            SUCCESS,
+            object=destination,
+            detail={"destination": destination, "message": record.getMessage()},
         )
 
     def _tls_reload(self, record: logging.LogRecord, outcome: str) -> None:

@@ -316,7 +316,13 @@ _COMPLETE = (
         delivery_job.c.id.in_(bindparam("ids", expanding=True)),
         delivery_job.c.state.in_([JobState.LEASED.value, JobState.PENDING.value]),
     )
-    .values(state=JobState.DONE.value, lease_until=None, updated_at=bindparam("p_now"))
+    # A delivered job has no error: an earlier attempt's stays in its history only.
+    .values(
+        state=JobState.DONE.value,
+        lease_until=None,
+        last_error=None,
+        updated_at=bindparam("p_now"),
+    )
     .returning(delivery_job.c.id)
 )
 _RECORD_ATTEMPTS = insert(delivery_attempt)
@@ -619,22 +625,27 @@ class JobQueue:
             row = connection.execute(query).mappings().first()
         return dict(row) if row is not None else None
 
-    def retry(self, job_id: int) -> bool:
+    def retry(self, job_id: int, *, by: Mapping[str, str] | None = None) -> bool:
         """Re-drive a dead (or waiting pending) job now; False if no such job in those states.
 
-        A re-driven job starts over: attempts 0 and a fresh ``max_age`` budget.
+        A re-driven job starts over: attempts 0 and a fresh ``max_age`` budget. ``by``:
+        who asked (``actor``, ``source_ip``), for the ``queue.redriven`` audit row.
         """
         j = delivery_job.c
         states = [JobState.DEAD.value, JobState.PENDING.value]
-        return self._redrive(and_(j.id == job_id, j.state.in_(states))) == 1
+        condition = and_(j.id == job_id, j.state.in_(states))
+        return self._redrive(condition, {**(by or {}), "job_id": job_id}) == 1
 
-    def retry_dead(self, destination: str | None = None) -> int:
-        """Re-drive every dead job (of ``destination``); returns how many."""
+    def retry_dead(
+        self, destination: str | None = None, *, by: Mapping[str, str] | None = None
+    ) -> int:
+        """Re-drive every dead job (of ``destination``); returns how many. ``by``: who
+        asked, as for :meth:`retry`."""
         j = delivery_job.c
         condition = j.state == JobState.DEAD.value
         if destination is not None:
             condition = and_(condition, j.destination == destination)
-        return self._redrive(condition)
+        return self._redrive(condition, {**(by or {}), "destination": destination or ""})
 
     def purge(self, *, state: str, destination: str | None = None) -> int:
         """Delete done or dead jobs (of ``destination``), their history with them (ON DELETE
@@ -690,7 +701,7 @@ class JobQueue:
 
     # -- internals --------------------------------------------------------------------
 
-    def _redrive(self, condition: Any) -> int:
+    def _redrive(self, condition: Any, fields: Mapping[str, Any] | None = None) -> int:
         """Re-drive the jobs matching ``condition`` that are there now, in transactions of
         ``_OPERATOR_BATCH`` jobs.
 
@@ -712,7 +723,10 @@ class JobQueue:
                 break
             let_writers_in(not self._postgres)
         if count:
-            log.info("jobs re-driven", extra={"event": "queue.redriven", "jobs": count})
+            log.info(
+                "jobs re-driven",
+                extra={"event": "queue.redriven", "jobs": count, **(fields or {})},
+            )
         return count
 
     def _redrive_ids(self, connection: Connection, ids: Sequence[int]) -> int:
