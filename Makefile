@@ -68,7 +68,7 @@ test: install-test bytecode
 	  tests/integration/test_routing_delivery.py tests/integration/test_queue_operations.py \
 	  tests/integration/test_crash_recovery.py tests/integration/test_retention.py \
 	  tests/integration/test_delivery_failures.py tests/integration/test_qido.py \
-	  tests/integration/test_destination_pause.py
+	  tests/integration/test_destination_pause.py tests/integration/test_ingest_failures.py
 
 # The whole suite on PostgreSQL (every gateway a test starts gets its own database);
 # about as long as `make test`'s first pass.

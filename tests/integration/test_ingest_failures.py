@@ -38,6 +38,9 @@ def immutable(*paths: Path) -> Iterator[None]:
                 ["chattr", "+i", str(path)], capture_output=True, text=True, check=False
             )
             if result.returncode != 0:
+                # Only a file system without the attribute (tmpfs) skips; anything else
+                # (a wrong path) fails.
+                assert "not supported" in result.stderr.lower(), result.stderr
                 pytest.skip(f"chattr +i not supported here: {result.stderr.strip()}")
             done.append(path)
         yield
@@ -96,7 +99,9 @@ def test_a_store_that_refuses_writes_gets_refusals_and_the_gateway_recovers(
     gw = gateway()
     assert gw.storescu(corpus.mr("ro-first", 1, seed=521)).returncode == 0
     second = corpus.mr("ro-second", 1, seed=522)  # another study: a new store folder
-    with immutable(gw.data / "spool", gw.data / "store"):
+    # The spool is per node on PostgreSQL (storage.path/nodes/<name>/spool).
+    (spool,) = [p for p in gw.data.rglob("spool") if p.is_dir()]
+    with immutable(spool, gw.data / "store"):
         out = gw.storescu(second, "-v", "-td", "15")
         assert "Received Store Response (Refused: OutOfResources)" in out.stdout, out.stdout
         assert gw.echoscu().returncode == 0
