@@ -17,15 +17,21 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from dicomgate.bridge.models import QueryConfig
+from dicomgate.config_source import (
+    ENV_PREFIX,
+    apply_env,
+    load_yaml,
+    refuse_booleans,
+)
 from dicomgate.egress.models import (
     DicomwebDestination,
     DimseDestination,
     FolderDestination,
     WebhookDestination,
+    check_host,
 )
 from dicomgate.errors import ConfigError
 from dicomgate.ingress.models import IngestConfig
@@ -47,7 +53,7 @@ from dicomgate.security.http_models import (
     parse_networks,
 )
 
-ENV_PREFIX = "DICOMGATE_"
+MIN_PDU_SIZE = 4096
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
@@ -182,9 +188,10 @@ class DatabaseConfig(_Model):
         ge=1,
         le=3600,
         description=(
-            "PostgreSQL: seconds the gateway waits on the database before it gives up and"
-            " answers *try later* (C-STORE 0xA700, STOW-RS 503 with FailureReason 0xA700, QIDO-RS"
-            " 503, C-FIND 0xA700). It bounds a statement (cancelled by the server:"
+            "PostgreSQL: seconds (1 to 3600) the gateway waits on the database before it"
+            " gives up and answers *try later* (C-STORE 0xA700, STOW-RS 503 with"
+            " FailureReason 0xA700, QIDO-RS 503, C-FIND 0xA700). It bounds a statement"
+            " (cancelled by the server:"
             " a lock held by another session, an overloaded server), a connection whose"
             " packets go unanswered (a network partition: without it each connection hangs"
             " for about 15 minutes), a new connection (at most 10 s), and the wait for a free"
@@ -260,6 +267,8 @@ class MoveDestinationConfig(_Model):
         ),
     )
 
+    _host = field_validator("host")(classmethod(lambda cls, v: check_host(v)))
+
 
 class DimseAllowConfig(_Model):
     """Which calling AE titles may use each DIMSE service, once their association is open."""
@@ -321,11 +330,13 @@ class DimseConfig(_Model):
     )
     port: int = Field(
         11112,
-        ge=0,
+        ge=1,
         le=65535,
         description=(
-            "TCP port for DICOM associations. 104 is the registered DICOM port (needs"
-            " privileges on most systems); 11112 is the usual unprivileged one."
+            'TCP port for DICOM associations, 1-65535 (0, "any free port", is refused: senders'
+            " need a known port). 104 is the registered DICOM port (needs privileges on most"
+            " systems); 11112 is the usual unprivileged one. It must differ from `http.port`"
+            " and `dimse.tls.port`."
         ),
     )
     allowed_calling_aets: list[str] = Field(
@@ -392,9 +403,10 @@ class DimseConfig(_Model):
         ge=0,
         description=(
             "Largest PDU, in bytes, we ask senders to use (maximum length announced in"
-            " A-ASSOCIATE-AC, PS3.8 D.1); 0 = unlimited. A sender that announces a longer"
-            " P-DATA-TF PDU anyway is aborted with A-ABORT (invalid PDU parameter value)"
-            " before its body is read. Rarely needs changing."
+            " A-ASSOCIATE-AC, PS3.8 D.1); 0 = unlimited, else at least 4096 (the smallest"
+            " DCMTK negotiates; a smaller one cannot carry a useful P-DATA-TF). A sender that"
+            " announces a longer P-DATA-TF PDU anyway is aborted with A-ABORT (invalid PDU"
+            " parameter value) before its body is read. Rarely needs changing."
         ),
     )
     acse_timeout: float = Field(
@@ -456,7 +468,9 @@ class DimseConfig(_Model):
         description=(
             "C-MOVE destinations by AE title, e.g. `{WORKSTATION1: {host: 10.0.0.20, port:"
             " 104}}`. Every `destinations` entry of `type: dimse` is a move destination too,"
-            " under its `ae_title`; an entry here wins for the same AE title. A C-MOVE to any"
+            " under its `ae_title`. Two move destinations (entries here or `dimse`"
+            " destinations) with the same AE title but another host or port are a config"
+            " error, since a C-MOVE names only the AE title. A C-MOVE to any"
             ' other AE title gets status 0xA801 "Move Destination unknown".'
         ),
     )
@@ -481,6 +495,15 @@ class DimseConfig(_Model):
     @classmethod
     def _networks(cls, values: list[str]) -> list[str]:
         return parse_networks(values)
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _pdu_size(cls, value: int) -> int:
+        # PS3.8 D.1 sets no floor, but a PDU must hold its headers and a useful fragment;
+        # DCMTK (ASC_MINIMUMPDUSIZE) negotiates nothing below 4096 bytes.
+        if 0 < value < MIN_PDU_SIZE:
+            raise ValueError(f"{value}: use 0 (unlimited) or at least {MIN_PDU_SIZE} bytes")
+        return value
 
     @field_validator("ae_hosts")
     @classmethod
@@ -520,9 +543,13 @@ class HttpConfig(_Model):
     )
     port: int = Field(
         8080,
-        ge=0,
+        ge=1,
         le=65535,
-        description="TCP port for HTTP (or HTTPS with `tls`).",
+        description=(
+            'TCP port for HTTP (or HTTPS with `tls`), 1-65535 (0, "any free port", is'
+            " refused: clients need a known port). It must differ from `dimse.port` and"
+            " `dimse.tls.port` when both listeners share an address."
+        ),
     )
     tls: HttpTlsConfig | None = Field(
         None,
@@ -643,6 +670,7 @@ Destination = Annotated[
 ]
 
 __all__ = [
+    "ENV_PREFIX",
     "DicomwebDestination",
     "DimseDestination",
     "FolderDestination",
@@ -729,47 +757,46 @@ class GatewayConfig(_Model):
         return values
 
 
-def _env_value(value: str) -> Any:
-    """An environment value as YAML (numbers, booleans, lists), else the plain string."""
-    if not value:
-        return value
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value  # e.g. "@PACS": a legal AE title that is not valid YAML
+DESTINATION_TYPES = ("dimse", "dicomweb", "folder", "webhook")
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``DICOMGATE_A__B=value`` variables onto the parsed YAML as ``a.b: value``."""
-    for name, value in environ.items():
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() == "DICOMGATE_CONFIG":
-            continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
-        if not path:
-            continue
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(path), f"environment variable {name} nests into a value")
-            node = child
-        node[path[-1]] = _env_value(value)
-    return data
-
-
-def _format_error(exc: ValidationError) -> ConfigError:
-    err = exc.errors()[0]
-    parts = [p for p in err["loc"] if not str(p).startswith("function-after")]
-    if len(parts) > 2 and parts[0] == "destinations":
+def _error_key(loc: tuple[int | str, ...]) -> tuple[list[int | str], str]:
+    parts = [p for p in loc if not str(p).startswith("function-after")]
+    if len(parts) > 2 and parts[0] == "destinations" and parts[2] in DESTINATION_TYPES:
         del parts[2]  # pydantic's union-member tag (the destination type)
     key = ""
     for part in parts:  # "routes[0].to", "destinations.pacs.port"
         key += f"[{part}]" if isinstance(part, int) else ("." if key else "") + str(part)
+    return parts, key
+
+
+def _format_error(exc: ValidationError) -> ConfigError:
+    errors = exc.errors()
+    err = errors[0]
+    parts, key = _error_key(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
+    kinds = ", ".join(DESTINATION_TYPES)
+    # A misspelt required key gives two errors side by side: name the other one too.
+    siblings = {
+        other["type"]: _error_key(other["loc"])[0][-1]
+        for other in errors[1:]
+        if _error_key(other["loc"])[0][:-1] == parts[:-1]
+    }
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+        if "missing" in siblings:
+            msg += f" (did you mean {siblings['missing']!r}? it is required and missing)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+        if "extra_forbidden" in siblings:
+            msg += f" (is the unknown key {siblings['extra_forbidden']!r} a misspelling of it?)"
+    elif err["type"] == "union_tag_not_found":
+        key += ".type"
+        msg = f"required key is missing (one of {kinds})"
+    elif err["type"] == "union_tag_invalid":
+        key += ".type"
+        tag = (err.get("ctx") or {}).get("tag", "")
+        msg = f"unknown destination type {tag!r} (one of {kinds})"
     return ConfigError(key, msg)
 
 
@@ -786,11 +813,15 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError("", "the config file must be a YAML mapping")
     environ = os.environ if environ is None else environ
-    data = _apply_env(copy.deepcopy(data), environ)
+    data = apply_env(GatewayConfig, copy.deepcopy(data), environ)
+    refuse_booleans(GatewayConfig, data)
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise _format_error(exc) from exc
+    _check_listener_ports(config)
+    _check_move_titles(config)
+    _check_folder_loops(config)
     # Compiling the routes checks all of them (destinations, match keys, regexes, ranges,
     # durations); its ConfigError names the key itself, e.g. routes[2].match.Modality.
     Router.compile(config.routes, config.destinations)
@@ -798,6 +829,85 @@ def parse_config(
     _check_query_sources(config)
     build_pipelines(config, StepContext(environ=environ, base_dir=base_dir or Path(".")))
     return config
+
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _check_listener_ports(config: GatewayConfig) -> None:
+    """Two listeners of this gateway on one port: the second could never start."""
+    listeners = []
+    if config.dimse.tls is None or config.dimse.tls.plain:
+        listeners.append(("dimse.port", config.dimse.host, config.dimse.port))
+    if config.dimse.tls is not None:
+        listeners.append(("dimse.tls.port", config.dimse.host, config.dimse.tls.port))
+    if config.http.enabled:
+        listeners.append(("http.port", config.http.host, config.http.port))
+    for i, (key, host, port) in enumerate(listeners):
+        for other_key, other_host, other_port in listeners[:i]:
+            shared = host == other_host or {host, other_host} & set(_WILDCARD_HOSTS)
+            if port == other_port and shared:
+                raise ConfigError(key, f"port {port} is also {other_key}; give each its own")
+
+
+def _check_move_titles(config: GatewayConfig) -> None:
+    """A C-MOVE names its destination by AE title only (PS3.4 C.4.2.1.4.1): two move
+    destinations with one AE title and different addresses could not be told apart."""
+    seen: dict[str, tuple[str, str, int]] = {}  # AE title -> (key, host, port)
+    entries = [
+        (f"destinations.{name}", dest.ae_title, dest.host, dest.port)
+        for name, dest in config.destinations.items()
+        if isinstance(dest, DimseDestination)
+    ]
+    entries += [
+        (f"dimse.move_destinations.{title}", title, where.host, where.port)
+        for title, where in config.dimse.move_destinations.items()
+    ]
+    for key, title, host, port in entries:
+        first = seen.get(title)
+        if first is None:
+            seen[title] = (key, host, port)
+        elif (first[1].casefold(), first[2]) != (host.casefold(), port):
+            field = f"{key}.ae_title" if key.startswith("destinations.") else key
+            raise ConfigError(
+                field,
+                f"{title!r} is also the AE title of {first[0]} (C-MOVE could not tell them"
+                " apart); give each its own AE title",
+            )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_folder_loops(config: GatewayConfig) -> None:
+    """Folders that would feed on each other: a folder destination inside the watched
+    folder (each delivered copy would be ingested again, and deleted) or inside the store,
+    a watched folder overlapping the store (refused by ``serve`` too, but only there)."""
+    watch = config.ingest.watch
+    store = config.storage.path
+    for name, dest in config.destinations.items():
+        if not isinstance(dest, FolderDestination):
+            continue
+        if watch is not None and _inside(dest.path, watch):
+            raise ConfigError(
+                f"destinations.{name}.path",
+                f"{str(dest.path)!r} is inside ingest.watch {str(watch)!r}: every delivered"
+                " copy would be ingested again",
+            )
+        if _inside(dest.path, store):
+            raise ConfigError(
+                f"destinations.{name}.path",
+                f"{str(dest.path)!r} is inside storage.path {str(store)!r}: the gateway's own"
+                " store must not be written into",
+            )
+    if watch is not None and (_inside(watch, store) or _inside(store, watch)):
+        raise ConfigError(
+            "ingest.watch",
+            f"{str(watch)!r} overlaps storage.path {str(store)!r}: the store's own files"
+            " would be ingested (and deleted)",
+        )
 
 
 def _check_webhook_routes(config: GatewayConfig) -> None:
@@ -864,8 +974,4 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> G
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{path} is not UTF-8 text (byte {exc.start})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
-    return parse_config(data, environ, base_dir=path.parent)
+    return parse_config(load_yaml(text, path), environ, base_dir=path.parent)

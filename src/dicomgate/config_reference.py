@@ -60,6 +60,8 @@ _STEP_LISTS = ("routes[].pipeline",)
 
 _SECONDS_SUFFIXES = ("_timeout", "_grace")
 _BYTES_SUFFIXES = ("_bytes", "_pdu_size")
+# Number fields that also take a number with a unit (storage.keep_for, audit.keep_for).
+_DURATION_WITH_UNIT = ("keep_for",)
 
 
 @dataclass(frozen=True)
@@ -185,13 +187,27 @@ anything. A complete, commented example is [{EXAMPLE_FILE}](../{EXAMPLE_FILE}).
   does not start, and the command exits with code 2 and one line that names the key, e.g.
   `{unknown_key_error}`. Bad values are reported the same way.
 - **Environment overrides.** `{ENV_PREFIX}SECTION__KEY=value` overrides `section.key` of the
-  file: a double underscore separates levels, names are case-insensitive and the value is
-  read as YAML (`{ENV_PREFIX}DIMSE__PORT=104` is a number). Use it for secrets, e.g.
+  file: a double underscore separates levels. Only variables whose first part is a
+  top-level key (`storage`, `database`, `dimse`, `http`, `destinations` ...) are overrides;
+  others, such as the command's own `{ENV_PREFIX}CONFIG` or `{ENV_PREFIX}TOKEN`, are left
+  alone. Names are case-insensitive and match the keys of the file case-insensitively, so
+  `{ENV_PREFIX}DESTINATIONS__PACS__HOST` reaches a destination named `PACS` or `pacs` (two
+  names that differ only by case cannot be reached: an error). A text key (`host`, `url`,
+  `bearer`, `ae_title`, a path) takes the value exactly as given, `#` and digits included
+  (`123456` stays text); any other key reads it as YAML (`{ENV_PREFIX}DIMSE__PORT=104` is a
+  number, `true` a boolean, `[a, b]` a list), except that a value holding `#` is taken as
+  it is. Use it for secrets, e.g.
   `{ENV_PREFIX}DATABASE__URL=postgresql://dicomgate:secret@db/dicomgate`.
-- **Units.** Durations (`*_timeout`, `shutdown_grace`; type *seconds* below) are numbers of
-  seconds: `30`, `2.5`. Sizes (`min_free_bytes`, `max_pdu_size`) are plain integers of
-  bytes: write `1073741824`, not `1GB`. `routes[].stable_after` is a number with a unit:
-  `60s`.
+- **Units.** Durations (`*_timeout`, `shutdown_grace`, `lease_seconds`, `settle`; type
+  *seconds* or *number* below) are plain numbers of seconds: `30`, `2.5`; `30s` is an error.
+  Only `storage.keep_for`, `audit.keep_for` (type *duration*) and `routes[].stable_after` also
+  take a number with a unit (`ms`, `s`, `m`, `h`, `d`, combined as in `1h30m`): `24h`,
+  `365d`. Sizes (`min_free_bytes`, `max_pdu_size`) are plain integers of bytes: write
+  `1073741824`, not `1GB`. A number key refuses YAML's booleans (`yes`, `no`, `on`,
+  `off`): `port: on` is an error, not port 1.
+- **Duplicate keys are errors.** A key given twice in one mapping (two `destinations:`
+  blocks, two destinations named `pacs`) stops the gateway with the line of the second,
+  instead of the last one silently winning.
 - **Key names.** `destinations.<name>.host` means the `host` key of any destination, `<name>`
   being the name you chose for it; `routes[].to` means the `to` key of each item of the
   `routes` list.
@@ -296,6 +312,8 @@ def _type_name(annotation: Any, name: str) -> str:
     if annotation is int:
         return "int (bytes)" if name.endswith(_BYTES_SUFFIXES) else "int"
     if annotation is float:
+        if name in _DURATION_WITH_UNIT:
+            return "duration (`24h`, `30m`, `365d` or seconds)"
         seconds = name == "timeout" or name.endswith(_SECONDS_SUFFIXES)
         return "seconds" if seconds else "number"
     if annotation is str:

@@ -231,7 +231,8 @@ def test_destination_unknown_key() -> None:
 
 def test_destination_unknown_type() -> None:
     err = _error({"destinations": {"pacs": {"type": "ftp"}}})
-    assert err.key == "destinations.pacs"
+    assert err.key == "destinations.pacs.type"
+    assert "'ftp'" in err.problem and "dimse, dicomweb, folder, webhook" in err.problem
 
 
 def test_destination_bad_ae_title() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import string
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,6 +21,41 @@ from dicomgate.queue.traffic import Schedule, parse_schedule
 from dicomgate.security.dimse_models import DestinationTls
 
 DEFAULT_FOLDER_TEMPLATE = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+# RFC 1123 host names; "_" too, which some internal DNS zones use.
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def check_host(value: str) -> str:
+    """A host name or an IP address (``pacs.local``, ``10.0.0.5``, ``fd00::5``); no URL,
+    no spaces. Returns it without surrounding spaces."""
+    host = value.strip()
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(
+                f"{value!r} is not a host name or IP address (e.g. pacs.local, 10.0.0.5;"
+                " no scheme, port or spaces)"
+            ) from None
+    return host
+
+
+def check_http_url(value: str) -> str:
+    """An absolute ``http(s)://host[:port][/path]`` URL; returns it without a final ``/``."""
+    url = value.strip()
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("the URL must start with http:// or https://")
+    if any(c.isspace() for c in url):
+        raise ValueError(f"{value!r}: a URL has no spaces (write %20)")
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise ValueError(f"{value!r}: bad port") from None
+    if not parsed.hostname:
+        raise ValueError(f"{value!r} names no host; expected http(s)://host[:port][/path]")
+    check_host(parsed.hostname)
+    return url
 
 
 class RateLimit(_Model):
@@ -169,6 +207,7 @@ class DimseDestination(DestinationControls):
     )
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _host = field_validator("host")(classmethod(lambda cls, v: check_host(v)))
 
     @field_validator("calling_ae_title")
     @classmethod
@@ -297,9 +336,7 @@ class DicomwebDestination(DestinationControls):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("the URL must start with http:// or https://")
-        return value.rstrip("/")
+        return check_http_url(value).rstrip("/")
 
     @property
     def parsed_auth(self) -> HttpAuth | None:
@@ -400,9 +437,7 @@ class WebhookDestination(DestinationControls):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("the URL must start with http:// or https://")
-        return value
+        return check_http_url(value)
 
 
 def destination_warnings(

@@ -465,6 +465,27 @@ def _date_comparison(op_name: str, bound: str, kind: str) -> Callable[[str], boo
     return check
 
 
+def _refuse_empty_date_range(bounds: dict[str, object], kind: Kind, path: str) -> None:
+    """A lower and an upper bound that no value meets, compared as the checks compare: each
+    at its own precision (``2026-13`` is "from 2026 on, up to year 13xx": empty)."""
+    texts = {name: str(bound).strip() for name, bound in bounds.items()}
+    if kind == "TM":
+        texts = {name: text.replace(":", "") for name, text in texts.items()}
+    low = texts.get("ge", texts.get("gt"))
+    high = texts.get("le", texts.get("lt"))
+    if low is None or high is None:
+        return
+    # The smallest value meeting the lower bound, cut to the upper bound's precision (a
+    # "gt" bound is taken as "ge": only a sure emptiness is refused).
+    smallest = low.ljust(len(high), "0")[: len(high)]
+    if smallest > high or (smallest == high and "lt" in texts):
+        raise ConfigError(
+            path,
+            f"empty range: nothing is at or after {low} and up to {high} (each bound"
+            f" compares at its own precision: {high} ends with the values that begin {high})",
+        )
+
+
 def _comparisons(bounds: dict[str, object], kind: Kind, path: str) -> Test:
     """``{gt, ge, lt, le}`` (and ``range``, already turned into ge/le): one value meets all."""
     if kind in ("text", "ip", "via"):
@@ -476,6 +497,7 @@ def _comparisons(bounds: dict[str, object], kind: Kind, path: str) -> Test:
             if not isinstance(text, str):
                 raise ConfigError(f"{path}.{name}", f"a {kind} bound is a string like 20260101")
             checks.append(_date_comparison(name, _date_bound(text, kind, f"{path}.{name}"), kind))
+        _refuse_empty_date_range(bounds, kind, path)
         return _on_text(_all_tests(checks))
     number_checks: list[Callable[[float], bool]] = []
     numbers: dict[str, float] = {}
@@ -524,8 +546,6 @@ def _dicom_range(spec: str, kind: Kind, path: str) -> Test:
         bounds["ge"] = low
     if high:
         bounds["le"] = high
-    if low and high and len(low) == len(high) and low > high:
-        raise ConfigError(path, f"empty range: {low} is after {high}")
     return _comparisons(bounds, kind, path)
 
 
