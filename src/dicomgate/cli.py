@@ -40,6 +40,47 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_ae_options(**options: str | None) -> None:
+    """Exit 2 naming the option of a bad AE title (``aet="X"`` checks ``--aet``)."""
+    from dicomgate.dimse.scu import ae_title_problem
+
+    for name, value in options.items():
+        problem = None if value is None else ae_title_problem(value)
+        if problem is not None:
+            raise _fail(f"--{name}: {value!r} is not a valid AE title: {problem}")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The absolute path of a SQLite ``database.url``'s file; None for another database,
+    an in-memory one or a URL that does not parse (opening it reports that)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    # As `serve` opens it: a relative path is taken from the working directory.
+    return Path(database).expanduser().absolute()
+
+
+def _require_index_file(url: str) -> None:
+    """Refuse a SQLite index file that does not exist: a read or operate command run from
+    another folder (a relative path) must not create and show an empty index."""
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
+        raise _fail(
+            f"no index database at {path} (database.url; relative paths are taken from the"
+            " working directory)",
+            1,
+        )
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -50,6 +91,7 @@ def version() -> None:
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
     """Validate a config file; exit 2 with the offending key if it is wrong."""
     from dicomgate.config import load_config
+    from dicomgate.egress.base import check_destination_tls
     from dicomgate.errors import DicomgateError
     from dicomgate.security.tls import check_tls_files
 
@@ -59,6 +101,7 @@ def check_config(config: Annotated[Path, typer.Argument(help="YAML config file")
         raise _fail(f"config error: {exc}") from None
     try:  # the certificates, keys and CA files, loaded as serve loads them
         check_tls_files(cfg.http.tls if cfg.http.enabled else None, cfg.dimse.tls)
+        check_destination_tls(cfg.destinations)
     except DicomgateError as exc:
         raise _fail(f"config error: {exc}") from None
     typer.echo(
@@ -108,6 +151,7 @@ def echo(
     """Send a C-ECHO (verification) to a peer."""
     from dicomgate.dimse.scu import EchoFailed, echo_peer
 
+    _check_ae_options(aet=aet, aec=aec)
     try:
         elapsed = echo_peer(host, port, calling_ae=aet, called_ae=aec, timeout=timeout)
     except EchoFailed as exc:
@@ -340,6 +384,7 @@ def send(
             if value is not None:
                 raise _fail(f"{option}: only with --via dicomweb")
         host, port = _host_port(to)
+        _check_ae_options(aet=aet, aec=aec)
     else:
         for option, value in (("--aet", aet), ("--aec", aec)):
             if value is not None:
@@ -438,7 +483,7 @@ def _qr_identifier(level: str, keys: list[str], model: str, columns: list[str]) 
         vr = dictionary_VR(tag)
         if vr == "SQ":
             raise _fail(f"-k: {name.strip()} is a sequence; not supported here")
-        with warnings.catch_warnings():  # a range such as 2023-2024 is no valid DA value
+        with warnings.catch_warnings():  # a range such as 20230101-20241231 is no DA value
             warnings.simplefilter("ignore")
             ds.add_new(tag, vr, value if sep and value else None)
     return ds
@@ -461,8 +506,8 @@ def find(
         typer.Option(
             "--key",
             "-k",
-            help="KEY=VALUE to match (wildcards * ?, ranges 2023-2024), or KEY to return it;"
-            " repeatable",
+            help="KEY=VALUE to match (wildcards * ?; date ranges YYYYMMDD-YYYYMMDD, e.g."
+            " StudyDate=20230101-20241231), or KEY to return it; repeatable",
         ),
     ] = None,
     level: Annotated[str, typer.Option(help="PATIENT, STUDY, SERIES or IMAGE")] = "STUDY",
@@ -486,6 +531,7 @@ def find(
         if (level.upper() in _FIND_COLUMNS)
         else []
     )
+    _check_ae_options(aet=aet, aec=aec)
     identifier = _qr_identifier(level, keys, model, columns)
     try:
         result = find_peer(
@@ -537,6 +583,7 @@ def move(
 
     if not key:
         raise _fail("-k: give what to move, e.g. -k StudyInstanceUID=1.2.3")
+    _check_ae_options(aet=aet, aec=aec, dest=dest)
     identifier = _qr_identifier(level, key, model, [])
     show = progress and sys.stderr.isatty()
 
@@ -612,7 +659,7 @@ def process(
 ) -> None:
     """Run a processing pipeline (deidentify, standardize, transcode, split) over files:
     `dicomgate process --pipeline FILE IN... OUT` (or `--out OUT`)."""
-    from dicomgate.processing.batch import run_batch
+    from dicomgate.processing.batch import OutputUnusable, run_batch
 
     if out is None:
         if len(inputs) < 2:
@@ -625,6 +672,8 @@ def process(
         code = run_batch(pipeline, inputs, out, progress)
     except ConfigError as exc:
         raise _fail(f"{pipeline}: {exc}") from None
+    except OutputUnusable as exc:
+        raise _fail(str(exc)) from None
     raise typer.Exit(code)
 
 
@@ -638,6 +687,7 @@ def _open_queue(config: Path) -> JobQueueT:
         cfg = load_config(config)
     except ConfigError as exc:
         raise _fail(f"config error: {exc}") from None
+    _require_index_file(cfg.database.url)
     try:
         index = Index.open(cfg.database.url, timeout=cfg.database.timeout)
     except DicomgateError as exc:
@@ -671,6 +721,11 @@ def queue_list(
     limit: Annotated[int, typer.Option(min=1)] = 50,
 ) -> None:
     """Counts per destination and state, then the oldest jobs matching the filters (by id)."""
+    from dicomgate.queue.jobs import JobState
+
+    states = [s.value for s in JobState]
+    if state is not None and state not in states:
+        raise _fail(f"--state: expected one of {', '.join(states)}, got {state!r}")
     queue = _open_queue(config)
     counts = queue.counts()
     for (dest, st), n in sorted(counts.items()):
@@ -845,6 +900,15 @@ def route_test(
 
     if via not in RECEIVED_VIA:
         raise _fail(f"--via: use one of {', '.join(RECEIVED_VIA)}")
+    if source_ip:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(source_ip)
+        except ValueError:
+            raise _fail(f"--source-ip: {source_ip!r} is not an IP address") from None
+    if not file.exists():  # as send and process: a usage error
+        raise _fail(f"{file}: no such file")
     try:
         cfg = load_config(config)
         pipelines = build_pipelines(cfg, StepContext(environ=os.environ, base_dir=config.parent))
@@ -892,7 +956,7 @@ def route_test(
 
 @app.command()
 def status(
-    config: ConfigOption,
+    config: OptionalConfig = None,
     url: Annotated[
         str | None, typer.Option(help="the gateway's base URL (default: from the config)")
     ] = None,
@@ -911,6 +975,8 @@ def status(
     from dicomgate.config import HttpConfig
 
     if url is None:
+        if config is None:
+            raise _fail("give --url, or --config to take it from http.host and http.port")
         # Only `http:` is read: the gateway's secrets need not be in this shell's environment.
         try:
             raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
@@ -989,8 +1055,10 @@ def keys_new(
     from dicomgate.security.http_auth import hash_api_key, new_api_key
     from dicomgate.security.http_models import Permission
 
-    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    wanted = list(dict.fromkeys(s.strip() for s in scopes.split(",") if s.strip()))
     known = [p.value for p in Permission]
+    if not wanted:
+        raise _fail(f"--scopes: give at least one of {', '.join(known)}")
     for scope in wanted:
         if scope not in known:
             raise _fail(f"--scopes: {scope!r} is not one of {', '.join(known)}")
@@ -1009,8 +1077,11 @@ db_app = typer.Typer(help="The index database schema (upgrades).", no_args_is_he
 app.add_typer(db_app, name="db")
 
 
-def _db_engine(config: Path) -> tuple[Any, str]:
+def _db_engine(config: Path, *, create: bool = False) -> tuple[Any, str, Path | None]:
+    """The engine of ``database.url``, the URL to show, and the SQLite file that
+    ``create`` allows to be made (None when it exists or is no SQLite file)."""
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import ArgumentError
 
     from dicomgate.config import load_config
     from dicomgate.index.db import normalize_url
@@ -1019,8 +1090,17 @@ def _db_engine(config: Path) -> tuple[Any, str]:
         cfg = load_config(config)
     except ConfigError as exc:
         raise _fail(f"config error: {exc}") from None
-    url = normalize_url(cfg.database.url)
-    return create_engine(url), url.render_as_string(hide_password=True)
+    new_file = _sqlite_file(cfg.database.url)
+    if new_file is not None and new_file.exists():
+        new_file = None
+    elif new_file is not None and not create:
+        _require_index_file(cfg.database.url)
+    try:
+        url = normalize_url(cfg.database.url)
+        engine = create_engine(url)
+    except ArgumentError as exc:
+        raise _fail(f"config error: database.url: {exc}".splitlines()[0]) from None
+    return engine, url.render_as_string(hide_password=True), new_file
 
 
 @db_app.command("current")
@@ -1032,7 +1112,7 @@ def db_current(
 
     from dicomgate.index.db import current_revision, head_revision
 
-    engine, shown = _db_engine(config)
+    engine, shown, _ = _db_engine(config)
     try:
         with engine.connect() as connection:
             current = current_revision(connection)
@@ -1049,14 +1129,18 @@ def db_current(
 def db_migrate(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")],
 ) -> None:
-    """Upgrade the schema to this version's head (safe while other nodes run: one at a time)."""
+    """Upgrade the schema to this version's head (safe while other nodes run: one at a time).
+
+    A SQLite file that does not exist yet is created (and said so)."""
     from sqlalchemy import exc as sa_exc
 
     from dicomgate.errors import DicomgateError
     from dicomgate.index.db import current_revision, migrate
 
-    engine, shown = _db_engine(config)
+    engine, shown, new_file = _db_engine(config, create=True)
     try:
+        if new_file is not None:
+            new_file.parent.mkdir(parents=True, exist_ok=True)
         with engine.connect() as connection:
             before = current_revision(connection)
             migrate(connection)
@@ -1064,11 +1148,15 @@ def db_migrate(
             after = current_revision(connection)
     except DicomgateError as exc:
         raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _fail(f"database.url: cannot create {new_file}: {exc.strerror or exc}", 1) from None
     except sa_exc.DBAPIError as exc:
         message = f"database.url: cannot migrate {shown}: {exc.orig}"
         raise _fail(message.splitlines()[0], 1) from None
     finally:
         engine.dispose()
+    if new_file is not None:
+        typer.echo(f"{shown}: created a new index database at {new_file}")
     if before == after:
         typer.echo(f"{shown}: already at revision {after}")
     else:

@@ -22,7 +22,7 @@ from dicomgate import __version__
 from dicomgate.app import create_app
 from dicomgate.config import GatewayConfig, RetentionMode, build_pipelines
 from dicomgate.dimse.server import DimseServer
-from dicomgate.egress.base import build_sender
+from dicomgate.egress.base import build_sender, check_destination_tls
 from dicomgate.egress.dispatcher import Dispatcher
 from dicomgate.errors import DicomgateError
 from dicomgate.index.db import Index
@@ -154,6 +154,9 @@ class Gateway:
 
     def open(self) -> None:
         """Check the store and open the index (runs migrations). Raises on failure."""
+        # A missing or non-PEM `verify:` CA bundle is a refusal naming the key, before
+        # anything is touched, not a traceback from a sender's HTTP transport.
+        check_destination_tls(self.config.destinations)
         what = (
             f"node {self.node} of storage.path {self.config.storage.path}"
             if self.clustered

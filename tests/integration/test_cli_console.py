@@ -80,7 +80,7 @@ def test_route_test_context_options_and_errors(tmp_path: Path) -> None:
     bad = _run("route", "test", str(not_dicom), "--config", str(config))
     assert bad.returncode == 1 and "not a DICOM file" in bad.stderr
     missing = _run("route", "test", str(tmp_path / "nope.dcm"), "--config", str(config))
-    assert missing.returncode == 1 and "no such file" in missing.stderr
+    assert missing.returncode == 2 and "no such file" in missing.stderr
     via = _run("route", "test", mr, "--config", str(config), "--via", "fax")
     assert via.returncode == 2 and "--via" in via.stderr
     no_secret = _run("route", "test", mr, "--config", str(config), env={"DEID_SECRET": ""})

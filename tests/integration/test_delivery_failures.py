@@ -209,8 +209,15 @@ def test_409_failure_reasons_dead_letter_then_redrive_delivers(
 
     # A destination name that is nowhere (a typo) is an error, not "0 jobs".
     typo = subprocess.run(
-        [DICOMGATE, "queue", "retry-dead", "--config", str(gw.config_path)]
-        + ["--destination", "clowd"],
+        [
+            DICOMGATE,
+            "queue",
+            "retry-dead",
+            "--config",
+            str(gw.config_path),
+            "--destination",
+            "clowd",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

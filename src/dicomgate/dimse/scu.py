@@ -73,10 +73,12 @@ __all__ = [
     "ContextSpec",
     "EchoFailed",
     "FindResult",
+    "InvalidAeTitle",
     "MoveResult",
     "QueryFailed",
     "ScannedFile",
     "SendSummary",
+    "ae_title_problem",
     "echo_peer",
     "find_peer",
     "iter_candidate_files",
@@ -117,6 +119,28 @@ class EchoFailed(DicomgateError):
 
 class _AssociationFailed(DicomgateError):
     """An association could not be established; the message says why."""
+
+
+class InvalidAeTitle(DicomgateError):
+    """An AE title that cannot be sent (PS3.5 6.2, VR AE); the caller's usage error."""
+
+
+def ae_title_problem(value: str) -> str | None:
+    """Why ``value`` is no usable AE title (PS3.5 6.2: 1-16 characters, not only spaces,
+    no backslash or control character), or None when it is one."""
+    if not value.strip():
+        return "must not be empty or only spaces"
+    valid, reason = _config.VALIDATORS["AE"](value)
+    return None if valid else reason
+
+
+def _check_ae_titles(**titles: str) -> None:
+    """Raise :class:`InvalidAeTitle` for the first bad title, named by its keyword, before
+    pynetdicom raises a bare ValueError (and logs it)."""
+    for what, value in titles.items():
+        problem = ae_title_problem(value)
+        if problem is not None:
+            raise InvalidAeTitle(f"{what.replace('_', ' ')} AE title {value!r}: {problem}")
 
 
 # --------------------------------------------------------------------------- scanning
@@ -425,9 +449,14 @@ def _open_association(
         connected.append(True)
         _set_tcp_nodelay(event)
 
-    assoc = ae.associate(
-        host, port, contexts, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)]
-    )
+    try:
+        assoc = ae.associate(
+            host, port, contexts, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)]
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the host before connecting
+        raise _AssociationFailed(f"cannot resolve host {host!r} ({exc.strerror})") from None
+    except OSError as exc:
+        raise _AssociationFailed(f"cannot connect: {exc.strerror or exc}") from None
     if assoc.is_established:
         if not assoc.accepted_contexts:
             assoc.abort()
@@ -449,7 +478,10 @@ def _open_association(
 
 
 def echo_peer(host: str, port: int, *, calling_ae: str, called_ae: str, timeout: float) -> float:
-    """Send one C-ECHO (PS3.4 A.4) and return the seconds it took, association included."""
+    """Send one C-ECHO (PS3.4 A.4) and return the seconds it took, association included.
+
+    Raises :class:`EchoFailed`, or :class:`InvalidAeTitle` for a bad AE title."""
+    _check_ae_titles(calling=calling_ae, called=called_ae)
     ae = _make_ae(calling_ae, timeout)
     start = time.monotonic()
     try:
@@ -617,7 +649,9 @@ def send_paths(
     progress: bool,
 ) -> SendSummary:
     """C-STORE every DICOM file under `paths` to host:port (PS3.4 B); never raises
-    for a per-file problem: each one is a failure in the summary."""
+    for a per-file problem: each one is a failure in the summary (an unreachable peer
+    too). Raises :class:`InvalidAeTitle` for a bad AE title, before anything is read."""
+    _check_ae_titles(calling=calling_ae, called=called_ae)
     _config.STORE_SEND_CHUNKED_DATASET = True  # see the module docstring
     start = time.monotonic()
     summary = SendSummary()
@@ -700,6 +734,7 @@ class MoveResult:
 def _qr_association(
     host: str, port: int, calling_ae: str, called_ae: str, sop_class: str, timeout: float
 ) -> Association:
+    _check_ae_titles(calling=calling_ae, called=called_ae)
     ae = _make_ae(calling_ae, timeout)
     context = build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
@@ -751,6 +786,7 @@ def move_peer(
 ) -> MoveResult:
     """Send one C-MOVE (PS3.4 C.4.2); ``on_pending(remaining, completed, failed, warning)``
     is called for each pending response."""
+    _check_ae_titles(move_destination=destination)
     start = time.monotonic()
     sop_class = QR_MODELS[model][1]
     assoc = _qr_association(host, port, calling_ae, called_ae, sop_class, timeout)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import email.utils
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
-from dicomgate.errors import os_error_reason
+from dicomgate.errors import DicomgateError, os_error_reason
 
 if TYPE_CHECKING:
     from dicomgate.egress.models import (
@@ -32,10 +32,12 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "CaBundleError",
     "Delivery",
     "Outcome",
     "Sender",
     "build_sender",
+    "check_destination_tls",
     "exception_reason",
     "failed_all",
     "failure_status_retryable",
@@ -137,6 +139,10 @@ def exception_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class CaBundleError(DicomgateError):
+    """A ``verify:`` CA bundle that cannot be read or holds no PEM certificate."""
+
+
 def tls_verify(setting: bool | Path) -> bool | ssl.SSLContext:
     """httpx's ``verify`` for a ``verify:`` setting.
 
@@ -148,7 +154,25 @@ def tls_verify(setting: bool | Path) -> bool | ssl.SSLContext:
         return ssl.create_default_context()
     if setting is False:
         return False
-    return ssl.create_default_context(cafile=str(setting))
+    try:
+        return ssl.create_default_context(cafile=str(setting))
+    except ssl.SSLError as exc:  # an OSError too: test it first
+        reason = exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
+        raise CaBundleError(f"{setting}: not a PEM CA bundle ({reason})") from exc
+    except OSError as exc:
+        raise CaBundleError(f"cannot read {setting}: {exc.strerror or exc}") from exc
+
+
+def check_destination_tls(destinations: Mapping[str, object]) -> None:
+    """Load each destination's ``verify:`` CA bundle as its sender will (``check-config``
+    and the start of ``serve``); raises :class:`DicomgateError` naming the key."""
+    for name, model in destinations.items():
+        verify = getattr(model, "verify", None)
+        if isinstance(verify, Path):
+            try:
+                tls_verify(verify)
+            except CaBundleError as exc:
+                raise DicomgateError(f"destinations.{name}.verify: {exc}") from exc
 
 
 def http_transport(

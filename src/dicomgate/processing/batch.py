@@ -22,11 +22,15 @@ from typing import Any
 import yaml
 
 from dicomgate.dimse.scu import UnreadableDicom, iter_candidate_files, scan_file
-from dicomgate.errors import ConfigError
+from dicomgate.errors import ConfigError, DicomgateError
 from dicomgate.processing.base import ProcessingError, StepContext
 from dicomgate.processing.pipeline import Pipeline, build
 
-__all__ = ["BatchSummary", "load_pipeline", "process_paths"]
+__all__ = ["BatchSummary", "OutputUnusable", "load_pipeline", "process_paths"]
+
+
+class OutputUnusable(DicomgateError):
+    """The output folder cannot be created or written (a usage error: nothing is written)."""
 
 
 def load_pipeline(path: Path) -> Pipeline:
@@ -72,17 +76,31 @@ def _target(source: Path, root: Path, out: Path, n: int, total: int) -> Path:
     return out / rel
 
 
+def _work_dir(out: Path) -> tempfile.TemporaryDirectory[str]:
+    """Create ``out`` if missing and a work folder inside it (so that results are moved,
+    not copied, into place); :class:`OutputUnusable` with the reason when it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=".dicomgate-process-", dir=out)
+    except FileExistsError:
+        raise OutputUnusable(f"output folder {out}: a file of that name exists") from None
+    except OSError as exc:
+        raise OutputUnusable(
+            f"output folder {out}: cannot create or write it: {exc.strerror or exc}"
+        ) from None
+
+
 def process_paths(
     pipeline: Pipeline,
     inputs: list[Path],
     out: Path,
     progress: Callable[[int], None] | None = None,
 ) -> BatchSummary:
-    """Process every DICOM file under ``inputs`` into ``out``."""
+    """Process every DICOM file under ``inputs`` into ``out``; :class:`OutputUnusable`
+    before anything is read when ``out`` cannot be created or written."""
     summary = BatchSummary()
     started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".dicomgate-process-", dir=out) as tmp:
+    with _work_dir(out) as tmp:
         for root in inputs:
             for source in iter_candidate_files([root]):
                 if out in source.parents:
@@ -99,12 +117,17 @@ def process_paths(
                 finally:
                     if progress is not None:
                         progress(1)
-                for n, output in enumerate(outputs):
-                    target = _target(source, root, out, n, len(outputs))
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(output.path, target)
+                try:
+                    for n, output in enumerate(outputs):
+                        target = _target(source, root, out, n, len(outputs))
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(output.path, target)
+                        summary.written += 1
+                except OSError as exc:  # e.g. a file where the output's sub-folder goes
+                    summary.failed += 1
+                    summary.failures.append((str(source), f"cannot write: {exc.strerror or exc}"))
+                    continue
                 summary.processed += 1
-                summary.written += len(outputs)
     summary.elapsed = time.monotonic() - started
     return summary
 
