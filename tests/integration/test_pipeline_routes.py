@@ -213,3 +213,33 @@ def test_two_routes_to_one_destination_make_one_job_per_pipeline(
     assert sorted({j["route"] for j in jobs()}) == ["by-modality", "tagged"]
     assert {j["priority"] for j in jobs() if j["route"] == "by-modality"} == {10}
     assert len(list((share / "Tagged").glob("*.dcm"))) == len(files)
+
+
+@needs_dcmtk
+def test_a_standardize_refusal_keeps_the_instances_values_out_of_log_and_queue(
+    gateway: Any, tmp_path: Path
+) -> None:
+    """A copy whose value does not fit the target VR is refused (cannot_standardize); its
+    reason went into the log and the job's last_error with the value quoted: the patient's
+    name there. The reason names the rule, not the value."""
+    source = pydicom.dcmread(bundled_file("MR_small.dcm"))
+    source.PatientName = "ZQXNAME^PLANTED"
+    sent = tmp_path / "planted.dcm"
+    source.save_as(sent)
+    rule = {"copy": {"from": "PatientName", "to": "SliceThickness"}}
+    gw = gateway(
+        {
+            "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [
+                {"name": "std", "to": ["out"], "pipeline": [{"standardize": {"rules": [rule]}}]}
+            ],
+        }
+    )
+    assert gw.storescu([sent]).returncode == 0
+    wait_until(lambda: len(_dead(gw, "out")) == 1, 60, "the refused instance")
+    (dead,) = _dead(gw, "out")
+    assert "cannot_standardize" in dead["last_error"], dead
+    assert "PatientName -> SliceThickness" in dead["last_error"], dead
+    assert "ZQXNAME" not in dead["last_error"], dead
+    gw.wait_log("delivery.dead_lettered")
+    assert "ZQXNAME" not in gw.log_text()

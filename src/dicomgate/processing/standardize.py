@@ -39,7 +39,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import DS, IS, DSfloat, PersonName, validate_value
 from pydicom.values import convert_value
 
-from dicomgate.errors import ConfigError
+from dicomgate.errors import ConfigError, without_values
 from dicomgate.models import ConfigModel
 from dicomgate.processing.base import ProcessingError, Step
 from dicomgate.routing.matcher import MatchContext, _Instance, _match_predicate
@@ -338,15 +338,15 @@ def _convert_one(value: object, vr: str, where: str) -> object:
     if vr in _INT_RANGES:
         number = _as_float(value, vr, where)
         if not math.isfinite(number) or number != int(number):
-            raise ValueError(f"{where}: {_number_text(number)} is not a whole number for {vr}")
+            raise ValueError(f"{where}: '{_number_text(number)}' is not a whole number for {vr}")
         low, high = _INT_RANGES[vr]
         if not low <= int(number) <= high:
-            raise ValueError(f"{where}: {int(number)} is out of range for {vr}")
+            raise ValueError(f"{where}: '{int(number)}' is out of range for {vr}")
         return IS(int(number)) if vr == "IS" else int(number)
     if vr == "DS":
         number = _as_float(value, vr, where)
         if not math.isfinite(number):
-            raise ValueError(f"{where}: {number} is not a DS value")
+            raise ValueError(f"{where}: '{number}' is not a DS value")
         if isinstance(value, str) and len(value.strip()) <= 16:
             return DS(value.strip())
         return DS(number, auto_format=True)
@@ -611,7 +611,7 @@ def _copy_action(spec: CopyAction) -> Action:
         try:
             value = convert(values, vr, f"{source.text} -> {target.text}")
         except ValueError as exc:
-            raise ProcessingError(REASON, str(exc)) from None
+            raise ProcessingError(REASON, without_values(str(exc))) from None
         for item in _datasets(ds, target):
             target_tag = _tag_in(item, target.leaf, create=True)
             assert target_tag is not None
@@ -635,7 +635,7 @@ def _rewrite_action(address: Address, change: Callable[[str], str | None]) -> Ac
             try:
                 value = convert(list(new), vr, address.text)
             except ValueError as exc:
-                raise ProcessingError(REASON, str(exc)) from None
+                raise ProcessingError(REASON, without_values(str(exc))) from None
             _write(item, tag, vr, value)
 
     return apply
@@ -737,5 +737,7 @@ class Standardize(Step):
             try:
                 action(ds)
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
-                raise ProcessingError(REASON, str(exc)) from exc
+                # The reason is logged and kept in the queue: the instance's own values
+                # (quoted in the messages) stay out of it (rule 5).
+                raise ProcessingError(REASON, without_values(str(exc))) from exc
         return [ds]
