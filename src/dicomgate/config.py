@@ -23,6 +23,7 @@ from dicomgate.bridge.models import QueryConfig
 from dicomgate.config_source import (
     ENV_PREFIX,
     apply_env,
+    close_key,
     load_yaml,
     refuse_booleans,
 )
@@ -242,6 +243,15 @@ def _check_ae_patterns(values: list[str]) -> list[str]:
     return values
 
 
+def _check_listen_host(value: str) -> str:
+    """The address a listener binds to: an IP address (``0.0.0.0`` every IPv4 interface,
+    ``::`` every IPv6 one) or a host name of this machine; never empty (refused rather than
+    read as "every interface")."""
+    if not value.strip():
+        raise ValueError("empty; give an IP address (0.0.0.0: every interface) or a host name")
+    return check_host(value).removeprefix("[").removesuffix("]")
+
+
 class MoveDestinationConfig(_Model):
     """Where a C-MOVE to one AE title sends its instances."""
 
@@ -324,10 +334,13 @@ class DimseConfig(_Model):
     host: str = Field(
         "0.0.0.0",
         description=(
-            "Address to listen on for DICOM associations; `0.0.0.0` means every IPv4"
-            " interface, `127.0.0.1` this machine only."
+            "Address to listen on for DICOM associations: an IP address or a host name of"
+            " this machine; `0.0.0.0` means every IPv4 interface, `::` every IPv6 one,"
+            " `127.0.0.1` this machine only."
         ),
     )
+
+    _host = field_validator("host")(classmethod(lambda cls, v: _check_listen_host(v)))
     port: int = Field(
         11112,
         ge=1,
@@ -537,10 +550,13 @@ class HttpConfig(_Model):
     host: str = Field(
         "0.0.0.0",
         description=(
-            "Address to listen on for HTTP; `0.0.0.0` means every IPv4 interface,"
-            " `127.0.0.1` this machine only."
+            "Address to listen on for HTTP: an IP address or a host name of this machine;"
+            " `0.0.0.0` means every IPv4 interface, `::` every IPv6 one, `127.0.0.1` this"
+            " machine only."
         ),
     )
+
+    _host = field_validator("host")(classmethod(lambda cls, v: _check_listen_host(v)))
     port: int = Field(
         8080,
         ge=1,
@@ -786,6 +802,8 @@ def _format_error(exc: ValidationError) -> ConfigError:
         msg = "unknown key"
         if "missing" in siblings:
             msg += f" (did you mean {siblings['missing']!r}? it is required and missing)"
+        elif (close := close_key(GatewayConfig, err["loc"])) is not None:
+            msg += f" (did you mean {close!r}?)"
     elif err["type"] == "missing":
         msg = "required key is missing"
         if "extra_forbidden" in siblings:

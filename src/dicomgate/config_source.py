@@ -266,3 +266,72 @@ def apply_env(
             path.append(_existing_key(node, part, variable))
         node[path[-1]] = _env_value(value, _is_text(annotation_at(root, data, path)))
     return data
+
+
+# --------------------------------------------------------------------------- suggestions
+
+
+def _unwrap(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` and ``None`` (``X | None`` is ``X``)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        members = [m for m in get_args(tp) if m is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
+
+
+def _union_member(tp: Any, tag: str) -> Any:
+    """The member of a union of models whose ``type`` literal is ``tag`` (pydantic's loc
+    of a discriminated union names the tag), else None."""
+    for member in get_args(tp):
+        member = _unwrap(member)
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            field = member.model_fields.get("type")
+            if field is not None and tag in get_args(_unwrap(field.annotation)):
+                return member
+    return None
+
+
+def known_keys(root: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys the model at ``loc`` (a pydantic error location, below ``root``) accepts;
+    empty when ``loc`` leads to no model."""
+    tp: Any = root
+    for part in loc:
+        tp = _unwrap(tp)
+        origin = get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None:
+                field = next((f for f in tp.model_fields.values() if f.alias == part), None)
+            if field is None:
+                return []
+            tp = field.annotation
+        elif origin in (dict, Mapping) and isinstance(part, str):
+            tp = get_args(tp)[1]
+        elif origin in (list, tuple, Sequence) and isinstance(part, int):
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType) and isinstance(part, str):
+            tp = _union_member(tp, part)
+            if tp is None:
+                return []
+        else:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [f.alias or name for name, f in tp.model_fields.items()]
+    return []
+
+
+def close_key(root: type[BaseModel], loc: Sequence[int | str]) -> str | None:
+    """The known key an unknown key at ``loc`` is most likely a misspelling of, if any."""
+    import difflib
+
+    if not loc:
+        return None
+    wrong = str(loc[-1])
+    known = known_keys(root, loc[:-1])
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(wrong.lower(), list(by_lower), n=1)
+    return by_lower[close[0]] if close else None

@@ -8,12 +8,20 @@ import io
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from tests.conftest import DICOMGATE, Corpus, Orthanc, bundled_file, sop_uid_of
+from pydicom.uid import generate_uid
+from tests.conftest import (
+    DICOMGATE,
+    Corpus,
+    GatewayProcess,
+    Orthanc,
+    bundled_file,
+    sop_uid_of,
+)
 from tests.stow_server import StowRequest, StowServer, stow_body, stow_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -107,6 +115,33 @@ def test_wrong_base_url_fails_every_instance_without_retrying(
     assert orthanc.get("/instances") == []
 
 
+def _big_file(tmp_path: Path) -> Path:
+    """A 32 MiB instance: the server answers long before the request is all sent."""
+    ds = pydicom.dcmread(bundled_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = 2048
+    ds.NumberOfFrames = 4
+    ds.PixelData = bytes(2048 * 2048 * 2 * 4)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / "big.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_wrong_path_on_the_gateway_reports_its_http_status_for_a_large_file(
+    gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    # The gateway refuses the unknown path before reading the body and closes the
+    # connection: its answer is lost to the client, which saw only a ReadError.
+    gw = gateway()
+    big = _big_file(tmp_path)
+    result = _send(str(big), "--to", gw.url("/no-such-root"), "--retry-wait", "0.1")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1:] == [
+        f"  {big}: HTTP 404 from {gw.url('/no-such-root/studies')}"
+    ]
+    assert "retry" not in result.stderr
+
+
 # ----------------------------------------------------------------- scripted server
 
 
@@ -194,13 +229,75 @@ def test_refused_instances_are_listed_and_the_others_sent(
     lines = result.stdout.splitlines()
     assert lines[0].startswith("sent 4, warnings 0, failed 2, skipped 0")
     assert sorted(lines[1:]) == [
-        f"  {files[1]}: HTTP 202, FailureReason 0xC000",
-        f"  {files[4]}: HTTP 202, FailureReason 0xA900",
+        f"  {files[1]}: HTTP 202, FailureReason 0xC000 Cannot Understand",
+        f"  {files[4]}: HTTP 202, FailureReason 0xA900 Data Set Does Not Match SOP Class",
     ]
     sent = [u for r in stow.requests for u in r.uids]
     assert sorted(sent) == sorted([*uids, uids[5]])  # only the busy one went again
     expected = "Basic " + base64.b64encode(user.encode()).decode()
     assert all(r.headers["authorization"] == expected for r in stow.requests)
+
+
+def test_a_failure_reason_that_will_not_pass_is_not_retried(
+    stow: StowServer, corpus: Corpus
+) -> None:
+    # 0x0120 (Missing Attribute) repeats whatever the wait: only 0xA7xx and 0x0110 are
+    # retried by send (README), 0xA701 here is retried and then stored.
+    files = corpus.mr("send-dw-409-final", 2, seed=805)
+    uids = [sop_uid_of(f) for f in files]
+
+    def respond(request: StowRequest) -> tuple[int, bytes]:
+        failed = {uids[0]: 0x0120} if uids[0] in request.uids else {}
+        if len(stow.requests) < 2 and uids[1] in request.uids:
+            failed[uids[1]] = 0xA701
+        stored = [u for u in request.uids if u not in failed]
+        return (202 if stored else 409), stow_body(stored, failed)
+
+    stow.respond = respond
+    result = _send(*map(str, files), "--to", stow.url, "--retry-wait", "0.1", "--batch", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("sent 1, warnings 0, failed 1, skipped 0")
+    assert lines[1:] == [f"  {files[0]}: HTTP 409, FailureReason 0x0120 Missing Attribute"]
+    sent = [u for r in stow.requests for u in r.uids]
+    assert sorted(sent) == sorted([uids[0], uids[1], uids[1]])
+    assert "0xA701 Refused: Out of Resources" in result.stderr
+
+
+def test_a_server_that_closes_mid_request_is_named_with_the_bytes_sent(
+    tmp_path: Path,
+) -> None:
+    # No status at all (the peer reads a little and closes): the error says so, with how
+    # much of the request went, instead of a bare "ReadError".
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" + bytes(4))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    big = _big_file(tmp_path)
+    try:
+        result = _send(str(big), "--to", f"http://127.0.0.1:{port}/dw", "--retries", "0")
+    finally:
+        listener.close()
+    assert result.returncode == 1
+    (line,) = result.stdout.splitlines()[1:]
+    assert "the server closed the connection after" in line, line
+    assert "of 32.0 MiB of the request, without an answer" in line, line
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from tests.conftest import DICOMGATE, Corpus, GatewayProcess, wait_until
+from tests.conftest import DICOMGATE, Corpus, GatewayProcess, free_port, wait_until
 from tests.jwt_tokens import (
     AUDIENCE,
     ISSUER,
@@ -279,7 +279,8 @@ def test_check_config_loads_the_tls_files_and_names_the_key(
     ]
     pair = {"cert": str(cert), "key": str(key)}
     cases = [({"http": {"tls": {**pair, **case}}}, want) for case, want in http_cases] + [
-        ({"dimse": {"tls": {"port": 0, **pair, **case}}}, want) for case, want in dimse_cases
+        ({"dimse": {"tls": {"port": free_port(), **pair, **case}}}, want)
+        for case, want in dimse_cases
     ]
     for overrides, want in cases:
         gw = gateway(overrides, start=False)
@@ -290,7 +291,9 @@ def test_check_config_loads_the_tls_files_and_names_the_key(
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
     # A good pair passes; serve says the same as check-config about a missing key.
-    good = gateway({"http": {"tls": pair}, "dimse": {"tls": {"port": 0, **pair}}}, start=False)
+    good = gateway(
+        {"http": {"tls": pair}, "dimse": {"tls": {"port": free_port(), **pair}}}, start=False
+    )
     assert check_config(good).returncode == 0, check_config(good).stderr
     bad = gateway({"http": {"tls": {**pair, "key": str(missing)}}}, start=False)
     served = subprocess.run(

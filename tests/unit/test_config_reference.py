@@ -211,5 +211,5 @@ def test_documented_unknown_key_error_is_what_the_command_prints(tmp_path: Path)
     )
     assert result.returncode == 2
     line = result.stderr.strip()
-    assert line == "dicomgate: config error: dimse.prot: unknown key"
+    assert line == "dicomgate: config error: dimse.prot: unknown key (did you mean 'port'?)"
     assert f"`{line}`" in render_reference()

@@ -336,3 +336,55 @@ def test_configuration_reference_says_which_durations_take_units() -> None:
     row = next(r for r in text.splitlines() if r.startswith("| `storage.keep_for`"))
     assert "duration" in row and "24h" in row
     assert "`audit.keep_for`" in text and "365d" in text
+
+
+def test_dimse_tls_port_zero_is_refused(tmp_path: Path) -> None:
+    pem = tmp_path / "server.pem"
+    pem.write_text("unused: the port is refused first\n")
+    line = refused(tmp_path, f"dimse: {{tls: {{port: 0, cert: {pem}, key: {pem}}}}}\n")
+    assert line.startswith("dimse.tls.port: "), line
+
+
+@pytest.mark.parametrize("key", ["dimse", "http"])
+@pytest.mark.parametrize(
+    "host", ["not an address!", "http://0.0.0.0", "0.0.0.0:8080", "", "  "], ids=repr
+)
+def test_listener_host_that_is_no_address_is_refused(tmp_path: Path, key: str, host: str) -> None:
+    line = refused(tmp_path, f"{key}: {{host: '{host}'}}\n")
+    assert line.startswith(f"{key}.host: "), line
+    # An address or a name of this machine still passes (IPv6 included).
+    good = "dimse: {host: '::1'}\nhttp: {host: localhost}\n"
+    assert check(tmp_path, good).returncode == 0, check(tmp_path, good).stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("dimsee: {}\n", "dimsee: unknown key (did you mean 'dimse'?)"),
+        ("http: {limits: {max_body_byte: 1}}\n", "http.limits.max_body_byte: unknown key"),
+        (
+            "destinations:\n  pacs: {type: dimse, ae_title: P, host: h, port: 104, hots: h}\n",
+            "destinations.pacs.hots: unknown key (did you mean 'host'?)",
+        ),
+        (
+            "destinations: {share: {type: folder, path: /tmp}}\n"
+            "routes:\n  - {name: r, to: [share], tirgger: instance}\n",
+            "routes[0].tirgger: unknown key (did you mean 'trigger'?)",
+        ),
+        (
+            "dimse: {move_destinations: {WS: {host: h, port: 104, max_assoc: 2}}}\n",
+            "dimse.move_destinations.WS.max_assoc: unknown key (did you mean 'max_associations'?)",
+        ),
+        ("queue: {retry: {Max_Attemps: 3}}\n", "(did you mean 'max_attempts'?)"),
+    ],
+    ids=["top", "nested", "destination", "route", "move-destination", "case"],
+)
+def test_unknown_key_close_to_a_known_one_gets_a_suggestion(
+    tmp_path: Path, text: str, want: str
+) -> None:
+    line = refused(tmp_path, text)
+    assert want in line, line
+    if "max_body_byte" in text:
+        assert line.endswith("(did you mean 'max_body_bytes'?)"), line
+    # Nothing close: no guess.
+    assert refused(tmp_path, "dimse: {zzzzqqq: 1}\n") == "dimse.zzzzqqq: unknown key"

@@ -10,25 +10,35 @@ not fail the others).
 
 Each instance ends *sent* (Referenced SOP Sequence, or a 200), *failed* for good (a Failure
 Reason that repeats, e.g. 0xC000, or an HTTP status that will not change, e.g. 404), or is
-retried: connection errors, timeouts, 5xx, 408/429 and retryable Failure Reasons (0xA7xx,
-0x0110) are sent again up to ``retries`` times, waiting ``retry_wait`` seconds, doubled
-each time (capped at 30 s, with jitter). The result is a
+retried: connection errors, timeouts, 5xx, 408/429 and the Failure Reasons that may pass
+(0xA7xx out of resources, 0x0110 processing failure; any other reason fails at once, whatever
+the gateway's own delivery retry policy says) are sent again up to ``retries`` times,
+waiting ``retry_wait`` seconds, doubled each time (capped at 30 s, with jitter). A Failure
+Reason is printed with its meaning (PS3.4 Annex B.2.3). The result is a
 :class:`~dicomgate.dimse.scu.SendSummary`, the same as a DIMSE send prints.
+
+A server that answers before it has read the whole request (a wrong path refused at once)
+and closes the connection often makes the kernel drop its answer: the client then sees only
+a connection error. :class:`_EarlyAnswerTransport` then asks the same URL again without a
+body, and a status that does not depend on the body (404, 405, 3xx, 401, 403...) stands for
+the lost answer; otherwise the error says how much of the request was sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicomgate.dimse.scu import (
     ScannedFile,
@@ -38,7 +48,7 @@ from dicomgate.dimse.scu import (
     scan_file,
     uid_hash,
 )
-from dicomgate.egress.base import Delivery, Outcome
+from dicomgate.egress.base import Delivery, Outcome, http_transport
 from dicomgate.egress.dicomweb import DicomwebSender, split_batch
 from dicomgate.egress.models import DicomwebDestination
 from dicomgate.queue.jobs import backoff
@@ -49,6 +59,114 @@ __all__ = ["StowOptions", "upload_paths"]
 LOGGER = logging.getLogger(__name__)
 
 MAX_RETRY_WAIT = 30.0
+
+# The "FailureReason 0xNNNN" of an Outcome's error (egress.dicomweb.outcomes_from_response).
+_FAILURE_REASON = re.compile(r"FailureReason 0x([0-9A-Fa-f]{4})")
+# Statuses that depend on the request body: a probe without one says nothing about them.
+_BODY_STATUSES = frozenset({400, 409, 411, 415, 422})
+
+
+def send_may_retry(reason: int) -> bool:
+    """Whether ``send`` retries an instance refused with STOW-RS Failure Reason `reason`:
+    out of resources (0xA7xx) and processing failure (0x0110) may pass later (README)."""
+    return (reason & 0xFF00) == 0xA700 or reason == 0x0110
+
+
+def failure_reason_text(reason: int) -> str:
+    """``0xA900 Data Set Does Not Match SOP Class``: the code and its meaning, when known."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(reason, ("", ""))[1]
+    return f"0x{reason:04X}" + (f" {meaning}" if meaning else "")
+
+
+def _for_send(outcome: Outcome) -> Outcome:
+    """`outcome` with the send command's retry rule for Failure Reasons, and the reason's
+    meaning in its error."""
+    match = _FAILURE_REASON.search(outcome.error)
+    if outcome.delivered or match is None:
+        return outcome
+    reason = int(match.group(1), 16)
+    error = outcome.error[: match.start()] + "FailureReason " + failure_reason_text(reason)
+    error += outcome.error[match.end() :]
+    return Outcome(outcome.job_id, False, send_may_retry(reason), error)
+
+
+class _CountingStream(httpx.AsyncByteStream):
+    """A request body that counts the bytes handed to the connection."""
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self.sent += len(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _EarlyAnswerTransport(httpx.AsyncBaseTransport):
+    """Recovers the status of an answer lost to a connection closed mid-request (see the
+    module docstring)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        total = int(request.headers.get("Content-Length", "0") or 0)
+        body = _CountingStream(request.stream)  # type: ignore[arg-type]
+        request.stream = body
+        try:
+            return await self._inner.handle_async_request(request)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            if body.sent >= total:
+                raise
+            answer = await self._probe(request)
+            if answer is not None:
+                return answer
+            mib = 1 << 20
+            raise type(exc)(
+                f"the server closed the connection after {body.sent / mib:.1f} of"
+                f" {total / mib:.1f} MiB of the request, without an answer"
+                f" ({type(exc).__name__}{': ' if str(exc) else ''}{exc})",
+                request=request,
+            ) from exc
+
+    async def _probe(self, request: httpx.Request) -> httpx.Response | None:
+        """The same request without a body: its answer when its status does not depend on
+        the body, else None."""
+        headers = httpx.Headers(request.headers)
+        headers["Content-Length"] = "0"
+        probe = httpx.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            content=b"",
+            extensions=dict(request.extensions),  # the timeouts
+        )
+        try:
+            response = await self._inner.handle_async_request(probe)
+            content = await response.aread()
+            await response.aclose()
+        except httpx.HTTPError:
+            return None
+        if response.status_code < 300 or response.status_code in _BODY_STATUSES:
+            return None
+        LOGGER.info(
+            "STOW-RS connection closed mid-request; %s answers HTTP %d without a body",
+            request.url,
+            response.status_code,
+            extra={"event": "stow.early_answer"},
+        )
+        kept = ("content-type", "location", "retry-after")  # content is already decoded
+        headers = httpx.Headers({k: v for k, v in response.headers.items() if k in kept})
+        return httpx.Response(
+            response.status_code, headers=headers, content=content, request=request
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 @dataclass(frozen=True)
@@ -169,7 +287,7 @@ class _Uploader:
             async with self._slots:
                 outcomes = await self._sender.send(pending)
             attempt += 1
-            by_id: dict[int, Outcome] = {o.job_id: o for o in outcomes}
+            by_id: dict[int, Outcome] = {o.job_id: _for_send(o) for o in outcomes}
             again: list[Delivery] = []
             last_error = ""
             for delivery in pending:
@@ -231,10 +349,13 @@ def upload_paths(
         )
 
         async def run(on_done: Callable[[int], None], on_retry: Callable[[str], None]) -> None:
+            model = options.destination
             sender = DicomwebSender(
                 "send",
-                options.destination,
-                transport=transport,
+                model,
+                transport=_EarlyAnswerTransport(
+                    transport or http_transport(model.verify, model.concurrency)
+                ),
                 url_setting="the --to URL",
             )
             try:

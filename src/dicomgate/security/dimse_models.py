@@ -20,9 +20,12 @@ class DimseTlsConfig(_Model):
 
     port: int = Field(
         2762,
-        ge=0,
+        ge=1,
         le=65535,
-        description="TCP port of the TLS listener; 2762 is the registered DICOM TLS port.",
+        description=(
+            'TCP port of the TLS listener, 1-65535 (0, "any free port", is refused: senders'
+            " need a known port); 2762 is the registered DICOM TLS port."
+        ),
     )
     cert: Path = Field(description="Server certificate (PEM), then intermediate CAs.")
     key: Path = Field(description="Private key (PEM) of the certificate.")

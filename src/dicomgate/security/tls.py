@@ -28,14 +28,18 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from dicomgate.errors import DicomgateError
-from dicomgate.security.dimse_models import DimseTlsConfig
+from dicomgate.security.dimse_models import DestinationTls, DimseTlsConfig
 from dicomgate.security.http_models import HttpTlsConfig
+
+if TYPE_CHECKING:
+    from dicomgate.config import GatewayConfig
 
 log = logging.getLogger("dicomgate.security")
 
@@ -68,6 +72,100 @@ def check_tls_files(
         ServerTls(http, environ, section="http.tls").check()
     if dimse is not None:
         ServerTls(dimse, environ, section="dimse.tls", swap=True).check()
+
+
+def check_ca_file(key: str, path: Path) -> None:
+    """Load a CA bundle as a client context would; raises :class:`DicomgateError` naming
+    ``key`` when it cannot be read or holds no PEM certificate."""
+    _readable(key, path)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise DicomgateError(
+            f"{key}: cannot load {path}: no PEM CA certificate ({reason})"
+        ) from exc
+
+
+def check_client_pair(section: str, cert: Path, key: Path | None) -> None:
+    """Load a client certificate (and its key; None: in the certificate's file) as a
+    client context would; raises :class:`DicomgateError` naming ``section.cert`` or
+    ``section.key``."""
+    _readable(f"{section}.cert", cert)
+    if key is not None:
+        _readable(f"{section}.key", key)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            str(cert), str(key) if key is not None else None, password=lambda: b""
+        )
+    except (OSError, ValueError) as exc:
+        try:
+            x509.load_pem_x509_certificate(cert.read_bytes())
+        except (OSError, ValueError):
+            raise DicomgateError(
+                f"{section}.cert: cannot load {cert}: not a PEM certificate"
+            ) from exc
+        where = key if key is not None else cert
+        try:
+            serialization.load_pem_private_key(where.read_bytes(), None)
+        except TypeError:  # encrypted: client keys take no password here
+            raise DicomgateError(
+                f"{section}.key: {where} is encrypted: client keys must be unencrypted"
+            ) from exc
+        except (OSError, ValueError, UnsupportedAlgorithm):
+            raise DicomgateError(
+                f"{section}.key: cannot load {where}: not a PEM private key"
+            ) from exc
+        reason = getattr(exc, "reason", None) or str(exc)
+        if reason == "KEY_VALUES_MISMATCH":
+            raise DicomgateError(
+                f"{section}.key: cannot load {where}: it does not match the certificate {cert}"
+            ) from exc
+        raise DicomgateError(f"{section}: cannot load {cert}: {reason}") from exc
+
+
+def _check_destination_tls(section: str, tls: DestinationTls) -> None:
+    if tls.ca is not None:
+        check_ca_file(f"{section}.ca", Path(tls.ca))
+    if tls.cert is not None:
+        check_client_pair(section, Path(tls.cert), Path(tls.key) if tls.key else None)
+    elif tls.key is not None:
+        raise DicomgateError(f"{section}.key: needs {section}.cert")
+
+
+def check_peer_tls_files(config: GatewayConfig) -> None:
+    """Load the TLS files of every peer the gateway connects to, as its client will
+    (``check-config`` and the start of ``serve``): DIMSE destinations' and move
+    destinations' ``tls`` (also when a bridge source: query sources are destinations),
+    ``http.auth.jwt.jwks_verify`` and ``public_keys``, and the ATNA syslog TLS files.
+    Raises :class:`DicomgateError` naming the key."""
+    for name, dest in config.destinations.items():
+        tls = getattr(dest, "tls", None)
+        if isinstance(tls, DestinationTls):
+            _check_destination_tls(f"destinations.{name}.tls", tls)
+    for title, where in config.dimse.move_destinations.items():
+        if where.tls is not None:
+            _check_destination_tls(f"dimse.move_destinations.{title}.tls", where.tls)
+    auth = config.http.auth
+    jwt = auth.jwt if auth is not None else None
+    if jwt is not None:
+        if isinstance(jwt.jwks_verify, Path):
+            check_ca_file("http.auth.jwt.jwks_verify", jwt.jwks_verify)
+        from dicomgate.security.oidc import load_pem_keys
+
+        for i, path in enumerate(jwt.public_keys):
+            try:
+                load_pem_keys([path])
+            except ValueError as exc:
+                raise DicomgateError(f"http.auth.jwt.public_keys[{i}]: {exc}") from exc
+    syslog = config.audit.syslog
+    if syslog is not None and syslog.protocol == "tls":
+        if syslog.ca is not None:
+            check_ca_file("audit.syslog.ca", Path(syslog.ca))
+        if syslog.cert is not None:
+            check_client_pair(
+                "audit.syslog", Path(syslog.cert), Path(syslog.key) if syslog.key else None
+            )
 
 
 class ServerTls:
