@@ -221,6 +221,7 @@ def test_audit_rows_for_each_event_kind_and_filters(
 
     # time filters: nothing before the epoch of this test, nothing after now + 1 h
     assert _audit(gw, until="2000-01-01T00:00:00Z") == []
+
     # Each read of the trail adds an audit.read row of its own (written a moment later):
     # compare the rows of everything else.
     def others(rows: list[dict[str, Any]]) -> list[int]:
