@@ -501,9 +501,11 @@ def test_proxy_forward_moves_through_the_gateway(site: Site) -> None:
     moved = qr_tool("movescu", "FORWARD", site.gw.dimse_port, keys, "-aem", "HIDDEN", out=None)
     assert moved.final == 0x0000, moved.output[-3000:]
     assert moved.counts()[-1][1:] == (4, 0, 0)
-    # A Study Root C-GET by our AE title (no C-MOVE: the PACS does not know HIDDEN)
+    # A Study Root C-GET by our AE title (no C-MOVE: the PACS does not know HIDDEN), after
+    # an IMAGE-level C-FIND naming the SOP classes to offer.
     assert requested_classes(site.orthanc_log_since(mark)) == {
-        "GETStudyRootQueryRetrieveInformationModel"
+        "FINDStudyRootQueryRetrieveInformationModel",
+        "GETStudyRootQueryRetrieveInformationModel",
     }
     received = site.scp.files()
     assert sorted(received) == sorted(u for u in site.files if u.startswith(UID_ROOT + "1."))

@@ -145,13 +145,14 @@ class DicomwebBridge:
         Blocking (run it on a worker thread); :class:`UpstreamFailed` on failure.
         """
         identifier = find_identifier(level, keys, options)
+        start = options.offset
+        stop = None if options.limit is None else start + options.limit
         try:
-            matches = self.upstream.find(identifier)
+            # One match past the page tells whether more exist; the PACS is then cancelled.
+            matches = self.upstream.find(identifier, None if stop is None else stop + 1)
         except UpstreamFailed as exc:
             self._failed("C-FIND", exc)
             raise
-        start = options.offset
-        stop = None if options.limit is None else start + options.limit
         page = matches[start:stop]
         more = stop is not None and len(matches) > stop
         return [cfind_json(m) for m in page], more

@@ -61,6 +61,7 @@ __all__ = [
     "UpstreamFailed",
     "UpstreamNotFound",
     "find_identifier",
+    "get_contexts",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ _COMPRESSED = [
 StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
 StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
 StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
+_FIND_MSG_ID = 1  # the Message ID of our C-FIND on its own association
 _MAX_CONTEXTS = 127  # PS3.8 9.3.2.2: odd context IDs 1-255; one is the C-GET model
 
 
@@ -174,23 +176,37 @@ class DimseUpstream:
 
     # -- C-FIND ------------------------------------------------------------------------
 
-    def find(self, identifier: Dataset) -> list[Dataset]:
-        """Every match of one Study Root C-FIND (PS3.4 C.4.1)."""
+    def find(self, identifier: Dataset, limit: int | None = None) -> list[Dataset]:
+        """The matches of one Study Root C-FIND (PS3.4 C.4.1), ``limit`` at most: once
+        that many are in, the PACS gets a C-CANCEL-RQ (PS3.7 9.1.2.1.3) and its answers
+        are read on to the final one (the association is then released, or aborted if
+        the PACS ignores the cancel for ``timeout``)."""
         model = StudyRootQueryRetrieveInformationModelFind
         context = build_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = self._associate([context])
         matches: list[Dataset] = []
+        cancelled_at = 0.0
         try:
             last = time.monotonic()
-            for status, match in assoc.send_c_find(identifier, model):
+            for status, match in assoc.send_c_find(identifier, model, msg_id=_FIND_MSG_ID):
                 if "Status" not in status:
+                    if cancelled_at:
+                        break  # no answer to the cancel: we have what we wanted
                     raise self._lost("C-FIND", last)
                 last = time.monotonic()
                 code = int(status.Status)
                 if code in (0xFF00, 0xFF01):
+                    if cancelled_at:
+                        if last - cancelled_at > self.timeout:
+                            assoc.abort()  # the PACS ignores the cancel
+                            break
+                        continue
                     if match is not None:
                         matches.append(match)
-                elif code != 0x0000:
+                    if limit is not None and len(matches) >= limit:
+                        cancelled_at = time.monotonic()
+                        assoc.send_c_cancel(_FIND_MSG_ID, query_model=model)
+                elif code != 0x0000 and not (cancelled_at and code == 0xFE00):
                     comment = str(status.get("ErrorComment", "") or "")
                     raise UpstreamFailed(
                         f"{self.name} answered the C-FIND with status 0x{code:04X}"
@@ -242,18 +258,9 @@ class DimseUpstream:
         or ended with failed sub-operations and nothing arrived.
         """
         model = StudyRootQueryRetrieveInformationModelGet
-        classes = sorted({c for c in sop_classes if c})
-        if not classes:  # the PACS did not say: offer every storage class we know
-            classes = [str(c.abstract_syntax) for c in StoragePresentationContexts]
-        syntax_sets = [_UNCOMPRESSED] + [[ts] for ts in _COMPRESSED]
-        if len(classes) * len(syntax_sets) > _MAX_CONTEXTS:
-            syntax_sets = [_UNCOMPRESSED + _COMPRESSED]
-        contexts = [build_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-        for sop_class in classes[: _MAX_CONTEXTS - 1]:
-            for syntaxes in syntax_sets:
-                if len(contexts) < _MAX_CONTEXTS:
-                    contexts.append(build_context(sop_class, list(syntaxes)))
-        roles = [build_role(c, scp_role=True) for c in classes[: _MAX_CONTEXTS - 1]]
+        contexts, roles = get_contexts(
+            build_context(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]), sop_classes
+        )
         received = [0]
         failures: list[str] = []
 
@@ -326,6 +333,32 @@ class DimseUpstream:
                 + (f": {comment}" if comment else "")
             )
         return completed
+
+
+def get_contexts(
+    get_context: PresentationContext, sop_classes: Iterable[str]
+) -> tuple[list[PresentationContext], list[Any]]:
+    """The presentation contexts and SCP/SCU role selections of a C-GET association
+    (PS3.4 C.4.3, PS3.7 D.3.3.4) for instances of ``sop_classes``.
+
+    Each storage class is offered uncompressed, and each compressed syntax in a context of
+    its own, so that the PACS can send an instance as it is stored (a PACS without a JPEG
+    2000 decoder cannot send a JPEG 2000 instance any other way). When that does not fit
+    in the 127 contexts (PS3.8 9.3.2.2), one context per class proposes every syntax.
+    """
+    classes = sorted({c for c in sop_classes if c})
+    if not classes:  # the PACS did not say: offer every storage class we know
+        classes = [str(c.abstract_syntax) for c in StoragePresentationContexts]
+    syntax_sets = [_UNCOMPRESSED] + [[ts] for ts in _COMPRESSED]
+    if len(classes) * len(syntax_sets) > _MAX_CONTEXTS - 1:
+        syntax_sets = [_UNCOMPRESSED + _COMPRESSED]
+    contexts = [get_context]
+    for sop_class in classes[: _MAX_CONTEXTS - 1]:
+        for syntaxes in syntax_sets:
+            if len(contexts) < _MAX_CONTEXTS:
+                contexts.append(build_context(sop_class, list(syntaxes)))
+    roles = [build_role(c, scp_role=True) for c in classes[: _MAX_CONTEXTS - 1]]
+    return contexts, roles
 
 
 def _retrieve_identifier(study: str, series: str | None, sop: str | None) -> Dataset:

@@ -41,7 +41,7 @@ import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -53,6 +53,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicomgate.bridge.dimse_upstream import get_contexts
 from dicomgate.dicomweb.multipart import (
     MultipartError,
     MultipartParser,
@@ -86,6 +87,7 @@ __all__ = [
 ]
 
 QIDO_PAGE = 1000  # matches asked per QIDO-RS request (limit / offset paging)
+QIDO_MAX_MATCHES = 100_000  # matches read for one C-FIND / retrieve at most
 _SKIP_KEYS = {0x00080052, 0x00080005, 0x00080054}  # level, character set, Retrieve AE
 _UNIQUE = {
     "PATIENT": "PatientID",
@@ -331,6 +333,7 @@ class DicomwebSource:
         self, path: str, params: list[tuple[str, str]]
     ) -> AsyncIterator[dict[str, Any]]:
         offset = 0
+        cap = QIDO_PAGE  # the upstream's own page size, once it has capped one
         while True:
             page = [*params, ("limit", str(QIDO_PAGE)), ("offset", str(offset))]
             try:
@@ -359,9 +362,20 @@ class DicomwebSource:
                 if not isinstance(item, dict):
                     raise UpstreamFailed("QIDO-RS answer holds a match that is not a JSON object")
                 yield item
-            if len(items) < QIDO_PAGE:
+            # PS3.18 8.3.4.4: a server that caps a page says more exist in a Warning; a page
+            # as long as asked, or as a capped page before it (the server's own page size,
+            # even without a Warning), may be followed by more.
+            more = _says_more(response)
+            if more:
+                cap = len(items)
+            if not items or not (more or len(items) >= min(QIDO_PAGE, cap)):
                 return
             offset += len(items)
+            if offset >= QIDO_MAX_MATCHES:
+                raise UpstreamFailed(
+                    f"QIDO-RS: over {QIDO_MAX_MATCHES} matches; narrow the query",
+                    client_error=True,
+                )
 
     async def find(
         self, level: str, identifier: Dataset, model: QRModel | None = None
@@ -493,6 +507,15 @@ class DicomwebSource:
         await self._client.aclose()
 
 
+def _says_more(response: httpx.Response) -> bool:
+    """Whether a QIDO-RS answer's Warning headers say that more matches exist (PS3.18
+    8.3.4.4, e.g. ``299 server "... Additional results can be requested."``)."""
+    return any(
+        "additional results" in w.lower() or "exceeded the maximum" in w.lower()
+        for w in response.headers.get_list("warning")
+    )
+
+
 def _from_json(item: dict[str, Any]) -> Dataset:
     try:
         return Dataset.from_json(item, bulk_data_uri_handler=_bulk_data)
@@ -503,11 +526,14 @@ def _from_json(item: dict[str, Any]) -> Dataset:
 def _describe(path: Path) -> Retrieved:
     """A spooled Part 10 file's UIDs; the file is removed when it is not one."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
         meta = ds.file_meta
+        # The data set's UIDs name the instance, not the file meta's (PS3.7 9.3.1.1: the
+        # Affected SOP Instance UID of the C-STORE is the data set's SOP Instance UID);
+        # a WADO-RS server may rewrite the file meta.
         return Retrieved(
-            str(meta.MediaStorageSOPClassUID),
-            str(meta.MediaStorageSOPInstanceUID),
+            str(ds.get("SOPClassUID") or meta.MediaStorageSOPClassUID),
+            str(ds.get("SOPInstanceUID") or meta.MediaStorageSOPInstanceUID),
             str(meta.TransferSyntaxUID),
             path,
             path.stat().st_size,
@@ -748,25 +774,67 @@ class DimseSource:
         async for item in _from_thread(work):
             yield item
 
+    def _sop_classes(self, identifier: Dataset, model: QRModel | None) -> tuple[list[str], int]:
+        """The SOP classes of the instances a retrieve names (an IMAGE-level C-FIND in the
+        requestor's model), to offer as storage contexts, and how many instances there
+        are; ([], 0) when the PACS does not say."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            query.add_new(keyword, "LO" if keyword == "PatientID" else "UI", None)
+            if keyword in identifier:
+                query[keyword].value = identifier[keyword].value
+        query.SOPClassUID = None
+        sop_class = sop_class_for(model, "IMAGE", "find")
+        classes: set[str] = set()
+        count = 0
+        try:
+            assoc = self._associate([build_context(sop_class)])
+        except UpstreamFailed:
+            return [], 0
+        try:
+            for status, found in assoc.send_c_find(query, sop_class, msg_id=_RELAY_MSG_ID):
+                code = int(status.get("Status", 0xC000)) if status else 0xC000
+                if code in (0xFF00, 0xFF01) and found is not None:
+                    classes.add(str(found.get("SOPClassUID", "") or ""))
+                    count += 1
+                elif code != 0x0000:
+                    return [], 0
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        classes.discard("")
+        return sorted(classes), count
+
     async def retrieve(
         self, level: str, identifier: Dataset, model: QRModel | None = None
     ) -> Retrieval:
-        """C-GET on the PACS; each instance it sends is spooled, then handed on."""
+        """C-GET on the PACS; each instance it sends is spooled, then handed on.
+
+        The storage contexts offered are those of the SOP classes an IMAGE-level C-FIND
+        names, each with the compressed syntaxes in contexts of their own
+        (:func:`.dimse_upstream.get_contexts`), so that the PACS sends instances as
+        stored; a destination that does not accept a syntax gets them transcoded at
+        egress. Leaving the iteration early (the requestor cancelled) sends the PACS a
+        C-CANCEL-RQ (PS3.7 9.3.3.3) and releases the association once it has answered,
+        aborting only when it ignores the cancel for ``timeout``."""
         sop_class = sop_class_for(model, level, "get")
         spool = self.spool_dir
 
         def work(put: Callable[[Any], None], stop: threading.Event) -> None:
             def on_store(event: evt.Event) -> int:
+                if stop.is_set():
+                    return 0xA700  # cancelled: nobody takes it any more
                 path = spool / f"bridge-{uuid.uuid4().hex}.part"
                 try:
-                    ds = event.dataset
-                    ds.file_meta = event.file_meta
-                    ds.save_as(path, enforce_file_format=True)
+                    # The data set as the PACS encoded it (no decode / re-encode).
+                    path.write_bytes(event.encoded_dataset(include_meta=True))
+                    meta = event.file_meta  # from the C-STORE's Affected SOP UIDs
                     put(
                         Retrieved(
-                            str(ds.file_meta.MediaStorageSOPClassUID),
-                            str(ds.file_meta.MediaStorageSOPInstanceUID),
-                            str(ds.file_meta.TransferSyntaxUID),
+                            str(meta.MediaStorageSOPClassUID),
+                            str(meta.MediaStorageSOPInstanceUID),
+                            str(meta.TransferSyntaxUID),
                             path,
                             path.stat().st_size,
                             temporary=True,
@@ -777,13 +845,15 @@ class DimseSource:
                     return 0xA700
                 return 0x0000
 
+            classes, count = self._sop_classes(identifier, model)
+            if classes:
+                retrieval.total = count  # until the PACS's own counts arrive
+            else:  # the PACS did not say: the storage classes we know best
+                classes = [str(c.abstract_syntax) for c in StoragePresentationContexts[:120]]
+            contexts, roles = get_contexts(build_context(sop_class), classes)
             ae = AE(ae_title=self.calling_ae)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
             ae.connection_timeout = min(self.timeout, 10.0)
-            contexts = [build_context(sop_class)]
-            classes = [str(c.abstract_syntax) for c in StoragePresentationContexts[:120]]
-            contexts += [build_context(c) for c in classes]
-            roles: list[Any] = [build_role(c, scp_role=True) for c in classes]
             assoc = ae.associate(
                 self.model.host,
                 self.model.port,
@@ -794,10 +864,16 @@ class DimseSource:
             )
             if not assoc.is_established:
                 raise UpstreamFailed(f"cannot associate with {self.name}")
+            relay = Relay()
+            relay.attach(assoc, sop_class)
+            cancelled_at = 0.0
             try:
-                for status, _found in assoc.send_c_get(identifier, sop_class):
+                for status, _found in assoc.send_c_get(identifier, sop_class, msg_id=_RELAY_MSG_ID):
                     if not status:
+                        if cancelled_at:
+                            return  # the PACS stopped answering after our cancel: done
                         raise UpstreamFailed(f"{self.name}: no C-GET response (timeout or abort)")
+                    relay.answered()
                     code, comment = _status_of(status)
                     if code in (0xFF00, 0xFF01):  # the PACS's counts: how many in all
                         retrieval.total = sum(
@@ -809,16 +885,24 @@ class DimseSource:
                                 "NumberOfWarningSuboperations",
                             )
                         )
-                    if code not in (0xFF00, 0x0000, 0xB000, 0xFE00):
+                    if code not in (0xFF00, 0x0000, 0xB000, 0xFE00) and not cancelled_at:
                         raise UpstreamFailed(
                             f"{self.name} answered C-GET 0x{code:04X} {comment}".strip(),
                             client_error=(code & 0xF000) == 0xC000 or code == 0xA900,
                             status=code,
                         )
-                    if stop.is_set():
-                        assoc.abort()
+                    if not stop.is_set():
+                        continue
+                    # The requestor cancelled: ask the PACS to stop (PS3.7 9.3.3.3) and
+                    # read on to its final response, so the association is released.
+                    if not cancelled_at:
+                        cancelled_at = time.monotonic()
+                        relay.cancel()
+                    elif time.monotonic() - cancelled_at > self.timeout:
+                        assoc.abort()  # the PACS ignores the cancel
                         return
             finally:
+                relay.detach()
                 if assoc.is_established:
                     assoc.release()
 

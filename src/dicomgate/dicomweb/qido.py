@@ -56,6 +56,7 @@ from dicomgate.index.query import (
     QueryResult,
     resolve_key,
     search,
+    validate,
 )
 from dicomgate.security.forwarded import FORWARDED_HEADERS
 
@@ -129,6 +130,9 @@ def router(gateway: Gateway) -> APIRouter:
                         options = dataclasses.replace(options, limit=0)
                     keys[name] = uid
             if bridge is not None:
+                # The local search's checks of every key and value (InvalidQuery: 400)
+                # before anything goes upstream.
+                validate(level, keys, options)
                 found, more = bridge.search(level, keys, options)
                 result = QueryResult([], [], more)
             else:

@@ -512,6 +512,12 @@ class _Plan:
     warnings: list[str]
 
 
+def validate(level: Level, keys: Mapping[str, str], options: QueryOptions) -> None:
+    """Check every key and value as :func:`search` would (:class:`InvalidQuery`), without
+    running it: for a search answered elsewhere (the bridge to an upstream server)."""
+    _plan(level, keys, options, "sqlite")
+
+
 def _plan(level: Level, keys: Mapping[str, str], options: QueryOptions, dialect: str) -> _Plan:
     if options.limit is not None and options.limit < 0:
         raise InvalidQuery("limit must not be negative")
@@ -985,4 +991,5 @@ __all__ = [
     "instance_files",
     "resolve_key",
     "search",
+    "validate",
 ]
