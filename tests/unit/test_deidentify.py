@@ -558,6 +558,31 @@ def test_burned_in_annotation_is_refused_without_a_mask() -> None:
     assert step(burned_in={"assume_for": []}).apply(_ultrasound("NO"))
 
 
+def test_burned_in_refusal_names_the_rule_that_matched() -> None:
+    """The refusal says why the pixels were suspected: the BurnedInAnnotation flag, the
+    Modality listed in assume_for, or the SOP class an assume_for family covers. Before,
+    it always said "BurnedInAnnotation YES or a <Modality> instance", e.g. "a OT instance"
+    for a Secondary Capture that matched by its SOP class."""
+    capture = phi_dataset()
+    capture.Modality = "OT"
+    capture.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture Image Storage
+    capture.file_meta.MediaStorageSOPClassUID = capture.SOPClassUID
+    capture.Rows = capture.Columns = 8
+    flagged = phi_dataset()
+    flagged.BurnedInAnnotation = "YES"
+    cases: list[tuple[Dataset, dict[str, Any], str]] = [
+        (capture, {}, "SOP class Secondary Capture Image Storage, covered by SC in "),
+        (_ultrasound("NO"), {}, "Modality US, listed in burned_in.assume_for"),
+        (flagged, {"assume_for": []}, "(BurnedInAnnotation YES)"),
+    ]
+    for ds, burned_in, why in cases:
+        with pytest.raises(ProcessingError) as info:
+            step(burned_in=burned_in).apply(ds)
+        assert info.value.reason == "burned_in_annotation"
+        assert why in str(info.value)
+        assert "OT instance" not in str(info.value)
+
+
 def test_matching_mask_rule_blacks_out_the_rectangle() -> None:
     rule = {
         "match": {"Manufacturer": "AC*", "ManufacturerModelName": "SCANNER 3000", "Rows": 8},

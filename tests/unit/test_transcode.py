@@ -532,3 +532,64 @@ def test_lossless_sources_are_not_marked_lossy() -> None:
     for name in ("MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"):
         out = transcode_dataset(_read(name), "ExplicitVRLittleEndian")
         assert "LossyImageCompression" not in out, name
+
+
+# ---- lossy sources: Lossy Image Compression Ratio and Method stay paired ------------------
+
+
+def _lossy_history(ds: Dataset) -> tuple[list[str], list[str]]:
+    def values(keyword: str) -> list[str]:
+        if keyword not in ds or ds[keyword].VM == 0:
+            return []
+        value = ds[keyword].value
+        return [str(v) for v in value] if ds[keyword].VM > 1 else [str(value)]
+
+    return values("LossyImageCompressionRatio"), values("LossyImageCompressionMethod")
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("examples_ybr_color.dcm", "ISO_10918_1"),  # 01, ratio 19, no method
+        ("JPEG2000.dcm", "ISO_15444_1"),  # 01, ratio 2097, no method (9-7 wavelet)
+    ],
+)
+@pytest.mark.parametrize("target", ["JPEG2000Lossless", "ExplicitVRLittleEndian"])
+def test_a_lossy_source_flagged_without_a_method_gets_its_method(
+    name: str, method: str, target: str, tmp_path: Path
+) -> None:
+    """PS3.3 C.7.6.1.1.5: the sender set Lossy Image Compression 01 and a ratio but no
+    method; the output says how the pixels were compressed, one method per ratio. Before,
+    the method was added only when the flag was not already 01."""
+    source = _read(name)
+    assert source.LossyImageCompression == "01" and "LossyImageCompressionMethod" not in source
+    out = _written(transcode_dataset(_read(name), target), tmp_path / "out.dcm")
+    ratios, methods = _lossy_history(out)
+    assert out.LossyImageCompression == "01"
+    assert methods == [method]
+    assert ratios == [str(source.LossyImageCompressionRatio)]
+
+
+def test_lossy_recompression_of_a_flagged_source_appends_a_paired_ratio_and_method() -> None:
+    """A JPEG baseline source (01, ratio 19, no method) re-compressed as lossy JPEG 2000:
+    two ratios and two methods, in order. Before: ratio ``19\\13.56``, method
+    ``ISO_15444_1`` alone (the probe's repro/02_lossy_method.sh)."""
+    out = transcode_dataset(_read("examples_ybr_color.dcm"), "JPEG2000", compression_ratio=8)
+    ratios, methods = _lossy_history(out)
+    assert methods == ["ISO_10918_1", "ISO_15444_1"]
+    assert len(ratios) == 2 and ratios[0] == "19"
+
+
+def test_a_lossy_source_without_ratio_or_method_gets_both_before_the_new_pair() -> None:
+    """A JPEG baseline source whose sender forgot every lossy attribute: its own ratio
+    (decoded size / Pixel Data size) and method come first, then this compression's."""
+    ds = _read("SC_rgb_jpeg_dcmtk.dcm")
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio"):
+        delattr(ds, keyword)
+    del ds.LossyImageCompressionMethod
+    out = transcode_dataset(ds, "JPEG2000", compression_ratio=8)
+    ratios, methods = _lossy_history(out)
+    assert methods == ["ISO_10918_1", "ISO_15444_1"]
+    assert len(ratios) == 2
+    # The file says 17.401 (its pixel data is 100x100 RGB): ours must agree roughly.
+    assert float(ratios[0]) == pytest.approx(17.4, rel=0.1)

@@ -49,7 +49,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomgate import __version__
 from dicomgate.models import ConfigModel
@@ -698,30 +698,34 @@ class Deidentify(Step):
         raw = ds._dict
         if not any(t in raw for t in _PIXEL_DATA):
             return False
-        flagged = _first(ds, _BURNED_IN).upper() == "YES"
-        if not flagged and not self._assumed(ds):
+        if _first(ds, _BURNED_IN).upper() == "YES":
+            why: str | None = "BurnedInAnnotation YES"
+        else:
+            why = self._assumed(ds)
+        if why is None:
             return False
         for rule in self.config.burned_in.masks:
             if _matches(rule.match, ds):
                 _mask_pixels(ds, rule.rectangles)
                 return True
-        modality = _first(ds, _MODALITY) or "?"
         raise ProcessingError(
             "burned_in_annotation",
-            "the pixel data may show burned-in text (BurnedInAnnotation YES or a "
-            f"{modality} instance) and no mask rule matches it",
+            f"the pixel data may show burned-in text ({why}) and no mask rule matches it",
         )
 
-    def _assumed(self, ds: Dataset) -> bool:
+    def _assumed(self, ds: Dataset) -> str | None:
+        """Which ``assume_for`` entry covers ``ds`` (by its Modality, or by its SOP class
+        for US and SC), said for the refusal message; None when none does."""
         modality = _first(ds, _MODALITY).upper()
         sop_class = _first(ds, _SOP_CLASS_UID)
         for family in self.config.burned_in.assume_for:
             family = family.strip().upper()
             if modality == family:
-                return True
+                return f"Modality {family}, listed in burned_in.assume_for"
             if any(sop_class.startswith(p) for p in _FAMILIES.get(family, ())):
-                return True
-        return False
+                name = UID(sop_class).name
+                return f"SOP class {name}, covered by {family} in burned_in.assume_for"
+        return None
 
 
 _CODE_VALUE = BaseTag(0x00080100)

@@ -143,6 +143,7 @@ class Pipeline:
             ds = pydicom.dcmread(source)
         except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
             raise ProcessingError("unreadable", f"cannot read the stored file: {exc}") from exc
+        _check_storable(ds)
         outputs = self.run(ds)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
@@ -163,8 +164,30 @@ class Pipeline:
         return written
 
 
+def _check_storable(ds: Dataset) -> None:
+    """Refuse a data set without SOP Class or SOP Instance UID (reason ``not_storable``):
+    every composite instance has both (PS3.3 C.12.1), and the file meta of its output is
+    derived from them (PS3.10 7.1). UIDs found only in the file meta are not used: the
+    data set is the truth (PS3.7 9.3.1.1), and a data set without them is not an instance
+    (pydicom's ``chrSQEncoding.dcm``: a few attributes and a sequence)."""
+    missing = [
+        name
+        for keyword, name in (
+            ("SOPClassUID", "SOP Class UID"),
+            ("SOPInstanceUID", "SOP Instance UID"),
+        )
+        if not str(ds.get(keyword, "") or "").strip()
+    ]
+    if missing:
+        raise ProcessingError(
+            "not_storable", f"not a storable instance: no {' or '.join(missing)} in the data set"
+        )
+
+
 def write_part10(ds: Dataset, path: Path | BinaryIO) -> None:
-    """Write ``ds`` as a Part 10 file whose file meta matches it (PS3.10 7.1)."""
+    """Write ``ds`` as a Part 10 file whose file meta matches it (PS3.10 7.1);
+    :class:`ProcessingError` (``not_storable``) when it has no SOP Class or Instance UID."""
+    _check_storable(ds)
     meta = ds.file_meta if isinstance(getattr(ds, "file_meta", None), FileMetaDataset) else None
     if meta is None:
         meta = FileMetaDataset()

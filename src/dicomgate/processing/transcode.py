@@ -320,12 +320,10 @@ def _transcode(ds: Dataset, source: UID, target: _Target, opts: TranscodeOptions
         source = ExplicitVRLittleEndian
     has_pixels = "PixelData" in ds
     method = _lossy_source_method(ds, source) if has_pixels else None
-    if method is not None and str(ds.get("LossyImageCompression", "")).strip() != "01":
+    if method is not None:
         # PS3.3 C.7.6.1.1.5: once lossy, always lossy. The output's syntax (lossless, or
         # native) no longer shows the loss; only these attributes say it.
-        ds.LossyImageCompression = "01"
-        if not _values(ds, "LossyImageCompressionMethod"):
-            ds.LossyImageCompressionMethod = method
+        _record_lossy_source(ds, method)
     if target.backend == "native":
         if has_pixels and source.is_compressed:
             ds.decompress(as_rgb=_as_rgb(ds, source, target), generate_instance_uid=False)
@@ -664,6 +662,40 @@ def _mark_lossy(ds: Dataset, target: _Target, ratio: float, opts: TranscodeOptio
     ds.SourceImageSequence = DicomSequence([*sources, reference])
     ds.SOPInstanceUID = derived_uid(original, target.uid, opts)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def _record_lossy_source(ds: Dataset, method: str) -> None:
+    """Mark a source whose received pixels are lossy (``method`` is how they were
+    compressed): Lossy Image Compression ``01`` whatever the sender said, and Ratio and
+    Method with one value each per compression (PS3.3 C.7.6.1.1.5: "corresponding
+    values"), so that the pair a lossy target appends lines up. A list the sender left
+    short is completed with this source's own compression: ``method`` and the ratio of its
+    Pixel Data (what the sender omitted is the latest compression, the one we can see)."""
+    ds.LossyImageCompression = "01"
+    ratios = _values(ds, "LossyImageCompressionRatio")
+    methods = _values(ds, "LossyImageCompressionMethod")
+    if len(methods) < len(ratios) or not methods:
+        methods += [method] * max(1, len(ratios) - len(methods))
+    if len(ratios) < len(methods) and (ratio := _source_ratio(ds)):
+        ratios += [ratio] * (len(methods) - len(ratios))
+    ds.LossyImageCompressionMethod = methods
+    if ratios:
+        ds.LossyImageCompressionRatio = ratios
+
+
+def _source_ratio(ds: Dataset) -> str | None:
+    """The compression ratio of encapsulated Pixel Data (decoded size / encoded size, as a
+    DS), or None when the Image Pixel attributes cannot tell the decoded size."""
+    from pydicom.encaps import generate_fragments
+
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        raw = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated) // 8
+        encoded = sum(len(f) for f in generate_fragments(ds.PixelData))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return f"{raw / encoded:.2f}"[:16] if raw and encoded else None
 
 
 def _values(ds: Dataset, keyword: str) -> list[Any]:
