@@ -240,14 +240,7 @@ class Ingestor:
         ):
             # A byte-identical copy is indexed and on disk (the sender resent what was never
             # acknowledged): this one is a leftover, not an instance to keep twice.
-            path.unlink(missing_ok=True)
-            log.info(
-                "removed an unindexed copy of an indexed instance",
-                extra={
-                    "event": "recovery.duplicate_removed",
-                    "sop": uid_hash(record.sop_instance_uid),
-                },
-            )
+            _drop_leftover(path, record.sop_instance_uid, "duplicate_removed", "copy")
             return False
         mtime = path.stat().st_mtime
         if self.policy == "overwrite" and any(  # DuplicatePolicy.OVERWRITE (a StrEnum)
@@ -257,14 +250,7 @@ class Ingestor:
             # A version this one's newer replacement was committed over: the crash came
             # between that commit and the removal of this file. Indexing it would put the
             # old version back as current (and remove the newer one's file).
-            path.unlink(missing_ok=True)
-            log.info(
-                "removed a replaced version of an indexed instance",
-                extra={
-                    "event": "recovery.replaced_removed",
-                    "sop": uid_hash(record.sop_instance_uid),
-                },
-            )
+            _drop_leftover(path, record.sop_instance_uid, "replaced_removed", "replaced version")
             return False
         item = StoredInstance(
             record=record,
@@ -857,6 +843,16 @@ def _refused(job: IngestJob, exc: DicomgateError) -> None:
             "peer": job.source_ip,
             "user": job.user,
         },
+    )
+
+
+def _drop_leftover(path: Path, sop_instance_uid: str, event: str, what: str) -> None:
+    """Recovery: remove a store file no row should name (``recovery.<event>``)."""
+    path.unlink(missing_ok=True)
+    log.info(
+        "removed an unindexed %s of an indexed instance",
+        what,
+        extra={"event": f"recovery.{event}", "sop": uid_hash(sop_instance_uid)},
     )
 
 

@@ -661,6 +661,21 @@ def sop_class_for(model: QRModel | None, level: str, service: str) -> str:
     return str(_MODEL_SOP_CLASSES[(root, service)])
 
 
+def _cancel_or_abort(
+    relay: Relay, assoc: Association, cancelled_at: float, timeout: float
+) -> float | None:
+    """The consumer of a relayed C-FIND/C-GET went away: the first time, ask the PACS to
+    stop (C-CANCEL-RQ) and return when; later, None once it ignored that for ``timeout``
+    seconds (the association is then aborted), else ``cancelled_at`` (read on)."""
+    if not cancelled_at:
+        relay.cancel()
+        return time.monotonic()
+    if time.monotonic() - cancelled_at > timeout:
+        assoc.abort()
+        return None
+    return cancelled_at
+
+
 class DimseSource:
     """C-FIND / C-MOVE / C-GET relayed to a ``dimse`` destination (a PACS)."""
 
@@ -718,12 +733,10 @@ class DimseSource:
                     if relay is None:
                         assoc.abort()
                         return
-                    if not cancelled_at:
-                        cancelled_at = time.monotonic()
-                        relay.cancel()
-                    elif time.monotonic() - cancelled_at > self.timeout:
-                        assoc.abort()  # the PACS ignores the cancel
+                    after = _cancel_or_abort(relay, assoc, cancelled_at, self.timeout)
+                    if after is None:
                         return
+                    cancelled_at = after
             finally:
                 if relay is not None:
                     relay.detach()
@@ -895,12 +908,10 @@ class DimseSource:
                         continue
                     # The requestor cancelled: ask the PACS to stop (PS3.7 9.3.3.3) and
                     # read on to its final response, so the association is released.
-                    if not cancelled_at:
-                        cancelled_at = time.monotonic()
-                        relay.cancel()
-                    elif time.monotonic() - cancelled_at > self.timeout:
-                        assoc.abort()  # the PACS ignores the cancel
+                    after = _cancel_or_abort(relay, assoc, cancelled_at, self.timeout)
+                    if after is None:
                         return
+                    cancelled_at = after
             finally:
                 relay.detach()
                 if assoc.is_established:
