@@ -307,7 +307,7 @@ def test_upload_does_not_retry_a_permanent_failure(tmp_path: Path) -> None:
 
     summary = _upload([ct, mr], handler)
     assert (summary.sent, summary.failed) == (1, 1)
-    assert summary.failures == [(str(mr), "HTTP 202, FailureReason 0xC000")]
+    assert summary.failures == [(str(mr), "HTTP 202, FailureReason 0xC000 Cannot Understand")]
     assert len(calls) == 1
 
 
