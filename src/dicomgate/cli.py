@@ -91,7 +91,6 @@ def version() -> None:
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
     """Validate a config file; exit 2 with the offending key if it is wrong."""
     from dicomgate.config import load_config
-    from dicomgate.egress.base import check_destination_tls
     from dicomgate.errors import DicomgateError
     from dicomgate.security.tls import check_peer_tls_files, check_tls_files
 
@@ -101,7 +100,6 @@ def check_config(config: Annotated[Path, typer.Argument(help="YAML config file")
         raise _fail(f"config error: {exc}") from None
     try:  # the certificates, keys and CA files, loaded as serve loads them
         check_tls_files(cfg.http.tls if cfg.http.enabled else None, cfg.dimse.tls)
-        check_destination_tls(cfg.destinations)
         check_peer_tls_files(cfg)
     except DicomgateError as exc:
         raise _fail(f"config error: {exc}") from None
@@ -122,7 +120,6 @@ def serve(
     """Run the gateway until SIGTERM or SIGINT."""
     from dicomgate.config import load_config
     from dicomgate.errors import DicomgateError
-    from dicomgate.security.tls import check_peer_tls_files
     from dicomgate.service import run_gateway
 
     try:
@@ -130,9 +127,6 @@ def serve(
     except ConfigError as exc:
         raise _fail(f"config error: {exc}") from None
     try:
-        # The peers' TLS files are otherwise first read at a delivery or a login; refused
-        # like the listeners' files, before anything starts.
-        check_peer_tls_files(cfg)
         run_gateway(cfg, base_dir=config.parent)
     except DicomgateError as exc:
         raise _fail(f"cannot start: {exc}", 1) from None

@@ -28,6 +28,7 @@ from dicomgate.config_source import (
     refuse_booleans,
 )
 from dicomgate.egress.models import (
+    HOST_NAME,
     DicomwebDestination,
     DimseDestination,
     FolderDestination,
@@ -55,7 +56,6 @@ from dicomgate.security.http_models import (
 )
 
 MIN_PDU_SIZE = 4096
-_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 class DuplicatePolicy(StrEnum):
@@ -526,7 +526,7 @@ class DimseConfig(_Model):
             if not entries:
                 raise ValueError(f"{title}: give at least one address, CIDR block or host name")
             for entry in entries:
-                if not (_is_network(entry) or _HOST_NAME.fullmatch(entry)):
+                if not (_is_network(entry) or HOST_NAME.fullmatch(entry)):
                     raise ValueError(f"{title}: {entry!r} is not an address, CIDR or host name")
             out[_check_ae_title(title)] = entries
         return out

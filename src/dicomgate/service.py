@@ -22,7 +22,7 @@ from dicomgate import __version__
 from dicomgate.app import create_app
 from dicomgate.config import GatewayConfig, RetentionMode, build_pipelines
 from dicomgate.dimse.server import DimseServer
-from dicomgate.egress.base import build_sender, check_destination_tls
+from dicomgate.egress.base import build_sender
 from dicomgate.egress.dispatcher import Dispatcher
 from dicomgate.errors import DicomgateError
 from dicomgate.index.db import Index
@@ -36,7 +36,7 @@ from dicomgate.queue.notify import JobListener
 from dicomgate.recovery import NodeLock, RunMarker, recover
 from dicomgate.routing.matcher import Router
 from dicomgate.security.connections import ConnectionGuard, guarded_http_protocol
-from dicomgate.security.tls import ServerTls
+from dicomgate.security.tls import ServerTls, check_peer_tls_files
 from dicomgate.store.filestore import ContentStore
 from dicomgate.store.retention import Retention
 
@@ -154,9 +154,10 @@ class Gateway:
 
     def open(self) -> None:
         """Check the store and open the index (runs migrations). Raises on failure."""
-        # A missing or non-PEM `verify:` CA bundle is a refusal naming the key, before
-        # anything is touched, not a traceback from a sender's HTTP transport.
-        check_destination_tls(self.config.destinations)
+        # The peers' TLS files (a `verify:` CA bundle, a DIMSE destination's certificate,
+        # ...) are otherwise first read at a delivery or a login: a missing or unreadable
+        # one is a refusal naming the key, before anything is touched, not a traceback.
+        check_peer_tls_files(self.config)
         what = (
             f"node {self.node} of storage.path {self.config.storage.path}"
             if self.clustered

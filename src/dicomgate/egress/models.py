@@ -22,7 +22,7 @@ from dicomgate.security.dimse_models import DestinationTls
 
 DEFAULT_FOLDER_TEMPLATE = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 # RFC 1123 host names; "_" too, which some internal DNS zones use.
-_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 
 
 def check_host(value: str) -> str:
@@ -32,7 +32,7 @@ def check_host(value: str) -> str:
     try:
         ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
     except ValueError:
-        if not _HOST_NAME.fullmatch(host):
+        if not HOST_NAME.fullmatch(host):
             raise ValueError(
                 f"{value!r} is not a host name or IP address (e.g. pacs.local, 10.0.0.5;"
                 " no scheme, port or spaces)"

@@ -135,10 +135,15 @@ def _check_destination_tls(section: str, tls: DestinationTls) -> None:
 
 def check_peer_tls_files(config: GatewayConfig) -> None:
     """Load the TLS files of every peer the gateway connects to, as its client will
-    (``check-config`` and the start of ``serve``): DIMSE destinations' and move
+    (``check-config``, and :meth:`Gateway.open` before anything is touched): DICOMweb and
+    webhook destinations' ``verify:``, DIMSE destinations' and move
     destinations' ``tls`` (also when a bridge source: query sources are destinations),
     ``http.auth.jwt.jwks_verify`` and ``public_keys``, and the ATNA syslog TLS files.
-    Raises :class:`DicomgateError` naming the key."""
+    Raises :class:`DicomgateError` naming the key. The destinations' ``verify:`` CA
+    bundles first, loaded by the senders' own :func:`~dicomgate.egress.base.tls_verify`."""
+    from dicomgate.egress.base import check_destination_tls
+
+    check_destination_tls(config.destinations)
     for name, dest in config.destinations.items():
         tls = getattr(dest, "tls", None)
         if isinstance(tls, DestinationTls):
